@@ -1,0 +1,172 @@
+"""Command line: ``python -m mesh node | plugins | bench``.
+
+Every flag can also be set by an environment variable ``MESH_<FLAG>`` (dashes become
+underscores, e.g. ``--api-port`` -> ``MESH_API_PORT``; a repeatable flag takes a
+comma-separated list). A flag on the command line wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mesh.errors import ConfigError, MeshError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _env_name(flag: str) -> str:
+    return "MESH_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _add(parser: argparse.ArgumentParser, flag: str, *, help: str, type: Callable[[str], Any] = str,
+         default: Any = None, repeat: bool = False, choices: Sequence[str] | None = None) -> None:
+    """Add ``flag`` whose default comes from ``MESH_<FLAG>`` when that is set."""
+    env = _env_name(flag)
+    raw = os.environ.get(env)
+    value = default
+    if raw is not None and raw != "":
+        try:
+            value = [type(x.strip()) for x in raw.split(",") if x.strip()] if repeat else type(raw)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            raise ConfigError(f"{env}={raw!r} is invalid for {flag}: {exc}") from exc
+        if choices is not None and not repeat and value not in choices:
+            raise ConfigError(f"{env}={raw!r} is invalid for {flag}; valid: {', '.join(choices)}")
+    if repeat:  # argparse's append would extend the env list; the command line replaces it
+        parser.set_defaults(**{flag.lstrip("-").replace("-", "_") + "_env": value})
+        value = None
+    parser.add_argument(
+        flag,
+        type=type,
+        default=value,
+        action="append" if repeat else "store",
+        choices=choices,
+        help=f"{help} [env {env}; default: {default if default not in (None, []) else 'none'}]",
+    )
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 65536:
+        raise argparse.ArgumentTypeError(f"must be a port in 0..65535, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mesh import registry
+    from mesh.models import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog="python -m mesh", description="mesh: one AI cluster from the devices you own")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    node = sub.add_parser("node", help="run a node: join the cluster, load a share of the model, serve the API")
+    _add(node, "--host", default="127.0.0.1", help="address the mesh link listens on")
+    _add(node, "--port", type=_port, default=7600, help="mesh link port (0 = any free port)")
+    _add(node, "--api-host", default="127.0.0.1", help="address the HTTP API binds to")
+    _add(node, "--api-port", type=_port, default=8000, help="HTTP API port")
+    _add(node, "--peer", repeat=True, default=[], help="HOST:PORT of another node's mesh link (repeatable)")
+    _add(node, "--model", default=DEFAULT_MODEL, help="built-in model name or a model directory / .gguf path")
+    _add(node, "--backend", default="torch", choices=registry.names("backend") or None,
+         help="compute backend (see `python -m mesh plugins`)")
+    _add(node, "--transport", default="tcp", choices=registry.names("transport") or None, help="link transport")
+    _add(node, "--data-dir", type=Path, default=Path("~/.mesh"), help="where the node id and caches live")
+    _add(node, "--log-level", default="info", choices=LOG_LEVELS, help="log verbosity")
+    _add(node, "--memory-bytes", type=int, help="memory this node offers, in bytes (default: available x fraction)")
+    _add(node, "--memory-fraction", type=float, default=0.8, help="fraction of available memory to offer, in (0, 1]")
+    _add(node, "--context", type=int, help="context length in tokens to budget KV cache for (default: the model's)")
+    _add(node, "--heartbeat-s", type=_positive_float, default=1.0, help="seconds between heartbeats")
+    _add(node, "--dead-after-s", type=_positive_float, default=5.0, help="seconds of silence before a link is dead")
+    _add(node, "--api-key", help="if set, HTTP requests need 'Authorization: Bearer KEY'")
+    _add(node, "--device", help="backend device, e.g. cpu, cuda, mps (default: the backend's choice)")
+    _add(node, "--dtype", choices=("f32", "f16", "bf16"), help="compute dtype (default: f32 on CPU, f16 on GPU)")
+
+    sub.add_parser("plugins", help="list installed transports and backends with their distribution and version")
+
+    bench = sub.add_parser("bench", help="measure decode tokens/s and TTFT against transformers' generate()")
+    _add(bench, "--model", default=DEFAULT_MODEL, help="built-in model name or a model directory / .gguf path")
+    _add(bench, "--prompt-tokens", type=int, default=64, help="prompt length in tokens")
+    _add(bench, "--new-tokens", type=int, default=64, help="tokens to generate per run")
+    _add(bench, "--repeats", type=int, default=3, help="timed runs per configuration (after one warm-up)")
+    _add(bench, "--json", type=Path, help="append results as one JSON line to this file")
+    _add(bench, "--log-level", default="warning", choices=LOG_LEVELS, help="log verbosity")
+    return parser
+
+
+class _NodeIdFilter(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.node = "-"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.node = self.node
+        return True
+
+
+def _setup_logging(level: str) -> _NodeIdFilter:
+    node_filter = _NodeIdFilter()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(node_filter)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s node=%(node)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    return node_filter
+
+
+def _run_node(args: argparse.Namespace) -> int:
+    from mesh.node import Node, NodeConfig
+
+    node_filter = _setup_logging(args.log_level)
+    config = NodeConfig(
+        host=args.host, port=args.port, api_host=args.api_host, api_port=args.api_port,
+        peers=tuple(args.peer if args.peer is not None else args.peer_env or ()), model=args.model, backend=args.backend, transport=args.transport,
+        data_dir=args.data_dir, memory_bytes=args.memory_bytes, memory_fraction=args.memory_fraction,
+        context=args.context, heartbeat_s=args.heartbeat_s, dead_after_s=args.dead_after_s,
+        api_key=args.api_key, device=args.device, dtype=args.dtype,
+    )
+    node = Node(config)
+    node_filter.node = node.member_id[:8]
+    asyncio.run(node.run())
+    return 0
+
+
+def _run_plugins() -> int:
+    from mesh import registry
+
+    rows = registry.discover()
+    print(f"{'kind':<10} {'name':<12} {'distribution':<20} {'version':<10} status")
+    for p in rows:
+        status = "ok" if p.error is None else f"FAILED: {p.error}"
+        print(f"{p.kind:<10} {p.name:<12} {p.distribution:<20} {p.version:<10} {status}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "node":
+            return _run_node(args)
+        if args.command == "plugins":
+            return _run_plugins()
+        if args.command == "bench":
+            from mesh.bench import run_bench
+
+            _setup_logging(args.log_level)
+            return run_bench(args)
+    except MeshError as exc:
+        print(f"mesh: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2

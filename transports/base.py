@@ -1,0 +1,224 @@
+"""The interface every transport keeps: ``Transport``, ``Listener``, ``Connection``.
+
+A transport moves ``mesh.wire.Message`` values between nodes; it knows nothing of events or
+of what a tensor means. This module also holds ``connect_with_backoff`` and its sans-IO
+delay schedule ``Backoff``. Implementations: ``transports/tcp.py``; third-party ones
+register under the ``mesh.transports`` entry point. Spec: specs/transport.md T7, T9.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import ClassVar, Self
+
+from mesh.errors import ConfigError, TransportError
+from mesh.wire import Message
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinkStats:
+    """Counters of one connection since it opened: whole frames and raw bytes."""
+
+    frames_sent: int = 0
+    frames_received: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+class Connection(abc.ABC):
+    """One link to a peer carrying framed messages in both directions.
+
+    ``send`` calls from many tasks never interleave their frames (spec T6). Every wait has
+    a timeout; a link closed or reset by either side fails ``recv`` with
+    ``TransportError`` (spec T7).
+    """
+
+    @property
+    @abc.abstractmethod
+    def peer(self) -> str:
+        """The remote address as ``"host:port"``."""
+
+    @property
+    @abc.abstractmethod
+    def closed(self) -> bool:
+        """True once the link was closed, by us, by the peer, or after an error."""
+
+    @property
+    @abc.abstractmethod
+    def stats(self) -> LinkStats:
+        """A snapshot of this link's counters."""
+
+    @abc.abstractmethod
+    async def send(self, msg: Message, *, timeout_s: float) -> None:
+        """Send one message within ``timeout_s`` seconds.
+
+        Raises:
+            FrameError: the message cannot be framed (not CBOR-safe, too large); the link
+                stays open.
+            PeerTimeout: the frame did not go out in time; the link is closed if part of it
+                may have.
+            TransportError: the link is closed or failed.
+        """
+
+    @abc.abstractmethod
+    async def recv(self, *, timeout_s: float | None = None) -> Message:
+        """Return the next message, waiting at most ``timeout_s`` seconds (None: no limit).
+
+        Raises:
+            PeerTimeout: nothing arrived in time; the link stays open.
+            FrameError: the peer sent a malformed frame; the link is closed.
+            TransportError: the link was closed or reset (messages that arrived before are
+                returned first).
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close the link; idempotent, bounded in time. Pending ``recv`` calls fail."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+
+ConnectionHandler = Callable[[Connection], Awaitable[None]]
+
+
+class Listener(abc.ABC):
+    """A bound, accepting endpoint. Each accepted connection runs the handler in its own task.
+
+    A handler that raises has its error logged and its connection closed; the listener keeps
+    serving (spec T4). A handler that returns leaves its connection open (it may have handed
+    it on). ``close`` stops accepting and closes every accepted connection.
+    """
+
+    @property
+    @abc.abstractmethod
+    def host(self) -> str:
+        """The host the listener was asked to bind."""
+
+    @property
+    @abc.abstractmethod
+    def port(self) -> int:
+        """The bound port (the real one when 0 was asked)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop accepting, close accepted connections, end handler tasks; bounded in time."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+
+class Transport(abc.ABC):
+    """A way to reach peers: listen for connections, or connect to one.
+
+    Subclasses set ``name`` (the entry-point name, e.g. ``"tcp"``).
+    """
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    async def listen(self, host: str, port: int, on_connection: ConnectionHandler) -> Listener:
+        """Bind ``host:port`` (port 0: any free port) and serve each connection.
+
+        Raises:
+            TransportError: the address cannot be bound.
+        """
+
+    @abc.abstractmethod
+    async def connect(self, host: str, port: int, *, timeout_s: float) -> Connection:
+        """Open a connection to ``host:port`` within ``timeout_s`` seconds.
+
+        Raises:
+            PeerTimeout: the connection did not open in time.
+            TransportError: the peer refused or could not be reached.
+        """
+
+
+class Backoff:
+    """Sans-IO delay schedule: exponential growth from ``initial_delay_s`` up to
+    ``max_delay_s``, each delay drawn uniformly in [d/2, d] ("equal jitter") so that many
+    nodes restarting together do not retry in lockstep (spec T9).
+
+    Source: M. Brooker, "Exponential Backoff And Jitter", AWS Architecture Blog, 2015.
+    """
+
+    def __init__(self, *, initial_delay_s: float, max_delay_s: float,
+                 rng: random.Random) -> None:
+        if not initial_delay_s > 0 or not max_delay_s >= initial_delay_s:
+            raise ConfigError(
+                f"backoff needs 0 < initial_delay_s <= max_delay_s; got {initial_delay_s}, "
+                f"{max_delay_s}"
+            )
+        self._next_s = initial_delay_s
+        self._max_s = max_delay_s
+        self._rng = rng
+
+    def next_delay_s(self) -> float:
+        """The next delay in seconds."""
+        base = self._next_s
+        self._next_s = min(self._max_s, base * 2)
+        return self._rng.uniform(base / 2, base)
+
+
+async def connect_with_backoff(
+    transport: Transport,
+    host: str,
+    port: int,
+    *,
+    attempt_timeout_s: float,
+    initial_delay_s: float = 0.1,
+    max_delay_s: float = 5.0,
+    deadline_s: float,
+    rng: random.Random | None = None,
+) -> Connection:
+    """Connect to ``host:port``, retrying with backoff and jitter for ``deadline_s`` seconds.
+
+    ``deadline_s`` is the total time budget counted from this call; each attempt waits at
+    most ``attempt_timeout_s`` (and never past the deadline). ``rng`` seeds the jitter.
+
+    Raises:
+        TransportError: no attempt succeeded before the deadline; names the address, the
+            number of attempts and the last error (spec T9).
+        ConfigError: a timeout or delay is not positive.
+    """
+    if not attempt_timeout_s > 0 or not deadline_s > 0:
+        raise ConfigError(
+            f"attempt_timeout_s and deadline_s must be > 0; got {attempt_timeout_s}, {deadline_s}"
+        )
+    backoff = Backoff(initial_delay_s=initial_delay_s, max_delay_s=max_delay_s,
+                      rng=rng if rng is not None else random.Random())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_s
+    attempts = 0
+    last_error: TransportError | None = None
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
+        attempts += 1
+        try:
+            return await transport.connect(host, port,
+                                           timeout_s=min(attempt_timeout_s, remaining))
+        except TransportError as exc:
+            last_error = exc
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
+        await asyncio.sleep(min(backoff.next_delay_s(), remaining))
+    raise TransportError(
+        f"could not connect to {host}:{port} within {deadline_s}s ({attempts} attempts); "
+        f"last error: {last_error if last_error is not None else 'none (no time to try)'}"
+    ) from last_error
