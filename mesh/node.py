@@ -455,6 +455,7 @@ class Node:
             "ready": ready,
             "reason": reason,
             "members": members,
+            "local": {"id": self.member_id, "kv_caches": len(self.worker.caches)},
         }
 
 

@@ -2,15 +2,14 @@
 
 A pure function of (members with their usable memory, model size, context length): the same
 input gives the same plan on every node. This first placement splits layers in proportion
-to usable memory (largest-remainder rounding), caps each share at what fits, and hands the
-overflow to members with room. Spec: specs/placement.md (P1-P6).
+to the memory each member has left for layers (largest-remainder rounding), so every share
+fits. Spec: specs/placement.md (P1-P6).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 
 from mesh.errors import PlacementError
@@ -86,11 +85,11 @@ def per_layer_bytes(size: ModelSize, context_tokens: int) -> int:
 
 
 def place_pipeline(members: list[Capacity], size: ModelSize, *, context_tokens: int) -> Plan:
-    """Split ``size.num_layers`` layers over ``members`` in proportion to usable memory.
+    """Split ``size.num_layers`` layers over ``members`` in proportion to the memory each has
+    left for layers: ``cap = floor((usable - edge_bytes) / per_layer_bytes)`` layers.
 
     Members are ordered by id (spec P2: deterministic); members given 0 layers are left out.
-    Each share is capped at ``floor((usable - edge_bytes) / per_layer_bytes)`` (spec P3);
-    rounding uses the largest-remainder (Hamilton) method, ties to the earlier member.
+    Rounding uses the largest-remainder (Hamilton) method, ties to the earlier member.
 
     Raises:
         PlacementError: when all members together cannot hold the model, naming the bytes
@@ -114,9 +113,10 @@ def place_pipeline(members: list[Capacity], size: ModelSize, *, context_tokens: 
             f"{usable / GIB:.2f} GiB usable across {len(ordered)} member(s); "
             f"largest context that fits: {largest_context(ordered, size)} tokens"
         )
-    weights = [c * per_layer for c in caps]  # usable memory net of the edge reserve
-    shares = _largest_remainder(n, weights)
-    shares = _respect_caps(shares, caps)
+    # Weights are the caps (memory left for layers, in whole layers). Since n <= sum(caps),
+    # each quota n*cap/sum(caps) <= cap, and rounding a quota up never passes an integer cap:
+    # no share can exceed its cap (spec P3).
+    shares = _largest_remainder(n, caps)
     stages: list[Stage] = []
     start = 0
     for member, share in zip(ordered, shares):
@@ -148,29 +148,11 @@ def _fits(members: list[Capacity], size: ModelSize, context_tokens: int) -> bool
 
 
 def _largest_remainder(total: int, weights: list[int]) -> list[int]:
+    # Integer arithmetic: the same shares on every machine, no float rounding.
     whole = sum(weights)
-    quotas = [total * w / whole for w in weights]
-    shares = [math.floor(q) for q in quotas]
-    rest = total - sum(shares)
-    order = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - shares[i]), i))
-    for i in order[:rest]:
+    shares = [total * w // whole for w in weights]
+    remainders = [total * w % whole for w in weights]
+    order = sorted(range(len(weights)), key=lambda i: (-remainders[i], i))
+    for i in order[: total - sum(shares)]:
         shares[i] += 1
-    return shares
-
-
-def _respect_caps(shares: list[int], caps: list[int]) -> list[int]:
-    shares = list(shares)
-    overflow = 0
-    for i, cap in enumerate(caps):
-        if shares[i] > cap:
-            overflow += shares[i] - cap
-            shares[i] = cap
-    while overflow:
-        # Give one layer to the member with the most spare room (ties to the earlier one).
-        room = [(caps[i] - shares[i], -i) for i in range(len(caps))]
-        spare, neg_i = max(room)
-        if spare <= 0:
-            raise PlacementError("internal: caps cannot hold every layer")  # excluded by the caller
-        shares[-neg_i] += 1
-        overflow -= 1
     return shares

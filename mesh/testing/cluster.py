@@ -1,0 +1,169 @@
+"""Start real ``python -m mesh node`` processes on 127.0.0.1 and clean them all up.
+
+Used by the end-to-end tests and the benchmark. Every child runs in its own session so
+``stop()`` can signal it and whatever it spawned; a child still alive after SIGTERM and a
+grace period is SIGKILLed. Use it as a context manager so cleanup runs even on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mesh.errors import MeshError
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (another process may still take it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_json(url: str, *, timeout_s: float = 5.0) -> tuple[int, Any]:
+    """GET ``url``; (status, parsed JSON body). Raises OSError when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+        try:
+            return exc.code, json.loads(body or b"null")
+        except json.JSONDecodeError:
+            return exc.code, body.decode(errors="replace")
+
+
+@dataclass
+class NodeProcess:
+    """One child node: its ports, data dir, log file and process."""
+
+    index: int
+    port: int
+    api_port: int
+    data_dir: Path
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+class LocalCluster:
+    """``n`` nodes on 127.0.0.1; node i > 0 is started with ``--peer`` to node 0.
+
+    Args:
+        n: number of nodes.
+        workdir: where data dirs and logs go.
+        memory_bytes: memory each node offers (fixed, so the split is deterministic); a list
+            gives one value per node.
+        extra_args: more flags for every node.
+    """
+
+    def __init__(self, n: int, workdir: Path, *, model: str = "smollm2-135m",
+                 memory_bytes: int | list[int] = 4 << 30, extra_args: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.n = n
+        self.workdir = workdir
+        self.model = model
+        self.memory = memory_bytes if isinstance(memory_bytes, list) else [memory_bytes] * n
+        self.extra_args = extra_args or []
+        self.env = env or {}
+        self.nodes: list[NodeProcess] = []
+
+    def start(self) -> LocalCluster:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        first_port = None
+        for i in range(self.n):
+            port, api_port = free_port(), free_port()
+            data_dir = self.workdir / f"node{i}"
+            log_path = self.workdir / f"node{i}.log"
+            args = [sys.executable, "-m", "mesh", "node", "--host", "127.0.0.1", "--port", str(port),
+                    "--api-port", str(api_port), "--data-dir", str(data_dir), "--model", self.model,
+                    "--memory-bytes", str(self.memory[i]), *self.extra_args]
+            if first_port is not None:
+                args += ["--peer", f"127.0.0.1:{first_port}"]
+            first_port = first_port or port
+            env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+            env.update(self.env)
+            with open(log_path, "wb") as log_file:
+                process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                           start_new_session=True)
+            self.nodes.append(NodeProcess(i, port, api_port, data_dir, log_path, process))
+        return self
+
+    def wait_ready(self, timeout_s: float = 180.0, members: int | None = None) -> None:
+        """Wait until every live node answers /health 200 and sees ``members`` members.
+
+        Raises MeshError (with the nodes' log tails) when that does not happen in time.
+        """
+        want = members if members is not None else self.n
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(self._ready(node, want) for node in self.nodes if node.process.poll() is None):
+                if any(node.process.poll() is None for node in self.nodes):
+                    return
+            dead = [n for n in self.nodes if n.process.poll() is not None and n.process.returncode not in (-9, -15)]
+            if dead:
+                raise MeshError(f"node {dead[0].index} exited with {dead[0].process.returncode}:\n{dead[0].log_text()[-3000:]}")
+            time.sleep(0.2)
+        tails = "\n".join(f"--- node {n.index} ---\n{n.log_text()[-2000:]}" for n in self.nodes)
+        raise MeshError(f"cluster not ready within {timeout_s} s\n{tails}")
+
+    @staticmethod
+    def _ready(node: NodeProcess, members: int) -> bool:
+        try:
+            status, _ = http_json(node.api_url + "/health", timeout_s=2.0)
+            if status != 200:
+                return False
+            _, info = http_json(node.api_url + "/v1/cluster", timeout_s=2.0)
+        except OSError:
+            return False
+        return isinstance(info, dict) and len(info.get("members", [])) == members
+
+    def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
+        node = self.nodes[index]
+        if node.process.poll() is None:
+            os.killpg(node.process.pid, sig)
+            node.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        """SIGTERM every node, then SIGKILL what is left after 10 s."""
+        for node in self.nodes:
+            if node.process.poll() is None:
+                try:
+                    os.killpg(node.process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 10.0
+        for node in self.nodes:
+            try:
+                node.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(node.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                node.process.wait(timeout=10)
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,222 @@
+"""The torch backend against transformers' reference, and sharded against unsharded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from backends.base import check_range
+from backends.torch import TorchBackend, tensor_to_wire, wire_to_tensor
+from mesh.errors import BackendError
+from mesh.models import Model, resolve_model
+from mesh.testing.pipeline import greedy_generate, step
+from tests.conftest import PROMPTS
+
+TOL = 1e-4
+
+
+def _tiny(kind: str, folder: Path) -> Path:
+    """Save a tiny random model of ``kind`` (llama/qwen2/qwen3) with a non-default RoPE theta."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    common = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=5, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=300, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 31337.0}, tie_word_embeddings=False,
+        initializer_range=0.2,  # larger activations, so a wrong RoPE theta shows plainly
+    )
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+               "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+    config_cls, model_cls = classes[kind]
+    torch.manual_seed(1234)
+    model = model_cls(config_cls(**common))
+    with torch.no_grad():  # random init leaves norms at 1; perturb them so they matter
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _reference_logits(ref: torch.nn.Module, ids: list[int]) -> np.ndarray:
+    with torch.inference_mode():
+        return ref(torch.tensor([ids])).logits[0, -1].float().numpy()
+
+
+def _check_parity(model: Model, ref: torch.nn.Module, splits: list[tuple[int, int]], ids: list[int]) -> None:
+    stages = []
+    for start, end in splits:
+        backend = TorchBackend(device="cpu")
+        backend.load(model, start, end)
+        stages.append(backend)
+    caches = [s.new_cache() for s in stages]
+    seq = list(ids)
+    logits = step(stages, caches, seq, 0)  # prefill
+    np.testing.assert_allclose(logits, _reference_logits(ref, seq), atol=TOL, rtol=0)
+    for _ in range(3):  # decode steps against a full forward of the longer sequence
+        token = int(np.argmax(logits))
+        logits = step(stages, caches, [token], len(seq))
+        seq.append(token)
+        np.testing.assert_allclose(logits, _reference_logits(ref, seq), atol=TOL, rtol=0)
+
+
+@pytest.mark.spec("B4")
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_tiny_model_logits_match_transformers(kind: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    folder = _tiny(kind, tmp_path / kind)
+    saved = json.loads((folder / "config.json").read_text())
+    # transformers >= 5 writes rope_parameters and no top-level rope_theta: the loader must honour it.
+    assert saved.get("rope_parameters", {}).get("rope_theta") == 31337.0
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = Model(resolve_model(str(folder)))
+    ids = [5, 17, 42, 99, 7, 250, 3, 64]
+    _check_parity(model, ref, [(0, 5)], ids)
+    _check_parity(model, ref, [(0, 2), (2, 5)], ids)
+
+
+@pytest.mark.spec("B4")
+def test_rope_theta_is_honoured(tmp_path: Path) -> None:
+    """The same weights with the default theta give different logits: theta is not ignored."""
+    from transformers import AutoModelForCausalLM
+
+    folder = _tiny("llama", tmp_path / "llama")
+    model = Model(resolve_model(str(folder)))
+    assert model.config.rope_parameters["rope_theta"] == 31337.0
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ref.config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+    ref.model.rotary_emb = type(ref.model.rotary_emb)(config=ref.config)
+    backend = TorchBackend(device="cpu")
+    backend.load(model, 0, 5)
+    ids = list(range(1, 40))
+    ours = step([backend], [backend.new_cache()], ids, 0)
+    assert np.abs(ours - _reference_logits(ref, ids)).max() > 100 * TOL
+
+
+@pytest.fixture(scope="module")
+def gguf_reference(default_model: Model) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(default_model.ref.path), gguf_file=default_model.ref.gguf_file, dtype=torch.float32
+    )
+    return ref.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.spec("B4")
+def test_default_model_logits_match_transformers(default_model: Model, gguf_reference: torch.nn.Module) -> None:
+    ids = default_model.encode_chat([{"role": "user", "content": PROMPTS[0]}])
+    _check_parity(default_model, gguf_reference, [(0, 30)], ids)
+    _check_parity(default_model, gguf_reference, [(0, 13), (13, 30)], ids)
+
+
+SPLITS = [
+    [(0, 30)],
+    [(0, 15), (15, 30)],
+    [(0, 4), (4, 30)],
+    [(0, 10), (10, 20), (20, 30)],
+    [(0, 1), (1, 27), (27, 30)],
+]
+
+
+@pytest.fixture(scope="module")
+def single_stage_tokens(default_model: Model, stage_cache) -> list[list[int]]:
+    return [
+        greedy_generate([stage_cache(0, 30)], default_model.encode_chat([{"role": "user", "content": p}]), 12)
+        for p in PROMPTS
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.spec("B3")
+@pytest.mark.parametrize("splits", SPLITS[1:], ids=lambda s: "+".join(f"{a}-{b}" for a, b in s))
+def test_sharded_equals_unsharded(default_model: Model, stage_cache, single_stage_tokens, splits) -> None:
+    stages = [stage_cache(a, b) for a, b in splits]
+    for prompt, expected in zip(PROMPTS, single_stage_tokens):
+        ids = default_model.encode_chat([{"role": "user", "content": prompt}])
+        assert greedy_generate(stages, ids, 12) == expected
+    assert any(len(t) == 12 and len(set(t)) > 3 for t in single_stage_tokens)  # real text, not one token
+
+
+@pytest.mark.slow
+@pytest.mark.spec("B5")
+def test_interleaved_requests_keep_separate_caches(default_model: Model, stage_cache, single_stage_tokens) -> None:
+    stages = [stage_cache(0, 15), stage_cache(15, 30)]
+    prompts = [default_model.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+    caches = [[s.new_cache() for s in stages] for _ in prompts]
+    state = [(list(ids), 0) for ids in prompts]
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for _ in range(12):
+        for i, (tokens, pos) in enumerate(state):  # round-robin: one step of each request
+            token = int(np.argmax(step(stages, caches[i], tokens, pos)))
+            outputs[i].append(token)
+            state[i] = ([token], pos + len(tokens))
+    assert outputs == single_stage_tokens
+
+
+@pytest.mark.slow
+@pytest.mark.spec("B2")
+def test_stage_reads_only_its_tensors(default_model: Model) -> None:
+    seen: list[str] = []
+    source = default_model.tensor_source()
+    original = source.load
+
+    def spy(names, on_tensor=None):
+        names = list(names)
+        seen.extend(names)
+        return original(names, on_tensor)
+
+    source.load = spy  # type: ignore[method-assign]
+    default_model.tensor_source = lambda: source  # type: ignore[method-assign]
+    try:
+        TorchBackend(device="cpu").load(default_model, 10, 20)
+        middle = set(seen)
+        assert {int(n.split(".")[2]) for n in middle} == set(range(10, 20))
+        assert all(n.startswith("model.layers.") for n in middle)
+        seen.clear()
+        TorchBackend(device="cpu").load(default_model, 20, 30)
+        last = {n for n in seen if not n.startswith("model.layers.")}
+        assert last == {"model.norm.weight", "model.embed_tokens.weight"}  # tied LM head
+    finally:
+        del default_model.tensor_source  # back to the class method
+
+
+@pytest.mark.slow
+@pytest.mark.spec("B6")
+def test_bad_input_raises_backend_error(stage_cache) -> None:
+    first, later = stage_cache(0, 15), stage_cache(15, 30)
+    hidden = tensor_to_wire(torch.zeros(1, 2, 576))
+    with pytest.raises(BackendError):
+        first.forward(first.new_cache(), start_pos=0, hidden=hidden)
+    with pytest.raises(BackendError):
+        later.forward(later.new_cache(), start_pos=0, token_ids=[1, 2])
+    with pytest.raises(BackendError, match="hidden states must be"):
+        later.forward(later.new_cache(), start_pos=0, hidden=tensor_to_wire(torch.zeros(1, 2, 99)))
+    with pytest.raises(BackendError, match="context window"):
+        first.forward(first.new_cache(), start_pos=8192, token_ids=[1])
+    for bad in [(-1, 3), (3, 3), (0, 31)]:
+        with pytest.raises(BackendError):
+            check_range(*bad, 30)
+    with pytest.raises(BackendError):
+        TorchBackend(device="cpu", dtype="f8")
+
+
+@pytest.mark.spec("B6")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_hidden_state_wire_round_trip(dtype: torch.dtype) -> None:
+    t = torch.randn(1, 3, 8).to(dtype)
+    back = wire_to_tensor(tensor_to_wire(t))
+    assert back.dtype == dtype and torch.equal(back, t)

@@ -1,0 +1,182 @@
+"""End to end: real `python -m mesh node` processes on 127.0.0.1, driven by the openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+from mesh.testing.cluster import LocalCluster, http_json
+from tests.conftest import PROMPTS
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m"
+
+
+def _chat(client: OpenAI, prompt: str, *, stream: bool, max_tokens: int = 24) -> str:
+    messages = [{"role": "user", "content": prompt}]
+    if not stream:
+        reply = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=max_tokens)
+        return reply.choices[0].message.content or ""
+    chunks = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=max_tokens,
+                                            stream=True)
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def _client(node) -> OpenAI:
+    return OpenAI(base_url=node.api_url + "/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def single_node_texts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    with LocalCluster(1, tmp_path_factory.mktemp("single")) as cluster:
+        cluster.wait_ready()
+        client = _client(cluster.nodes[0])
+        return {p: _chat(client, p, stream=False) for p in PROMPTS}
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    with LocalCluster(2, tmp_path_factory.mktemp("pair")) as cluster:
+        cluster.wait_ready()
+        yield cluster
+
+
+@pytest.mark.spec("N3", "N6")
+def test_two_nodes_stream_equals_single_node(two_nodes: LocalCluster, single_node_texts: dict[str, str]) -> None:
+    second = two_nodes.nodes[1]
+    for prompt in PROMPTS:
+        text = _chat(_client(second), prompt, stream=True)
+        assert text == single_node_texts[prompt] and len(text) > 10
+    status, info = http_json(second.api_url + "/v1/cluster")
+    assert status == 200 and info["model"] == MODEL and info["num_layers"] == 30
+    members = sorted(info["members"], key=lambda m: m["layer_start"])
+    assert len(members) == 2
+    assert [(m["layer_start"], m["layer_end"]) for m in members] == [(0, 15), (15, 30)]
+    assert {m["address"] for m in members} == {f"127.0.0.1:{n.port}" for n in two_nodes.nodes}
+    assert all(m["backend"] == "torch" and m["memory_bytes"] == 4 << 30 for m in members)
+    # both nodes agree on the plan and each loaded only its own range
+    _, other = http_json(two_nodes.nodes[0].api_url + "/v1/cluster")
+    assert other["plan_id"] == info["plan_id"]
+    for node in two_nodes.nodes:
+        assert "loaded layers [0, 30)" not in node.log_text().split("plan " + info["plan_id"])[-1]
+
+
+@pytest.mark.spec("N7")
+def test_concurrent_requests_keep_separate_caches(two_nodes: LocalCluster, single_node_texts: dict[str, str]) -> None:
+    async def run() -> list[str]:
+        clients = [AsyncOpenAI(base_url=n.api_url + "/v1", api_key="x", timeout=120, max_retries=0) for n in two_nodes.nodes]
+
+        async def one(i: int, prompt: str) -> str:
+            reply = await clients[i % 2].chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=24)
+            return reply.choices[0].message.content or ""
+
+        try:
+            return await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS * 2)))
+        finally:
+            for c in clients:
+                await c.close()
+
+    texts = asyncio.run(run())
+    assert texts == [single_node_texts[p] for p in PROMPTS * 2]
+
+
+def _kv_caches(node) -> int:
+    _, info = http_json(node.api_url + "/v1/cluster")
+    return int(info["local"]["kv_caches"])
+
+
+@pytest.mark.spec("N8")
+def test_client_disconnect_frees_kv_cache_on_every_node(two_nodes: LocalCluster) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a very long story."}],
+            "temperature": 0, "max_tokens": 2000, "stream": True}
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", two_nodes.nodes[1].api_url + "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            seen = 0
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    seen += 1
+                if seen >= 4:
+                    break
+            assert max(_kv_caches(n) for n in two_nodes.nodes) == 1  # the request holds a cache on each stage
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_kv_caches(n) for n in two_nodes.nodes):
+        time.sleep(0.1)
+    assert [_kv_caches(n) for n in two_nodes.nodes] == [0, 0]
+    # the cancelled request did not run to max_tokens
+    ends = [line for line in two_nodes.nodes[1].log_text().splitlines() if " end: " in line]
+    assert ends and int(ends[-1].split(" end: ")[1].split()[0]) < 2000
+
+
+@pytest.mark.spec("N10", "T4")
+def test_malformed_frame_closes_only_that_link(two_nodes: LocalCluster, single_node_texts: dict[str, str]) -> None:
+    first = two_nodes.nodes[0]
+    with socket.create_connection(("127.0.0.1", first.port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\xff" * 64)
+        sock.settimeout(10)
+        closed = False
+        try:
+            while sock.recv(4096):
+                pass
+            closed = True
+        except ConnectionResetError:
+            closed = True
+        assert closed
+    status, _ = http_json(first.api_url + "/health")
+    assert status == 200
+    assert _chat(_client(first), PROMPTS[0], stream=False) == single_node_texts[PROMPTS[0]]
+
+
+@pytest.mark.spec("N4", "P5")
+def test_health_is_503_with_reason_when_the_model_cannot_be_placed(tmp_path: Path) -> None:
+    with LocalCluster(1, tmp_path, memory_bytes=64 << 20) as cluster:
+        node = cluster.nodes[0]
+        deadline = time.monotonic() + 120
+        status, body = 0, None
+        while time.monotonic() < deadline:
+            try:
+                status, body = http_json(node.api_url + "/health")
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert status == 503 and "placement failed" in json.dumps(body)
+        with httpx.Client(timeout=30) as client:
+            reply = client.post(node.api_url + "/v1/chat/completions",
+                                json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+        assert reply.status_code == 503 and "error" in reply.json()
+
+
+@pytest.mark.spec("N9", "P6")
+def test_losing_a_stage_fails_the_stream_then_the_survivor_serves_alone(
+        tmp_path: Path, single_node_texts: dict[str, str]) -> None:
+    with LocalCluster(2, tmp_path) as cluster:
+        cluster.wait_ready()
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a very long story."}],
+                "temperature": 0, "max_tokens": 2000, "stream": True}
+        events: list[str] = []
+        started = None
+        with httpx.Client(timeout=60) as client:
+            with client.stream("POST", cluster.nodes[1].api_url + "/v1/chat/completions", json=body) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                    if len(events) == 5:
+                        started = time.monotonic()
+                        cluster.kill(0)
+        assert started is not None and events[-1] == "[DONE]"
+        assert any('"error"' in e for e in events[-3:])  # an explicit error event, not a silent cut
+        assert time.monotonic() - started < 30
+        cluster.wait_ready(members=1)
+        _, info = http_json(cluster.nodes[1].api_url + "/v1/cluster")
+        assert [(m["layer_start"], m["layer_end"]) for m in info["members"]] == [(0, 30)]
+        assert _chat(_client(cluster.nodes[1]), PROMPTS[0], stream=True) == single_node_texts[PROMPTS[0]]

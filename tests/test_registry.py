@@ -1,0 +1,66 @@
+"""Plugins are found through entry points; a broken one is reported and skipped."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mesh import registry
+from mesh.errors import PluginError
+
+
+def _fake_distribution(root: Path, name: str, entry_points: str) -> None:
+    info = root / f"{name}-0.3.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text(entry_points)
+
+
+@pytest.fixture
+def broken_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    _fake_distribution(tmp_path, "mesh-broken-plugin", "[mesh.backends]\nbroken = mesh_no_such_module_xyz:Backend\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.spec("R1", "R2")
+def test_builtins_are_entry_points() -> None:
+    found = {(p.kind, p.name): p for p in registry.discover()}
+    assert found[("backend", "torch")].distribution == "mesh-cluster"
+    assert found[("transport", "tcp")].target == "transports.tcp:TcpTransport"
+    assert all(p.error is None for p in found.values())
+    assert registry.load("backend", "torch").__name__ == "TorchBackend"
+
+
+@pytest.mark.spec("R3")
+def test_broken_plugin_is_reported_and_skipped(broken_plugin: Path) -> None:
+    found = {p.name: p for p in registry.discover("backend")}
+    assert found["broken"].error is not None and "mesh_no_such_module_xyz" in found["broken"].error
+    assert found["broken"].distribution == "mesh-broken-plugin" and found["broken"].version == "0.3"
+    assert found["torch"].error is None
+    with pytest.raises(PluginError, match="failed to load"):
+        registry.load("backend", "broken")
+    assert registry.load("backend", "torch").name == "torch"
+
+
+@pytest.mark.spec("R2", "R3")
+def test_plugins_command_lists_everything(broken_plugin: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(broken_plugin), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-m", "mesh", "plugins"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert any("torch" in line and "mesh-cluster" in line and "0.1.0" in line and line.endswith("ok") for line in lines)
+    assert any("tcp" in line and "transport" in line for line in lines)
+    assert any("broken" in line and "FAILED" in line and "mesh-broken-plugin" in line for line in lines)
+
+
+@pytest.mark.spec("R4")
+def test_unknown_plugin_names_the_installed_ones() -> None:
+    with pytest.raises(PluginError, match=r"no backend named 'nope'; installed: \['torch'"):
+        registry.load("backend", "nope")
+    with pytest.raises(PluginError, match="unknown plugin kind"):
+        registry.load("compiler", "x")
