@@ -20,13 +20,15 @@ class SamplingParams:
     ``temperature`` 0 means greedy (argmax); ``top_p`` in (0, 1] is nucleus sampling
     (Holtzman et al. 2019); ``seed`` makes sampling reproducible: token k is drawn from a
     generator seeded by (seed, k), so a rebuilt request draws the same tokens.
-    ``max_tokens`` counts generated tokens, >= 1.
+    ``max_tokens`` counts generated tokens, >= 1. ``ignore_eos`` keeps generating past an
+    end-of-sequence token (vLLM's extension, for benchmarks that need exact lengths).
     """
 
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

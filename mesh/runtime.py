@@ -219,7 +219,7 @@ class Coordinator:
                 token = int(reply.body["token"])
                 produced += 1
                 yield token
-                if token in self.eos_token_ids:
+                if token in self.eos_token_ids and not params.ignore_eos:
                     return
                 pos += len(tokens)
                 tokens = [token]

@@ -180,3 +180,21 @@ def test_losing_a_stage_fails_the_stream_then_the_survivor_serves_alone(
         _, info = http_json(cluster.nodes[1].api_url + "/v1/cluster")
         assert [(m["layer_start"], m["layer_end"]) for m in info["members"]] == [(0, 30)]
         assert _chat(_client(cluster.nodes[1]), PROMPTS[0], stream=True) == single_node_texts[PROMPTS[0]]
+
+
+@pytest.mark.spec("N5")
+def test_http_and_heartbeats_served_while_computing(two_nodes: LocalCluster) -> None:
+    """While a long generation computes, both nodes keep answering /health (the event loop is
+    never blocked by compute); the bound is a liveness bound, not a speed target."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a very long story."}],
+            "temperature": 0, "max_tokens": 60, "stream": True}
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", two_nodes.nodes[1].api_url + "/v1/chat/completions", json=body) as response:
+            checks = 0
+            for line in response.iter_lines():
+                if line.startswith("data: {") and checks < 5:
+                    for node in two_nodes.nodes:
+                        status, _ = http_json(node.api_url + "/health", timeout_s=5.0)
+                        assert status == 200
+                    checks += 1
+    assert checks == 5
