@@ -73,6 +73,12 @@ def exact_prompt(model: Model, n_tokens: int) -> list[int]:
     return ids[:n_tokens]
 
 
+def _logits(out: Any) -> Any:
+    if out.logits is None:
+        raise RuntimeError("a single stage over every layer must return logits")
+    return out.logits
+
+
 def _median_runs(fn: Callable[[], tuple[float, float]], repeats: int) -> tuple[float, float]:
     fn()  # warm-up
     runs = [fn() for _ in range(repeats)]
@@ -93,11 +99,11 @@ def bench_in_process(model: Model, prompt: list[int], new_tokens: int, repeats: 
     def ours() -> tuple[float, float]:
         cache = backend.new_cache()
         start = time.perf_counter()
-        token = int(np.argmax(backend.forward(cache, start_pos=0, token_ids=prompt).logits))
+        token = int(np.argmax(_logits(backend.forward(cache, start_pos=0, token_ids=prompt))))
         first = time.perf_counter()
         pos = len(prompt)
         for _ in range(new_tokens - 1):
-            token = int(np.argmax(backend.forward(cache, start_pos=pos, token_ids=[token]).logits))
+            token = int(np.argmax(_logits(backend.forward(cache, start_pos=pos, token_ids=[token]))))
             pos += 1
         end = time.perf_counter()
         return first - start, (new_tokens - 1) / (end - first)

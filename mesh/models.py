@@ -17,9 +17,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mesh.errors import ModelError
+
+if TYPE_CHECKING:
+    from mesh.placement import ModelSize
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +313,7 @@ def sliced_config(config: Any, layer_start: int, layer_end: int) -> Any:
 
 
 
-def model_size(model: Model, dtype_bytes: int = 4) -> "ModelSize":
+def model_size(model: Model, dtype_bytes: int = 4) -> ModelSize:
     """Bytes per layer and for embeddings/head, counted from a meta-device instance of the
     model's own transformers class (no weights are read), plus GQA-aware KV bytes."""
     import torch

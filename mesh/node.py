@@ -136,7 +136,7 @@ class Node:
         failed: list[BaseException] = []
         try:
             done, _ = await asyncio.wait([*tasks, stop_task], return_when=asyncio.FIRST_COMPLETED)
-            failed = [t.exception() for t in done if t is not stop_task and not t.cancelled() and t.exception()]
+            failed = [e for t in done if t is not stop_task and not t.cancelled() and (e := t.exception()) is not None]
         finally:
             server.should_exit = True
             try:

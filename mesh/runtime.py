@@ -188,7 +188,8 @@ class Coordinator:
         if not prompt_ids:
             raise ApiError("the prompt is empty", param="messages")
         req = secrets.token_hex(8)
-        route = [[s.member_id, s.layer_start, s.layer_end] for s in plan.stages]
+        route: list[list[Any]] = [[s.member_id, s.layer_start, s.layer_end] for s in plan.stages]
+        first_member = plan.stages[0].member_id
         members = {s.member_id for s in plan.stages}
         queue: asyncio.Queue[Message] = asyncio.Queue()
         self._pending[req] = (queue, members)
@@ -208,7 +209,7 @@ class Coordinator:
             tokens, pos = list(prompt_ids), 0
             for step in range(params.max_tokens):
                 body = dict(base, step=step, pos=pos, tokens=tokens)
-                await self.node.send(route[0][0], Message(type="forward", body=body))
+                await self.node.send(first_member, Message(type="forward", body=body))
                 timeout = self.timeouts.prefill_s if step == 0 else self.timeouts.decode_s
                 try:
                     reply = await asyncio.wait_for(queue.get(), timeout)

@@ -102,13 +102,14 @@ def test_client_disconnect_frees_kv_cache_on_every_node(two_nodes: LocalCluster)
     with httpx.Client(timeout=60) as client:
         with client.stream("POST", two_nodes.nodes[1].api_url + "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200
+            # Keep the line iterator referenced: breaking out of a for loop would close it, and
+            # with it the connection, before the caches are counted.
+            lines = response.iter_lines()
             seen = 0
-            for line in response.iter_lines():
-                if line.startswith("data: {"):
+            while seen < 4:
+                if next(lines).startswith("data: {"):
                     seen += 1
-                if seen >= 4:
-                    break
-            assert max(_kv_caches(n) for n in two_nodes.nodes) == 1  # the request holds a cache on each stage
+            assert [_kv_caches(n) for n in two_nodes.nodes] == [1, 1]  # the request holds a cache on each stage
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and any(_kv_caches(n) for n in two_nodes.nodes):
         time.sleep(0.1)
