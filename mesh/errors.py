@@ -30,6 +30,14 @@ class PeerTimeout(TransportError):
     """A send, receive or remote call did not finish within its timeout."""
 
 
+class KernelError(MeshError):
+    """A kernel input is malformed or violates a kernel invariant (event, clock, state, buffer)."""
+
+
+class ClockDriftError(KernelError):
+    """A remote timestamp is too far ahead of local physical time; the clock is unchanged."""
+
+
 class ModelError(MeshError):
     """A model could not be found, read or understood."""
 

@@ -1,17 +1,25 @@
-"""Who is in the cluster, what each member offers, and what each has loaded (sans-IO).
+"""Who is in the cluster, what each member offers, and what each has loaded: records and a
+read-only view over the replicated cluster state (sans-IO).
 
-Members learn of each other through hellos and gossip of member lists; every node holds
-the same records once links settle, so every node computes the same plan from them. This
-module validates records received from peers and never touches the network.
+Keys in the state (spec kernel.md): ``member/<id>`` (address, API address, incarnation;
+removed when the member leaves or is declared dead), ``resources/<id>`` (backend, memory),
+``status/<id>`` (what it has loaded), ``placement`` (the plan last recorded), and
+``request/<id>`` / ``kv/<id>`` (request lifecycle and where its KV caches live). Values were
+written by peers, so every record is validated when read; a bad one is skipped.
 Spec: specs/node.md (N1-N4).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import logging
+from dataclasses import dataclass
 from typing import Any
 
+from mesh.crdt import ClusterState
 from mesh.errors import FrameError
+
+log = logging.getLogger(__name__)
+REQUEST_STATES = ("running", "finished", "cancelled", "failed")  # monotone order (lifecycle view)
 
 STATES = ("idle", "loading", "ready", "failed")
 
@@ -28,7 +36,8 @@ class MemberInfo:
     """A member as others see it.
 
     ``address``: host:port of its mesh link; ``api_address``: host:port of its HTTP API;
-    ``memory_bytes``: usable memory it offers (bytes); ``backend``: compute backend name.
+    ``memory_bytes``: usable memory it offers (bytes); ``backend``: compute backend name;
+    ``incarnation``: random per process start, so two live processes with one id are told apart.
     """
 
     member_id: str
@@ -36,6 +45,7 @@ class MemberInfo:
     api_address: str
     backend: str
     memory_bytes: int
+    incarnation: str = ""
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -44,6 +54,7 @@ class MemberInfo:
             "api": self.api_address,
             "backend": self.backend,
             "memory_bytes": self.memory_bytes,
+            "incarnation": self.incarnation,
         }
 
     @classmethod
@@ -55,6 +66,7 @@ class MemberInfo:
             api_address=_field(body, "api", str),
             backend=_field(body, "backend", str),
             memory_bytes=_field(body, "memory_bytes", int),
+            incarnation=_field(body, "incarnation", str),
         )
         if not info.member_id or len(info.member_id) > 128 or info.memory_bytes < 0:
             raise FrameError("peer record has an empty or oversized id, or negative memory")
@@ -96,46 +108,58 @@ class MemberStatus:
         )
 
 
-class Membership:
-    """The member table of one node: ``me`` plus every peer it has a live link to or
-    heard of through gossip, with each member's last reported status."""
+def member_key(member_id: str) -> str:
+    return f"member/{member_id}"
 
-    def __init__(self, me: MemberInfo) -> None:
-        self.me = me
-        self._members: dict[str, MemberInfo] = {me.member_id: me}
-        self._status: dict[str, MemberStatus] = {me.member_id: MemberStatus()}
 
-    def upsert(self, info: MemberInfo) -> bool:
-        """Add or update a member; True when the table changed in a way placement sees."""
-        old = self._members.get(info.member_id)
-        self._members[info.member_id] = info
-        self._status.setdefault(info.member_id, MemberStatus())
-        return old is None or old.memory_bytes != info.memory_bytes
+def status_key(member_id: str) -> str:
+    return f"status/{member_id}"
 
-    def remove(self, member_id: str) -> bool:
-        if member_id == self.me.member_id or member_id not in self._members:
-            return False
-        del self._members[member_id]
-        self._status.pop(member_id, None)
-        return True
 
-    def set_status(self, member_id: str, status: MemberStatus) -> None:
-        if member_id in self._members:
-            self._status[member_id] = status
+def resources_key(member_id: str) -> str:
+    return f"resources/{member_id}"
 
-    def status(self, member_id: str) -> MemberStatus:
-        return self._status.get(member_id, MemberStatus())
 
-    def get(self, member_id: str) -> MemberInfo | None:
-        return self._members.get(member_id)
+class ClusterView:
+    """Members and statuses as the replicated state says, validated."""
+
+    def __init__(self, state: ClusterState) -> None:
+        self.state = state
 
     def members(self) -> list[MemberInfo]:
-        """Every member, ordered by id (the order placement uses)."""
-        return [self._members[k] for k in sorted(self._members)]
+        """Every member present in the state, ordered by id (the order placement uses)."""
+        out = []
+        for key in self.state.keys("member/"):
+            member_id = key[len("member/"):]
+            record = self.state.get(key)
+            resources = self.state.get(resources_key(member_id))
+            if not isinstance(record, dict) or not isinstance(resources, dict):
+                continue  # joined but resources not in yet (or removed): not placeable
+            try:
+                info = MemberInfo.from_wire({**record, **resources, "id": member_id})
+            except FrameError as exc:
+                log.warning("ignoring a malformed record of member %s: %s", member_id, exc)
+                continue
+            out.append(info)
+        return out
 
-    def peers(self) -> list[MemberInfo]:
-        return [m for m in self.members() if m.member_id != self.me.member_id]
+    def get(self, member_id: str) -> MemberInfo | None:
+        return next((m for m in self.members() if m.member_id == member_id), None)
 
-    def set_me(self, **changes: Any) -> None:
-        self.me = replace(self.me, **changes)
-        self._members[self.me.member_id] = self.me
+    def status(self, member_id: str) -> MemberStatus:
+        value = self.state.get(status_key(member_id))
+        if not isinstance(value, dict):
+            return MemberStatus()
+        try:
+            return MemberStatus.from_wire(value)
+        except FrameError:
+            return MemberStatus()
+
+    def requests(self) -> dict[str, int]:
+        """How many requests the state holds in each lifecycle state."""
+        counts = {name: 0 for name in REQUEST_STATES}
+        for key in self.state.keys("request/"):
+            name = self.state.lifecycle(key, REQUEST_STATES)
+            if name is not None:
+                counts[name] += 1
+        return counts

@@ -1,40 +1,45 @@
-"""The node: the asyncio shell that wires transport, membership, placement, the stage
-worker, the coordinator and the HTTP API together.
+"""The node: the asyncio shell that wires links, the replicated cluster state, placement,
+the stage worker, the coordinator and the HTTP API together.
 
-Links: every node listens; ``--peer`` addresses are dialled and re-dialled with backoff for
-the life of the node; members learned through gossip are dialled once. A link starts with a
-hello exchange (identity, model, addresses, memory, status). Any frame counts as a
-heartbeat; a link silent for ``dead_after_s`` is closed and, when a member has no link left,
-it leaves the membership and the model is placed again. Spec: specs/node.md (N1-N4, N11).
+Cluster state is a CRDT replicated by the kernel (``mesh/replication.py``): this node writes
+its own membership record, resources and load status as events; anti-entropy brings every
+node the same events, so every node folds the same state and computes the same plan from it
+(no master). A member whose links are gone (or that stays unreachable) is removed by
+whoever notices; a member that finds itself removed while alive writes itself back.
+Spec: specs/node.md (N1-N5, N9-N11), specs/kernel.md (K9, K10).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import signal
 import sys
-from collections.abc import Coroutine
+import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mesh import registry
-from mesh.errors import FrameError, MeshError, PeerTimeout, PlacementError, RequestFailed, TransportError
+from mesh.errors import MeshError, PlacementError
 from mesh.identity import load_or_create_node_id, usable_memory_bytes
+from mesh.links import Links, split_address
 from mesh.loading import LoadProgress
-from mesh.membership import MemberInfo, Membership, MemberStatus
+from mesh.membership import ClusterView, MemberInfo, MemberStatus, member_key, resources_key, status_key
 from mesh.models import Model, model_size, resolve_model
 from mesh.placement import Capacity, ModelSize, Plan, place_pipeline
+from mesh.replication import Replication
 from mesh.runtime import Coordinator, StageWorker, Timeouts
 from mesh.wire import Message
-from transports.base import Connection, Transport, connect_with_backoff
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT_S = 10.0
-WILDCARDS = ("0.0.0.0", "::", "")
+KERNEL_MESSAGES = ("ev", "sync", "sync.page")
+JOIN_WAIT_S = 15.0  # how long a node with --peer waits to meet one before joining alone
+RETAINED_REQUESTS = 256  # finished requests of this node kept in the state before retiring
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,44 +66,50 @@ class NodeConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
 
 
-def split_address(address: str) -> tuple[str, int]:
-    """``host:port`` -> (host, port); IPv6 hosts may be bracketed. Raises MeshError."""
-    host, sep, port = address.strip().rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise MeshError(f"address {address!r} is not HOST:PORT with a port in 1..65535")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 class Node:
     """One member of the cluster. ``await Node(config).run()`` serves until stopped."""
 
     def __init__(self, config: NodeConfig) -> None:
+        for address in config.peers:
+            split_address(address)  # a bad --peer fails now, naming the value
         self.config = config
         self.data_dir = config.data_dir.expanduser()
         self.member_id = load_or_create_node_id(self.data_dir)
+        self.incarnation = secrets.token_hex(8)
         self.model = Model(resolve_model(config.model))
         self.backend_cls = registry.load("backend", config.backend)
-        transport_cls = registry.load("transport", config.transport)
-        self.transport: Transport = transport_cls()
-        self.links: dict[str, set[Connection]] = {}
+        transport = registry.load("transport", config.transport)()
+        self.links = Links(transport, me=lambda: self.me, model_id=self.model.model_id,
+                           started_ms=time.time_ns() // 1_000_000, on_message=self._on_message,
+                           on_up=self._link_up, on_down=self._link_down, on_fatal=self._fatal,
+                           dead_after_s=config.dead_after_s, send_timeout_s=config.timeouts.send_s)
+        self.me = MemberInfo(member_id=self.member_id, address="", api_address="", backend=config.backend,
+                             memory_bytes=0, incarnation=self.incarnation)
         self.plan: Plan | None = None
         self.plan_error = "no placement yet"
         self.size: ModelSize | None = None
-        self.membership: Membership | None = None
+        self.replication: Replication | None = None
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-compute")
         self.worker = StageWorker(self, self.compute)
         self.coordinator: Coordinator | None = None
         self._status = MemberStatus()
         self._load_wanted = asyncio.Event()
         self._stop = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._dialing: set[str] = set()
+        self._fatal_error: MeshError | None = None
+        self._last_seen: dict[str, float] = {}
+        self._finished: deque[str] = deque()
+        self._reaction_pending = False
+        self._first_link = asyncio.Event()
+        self._joined = False
         self.api_port = config.api_port
         self.listen_port = config.port
 
     # -- lifecycle ---------------------------------------------------------------------
     async def run(self) -> None:
-        """Start everything and serve until SIGINT/SIGTERM or ``stop()``."""
+        """Start everything and serve until SIGINT/SIGTERM or ``stop()``.
+
+        Raises IdentityCollision when another live process holds this node's id.
+        """
         import uvicorn
 
         from mesh.api import create_app
@@ -108,33 +119,37 @@ class Node:
         await asyncio.to_thread(lambda: (self.model.config, self.model.tokenizer))
         self.size = await asyncio.to_thread(model_size, self.model)
         self.coordinator = Coordinator(self, self.model, cfg.timeouts)
-        listener = await self.transport.listen(cfg.host, cfg.port, self._on_accept)
+        listener = await self.links.transport.listen(cfg.host, cfg.port, self.links.accept)
         self.listen_port = listener.port
         memory = cfg.memory_bytes if cfg.memory_bytes is not None else usable_memory_bytes(cfg.memory_fraction)
-        self.membership = Membership(
-            MemberInfo(
-                member_id=self.member_id,
-                address=f"{cfg.host}:{listener.port}",
-                api_address=f"{cfg.api_host}:{cfg.api_port}",
-                backend=cfg.backend,
-                memory_bytes=memory,
-            )
-        )
+        self.me = MemberInfo(member_id=self.member_id, address=f"{cfg.host}:{listener.port}",
+                             api_address=f"{cfg.api_host}:{cfg.api_port}", backend=cfg.backend,
+                             memory_bytes=memory, incarnation=self.incarnation)
+        self.replication = Replication(self.member_id, self.data_dir / "kernel", send=self.links.send,
+                                       peers=self.links.linked, on_change=self._state_changed)
+        self.replication.start()
         app = create_app(self.coordinator, api_key=cfg.api_key)
         server = uvicorn.Server(
             uvicorn.Config(app, host=cfg.api_host, port=cfg.api_port, log_level="warning",
                            lifespan="off", timeout_graceful_shutdown=2)
         )
         self._install_signal_handlers()
-        self._replan()
         loop = asyncio.get_running_loop()
         api_task = loop.create_task(self._serve_api(server), name="api")
         tasks = [api_task, loop.create_task(self._heartbeats(), name="heartbeats"),
                  loop.create_task(self._loader(), name="loader")]
-        tasks += [loop.create_task(self._dial_forever(a), name=f"peer {a}") for a in cfg.peers]
+        tasks += [loop.create_task(self.links.dial_forever(a, self._stop), name=f"peer {a}") for a in cfg.peers]
         stop_task = loop.create_task(self._stop.wait(), name="stop")
         failed: list[BaseException] = []
         try:
+            if cfg.peers:
+                # Meet a peer before writing anything under this id: a second process with a
+                # copied identity is then refused before it issues an event (spec K9).
+                first_link = loop.create_task(self._first_link.wait())
+                await asyncio.wait([first_link, stop_task], timeout=JOIN_WAIT_S, return_when=asyncio.FIRST_COMPLETED)
+                first_link.cancel()
+            if not self._stop.is_set():
+                self._join()
             done, _ = await asyncio.wait([*tasks, stop_task], return_when=asyncio.FIRST_COMPLETED)
             failed = [e for t in done if t is not stop_task and not t.cancelled() and (e := t.exception()) is not None]
         finally:
@@ -143,19 +158,24 @@ class Node:
                 await asyncio.wait_for(asyncio.shield(api_task), 5.0)
             except (Exception, asyncio.CancelledError):
                 pass
-            for task in [*tasks, stop_task, *self._tasks]:
+            for task in [*tasks, stop_task]:
                 task.cancel()
-            for conns in list(self.links.values()):
-                for conn in list(conns):
-                    await conn.close()
+            await self.links.close()
             await listener.close()
+            await self.replication.stop()
             self.compute.shutdown(wait=False, cancel_futures=True)
             log.info("node %s stopped", self.member_id)
+        if self._fatal_error is not None:
+            raise self._fatal_error
         if failed:
             raise failed[0]
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _fatal(self, error: MeshError) -> None:
+        self._fatal_error = error
+        self.stop()
 
     def _install_signal_handlers(self) -> None:
         # uvicorn swaps in its own handlers while serving and re-raises the signal after it
@@ -173,199 +193,125 @@ class Node:
             raise MeshError(f"HTTP API failed to start on {self.config.api_host}:{self.config.api_port}")
         self.stop()  # the API exits only on a signal: stop the node with it
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
+    # -- cluster state -----------------------------------------------------------------
+    def _join(self) -> None:
+        """Write this node's membership record and resources (again after being removed)."""
+        assert self.replication is not None
+        self._joined = True
+        me = self.me
+        # resources first: a member without them is not placed, so no transient plan appears
+        self.replication.emit("resources.set", resources_key(me.member_id),
+                              {"backend": me.backend, "memory_bytes": me.memory_bytes})
+        self.replication.emit("member.join", member_key(me.member_id),
+                              {"address": me.address, "api": me.api_address, "incarnation": me.incarnation})
 
-        def done(t: asyncio.Task[Any]) -> None:
-            self._tasks.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                log.error("task %s failed: %r", name, t.exception())
+    def view(self) -> ClusterView:
+        assert self.replication is not None
+        return ClusterView(self.replication.state)
 
-        task.add_done_callback(done)
+    def _state_changed(self) -> None:
+        """After any applied event: react once, soon (events applied together are folded
+        first, and a reaction that emits events does not re-enter itself)."""
+        if not self._reaction_pending:
+            self._reaction_pending = True
+            asyncio.get_running_loop().call_soon(self._react)
 
-    # -- links -------------------------------------------------------------------------
-    def _hello(self) -> Message:
-        assert self.membership is not None and self.size is not None
-        return Message(
-            type="hello",
-            body={
-                "member": self.membership.me.to_wire(),
-                "model": self.model.model_id,
-                "num_layers": self.size.num_layers,
-                "members": [m.to_wire() for m in self.membership.peers()],
-                "status": self._status.to_wire(),
-            },
-        )
-
-    async def _handshake(self, conn: Connection) -> MemberInfo | None:
-        """Exchange hellos; None (link closed) for a peer of another model or ourselves."""
-        await conn.send(self._hello(), timeout_s=HANDSHAKE_TIMEOUT_S)
-        msg = await conn.recv(timeout_s=HANDSHAKE_TIMEOUT_S)
-        if msg.type != "hello":
-            raise FrameError(f"expected hello, got {msg.type!r}")
-        info = MemberInfo.from_wire(msg.body.get("member") or {})
-        if info.member_id == self.member_id:
-            log.warning("link to %s reaches this node itself; dropping it", conn.peer)
-            await conn.close()
-            return None
-        if msg.body.get("model") != self.model.model_id:
-            log.error("peer %s serves model %r, this node %r; rejecting it",
-                      info.member_id, msg.body.get("model"), self.model.model_id)
-            await conn.close()
-            return None
-        host, port = split_address(info.address)
-        if host in WILDCARDS:  # the peer listens everywhere: use the address we see it on
-            info = MemberInfo(**{**_fields(info), "address": f"{conn.peer.rpartition(':')[0]}:{port}"})
-        assert self.membership is not None
-        changed = self.membership.upsert(info)
-        self.membership.set_status(info.member_id, MemberStatus.from_wire(msg.body.get("status") or {}))
-        self.links.setdefault(info.member_id, set()).add(conn)
-        log.info("link up: %s at %s (%s)", info.member_id, info.address, conn.peer)
-        for record in msg.body.get("members") or []:
-            self._maybe_dial(record)
-        if changed:
-            self._membership_changed()
-        return info
-
-    async def _serve_link(self, conn: Connection) -> None:
-        info = await self._handshake(conn)
-        if info is None:
+    def _react(self) -> None:
+        """Rejoin if removed, dial new members, re-place."""
+        self._reaction_pending = False
+        assert self.replication is not None
+        record = self.replication.state.get(member_key(self.member_id))
+        if not self._joined:
             return
-        try:
-            while not conn.closed:
-                try:
-                    msg = await conn.recv(timeout_s=self.config.dead_after_s)
-                except PeerTimeout:
-                    log.warning("no heartbeat from %s in %.1f s: declaring the link dead",
-                                info.member_id, self.config.dead_after_s)
-                    break
-                self._dispatch(info.member_id, msg)
-        except FrameError as exc:
-            log.warning("malformed frame from %s: %s; closing that link", info.member_id, exc)
-        except TransportError as exc:
-            log.info("link to %s closed: %s", info.member_id, exc)
-        finally:
-            await conn.close()
-            self._link_down(info.member_id, conn)
+        if not isinstance(record, dict) or record.get("incarnation") != self.incarnation:
+            log.info("this node's membership record is missing or stale: writing it again")
+            self._join()
+        for member in self.view().members():
+            if member.member_id not in self._last_seen:
+                self._last_seen[member.member_id] = time.monotonic()
+            self.links.dial(member)
+        self._replan()
 
-    async def _on_accept(self, conn: Connection) -> None:
-        try:
-            await self._serve_link(conn)
-        except (MeshError, TimeoutError) as exc:
-            log.warning("incoming link from %s failed: %s", conn.peer, exc)
-            await conn.close()
-
-    async def _dial_forever(self, address: str) -> None:
-        host, port = split_address(address)
-        while not self._stop.is_set():
-            try:
-                conn = await connect_with_backoff(self.transport, host, port, attempt_timeout_s=3.0,
-                                                  deadline_s=30.0)
-                await self._serve_link(conn)
-            except (MeshError, TimeoutError) as exc:
-                log.info("peer %s unreachable: %s; retrying", address, exc)
-            await asyncio.sleep(1.0)  # a pause between reconnect rounds; each round backs off itself
-
-    def _maybe_dial(self, record: Any) -> None:
-        try:
-            info = MemberInfo.from_wire(record)
-        except FrameError:
-            return
-        if info.member_id == self.member_id or info.member_id in self.links or info.address in self._dialing:
-            return
-        host, port = split_address(info.address)
-        if host in WILDCARDS:
-            return
-
-        async def dial() -> None:
-            self._dialing.add(info.address)
-            try:
-                conn = await self.transport.connect(host, port, timeout_s=HANDSHAKE_TIMEOUT_S)
-            except (MeshError, TimeoutError) as exc:
-                log.info("cannot reach gossiped member %s at %s: %s", info.member_id, info.address, exc)
-                return
-            finally:
-                self._dialing.discard(info.address)
-            await self._on_accept(conn)
-
-        self._spawn(dial(), f"dial {info.address}")
-
-    def _link_down(self, member_id: str, conn: Connection) -> None:
-        conns = self.links.get(member_id)
-        if conns is None:
-            return
-        conns.discard(conn)
-        if conns:
-            return
-        del self.links[member_id]
-        assert self.membership is not None and self.coordinator is not None
-        if self.membership.remove(member_id):
-            log.warning("member %s left", member_id)
-            self.coordinator.member_lost(member_id)
-            self._membership_changed()
-
-    async def _heartbeats(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.heartbeat_s)
-            await self._broadcast(Message(type="ping"))
-
-    async def _broadcast(self, msg: Message) -> None:
-        async def one(conn: Connection) -> None:
-            try:
-                await conn.send(msg, timeout_s=self.config.timeouts.send_s)
-            except (MeshError, TimeoutError) as exc:
-                log.info("send to %s failed: %s; closing the link", conn.peer, exc)
-                await conn.close()
-
-        await asyncio.gather(*(one(c) for conns in list(self.links.values()) for c in list(conns)))
-
-    async def send(self, member_id: str, msg: Message) -> None:
-        """Send to a member (delivered in-process when it is this node).
-
-        Raises RequestFailed when there is no link, TransportError/PeerTimeout when the send fails.
-        """
-        if member_id == self.member_id:
-            self._dispatch(member_id, msg)
-            return
-        conns = [c for c in self.links.get(member_id, ()) if not c.closed]
-        if not conns:
-            raise RequestFailed(f"no link to member {member_id}")
-        await conns[0].send(msg, timeout_s=self.config.timeouts.send_s)
-
-    def _dispatch(self, sender: str, msg: Message) -> None:
-        assert self.membership is not None and self.coordinator is not None
+    async def _on_message(self, sender: str, msg: Message) -> None:
+        assert self.coordinator is not None and self.replication is not None
         kind = msg.type
-        if kind == "forward":
-            self._spawn(self.worker.on_forward(msg), f"forward {msg.body.get('req')}")
+        if kind in KERNEL_MESSAGES:
+            await self.replication.on_message(sender, msg)
+        elif kind == "forward":
+            self.links.spawn(self.worker.on_forward(msg), f"forward {msg.body.get('req')}")
         elif kind in ("token", "error"):
             self.coordinator.deliver(msg)
         elif kind == "release":
             self.worker.release(str(msg.body.get("req", "")))
-        elif kind == "status":
-            self.membership.set_status(sender, MemberStatus.from_wire(msg.body))
-        elif kind == "members":
-            for record in msg.body.get("members") or []:
-                self._maybe_dial(record)
         elif kind != "ping":
             log.debug("ignoring unknown message type %r from %s", kind, sender)
 
-    # -- placement and loading ---------------------------------------------------------
-    def _membership_changed(self) -> None:
-        assert self.membership is not None
-        self._replan()
-        members = [self.membership.me.to_wire()] + [m.to_wire() for m in self.membership.peers()]
-        self._spawn(self._broadcast(Message(type="members", body={"members": members})), "gossip")
+    async def _link_up(self, info: MemberInfo) -> None:
+        assert self.replication is not None
+        self._last_seen[info.member_id] = time.monotonic()
+        self._first_link.set()
+        await self.replication.sync_with(info.member_id)
 
+    def _link_down(self, member_id: str) -> None:
+        assert self.coordinator is not None
+        self._last_seen[member_id] = time.monotonic()
+        self.coordinator.member_lost(member_id)
+        self._declare_dead(member_id, "its last link closed")
+
+    def _declare_dead(self, member_id: str, why: str) -> None:
+        assert self.replication is not None
+        if self.replication.state.get(member_key(member_id)) is None or self._stop.is_set():
+            return
+        log.warning("member %s left: %s", member_id, why)
+        self.replication.emit("member.leave", member_key(member_id), None)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s)
+            await self.links.broadcast(Message(type="ping"))
+            # A member in the state we cannot reach for a while (e.g. it died while this node
+            # was down) is declared dead too, so the plan does not wait for it forever.
+            linked = set(self.links.linked())
+            now = time.monotonic()
+            for member in self.view().members():
+                if member.member_id == self.member_id or member.member_id in linked:
+                    self._last_seen[member.member_id] = now
+                elif now - self._last_seen.get(member.member_id, now) > 2 * self.config.dead_after_s:
+                    self._declare_dead(member.member_id, f"unreachable for {2 * self.config.dead_after_s:.0f} s")
+
+    # -- requests (called by the coordinator) ------------------------------------------
+    async def send(self, member_id: str, msg: Message) -> None:
+        """Send to a member (delivered in-process when it is this node)."""
+        if member_id == self.member_id:
+            await self._on_message(member_id, msg)
+            return
+        await self.links.send(member_id, msg)
+
+    def request_event(self, req: str, state: str, stages: list[str] | None = None) -> None:
+        """Record a request's lifecycle (and where its KV caches live) in the cluster state."""
+        assert self.replication is not None
+        self.replication.emit(f"request.{state}", f"request/{req}", state)
+        if stages is not None:
+            self.replication.emit("kv.placed", f"kv/{req}", stages)
+        if state != "running":
+            if self.replication.state.get(f"kv/{req}") is not None:
+                self.replication.emit("kv.freed", f"kv/{req}", None)
+            self._finished.append(req)
+            while len(self._finished) > RETAINED_REQUESTS:  # spec K5: retire, do not accumulate
+                self.replication.emit("request.retired", f"request/{self._finished.popleft()}", None)
+
+    # -- placement and loading ---------------------------------------------------------
     def _replan(self) -> None:
-        assert self.membership is not None and self.size is not None
-        capacities = [Capacity(member_id=m.member_id, usable_bytes=m.memory_bytes) for m in self.membership.members()]
+        assert self.size is not None and self.replication is not None
+        members = self.view().members()
+        capacities = [Capacity(member_id=m.member_id, usable_bytes=m.memory_bytes) for m in members]
         context = self.config.context or self.model.context_length
         try:
             plan = place_pipeline(capacities, self.size, context_tokens=context)
         except PlacementError as exc:
+            if self.plan is not None or self.plan_error != f"placement failed: {exc}":
+                log.error("placement failed: %s", exc)
             self.plan, self.plan_error = None, f"placement failed: {exc}"
-            log.error("%s", self.plan_error)
             self._load_wanted.set()
             return
         if self.plan is None or plan.plan_id != self.plan.plan_id:
@@ -373,12 +319,20 @@ class Node:
             log.info("plan %s: %s", plan.plan_id,
                      ", ".join(f"{s.member_id}[{s.layer_start},{s.layer_end})" for s in plan.stages))
             self._load_wanted.set()
+        recorded = self.replication.state.get("placement")
+        first = members[0].member_id if members else None
+        if first == self.member_id and (not isinstance(recorded, dict) or recorded.get("plan_id") != plan.plan_id):
+            # Every node computes the same plan; the member with the lowest id records it.
+            self.replication.emit("placement.set", "placement", {
+                "plan_id": plan.plan_id,
+                "stages": [[s.member_id, s.layer_start, s.layer_end] for s in plan.stages],
+            })
 
-    async def _set_status(self, status: MemberStatus) -> None:
-        assert self.membership is not None
-        self._status = status
-        self.membership.set_status(self.member_id, status)
-        await self._broadcast(Message(type="status", body=status.to_wire()))
+    def _set_status(self, status: MemberStatus) -> None:
+        assert self.replication is not None
+        if status != self._status or self.replication.state.get(status_key(self.member_id)) is None:
+            self._status = status
+            self.replication.emit("status.set", status_key(self.member_id), status.to_wire())
 
     async def _loader(self) -> None:
         while True:
@@ -390,29 +344,27 @@ class Node:
             plan_id = plan.plan_id if plan else ""
             if stage is None:
                 self.worker.swap_backend(None)
-                await self._set_status(MemberStatus(plan_id=plan_id, state="idle"))
+                self._set_status(MemberStatus(plan_id=plan_id, state="idle"))
                 continue
+            status = MemberStatus(plan_id=plan_id, layer_start=stage.layer_start, layer_end=stage.layer_end,
+                                  state="ready")
             current = self.worker.backend
             if current is not None and (current.layer_start, current.layer_end) == (stage.layer_start, stage.layer_end):
-                await self._set_status(MemberStatus(plan_id=plan_id, layer_start=stage.layer_start,
-                                                    layer_end=stage.layer_end, state="ready"))
+                self._set_status(status)
                 continue
-            await self._set_status(MemberStatus(plan_id=plan_id, layer_start=stage.layer_start,
-                                                layer_end=stage.layer_end, state="loading"))
+            self._set_status(MemberStatus(**{**status.to_wire(), "state": "loading"}))
             backend = self.backend_cls(**_backend_options(self.config))
             progress = LoadProgress(f"layers [{stage.layer_start},{stage.layer_end})", tty=sys.stderr.isatty())
             try:
                 await asyncio.to_thread(backend.load, self.model, stage.layer_start, stage.layer_end, progress)
             except MeshError as exc:
                 log.error("loading layers [%d, %d) failed: %s", stage.layer_start, stage.layer_end, exc)
-                await self._set_status(MemberStatus(plan_id=plan_id, layer_start=stage.layer_start,
-                                                    layer_end=stage.layer_end, state="failed", error=str(exc)))
+                self._set_status(MemberStatus(**{**status.to_wire(), "state": "failed", "error": str(exc)}))
                 continue
             finally:
                 progress.close()
             self.worker.swap_backend(backend)
-            await self._set_status(MemberStatus(plan_id=plan_id, layer_start=stage.layer_start,
-                                                layer_end=stage.layer_end, state="ready"))
+            self._set_status(status)
 
     # -- what the API shows ------------------------------------------------------------
     def current_plan(self) -> Plan | None:
@@ -420,22 +372,29 @@ class Node:
 
     def ready(self) -> tuple[bool, str]:
         """True only when every stage of the current plan reports its layers loaded."""
-        if self.plan is None or self.membership is None:
+        if self.plan is None or self.replication is None:
             return False, self.plan_error
+        view = self.view()
+        linked = set(self.links.linked()) | {self.member_id}
         for stage in self.plan.stages:
-            status = self.membership.status(stage.member_id)
+            status = view.status(stage.member_id)
             want = (self.plan.plan_id, stage.layer_start, stage.layer_end, "ready")
             if (status.plan_id, status.layer_start, status.layer_end, status.state) != want:
                 detail = f": {status.error}" if status.error else ""
                 return False, (f"member {stage.member_id} has not loaded layers "
                                f"[{stage.layer_start}, {stage.layer_end}) yet (state {status.state}{detail})")
+            if stage.member_id not in linked:
+                return False, f"no link to member {stage.member_id} yet"
         return True, "ok"
 
     def cluster_info(self) -> dict[str, Any]:
-        assert self.membership is not None
+        assert self.replication is not None
         ready, reason = self.ready()
+        view = self.view()
+        state = self.replication.state
+        replica = self.replication.replica
         members = []
-        for m in self.membership.members():
+        for m in view.members():
             stage = self.plan.stage_of(m.member_id) if self.plan else None
             members.append({
                 "id": m.member_id,
@@ -445,7 +404,7 @@ class Node:
                 "memory_bytes": m.memory_bytes,
                 "layer_start": stage.layer_start if stage else None,
                 "layer_end": stage.layer_end if stage else None,
-                "state": self.membership.status(m.member_id).state,
+                "state": view.status(m.member_id).state,
                 "self": m.member_id == self.member_id,
             })
         return {
@@ -455,12 +414,18 @@ class Node:
             "ready": ready,
             "reason": reason,
             "members": members,
+            "requests": view.requests(),
+            "kernel": {
+                "state_hash": state.content_hash(),
+                "events_applied": replica.applied,
+                "version_vector": state.context.to_wire(),
+                "live_entries": state.live_entries(),
+                "buffered_events": replica.buffer.buffered(),
+                "tail_events": len(replica.tail),
+                "log_records": self.replication.log.records,
+            },
             "local": {"id": self.member_id, "kv_caches": len(self.worker.caches)},
         }
-
-
-def _fields(info: MemberInfo) -> dict[str, Any]:
-    return {k: getattr(info, k) for k in info.__dataclass_fields__}
 
 
 def _backend_options(config: NodeConfig) -> dict[str, Any]:

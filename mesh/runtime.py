@@ -58,6 +58,8 @@ class NodeServices(Protocol):
 
     def cluster_info(self) -> dict[str, Any]: ...
 
+    def request_event(self, req: str, state: str, stages: list[str] | None = None) -> None: ...
+
 
 class StageWorker:
     """Runs this node's layers for every request that passes through it.
@@ -204,7 +206,9 @@ class Coordinator:
         }
         started = time.monotonic()
         produced = 0
+        outcome = "cancelled"  # unless it finishes or fails below
         log.info("req=%s start: %d prompt tokens, plan %s", req, len(prompt_ids), plan.plan_id)
+        self.node.request_event(req, "running", [s.member_id for s in plan.stages])
         try:
             tokens, pos = list(prompt_ids), 0
             for step in range(params.max_tokens):
@@ -219,13 +223,19 @@ class Coordinator:
                     raise RequestFailed(f"req={req} failed: {reply.body.get('message')}")
                 token = int(reply.body["token"])
                 produced += 1
+                if produced == params.max_tokens or (token in self.eos_token_ids and not params.ignore_eos):
+                    outcome = "finished"
                 yield token
-                if token in self.eos_token_ids and not params.ignore_eos:
+                if outcome == "finished":
                     return
                 pos += len(tokens)
                 tokens = [token]
+        except MeshError:
+            outcome = "failed"
+            raise
         finally:
             self._pending.pop(req, None)
+            self.node.request_event(req, outcome)
             await self._release(req, members)
             log.info("req=%s end: %d tokens in %.2f s", req, produced, time.monotonic() - started)
 

@@ -8,10 +8,12 @@ import pytest
 
 from mesh.errors import ConfigError, FrameError
 from mesh.identity import load_or_create_node_id
-from mesh.membership import MemberInfo, Membership, MemberStatus
+from mesh.crdt import ClusterState
+from mesh.hlc import Timestamp
+from mesh.membership import ClusterView, MemberInfo, MemberStatus
 
 ME = MemberInfo(member_id="a" * 32, address="127.0.0.1:7600", api_address="127.0.0.1:8000", backend="torch",
-                memory_bytes=1 << 30)
+                memory_bytes=1 << 30, incarnation="i1")
 
 
 @pytest.mark.spec("N1")
@@ -26,7 +28,8 @@ def test_node_id_persists(tmp_path: Path) -> None:
 @pytest.mark.spec("N2", "N10")
 @pytest.mark.parametrize("record", [
     {},
-    {"id": 5, "address": "x:1", "api": "x:2", "backend": "torch", "memory_bytes": 1},
+    {"id": 5, "address": "x:1", "api": "x:2", "backend": "torch", "memory_bytes": 1, "incarnation": "i"},
+    {"id": "b", "address": "x:1", "api": "x:2", "backend": "torch", "memory_bytes": 1},
     {"id": "b", "address": "x:1", "api": "x:2", "backend": "torch", "memory_bytes": "big"},
     {"id": "b", "address": "x:1", "api": "x:2", "backend": "torch", "memory_bytes": True},
     {"id": "b", "address": "x:1", "api": "x:2", "backend": "torch", "memory_bytes": -1},
@@ -48,12 +51,27 @@ def test_records_round_trip_and_status_validation() -> None:
 
 
 @pytest.mark.spec("N3")
-def test_membership_table() -> None:
-    table = Membership(ME)
-    peer = MemberInfo(member_id="0" * 32, address="127.0.0.1:7601", api_address="127.0.0.1:8001", backend="torch",
-                      memory_bytes=1 << 30)
-    assert table.upsert(peer) is True
-    assert table.upsert(peer) is False  # same record: placement sees no change
-    assert [m.member_id for m in table.members()] == ["0" * 32, "a" * 32]  # ordered by id
-    assert table.remove(ME.member_id) is False  # never removes itself
-    assert table.remove(peer.member_id) is True and table.peers() == []
+def test_cluster_view_reads_members_from_the_state() -> None:
+    state = ClusterState()
+    seq = 0
+
+    def write(key: str, value: object) -> None:
+        nonlocal seq
+        seq += 1
+        state.apply(dot=("w", seq), hlc=Timestamp(physical_ms=seq, counter=0), key=key, value=value,
+                    replaces=state.observed(key))
+
+    write("member/b", {"address": "127.0.0.1:1", "api": "127.0.0.1:2", "incarnation": "x"})
+    assert ClusterView(state).members() == []  # no resources yet: not placeable
+    write("resources/b", {"backend": "torch", "memory_bytes": 5})
+    write("member/a", {"address": "127.0.0.1:3", "api": "127.0.0.1:4", "incarnation": "y"})
+    write("resources/a", {"backend": "torch", "memory_bytes": "lots"})  # malformed: skipped
+    view = ClusterView(state)
+    assert [m.member_id for m in view.members()] == ["b"] and view.get("b").memory_bytes == 5
+    write("status/b", {"plan_id": "p", "layer_start": 0, "layer_end": 3, "state": "ready", "error": None})
+    assert view.status("b").state == "ready" and view.status("a").state == "idle"
+    write("request/r1", "running")
+    write("request/r1", "finished")
+    assert view.requests()["finished"] == 1
+    write("member/b", None)  # left
+    assert view.members() == []

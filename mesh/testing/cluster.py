@@ -53,6 +53,8 @@ class NodeProcess:
     data_dir: Path
     log_path: Path
     process: subprocess.Popen[bytes]
+    args: list[str]
+    env: dict[str, str]
 
     @property
     def api_url(self) -> str:
@@ -63,6 +65,11 @@ class NodeProcess:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+
+def _spawn(args: list[str], env: dict[str, str], log_path: Path, mode: str) -> subprocess.Popen[bytes]:
+    with open(log_path, mode) as log_file:
+        return subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 class LocalCluster:
@@ -102,11 +109,41 @@ class LocalCluster:
             first_port = first_port or port
             env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
             env.update(self.env)
-            with open(log_path, "wb") as log_file:
-                process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                           start_new_session=True)
-            self.nodes.append(NodeProcess(i, port, api_port, data_dir, log_path, process))
+            process = _spawn(args, env, log_path, "wb")
+            self.nodes.append(NodeProcess(i, port, api_port, data_dir, log_path, process, args, env))
         return self
+
+    def restart(self, index: int) -> None:
+        """Start node ``index`` again with the same flags, ports and data dir (log appended)."""
+        node = self.nodes[index]
+        if node.process.poll() is None:
+            raise MeshError(f"node {index} is still running")
+        node.process = _spawn(node.args, node.env, node.log_path, "ab")
+
+    def state_hashes(self) -> dict[int, str | None]:
+        """Each live node's kernel state hash from /v1/cluster (None when it does not answer)."""
+        out: dict[int, str | None] = {}
+        for node in self.nodes:
+            if node.process.poll() is not None:
+                continue
+            try:
+                _, info = http_json(node.api_url + "/v1/cluster", timeout_s=2.0)
+                out[node.index] = info["kernel"]["state_hash"]
+            except (OSError, KeyError, TypeError):
+                out[node.index] = None
+        return out
+
+    def wait_converged(self, timeout_s: float = 60.0) -> str:
+        """Wait until every live node reports the same state hash; returns it."""
+        deadline = time.monotonic() + timeout_s
+        hashes: dict[int, str | None] = {}
+        while time.monotonic() < deadline:
+            hashes = self.state_hashes()
+            values = set(hashes.values())
+            if len(values) == 1 and None not in values:
+                return values.pop()  # type: ignore[return-value]
+            time.sleep(0.2)
+        raise MeshError(f"nodes did not converge within {timeout_s} s: {hashes}")
 
     def wait_ready(self, timeout_s: float = 180.0, members: int | None = None) -> None:
         """Wait until every live node answers /health 200 and sees ``members`` members.

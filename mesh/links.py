@@ -1,0 +1,251 @@
+"""Links to peers: hello handshake, identity checks, reader loops, dialing and heartbeats.
+
+Every link starts with a hello each way (member record with a per-process incarnation,
+model, layer count). A peer claiming this node's id with another incarnation, or the id of
+a member this node already has a live link to under another incarnation, is a second
+process with a copied identity: it gets a ``reject`` naming the id and the live process's
+address, and closes its own node (spec K9). Any frame counts as a heartbeat; a link silent
+for ``dead_after_s`` is closed. Messages go to ``on_message``; a malformed one closes that
+link only (spec N10). Spec: specs/node.md (N2, N9, N10).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from mesh.errors import ConfigError, FrameError, KernelError, MeshError, PeerTimeout, RequestFailed, TransportError
+from mesh.membership import MemberInfo
+from mesh.wire import Message
+from transports.base import Connection, Transport, connect_with_backoff
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT_S = 10.0
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+class IdentityCollision(ConfigError):
+    """Another live process already uses this node's id (e.g. a copied data dir)."""
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port); IPv6 hosts may be bracketed. Raises MeshError."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise MeshError(f"address {address!r} is not HOST:PORT with a port in 1..65535")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class Links:
+    """The links of one node, keyed by peer member id (a peer may have several at once)."""
+
+    def __init__(self, transport: Transport, *, me: Callable[[], MemberInfo], model_id: str, started_ms: int,
+                 on_message: Callable[[str, Message], Awaitable[None]],
+                 on_up: Callable[[MemberInfo], Awaitable[None]], on_down: Callable[[str], None],
+                 on_fatal: Callable[[MeshError], None], dead_after_s: float, send_timeout_s: float) -> None:
+        self.transport = transport
+        self.me = me
+        self.model_id = model_id
+        self.started_ms = started_ms
+        self.on_message = on_message
+        self.on_up = on_up
+        self.on_down = on_down
+        self.on_fatal = on_fatal
+        self.dead_after_s = dead_after_s
+        self.send_timeout_s = send_timeout_s
+        self.conns: dict[str, set[Connection]] = {}
+        self.infos: dict[str, MemberInfo] = {}  # the hello of each linked member
+        self._dialing: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.stopping = False
+
+    def linked(self) -> list[str]:
+        return sorted(m for m, conns in self.conns.items() if any(not c.closed for c in conns))
+
+    # -- sending -----------------------------------------------------------------------
+    async def send(self, member_id: str, msg: Message) -> None:
+        """Send on a live link. Raises RequestFailed (no link) or TransportError/PeerTimeout."""
+        conns = [c for c in self.conns.get(member_id, ()) if not c.closed]
+        if not conns:
+            raise RequestFailed(f"no link to member {member_id}")
+        await conns[0].send(msg, timeout_s=self.send_timeout_s)
+
+    async def broadcast(self, msg: Message) -> None:
+        async def one(conn: Connection) -> None:
+            try:
+                await conn.send(msg, timeout_s=self.send_timeout_s)
+            except MeshError as exc:
+                log.info("send to %s failed: %s; closing the link", conn.peer, exc)
+                await conn.close()
+
+        await asyncio.gather(*(one(c) for conns in list(self.conns.values()) for c in list(conns)))
+
+    # -- handshake and reader ----------------------------------------------------------
+    def _hello(self) -> Message:
+        return Message(type="hello", body={"member": self.me().to_wire(), "model": self.model_id,
+                                           "started_ms": self.started_ms})
+
+    async def _handshake(self, conn: Connection) -> MemberInfo | None:
+        me = self.me()
+        await conn.send(self._hello(), timeout_s=HANDSHAKE_TIMEOUT_S)
+        msg = await conn.recv(timeout_s=HANDSHAKE_TIMEOUT_S)
+        if msg.type == "reject":
+            self._rejected(msg, conn)
+            return None
+        if msg.type != "hello":
+            raise FrameError(f"expected hello, got {msg.type!r}")
+        info = MemberInfo.from_wire(msg.body.get("member") or {})
+        if info.member_id == me.member_id and info.incarnation == me.incarnation:
+            log.warning("link to %s reaches this node itself; dropping it", conn.peer)
+            await conn.close()
+            return None
+        if info.member_id == me.member_id:
+            # Two live processes with one id: the later-started one is the newcomer (spec K9).
+            theirs = msg.body.get("started_ms")
+            if isinstance(theirs, int) and (theirs, info.incarnation) < (self.started_ms, me.incarnation):
+                await conn.close()
+                self.on_fatal(self._collision(info.member_id, info.address, me.address))
+                return None
+        known = self.infos.get(info.member_id) if info.member_id in self.linked() else None
+        holder = me.address if info.member_id == me.member_id else (
+            known.address if known is not None and known.incarnation != info.incarnation else None)
+        if holder is not None:
+            log.error("identity collision: a second process at %s claims node id %s, live at %s; rejecting it",
+                      info.address, info.member_id, holder)
+            reject = Message(type="reject", body={"reason": "identity", "id": info.member_id, "address": holder})
+            try:
+                await conn.send(reject, timeout_s=HANDSHAKE_TIMEOUT_S)
+            finally:
+                await conn.close()
+            return None
+        if msg.body.get("model") != self.model_id:
+            log.error("peer %s serves model %r, this node %r; rejecting it",
+                      info.member_id, msg.body.get("model"), self.model_id)
+            await conn.close()
+            return None
+        host, port = split_address(info.address)
+        if host in WILDCARDS:  # the peer listens everywhere: use the address we see it on
+            fields = {k: getattr(info, k) for k in info.__dataclass_fields__}
+            info = MemberInfo(**{**fields, "address": f"{conn.peer.rpartition(':')[0]}:{port}"})
+        self.conns.setdefault(info.member_id, set()).add(conn)
+        self.infos[info.member_id] = info
+        log.info("link up: %s at %s (%s)", info.member_id, info.address, conn.peer)
+        await self.on_up(info)
+        return info
+
+    @staticmethod
+    def _collision(member_id: object, holder: object, mine: str) -> IdentityCollision:
+        return IdentityCollision(
+            f"node id {member_id} is already used by a live process at {holder} (this process: {mine}); "
+            f"two machines must not share a data dir: start this one with another --data-dir"
+        )
+
+    def _rejected(self, msg: Message, conn: Connection) -> None:
+        error = self._collision(msg.body.get("id"), msg.body.get("address"), self.me().address)
+        log.error("%s (reported by %s)", error, conn.peer)
+        self.on_fatal(error)
+
+    async def serve(self, conn: Connection) -> None:
+        """Run one link to its end: handshake, then read until it closes or goes silent."""
+        info = await self._handshake(conn)
+        if info is None:
+            return
+        try:
+            while not conn.closed:
+                try:
+                    msg = await conn.recv(timeout_s=self.dead_after_s)
+                except PeerTimeout:
+                    log.warning("no heartbeat from %s in %.1f s: declaring the link dead",
+                                info.member_id, self.dead_after_s)
+                    break
+                if msg.type == "reject":
+                    self._rejected(msg, conn)
+                    break
+                await self.on_message(info.member_id, msg)
+        except (FrameError, KernelError) as exc:
+            log.warning("malformed message from %s: %s; closing that link", info.member_id, exc)
+        except TransportError as exc:
+            log.info("link to %s closed: %s", info.member_id, exc)
+        finally:
+            await conn.close()
+            self._down(info.member_id, conn)
+
+    def _down(self, member_id: str, conn: Connection) -> None:
+        conns = self.conns.get(member_id)
+        if conns is None:
+            return
+        conns.discard(conn)
+        if not conns:
+            del self.conns[member_id]
+            if not self.stopping:
+                self.on_down(member_id)
+
+    async def accept(self, conn: Connection) -> None:
+        """The transport's handler for incoming connections."""
+        try:
+            await self.serve(conn)
+        except (MeshError, TimeoutError) as exc:
+            log.warning("incoming link from %s failed: %s", conn.peer, exc)
+            await conn.close()
+
+    # -- dialing -----------------------------------------------------------------------
+    async def dial_forever(self, address: str, stop: asyncio.Event) -> None:
+        """Keep a link to a ``--peer`` address for the life of the node (re-dial with backoff)."""
+        host, port = split_address(address)
+        while not stop.is_set():
+            try:
+                conn = await connect_with_backoff(self.transport, host, port, attempt_timeout_s=3.0, deadline_s=30.0)
+                await self.serve(conn)
+            except (MeshError, TimeoutError) as exc:
+                log.info("peer %s unreachable: %s; retrying", address, exc)
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)  # a pause between rounds; each round backs off itself
+            except TimeoutError:
+                pass
+
+    def dial(self, info: MemberInfo) -> None:
+        """Dial a member learned from the cluster state once, unless already linked or dialing."""
+        if info.member_id in self.conns or info.address in self._dialing or info.member_id == self.me().member_id:
+            return
+        try:
+            host, port = split_address(info.address)
+        except MeshError:
+            return
+        if host in WILDCARDS:
+            return
+
+        async def dial() -> None:
+            self._dialing.add(info.address)
+            try:
+                conn = await self.transport.connect(host, port, timeout_s=HANDSHAKE_TIMEOUT_S)
+            except (MeshError, TimeoutError) as exc:
+                log.info("cannot reach member %s at %s: %s", info.member_id, info.address, exc)
+                return
+            finally:
+                self._dialing.discard(info.address)
+            await self.accept(conn)
+
+        self.spawn(dial(), f"dial {info.address}")
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        """Run a tracked background task; its error is logged, never lost."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("task %s failed: %r", name, t.exception())
+
+        task.add_done_callback(done)
+
+    async def close(self) -> None:
+        self.stopping = True
+        for task in list(self._tasks):
+            task.cancel()
+        for conns in list(self.conns.values()):
+            for conn in list(conns):
+                await conn.close()
