@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(bench, "--repeats", type=int, default=3, help="timed runs per configuration (after one warm-up)")
     _add(bench, "--json", type=Path, help="append results as one JSON line to this file")
     _add(bench, "--log-level", default="warning", choices=LOG_LEVELS, help="log verbosity")
+
+    kbench = sub.add_parser("bench-kernel", help="measure the kernel: apply rate, catch-up, convergence after a partition")
+    _add(kbench, "--events", type=int, default=50_000, help="events for the apply-rate measurement")
+    _add(kbench, "--json", type=Path, help="append results as one JSON line to this file")
     return parser
 
 
@@ -164,6 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             _setup_logging(args.log_level)
             return run_bench(args)
+        if args.command == "bench-kernel":
+            from mesh.bench_kernel import run_kernel_bench
+
+            return run_kernel_bench(args)
     except MeshError as exc:
         print(f"mesh: error: {exc}", file=sys.stderr)
         return 2
