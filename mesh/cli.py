@@ -58,11 +58,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _port(text: str) -> int:
+def _port(text: str) -> int:  # argparse names the type by __name__ in its errors
     value = int(text)
     if not 0 <= value < 65536:
         raise argparse.ArgumentTypeError(f"must be a port in 0..65535, got {text}")
     return value
+
+
+_port.__name__ = "port"
+_positive_float.__name__ = "positive number"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,14 +6,44 @@ read with psutil (available memory x the configured fraction).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 from pathlib import Path
+from typing import BinaryIO
 
 from mesh.errors import ConfigError
 
 ID_FILE = "node_id"
 MEMORY_GRANULE = 64 << 20  # round offered memory down to 64 MiB so equal machines offer equal amounts
+
+
+def lock_data_dir(data_dir: Path) -> BinaryIO:
+    """Take an exclusive lock on ``data_dir`` for the life of this process (keep the returned
+    file open). Two processes on one machine must not share a node id or an event log.
+
+    Raises ConfigError naming the process that holds the lock.
+    """
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(data_dir / "lock", "a+b")
+    except OSError as exc:
+        raise ConfigError(f"--data-dir {data_dir}: cannot create it: {exc}") from exc
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().decode(errors="replace").strip() or "?"
+        handle.close()
+        raise ConfigError(
+            f"--data-dir {data_dir} is in use by another node process (pid {holder}); "
+            f"give each node on this machine its own --data-dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()).encode())
+    handle.flush()
+    return handle
 
 
 def load_or_create_node_id(data_dir: Path) -> str:

@@ -12,9 +12,12 @@ Spec: specs/node.md (N1-N5, N9-N11), specs/kernel.md (K9, K10).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import secrets
 import signal
+import socket
 import sys
 import time
 from collections import deque
@@ -23,9 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import uvicorn
+
 from mesh import registry
-from mesh.errors import MeshError, PlacementError
-from mesh.identity import load_or_create_node_id, usable_memory_bytes
+from mesh.errors import ConfigError, MeshError, PlacementError
+from mesh.identity import load_or_create_node_id, lock_data_dir, usable_memory_bytes
 from mesh.links import Links, split_address
 from mesh.loading import LoadProgress
 from mesh.membership import ClusterView, MemberInfo, MemberStatus, member_key, resources_key, status_key
@@ -40,6 +45,27 @@ log = logging.getLogger(__name__)
 KERNEL_MESSAGES = ("ev", "sync", "sync.page")
 JOIN_WAIT_S = 15.0  # how long a node with --peer waits to meet one before joining alone
 RETAINED_REQUESTS = 256  # finished requests of this node kept in the state before retiring
+
+
+class _ApiServer(uvicorn.Server):
+    """uvicorn without its own signal capture: the node handles SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+
+def bind_tcp(host: str, port: int, flag: str) -> socket.socket:
+    """A listening TCP socket on (host, port). Raises ConfigError naming ``flag`` when taken."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        return sock
+    except OSError as exc:
+        raise ConfigError(f"{flag} {port} on {host} cannot be used: {exc.strerror or exc}") from exc
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,19 +91,37 @@ class NodeConfig:
     dtype: str | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
 
+    def __post_init__(self) -> None:
+        for flag, port in (("--port", self.port), ("--api-port", self.api_port)):
+            if not 0 <= port < 65536:
+                raise ConfigError(f"{flag} {port} is not a port (0..65535)")
+        for address in self.peers:
+            try:
+                split_address(address)
+            except MeshError as exc:
+                raise ConfigError(f"--peer: {exc}") from exc
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ConfigError(f"--memory-fraction must be in (0, 1], got {self.memory_fraction}")
+        if self.memory_bytes is not None and self.memory_bytes < 0:
+            raise ConfigError(f"--memory-bytes must be >= 0, got {self.memory_bytes}")
+        if self.context is not None and self.context < 1:
+            raise ConfigError(f"--context must be >= 1 token, got {self.context}")
+        if self.dead_after_s <= self.heartbeat_s:
+            raise ConfigError(f"--dead-after-s ({self.dead_after_s}) must exceed --heartbeat-s ({self.heartbeat_s})")
+
 
 class Node:
     """One member of the cluster. ``await Node(config).run()`` serves until stopped."""
 
     def __init__(self, config: NodeConfig) -> None:
-        for address in config.peers:
-            split_address(address)  # a bad --peer fails now, naming the value
         self.config = config
         self.data_dir = config.data_dir.expanduser()
+        self._data_dir_lock = lock_data_dir(self.data_dir)
         self.member_id = load_or_create_node_id(self.data_dir)
         self.incarnation = secrets.token_hex(8)
         self.model = Model(resolve_model(config.model))
         self.backend_cls = registry.load("backend", config.backend)
+        self.backend_cls(**_backend_options(config))  # a bad --device or --dtype fails now, not after loading
         transport = registry.load("transport", config.transport)()
         self.links = Links(transport, me=lambda: self.me, model_id=self.model.model_id,
                            started_ms=time.time_ns() // 1_000_000, on_message=self._on_message,
@@ -101,6 +145,8 @@ class Node:
         self._reaction_pending = False
         self._first_link = asyncio.Event()
         self._joined = False
+        self._signalled = False
+        self._last_health: tuple[bool, str] = (False, "")
         self.api_port = config.api_port
         self.listen_port = config.port
 
@@ -110,11 +156,13 @@ class Node:
 
         Raises IdentityCollision when another live process holds this node's id.
         """
-        import uvicorn
-
         from mesh.api import create_app
 
         cfg = self.config
+        self._install_signal_handlers()
+        api_socket = bind_tcp(cfg.api_host, cfg.api_port, "--api-port")  # fail early, before the model
+        if cfg.port:
+            bind_tcp(cfg.host, cfg.port, "--port").close()  # only a check: the transport binds it below
         log.info("node %s starting: model %s, backend %s", self.member_id, cfg.model, cfg.backend)
         await asyncio.to_thread(lambda: (self.model.config, self.model.tokenizer))
         self.size = await asyncio.to_thread(model_size, self.model)
@@ -129,13 +177,13 @@ class Node:
                                        peers=self.links.linked, on_change=self._state_changed)
         self.replication.start()
         app = create_app(self.coordinator, api_key=cfg.api_key)
-        server = uvicorn.Server(
+        server = _ApiServer(
             uvicorn.Config(app, host=cfg.api_host, port=cfg.api_port, log_level="warning",
                            lifespan="off", timeout_graceful_shutdown=2)
         )
-        self._install_signal_handlers()
         loop = asyncio.get_running_loop()
-        api_task = loop.create_task(self._serve_api(server), name="api")
+        api_task = loop.create_task(self._serve_api(server, api_socket), name="api")
+        log.info("serving the OpenAI API on http://%s:%d/v1 (mesh link on %s)", cfg.api_host, cfg.api_port, self.me.address)
         tasks = [api_task, loop.create_task(self._heartbeats(), name="heartbeats"),
                  loop.create_task(self._loader(), name="loader")]
         tasks += [loop.create_task(self.links.dial_forever(a, self._stop), name=f"peer {a}") for a in cfg.peers]
@@ -153,6 +201,11 @@ class Node:
             done, _ = await asyncio.wait([*tasks, stop_task], return_when=asyncio.FIRST_COMPLETED)
             failed = [e for t in done if t is not stop_task and not t.cancelled() and (e := t.exception()) is not None]
         finally:
+            # End the streams in flight with an error event (not a cut), then stop HTTP.
+            self.coordinator.shutdown("the node is shutting down")
+            deadline = loop.time() + 2.0
+            while self.coordinator.active and loop.time() < deadline:
+                await asyncio.sleep(0.05)
             server.should_exit = True
             try:
                 await asyncio.wait_for(asyncio.shield(api_task), 5.0)
@@ -178,15 +231,25 @@ class Node:
         self.stop()
 
     def _install_signal_handlers(self) -> None:
-        # uvicorn swaps in its own handlers while serving and re-raises the signal after it
-        # exits; these plain handlers then stop the node.
+        # The node owns SIGINT/SIGTERM (uvicorn's own capture is switched off in _ApiServer):
+        # a graceful stop first ends streams in flight; a second signal exits at once.
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(self.stop))
 
-    async def _serve_api(self, server: Any) -> None:
+        def on_signal() -> None:
+            was_signalled, self._signalled = self._signalled, True
+            if was_signalled:
+                log.warning("second interrupt: exiting at once")
+                os._exit(130)
+            else:
+                log.info("stopping (press Ctrl-C again to exit at once)")
+                self._stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+
+    async def _serve_api(self, server: Any, sock: socket.socket) -> None:
         try:
-            await server.serve()
+            await server.serve(sockets=[sock])
         except (OSError, SystemExit) as exc:
             raise MeshError(f"HTTP API cannot serve on {self.config.api_host}:{self.config.api_port}: {exc}") from exc
         if not server.started:
@@ -269,6 +332,13 @@ class Node:
         while True:
             await asyncio.sleep(self.config.heartbeat_s)
             await self.links.broadcast(Message(type="ping"))
+            ready, reason = self.ready()
+            if (ready, reason) != self._last_health:
+                if ready:
+                    log.info("ready: the model is placed and loaded on %d member(s)", len(self.plan.stages) if self.plan else 0)
+                else:
+                    log.info("not ready: %s", reason)
+                self._last_health = (ready, reason)
             # A member in the state we cannot reach for a while (e.g. it died while this node
             # was down) is declared dead too, so the plan does not wait for it forever.
             linked = set(self.links.linked())
@@ -357,7 +427,9 @@ class Node:
             progress = LoadProgress(f"layers [{stage.layer_start},{stage.layer_end})", tty=sys.stderr.isatty())
             try:
                 await asyncio.to_thread(backend.load, self.model, stage.layer_start, stage.layer_end, progress)
-            except MeshError as exc:
+            except Exception as exc:  # a backend plugin may raise anything: report it, keep serving
+                if not isinstance(exc, MeshError):
+                    log.exception("backend %s failed to load layers", self.config.backend)
                 log.error("loading layers [%d, %d) failed: %s", stage.layer_start, stage.layer_end, exc)
                 self._set_status(MemberStatus(**{**status.to_wire(), "state": "failed", "error": str(exc)}))
                 continue
@@ -380,6 +452,10 @@ class Node:
             status = view.status(stage.member_id)
             want = (self.plan.plan_id, stage.layer_start, stage.layer_end, "ready")
             if (status.plan_id, status.layer_start, status.layer_end, status.state) != want:
+                if status.plan_id != self.plan.plan_id:
+                    return False, (f"member {stage.member_id} is switching to plan {self.plan.plan_id} "
+                                   f"(layers [{stage.layer_start}, {stage.layer_end})); it reports plan "
+                                   f"{status.plan_id or 'none'}, state {status.state}")
                 detail = f": {status.error}" if status.error else ""
                 return False, (f"member {stage.member_id} has not loaded layers "
                                f"[{stage.layer_start}, {stage.layer_end}) yet (state {status.state}{detail})")

@@ -176,6 +176,16 @@ class Coordinator:
         if pending is not None:
             pending[0].put_nowait(msg)
 
+    @property
+    def active(self) -> int:
+        """Requests in flight on this coordinator."""
+        return len(self._pending)
+
+    def shutdown(self, reason: str) -> None:
+        """Fail every request in flight with ``reason`` (their streams end with an error event)."""
+        for req, (queue, _) in self._pending.items():
+            queue.put_nowait(Message(type="error", body={"req": req, "message": reason}))
+
     def member_lost(self, member_id: str) -> None:
         """Fail at once every request whose route passes through a lost member (spec N9)."""
         for req, (queue, members) in self._pending.items():

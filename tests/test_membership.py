@@ -75,3 +75,14 @@ def test_cluster_view_reads_members_from_the_state() -> None:
     assert view.requests()["finished"] == 1
     write("member/b", None)  # left
     assert view.members() == []
+
+
+@pytest.mark.spec("N1", "K9")
+def test_a_data_dir_is_locked_by_one_process(tmp_path: Path) -> None:
+    from mesh.identity import lock_data_dir
+
+    handle = lock_data_dir(tmp_path / "d")
+    with pytest.raises(ConfigError, match="in use by another node process"):
+        lock_data_dir(tmp_path / "d")
+    handle.close()
+    lock_data_dir(tmp_path / "d").close()  # free again once the holder is gone
