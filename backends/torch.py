@@ -60,7 +60,15 @@ class TorchBackend(Backend):
         super().__init__()
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as exc:
+            raise BackendError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from exc
+        available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                     "mps": bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()}
+        if not available.get(self.device.type, False):
+            usable = [name for name, ok in available.items() if ok]
+            raise BackendError(f"--device {device!r} is not available in this torch build; usable: {usable}")
         if dtype is None:
             dtype = "f32" if self.device.type == "cpu" else "f16"
         if dtype not in TORCH_DTYPES:
