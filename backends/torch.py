@@ -175,6 +175,9 @@ class TorchBackend(Backend):
                 if token_ids is None or hidden is not None or not token_ids:
                     raise BackendError("the first stage takes token ids, not hidden states")
                 n = len(token_ids)
+                vocab = int(self._config.vocab_size)
+                if not all(type(t) is int and 0 <= t < vocab for t in token_ids):
+                    raise BackendError(f"token ids must be integers in [0, {vocab})")
                 kwargs["input_ids"] = torch.tensor([token_ids], dtype=torch.long, device=self.device)
             else:
                 if hidden is None or token_ids is not None:

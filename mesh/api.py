@@ -16,6 +16,7 @@ event followed by ``data: [DONE]`` (spec A3).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -51,6 +52,7 @@ from mesh.textstream import TextStream
 log = logging.getLogger("mesh.api")
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
+MAX_CHARS_PER_TOKEN = 64  # a token is never longer than this many characters in practice
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -294,8 +296,19 @@ def create_app(
         ready, reason = engine.health()
         if not ready:
             raise server_error(f"The cluster is not ready: {reason}")
+        chars = sum(len(m.content) for m in req.messages)
+        if chars > engine.context_length * MAX_CHARS_PER_TOKEN:
+            # No tokenizer yields fewer tokens than this bound allows: reject before paying
+            # for tokenizing a huge body.
+            raise ApiError(
+                f"The messages hold {chars} characters, far beyond the model's context window of "
+                f"{engine.context_length} tokens.",
+                param="messages",
+                code="context_length_exceeded",
+            )
         try:
-            prompt_ids = engine.encode_chat([m.to_template() for m in req.messages])
+            # Tokenizing runs off the event loop so heartbeats and other requests go on.
+            prompt_ids = await asyncio.to_thread(engine.encode_chat, [m.to_template() for m in req.messages])
         except MeshError as e:
             raise _engine_failure(e) from None
         params = SamplingParams(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
@@ -26,8 +27,16 @@ UNAUTHENTICATED_PATHS = frozenset({"/health"})
 T = TypeVar("T")
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message that echoes client input (which may hold
+    lone surrogates, valid JSON but not encodable as UTF-8) always renders."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def error_response(error: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error.to_json(), status_code=error.status, headers=headers)
+    return AsciiJSONResponse(error.to_json(), status_code=error.status, headers=headers)
 
 
 def server_error(message: str, *, code: str = "service_unavailable") -> ApiError:

@@ -73,13 +73,15 @@ class Links:
             raise RequestFailed(f"no link to member {member_id}")
         await conns[0].send(msg, timeout_s=self.send_timeout_s)
 
-    async def broadcast(self, msg: Message) -> None:
+    async def ping_all(self, timeout_s: float) -> None:
+        """A heartbeat on every link at once, each bounded by ``timeout_s``. A ping that cannot
+        go out in time (the link is busy with a large frame, or stuck) is skipped, not fatal:
+        the reader's silence deadline decides when a link is dead."""
         async def one(conn: Connection) -> None:
             try:
-                await conn.send(msg, timeout_s=self.send_timeout_s)
+                await conn.send(Message(type="ping"), timeout_s=timeout_s)
             except MeshError as exc:
-                log.info("send to %s failed: %s; closing the link", conn.peer, exc)
-                await conn.close()
+                log.debug("ping to %s skipped: %s", conn.peer, exc)
 
         await asyncio.gather(*(one(c) for conns in list(self.conns.values()) for c in list(conns)))
 
@@ -97,7 +99,10 @@ class Links:
             return None
         if msg.type != "hello":
             raise FrameError(f"expected hello, got {msg.type!r}")
-        info = MemberInfo.from_wire(msg.body.get("member") or {})
+        record = msg.body.get("member")
+        if not isinstance(record, dict):
+            raise FrameError("hello without a member record")
+        info = MemberInfo.from_wire(record)
         if info.member_id == me.member_id and info.incarnation == me.incarnation:
             log.warning("link to %s reaches this node itself; dropping it", conn.peer)
             await conn.close()
@@ -169,6 +174,8 @@ class Links:
             log.warning("malformed message from %s: %s; closing that link", info.member_id, exc)
         except TransportError as exc:
             log.info("link to %s closed: %s", info.member_id, exc)
+        except Exception:  # whatever a peer sends must not take the node down (spec N10)
+            log.exception("message from %s could not be handled; closing that link", info.member_id)
         finally:
             await conn.close()
             self._down(info.member_id, conn)
@@ -184,11 +191,14 @@ class Links:
                 self.on_down(member_id)
 
     async def accept(self, conn: Connection) -> None:
-        """The transport's handler for incoming connections."""
+        """The transport's handler for incoming connections (and for links we dialled once)."""
         try:
             await self.serve(conn)
         except (MeshError, TimeoutError) as exc:
-            log.warning("incoming link from %s failed: %s", conn.peer, exc)
+            log.warning("link with %s failed: %s", conn.peer, exc)
+            await conn.close()
+        except Exception:  # a malformed hello must not take the node down (spec N10)
+            log.exception("link with %s failed", conn.peer)
             await conn.close()
 
     # -- dialing -----------------------------------------------------------------------
@@ -198,9 +208,10 @@ class Links:
         while not stop.is_set():
             try:
                 conn = await connect_with_backoff(self.transport, host, port, attempt_timeout_s=3.0, deadline_s=30.0)
-                await self.serve(conn)
             except (MeshError, TimeoutError) as exc:
                 log.info("peer %s unreachable: %s; retrying", address, exc)
+            else:
+                await self.accept(conn)
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)  # a pause between rounds; each round backs off itself
             except TimeoutError:
@@ -217,8 +228,9 @@ class Links:
         if host in WILDCARDS:
             return
 
+        self._dialing.add(info.address)  # before the task starts: one dial per address at a time
+
         async def dial() -> None:
-            self._dialing.add(info.address)
             try:
                 conn = await self.transport.connect(host, port, timeout_s=HANDSHAKE_TIMEOUT_S)
             except (MeshError, TimeoutError) as exc:

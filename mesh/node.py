@@ -199,7 +199,12 @@ class Node:
             if not self._stop.is_set():
                 self._join()
             done, _ = await asyncio.wait([*tasks, stop_task], return_when=asyncio.FIRST_COMPLETED)
-            failed = [e for t in done if t is not stop_task and not t.cancelled() and (e := t.exception()) is not None]
+            for task in done:
+                if task is stop_task or (task is api_task and not task.cancelled() and task.exception() is None):
+                    continue
+                # a main task must run until the node stops: ending any other way is a failure
+                error = None if task.cancelled() else task.exception()
+                failed.append(error or MeshError(f"internal task {task.get_name()!r} ended unexpectedly"))
         finally:
             # End the streams in flight with an error event (not a cut), then stop HTTP.
             self.coordinator.shutdown("the node is shutting down")
@@ -319,6 +324,7 @@ class Node:
         assert self.coordinator is not None
         self._last_seen[member_id] = time.monotonic()
         self.coordinator.member_lost(member_id)
+        self.worker.release_coordinated_by(member_id)
         self._declare_dead(member_id, "its last link closed")
 
     def _declare_dead(self, member_id: str, why: str) -> None:
@@ -331,23 +337,31 @@ class Node:
     async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_s)
-            await self.links.broadcast(Message(type="ping"))
-            ready, reason = self.ready()
-            if (ready, reason) != self._last_health:
-                if ready:
-                    log.info("ready: the model is placed and loaded on %d member(s)", len(self.plan.stages) if self.plan else 0)
-                else:
-                    log.info("not ready: %s", reason)
-                self._last_health = (ready, reason)
-            # A member in the state we cannot reach for a while (e.g. it died while this node
-            # was down) is declared dead too, so the plan does not wait for it forever.
-            linked = set(self.links.linked())
-            now = time.monotonic()
-            for member in self.view().members():
-                if member.member_id == self.member_id or member.member_id in linked:
-                    self._last_seen[member.member_id] = now
-                elif now - self._last_seen.get(member.member_id, now) > 2 * self.config.dead_after_s:
-                    self._declare_dead(member.member_id, f"unreachable for {2 * self.config.dead_after_s:.0f} s")
+            try:
+                await self._heartbeat_round()
+            except Exception:  # one bad round must not stop heartbeats for good
+                log.exception("heartbeat round failed")
+
+    async def _heartbeat_round(self) -> None:
+        await self.links.ping_all(timeout_s=self.config.heartbeat_s)
+        timeouts = self.config.timeouts
+        self.worker.expire(idle_s=2 * max(timeouts.prefill_s, timeouts.decode_s))
+        ready, reason = self.ready()
+        if (ready, reason) != self._last_health:
+            if ready:
+                log.info("ready: the model is placed and loaded on %d member(s)", len(self.plan.stages) if self.plan else 0)
+            else:
+                log.info("not ready: %s", reason)
+            self._last_health = (ready, reason)
+        # A member in the state we cannot reach for a while (e.g. it died while this node
+        # was down) is declared dead too, so the plan does not wait for it forever.
+        linked = set(self.links.linked())
+        now = time.monotonic()
+        for member in self.view().members():
+            if member.member_id == self.member_id or member.member_id in linked:
+                self._last_seen[member.member_id] = now
+            elif now - self._last_seen.get(member.member_id, now) > 2 * self.config.dead_after_s:
+                self._declare_dead(member.member_id, f"unreachable for {2 * self.config.dead_after_s:.0f} s")
 
     # -- requests (called by the coordinator) ------------------------------------------
     async def send(self, member_id: str, msg: Message) -> None:

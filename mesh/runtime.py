@@ -74,6 +74,7 @@ class StageWorker:
         self.executor = executor
         self.backend: Backend | None = None
         self.caches: dict[str, Any] = {}
+        self._owner: dict[str, tuple[str, float]] = {}  # req -> (coordinator, last use, monotonic s)
         self._released: OrderedDict[str, None] = OrderedDict()
 
     def swap_backend(self, backend: Backend | None) -> None:
@@ -84,15 +85,31 @@ class StageWorker:
     def release(self, request_id: str) -> None:
         """Free a request's KV cache and drop any of its steps still in flight (spec N8)."""
         self.caches.pop(request_id, None)
+        self._owner.pop(request_id, None)
         self._released[request_id] = None
         while len(self._released) > RELEASED_MEMORY:
             self._released.popitem(last=False)
+
+    def release_coordinated_by(self, member_id: str) -> None:
+        """Free the caches of requests whose coordinator was lost: nobody will release them."""
+        for req in [r for r, (coord, _) in self._owner.items() if coord == member_id]:
+            self.release(req)
+
+    def expire(self, idle_s: float) -> None:
+        """Free caches unused for ``idle_s`` seconds (a coordinator that never sent ``release``)."""
+        cutoff = time.monotonic() - idle_s
+        for req in [r for r, (_, used) in self._owner.items() if used < cutoff]:
+            log.warning("req=%s: freeing a KV cache idle for over %.0f s", req, idle_s)
+            self.release(req)
 
     async def on_forward(self, msg: Message) -> None:
         """Handle one ``forward`` step; any failure goes back to the coordinator as ``error``."""
         body = msg.body
         req = str(body.get("req", ""))
         coordinator = str(body.get("coord", ""))
+        if not 0 < len(req) <= 64 or not 0 < len(coordinator) <= 128:
+            log.warning("dropping a forward step with a malformed request or coordinator id")
+            return
         try:
             await self._forward(req, body, msg)
         except asyncio.CancelledError:
@@ -100,7 +117,8 @@ class StageWorker:
         except Exception as exc:  # every failure of a step must reach the waiting request
             if not isinstance(exc, MeshError):
                 log.exception("stage step failed: req=%s", req)
-            self.caches.pop(req, None)
+            self.release(req)
+            self._released.pop(req, None)  # a failed step is not a cancellation: it may be retried
             reply = Message(type="error", body={"req": req, "message": f"{self.node.member_id}: {exc}"})
             try:
                 await self.node.send(coordinator, reply)
@@ -123,6 +141,7 @@ class StageWorker:
             if pos != 0:
                 raise RequestFailed(f"no KV cache for req={req} at position {pos}")
             cache = self.caches[req] = backend.new_cache()
+        self._owner[req] = (str(body["coord"]), time.monotonic())
         tokens = body.get("tokens")
         loop = asyncio.get_running_loop()
         out = await loop.run_in_executor(
@@ -130,7 +149,7 @@ class StageWorker:
             lambda: backend.forward(cache, start_pos=pos, token_ids=tokens, hidden=msg.tensor),
         )
         if req in self._released:  # cancelled while computing
-            self.caches.pop(req, None)
+            self.release(req)
             return
         if idx + 1 < len(route):
             nxt = {k: v for k, v in body.items() if k != "tokens"}

@@ -12,20 +12,22 @@ import numpy as np
 
 from mesh.engine import SamplingParams
 
+MIN_TEMPERATURE = 1e-4  # temperatures in (0, 1e-4) sample like 0 (greedy)
+
 
 def sample(logits: np.ndarray, params: SamplingParams, *, step: int, request_seed: int) -> int:
     """Return the next token id.
 
     Args:
         logits: float32 ``[vocab_size]`` scores at the last position.
-        params: temperature 0 -> argmax (ties go to the lowest id); else softmax of
+        params: temperature 0 (or below 1e-4) -> argmax (ties go to the lowest id); else softmax of
             logits / temperature, cut to the smallest set whose mass >= top_p
             (Holtzman et al. 2019, "The Curious Case of Neural Text Degeneration").
         step: index of the token being generated (0 for the first).
         request_seed: ``params.seed`` if given, else a per-request random seed chosen once.
     """
-    if params.greedy:
-        return int(np.argmax(logits))
+    if params.temperature < MIN_TEMPERATURE:
+        return int(np.argmax(logits))  # below this, softmax(logits / t) is argmax (or overflows)
     scaled = logits.astype(np.float64) / params.temperature
     scaled -= scaled.max()
     probs = np.exp(scaled)

@@ -1052,3 +1052,17 @@ async def test_ignore_eos_generates_exactly_max_tokens() -> None:
         assert r.json()["usage"]["completion_tokens"] == 3 and r.json()["choices"][0]["finish_reason"] == "stop"
         r = await client.post("/v1/chat/completions", json=body(ignore_eos="yes"))
         assert r.status_code == 400 and r.json()["error"]["param"] == "ignore_eos"
+
+
+@pytest.mark.spec("A1", "A2")
+async def test_lone_surrogates_in_client_input_get_a_4xx_not_a_503(client: httpx.AsyncClient) -> None:
+    """Regression: a 404 echoing a model name with a lone surrogate could not be encoded."""
+    r = await client.post("/v1/chat/completions", content=b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}',
+                          headers={"content-type": "application/json"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.spec("A2", "A11")
+async def test_huge_messages_are_rejected_before_tokenizing(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/chat/completions", json=body(messages=[{"role": "user", "content": "a" * 200_000}]))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"

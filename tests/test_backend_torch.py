@@ -220,3 +220,12 @@ def test_hidden_state_wire_round_trip(dtype: torch.dtype) -> None:
     t = torch.randn(1, 3, 8).to(dtype)
     back = wire_to_tensor(tensor_to_wire(t))
     assert back.dtype == dtype and torch.equal(back, t)
+
+
+@pytest.mark.slow
+@pytest.mark.spec("B6")
+def test_token_ids_outside_the_vocabulary_are_rejected(stage_cache) -> None:
+    first = stage_cache(0, 15)
+    for bad in ([-1], [49152], [1.5], [True]):
+        with pytest.raises(BackendError, match="token ids"):
+            first.forward(first.new_cache(), start_pos=0, token_ids=bad)

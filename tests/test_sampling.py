@@ -43,3 +43,10 @@ def test_bad_params_are_api_errors() -> None:
     for kwargs in ({"max_tokens": 0}, {"max_tokens": 1, "temperature": 2.5}, {"max_tokens": 1, "top_p": 0.0}):
         with pytest.raises(ApiError):
             SamplingParams(**kwargs)
+
+
+@pytest.mark.spec("B7")
+def test_a_tiny_temperature_is_greedy_not_nan() -> None:
+    """Regression: temperature 5e-324 overflowed logits / t to inf and sampled from NaNs."""
+    logits = np.array([0.5, 2.0, 1.0], dtype=np.float32)
+    assert sample(logits, SamplingParams(max_tokens=1, temperature=5e-324), step=0, request_seed=1) == 1

@@ -168,9 +168,12 @@ class TcpConnection(Connection):
 
     async def close(self) -> None:
         self._close_now("closed locally", local=True)
+        # Several tasks may close one connection; wait_closed() awaits one shared future, so
+        # wait through a shield: our timeout must never cancel another closer's wait.
+        closing = asyncio.ensure_future(self._writer.wait_closed())
+        closing.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            async with asyncio.timeout(self._close_timeout_s):
-                await self._writer.wait_closed()
+            await asyncio.wait_for(asyncio.shield(closing), self._close_timeout_s)
         except TimeoutError:  # unsent data and a peer not reading: drop it
             self._writer.transport.abort()
         except (ConnectionError, OSError):
