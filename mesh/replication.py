@@ -30,6 +30,7 @@ from mesh.wire import Message
 log = logging.getLogger(__name__)
 
 SendFn = Callable[[str, Message], Awaitable[None]]
+EV_BATCH = 500  # events per ``ev`` message
 
 
 def now_ms() -> int:
@@ -99,8 +100,9 @@ class Replication:
             if not batch:
                 continue
             await self._fsync()
-            msg = Message(type="ev", body={"e": [e.to_wire() for e in batch]})
-            await asyncio.gather(*(self._send_quietly(p, msg) for p in self.peers()))
+            for i in range(0, len(batch), EV_BATCH):  # keeps each envelope far below the 1 MiB cap
+                msg = Message(type="ev", body={"e": [e.to_wire() for e in batch[i:i + EV_BATCH]]})
+                await asyncio.gather(*(self._send_quietly(p, msg) for p in self.peers()))
 
     async def _fsync(self) -> None:
         handle = self.log._file

@@ -275,6 +275,20 @@ def test_oversize_frame_rejected_from_header_alone() -> None:
 
 
 @pytest.mark.spec("T5")
+def test_oversize_envelope_rejected_from_header_alone() -> None:
+    """Regression: a 20 MB envelope of small ints blocked a node's event loop for seconds
+    while it was decoded and checked; envelopes are capped at 1 MiB (tensors travel outside)."""
+    from transports.framing import MAX_ENVELOPE_BYTES
+
+    with pytest.raises(FrameError, match="envelope of .* exceeds the maximum"):
+        FrameDecoder().feed(frame(env_len=MAX_ENVELOPE_BYTES + 1)[:18])
+    with pytest.raises(FrameError, match="exceeds"):
+        FrameEncoder().encode(Message(type="t", body={"x": b"\0" * (MAX_ENVELOPE_BYTES + 1)}))
+    big = Message(type="t", tensor=WireTensor(dtype="u8", shape=(4 << 20,), data=bytes(4 << 20)))
+    assert decode_all(FrameEncoder().encode(big)) == [big]  # large tensors are still fine
+
+
+@pytest.mark.spec("T5")
 def test_encoder_refuses_oversize_frame() -> None:
     msg = Message(type="t", tensor=WireTensor(dtype="u8", shape=(2000,), data=bytes(2000)))
     with pytest.raises(FrameError, match="exceeds the maximum 1000"):

@@ -49,7 +49,10 @@ HEADER = struct.Struct(">2sBBBBIQ")
 HEADER_BYTES = HEADER.size  # 18
 DIM = struct.Struct(">I")
 DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024
-MAX_ENVELOPE_BYTES = 2**32 - 1
+# Control envelopes are small (the largest are 256 KiB kernel sync pages); tensors travel as
+# raw bytes outside the envelope. A cap of 1 MiB bounds the CBOR a peer can make us decode
+# and check on the event loop before anything else about it is known.
+MAX_ENVELOPE_BYTES = 1 << 20
 MAX_BODY_DEPTH = 64
 
 # Tags cbor2 decodes by itself (datetime, decimal, regex, MIME, UUID, sets, shared refs...):
@@ -268,6 +271,8 @@ class FrameDecoder:
             raise FrameError(f"unknown frame flags 0x{flags:02x}; only bit0 (tensor) is defined")
         if envelope_len < 1:
             raise FrameError("envelope length is 0; every frame carries a CBOR envelope")
+        if envelope_len > MAX_ENVELOPE_BYTES:  # spec T5: refuse before buffering it
+            raise FrameError(f"envelope of {envelope_len} bytes exceeds the maximum {MAX_ENVELOPE_BYTES}")
         has_tensor = bool(flags & FLAG_TENSOR)
         if not has_tensor and (code or ndim or data_len):
             raise FrameError(
