@@ -187,7 +187,10 @@ class TorchBackend(Backend):
                         f"hidden states must be [1, n, {self.hidden_size}], got {list(hidden.shape)}"
                     )
                 n = hidden.shape[1]
-                kwargs["inputs_embeds"] = wire_to_tensor(hidden).to(self.device, self.dtype)
+                embeds = wire_to_tensor(hidden).to(self.device, self.dtype)
+                if not bool(torch.isfinite(embeds).all()):
+                    raise BackendError("hidden states hold NaN or infinite values")
+                kwargs["inputs_embeds"] = embeds
             if start_pos < 0 or start_pos + n > int(getattr(self._config, "max_position_embeddings", 1 << 30)):
                 raise BackendError(f"positions {start_pos}..{start_pos + n - 1} are outside the context window")
             kwargs["position_ids"] = torch.arange(start_pos, start_pos + n, device=self.device).unsqueeze(0)

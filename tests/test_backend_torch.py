@@ -205,6 +205,8 @@ def test_bad_input_raises_backend_error(stage_cache) -> None:
         later.forward(later.new_cache(), start_pos=0, token_ids=[1, 2])
     with pytest.raises(BackendError, match="hidden states must be"):
         later.forward(later.new_cache(), start_pos=0, hidden=tensor_to_wire(torch.zeros(1, 2, 99)))
+    with pytest.raises(BackendError, match="NaN or infinite"):
+        later.forward(later.new_cache(), start_pos=0, hidden=tensor_to_wire(torch.full((1, 2, 576), float("nan"))))
     with pytest.raises(BackendError, match="context window"):
         first.forward(first.new_cache(), start_pos=8192, token_ids=[1])
     for bad in [(-1, 3), (3, 3), (0, 31)]:
