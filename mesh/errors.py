@@ -26,6 +26,10 @@ class FrameError(TransportError):
     """
 
 
+class AuthenticationError(TransportError):
+    """A peer could not prove it holds the cluster key, or the node identity it claims."""
+
+
 class PeerTimeout(TransportError):
     """A send, receive or remote call did not finish within its timeout."""
 

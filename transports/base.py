@@ -17,7 +17,20 @@ from types import TracebackType
 from typing import ClassVar, Self
 
 from mesh.errors import ConfigError, TransportError
+from mesh.security import LinkSecurity, PeerIdentity
 from mesh.wire import Message
+
+# Lanes of one link (spec T11). Messages on one lane arrive in the order sent; a transport
+# with independent streams (QUIC) never lets a large message on one lane hold back another
+# lane. "control": handshakes, heartbeats, kernel events; "data": request traffic
+# (activations, tokens, cancels), in order per link; "bulk": large transfers such as KV caches.
+LANES = ("control", "data", "bulk")
+
+
+def check_lane(lane: str) -> None:
+    """Raise ConfigError unless ``lane`` is one of ``LANES``."""
+    if lane not in LANES:
+        raise ConfigError(f"lane {lane!r} unknown; valid: {', '.join(LANES)}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,9 +66,14 @@ class Connection(abc.ABC):
     def stats(self) -> LinkStats:
         """A snapshot of this link's counters."""
 
+    @property
+    def peer_identity(self) -> PeerIdentity | None:
+        """The node identity the peer proved during the handshake; None on an insecure link."""
+        return None
+
     @abc.abstractmethod
-    async def send(self, msg: Message, *, timeout_s: float) -> None:
-        """Send one message within ``timeout_s`` seconds.
+    async def send(self, msg: Message, *, timeout_s: float, lane: str = "control") -> None:
+        """Send one message on ``lane`` (one of ``LANES``) within ``timeout_s`` seconds.
 
         Raises:
             FrameError: the message cannot be framed (not CBOR-safe, too large); the link
@@ -63,6 +81,7 @@ class Connection(abc.ABC):
             PeerTimeout: the frame did not go out in time; the link is closed if part of it
                 may have.
             TransportError: the link is closed or failed.
+            ConfigError: ``lane`` is not one of ``LANES``.
         """
 
     @abc.abstractmethod
@@ -124,10 +143,15 @@ class Listener(abc.ABC):
 class Transport(abc.ABC):
     """A way to reach peers: listen for connections, or connect to one.
 
-    Subclasses set ``name`` (the entry-point name, e.g. ``"tcp"``).
+    Subclasses set ``name`` (the entry-point name, e.g. ``"tcp"``) and ``secure`` (True when
+    the transport authenticates and encrypts links given a ``LinkSecurity``). The registry
+    builds a transport as ``cls(security=...)``: with a ``LinkSecurity`` every link must be
+    mutually authenticated against the cluster CA and encrypted, and ``Connection.
+    peer_identity`` must name the peer (spec S3); with None links are plaintext (``--insecure``).
     """
 
     name: ClassVar[str]
+    secure: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def listen(self, host: str, port: int, on_connection: ConnectionHandler) -> Listener:

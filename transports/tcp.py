@@ -14,15 +14,42 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from mesh.errors import ConfigError, FrameError, PeerTimeout, TransportError
+from mesh.errors import AuthenticationError, ConfigError, FrameError, PeerTimeout, TransportError
+from mesh.security import LinkSecurity, PeerIdentity
 from mesh.wire import Message
-from transports.base import Connection, ConnectionHandler, LinkStats, Listener, Transport
+from transports.base import Connection, ConnectionHandler, LinkStats, Listener, Transport, check_lane
 from transports.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameEncoder
 
 logger = logging.getLogger(__name__)
 
 STREAM_LIMIT_BYTES = 1024 * 1024  # asyncio reader buffer; larger reads suit tensor traffic
 READ_CHUNK_BYTES = 1024 * 1024
+DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
+
+
+async def _secure(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, security: LinkSecurity, *,
+                  server_side: bool, timeout_s: float, peer: str) -> PeerIdentity:
+    """Run a TLS 1.3 handshake with mutual authentication on an open stream (spec S3).
+
+    Raises AuthenticationError (the peer is not of this cluster, or its certificate does not
+    hold an Ed25519 node key) or PeerTimeout; the caller closes the stream.
+    """
+    import ssl
+
+    try:
+        async with asyncio.timeout(timeout_s):
+            await writer.start_tls(security.ssl_context(server_side=server_side),
+                                   server_hostname=None, ssl_handshake_timeout=timeout_s)
+    except TimeoutError:
+        raise PeerTimeout(f"TLS handshake with {peer} did not finish within {timeout_s}s") from None
+    except ssl.SSLError as exc:
+        raise AuthenticationError(f"TLS handshake with {peer} failed: {exc.reason or exc}") from None
+    except (ConnectionError, OSError) as exc:
+        raise AuthenticationError(f"TLS handshake with {peer} failed: the peer closed the link "
+                                  f"({exc.__class__.__name__}); it may not hold this cluster's key") from None
+    ssl_object = writer.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return security.verify_peer(der)
 
 
 def _format_peer(peername: Any, fallback: str) -> str:
@@ -47,7 +74,9 @@ class TcpConnection(Connection):
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                  peer: str, max_frame_bytes: int, close_timeout_s: float,
-                 on_closed: Callable[[TcpConnection], None] | None = None) -> None:
+                 on_closed: Callable[[TcpConnection], None] | None = None,
+                 peer_identity: PeerIdentity | None = None) -> None:
+        self._peer_identity = peer_identity
         self._reader = reader
         self._writer = writer
         self._peer = _format_peer(writer.get_extra_info("peername"), peer)
@@ -72,6 +101,10 @@ class TcpConnection(Connection):
         return self._closed_reason is not None
 
     @property
+    def peer_identity(self) -> PeerIdentity | None:
+        return self._peer_identity
+
+    @property
     def stats(self) -> LinkStats:
         return LinkStats(frames_sent=self._frames_sent, frames_received=self._frames_received,
                          bytes_sent=self._bytes_sent, bytes_received=self._bytes_received)
@@ -83,7 +116,8 @@ class TcpConnection(Connection):
         return sock is not None and bool(
             sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
-    async def send(self, msg: Message, *, timeout_s: float) -> None:
+    async def send(self, msg: Message, *, timeout_s: float, lane: str = "control") -> None:
+        check_lane(lane)  # one byte stream: every lane shares its order (spec T11)
         self._raise_if_closed()
         parts = self._encoder.encode_parts(msg)  # a bad local message leaves the link open
         size = sum(len(p) for p in parts)
@@ -184,7 +218,10 @@ class TcpListener(Listener):
     """A TCP server; see ``Listener`` for the contract."""
 
     def __init__(self, host: str, on_connection: ConnectionHandler, *, max_frame_bytes: int,
-                 close_timeout_s: float) -> None:
+                 close_timeout_s: float, security: LinkSecurity | None = None,
+                 handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S) -> None:
+        self._security = security
+        self._handshake_timeout_s = handshake_timeout_s
         self._host = host
         self._port = 0
         self._on_connection = on_connection
@@ -215,9 +252,19 @@ class TcpListener(Listener):
         if self._closing:
             writer.close()
             return
+        identity = None
+        if self._security is not None:
+            peer = _format_peer(writer.get_extra_info("peername"), "?")
+            try:
+                identity = await _secure(reader, writer, self._security, server_side=True,
+                                         timeout_s=self._handshake_timeout_s, peer=peer)
+            except TransportError as exc:  # spec S4: log, drop this link, keep serving
+                logger.warning("rejected a link from %s: %s", peer, exc)
+                writer.transport.abort()
+                return
         conn = TcpConnection(reader, writer, peer="?", max_frame_bytes=self._max_frame_bytes,
                              close_timeout_s=self._close_timeout_s,
-                             on_closed=self._connections.discard)
+                             on_closed=self._connections.discard, peer_identity=identity)
         self._connections.add(conn)
         task = asyncio.current_task()
         if task is not None:
@@ -265,27 +312,35 @@ class TcpListener(Listener):
 
 
 class TcpTransport(Transport):
-    """Framed messages over TCP (spec T3-T8).
+    """Framed messages over TCP (spec T3-T8), inside TLS 1.3 with mutual authentication
+    when given a ``LinkSecurity`` (spec S3); plaintext when ``security`` is None.
 
     ``max_frame_bytes`` bounds every frame sent or received (spec T5);
-    ``close_timeout_s`` bounds each wait while closing a connection or listener.
+    ``close_timeout_s`` bounds each wait while closing a connection or listener;
+    ``handshake_timeout_s`` bounds the TLS handshake.
     """
 
     name = "tcp"
+    secure = True
 
-    def __init__(self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-                 close_timeout_s: float = 2.0) -> None:
+    def __init__(self, *, security: LinkSecurity | None = None,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, close_timeout_s: float = 2.0,
+                 handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S) -> None:
         FrameEncoder(max_frame_bytes=max_frame_bytes)  # validates the bound
-        if not close_timeout_s > 0:
-            raise ConfigError(f"close_timeout_s must be > 0, got {close_timeout_s}")
+        if not close_timeout_s > 0 or not handshake_timeout_s > 0:
+            raise ConfigError(f"close_timeout_s and handshake_timeout_s must be > 0, got "
+                              f"{close_timeout_s}, {handshake_timeout_s}")
+        self.security = security
         self.max_frame_bytes = max_frame_bytes
         self.close_timeout_s = close_timeout_s
+        self.handshake_timeout_s = handshake_timeout_s
 
     async def listen(self, host: str, port: int,
                      on_connection: ConnectionHandler) -> TcpListener:
         _check_port(port)
         listener = TcpListener(host, on_connection, max_frame_bytes=self.max_frame_bytes,
-                               close_timeout_s=self.close_timeout_s)
+                               close_timeout_s=self.close_timeout_s, security=self.security,
+                               handshake_timeout_s=self.handshake_timeout_s)
         await listener.start(port)
         return listener
 
@@ -300,8 +355,16 @@ class TcpTransport(Transport):
             raise PeerTimeout(f"connect to {address} did not finish within {timeout_s}s") from None
         except OSError as exc:
             raise TransportError(f"connect to {address} failed: {exc}") from exc
+        identity = None
+        if self.security is not None:
+            try:
+                identity = await _secure(reader, writer, self.security, server_side=False,
+                                         timeout_s=min(timeout_s, self.handshake_timeout_s), peer=address)
+            except TransportError:
+                writer.transport.abort()
+                raise
         return TcpConnection(reader, writer, peer=address, max_frame_bytes=self.max_frame_bytes,
-                             close_timeout_s=self.close_timeout_s)
+                             close_timeout_s=self.close_timeout_s, peer_identity=identity)
 
 
 def _check_port(port: int) -> None:
