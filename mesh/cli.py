@@ -1,4 +1,4 @@
-"""Command line: ``python -m mesh node | plugins | bench``.
+"""Command line: ``python -m mesh node | key | plugins | bench | bench-kernel``.
 
 Every flag can also be set by an environment variable ``MESH_<FLAG>`` (dashes become
 underscores, e.g. ``--api-port`` -> ``MESH_API_PORT``; a repeatable flag takes a
@@ -51,6 +51,16 @@ def _add(parser: argparse.ArgumentParser, flag: str, *, help: str, type: Callabl
     )
 
 
+def _add_switch(parser: argparse.ArgumentParser, flag: str, *, help: str) -> None:
+    """An on/off flag; ``MESH_<FLAG>`` = 1/true/yes/on (or 0/false/no/off) sets its default."""
+    env = _env_name(flag)
+    raw = os.environ.get(env, "").strip().lower()
+    if raw and raw not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ConfigError(f"{env}={raw!r} is invalid for {flag}; valid: 1, true, yes, on, 0, false, no, off")
+    parser.add_argument(flag, action="store_true", default=raw in ("1", "true", "yes", "on"),
+                        help=f"{help} [env {env}; default: off]")
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -77,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     node = sub.add_parser("node", help="run a node: join the cluster, load a share of the model, serve the API")
-    _add(node, "--host", default="127.0.0.1", help="address the mesh link listens on")
+    _add(node, "--host", default="0.0.0.0", help="address the mesh link listens on (links are authenticated "
+         "and encrypted unless --insecure; discovery runs when this is not loopback)")
     _add(node, "--port", type=_port, default=7600, help="mesh link port (0 = any free port)")
     _add(node, "--api-host", default="127.0.0.1", help="address the HTTP API binds to")
     _add(node, "--api-port", type=_port, default=8000, help="HTTP API port")
@@ -96,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add(node, "--api-key", help="if set, HTTP requests need 'Authorization: Bearer KEY'")
     _add(node, "--device", help="backend device, e.g. cpu, cuda, mps (default: the backend's choice)")
     _add(node, "--dtype", choices=("f32", "f16", "bf16"), help="compute dtype (default: f32 on CPU, f16 on GPU)")
+    _add(node, "--cluster-key", help="the cluster's key (from `python -m mesh key` on the first node); "
+         "links are authenticated with it (default: the key stored in --data-dir, made on first start)")
+    _add_switch(node, "--insecure", help="plaintext, unauthenticated links: for debugging only, never on a shared network")
+    _add(node, "--discovery", default="on", choices=("on", "off"),
+         help="announce this node and find peers by UDP multicast on every non-loopback interface")
+    _add(node, "--discovery-port", type=_port, default=7601, help="UDP port of discovery announcements")
+    _add(node, "--interface", help="advertise this interface's address to peers (default: one on a subnet "
+         "shared with each peer; container and VPN interfaces only when pinned here)")
+
+    key = sub.add_parser("key", help="print this node's cluster key (made on first use) to give to other nodes")
+    _add(key, "--data-dir", type=Path, default=Path("~/.mesh"), help="the node's data dir")
 
     sub.add_parser("plugins", help="list installed transports and backends with their distribution and version")
 
@@ -141,11 +163,28 @@ def _run_node(args: argparse.Namespace) -> int:
         peers=tuple(args.peer if args.peer is not None else args.peer_env or ()), model=args.model, backend=args.backend, transport=args.transport,
         data_dir=args.data_dir, memory_bytes=args.memory_bytes, memory_fraction=args.memory_fraction,
         context=args.context, heartbeat_s=args.heartbeat_s, dead_after_s=args.dead_after_s,
-        api_key=args.api_key, device=args.device, dtype=args.dtype,
+        api_key=args.api_key, device=args.device, dtype=args.dtype, cluster_key=args.cluster_key,
+        insecure=args.insecure, discovery=args.discovery == "on", discovery_port=args.discovery_port,
+        interface=args.interface,
     )
     node = Node(config)
     node_filter.node = node.member_id[:8]
     asyncio.run(node.run())
+    return 0
+
+
+def _run_key(args: argparse.Namespace) -> int:
+    from mesh.security import (
+        cluster_fingerprint,
+        format_cluster_key,
+        load_or_create_cluster_key,
+    )
+
+    data_dir = args.data_dir.expanduser()
+    key = load_or_create_cluster_key(data_dir)
+    print(format_cluster_key(key))
+    print(f"cluster {cluster_fingerprint(key)}; start other nodes with --cluster-key KEY or MESH_CLUSTER_KEY=KEY "
+          f"(keep it secret: it admits a machine to the cluster)", file=sys.stderr)
     return 0
 
 
@@ -167,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_node(args)
         if args.command == "plugins":
             return _run_plugins()
+        if args.command == "key":
+            return _run_key(args)
         if args.command == "bench":
             from mesh.bench import run_bench
 

@@ -1,6 +1,7 @@
 """This node's persistent identity and the memory it offers.
 
-The node id is created once in the data dir and kept across restarts (spec N1). Memory is
+The node id is derived from the node's identity key, created once in the data dir and kept
+across restarts (spec N1, S1). Memory is
 read with psutil (available memory x the configured fraction).
 """
 
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import secrets
 from pathlib import Path
 from typing import BinaryIO
 
@@ -47,25 +47,24 @@ def lock_data_dir(data_dir: Path) -> BinaryIO:
 
 
 def load_or_create_node_id(data_dir: Path) -> str:
-    """The node id stored in ``data_dir/node_id``; created (16 random bytes, hex) on first use.
+    """This node's id: derived from its Ed25519 identity key (``mesh.security``), which is
+    created in ``data_dir`` on first use. The id is also written to ``data_dir/node_id`` for
+    people and scripts to read; the key is what counts.
 
-    Raises ConfigError when the data dir cannot be created or the file is corrupt.
+    Raises ConfigError when the data dir cannot be written or the key file is corrupt.
     """
+    from mesh.security import load_or_create_identity, node_id_for
+
+    node_id = node_id_for(load_or_create_identity(data_dir).public_key())
     path = data_dir / ID_FILE
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            node_id = path.read_text().strip()
-            if len(node_id) != 32 or any(c not in "0123456789abcdef" for c in node_id):
-                raise ConfigError(f"{path} is corrupt (expected 32 hex digits); delete it to make a new id")
-            return node_id
-        node_id = secrets.token_hex(16)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(node_id + "\n")
-        os.replace(tmp, path)  # atomic: a crash never leaves half an id
-        return node_id
+        if not path.exists() or path.read_text().strip() != node_id:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(node_id + "\n")
+            os.replace(tmp, path)  # atomic: a crash never leaves half an id
     except OSError as exc:
         raise ConfigError(f"--data-dir {data_dir}: cannot store the node id: {exc}") from exc
+    return node_id
 
 
 def usable_memory_bytes(fraction: float) -> int:

@@ -16,9 +16,19 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from mesh.errors import ConfigError, FrameError, KernelError, MeshError, PeerTimeout, RequestFailed, TransportError
+from mesh.errors import (
+    AuthenticationError,
+    ConfigError,
+    FrameError,
+    KernelError,
+    MeshError,
+    PeerTimeout,
+    RequestFailed,
+    TransportError,
+)
+from mesh.linkstats import PROBE_BYTES, LinkMeter
 from mesh.membership import MemberInfo
-from mesh.wire import Message
+from mesh.wire import Message, WireTensor
 from transports.base import Connection, Transport, connect_with_backoff
 
 log = logging.getLogger(__name__)
@@ -58,41 +68,100 @@ class Links:
         self.send_timeout_s = send_timeout_s
         self.conns: dict[str, set[Connection]] = {}
         self.infos: dict[str, MemberInfo] = {}  # the hello of each linked member
+        self.meters: dict[str, LinkMeter] = {}  # RTT and throughput per linked member (spec L1)
         self._dialing: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stopping = False
+        # peer host -> the address of ours to put in the hello (None: our listen address)
+        self.advertise: Callable[[str], str | None] | None = None
 
     def linked(self) -> list[str]:
         return sorted(m for m, conns in self.conns.items() if any(not c.closed for c in conns))
 
     # -- sending -----------------------------------------------------------------------
-    async def send(self, member_id: str, msg: Message) -> None:
-        """Send on a live link. Raises RequestFailed (no link) or TransportError/PeerTimeout."""
+    async def send(self, member_id: str, msg: Message, lane: str = "control") -> None:
+        """Send on a live link, on ``lane`` (see ``transports.base.LANES``). Raises
+        RequestFailed (no link) or TransportError/PeerTimeout."""
         conns = [c for c in self.conns.get(member_id, ()) if not c.closed]
         if not conns:
             raise RequestFailed(f"no link to member {member_id}")
-        await conns[0].send(msg, timeout_s=self.send_timeout_s)
+        await conns[0].send(msg, timeout_s=self.send_timeout_s, lane=lane)
+
+    def _meter(self, member_id: str) -> LinkMeter:
+        meter = self.meters.get(member_id)
+        if meter is None or meter.transport != self.transport.name:
+            meter = self.meters[member_id] = LinkMeter(self.transport.name)
+        return meter
 
     async def ping_all(self, timeout_s: float) -> None:
-        """A heartbeat on every link at once, each bounded by ``timeout_s``. A ping that cannot
-        go out in time (the link is busy with a large frame, or stuck) is skipped, not fatal:
-        the reader's silence deadline decides when a link is dead."""
-        async def one(conn: Connection) -> None:
+        """A heartbeat on every link at once, each bounded by ``timeout_s``; each ping carries
+        a sequence number its pong echoes, for the RTT (spec L1). A ping that cannot go out
+        in time (the link is busy with a large frame, or stuck) is skipped, not fatal: the
+        reader's silence deadline decides when a link is dead."""
+        loop = asyncio.get_running_loop()
+
+        async def one(member_id: str, conn: Connection) -> None:
+            seq = self._meter(member_id).ping_sent(loop.time())
             try:
-                await conn.send(Message(type="ping"), timeout_s=timeout_s)
+                await conn.send(Message(type="ping", body={"t": seq}), timeout_s=timeout_s)
             except MeshError as exc:
                 log.debug("ping to %s skipped: %s", conn.peer, exc)
 
-        await asyncio.gather(*(one(c) for conns in list(self.conns.values()) for c in list(conns)))
+        await asyncio.gather(*(one(m, c) for m, conns in list(self.conns.items()) for c in list(conns)))
+
+    async def probe_all(self, interval_s: float, timeout_s: float) -> None:
+        """Send a throughput probe (``PROBE_BYTES`` on the bulk lane) to each linked member
+        whose last probe is ``interval_s`` old; the ``probe.ack`` completes it (spec L1)."""
+        loop = asyncio.get_running_loop()
+
+        async def one(member_id: str) -> None:
+            meter = self._meter(member_id)
+            if not meter.probe_due(loop.time(), interval_s):
+                return
+            seq = meter.probe_sent(PROBE_BYTES, loop.time())
+            probe = Message(type="probe", body={"t": seq},
+                            tensor=WireTensor(dtype="u8", shape=(PROBE_BYTES,), data=bytes(PROBE_BYTES)))
+            try:
+                await self.send(member_id, probe, lane="bulk")
+            except MeshError as exc:
+                log.debug("probe to %s skipped: %s", member_id, exc)
+
+        await asyncio.gather(*(one(m) for m in self.linked()))
+
+    async def _measurement(self, member_id: str, conn: Connection, msg: Message) -> bool:
+        """Answer or record ping/pong/probe messages; True when ``msg`` was one of them."""
+        now = asyncio.get_running_loop().time()
+        seq = msg.body.get("t")
+        reply = {"ping": "pong", "probe": "probe.ack"}.get(msg.type)
+        if reply is not None:
+            if isinstance(seq, int):
+                try:
+                    await conn.send(Message(type=reply, body={"t": seq}), timeout_s=self.send_timeout_s)
+                except PeerTimeout as exc:
+                    log.debug("%s to %s skipped: %s", reply, conn.peer, exc)
+            return True
+        if msg.type == "pong":
+            self._meter(member_id).pong_received(seq, now)
+            return True
+        if msg.type == "probe.ack":
+            self._meter(member_id).probe_acked(seq, now)
+            return True
+        return False
 
     # -- handshake and reader ----------------------------------------------------------
-    def _hello(self) -> Message:
-        return Message(type="hello", body={"member": self.me().to_wire(), "model": self.model_id,
-                                           "started_ms": self.started_ms})
+    def _hello(self, conn: Connection) -> Message:
+        record = self.me().to_wire()
+        host, _, port = record["address"].rpartition(":")
+        if host.strip("[]") in WILDCARDS and self.advertise is not None:
+            # spec TB1: tell this peer an address on a subnet we share with it
+            mine = self.advertise(conn.peer.rpartition(":")[0].strip("[]"))
+            if mine is not None:
+                record["address"] = f"[{mine}]:{port}" if ":" in mine else f"{mine}:{port}"
+        return Message(type="hello", body={"member": record, "model": self.model_id, "started_ms": self.started_ms})
 
     async def _handshake(self, conn: Connection) -> MemberInfo | None:
         me = self.me()
-        await conn.send(self._hello(), timeout_s=HANDSHAKE_TIMEOUT_S)
+        await conn.send(self._hello(conn), timeout_s=HANDSHAKE_TIMEOUT_S)
         msg = await conn.recv(timeout_s=HANDSHAKE_TIMEOUT_S)
         if msg.type == "reject":
             self._rejected(msg, conn)
@@ -103,6 +172,11 @@ class Links:
         if not isinstance(record, dict):
             raise FrameError("hello without a member record")
         info = MemberInfo.from_wire(record)
+        proven = conn.peer_identity
+        if proven is not None and proven.node_id != info.member_id:
+            # spec S5: the TLS handshake proved one node key; the hello claims another id
+            raise AuthenticationError(f"peer at {conn.peer} proved node id {proven.node_id} but claims "
+                                      f"{info.member_id}; rejecting it")
         if info.member_id == me.member_id and info.incarnation == me.incarnation:
             log.warning("link to %s reaches this node itself; dropping it", conn.peer)
             await conn.close()
@@ -169,7 +243,8 @@ class Links:
                 if msg.type == "reject":
                     self._rejected(msg, conn)
                     break
-                await self.on_message(info.member_id, msg)
+                if not await self._measurement(info.member_id, conn, msg):
+                    await self.on_message(info.member_id, msg)
         except (FrameError, KernelError) as exc:
             log.warning("malformed message from %s: %s; closing that link", info.member_id, exc)
         except TransportError as exc:
@@ -187,6 +262,7 @@ class Links:
         conns.discard(conn)
         if not conns:
             del self.conns[member_id]
+            self.meters.pop(member_id, None)
             if not self.stopping:
                 self.on_down(member_id)
 
@@ -194,6 +270,9 @@ class Links:
         """The transport's handler for incoming connections (and for links we dialled once)."""
         try:
             await self.serve(conn)
+        except AuthenticationError as exc:  # spec S4: logged, this link dropped, the node serves on
+            log.warning("rejected a link from %s: %s", conn.peer, exc)
+            await conn.close()
         except (MeshError, TimeoutError) as exc:
             log.warning("link with %s failed: %s", conn.peer, exc)
             await conn.close()
@@ -219,28 +298,33 @@ class Links:
 
     def dial(self, info: MemberInfo) -> None:
         """Dial a member learned from the cluster state once, unless already linked or dialing."""
-        if info.member_id in self.conns or info.address in self._dialing or info.member_id == self.me().member_id:
+        self.dial_address(info.member_id, info.address)
+
+    def dial_address(self, member_id: str, address: str) -> None:
+        """Dial ``address`` (a member learned from the state or from discovery) once, unless
+        that member is linked or this address is being dialled."""
+        if member_id in self.conns or address in self._dialing or member_id == self.me().member_id:
             return
         try:
-            host, port = split_address(info.address)
+            host, port = split_address(address)
         except MeshError:
             return
         if host in WILDCARDS:
             return
 
-        self._dialing.add(info.address)  # before the task starts: one dial per address at a time
+        self._dialing.add(address)  # before the task starts: one dial per address at a time
 
         async def dial() -> None:
             try:
                 conn = await self.transport.connect(host, port, timeout_s=HANDSHAKE_TIMEOUT_S)
             except (MeshError, TimeoutError) as exc:
-                log.info("cannot reach member %s at %s: %s", info.member_id, info.address, exc)
+                log.info("cannot reach member %s at %s: %s", member_id, address, exc)
                 return
             finally:
-                self._dialing.discard(info.address)
+                self._dialing.discard(address)
             await self.accept(conn)
 
-        self.spawn(dial(), f"dial {info.address}")
+        self.spawn(dial(), f"dial {address}")
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         """Run a tracked background task; its error is logged, never lost."""

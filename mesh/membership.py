@@ -155,6 +155,24 @@ class ClusterView:
         except FrameError:
             return MemberStatus()
 
+    def links(self) -> list[dict[str, Any]]:
+        """Published link measurements (``link/<from>/<to>``, spec L2): from, to, transport,
+        rtt_p50_s, rtt_p99_s (seconds), throughput_bytes_per_s, samples. Malformed ones are
+        skipped."""
+        rows = []
+        for key in self.state.keys("link/"):
+            parts = key.split("/")
+            value = self.state.get(key)
+            if len(parts) != 3 or not isinstance(value, dict) or not isinstance(value.get("transport"), str):
+                continue
+            figures = {k: value.get(k) for k in ("rtt_p50_s", "rtt_p99_s", "throughput_bytes_per_s")}
+            if not all(v is None or isinstance(v, int | float) and not isinstance(v, bool) for v in figures.values()):
+                continue
+            samples = value.get("samples")
+            rows.append({"from": parts[1], "to": parts[2], "transport": value["transport"], **figures,
+                         "samples": samples if isinstance(samples, int) and not isinstance(samples, bool) else 0})
+        return rows
+
     def requests(self) -> dict[str, int]:
         """How many requests the state holds in each lifecycle state."""
         counts = {name: 0 for name in REQUEST_STATES}

@@ -2,8 +2,10 @@
 
 Discovery (``mesh/discovery.py``) and the Thunderbolt-IP transport (``transports/tbip.py``)
 decide from an interface table; this module only reads it (psutil, and on Linux the
-driver name under /sys/class/net) and never changes host settings. Decisions take a
-table as input, so tests pass fake ones.
+driver name under /sys/class/net) and never changes host settings. Decisions
+(``advertise_address``, ``route_to_peer``, ``thunderbolt_interfaces``) are pure functions
+of a table, so tests pass fake ones; they know nothing of sockets, peers or messages.
+Spec: specs/transport.md TB1, TB2, TB3.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mesh.errors import ConfigError
 
 # Interface kinds. "thunderbolt": Thunderbolt/USB4 networking (Linux thunderbolt-net,
 # macOS Thunderbolt Bridge or ports); "virtual": container, VPN and bridge devices that a
@@ -116,7 +120,7 @@ def local_interfaces() -> list[Interface]:
                 prefix = ipaddress.ip_network(f"{address}/{a.netmask}", strict=False).prefixlen
             except ValueError:
                 try:  # psutil may give an IPv6 netmask as a prefix-length-free mask string
-                    prefix = bin(int(ipaddress.ip_address(a.netmask))).count("1")
+                    prefix = int(ipaddress.ip_address(a.netmask)).bit_count()
                 except ValueError:
                     continue
             found.append(IfAddress(address=address, prefix_len=prefix))
@@ -136,3 +140,142 @@ def shares_subnet(a: IfAddress, peer_address: str) -> bool:
         return ipaddress.ip_address(peer_address.split("%", 1)[0]) in a.network
     except ValueError:
         return False
+
+
+# --- Address choice (spec TB1-TB3). Pure functions of a table: no I/O, same answer for the
+# same table in any order (every sort key below is total).
+
+# Rank of a kind when choosing among interfaces; "virtual" and "loopback" are never chosen
+# unless pinned (or, for loopback, unless the peer is loopback itself).
+_KIND_RANK = {"thunderbolt": 0, "ethernet": 1, "wifi": 2, "other": 3}
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+def _is_link_local(text: str) -> bool:
+    ip = _ip(text)
+    return ip is not None and ip.is_link_local  # 169.254/16 and fe80::/10
+
+
+def _usable(a: IfAddress) -> bool:
+    ip = _ip(a.address)
+    return ip is not None and not (ip.is_unspecified or ip.is_multicast)
+
+
+def _address_key(a: IfAddress) -> tuple[int, int, int, int]:
+    """IPv4 before IPv6, routable before link-local, then numeric order."""
+    ip = ipaddress.ip_address(a.address)
+    return (ip.version, int(ip.is_link_local), int(ip), a.prefix_len)
+
+
+def _routable(iface: Interface) -> bool:
+    return iface.up and iface.kind in _KIND_RANK
+
+
+def _zone(peer_address: str) -> str | None:
+    _, sep, zone = peer_address.partition("%")
+    return zone if sep and zone else None
+
+
+def advertise_address(table: list[Interface], peer_address: str | None, *,
+                      pinned_interface: str | None = None) -> str | None:
+    """The local address to advertise to a peer at ``peer_address`` (an IP, optionally with
+    a ``%zone``), or to any peer when None; None when nothing qualifies (spec TB1).
+
+    ``pinned_interface`` (``--interface``) wins: its first usable address, whatever its kind.
+    Otherwise an address of an up interface whose subnet holds the peer, by kind
+    (thunderbolt, ethernet, wifi, other), never a virtual or loopback one (127.0.0.1 or
+    ::1 when the peer is loopback itself); else the best address of any up
+    non-virtual non-loopback interface, link-local addresses only when nothing else.
+
+    Raises ConfigError when the pinned interface does not exist or has no usable address.
+    """
+    if pinned_interface is not None:
+        return _pinned_address(table, pinned_interface)
+    if peer_address is not None:
+        peer_ip = _ip(peer_address)
+        if peer_ip is not None and peer_ip.is_loopback:
+            return "127.0.0.1" if peer_ip.version == 4 else "::1"
+        zone = _zone(peer_address)
+        shared = [(_KIND_RANK[i.kind], i.name, _address_key(a), a.address)
+                  for i in table if _routable(i) and (zone is None or i.name == zone)
+                  for a in i.addresses if _usable(a) and shares_subnet(a, peer_address)]
+        if shared:
+            return min(shared)[3]
+    # No shared subnet: the best address of the best interface, link-local ones (reachable
+    # on one link only) last, whatever the interface.
+    fallback = [(int(ipaddress.ip_address(a.address).is_link_local), _KIND_RANK[i.kind], i.name,
+                 _address_key(a), a.address)
+                for i in table if _routable(i) for a in i.addresses if _usable(a)]
+    return min(fallback)[4] if fallback else None
+
+
+def _pinned_address(table: list[Interface], name: str) -> str:
+    names = sorted({i.name for i in table})
+    valid = ", ".join(names) if names else "(none found)"
+    found = [i for i in table if i.name == name]
+    if not found:
+        raise ConfigError(f"--interface {name!r}: no such interface; valid: {valid}")
+    addresses = sorted((a for i in found for a in i.addresses if _usable(a)), key=_address_key)
+    if not addresses:
+        with_address = ", ".join(sorted({i.name for i in table if any(_usable(a) for a in i.addresses)}))
+        raise ConfigError(f"--interface {name!r} has no usable IP address; valid: "
+                          f"{with_address or '(none found)'}")
+    return addresses[0].address
+
+
+def route_to_peer(table: list[Interface], peer_addresses: list[str]) -> str | None:
+    """Which of the addresses a peer advertised to dial (spec TB2).
+
+    First one on a subnet shared with a local up interface, by the local interface's kind
+    (thunderbolt, ethernet, wifi, other; never virtual or loopback: a peer's docker or VPN
+    subnet looks shared but is not the same network), IPv4 before IPv6, then numeric
+    order; an IPv6 link-local answer carries the local interface's zone
+    (``fe80::1%bridge0``) so it can be dialed. Link-local addresses (169.254/16, fe80::/10)
+    count on Thunderbolt interfaces only: Thunderbolt links self-assign them, while on a LAN
+    every host has fe80::/64 so a match proves nothing. Else the first advertised address that is
+    neither link-local nor loopback, then the first not link-local; None when none.
+    """
+    shared = []
+    for peer in peer_addresses:
+        peer_ip = _ip(peer)  # a zone the peer sent names its interface, not ours: dropped
+        if peer_ip is None:
+            continue
+        for i in table:
+            if not _routable(i):
+                continue
+            if peer_ip.is_link_local and i.kind != "thunderbolt":
+                continue  # fe80::/64 is on every link: a match on a LAN proves nothing
+            for a in i.addresses:
+                if _usable(a) and shares_subnet(a, str(peer_ip)):
+                    dial = peer
+                    if peer_ip.version == 6 and peer_ip.is_link_local:
+                        dial = f"{peer_ip}%{i.name}"
+                    shared.append((_KIND_RANK[i.kind], peer_ip.version, int(peer_ip), i.name, dial))
+    if shared:
+        return min(shared)[4]
+    not_link_local = [p for p in peer_addresses if not _is_link_local(p)]
+    for peer in not_link_local:
+        ip = _ip(peer)
+        if ip is None or not ip.is_loopback:
+            return peer
+    return not_link_local[0] if not_link_local else None
+
+
+def thunderbolt_interfaces(table: list[Interface]) -> list[Interface]:
+    """The up Thunderbolt/USB4 networking interfaces, by name (spec TB3). Their kind comes
+    from ``classify``: Linux thunderbolt-net (``thunderbolt0``, or driver
+    ``thunderbolt-net``), macOS Thunderbolt Bridge (``bridge0``) or Thunderbolt ports."""
+    return sorted((i for i in table if i.up and i.kind == "thunderbolt"), key=lambda i: i.name)
+
+
+def thunderbolt_addresses(table: list[Interface]) -> list[str]:
+    """The usable addresses of up Thunderbolt interfaces, link-local ones included (macOS
+    self-assigns 169.254/16 and fe80::/10 on Thunderbolt Bridge); IPv4 first, deterministic."""
+    return [a.address for i in thunderbolt_interfaces(table)
+            for a in sorted((a for a in i.addresses if _usable(a)), key=_address_key)]

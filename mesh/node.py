@@ -32,12 +32,21 @@ from mesh import registry
 from mesh.errors import ConfigError, MeshError, PlacementError
 from mesh.identity import load_or_create_node_id, lock_data_dir, usable_memory_bytes
 from mesh.links import Links, split_address
+from mesh.linkstats import link_key
 from mesh.loading import LoadProgress
-from mesh.membership import ClusterView, MemberInfo, MemberStatus, member_key, resources_key, status_key
+from mesh.membership import (
+    ClusterView,
+    MemberInfo,
+    MemberStatus,
+    member_key,
+    resources_key,
+    status_key,
+)
 from mesh.models import Model, model_size, resolve_model
 from mesh.placement import Capacity, ModelSize, Plan, place_pipeline
 from mesh.replication import Replication
 from mesh.runtime import Coordinator, StageWorker, Timeouts
+from mesh.security import LinkSecurity
 from mesh.wire import Message
 
 log = logging.getLogger(__name__)
@@ -72,7 +81,7 @@ def bind_tcp(host: str, port: int, flag: str) -> socket.socket:
 class NodeConfig:
     """Everything ``python -m mesh node`` takes (see ``mesh/cli.py`` for flags and units)."""
 
-    host: str = "127.0.0.1"
+    host: str = "0.0.0.0"
     port: int = 7600
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -89,10 +98,17 @@ class NodeConfig:
     api_key: str | None = None
     device: str | None = None
     dtype: str | None = None
+    cluster_key: str | None = None
+    insecure: bool = False
+    discovery: bool = True
+    discovery_port: int = 7601
+    interface: str | None = None
+    probe_interval_s: float = 30.0
     timeouts: Timeouts = field(default_factory=Timeouts)
 
     def __post_init__(self) -> None:
-        for flag, port in (("--port", self.port), ("--api-port", self.api_port)):
+        for flag, port in (("--port", self.port), ("--api-port", self.api_port),
+                           ("--discovery-port", self.discovery_port)):
             if not 0 <= port < 65536:
                 raise ConfigError(f"{flag} {port} is not a port (0..65535)")
         for address in self.peers:
@@ -122,7 +138,16 @@ class Node:
         self.model = Model(resolve_model(config.model))
         self.backend_cls = registry.load("backend", config.backend)
         self.backend_cls(**_backend_options(config))  # a bad --device or --dtype fails now, not after loading
-        transport = registry.load("transport", config.transport)()
+        self.security = self._security(config)
+        self.member_id = self.security.node_id if self.security is not None else self.member_id
+        transport_cls = registry.load("transport", config.transport)
+        if self.security is not None and not getattr(transport_cls, "secure", False):
+            raise ConfigError(f"--transport {config.transport} does not authenticate or encrypt links; "
+                              f"use one that does ({', '.join(_secure_transports())}) or --insecure")
+        try:
+            transport = transport_cls(security=self.security)
+        except TypeError as exc:
+            raise ConfigError(f"--transport {config.transport}: its plugin cannot be built with security=...: {exc}") from exc
         self.links = Links(transport, me=lambda: self.me, model_id=self.model.model_id,
                            started_ms=time.time_ns() // 1_000_000, on_message=self._on_message,
                            on_up=self._link_up, on_down=self._link_down, on_fatal=self._fatal,
@@ -150,6 +175,21 @@ class Node:
         self.api_port = config.api_port
         self.listen_port = config.port
 
+    def _security(self, config: NodeConfig) -> LinkSecurity | None:
+        if config.insecure:
+            banner = ("--insecure: links are PLAINTEXT and UNAUTHENTICATED. Anyone who can reach "
+                      f"port {config.port} can join this cluster, read prompts and completions, and "
+                      "inject traffic. Use it for debugging on a trusted machine only.")
+            log.warning("*" * 78)
+            log.warning(banner)
+            log.warning("*" * 78)
+            return None
+        security = LinkSecurity.for_data_dir(self.data_dir, config.cluster_key)
+        if self.member_id != security.node_id:
+            raise ConfigError(f"--data-dir {self.data_dir}: node id {self.member_id} does not match its identity key")
+        log.info("links authenticated for cluster %s (node %s)", security.cluster_fingerprint, security.node_id)
+        return security
+
     # -- lifecycle ---------------------------------------------------------------------
     async def run(self) -> None:
         """Start everything and serve until SIGINT/SIGTERM or ``stop()``.
@@ -170,7 +210,7 @@ class Node:
         listener = await self.links.transport.listen(cfg.host, cfg.port, self.links.accept)
         self.listen_port = listener.port
         memory = cfg.memory_bytes if cfg.memory_bytes is not None else usable_memory_bytes(cfg.memory_fraction)
-        self.me = MemberInfo(member_id=self.member_id, address=f"{cfg.host}:{listener.port}",
+        self.me = MemberInfo(member_id=self.member_id, address=await self._advertised_address(listener.port),
                              api_address=f"{cfg.api_host}:{cfg.api_port}", backend=cfg.backend,
                              memory_bytes=memory, incarnation=self.incarnation)
         self.replication = Replication(self.member_id, self.data_dir / "kernel", send=self.links.send,
@@ -187,6 +227,7 @@ class Node:
         tasks = [api_task, loop.create_task(self._heartbeats(), name="heartbeats"),
                  loop.create_task(self._loader(), name="loader")]
         tasks += [loop.create_task(self.links.dial_forever(a, self._stop), name=f"peer {a}") for a in cfg.peers]
+        discovery = await self._start_discovery()
         stop_task = loop.create_task(self._stop.wait(), name="stop")
         failed: list[BaseException] = []
         try:
@@ -218,6 +259,11 @@ class Node:
                 pass
             for task in [*tasks, stop_task]:
                 task.cancel()
+            if discovery is not None:
+                try:
+                    await discovery.close()
+                except Exception as exc:  # its failure was logged when it happened
+                    log.debug("discovery closed with %r", exc)
             await self.links.close()
             await listener.close()
             await self.replication.stop()
@@ -230,6 +276,51 @@ class Node:
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def _advertised_address(self, port: int) -> str:
+        """host:port others should dial: the listen host, or when it is a wildcard an address
+        on the best interface (``--interface`` pins it; spec TB1); each hello then names one
+        on a subnet shared with that peer."""
+        from mesh.netif import advertise_address, local_interfaces
+
+        host = self.config.host
+        if host not in ("0.0.0.0", "::", ""):
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        table = await asyncio.to_thread(local_interfaces)
+        chosen = advertise_address(table, None, pinned_interface=self.config.interface)
+        self.links.advertise = lambda peer: advertise_address(table, peer, pinned_interface=self.config.interface)
+        if chosen is None:
+            return f"{host or '0.0.0.0'}:{port}"
+        return f"[{chosen}]:{port}" if ":" in chosen else f"{chosen}:{port}"
+
+    async def _start_discovery(self) -> Any:
+        """Announce this node on the LAN and dial peers heard from (spec D10-D14); None when
+        off, or when the mesh link listens on loopback only (no peer could reach it)."""
+        from mesh.discovery import Discovery, DiscoveryService
+        from mesh.security import discovery_key
+
+        cfg = self.config
+        if not cfg.discovery:
+            return None
+        if cfg.host.startswith("127.") or cfg.host in ("::1", "localhost"):
+            log.info("discovery off: the mesh link listens on %s only (use --host 0.0.0.0 to join a LAN)", cfg.host)
+            return None
+        key = self.security.discovery_key if self.security is not None else discovery_key(bytes(32))
+        _, port = split_address(self.me.address)
+        core = Discovery(self.member_id, key)
+        service = DiscoveryService(
+            core, port=cfg.discovery_port,
+            on_peer=lambda member_id, address: self.links.dial_address(member_id, address),
+            announcement=lambda: {"address": f"0.0.0.0:{port}", "api_address": self.me.api_address,
+                                  "incarnation": self.incarnation})
+        try:
+            await service.start()
+        except OSError as exc:
+            log.warning("discovery off: UDP port %d cannot be used (%s); static --peer still works",
+                        cfg.discovery_port, exc)
+            return None
+        log.info("discovery: announcing on UDP port %d every %.0f s", cfg.discovery_port, core.interval_s)
+        return service
 
     def _fatal(self, error: MeshError) -> None:
         self._fatal_error = error
@@ -327,12 +418,24 @@ class Node:
         self.worker.release_coordinated_by(member_id)
         self._declare_dead(member_id, "its last link closed")
 
+    def _publish_link_stats(self) -> None:
+        """Publish each link's RTT and throughput when they moved (spec L2, L3)."""
+        assert self.replication is not None
+        now = asyncio.get_running_loop().time()
+        for member_id, meter in list(self.links.meters.items()):
+            summary = meter.publish_due(now)
+            if summary is not None:
+                self.replication.emit("link.measured", link_key(self.member_id, member_id), summary)
+
     def _declare_dead(self, member_id: str, why: str) -> None:
         assert self.replication is not None
         if self.replication.state.get(member_key(member_id)) is None or self._stop.is_set():
             return
         log.warning("member %s left: %s", member_id, why)
         self.replication.emit("member.leave", member_key(member_id), None)
+        for key in self.replication.state.keys("link/"):  # spec L3: its links' figures are stale
+            if member_id in key.split("/")[1:]:
+                self.replication.emit("link.down", key, None)
 
     async def _heartbeats(self) -> None:
         while True:
@@ -344,6 +447,8 @@ class Node:
 
     async def _heartbeat_round(self) -> None:
         await self.links.ping_all(timeout_s=self.config.heartbeat_s)
+        self.links.spawn(self.links.probe_all(self.config.probe_interval_s, self.config.timeouts.send_s), "probes")
+        self._publish_link_stats()
         timeouts = self.config.timeouts
         self.worker.expire(idle_s=2 * max(timeouts.prefill_s, timeouts.decode_s))
         ready, reason = self.ready()
@@ -369,7 +474,7 @@ class Node:
         if member_id == self.member_id:
             await self._on_message(member_id, msg)
             return
-        await self.links.send(member_id, msg)
+        await self.links.send(member_id, msg, lane="data")  # request traffic keeps its order on one lane
 
     def request_event(self, req: str, state: str, stages: list[str] | None = None) -> None:
         """Record a request's lifecycle (and where its KV caches live) in the cluster state."""
@@ -514,8 +619,25 @@ class Node:
                 "tail_events": len(replica.tail),
                 "log_records": self.replication.log.records,
             },
+            "links": self.view().links(),
+            "security": {
+                "authenticated": self.security is not None,
+                "cluster": self.security.cluster_fingerprint if self.security is not None else None,
+                "transport": self.config.transport,
+            },
             "local": {"id": self.member_id, "kv_caches": len(self.worker.caches)},
         }
+
+
+def _secure_transports() -> list[str]:
+    secure = []
+    for name in registry.names("transport"):
+        try:
+            if getattr(registry.load("transport", name), "secure", False):
+                secure.append(name)
+        except MeshError:
+            continue
+    return secure
 
 
 def _backend_options(config: NodeConfig) -> dict[str, Any]:

@@ -20,7 +20,7 @@ ME = MemberInfo(member_id="a" * 32, address="127.0.0.1:7600", api_address="127.0
 def test_node_id_persists(tmp_path: Path) -> None:
     first = load_or_create_node_id(tmp_path / "data")
     assert first == load_or_create_node_id(tmp_path / "data") and len(first) == 32
-    (tmp_path / "data" / "node_id").write_text("not-hex")
+    (tmp_path / "data" / "identity.key").write_text("not a key")
     with pytest.raises(ConfigError, match="corrupt"):
         load_or_create_node_id(tmp_path / "data")
 

@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import ClassVar, Self
 
 from mesh.errors import ConfigError, TransportError
-from mesh.security import LinkSecurity, PeerIdentity
+from mesh.security import PeerIdentity
 from mesh.wire import Message
 
 # Lanes of one link (spec T11). Messages on one lane arrive in the order sent; a transport

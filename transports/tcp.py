@@ -14,10 +14,23 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from mesh.errors import AuthenticationError, ConfigError, FrameError, PeerTimeout, TransportError
+from mesh.errors import (
+    AuthenticationError,
+    ConfigError,
+    FrameError,
+    PeerTimeout,
+    TransportError,
+)
 from mesh.security import LinkSecurity, PeerIdentity
 from mesh.wire import Message
-from transports.base import Connection, ConnectionHandler, LinkStats, Listener, Transport, check_lane
+from transports.base import (
+    Connection,
+    ConnectionHandler,
+    LinkStats,
+    Listener,
+    Transport,
+    check_lane,
+)
 from transports.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameEncoder
 
 logger = logging.getLogger(__name__)

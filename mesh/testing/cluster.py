@@ -81,11 +81,17 @@ class LocalCluster:
         memory_bytes: memory each node offers (fixed, so the split is deterministic); a list
             gives one value per node.
         extra_args: more flags for every node.
+        cluster_key: the ``--cluster-key`` every node gets (default: a fresh random one).
+
+    Discovery is off (``--discovery off``): tests never announce on the host's networks.
     """
 
     def __init__(self, n: int, workdir: Path, *, model: str = "smollm2-135m",
                  memory_bytes: int | list[int] = 4 << 30, extra_args: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cluster_key: str | None = None) -> None:
+        from mesh.security import format_cluster_key
+
+        self.cluster_key = cluster_key or format_cluster_key(os.urandom(32))
         self.n = n
         self.workdir = workdir
         self.model = model
@@ -103,7 +109,8 @@ class LocalCluster:
             log_path = self.workdir / f"node{i}.log"
             args = [sys.executable, "-m", "mesh", "node", "--host", "127.0.0.1", "--port", str(port),
                     "--api-port", str(api_port), "--data-dir", str(data_dir), "--model", self.model,
-                    "--memory-bytes", str(self.memory[i]), *self.extra_args]
+                    "--memory-bytes", str(self.memory[i]), "--discovery", "off",
+                    "--cluster-key", self.cluster_key, *self.extra_args]
             if first_port is not None:
                 args += ["--peer", f"127.0.0.1:{first_port}"]
             first_port = first_port or port

@@ -1,0 +1,131 @@
+"""Link measurement: round-trip time and throughput per peer and transport (sans-IO).
+
+The node's heartbeat pings carry a sequence number and are answered by a ``pong`` on the
+control lane; every RTT sample goes to the peer's ``LinkMeter``. Throughput comes from a
+periodic probe: ``PROBE_BYTES`` on the bulk lane, answered by ``probe.ack``; throughput =
+bytes / (ack time - send time - median RTT). Overhead is bounded: one ping per heartbeat
+and one probe per ``probe_interval_s`` per link. What is measured is published as
+``link/<from>/<to>`` values in the cluster state (spec L1-L3 in specs/linkstats.md) for the
+placement solver, and shown in ``/v1/cluster``. No asyncio, sockets or clocks here: times
+are passed in as ``now_s``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+from mesh.errors import ConfigError
+
+PROBE_BYTES = 1 << 20
+RTT_WINDOW = 512  # samples kept per link
+PUBLISH_CHANGE = 0.25  # publish again when a figure moved by more than this fraction
+PUBLISH_MAX_AGE_S = 60.0
+
+
+def link_key(src: str, dst: str) -> str:
+    """The cluster-state key of the measurements of the link from ``src`` to ``dst``."""
+    return f"link/{src}/{dst}"
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]) of a non-empty list; NIST/Hyndman-Fan type 1."""
+    if not samples or not 0 <= q <= 100:
+        raise ConfigError(f"percentile needs samples and q in [0, 100]; got {len(samples)} samples, q={q}")
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+class LinkMeter:
+    """RTT and throughput of one link; ``pending`` pings and probes by sequence number."""
+
+    def __init__(self, transport: str, *, max_pending: int = 64) -> None:
+        self.transport = transport
+        self.rtts_s: deque[float] = deque(maxlen=RTT_WINDOW)
+        self.throughput_bytes_per_s: float | None = None
+        self._pings: dict[int, float] = {}
+        self._probes: dict[int, tuple[float, int]] = {}
+        self._seq = 0
+        self._max_pending = max_pending
+        self.last_probe_s: float | None = None
+        self._published: dict[str, Any] | None = None
+        self._published_at_s = -math.inf
+
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def ping_sent(self, now_s: float) -> int:
+        """Record a ping going out; returns its sequence number (the ``t`` of its body)."""
+        seq = self._next()
+        self._pings[seq] = now_s
+        while len(self._pings) > self._max_pending:  # unanswered pings are forgotten, oldest first
+            del self._pings[next(iter(self._pings))]
+        return seq
+
+    def pong_received(self, seq: Any, now_s: float) -> float | None:
+        """Record the answer to ping ``seq``; returns the RTT in seconds, None if unknown."""
+        sent = self._pings.pop(seq, None) if isinstance(seq, int) else None
+        if sent is None or now_s < sent:
+            return None
+        rtt = now_s - sent
+        self.rtts_s.append(rtt)
+        return rtt
+
+    def probe_due(self, now_s: float, interval_s: float) -> bool:
+        return self.last_probe_s is None or now_s - self.last_probe_s >= interval_s
+
+    def probe_sent(self, size_bytes: int, now_s: float) -> int:
+        seq = self._next()
+        self._probes[seq] = (now_s, size_bytes)
+        self.last_probe_s = now_s
+        while len(self._probes) > self._max_pending:
+            del self._probes[next(iter(self._probes))]
+        return seq
+
+    def probe_acked(self, seq: Any, now_s: float) -> float | None:
+        """Record a probe's acknowledgement; returns the throughput in bytes/s, None if unknown."""
+        entry = self._probes.pop(seq, None) if isinstance(seq, int) else None
+        if entry is None:
+            return None
+        sent, size = entry
+        transfer_s = now_s - sent - (self.rtt_p50_s or 0.0)
+        if transfer_s <= 0:  # too fast to tell from the RTT: bound it by the whole round trip
+            transfer_s = max(now_s - sent, 1e-6)
+        self.throughput_bytes_per_s = size / transfer_s
+        return self.throughput_bytes_per_s
+
+    @property
+    def rtt_p50_s(self) -> float | None:
+        return percentile(list(self.rtts_s), 50) if self.rtts_s else None
+
+    @property
+    def rtt_p99_s(self) -> float | None:
+        return percentile(list(self.rtts_s), 99) if self.rtts_s else None
+
+    def summary(self) -> dict[str, Any]:
+        """The published value: transport, RTT p50/p99 (s), throughput (bytes/s), samples."""
+        return {"transport": self.transport, "rtt_p50_s": self.rtt_p50_s, "rtt_p99_s": self.rtt_p99_s,
+                "throughput_bytes_per_s": self.throughput_bytes_per_s, "samples": len(self.rtts_s)}
+
+    def publish_due(self, now_s: float) -> dict[str, Any] | None:
+        """The summary when it should be published now (first time, a figure moved by more
+        than ``PUBLISH_CHANGE``, or ``PUBLISH_MAX_AGE_S`` passed), else None (spec L2)."""
+        current = self.summary()
+        if current["rtt_p50_s"] is None:
+            return None
+        old = self._published
+        stale = now_s - self._published_at_s >= PUBLISH_MAX_AGE_S
+        if old is None or stale or old["transport"] != current["transport"] or any(
+                _moved(old[k], current[k]) for k in ("rtt_p50_s", "rtt_p99_s", "throughput_bytes_per_s")):
+            self._published, self._published_at_s = current, now_s
+            return current
+        return None
+
+
+def _moved(old: float | None, new: float | None) -> bool:
+    if old is None or new is None:
+        return old is not new
+    return abs(new - old) > PUBLISH_CHANGE * max(abs(old), 1e-9)
