@@ -364,3 +364,28 @@ def test_large_frame_fed_in_chunks() -> None:
     for start in range(0, len(stream), 65536):
         out += decoder.feed(view[start : start + 65536])
     assert out == [msg, Message(type="after")]
+
+
+@pytest.mark.spec("T2")
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=700_000), min_size=1, max_size=12), st.integers(0, 3))
+def test_large_tensors_decode_however_split(cuts: list[int], extra: int) -> None:
+    """Tensors of >= 1 MiB are gathered in their own buffer; any split gives the same messages."""
+    import os as _os
+
+    from mesh.wire import WireTensor as _WT
+    from transports.framing import BIG_TENSOR_BYTES
+
+    big = Message(type="big", body={"i": 1}, tensor=_WT(dtype="u8", shape=(BIG_TENSOR_BYTES + 12345,),
+                                                        data=_os.urandom(BIG_TENSOR_BYTES + 12345)))
+    small = Message(type="small", body={"k": "v"})
+    msgs = [small, big, small, big][: 2 + extra] + [small]
+    stream = b"".join(FrameEncoder().encode(m) for m in msgs)
+    decoder = FrameDecoder()
+    out: list[Message] = []
+    pos = 0
+    for cut in cuts:
+        out += decoder.feed(stream[pos:pos + cut])
+        pos += cut
+    out += decoder.feed(stream[pos:])
+    assert out == msgs and decoder.buffered_bytes == 0

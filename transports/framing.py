@@ -54,6 +54,7 @@ DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024
 # and check on the event loop before anything else about it is known.
 MAX_ENVELOPE_BYTES = 1 << 20
 MAX_BODY_DEPTH = 64
+BIG_TENSOR_BYTES = 1 << 20  # tensors this large bypass the stream buffer (FrameDecoder._fill_big)
 
 # Tags cbor2 decodes by itself (datetime, decimal, regex, MIME, UUID, sets, shared refs...):
 # each is overridden to fail, except the bignums 2 and 3. Any other tag reaches _reject_tag.
@@ -75,6 +76,30 @@ def _rejecter(tag: int) -> Any:
 _REJECT_SEMANTIC = {tag: _rejecter(tag) for tag in _BUILTIN_TAGS}
 
 
+_SCALARS = frozenset({str, int, float, bool, bytes, type(None)})
+
+
+def _is_safe(value: Any, allow_tuples: bool, depth: int) -> bool:
+    """The fast path of ``check_cbor_safe``: no path strings are built unless it fails
+    (plain loops, not ``all()`` over generators: this runs for every message)."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return True
+    if depth >= MAX_BODY_DEPTH:
+        return False
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str or (type(item) not in _SCALARS and not _is_safe(item, allow_tuples, depth + 1)):
+                return False
+        return True
+    if kind is list or (allow_tuples and kind is tuple):
+        for item in value:
+            if type(item) not in _SCALARS and not _is_safe(item, allow_tuples, depth + 1):
+                return False
+        return True
+    return False
+
+
 def check_cbor_safe(value: Any, *, where: str = "body", allow_tuples: bool = False,
                     depth: int = 0) -> None:
     """Check ``value`` holds only CBOR-safe values, nested at most ``MAX_BODY_DEPTH`` deep.
@@ -85,20 +110,27 @@ def check_cbor_safe(value: Any, *, where: str = "body", allow_tuples: bool = Fal
     Raises:
         FrameError: naming the path (``where``) of the first unsafe value.
     """
+    if _is_safe(value, allow_tuples, depth):
+        return
+    _explain_unsafe(value, where=where, allow_tuples=allow_tuples, depth=depth)
+
+
+def _explain_unsafe(value: Any, *, where: str, allow_tuples: bool, depth: int) -> None:
+    """Raise the FrameError naming the first unsafe value (the slow path)."""
     if value is None or isinstance(value, (str, int, float, bytes)):
         return
     if depth >= MAX_BODY_DEPTH:
         raise FrameError(f"{where} nests deeper than {MAX_BODY_DEPTH} levels")
     if isinstance(value, list) or (allow_tuples and isinstance(value, tuple)):
         for i, item in enumerate(value):
-            check_cbor_safe(item, where=f"{where}[{i}]", allow_tuples=allow_tuples,
+            _explain_unsafe(item, where=f"{where}[{i}]", allow_tuples=allow_tuples,
                             depth=depth + 1)
         return
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise FrameError(f"{where} has key {key!r}; map keys must be strings")
-            check_cbor_safe(item, where=f"{where}[{key!r}]", allow_tuples=allow_tuples,
+            _explain_unsafe(item, where=f"{where}[{key!r}]", allow_tuples=allow_tuples,
                             depth=depth + 1)
         return
     raise FrameError(
@@ -188,6 +220,9 @@ class FrameDecoder:
         self._pos = 0
         self._pending: _Pending | None = None
         self._error: FrameError | None = None
+        # A large tensor is gathered straight into its own buffer (one copy per byte, and no
+        # memmove of a growing stream buffer): the parsed envelope, the buffer, bytes filled.
+        self._big: tuple[str, dict[str, Any], bytearray, int] | None = None
 
     @property
     def error(self) -> FrameError | None:
@@ -197,7 +232,7 @@ class FrameDecoder:
     @property
     def buffered_bytes(self) -> int:
         """Bytes received but not yet part of a returned message."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + (self._big[3] if self._big is not None else 0)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         """Buffer ``data`` and return the messages it completes, in order.
@@ -207,8 +242,14 @@ class FrameDecoder:
         """
         if self._error is not None:
             raise FrameError(f"decoder failed earlier: {self._error}")
-        self._buf += data
         out: list[Message] = []
+        if self._big is not None:
+            msg, used = self._fill_big(data)
+            if msg is None:
+                return out
+            out.append(msg)
+            data = memoryview(data)[used:]
+        self._buf += data
         try:
             while (msg := self._next()) is not None:
                 out.append(msg)
@@ -238,24 +279,54 @@ class FrameDecoder:
 
     def _next(self) -> Message | None:
         avail = len(self._buf) - self._pos
+        if not avail:
+            return None
         if self._pending is None:
             self._pending = self._parse_header(avail)
             if self._pending is None:
                 return None
         pending = self._pending
-        if avail < pending.total:
-            return None
         start = self._pos + pending.prefix_len
         mid = start + pending.envelope_len
         end = mid + pending.data_len
+        if pending.dtype is not None and pending.data_len >= BIG_TENSOR_BYTES and avail < pending.total:
+            if avail < pending.prefix_len + pending.envelope_len:
+                return None
+            # Move to a dedicated buffer: what is here now, then each later feed directly.
+            type_, body = self._parse_envelope(bytes(self._buf[start:mid]))
+            tensor_buf = bytearray(pending.data_len)
+            have = len(self._buf) - mid
+            tensor_buf[:have] = memoryview(self._buf)[mid:]
+            self._big = (type_, body, tensor_buf, have)
+            self._pos = len(self._buf)
+            return None
+        if avail < pending.total:
+            return None
         type_, body = self._parse_envelope(bytes(self._buf[start:mid]))
         tensor = None
         if pending.dtype is not None:
             tensor = WireTensor(dtype=pending.dtype, shape=pending.shape,
-                                data=bytes(self._buf[mid:end]))
+                                data=bytes(memoryview(self._buf)[mid:end]))
         self._pos = end
         self._pending = None
         return Message(type=type_, body=body, tensor=tensor)
+
+    def _fill_big(self, data: bytes | bytearray | memoryview) -> tuple[Message | None, int]:
+        """Copy ``data`` into the large tensor being gathered; (the message once complete,
+        bytes of ``data`` used)."""
+        assert self._big is not None and self._pending is not None
+        type_, body, tensor_buf, have = self._big
+        used = min(len(data), len(tensor_buf) - have)
+        tensor_buf[have:have + used] = memoryview(data)[:used]
+        have += used
+        if have < len(tensor_buf):
+            self._big = (type_, body, tensor_buf, have)
+            return None, used
+        pending, self._pending, self._big = self._pending, None, None
+        assert pending.dtype is not None
+        # tensor_buf belongs to this message alone; bytes() is the one copy we cannot avoid.
+        tensor = WireTensor(dtype=pending.dtype, shape=pending.shape, data=bytes(tensor_buf))
+        return Message(type=type_, body=body, tensor=tensor), used
 
     def _parse_header(self, avail: int) -> _Pending | None:
         pos, buf = self._pos, self._buf

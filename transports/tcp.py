@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 STREAM_LIMIT_BYTES = 1024 * 1024  # asyncio reader buffer; larger reads suit tensor traffic
 READ_CHUNK_BYTES = 1024 * 1024
+WRITE_CHUNK_BYTES = 1024 * 1024
+WRITE_HIGH_WATER_BYTES = 4 * 1024 * 1024  # drain() lets this much queue in user space
 DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
 
 
@@ -104,6 +106,7 @@ class TcpConnection(Connection):
         self._closed_locally = False
         self._frames_sent = self._frames_received = self._bytes_sent = self._bytes_received = 0
         _set_nodelay(writer)
+        writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
 
     @property
     def peer(self) -> str:
@@ -134,13 +137,32 @@ class TcpConnection(Connection):
         self._raise_if_closed()
         parts = self._encoder.encode_parts(msg)  # a bad local message leaves the link open
         size = sum(len(p) for p in parts)
+        transport = self._writer.transport
+        if (size <= WRITE_CHUNK_BYTES and not self._send_lock.locked()
+                and transport.get_write_buffer_size() + size <= WRITE_HIGH_WATER_BYTES):
+            # Fast path: nothing queued ahead and room below the high-water mark, so the
+            # frame is handed over whole (spec T6) with no wait that could need a timeout.
+            self._writer.writelines(parts)
+            self._frames_sent += 1
+            self._bytes_sent += size
+            return
         written = False
         try:
             async with asyncio.timeout(timeout_s):
                 async with self._send_lock:  # spec T6: one whole frame at a time
                     self._raise_if_closed()
-                    self._writer.writelines(parts)
-                    written = True
+                    if size <= WRITE_CHUNK_BYTES:
+                        self._writer.writelines(parts)
+                        written = True
+                    else:
+                        # asyncio (3.11) copies unsent bytes into one growing buffer and shifts
+                        # it after every send: hand it a chunk at a time so it stays small.
+                        for part in parts:
+                            view = memoryview(part)
+                            for offset in range(0, len(view), WRITE_CHUNK_BYTES):
+                                self._writer.write(view[offset:offset + WRITE_CHUNK_BYTES])
+                                written = True
+                                await self._writer.drain()
                     self._frames_sent += 1
                     self._bytes_sent += size
                     await self._writer.drain()
