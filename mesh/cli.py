@@ -1,4 +1,4 @@
-"""Command line: ``python -m mesh node | key | plugins | bench | bench-kernel``.
+"""Command line: ``python -m mesh node | key | plugins | bench | bench-kernel | bench-transport``.
 
 Every flag can also be set by an environment variable ``MESH_<FLAG>`` (dashes become
 underscores, e.g. ``--api-port`` -> ``MESH_API_PORT``; a repeatable flag takes a
@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     kbench = sub.add_parser("bench-kernel", help="measure the kernel: apply rate, catch-up, convergence after a partition")
     _add(kbench, "--events", type=int, default=50_000, help="events for the apply-rate measurement")
     _add(kbench, "--json", type=Path, help="append results as one JSON line to this file")
+    tbench = sub.add_parser("bench-transport", help="measure each transport's RTT and throughput on loopback "
+                            "against a raw asyncio socket, plaintext and with TLS")
+    _add(tbench, "--round-trips", type=int, default=2000, help="small-message ping-pongs per transport")
+    _add(tbench, "--large-mib", type=int, default=64, help="size of each large message, in MiB")
+    _add(tbench, "--large-count", type=int, default=16, help="large messages per transport (QUIC sends 1/8 as many)")
+    _add(tbench, "--json", type=Path, help="append results as one JSON line to this file")
     return parser
 
 
@@ -213,6 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             _setup_logging(args.log_level)
             return run_bench(args)
+        if args.command == "bench-transport":
+            from mesh.bench_transport import run_transport_bench
+
+            return run_transport_bench(args)
         if args.command == "bench-kernel":
             from mesh.bench_kernel import run_kernel_bench
 

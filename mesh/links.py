@@ -205,6 +205,7 @@ class Links:
                       info.member_id, msg.body.get("model"), self.model_id)
             await conn.close()
             return None
+        self._learn_routes(info)
         host, port = split_address(info.address)
         if host in WILDCARDS:  # the peer listens everywhere: use the address we see it on
             fields = {k: getattr(info, k) for k in info.__dataclass_fields__}
@@ -296,8 +297,18 @@ class Links:
             except TimeoutError:
                 pass
 
+    def _learn_routes(self, info: MemberInfo) -> None:
+        """Tell a transport that prefers some paths (tbip) the other hosts a member listens on."""
+        learn = getattr(self.transport, "learn_routes", None)
+        if learn is not None and info.alt_addresses:
+            try:
+                learn(info.address, list(info.alt_addresses))
+            except MeshError as exc:
+                log.debug("ignoring the alternative addresses of %s: %s", info.member_id, exc)
+
     def dial(self, info: MemberInfo) -> None:
         """Dial a member learned from the cluster state once, unless already linked or dialing."""
+        self._learn_routes(info)
         self.dial_address(info.member_id, info.address)
 
     def dial_address(self, member_id: str, address: str) -> None:

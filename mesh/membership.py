@@ -31,6 +31,16 @@ def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> An
     return value
 
 
+MAX_ALT_ADDRESSES = 16
+
+
+def _alt_addresses(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > MAX_ALT_ADDRESSES or not all(
+            isinstance(a, str) and 0 < len(a) <= 64 for a in value):
+        raise FrameError(f"field 'alt' must be a list of at most {MAX_ALT_ADDRESSES} short addresses")
+    return tuple(value)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MemberInfo:
     """A member as others see it.
@@ -46,9 +56,10 @@ class MemberInfo:
     backend: str
     memory_bytes: int
     incarnation: str = ""
+    alt_addresses: tuple[str, ...] = ()  # other hosts it listens on, e.g. Thunderbolt links (spec TB2)
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "id": self.member_id,
             "address": self.address,
             "api": self.api_address,
@@ -56,6 +67,9 @@ class MemberInfo:
             "memory_bytes": self.memory_bytes,
             "incarnation": self.incarnation,
         }
+        if self.alt_addresses:
+            body["alt"] = list(self.alt_addresses)
+        return body
 
     @classmethod
     def from_wire(cls, body: dict[str, Any]) -> MemberInfo:
@@ -67,6 +81,7 @@ class MemberInfo:
             backend=_field(body, "backend", str),
             memory_bytes=_field(body, "memory_bytes", int),
             incarnation=_field(body, "incarnation", str),
+            alt_addresses=_alt_addresses(body.get("alt", [])),
         )
         if not info.member_id or len(info.member_id) > 128 or info.memory_bytes < 0:
             raise FrameError("peer record has an empty or oversized id, or negative memory")

@@ -212,7 +212,8 @@ class Node:
         memory = cfg.memory_bytes if cfg.memory_bytes is not None else usable_memory_bytes(cfg.memory_fraction)
         self.me = MemberInfo(member_id=self.member_id, address=await self._advertised_address(listener.port),
                              api_address=f"{cfg.api_host}:{cfg.api_port}", backend=cfg.backend,
-                             memory_bytes=memory, incarnation=self.incarnation)
+                             memory_bytes=memory, incarnation=self.incarnation,
+                             alt_addresses=await self._alt_addresses())
         self.replication = Replication(self.member_id, self.data_dir / "kernel", send=self.links.send,
                                        peers=self.links.linked, on_change=self._state_changed)
         self.replication.start()
@@ -293,6 +294,18 @@ class Node:
             return f"{host or '0.0.0.0'}:{port}"
         return f"[{chosen}]:{port}" if ":" in chosen else f"{chosen}:{port}"
 
+    async def _alt_addresses(self) -> tuple[str, ...]:
+        """Other hosts this node's link listens on that a transport prefers (the tbip
+        transport: Thunderbolt interfaces), when listening on a wildcard (spec TB2)."""
+        local = getattr(self.links.transport, "local_addresses", None)
+        if local is None or self.config.host not in ("0.0.0.0", "::", ""):
+            return ()
+        try:
+            return tuple(await asyncio.to_thread(local))[:16]
+        except Exception as exc:  # a plugin's interface probe failing costs only the preference
+            log.warning("could not list this host's preferred link addresses: %s", exc)
+            return ()
+
     async def _start_discovery(self) -> Any:
         """Announce this node on the LAN and dial peers heard from (spec D10-D14); None when
         off, or when the mesh link listens on loopback only (no peer could reach it)."""
@@ -361,8 +374,10 @@ class Node:
         # resources first: a member without them is not placed, so no transient plan appears
         self.replication.emit("resources.set", resources_key(me.member_id),
                               {"backend": me.backend, "memory_bytes": me.memory_bytes})
-        self.replication.emit("member.join", member_key(me.member_id),
-                              {"address": me.address, "api": me.api_address, "incarnation": me.incarnation})
+        record = {"address": me.address, "api": me.api_address, "incarnation": me.incarnation}
+        if me.alt_addresses:
+            record["alt"] = list(me.alt_addresses)
+        self.replication.emit("member.join", member_key(me.member_id), record)
 
     def view(self) -> ClusterView:
         assert self.replication is not None

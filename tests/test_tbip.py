@@ -503,3 +503,30 @@ def test_registered_as_an_entry_point() -> None:
 
     found = {ep.name: ep for ep in entry_points(group="mesh.transports")}
     assert "tbip" in found and found["tbip"].load() is TbipTransport
+
+
+@pytest.mark.spec("TB2")
+def test_links_teach_the_transport_a_members_alternative_addresses() -> None:
+    from mesh.links import Links
+    from mesh.membership import MemberInfo
+
+    learned: list[tuple[str, list[str]]] = []
+
+    class Recording(TbipTransport):
+        def learn_routes(self, lan_address: str, addresses: list[str]) -> None:
+            learned.append((lan_address, addresses))
+
+    me = MemberInfo(member_id="a" * 32, address="127.0.0.1:1", api_address="127.0.0.1:2", backend="torch",
+                    memory_bytes=1)
+    peer = MemberInfo.from_wire({**MemberInfo(member_id="b" * 32, address="192.168.1.20:7600",
+                                              api_address="127.0.0.1:3", backend="torch",
+                                              memory_bytes=1, alt_addresses=("10.0.5.2",)).to_wire()})
+    assert peer.alt_addresses == ("10.0.5.2",)
+
+    async def ignore(*args: object) -> None:
+        return None
+
+    links = Links(Recording(), me=lambda: me, model_id="m", started_ms=0, on_message=ignore, on_up=ignore,
+                  on_down=lambda m: None, on_fatal=lambda e: None, dead_after_s=5, send_timeout_s=5)
+    links._learn_routes(peer)
+    assert learned == [("192.168.1.20:7600", ["10.0.5.2"])]
