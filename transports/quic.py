@@ -204,7 +204,12 @@ class QuicLink(Connection):
             self._fail_frame(f"data on stream {stream_id}, which the peer may not open")
             return
         self._bytes_received += len(data)
-        decoder = self._decoders.setdefault(stream_id, FrameDecoder(max_frame_bytes=self._max_frame_bytes))
+        decoder = self._decoders.get(stream_id)
+        if decoder is None:
+            if len(self._decoders) >= len(LANES):  # one stream per lane: more is a peer misbehaving
+                self._fail_frame(f"the peer opened more than {len(LANES)} streams")
+                return
+            decoder = self._decoders[stream_id] = FrameDecoder(max_frame_bytes=self._max_frame_bytes)
         try:
             messages = decoder.feed(data)
         except FrameError as exc:  # spec T4: a malformed frame closes this link only
