@@ -50,6 +50,7 @@ from mesh.errors import (
 from mesh.security import TLS_SERVER_NAME, LinkSecurity, PeerIdentity
 from mesh.wire import Message
 from transports.base import (
+    LANES,
     Connection,
     ConnectionHandler,
     LinkStats,
@@ -124,7 +125,11 @@ class _Protocol(QuicConnectionProtocol):
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.StreamDataReceived):
             if self.link is not None:
-                self.link._received(event.stream_id, event.data)
+                try:
+                    self.link._received(event.stream_id, event.data)
+                except Exception as exc:  # a bug here must close this link, not vanish in asyncio
+                    logger.exception("quic link %s: failed to take stream data", self.link.peer)
+                    self.link._fail_frame(f"internal error: {exc!r}")
             else:  # data before the link was handed on (only after the handshake): keep it
                 self._early_data.append((event.stream_id, event.data))
         elif isinstance(event, events.ConnectionTerminated):
