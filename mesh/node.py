@@ -374,7 +374,7 @@ class Node:
         # resources first: a member without them is not placed, so no transient plan appears
         self.replication.emit("resources.set", resources_key(me.member_id),
                               {"backend": me.backend, "memory_bytes": me.memory_bytes})
-        record = {"address": me.address, "api": me.api_address, "incarnation": me.incarnation}
+        record: dict[str, Any] = {"address": me.address, "api": me.api_address, "incarnation": me.incarnation}
         if me.alt_addresses:
             record["alt"] = list(me.alt_addresses)
         self.replication.emit("member.join", member_key(me.member_id), record)
