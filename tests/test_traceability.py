@@ -21,9 +21,10 @@ def spec_ids() -> dict[str, str]:
 
 
 def cited_ids() -> dict[str, set[str]]:
-    """id -> test files citing it via ``pytest.mark.spec("ID", ...)``."""
+    """id -> test files citing it via ``pytest.mark.spec("ID", ...)``: tests/ and the suites
+    shipped in mesh/testing/ (which tests/ runs)."""
     cited: dict[str, set[str]] = {}
-    for path in sorted((ROOT / "tests").rglob("*.py")):
+    for path in [*sorted((ROOT / "tests").rglob("*.py")), *sorted((ROOT / "mesh" / "testing").rglob("*.py"))]:
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "spec"
                     and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "mark"):

@@ -152,6 +152,9 @@ class Transport(abc.ABC):
 
     name: ClassVar[str]
     secure: ClassVar[bool] = False
+    # True when lanes are independent streams (a large message on one lane never holds back
+    # another, spec T11); False when all lanes share one ordered byte stream (TCP).
+    independent_lanes: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def listen(self, host: str, port: int, on_connection: ConnectionHandler) -> Listener:

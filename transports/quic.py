@@ -136,6 +136,12 @@ class _Protocol(QuicConnectionProtocol):
             self.terminated = event
             if self.link is not None:
                 self.link._terminated(event)
+            elif self.on_handshake is not None and event.error_code in _CRYPTO_ERRORS:
+                # spec S4: a client that refused our certificate (another cluster) is logged here
+                paths = self._quic._network_paths
+                peer = _format(paths[0].addr) if paths else "?"
+                logger.warning("rejected a link from %s: TLS handshake failed (%s); it may not hold this "
+                               "cluster's key", peer, event.reason_phrase or f"error {event.error_code:#x}")
         elif isinstance(event, events.HandshakeCompleted) and self.on_handshake is not None:
             self.on_handshake(self)
 

@@ -287,6 +287,9 @@ class TcpListener(Listener):
         if self._closing:
             writer.close()
             return
+        task = asyncio.current_task()
+        if task is not None:  # tracked from the start: close() waits for (or cancels) handshakes too
+            self._tasks.add(task)
         identity = None
         if self._security is not None:
             peer = _format_peer(writer.get_extra_info("peername"), "?")
@@ -296,14 +299,16 @@ class TcpListener(Listener):
             except TransportError as exc:  # spec S4: log, drop this link, keep serving
                 logger.warning("rejected a link from %s: %s", peer, exc)
                 writer.transport.abort()
+                self._tasks.discard(task)  # type: ignore[arg-type]
+                return
+            if self._closing:  # the listener closed during the handshake: hand nothing on
+                writer.transport.abort()
+                self._tasks.discard(task)  # type: ignore[arg-type]
                 return
         conn = TcpConnection(reader, writer, peer="?", max_frame_bytes=self._max_frame_bytes,
                              close_timeout_s=self._close_timeout_s,
                              on_closed=self._connections.discard, peer_identity=identity)
         self._connections.add(conn)
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
         try:
             await self._on_connection(conn)
         except TransportError as exc:
@@ -335,8 +340,7 @@ class TcpListener(Listener):
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=self._close_timeout_s)
-        for conn in connections:
-            await conn.close()
+        await asyncio.gather(*(conn.close() for conn in connections))  # bounded once, not per peer
         if self._server is not None:
             try:
                 async with asyncio.timeout(self._close_timeout_s):
