@@ -80,10 +80,13 @@ async def _raw_throughput(size: int, count: int) -> float:
     payload = bytes(size)
     async with server:
         _, writer = await asyncio.open_connection(HOST, server.sockets[0].getsockname()[1])
+        writer.transport.set_write_buffer_limits(high=4 << 20)
+        view = memoryview(payload)
         start = time.perf_counter()
-        for _ in range(count):
-            writer.write(payload)
-            await writer.drain()
+        for _ in range(count):  # 1 MiB writes: the fastest way asyncio 3.11 moves a large buffer
+            for offset in range(0, size, 1 << 20):
+                writer.write(view[offset:offset + (1 << 20)])
+                await writer.drain()
         await asyncio.wait_for(done.wait(), 600)
         elapsed = time.perf_counter() - start
         writer.close()

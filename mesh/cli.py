@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     tbench = sub.add_parser("bench-transport", help="measure each transport's RTT and throughput on loopback "
                             "against a raw asyncio socket, plaintext and with TLS")
     _add(tbench, "--round-trips", type=int, default=2000, help="small-message ping-pongs per transport")
-    _add(tbench, "--large-mib", type=int, default=64, help="size of each large message, in MiB")
+    _add(tbench, "--large-mib", type=int, default=16, help="size of each large message, in MiB")
     _add(tbench, "--large-count", type=int, default=16, help="large messages per transport (QUIC sends 1/8 as many)")
     _add(tbench, "--json", type=Path, help="append results as one JSON line to this file")
     return parser

@@ -220,9 +220,10 @@ class FrameDecoder:
         self._pos = 0
         self._pending: _Pending | None = None
         self._error: FrameError | None = None
-        # A large tensor is gathered straight into its own buffer (one copy per byte, and no
-        # memmove of a growing stream buffer): the parsed envelope, the buffer, bytes filled.
-        self._big: tuple[str, dict[str, Any], bytearray, int] | None = None
+        # A large tensor is gathered as the chunks that carry it, joined once when complete
+        # (one copy per byte, no zero-filled buffer, no memmove of a growing stream buffer):
+        # the parsed envelope, the chunks, bytes gathered.
+        self._big: tuple[str, dict[str, Any], list[bytes], int] | None = None
 
     @property
     def error(self) -> FrameError | None:
@@ -294,10 +295,8 @@ class FrameDecoder:
                 return None
             # Move to a dedicated buffer: what is here now, then each later feed directly.
             type_, body = self._parse_envelope(bytes(self._buf[start:mid]))
-            tensor_buf = bytearray(pending.data_len)
-            have = len(self._buf) - mid
-            tensor_buf[:have] = memoryview(self._buf)[mid:]
-            self._big = (type_, body, tensor_buf, have)
+            first = bytes(memoryview(self._buf)[mid:])
+            self._big = (type_, body, [first], len(first))
             self._pos = len(self._buf)
             return None
         if avail < pending.total:
@@ -312,20 +311,21 @@ class FrameDecoder:
         return Message(type=type_, body=body, tensor=tensor)
 
     def _fill_big(self, data: bytes | bytearray | memoryview) -> tuple[Message | None, int]:
-        """Copy ``data`` into the large tensor being gathered; (the message once complete,
+        """Gather ``data`` into the large tensor being received; (the message once complete,
         bytes of ``data`` used)."""
         assert self._big is not None and self._pending is not None
-        type_, body, tensor_buf, have = self._big
-        used = min(len(data), len(tensor_buf) - have)
-        tensor_buf[have:have + used] = memoryview(data)[:used]
+        type_, body, chunks, have = self._big
+        need = self._pending.data_len - have
+        used = min(len(data), need)
+        # a whole bytes chunk is kept as it is (no copy); a part of one, or a mutable buffer, is copied
+        chunks.append(data if type(data) is bytes and used == len(data) else bytes(memoryview(data)[:used]))
         have += used
-        if have < len(tensor_buf):
-            self._big = (type_, body, tensor_buf, have)
+        if have < self._pending.data_len:
+            self._big = (type_, body, chunks, have)
             return None, used
         pending, self._pending, self._big = self._pending, None, None
         assert pending.dtype is not None
-        # tensor_buf belongs to this message alone; bytes() is the one copy we cannot avoid.
-        tensor = WireTensor(dtype=pending.dtype, shape=pending.shape, data=bytes(tensor_buf))
+        tensor = WireTensor(dtype=pending.dtype, shape=pending.shape, data=b"".join(chunks))
         return Message(type=type_, body=body, tensor=tensor), used
 
     def _parse_header(self, avail: int) -> _Pending | None:
