@@ -124,11 +124,15 @@ async def _transport_figures(transport: Transport, round_trips: int, size: int, 
 
         big = Message(type="bulk", tensor=WireTensor(dtype="u8", shape=(size,), data=bytes(size)))
 
-        async def receive_all() -> None:
-            for _ in range(count):
+        async def receive_all(n: int) -> None:
+            for _ in range(n):
                 await server.recv(timeout_s=600)
 
-        receiver = asyncio.create_task(receive_all())
+        warm_up = asyncio.create_task(receive_all(2))  # first allocations and buffer growth, untimed
+        for _ in range(2):
+            await client.send(big, timeout_s=600, lane="bulk")
+        await asyncio.wait_for(warm_up, 600)
+        receiver = asyncio.create_task(receive_all(count))
         start = time.perf_counter()
         for _ in range(count):
             await client.send(big, timeout_s=600, lane="bulk")
