@@ -94,8 +94,7 @@ async def test_tls_links_prove_each_node_identity(tmp_path: Path) -> None:
             other = await asyncio.wait_for(accepted.get(), 5)
             assert conn.peer_identity is not None and conn.peer_identity.node_id == server.node_id
             assert other.peer_identity is not None and other.peer_identity.node_id == client.node_id
-            ssl_object = conn._writer.get_extra_info("ssl_object")  # type: ignore[attr-defined]
-            assert ssl_object.version() == "TLSv1.3"
+            assert conn.tls_version == "TLSv1.3" and other.tls_version == "TLSv1.3"  # type: ignore[attr-defined]
 
 
 @pytest.mark.spec("S4")

@@ -1,8 +1,12 @@
-"""TCP transport: asyncio streams around the sans-IO codec of ``transports/framing.py``.
+"""TCP transport: an asyncio protocol around the sans-IO codec of ``transports/framing.py``.
 
-A thin shell: read bytes, feed the decoder, queue what it returns; encode, write, drain.
-It knows nothing of what messages mean. Registered as the ``tcp`` entry point of
-``mesh.transports``. Spec: specs/transport.md T4, T6, T7, T8.
+A thin shell: bytes arrive in ``data_received`` and go straight into the decoder; finished
+messages wait in an inbox for ``recv``; ``send`` encodes and writes. It knows nothing of what
+messages mean. A protocol (not asyncio streams) keeps a small message to one callback, one
+decode and one wake-up, and lets a large tensor be gathered without an extra stream buffer.
+With a ``LinkSecurity`` every connection first runs a TLS 1.3 handshake with mutual
+authentication (``loop.start_tls``). Registered as the ``tcp`` entry point of
+``mesh.transports``. Spec: specs/transport.md T4, T6, T7, T8, T12, T13; specs/security.md S3, S4.
 """
 
 from __future__ import annotations
@@ -10,61 +14,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from mesh.errors import (
-    AuthenticationError,
-    ConfigError,
-    FrameError,
-    PeerTimeout,
-    TransportError,
-)
+from mesh.errors import AuthenticationError, ConfigError, FrameError, PeerTimeout, TransportError
 from mesh.security import LinkSecurity, PeerIdentity
 from mesh.wire import Message
-from transports.base import (
-    Connection,
-    ConnectionHandler,
-    LinkStats,
-    Listener,
-    Transport,
-    check_lane,
-)
+from transports.base import Connection, ConnectionHandler, LinkStats, Listener, Transport, check_lane
 from transports.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameEncoder
 
 logger = logging.getLogger(__name__)
 
-STREAM_LIMIT_BYTES = 1024 * 1024  # asyncio reader buffer; larger reads suit tensor traffic
-READ_CHUNK_BYTES = 1024 * 1024
 WRITE_CHUNK_BYTES = 1024 * 1024
-WRITE_HIGH_WATER_BYTES = 4 * 1024 * 1024  # drain() lets this much queue in user space
+WRITE_HIGH_WATER_BYTES = 4 * 1024 * 1024  # send waits while more than this is queued in user space
+INBOX_HIGH_WATER_BYTES = 8 * 1024 * 1024  # read ahead at most this much while no recv waits (T12)
 DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
-
-
-async def _secure(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, security: LinkSecurity, *,
-                  server_side: bool, timeout_s: float, peer: str) -> PeerIdentity:
-    """Run a TLS 1.3 handshake with mutual authentication on an open stream (spec S3).
-
-    Raises AuthenticationError (the peer is not of this cluster, or its certificate does not
-    hold an Ed25519 node key) or PeerTimeout; the caller closes the stream.
-    """
-    import ssl
-
-    try:
-        async with asyncio.timeout(timeout_s):
-            await writer.start_tls(security.ssl_context(server_side=server_side),
-                                   server_hostname=None, ssl_handshake_timeout=timeout_s)
-    except TimeoutError:
-        raise PeerTimeout(f"TLS handshake with {peer} did not finish within {timeout_s}s") from None
-    except ssl.SSLError as exc:
-        raise AuthenticationError(f"TLS handshake with {peer} failed: {exc.reason or exc}") from None
-    except (ConnectionError, OSError) as exc:
-        raise AuthenticationError(f"TLS handshake with {peer} failed: the peer closed the link "
-                                  f"({exc.__class__.__name__}); it may not hold this cluster's key") from None
-    ssl_object = writer.get_extra_info("ssl_object")
-    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    return security.verify_peer(der)
 
 
 def _format_peer(peername: Any, fallback: str) -> str:
@@ -74,9 +40,9 @@ def _format_peer(peername: Any, fallback: str) -> str:
     return fallback
 
 
-def _set_nodelay(writer: asyncio.StreamWriter) -> None:
+def _set_nodelay(transport: asyncio.BaseTransport) -> None:
     # spec T8: small control frames must not wait for Nagle's algorithm.
-    sock = writer.get_extra_info("socket")
+    sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -84,29 +50,90 @@ def _set_nodelay(writer: asyncio.StreamWriter) -> None:
             logger.debug("could not set TCP_NODELAY: %s", exc)
 
 
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+class _LinkProtocol(asyncio.Protocol):
+    """Hands transport callbacks to its ``TcpConnection``; reading stays paused until one is
+    attached (a TLS handshake first takes the socket over)."""
+
+    def __init__(self, on_made: Callable[[_LinkProtocol], None] | None = None) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.conn: TcpConnection | None = None
+        self.lost: Exception | None = None
+        self.is_lost = False
+        self.early: list[bytes] = []  # decrypted bytes that came with the end of a TLS handshake
+        self._on_made = on_made
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        _set_nodelay(transport)
+        transport.pause_reading()  # type: ignore[attr-defined]
+        if self._on_made is not None:
+            self._on_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn is not None:
+            self.conn._data_received(data)
+        else:  # between a TLS handshake's end and the connection's attach (same tick or next)
+            self.early.append(data)
+
+    def eof_received(self) -> bool:
+        if self.conn is not None:
+            self.conn._lost(None)
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.is_lost, self.lost = True, exc
+        if self.conn is not None:
+            self.conn._lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.conn is not None:
+            self.conn._write_paused = True
+
+    def resume_writing(self) -> None:
+        if self.conn is not None:
+            self.conn._write_paused = False
+            self.conn._wake(self.conn._drain_waiters)
+
+
 class TcpConnection(Connection):
     """A framed TCP link. Built by ``TcpTransport``; see ``Connection`` for the contract."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                 peer: str, max_frame_bytes: int, close_timeout_s: float,
+    def __init__(self, protocol: _LinkProtocol, *, peer: str, max_frame_bytes: int, close_timeout_s: float,
                  on_closed: Callable[[TcpConnection], None] | None = None,
                  peer_identity: PeerIdentity | None = None) -> None:
+        assert protocol.transport is not None
+        self._transport: asyncio.Transport = protocol.transport
+        self._protocol = protocol
+        self._peer = _format_peer(self._transport.get_extra_info("peername"), peer)
         self._peer_identity = peer_identity
-        self._reader = reader
-        self._writer = writer
-        self._peer = _format_peer(writer.get_extra_info("peername"), peer)
         self._encoder = FrameEncoder(max_frame_bytes=max_frame_bytes)
         self._decoder = FrameDecoder(max_frame_bytes=max_frame_bytes)
-        self._inbox: deque[Message] = deque()
+        self._inbox: deque[tuple[Message, int]] = deque()
+        self._inbox_bytes = 0
+        self._reading_paused = True
+        self._recv_waiters: list[asyncio.Future[None]] = []
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._write_paused = False
         self._send_lock = asyncio.Lock()
-        self._recv_lock = asyncio.Lock()
         self._close_timeout_s = close_timeout_s
         self._on_closed = on_closed
         self._closed_reason: str | None = None
         self._closed_locally = False
         self._frames_sent = self._frames_received = self._bytes_sent = self._bytes_received = 0
-        _set_nodelay(writer)
-        writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
+        self._transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
+        protocol.conn = self
+        early, protocol.early = protocol.early, []
+        for data in early:
+            self._data_received(data)
+        if protocol.is_lost:
+            self._lost(protocol.lost)
+        else:
+            self._resume_reading()
 
     @property
     def peer(self) -> str:
@@ -121,6 +148,12 @@ class TcpConnection(Connection):
         return self._peer_identity
 
     @property
+    def tls_version(self) -> str | None:
+        """The TLS version of this link ("TLSv1.3"), None when plaintext."""
+        ssl_object = self._transport.get_extra_info("ssl_object")
+        return ssl_object.version() if ssl_object is not None else None
+
+    @property
     def stats(self) -> LinkStats:
         return LinkStats(frames_sent=self._frames_sent, frames_received=self._frames_received,
                          bytes_sent=self._bytes_sent, bytes_received=self._bytes_received)
@@ -128,125 +161,202 @@ class TcpConnection(Connection):
     @property
     def tcp_nodelay(self) -> bool:
         """Whether TCP_NODELAY is set on the socket (spec T8)."""
-        sock = self._writer.get_extra_info("socket")
-        return sock is not None and bool(
-            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        sock = self._transport.get_extra_info("socket")
+        return sock is not None and bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    # -- protocol callbacks ------------------------------------------------------------
+    def _data_received(self, data: bytes) -> None:
+        if self._closed_reason is not None:
+            return
+        self._bytes_received += len(data)
+        try:
+            messages = self._decoder.feed(data)
+        except FrameError as exc:  # spec T4: a malformed frame closes this link only
+            self._close_now(f"malformed frame: {exc}", abort=True)
+            return
+        for msg in messages:
+            size = 64 + (len(msg.tensor.data) if msg.tensor is not None else 0)
+            self._inbox.append((msg, size))
+            self._inbox_bytes += size
+        if self._decoder.error is not None:  # good messages came first; the error follows them
+            self._close_now(f"malformed frame: {self._decoder.error}", abort=True)
+        if (not self._reading_paused and not self._recv_waiters
+                and self._inbox_bytes + self._decoder.buffered_bytes > INBOX_HIGH_WATER_BYTES):
+            # spec T12: nobody is reading and enough is buffered; the peer's sends back up
+            # into its socket until a recv wants more
+            self._reading_paused = True
+            self._transport.pause_reading()
+        if messages:
+            self._wake(self._recv_waiters)
+
+    def _lost(self, exc: Exception | None) -> None:
+        if self._closed_reason is None:
+            partial = self._decoder.buffered_bytes
+            if exc is not None:
+                reason = f"reset: {exc!r}"
+            else:
+                reason = "closed by peer" + (f" in the middle of a frame ({partial} bytes)" if partial else "")
+            self._closed_reason = reason
+            if self._on_closed is not None:
+                self._on_closed(self)
+        self._wake(self._recv_waiters)
+        self._wake(self._drain_waiters)
+
+    @staticmethod
+    def _wake(waiters: list[asyncio.Future[None]]) -> None:
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        waiters.clear()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self._closed_reason is None:
+            self._reading_paused = False
+            self._transport.resume_reading()
+
+    # -- Connection --------------------------------------------------------------------
+    async def _wait(self, waiters: list[asyncio.Future[None]], deadline_s: float | None) -> None:
+        """Wait for a wake-up on ``waiters`` until the loop time ``deadline_s`` (None: no
+        limit); raises TimeoutError. A timer handle is cheaper than ``asyncio.timeout``."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        waiters.append(waiter)
+        handle = loop.call_at(deadline_s, _expire, waiter) if deadline_s is not None else None
+        try:
+            await waiter
+        finally:
+            if handle is not None:
+                handle.cancel()
+            if waiter in waiters:
+                waiters.remove(waiter)
 
     async def send(self, msg: Message, *, timeout_s: float, lane: str = "control") -> None:
         check_lane(lane)  # one byte stream: every lane shares its order (spec T11)
         self._raise_if_closed()
         parts = self._encoder.encode_parts(msg)  # a bad local message leaves the link open
         size = sum(len(p) for p in parts)
-        transport = self._writer.transport
-        if (size <= WRITE_CHUNK_BYTES and not self._send_lock.locked()
-                and transport.get_write_buffer_size() + size <= WRITE_HIGH_WATER_BYTES):
+        if (size <= WRITE_CHUNK_BYTES and not self._send_lock.locked() and not self._write_paused
+                and self._transport.get_write_buffer_size() + size <= WRITE_HIGH_WATER_BYTES):
             # Fast path: nothing queued ahead and room below the high-water mark, so the
             # frame is handed over whole (spec T6) with no wait that could need a timeout.
-            self._writer.writelines(parts)
+            self._transport.writelines(parts)
             self._frames_sent += 1
             self._bytes_sent += size
             return
+        deadline = asyncio.get_running_loop().time() + timeout_s
         written = False
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout_at(deadline):
                 async with self._send_lock:  # spec T6: one whole frame at a time
-                    self._raise_if_closed()
-                    if size <= WRITE_CHUNK_BYTES:
-                        self._writer.writelines(parts)
-                        written = True
-                    else:
-                        # asyncio (3.11) copies unsent bytes into one growing buffer and shifts
-                        # it after every send: hand it a chunk at a time so it stays small.
-                        for part in parts:
-                            view = memoryview(part)
-                            for offset in range(0, len(view), WRITE_CHUNK_BYTES):
-                                self._writer.write(view[offset:offset + WRITE_CHUNK_BYTES])
-                                written = True
-                                await self._writer.drain()
+                    # asyncio (3.11) copies unsent bytes into one growing buffer and shifts it
+                    # after every send: hand it a chunk at a time so it stays small.
+                    for part in parts:
+                        view = memoryview(part)
+                        for offset in range(0, len(view), WRITE_CHUNK_BYTES):
+                            while self._write_paused:
+                                self._raise_if_closed()
+                                await self._wait(self._drain_waiters, None)
+                            self._raise_if_closed()
+                            self._transport.write(view[offset:offset + WRITE_CHUNK_BYTES])
+                            written = True
                     self._frames_sent += 1
                     self._bytes_sent += size
-                    await self._writer.drain()
+                    while self._write_paused:
+                        self._raise_if_closed()
+                        await self._wait(self._drain_waiters, None)
         except TimeoutError:
             if written:  # the peer may have part of the frame: the link is unusable
                 self._close_now(f"send of {size} bytes timed out", abort=True)
             raise PeerTimeout(
-                f"send of {msg.type!r} ({size} bytes) to {self._peer} did not finish within "
-                f"{timeout_s}s"
+                f"send of {msg.type!r} ({size} bytes) to {self._peer} did not finish within {timeout_s}s"
             ) from None
-        except (ConnectionError, OSError) as exc:
-            self._close_now(f"send failed: {exc}")
-            raise TransportError(f"send to {self._peer} failed: {exc!r}") from exc
 
     async def recv(self, *, timeout_s: float | None = None) -> Message:
         if self._closed_locally:
             self._raise_if_closed()
-        if self._inbox:  # messages that arrived before a peer close or a bad frame go first
-            self._frames_received += 1
-            return self._inbox.popleft()
-        try:
-            async with asyncio.timeout(timeout_s):
-                async with self._recv_lock:
-                    while not self._inbox:
-                        await self._read_some()
-                    self._frames_received += 1
-                    return self._inbox.popleft()
-        except TimeoutError:
-            raise PeerTimeout(f"no message from {self._peer} within {timeout_s}s") from None
-
-    async def _read_some(self) -> None:
-        self._raise_if_closed()
-        try:
-            data = await self._reader.read(READ_CHUNK_BYTES)
-        except (ConnectionError, OSError) as exc:
-            self._close_now(f"reset: {exc!r}")
-            raise TransportError(f"connection to {self._peer} was reset: {exc!r}") from exc
-        if not data:  # EOF: the peer closed, or we closed and fed EOF ourselves (spec T7)
-            if self._closed_reason is None:
-                partial = self._decoder.buffered_bytes
-                detail = f" in the middle of a frame ({partial} bytes)" if partial else ""
-                self._close_now(f"closed by peer{detail}")
-            self._raise_if_closed()
-        self._bytes_received += len(data)
-        try:
-            messages = self._decoder.feed(data)
-        except FrameError as exc:  # spec T4: a malformed frame closes this link only
-            self._close_now(f"malformed frame: {exc}")
-            raise FrameError(f"malformed frame from {self._peer}: {exc}") from exc
-        self._inbox.extend(messages)
+        if not self._inbox:
+            deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+            while not self._inbox:
+                self._raise_if_closed()
+                self._resume_reading()  # a reader is waiting: take more from the socket
+                try:
+                    await self._wait(self._recv_waiters, deadline)
+                except TimeoutError:
+                    raise PeerTimeout(f"no message from {self._peer} within {timeout_s}s") from None
+        msg, size = self._inbox.popleft()  # messages that arrived before a close go first
+        self._inbox_bytes -= size
+        self._frames_received += 1
+        if self._reading_paused and self._inbox_bytes + self._decoder.buffered_bytes <= INBOX_HIGH_WATER_BYTES // 2:
+            self._resume_reading()
+        return msg
 
     def _raise_if_closed(self) -> None:
+        if self._decoder.error is not None and not self._inbox:
+            raise FrameError(f"malformed frame from {self._peer}: {self._decoder.error}")
         if self._closed_reason is not None:
             raise TransportError(f"connection to {self._peer} is closed ({self._closed_reason})")
-        if self._decoder.error is not None:
-            self._close_now(f"malformed frame: {self._decoder.error}")
-            raise FrameError(f"malformed frame from {self._peer}: {self._decoder.error}")
 
     def _close_now(self, reason: str, *, abort: bool = False, local: bool = False) -> None:
-        """Close without waiting: mark closed, start the socket close, wake pending recv."""
+        """Close without waiting: mark closed, start the socket close, wake every waiter."""
         if self._closed_reason is not None:
+            if local:
+                self._closed_locally = True
             return
         self._closed_reason = reason
         self._closed_locally = local
         if abort:  # drop unsent bytes rather than wait for a peer that is not reading
-            self._writer.transport.abort()
+            self._transport.abort()
         else:
-            self._writer.close()
-        self._reader.feed_eof()  # a recv blocked in read() returns now, not at connection_lost
+            self._transport.close()
+        self._wake(self._recv_waiters)
+        self._wake(self._drain_waiters)
         if self._on_closed is not None:
             self._on_closed(self)
 
     async def close(self) -> None:
         self._close_now("closed locally", local=True)
-        # Several tasks may close one connection; wait_closed() awaits one shared future, so
-        # wait through a shield: our timeout must never cancel another closer's wait.
-        closing = asyncio.ensure_future(self._writer.wait_closed())
-        closing.add_done_callback(lambda f: f.cancelled() or f.exception())
-        try:
-            await asyncio.wait_for(asyncio.shield(closing), self._close_timeout_s)
-        except TimeoutError:  # unsent data and a peer not reading: drop it
-            self._writer.transport.abort()
-        except (ConnectionError, OSError):
-            pass  # the link failed while closing; it is closed either way
+        if self._protocol.is_lost:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._close_timeout_s
+        while not self._protocol.is_lost and loop.time() < deadline:
+            try:  # connection_lost wakes the drain waiters
+                await self._wait(self._drain_waiters, deadline)
+            except TimeoutError:
+                break
+        if not self._protocol.is_lost:  # unsent data and a peer not reading: drop it
+            self._transport.abort()
+
+
+async def _secure(protocol: _LinkProtocol, security: LinkSecurity, *, server_side: bool, timeout_s: float,
+                  peer: str) -> PeerIdentity:
+    """Run a TLS 1.3 handshake with mutual authentication on a connected protocol (spec S3)
+    and return the identity the peer proved; the protocol's transport becomes the TLS one.
+
+    Raises AuthenticationError (the peer is not of this cluster, or its certificate does not
+    hold an Ed25519 node key) or PeerTimeout; the caller aborts the socket.
+    """
+    loop = asyncio.get_running_loop()
+    assert protocol.transport is not None
+    try:
+        async with asyncio.timeout(timeout_s):
+            tls = await loop.start_tls(protocol.transport, protocol, security.ssl_context(server_side=server_side),
+                                       server_side=server_side, server_hostname=None,
+                                       ssl_handshake_timeout=timeout_s)
+    except TimeoutError:
+        raise PeerTimeout(f"TLS handshake with {peer} did not finish within {timeout_s}s") from None
+    except ssl.SSLError as exc:
+        raise AuthenticationError(f"TLS handshake with {peer} failed: {exc.reason or exc}") from None
+    except (ConnectionError, OSError) as exc:
+        raise AuthenticationError(f"TLS handshake with {peer} failed: the peer closed the link "
+                                  f"({exc.__class__.__name__}); it may not hold this cluster's key") from None
+    if tls is None:
+        raise AuthenticationError(f"TLS handshake with {peer} failed: the link closed")
+    protocol.transport = tls  # type: ignore[assignment]
+    tls.pause_reading()  # resumed when the TcpConnection is attached
+    ssl_object = tls.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return security.verify_peer(der)
 
 
 class TcpListener(Listener):
@@ -276,52 +386,52 @@ class TcpListener(Listener):
         return self._port
 
     async def start(self, port: int) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            self._server = await asyncio.start_server(
-                self._serve, self._host, port, limit=STREAM_LIMIT_BYTES)
+            self._server = await loop.create_server(self._protocol, self._host, port)
         except OSError as exc:
             raise TransportError(f"cannot listen on {self._host}:{port}: {exc}") from exc
         self._port = self._server.sockets[0].getsockname()[1]
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _protocol(self) -> _LinkProtocol:
+        return _LinkProtocol(on_made=self._accepted)
+
+    def _accepted(self, protocol: _LinkProtocol) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(protocol), name="tcp accept")
+        self._tasks.add(task)  # tracked from the start: close() waits for (or cancels) handshakes too
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, protocol: _LinkProtocol) -> None:
+        assert protocol.transport is not None
         if self._closing:
-            writer.close()
+            protocol.transport.abort()
             return
-        task = asyncio.current_task()
-        if task is not None:  # tracked from the start: close() waits for (or cancels) handshakes too
-            self._tasks.add(task)
+        peer = _format_peer(protocol.transport.get_extra_info("peername"), "?")
         identity = None
         if self._security is not None:
-            peer = _format_peer(writer.get_extra_info("peername"), "?")
             try:
-                identity = await _secure(reader, writer, self._security, server_side=True,
+                identity = await _secure(protocol, self._security, server_side=True,
                                          timeout_s=self._handshake_timeout_s, peer=peer)
             except TransportError as exc:  # spec S4: log, drop this link, keep serving
                 logger.warning("rejected a link from %s: %s", peer, exc)
-                writer.transport.abort()
-                self._tasks.discard(task)  # type: ignore[arg-type]
+                protocol.transport.abort()
                 return
             if self._closing:  # the listener closed during the handshake: hand nothing on
-                writer.transport.abort()
-                self._tasks.discard(task)  # type: ignore[arg-type]
+                protocol.transport.abort()
                 return
-        conn = TcpConnection(reader, writer, peer="?", max_frame_bytes=self._max_frame_bytes,
-                             close_timeout_s=self._close_timeout_s,
-                             on_closed=self._connections.discard, peer_identity=identity)
-        self._connections.add(conn)
+        conn = TcpConnection(protocol, peer=peer, max_frame_bytes=self._max_frame_bytes,
+                             close_timeout_s=self._close_timeout_s, on_closed=self._connections.discard,
+                             peer_identity=identity)
+        if not conn.closed:
+            self._connections.add(conn)
         try:
             await self._on_connection(conn)
         except TransportError as exc:
-            logger.warning("tcp listener %s:%s: connection from %s failed: %s",
-                           self._host, self._port, conn.peer, exc)
+            logger.warning("tcp listener %s:%s: connection from %s failed: %s", self._host, self._port, conn.peer, exc)
             await conn.close()
         except Exception:
-            logger.exception("tcp listener %s:%s: handler for %s raised",
-                             self._host, self._port, conn.peer)
+            logger.exception("tcp listener %s:%s: handler for %s raised", self._host, self._port, conn.peer)
             await conn.close()
-        finally:
-            if task is not None:
-                self._tasks.discard(task)
 
     async def close(self) -> None:
         if self._closing:
@@ -346,8 +456,8 @@ class TcpListener(Listener):
                 async with asyncio.timeout(self._close_timeout_s):
                     await self._server.wait_closed()
             except TimeoutError:
-                logger.warning("tcp listener %s:%s did not close within %ss",
-                               self._host, self._port, self._close_timeout_s)
+                logger.warning("tcp listener %s:%s did not close within %ss", self._host, self._port,
+                               self._close_timeout_s)
 
 
 class TcpTransport(Transport):
@@ -374,8 +484,7 @@ class TcpTransport(Transport):
         self.close_timeout_s = close_timeout_s
         self.handshake_timeout_s = handshake_timeout_s
 
-    async def listen(self, host: str, port: int,
-                     on_connection: ConnectionHandler) -> TcpListener:
+    async def listen(self, host: str, port: int, on_connection: ConnectionHandler) -> TcpListener:
         _check_port(port)
         listener = TcpListener(host, on_connection, max_frame_bytes=self.max_frame_bytes,
                                close_timeout_s=self.close_timeout_s, security=self.security,
@@ -386,10 +495,11 @@ class TcpTransport(Transport):
     async def connect(self, host: str, port: int, *, timeout_s: float) -> TcpConnection:
         _check_port(port)
         address = f"{host}:{port}"
+        loop = asyncio.get_running_loop()
+        protocol = _LinkProtocol()
         try:
             async with asyncio.timeout(timeout_s):
-                reader, writer = await asyncio.open_connection(host, port,
-                                                               limit=STREAM_LIMIT_BYTES)
+                await loop.create_connection(lambda: protocol, host, port)
         except TimeoutError:
             raise PeerTimeout(f"connect to {address} did not finish within {timeout_s}s") from None
         except OSError as exc:
@@ -397,12 +507,13 @@ class TcpTransport(Transport):
         identity = None
         if self.security is not None:
             try:
-                identity = await _secure(reader, writer, self.security, server_side=False,
+                identity = await _secure(protocol, self.security, server_side=False,
                                          timeout_s=min(timeout_s, self.handshake_timeout_s), peer=address)
             except TransportError:
-                writer.transport.abort()
+                assert protocol.transport is not None
+                protocol.transport.abort()
                 raise
-        return TcpConnection(reader, writer, peer=address, max_frame_bytes=self.max_frame_bytes,
+        return TcpConnection(protocol, peer=address, max_frame_bytes=self.max_frame_bytes,
                              close_timeout_s=self.close_timeout_s, peer_identity=identity)
 
 
