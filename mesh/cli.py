@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(node, "--backend", default="torch", choices=registry.names("backend") or None,
          help="compute backend (see `python -m mesh plugins`)")
     _add(node, "--transport", default="tcp", choices=registry.names("transport") or None, help="link transport")
-    _add(node, "--data-dir", type=Path, default=Path("~/.mesh"), help="where the node id and caches live")
+    _add(node, "--data-dir", type=Path, default=Path("~/.mesh"), help="where the identity key, cluster key, node id and event log live")
     _add(node, "--log-level", default="info", choices=LOG_LEVELS, help="log verbosity")
     _add(node, "--memory-bytes", type=int, help="memory this node offers, in bytes (default: available x fraction)")
     _add(node, "--memory-fraction", type=float, default=0.8, help="fraction of available memory to offer, in (0, 1]")
@@ -157,6 +157,8 @@ def _setup_logging(level: str) -> _NodeIdFilter:
     handler.addFilter(node_filter)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s node=%(node)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    if level != "debug":  # aioquic logs every connection's negotiation at INFO
+        logging.getLogger("quic").setLevel(logging.WARNING)
     return node_filter
 
 

@@ -34,6 +34,7 @@ from transports.base import Connection, Transport, connect_with_backoff
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 10.0
+AUTH_RETRY_S = 30.0  # a --peer that fails authentication is retried this often
 WILDCARDS = ("0.0.0.0", "::", "")
 
 
@@ -233,6 +234,7 @@ class Links:
         info = await self._handshake(conn)
         if info is None:
             return
+        first = True
         try:
             while not conn.closed:
                 try:
@@ -242,8 +244,14 @@ class Links:
                                 info.member_id, self.dead_after_s)
                     break
                 if msg.type == "reject":
+                    # spec K9, N10: a peer answers a hello claiming a live id with a reject as
+                    # its first message after its own hello, naming our id; anything else is
+                    # a malformed message that closes this link only
+                    if not first or msg.body.get("id") != self.me().member_id:
+                        raise FrameError("a reject that is not the answer to our hello")
                     self._rejected(msg, conn)
                     break
+                first = False
                 if not await self._measurement(info.member_id, conn, msg):
                     await self.on_message(info.member_id, msg)
         except (FrameError, KernelError) as exc:
@@ -285,15 +293,25 @@ class Links:
     async def dial_forever(self, address: str, stop: asyncio.Event) -> None:
         """Keep a link to a ``--peer`` address for the life of the node (re-dial with backoff)."""
         host, port = split_address(address)
+        last_warned = -AUTH_RETRY_S
         while not stop.is_set():
+            pause_s = 1.0  # a pause between rounds; each round backs off itself
             try:
                 conn = await connect_with_backoff(self.transport, host, port, attempt_timeout_s=3.0, deadline_s=30.0)
+            except AuthenticationError as exc:
+                # the peer is there but not of this cluster (or plaintext): say so, once a while
+                now = asyncio.get_running_loop().time()
+                if now - last_warned >= AUTH_RETRY_S:
+                    log.warning("peer %s refused: %s; retrying every %.0f s", address, exc, AUTH_RETRY_S)
+                    last_warned = now
+                pause_s = AUTH_RETRY_S
             except (MeshError, TimeoutError) as exc:
-                log.info("peer %s unreachable: %s; retrying", address, exc)
+                hint = "" if self.transport.name == "tcp" else f" (does the peer use --transport {self.transport.name} too?)"
+                log.info("peer %s unreachable: %s%s; retrying", address, exc, hint)
             else:
                 await self.accept(conn)
             try:
-                await asyncio.wait_for(stop.wait(), 1.0)  # a pause between rounds; each round backs off itself
+                await asyncio.wait_for(stop.wait(), pause_s)
             except TimeoutError:
                 pass
 

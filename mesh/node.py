@@ -131,6 +131,10 @@ class Node:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
+        if config.interface is not None:  # a bad --interface fails before anything is written
+            from mesh.netif import advertise_address, local_interfaces
+
+            advertise_address(local_interfaces(), None, pinned_interface=config.interface)
         self.data_dir = config.data_dir.expanduser()
         self._data_dir_lock = lock_data_dir(self.data_dir)
         self.member_id = load_or_create_node_id(self.data_dir)

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime
 import hashlib
+import logging
 import os
 import ssl
 import tempfile
@@ -59,12 +61,26 @@ def node_id_for(public_key: ed25519.Ed25519PublicKey) -> str:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write a secret file readable by its owner only, atomically."""
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
+    """Write a secret file readable by its owner only, atomically: a fresh temporary file
+    (``mkstemp``: O_EXCL, mode 0600, never a symlink someone left there) renamed into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _check_private(path: Path) -> None:
+    """Make a secret file owner-only again if its mode was loosened (and say so)."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        logging.getLogger(__name__).warning("%s was readable by others (mode %o); setting it to 600", path, mode)
+        path.chmod(0o600)
 
 
 def load_or_create_identity(data_dir: Path) -> ed25519.Ed25519PrivateKey:
@@ -77,6 +93,7 @@ def load_or_create_identity(data_dir: Path) -> ed25519.Ed25519PrivateKey:
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         if path.exists():
+            _check_private(path)
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
             if not isinstance(key, ed25519.Ed25519PrivateKey):
                 raise ConfigError(f"{path} is not an Ed25519 private key; delete it to make a new identity")
@@ -127,6 +144,7 @@ def load_or_create_cluster_key(data_dir: Path, given: str | None = None) -> byte
         if given is not None:
             key = parse_cluster_key(given)
         elif path.exists():
+            _check_private(path)
             return parse_cluster_key(path.read_text(), flag=str(path))
         else:
             key = os.urandom(CLUSTER_KEY_BYTES)
@@ -200,7 +218,9 @@ class LinkSecurity:
     """What a transport needs to authenticate and encrypt links: this node's identity key, its
     certificate signed by the cluster CA, and the CA to check peers against.
 
-    ``workdir`` receives the PEM files the TLS libraries read (key file mode 0600).
+    ``workdir`` receives the PEM files Python's ``ssl`` reads (key file mode 0600); without
+    one they live in a temporary directory only while a context is built. QUIC (aioquic)
+    takes the key and certificate objects and writes nothing.
     """
 
     def __init__(self, identity: ed25519.Ed25519PrivateKey, cluster_key: bytes, workdir: Path | None = None,
@@ -215,16 +235,19 @@ class LinkSecurity:
         self._ca_public_key = ca_key.public_key()
         self.certificate = _node_certificate(identity, ca_key, self.ca_certificate,
                                              now or datetime.datetime.now(datetime.UTC))
-        self.workdir = Path(tempfile.mkdtemp(prefix="mesh-tls-")) if workdir is None else workdir
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.key_path = self.workdir / "node.key"
-        self.cert_path = self.workdir / "node.crt"
-        self.ca_path = self.workdir / "ca.crt"
-        _write_private(self.key_path, identity.private_bytes(serialization.Encoding.PEM,
+        self._workdir = workdir
+        self._contexts: dict[bool, ssl.SSLContext] = {}
+
+    def _pem_files(self, directory: Path) -> tuple[Path, Path]:
+        """(certificate, key) PEM files in ``directory`` for Python's ``ssl``, which reads
+        only files (the key file mode 0600)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        cert_path, key_path = directory / "node.crt", directory / "node.key"
+        _write_private(key_path, self.identity.private_bytes(serialization.Encoding.PEM,
                                                              serialization.PrivateFormat.PKCS8,
                                                              serialization.NoEncryption()))
-        self.cert_path.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
-        self.ca_path.write_bytes(self.ca_pem)
+        cert_path.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
+        return cert_path, key_path
 
     @classmethod
     def for_data_dir(cls, data_dir: Path, cluster_key: str | None = None) -> LinkSecurity:
@@ -238,19 +261,30 @@ class LinkSecurity:
         return self.ca_certificate.public_bytes(serialization.Encoding.PEM)
 
     def ssl_context(self, *, server_side: bool) -> ssl.SSLContext:
-        """A TLS 1.3-only context with mutual authentication against the cluster CA.
+        """A TLS 1.3-only context with mutual authentication against the cluster CA, built
+        once per side and reused (building one costs about 0.6 ms).
 
         Host names are not checked: nodes are told apart by the key in their certificate,
-        which ``verify_peer`` checks after the handshake.
+        which ``verify_peer`` checks after the handshake. The server issues no session
+        tickets (``num_tickets = 0``): no resumption, every link proves its key afresh.
         """
+        cached = self._contexts.get(server_side)
+        if cached is not None:
+            return cached
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.load_verify_locations(cadata=self.ca_pem.decode())
-        ctx.load_cert_chain(self.cert_path, self.key_path)
+        if self._workdir is not None:
+            ctx.load_cert_chain(*self._pem_files(self._workdir))
+        else:  # no data dir: a private temporary directory, removed once the chain is loaded
+            with tempfile.TemporaryDirectory(prefix="mesh-tls-") as tmp:
+                ctx.load_cert_chain(*self._pem_files(Path(tmp)))
         if server_side:
-            ctx.options |= ssl.OP_NO_TICKET  # no resumption: every link proves its key afresh
+            ctx.options |= ssl.OP_NO_TICKET
+            ctx.num_tickets = 0
+        self._contexts[server_side] = ctx
         return ctx
 
     def verify_peer(self, certificate: x509.Certificate | bytes | None) -> PeerIdentity:

@@ -119,6 +119,20 @@ async def test_wrong_cluster_or_plaintext_is_rejected_and_listener_serves_on(
     assert "rejected a link from" in caplog.text
 
 
+@pytest.mark.spec("S4", "T9")
+async def test_backoff_does_not_retry_a_peer_that_fails_authentication(tmp_path: Path) -> None:
+    from transports.base import connect_with_backoff
+
+    listener, _ = await _serve_tls(_security(os.urandom(32), tmp_path, "s"))
+    async with listener:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(AuthenticationError, match="check --cluster-key"):
+            await connect_with_backoff(TcpTransport(security=_security(os.urandom(32), tmp_path, "c")), HOST,
+                                       listener.port, attempt_timeout_s=5, deadline_s=20)
+        assert loop.time() - start < 5  # one attempt, not 20 s of retries
+
+
 @pytest.mark.spec("S6")
 async def test_a_replayed_handshake_yields_no_link(tmp_path: Path) -> None:
     """Record what a real client sends through a relay, then replay those bytes."""
@@ -245,3 +259,46 @@ def test_insecure_warns_and_an_insecure_transport_is_refused(tmp_path: Path, cap
 
 def test_sockets_here_are_loopback_only() -> None:
     assert socket.gethostbyname(HOST) == "127.0.0.1"
+
+
+@pytest.mark.spec("S4")
+def test_reject_log_is_rate_limited_per_host(caplog: pytest.LogCaptureFixture) -> None:
+    from transports.base import RejectLog
+
+    log = RejectLog(logging.getLogger("test.rejects"), window_s=60.0)
+    with caplog.at_level(logging.WARNING):
+        for i in range(50):
+            log.rejected(f"10.0.0.1:{1000 + i}", "wrong key")
+        log.rejected("10.0.0.2:5", "wrong key")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "10.0.0.1:1000" in lines[0] and "10.0.0.2:5" in lines[1]
+    log._seen["10.0.0.1"] = (log._seen["10.0.0.1"][0] - 61.0, log._seen["10.0.0.1"][1])
+    with caplog.at_level(logging.WARNING):
+        log.rejected("10.0.0.1:2000", "wrong key")
+    assert "49 more from 10.0.0.1" in caplog.records[-1].getMessage()
+
+
+@pytest.mark.spec("S4")
+async def test_unauthenticated_handshakes_in_flight_are_capped(tmp_path: Path) -> None:
+    from transports import tcp
+
+    cluster = os.urandom(32)
+    listener, accepted = await _serve_tls(_security(cluster, tmp_path, "s"))
+    async with listener:
+        idle = [await asyncio.open_connection(HOST, listener.port) for _ in range(tcp.MAX_HANDSHAKES_PER_HOST)]
+        for _ in range(100):  # the listener has taken them all into their handshakes
+            if sum(listener._handshakes.values()) == tcp.MAX_HANDSHAKES_PER_HOST:
+                break
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection(HOST, listener.port)
+        assert await asyncio.wait_for(reader.read(1), 5) == b""  # dropped at once, not after 10 s
+        writer.close()
+        for _, w in idle:
+            w.close()
+        for _ in range(200):
+            if not listener._handshakes:
+                break
+            await asyncio.sleep(0.01)
+        good = await TcpTransport(security=_security(cluster, tmp_path, "c")).connect(HOST, listener.port, timeout_s=5)
+        async with good:
+            assert (await good.recv(timeout_s=5)).type == "hi"

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import ClassVar, Self
 
-from mesh.errors import ConfigError, TransportError
+from mesh.errors import AuthenticationError, ConfigError, TransportError
 from mesh.security import PeerIdentity
 from mesh.wire import Message
 
@@ -174,6 +176,31 @@ class Transport(abc.ABC):
         """
 
 
+class RejectLog:
+    """Logs rejected links (spec S4) at most once per ``window_s`` per source host, with the
+    number of rejections since, so a peer retrying with the wrong key cannot flood the log.
+    At most ``max_hosts`` hosts are remembered."""
+
+    def __init__(self, logger: logging.Logger, *, window_s: float = 60.0, max_hosts: int = 1024) -> None:
+        self._logger = logger
+        self._window_s = window_s
+        self._max_hosts = max_hosts
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def rejected(self, peer: str, reason: str) -> None:
+        host = peer.rpartition(":")[0] or peer
+        now = time.monotonic()
+        last, suppressed = self._seen.get(host, (-self._window_s, 0))
+        if now - last < self._window_s:
+            self._seen[host] = (last, suppressed + 1)
+            return
+        more = f" ({suppressed} more from {host} in the last {self._window_s:.0f} s)" if suppressed else ""
+        self._logger.warning("rejected a link from %s: %s%s", peer, reason, more)
+        if len(self._seen) >= self._max_hosts and host not in self._seen:
+            self._seen.pop(next(iter(self._seen)))
+        self._seen[host] = (now, 0)
+
+
 class Backoff:
     """Sans-IO delay schedule: exponential growth from ``initial_delay_s`` up to
     ``max_delay_s``, each delay drawn uniformly in [d/2, d] ("equal jitter") so that many
@@ -219,6 +246,7 @@ async def connect_with_backoff(
     Raises:
         TransportError: no attempt succeeded before the deadline; names the address, the
             number of attempts and the last error (spec T9).
+        AuthenticationError: the peer answered but failed authentication (not retried).
         ConfigError: a timeout or delay is not positive.
     """
     if not attempt_timeout_s > 0 or not deadline_s > 0:
@@ -239,6 +267,8 @@ async def connect_with_backoff(
         try:
             return await transport.connect(host, port,
                                            timeout_s=min(attempt_timeout_s, remaining))
+        except AuthenticationError:
+            raise  # the peer is there but not of this cluster: retrying at once cannot help
         except TransportError as exc:
             last_error = exc
         remaining = deadline - loop.time()

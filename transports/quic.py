@@ -55,6 +55,7 @@ from transports.base import (
     ConnectionHandler,
     LinkStats,
     Listener,
+    RejectLog,
     Transport,
     check_lane,
 )
@@ -94,8 +95,9 @@ class _Protocol(QuicConnectionProtocol):
     """aioquic's asyncio protocol, feeding stream data and connection events to a ``QuicLink``."""
 
     def __init__(self, quic: QuicConnection, stream_handler: Any = None, *, request_client_cert: bool = False,
-                 on_handshake: Any = None) -> None:
+                 on_handshake: Any = None, on_rejected: Any = None) -> None:
         super().__init__(quic, stream_handler)
+        self.on_rejected = on_rejected
         self.link: QuicLink | None = None
         self.terminated: events.ConnectionTerminated | None = None
         self.on_handshake = on_handshake
@@ -136,12 +138,12 @@ class _Protocol(QuicConnectionProtocol):
             self.terminated = event
             if self.link is not None:
                 self.link._terminated(event)
-            elif self.on_handshake is not None and event.error_code in _CRYPTO_ERRORS:
+            elif self.on_rejected is not None and event.error_code in _CRYPTO_ERRORS:
                 # spec S4: a client that refused our certificate (another cluster) is logged here
                 paths = self._quic._network_paths
                 peer = _format(paths[0].addr) if paths else "?"
-                logger.warning("rejected a link from %s: TLS handshake failed (%s); it may not hold this "
-                               "cluster's key", peer, event.reason_phrase or f"error {event.error_code:#x}")
+                self.on_rejected(peer, f"TLS handshake failed ({event.reason_phrase or hex(event.error_code)}); "
+                                       "it may hold another cluster key (check --cluster-key)")
         elif isinstance(event, events.HandshakeCompleted) and self.on_handshake is not None:
             self.on_handshake(self)
 
@@ -339,6 +341,7 @@ class QuicListener(Listener):
         self._links: set[QuicLink] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._rejects = RejectLog(logger)
 
     @property
     def host(self) -> str:
@@ -354,10 +357,12 @@ class QuicListener(Listener):
 
         def protocol(quic: QuicConnection, stream_handler: Any = None) -> _Protocol:
             return _Protocol(quic, stream_handler, request_client_cert=t.security is not None,
-                             on_handshake=self._handshake_done)
+                             on_handshake=self._handshake_done, on_rejected=self._rejects.rejected)
 
         try:
-            self._server = await serve(self._host, port, configuration=config, create_protocol=protocol)
+            # retry=True: a stateless Retry proves the client's address before any handshake
+            # state is kept (RFC 9000 §8.1), so spoofed Initial packets cost us nothing
+            self._server = await serve(self._host, port, configuration=config, create_protocol=protocol, retry=True)
         except OSError as exc:
             raise TransportError(f"cannot listen on {self._host}:{port}: {exc}") from exc
         self._port = self._server._transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
@@ -370,7 +375,7 @@ class QuicListener(Listener):
             try:
                 identity = t.security.verify_peer(protocol.peer_certificate())
             except AuthenticationError as exc:  # spec S4: log, drop this link, keep serving
-                logger.warning("rejected a link from %s: %s", peer, exc)
+                self._rejects.rejected(peer, str(exc))
                 protocol.close(error_code=ERROR_AUTH, reason_phrase="authentication failed")
                 return
         if self._closing:

@@ -22,7 +22,7 @@ from typing import Any
 from mesh.errors import AuthenticationError, ConfigError, FrameError, PeerTimeout, TransportError
 from mesh.security import LinkSecurity, PeerIdentity
 from mesh.wire import Message
-from transports.base import Connection, ConnectionHandler, LinkStats, Listener, Transport, check_lane
+from transports.base import Connection, ConnectionHandler, LinkStats, Listener, RejectLog, Transport, check_lane
 from transports.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameEncoder
 
 logger = logging.getLogger(__name__)
@@ -31,6 +31,10 @@ WRITE_CHUNK_BYTES = 1024 * 1024
 WRITE_HIGH_WATER_BYTES = 4 * 1024 * 1024  # send waits while more than this is queued in user space
 INBOX_HIGH_WATER_BYTES = 8 * 1024 * 1024  # read ahead at most this much while no recv waits (T12)
 DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
+# Connections still in their TLS handshake (unauthenticated): each holds ~300 KiB of TLS
+# state; beyond these caps new ones are dropped at once, so a flood cannot exhaust memory.
+MAX_HANDSHAKES = 128
+MAX_HANDSHAKES_PER_HOST = 16
 
 
 def _format_peer(peername: Any, fallback: str) -> str:
@@ -346,10 +350,12 @@ async def _secure(protocol: _LinkProtocol, security: LinkSecurity, *, server_sid
     except TimeoutError:
         raise PeerTimeout(f"TLS handshake with {peer} did not finish within {timeout_s}s") from None
     except ssl.SSLError as exc:
-        raise AuthenticationError(f"TLS handshake with {peer} failed: {exc.reason or exc}") from None
+        raise AuthenticationError(f"TLS handshake with {peer} failed: {_explain_tls(exc, security)}") from None
     except (ConnectionError, OSError) as exc:
-        raise AuthenticationError(f"TLS handshake with {peer} failed: the peer closed the link "
-                                  f"({exc.__class__.__name__}); it may not hold this cluster's key") from None
+        raise AuthenticationError(
+            f"TLS handshake with {peer} failed: the peer closed the link ({exc.__class__.__name__}); it may "
+            f"hold another cluster key (this node's cluster is {security.cluster_fingerprint}; check "
+            f"--cluster-key) or run with --insecure") from None
     if tls is None:
         raise AuthenticationError(f"TLS handshake with {peer} failed: the link closed")
     protocol.transport = tls  # type: ignore[assignment]
@@ -357,6 +363,18 @@ async def _secure(protocol: _LinkProtocol, security: LinkSecurity, *, server_sid
     ssl_object = tls.get_extra_info("ssl_object")
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     return security.verify_peer(der)
+
+
+def _explain_tls(exc: ssl.SSLError, security: LinkSecurity) -> str:
+    """A TLS failure in the words of its likely cause."""
+    reason = exc.reason or str(exc)
+    if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNEXPECTED_EOF_WHILE_READING", "RECORD_LAYER_FAILURE"):
+        return f"{reason}: the peer speaks plaintext (started with --insecure?) or is not a mesh node"
+    if reason in ("CERTIFICATE_VERIFY_FAILED", "TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE",
+                  "TLSV1_ALERT_DECRYPT_ERROR", "PEER_DID_NOT_RETURN_A_CERTIFICATE"):
+        return (f"{reason}: its certificate is not from this cluster ({security.cluster_fingerprint}); "
+                f"check --cluster-key on both nodes")
+    return reason
 
 
 class TcpListener(Listener):
@@ -376,6 +394,8 @@ class TcpListener(Listener):
         self._connections: set[TcpConnection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._handshakes: dict[str, int] = {}  # source host -> handshakes in flight
+        self._rejects = RejectLog(logger)
 
     @property
     def host(self) -> str:
@@ -407,15 +427,25 @@ class TcpListener(Listener):
             protocol.transport.abort()
             return
         peer = _format_peer(protocol.transport.get_extra_info("peername"), "?")
+        host = peer.rpartition(":")[0]
         identity = None
         if self._security is not None:
+            if sum(self._handshakes.values()) >= MAX_HANDSHAKES or self._handshakes.get(host, 0) >= MAX_HANDSHAKES_PER_HOST:
+                self._rejects.rejected(peer, "too many TLS handshakes in flight")
+                protocol.transport.abort()
+                return
+            self._handshakes[host] = self._handshakes.get(host, 0) + 1
             try:
                 identity = await _secure(protocol, self._security, server_side=True,
                                          timeout_s=self._handshake_timeout_s, peer=peer)
             except TransportError as exc:  # spec S4: log, drop this link, keep serving
-                logger.warning("rejected a link from %s: %s", peer, exc)
+                self._rejects.rejected(peer, str(exc))
                 protocol.transport.abort()
                 return
+            finally:
+                left = self._handshakes.pop(host) - 1
+                if left:
+                    self._handshakes[host] = left
             if self._closing:  # the listener closed during the handshake: hand nothing on
                 protocol.transport.abort()
                 return

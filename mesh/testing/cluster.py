@@ -81,7 +81,8 @@ class LocalCluster:
         memory_bytes: memory each node offers (fixed, so the split is deterministic); a list
             gives one value per node.
         extra_args: more flags for every node.
-        cluster_key: the ``--cluster-key`` every node gets (default: a fresh random one).
+        cluster_key: the cluster key every node gets through ``MESH_CLUSTER_KEY`` (default: a
+            fresh random one).
 
     Discovery is off (``--discovery off``): tests never announce on the host's networks.
     """
@@ -109,12 +110,12 @@ class LocalCluster:
             log_path = self.workdir / f"node{i}.log"
             args = [sys.executable, "-m", "mesh", "node", "--host", "127.0.0.1", "--port", str(port),
                     "--api-port", str(api_port), "--data-dir", str(data_dir), "--model", self.model,
-                    "--memory-bytes", str(self.memory[i]), "--discovery", "off",
-                    "--cluster-key", self.cluster_key, *self.extra_args]
+                    "--memory-bytes", str(self.memory[i]), "--discovery", "off", *self.extra_args]
             if first_port is not None:
                 args += ["--peer", f"127.0.0.1:{first_port}"]
             first_port = first_port or port
             env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+            env["MESH_CLUSTER_KEY"] = self.cluster_key  # not on the command line, where `ps` shows it
             env.update(self.env)
             process = _spawn(args, env, log_path, "wb")
             self.nodes.append(NodeProcess(i, port, api_port, data_dir, log_path, process, args, env))
