@@ -57,7 +57,7 @@ def test_a_copied_data_dir_is_refused(tmp_path: Path) -> None:
         node_id = (copy / "node_id").read_text().strip()
         port, api_port = free_port(), free_port()
         out = subprocess.run(
-            [sys.executable, "-m", "mesh", "node", "--port", str(port), "--api-port", str(api_port),
+            [sys.executable, "-m", "mesh", "node", "--host", "127.0.0.1", "--port", str(port), "--api-port", str(api_port),
              "--data-dir", str(copy), "--memory-bytes", str(4 << 30), "--peer", f"127.0.0.1:{original.port}",
              "--discovery", "off"],
             capture_output=True, text=True, timeout=180)

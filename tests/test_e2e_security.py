@@ -81,7 +81,7 @@ def test_a_node_without_the_key_never_becomes_a_member(tmp_path: Path) -> None:
             for name, flags in (("wrong-key", ["--cluster-key", format_cluster_key(os.urandom(32))]),
                                 ("plaintext", ["--insecure"])):
                 log_path = tmp_path / f"{name}.log"
-                args = [sys.executable, "-m", "mesh", "node", "--port", str(free_port()), "--api-port",
+                args = [sys.executable, "-m", "mesh", "node", "--host", "127.0.0.1", "--port", str(free_port()), "--api-port",
                         str(free_port()), "--data-dir", str(tmp_path / name), "--memory-bytes", str(4 << 30),
                         "--peer", f"127.0.0.1:{first.port}", "--discovery", "off", *flags]
                 env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
