@@ -126,7 +126,7 @@ class Replication:
             events = body.get("e")
             if not isinstance(events, list) or len(events) > 100_000:
                 raise KernelError("malformed ev message")
-            applied = []
+            applied: list[Event] = []
             for wire in events:
                 applied += self._receive(peer, Event.from_wire(wire))
             self._applied(applied)
@@ -142,7 +142,7 @@ class Replication:
                 await self._start_sync(peer)  # push-pull: the peer has what we lack too
         elif msg.type == "sync.page":
             page = SyncPage.from_wire(body)
-            applied: list[Event] = []
+            applied = []
             for event in page.events:
                 applied += self._receive(peer, event)
             # events one by one above (a clock too far ahead drops one event, not the page)

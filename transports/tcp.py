@@ -358,7 +358,7 @@ async def _secure(protocol: _LinkProtocol, security: LinkSecurity, *, server_sid
             f"--cluster-key) or run with --insecure") from None
     if tls is None:
         raise AuthenticationError(f"TLS handshake with {peer} failed: the link closed")
-    protocol.transport = tls  # type: ignore[assignment]
+    protocol.transport = tls
     tls.pause_reading()  # resumed when the TcpConnection is attached
     ssl_object = tls.get_extra_info("ssl_object")
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
