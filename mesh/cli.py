@@ -1,4 +1,4 @@
-"""Command line: ``python -m mesh node | key | plugins | bench | bench-kernel | bench-transport``.
+"""Command line: ``python -m mesh node | key | plan | plugins | bench | bench-kernel | bench-transport``.
 
 Every flag can also be set by an environment variable ``MESH_<FLAG>`` (dashes become
 underscores, e.g. ``--api-port`` -> ``MESH_API_PORT``; a repeatable flag takes a
@@ -75,7 +75,15 @@ def _port(text: str) -> int:  # argparse names the type by __name__ in its error
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 _port.__name__ = "port"
+_positive_int.__name__ = "positive integer"
 _positive_float.__name__ = "positive number"
 
 
@@ -132,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     kbench = sub.add_parser("bench-kernel", help="measure the kernel: apply rate, catch-up, convergence after a partition")
     _add(kbench, "--events", type=int, default=50_000, help="events for the apply-rate measurement")
     _add(kbench, "--json", type=Path, help="append results as one JSON line to this file")
+    from mesh.plan_cmd import add_parser as add_plan
+
+    add_plan(sub, _add, _positive_int)
+
     tbench = sub.add_parser("bench-transport", help="measure each transport's RTT and throughput on loopback "
                             "against a raw asyncio socket, plaintext and with TLS")
     _add(tbench, "--round-trips", type=int, default=2000, help="small-message ping-pongs per transport")
@@ -216,6 +228,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_plugins()
         if args.command == "key":
             return _run_key(args)
+        if args.command == "plan":
+            from mesh.plan_cmd import run_plan
+
+            if args.topology is None:
+                raise ConfigError("plan needs --topology FILE.json (devices and links; see `mesh/plan_cmd.py`)")
+            return run_plan(args)
         if args.command == "bench":
             from mesh.bench import run_bench
 

@@ -1,0 +1,286 @@
+"""Measured device profiles: what one device can compute and move, for the placement solver.
+
+A ``DeviceProfile`` holds, for one backend device ("cpu", "cuda:0", "mps"):
+
+- ``memory_total_bytes`` / ``memory_usable_bytes``: bytes (psutil for CPU and MPS's unified
+  memory, ``torch.cuda.mem_get_info`` for CUDA); usable = available x fraction, rounded down
+  to 64 MiB as in ``mesh.identity.usable_memory_bytes``.
+- ``flops``: dtype name -> dense matmul FLOP/s. An n x n by n x n matmul does n^3
+  multiply-adds = 2 n^3 floating-point operations (the convention of LINPACK/HPL and
+  BLAS benchmarks); best of a few runs, after a warm-up.
+- ``memory_bandwidth_bytes_per_s``: the STREAM "Copy" kernel (McCalpin, "Memory Bandwidth
+  and Machine Balance in Current High Performance Computers", IEEE TCCA newsletter, 1995):
+  ``dst[i] = src[i]`` over a buffer far larger than the caches; bytes moved = 2 x buffer
+  size (one read, one write), best of a few runs.
+
+This module is a measurement shell (it reads ``time.perf_counter``); it knows nothing of the
+cluster or of plans. Figures are cached in ``<data dir>/profile.json``. Spec: specs/placement.md
+(P7, P8).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, NoReturn
+
+from mesh.errors import ConfigError
+from mesh.identity import MEMORY_GRANULE, usable_memory_bytes
+
+log = logging.getLogger(__name__)
+
+PROFILE_VERSION = 1
+PROFILE_FILE = "profile.json"
+DTYPES = ("f32", "f16", "bf16")
+BACKENDS = ("torch",)
+MIN_RUN_S = 0.01  # grow the matmul until one run takes >= 10 ms, so timer noise is small
+MAX_MATMUL_N = 8192
+MAX_RUNS = 5
+COPY_BYTES = 256 << 20  # far larger than any CPU's last-level cache
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceProfile:
+    """What one device offers; see the module docstring for units and how each is measured."""
+
+    memory_total_bytes: int
+    memory_usable_bytes: int
+    flops: dict[str, float]
+    memory_bandwidth_bytes_per_s: float
+    backend: str
+    device: str
+    measured_at_ms: int
+    version: int = PROFILE_VERSION
+
+    def __post_init__(self) -> None:
+        for name in ("memory_total_bytes", "memory_usable_bytes", "measured_at_ms"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                _bad(name, value, "an integer >= 0")
+        if self.memory_usable_bytes > self.memory_total_bytes:
+            _bad("memory_usable_bytes", self.memory_usable_bytes, f"<= memory_total_bytes ({self.memory_total_bytes})")
+        if not isinstance(self.flops, dict) or not self.flops:
+            _bad("flops", self.flops, f"a non-empty map from {list(DTYPES)} to FLOP/s")
+        for dtype, value in self.flops.items():
+            if dtype not in DTYPES or not _positive(value):
+                _bad("flops", {dtype: value}, f"dtype names in {list(DTYPES)} with finite FLOP/s > 0")
+        if not _positive(self.memory_bandwidth_bytes_per_s):
+            _bad("memory_bandwidth_bytes_per_s", self.memory_bandwidth_bytes_per_s, "a finite number > 0")
+        for name in ("backend", "device"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                _bad(name, value, "a non-empty string")
+        if type(self.version) is not int or self.version != PROFILE_VERSION:
+            _bad("version", self.version, f"{PROFILE_VERSION} (the format this build reads)")
+
+    def to_wire(self) -> dict[str, Any]:
+        """A dict of ints, floats, strings and a str->float map: safe for CBOR and JSON."""
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"flops": dict(self.flops)}
+
+    @classmethod
+    def from_wire(cls, d: object) -> DeviceProfile:
+        """A profile from ``to_wire`` output (a peer's message or a cached file, maybe corrupt);
+        ConfigError names the first missing, unknown or malformed field."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a device profile must be a map, got {type(d).__name__}")
+        names = [f.name for f in fields(cls)]
+        for name in [*names, *sorted(map(str, d))]:
+            if name not in d or name not in names:
+                raise ConfigError(f"device profile field {name!r} is {'missing' if name in names else 'unknown'}; "
+                                  f"valid fields: {names}")
+        flops = d["flops"]
+        if isinstance(flops, dict):
+            flops = {k: _as_float(v) for k, v in flops.items()}
+        return cls(**dict(d, flops=flops, memory_bandwidth_bytes_per_s=_as_float(d["memory_bandwidth_bytes_per_s"])))
+
+
+def _as_float(x: Any) -> Any:
+    """JSON and CBOR may carry a whole float as an int; anything else is left for validation."""
+    return float(x) if type(x) is int else x
+
+
+def _bad(name: str, value: object, valid: str) -> NoReturn:
+    raise ConfigError(f"device profile field {name!r} is {value!r}; it must be {valid}")
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _resolve_device(backend: str, device: str | None) -> str:
+    """The device string a profile is stored under: ``cuda`` -> ``cuda:<current index>``."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend!r} cannot be profiled; valid: {list(BACKENDS)}")
+    import torch
+
+    if device is None:  # the torch backend's own default (backends/torch.py)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from exc
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = torch.cuda.current_device() if dev.index is None and count else dev.index or 0
+        if index >= count:
+            raise ConfigError(f"--device {device!r}: this machine has {count} CUDA device(s)")
+        return f"cuda:{index}"
+    if dev.type not in ("cpu", "mps") or (dev.type == "mps" and not torch.backends.mps.is_available()):
+        raise ConfigError(f"--device {device!r} is not available here; use cpu, cuda[:N] or mps")
+    return dev.type
+
+
+def _memory(device: str, memory_fraction: float) -> tuple[int, int]:
+    """(total, usable) bytes of ``device``; usable = available x fraction, whole 64 MiB."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not 0.0 < memory_fraction <= 1.0:
+            raise ConfigError(f"--memory-fraction must be in (0, 1], got {memory_fraction}")
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        usable = int(free * memory_fraction)
+        return int(total), usable - usable % MEMORY_GRANULE
+    import psutil
+
+    return int(psutil.virtual_memory().total), usable_memory_bytes(memory_fraction)
+
+
+def _timed(device: str, fn: Callable[..., object], *args: object) -> float:
+    """Seconds ``fn(*args)`` takes; GPU work is queued, so wait for it before and after."""
+    import torch
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        elif device == "mps":
+            torch.mps.synchronize()
+
+    sync()
+    start = time.perf_counter()
+    fn(*args)
+    sync()
+    return time.perf_counter() - start
+
+
+def _matmul_flops(dtype: str, device: str, deadline: float) -> float:
+    """FLOP/s of an n x n matmul, n doubled from 128 until one run takes >= MIN_RUN_S; the
+    runs while growing are the warm-up. Raises whatever torch raises for an unusable dtype."""
+    import torch
+
+    torch_dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    n = 128
+    while True:
+        a = torch.rand(n, n, device=device).to(torch_dtype)
+        b = torch.rand(n, n, device=device).to(torch_dtype)
+        _timed(device, torch.matmul, a, b)  # the first run at a size: warm-up, not counted
+        elapsed = _timed(device, torch.matmul, a, b)
+        # 8x the work at 2n: stop when a run is long enough or the budget can't pay for it.
+        if elapsed >= MIN_RUN_S or n >= MAX_MATMUL_N or time.perf_counter() + 16 * elapsed > deadline:
+            break
+        n *= 2
+    best = elapsed
+    for _ in range(MAX_RUNS - 1):
+        if time.perf_counter() + best > deadline:
+            break
+        best = min(best, _timed(device, torch.matmul, a, b))
+    return 2.0 * n**3 / best  # n^3 multiply-adds
+
+
+def _copy_bandwidth(device: str, free_bytes: int, deadline: float) -> float:
+    """Bytes/s of ``dst.copy_(src)``: STREAM Copy, 2 x size bytes moved per run (see above)."""
+    import torch
+
+    size = max(16 << 20, min(COPY_BYTES, free_bytes // 8))
+    src = torch.ones(size // 4, dtype=torch.float32, device=device)  # written: pages are touched
+    dst = torch.zeros_like(src)
+    best = _timed(device, dst.copy_, src)  # warm-up
+    for i in range(MAX_RUNS):  # at least one run after the warm-up, even past the deadline
+        if i and time.perf_counter() + best > deadline:
+            break
+        best = min(best, _timed(device, dst.copy_, src))
+    return 2.0 * size / best
+
+
+def measure_profile(
+    *, backend: str = "torch", device: str | None = None, memory_fraction: float = 0.8, budget_s: float = 3.0
+) -> DeviceProfile:
+    """Measure ``device`` now, in about ``budget_s`` seconds (a slow dtype may overrun it by a
+    run); dtypes the device cannot multiply in are left out. ConfigError for a bad argument."""
+    resolved = _resolve_device(backend, device)
+    total, usable = _memory(resolved, memory_fraction)
+    if not budget_s > 0:
+        raise ConfigError(f"budget_s must be > 0 seconds, got {budget_s}")
+    start = time.perf_counter()
+    flops: dict[str, float] = {}
+    for i, dtype in enumerate(DTYPES):  # spec P7: 3/4 of the budget for matmuls, shared out
+        deadline = start + budget_s * 0.75 * (i + 1) / len(DTYPES)
+        try:
+            value = _matmul_flops(dtype, resolved, deadline)
+        except (RuntimeError, TypeError, NotImplementedError) as exc:
+            log.info("profile: %s matmul on %s is not supported: %s", dtype, resolved, exc)
+            continue
+        if math.isfinite(value) and value > 0:
+            flops[dtype] = value
+    if not flops:
+        raise ConfigError(f"--device {resolved!r}: no dtype in {list(DTYPES)} can run a matmul there")
+    bandwidth = _copy_bandwidth(resolved, usable, max(time.perf_counter(), start + budget_s))
+    log.info("profile of %s: %s GFLOP/s, %.1f GB/s", resolved, {k: round(v / 1e9, 1) for k, v in flops.items()},
+             bandwidth / 1e9)
+    return DeviceProfile(
+        memory_total_bytes=total, memory_usable_bytes=usable, flops=flops, memory_bandwidth_bytes_per_s=bandwidth,
+        backend=backend, device=resolved, measured_at_ms=time.time_ns() // 1_000_000,
+    )
+
+
+def load_or_measure_profile(data_dir: Path, *, refresh: bool = False, **measure_kwargs: Any) -> DeviceProfile:
+    """The profile cached in ``data_dir/profile.json`` with memory re-read now; or a fresh
+    measurement, then cached, when the file is missing, corrupt (logs a warning), of another
+    version, backend or device, or ``refresh`` is set. ``measure_kwargs``: measure_profile's."""
+    unknown = set(measure_kwargs) - {"backend", "device", "memory_fraction", "budget_s"}
+    if unknown:
+        raise TypeError(f"load_or_measure_profile() got unknown arguments {sorted(unknown)}")
+    backend = measure_kwargs.get("backend", "torch")
+    device = _resolve_device(backend, measure_kwargs.get("device"))
+    path = data_dir / PROFILE_FILE
+    cached: DeviceProfile | None = None
+    if not refresh and path.exists():
+        try:
+            raw = json.loads(path.read_text())
+            if isinstance(raw, dict) and type(raw.get("version")) is int and raw["version"] != PROFILE_VERSION:
+                log.info("profile: %s has format version %r, not %d; re-measuring",
+                         path, raw.get("version"), PROFILE_VERSION)
+            else:
+                cached = DeviceProfile.from_wire(raw)
+        except (OSError, UnicodeDecodeError, ValueError, ConfigError) as exc:
+            log.warning("profile: %s is unreadable or corrupt (%s); re-measuring", path, exc)
+    if cached is not None and (cached.backend, cached.device) == (backend, device):
+        total, usable = _memory(device, measure_kwargs.get("memory_fraction", 0.8))
+        return replace(cached, memory_total_bytes=total, memory_usable_bytes=usable)
+    profile = measure_profile(**{**measure_kwargs, "device": device})
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(profile.to_wire(), indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)  # atomic: a crash never leaves half a file
+    except OSError as exc:
+        log.warning("profile: cannot cache the profile in %s: %s", path, exc)
+    return profile
+
+
+def profile_from_spec(
+    *, memory_bytes: int, flops: float, memory_bandwidth_bytes_per_s: float,
+    backend: str = "torch", dtype: str = "f32",
+) -> DeviceProfile:
+    """A simulated device (placement tests, ``python -m mesh plan`` topology files): all of
+    ``memory_bytes`` usable, ``flops`` FLOP/s in ``dtype``. Spec P8. ConfigError names a bad field."""
+    return DeviceProfile(
+        memory_total_bytes=memory_bytes, memory_usable_bytes=memory_bytes, flops={dtype: _as_float(flops)},
+        memory_bandwidth_bytes_per_s=_as_float(memory_bandwidth_bytes_per_s),
+        backend=backend, device="simulated", measured_at_ms=0,
+    )

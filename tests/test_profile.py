@@ -1,0 +1,193 @@
+"""Device profiles: a real CPU measurement, the data-dir cache, wire validation, simulated
+devices. Spec: specs/placement.md (P7, P8)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh import profile as profile_mod
+from mesh.errors import ConfigError
+from mesh.identity import MEMORY_GRANULE
+from mesh.profile import (
+    PROFILE_FILE,
+    DeviceProfile,
+    load_or_measure_profile,
+    measure_profile,
+    profile_from_spec,
+)
+
+GIB = 1 << 30
+
+
+@pytest.fixture
+def fake_measure(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Replace the measurement with a fixed profile; returns the list of calls' kwargs."""
+    calls: list[dict[str, Any]] = []
+
+    def fake(**kwargs: Any) -> DeviceProfile:
+        calls.append(kwargs)
+        return DeviceProfile(
+            memory_total_bytes=8 * GIB, memory_usable_bytes=4 * GIB, flops={"f32": 1e11},
+            memory_bandwidth_bytes_per_s=2e10, backend="torch", device="cpu",
+            measured_at_ms=1_700_000_000_000 + len(calls),
+        )
+
+    monkeypatch.setattr(profile_mod, "measure_profile", fake)
+    return calls
+
+
+@pytest.mark.spec("P7")
+def test_real_measurement_on_cpu() -> None:
+    p = measure_profile(device="cpu", budget_s=0.5)
+    assert p.backend == "torch" and p.device == "cpu" and p.version == 1
+    assert "f32" in p.flops and set(p.flops) <= {"f32", "f16", "bf16"}
+    assert all(math.isfinite(v) and v > 0 for v in p.flops.values())
+    assert p.flops["f32"] > 1e8
+    assert math.isfinite(p.memory_bandwidth_bytes_per_s) and p.memory_bandwidth_bytes_per_s > 1e8
+    assert 0 < p.memory_usable_bytes <= p.memory_total_bytes
+    assert p.memory_usable_bytes % MEMORY_GRANULE == 0
+    assert DeviceProfile.from_wire(json.loads(json.dumps(p.to_wire()))) == p
+
+
+@pytest.mark.spec("P7")
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"backend": "mlx"}, "--backend"),
+        ({"device": "nonsense"}, "--device"),
+        ({"device": "cuda:99"}, "--device"),
+        ({"memory_fraction": 1.5}, "--memory-fraction"),
+        ({"budget_s": 0.0}, "budget_s"),
+    ],
+)
+def test_measure_rejects_bad_arguments(kwargs: dict[str, Any], words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        measure_profile(**kwargs)
+
+
+@pytest.mark.spec("P7")
+def test_cache_round_trip_rereads_memory(tmp_path: Path, fake_measure: list[dict[str, Any]]) -> None:
+    first = load_or_measure_profile(tmp_path, device="cpu", budget_s=0.1)
+    assert len(fake_measure) == 1 and (tmp_path / PROFILE_FILE).is_file()
+    assert not list(tmp_path.glob("*.tmp"))  # written via a temp file, then renamed
+    second = load_or_measure_profile(tmp_path, device="cpu", memory_fraction=0.5)
+    assert len(fake_measure) == 1  # served from the cache
+    assert second.flops == first.flops and second.measured_at_ms == first.measured_at_ms
+    assert second.memory_bandwidth_bytes_per_s == first.memory_bandwidth_bytes_per_s
+    # memory is read now, not cached: the fake's 4 GiB usable is replaced by the real figure
+    assert second.memory_usable_bytes != 4 * GIB or second.memory_total_bytes != 8 * GIB
+    assert second.memory_usable_bytes % MEMORY_GRANULE == 0
+
+
+@pytest.mark.spec("P7")
+def test_refresh_remeasures(tmp_path: Path, fake_measure: list[dict[str, Any]]) -> None:
+    load_or_measure_profile(tmp_path, device="cpu")
+    again = load_or_measure_profile(tmp_path, refresh=True, device="cpu")
+    assert len(fake_measure) == 2
+    assert again.measured_at_ms == 1_700_000_000_002
+    cached = json.loads((tmp_path / PROFILE_FILE).read_text())
+    assert cached["measured_at_ms"] == 1_700_000_000_002
+
+
+@pytest.mark.spec("P7")
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b"\xff\xfe", b"[]", b'{"version": 1}', b"", json.dumps({"flops": "fast"}).encode()],
+)
+def test_corrupt_cache_remeasures_with_warning(
+    tmp_path: Path, fake_measure: list[dict[str, Any]], caplog: pytest.LogCaptureFixture, content: bytes
+) -> None:
+    (tmp_path / PROFILE_FILE).write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="mesh.profile"):
+        p = load_or_measure_profile(tmp_path, device="cpu")
+    assert len(fake_measure) == 1 and p.device == "cpu"
+    assert any("corrupt" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert DeviceProfile.from_wire(json.loads((tmp_path / PROFILE_FILE).read_text())) == p  # repaired
+
+
+@pytest.mark.spec("P7")
+def test_other_version_or_device_remeasures(tmp_path: Path, fake_measure: list[dict[str, Any]]) -> None:
+    load_or_measure_profile(tmp_path, device="cpu")
+    path = tmp_path / PROFILE_FILE
+    wire = json.loads(path.read_text())
+    path.write_text(json.dumps(wire | {"version": 2}))
+    load_or_measure_profile(tmp_path, device="cpu")
+    assert len(fake_measure) == 2
+    path.write_text(json.dumps(wire | {"device": "cuda:0"}))
+    load_or_measure_profile(tmp_path, device="cpu")
+    assert len(fake_measure) == 3
+    load_or_measure_profile(tmp_path, device="cpu")
+    assert len(fake_measure) == 3
+
+
+GOOD = profile_from_spec(memory_bytes=16 * GIB, flops=5e12, memory_bandwidth_bytes_per_s=1e11).to_wire()
+
+
+@pytest.mark.spec("P7")
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("memory_total_bytes", -1),
+        ("memory_total_bytes", 1.5),
+        ("memory_total_bytes", True),
+        ("memory_usable_bytes", "lots"),
+        ("memory_usable_bytes", 32 * GIB),  # more than the total
+        ("flops", {}),
+        ("flops", [1e9]),
+        ("flops", {"f64": 1e9}),
+        ("flops", {"f32": -1.0}),
+        ("flops", {"f32": math.inf}),
+        ("flops", {"f32": "1e9"}),
+        ("memory_bandwidth_bytes_per_s", 0),
+        ("memory_bandwidth_bytes_per_s", math.nan),
+        ("memory_bandwidth_bytes_per_s", None),
+        ("backend", ""),
+        ("backend", 7),
+        ("device", None),
+        ("measured_at_ms", -5),
+        ("measured_at_ms", "now"),
+        ("version", 2),
+        ("version", "1"),
+    ],
+)
+def test_from_wire_rejects_bad_fields(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=field):
+        DeviceProfile.from_wire(GOOD | {field: value})
+
+
+@pytest.mark.spec("P7")
+def test_from_wire_rejects_bad_shapes() -> None:
+    with pytest.raises(ConfigError, match="map"):
+        DeviceProfile.from_wire([GOOD])
+    for field in GOOD:
+        with pytest.raises(ConfigError, match=f"{field}.*missing"):
+            DeviceProfile.from_wire({k: v for k, v in GOOD.items() if k != field})
+    with pytest.raises(ConfigError, match="'colour'.*unknown"):
+        DeviceProfile.from_wire(GOOD | {"colour": "red"})
+
+
+@pytest.mark.spec("P7")
+def test_from_wire_accepts_whole_numbers_as_floats() -> None:
+    p = DeviceProfile.from_wire(GOOD | {"flops": {"f32": 5}, "memory_bandwidth_bytes_per_s": 7})
+    assert p.flops == {"f32": 5.0} and type(p.flops["f32"]) is float
+    assert type(p.memory_bandwidth_bytes_per_s) is float
+
+
+@pytest.mark.spec("P8")
+def test_profile_from_spec() -> None:
+    p = profile_from_spec(memory_bytes=24 * GIB, flops=20 * 10**12, memory_bandwidth_bytes_per_s=8e11, dtype="f16")
+    assert p.memory_total_bytes == p.memory_usable_bytes == 24 * GIB
+    assert p.flops == {"f16": 2e13} and p.memory_bandwidth_bytes_per_s == 8e11
+    assert p.backend == "torch" and p.device == "simulated" and p.version == 1
+    assert DeviceProfile.from_wire(json.loads(json.dumps(p.to_wire()))) == p
+    for bad, field in [({"memory_bytes": -1}, "memory_total_bytes"), ({"flops": 0.0}, "flops"),
+                       ({"dtype": "int8"}, "flops"), ({"memory_bandwidth_bytes_per_s": -2.0}, "bandwidth")]:
+        kwargs: dict[str, Any] = {"memory_bytes": GIB, "flops": 1e12, "memory_bandwidth_bytes_per_s": 1e11} | bad
+        with pytest.raises(ConfigError, match=field):
+            profile_from_spec(**kwargs)
