@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     kbench = sub.add_parser("bench-kernel", help="measure the kernel: apply rate, catch-up, convergence after a partition")
     _add(kbench, "--events", type=int, default=50_000, help="events for the apply-rate measurement")
     _add(kbench, "--json", type=Path, help="append results as one JSON line to this file")
+    pbench = sub.add_parser("bench-placement", help="price the placement solver's plans against the "
+                            "memory-proportional split and the best single device on cluster profiles")
+    _add(pbench, "--seed", type=int, default=0, help="seed of the random cluster profiles")
+    _add(pbench, "--json", type=Path, help="append results as one JSON line to this file")
     from mesh.plan_cmd import add_parser as add_plan
 
     add_plan(sub, _add, _positive_int)
@@ -247,6 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mesh.bench_kernel import run_kernel_bench
 
             return run_kernel_bench(args)
+        if args.command == "bench-placement":
+            from mesh.bench_placement import run_placement_bench
+
+            return run_placement_bench(args)
     except MeshError as exc:
         print(f"mesh: error: {exc}", file=sys.stderr)
         return 2

@@ -20,6 +20,8 @@ from mesh.errors import ConfigError
 
 PROBE_BYTES = 1 << 20
 RTT_WINDOW = 512  # samples kept per link
+PROBE_WINDOW = 5  # probes the throughput is the best of
+FIRST_PROBE_S = 10.0  # the first probe of a link waits this long after the link is first seen
 PUBLISH_CHANGE = 0.25  # publish again when a figure moved by more than this fraction
 PUBLISH_MAX_AGE_S = 60.0
 
@@ -44,7 +46,8 @@ class LinkMeter:
     def __init__(self, transport: str, *, max_pending: int = 64) -> None:
         self.transport = transport
         self.rtts_s: deque[float] = deque(maxlen=RTT_WINDOW)
-        self.throughput_bytes_per_s: float | None = None
+        self.throughputs: deque[float] = deque(maxlen=PROBE_WINDOW)
+        self._first_seen_s: float | None = None
         self._pings: dict[int, float] = {}
         self._probes: dict[int, tuple[float, int]] = {}
         self._seq = 0
@@ -75,7 +78,20 @@ class LinkMeter:
         return rtt
 
     def probe_due(self, now_s: float, interval_s: float) -> bool:
-        return self.last_probe_s is None or now_s - self.last_probe_s >= interval_s
+        """A probe is due ``interval_s`` after the last one; the first waits ``FIRST_PROBE_S``
+        after the link was first seen (a node starting up, loading a model, would measure
+        its own busy CPU instead of the link)."""
+        if self._first_seen_s is None:
+            self._first_seen_s = now_s
+        if self.last_probe_s is None:
+            return now_s - self._first_seen_s >= FIRST_PROBE_S
+        return now_s - self.last_probe_s >= interval_s
+
+    @property
+    def throughput_bytes_per_s(self) -> float | None:
+        """The best of the last ``PROBE_WINDOW`` probes (bytes/s): a link's capacity; a busy
+        moment on either end only lowers one sample."""
+        return max(self.throughputs) if self.throughputs else None
 
     def probe_sent(self, size_bytes: int, now_s: float) -> int:
         seq = self._next()
@@ -94,8 +110,8 @@ class LinkMeter:
         transfer_s = now_s - sent - (self.rtt_p50_s or 0.0)
         if transfer_s <= 0:  # too fast to tell from the RTT: bound it by the whole round trip
             transfer_s = max(now_s - sent, 1e-6)
-        self.throughput_bytes_per_s = size / transfer_s
-        return self.throughput_bytes_per_s
+        self.throughputs.append(size / transfer_s)
+        return size / transfer_s
 
     @property
     def rtt_p50_s(self) -> float | None:

@@ -178,6 +178,7 @@ class Node:
         self._last_health: tuple[bool, str] = (False, "")
         self.api_port = config.api_port
         self.listen_port = config.port
+        self.profile: Any = None
 
     def _security(self, config: NodeConfig) -> LinkSecurity | None:
         if config.insecure:
@@ -208,6 +209,7 @@ class Node:
         if cfg.port:
             bind_tcp(cfg.host, cfg.port, "--port").close()  # only a check: the transport binds it below
         log.info("node %s starting: model %s, backend %s", self.member_id, cfg.model, cfg.backend)
+        await self._measure_profile()
         await asyncio.to_thread(lambda: (self.model.config, self.model.tokenizer))
         self.size = await asyncio.to_thread(model_size, self.model)
         self.coordinator = Coordinator(self, self.model, cfg.timeouts)
@@ -231,6 +233,7 @@ class Node:
         log.info("serving the OpenAI API on http://%s:%d/v1 (mesh link on %s)", cfg.api_host, cfg.api_port, self.me.address)
         tasks = [api_task, loop.create_task(self._heartbeats(), name="heartbeats"),
                  loop.create_task(self._loader(), name="loader")]
+        self.links.spawn(self._publish_profile(), "profile")
         tasks += [loop.create_task(self.links.dial_forever(a, self._stop), name=f"peer {a}") for a in cfg.peers]
         discovery = await self._start_discovery()
         stop_task = loop.create_task(self._stop.wait(), name="stop")
@@ -297,6 +300,54 @@ class Node:
         if chosen is None:
             return f"{host or '0.0.0.0'}:{port}"
         return f"[{chosen}]:{port}" if ":" in chosen else f"{chosen}:{port}"
+
+    async def _measure_profile(self) -> None:
+        """Measure (or read the cached) device profile, before the model loads: measured
+        while this process loads weights, the figures would be of a busy CPU (spec P7)."""
+        from mesh.profile import load_or_measure_profile
+
+        options = _backend_options(self.config)
+        try:
+            profile = await asyncio.to_thread(
+                load_or_measure_profile, self.data_dir, backend=self.config.backend, device=options.get("device"),
+                memory_fraction=self.config.memory_fraction, budget_s=1.0)
+        except Exception as exc:  # a profile is an aid to placement: its failure costs only predictions
+            log.warning("could not measure this device's profile: %s", exc)
+            return
+        log.info("device profile: %s", ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in profile.flops.items())
+                 + f", memory bandwidth {profile.memory_bandwidth_bytes_per_s / 1e9:.0f} GB/s")
+        self.profile = profile
+
+    async def _publish_profile(self) -> None:
+        """Publish the profile once this node has joined (spec P16)."""
+        from mesh.perf import profile_key, profile_record
+
+        profile = self.profile
+        if profile is None:
+            return
+        while not self._joined and not self._stop.is_set():
+            await asyncio.sleep(0.2)
+        if self.replication is not None and not self._stop.is_set():
+            self.replication.emit("profile.set", profile_key(self.member_id),
+                                  profile_record(profile.flops, profile.memory_bandwidth_bytes_per_s, profile.device))
+
+    def _performance(self) -> dict[str, Any]:
+        """The cost model's prediction for the current plan beside what this node measured."""
+        from mesh.costmodel import ModelSpec
+        from mesh.perf import predicted
+
+        assert self.coordinator is not None
+        measured = self.coordinator.measured.summary()
+        prompt = measured["prompt_tokens"] if measured else 128
+        new = measured["new_tokens"] if measured else 64
+        dtype = self.config.dtype or ("f32" if (self.config.device or "cpu").startswith("cpu") else "f16")
+        try:
+            spec = ModelSpec.from_config(self.model.config, name=self.model.model_id,
+                                         dtype_bytes={"f32": 4, "f16": 2, "bf16": 2}[dtype])
+        except (MeshError, AttributeError, TypeError, ValueError) as exc:
+            return {"predicted": None, "measured": measured, "error": f"no model spec: {exc}"}
+        return {"predicted": predicted(self.view(), self.plan, spec, dtype, prompt_tokens=prompt, new_tokens=new),
+                "measured": measured}
 
     async def _alt_addresses(self) -> tuple[str, ...]:
         """Other hosts this node's link listens on that a transport prefers (the tbip
@@ -639,6 +690,7 @@ class Node:
                 "log_records": self.replication.log.records,
             },
             "links": self.view().links(),
+            "performance": self._performance(),
             "security": {
                 "authenticated": self.security is not None,
                 "cluster": self.security.cluster_fingerprint if self.security is not None else None,

@@ -28,6 +28,7 @@ from mesh.errors import ApiError, MeshError, ModelError, PeerTimeout, RequestFai
 from mesh.models import Model
 from mesh.placement import Plan
 from mesh.sampling import sample
+from mesh.perf import Measured
 from mesh.wire import Message
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ class Coordinator:
         self.node = node
         self.model = model
         self.timeouts = timeouts
+        self.measured = Measured()  # TTFT and decode rate of finished requests (spec P16)
         self.model_id = model.model_id
         self.context_length = model.context_length
         self.eos_token_ids = model.eos_token_ids
@@ -234,6 +236,7 @@ class Coordinator:
             "sp": {"t": params.temperature, "p": params.top_p, "seed": seed},
         }
         started = time.monotonic()
+        first_token_at = 0.0
         produced = 0
         outcome = "cancelled"  # unless it finishes or fails below
         log.info("req=%s start: %d prompt tokens, plan %s", req, len(prompt_ids), plan.plan_id)
@@ -252,6 +255,8 @@ class Coordinator:
                     raise RequestFailed(f"req={req} failed: {reply.body.get('message')}")
                 token = int(reply.body["token"])
                 produced += 1
+                if produced == 1:
+                    first_token_at = time.monotonic()
                 if produced == params.max_tokens or (token in self.eos_token_ids and not params.ignore_eos):
                     outcome = "finished"
                 yield token
@@ -264,6 +269,9 @@ class Coordinator:
             raise
         finally:
             self._pending.pop(req, None)
+            if outcome == "finished":
+                self.measured.record(prompt_tokens=len(prompt_ids), new_tokens=produced,
+                                     ttft_s=first_token_at - started, decode_s=time.monotonic() - first_token_at)
             self.node.request_event(req, outcome)
             await self._release(req, members)
             log.info("req=%s end: %d tokens in %.2f s", req, produced, time.monotonic() - started)

@@ -42,7 +42,7 @@ def _wait(predicate, timeout_s: float, what: str):  # type: ignore[no-untyped-de
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-@pytest.mark.spec("S3", "T14", "L2", "L3")
+@pytest.mark.spec("S3", "T14", "L2", "L3", "P16")
 def test_quic_and_tcp_clusters_give_identical_completions(tmp_path: Path) -> None:
     with LocalCluster(2, tmp_path / "tcp") as cluster:
         cluster.wait_ready()
@@ -65,6 +65,12 @@ def test_quic_and_tcp_clusters_give_identical_completions(tmp_path: Path) -> Non
             assert link["throughput_bytes_per_s"] > 0
         _, info = http_json(cluster.nodes[1].api_url + "/v1/cluster")
         assert info["security"] == {"authenticated": True, "cluster": info["security"]["cluster"], "transport": "quic"}
+        # spec P16: the cost model's figures for this plan beside what node 1 measured
+        _wait(lambda: http_json(cluster.nodes[1].api_url + "/v1/cluster")[1]["performance"]["predicted"], 60,
+              "a prediction from both members' profiles")
+        performance = http_json(cluster.nodes[1].api_url + "/v1/cluster")[1]["performance"]
+        assert performance["measured"]["requests"] == len(PROMPTS) and performance["measured"]["ttft_s"] > 0
+        assert performance["predicted"]["ttft_s"] > 0 and performance["predicted"]["decode_tokens_per_s"] > 0
         # spec L3: a member declared dead takes its links' figures with it
         cluster.kill(1)
         _wait(lambda: not http_json(cluster.nodes[0].api_url + "/v1/cluster")[1]["links"], 60,

@@ -48,12 +48,15 @@ def test_meter_rtt_and_throughput() -> None:
     for i in range(RTT_WINDOW + 100):
         meter.pong_received(meter.ping_sent(100.0), 100.001)
     assert len(meter.rtts_s) == RTT_WINDOW
-    assert meter.probe_due(0.0, 30.0)
+    assert not meter.probe_due(0.0, 30.0) and meter.probe_due(10.0, 30.0)  # the first waits 10 s
     seq = meter.probe_sent(PROBE_BYTES, 200.0)
     assert not meter.probe_due(210.0, 30.0) and meter.probe_due(230.0, 30.0)
     throughput = meter.probe_acked(seq, 200.011)
     assert throughput == pytest.approx(PROBE_BYTES / 0.010, rel=1e-3)  # minus the median RTT (1 ms)
     assert meter.probe_acked(seq, 200.02) is None
+    slow = meter.probe_sent(PROBE_BYTES, 300.0)
+    meter.probe_acked(slow, 301.0)  # a busy moment: the capacity stays the best recent probe
+    assert meter.throughput_bytes_per_s == pytest.approx(PROBE_BYTES / 0.010, rel=1e-3)
 
 
 @pytest.mark.spec("L2")
@@ -119,6 +122,8 @@ async def test_links_answer_pings_and_probes_over_tcp() -> None:
         peer = "b" * 32
         for _ in range(3):
             await a.ping_all(timeout_s=2)
+        await a.probe_all(interval_s=30, timeout_s=5)  # first sight of the link: no probe yet
+        a.meters[peer]._first_seen_s = -100.0
         await a.probe_all(interval_s=30, timeout_s=5)
         for _ in range(300):
             meter = a.meters.get(peer)
