@@ -10,8 +10,9 @@ Candidates, each priced with ``mesh.costmodel.predict``:
    last, one hop per device taking part). The middle devices are then ordered to make the
    hops cheapest (every order for up to 6 of them, nearest neighbour beyond);
 3. with prefill/decode disaggregation: devices ranked by FLOP/s per byte/s of memory
-   bandwidth, the top k prefill and the rest decode (k = 1 .. n-1), each set solved as in 2
-   for its own role, the KV transfer priced between them;
+   bandwidth, the top k prefill and the rest decode (k = 1 .. min(n-1, 4): a single
+   request's prefill is not sped up by more stages, which only add memory), each set solved
+   as in 2 for its own role, the KV transfer priced between them;
 4. the memory-proportional split (``mesh.placement.place_pipeline``), the baseline.
 
 The best by the objective wins (ties: fewer devices, then the earlier candidate), so the
@@ -49,6 +50,7 @@ from mesh.placement import Capacity, ModelSize, place_pipeline
 OBJECTIVES = ("ttft", "decode", "goodput")
 GIB = 1 << 30
 MAX_EXACT_ORDER = 6  # middle devices ordered by trying every permutation up to this many
+MAX_PREFILL_DEVICES = 4  # disaggregated candidates prefill on the k <= 4 most FLOP-rich devices
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -238,7 +240,9 @@ def _best(topology: Topology, model: ModelSpec, request: Request, objective: str
         candidates.append(pipeline)
     if disaggregation and objective != "decode" and len(devices) >= 2:  # 3
         ranked = sorted(devices, key=lambda d: (-d.flops / d.memory_bandwidth_bytes_per_s, d.id))
-        for k in range(1, len(ranked)):
+        # One request's prefill does not run faster on more pipeline stages (they take turns);
+        # more prefill devices only add memory, so the split tries up to MAX_PREFILL_DEVICES.
+        for k in range(1, min(len(ranked), MAX_PREFILL_DEVICES + 1)):
             pre, dec = ranked[:k], ranked[k:]
             for p in _role_options(topology, model, pre, "prefill", objective, request):
                 for q in _role_options(topology, model, dec, "decode", objective, request):
