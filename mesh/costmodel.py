@@ -284,8 +284,9 @@ def predict(plan: PlacementPlan, topology: Topology, model: ModelSpec, *, prompt
         t_k = transfer / layers
         kv = t_p + t_k + (layers - 1) * max(t_p, t_k) - layers * t_p
     rate = 1.0 / step if step > 0 else math.inf
+    steps = max(0, new_tokens - 1)
     return Prediction(ttft_s=ttft, decode_tokens_per_s=rate, kv_transfer_s=kv,
-                      e2e_s=ttft + kv + max(0, new_tokens - 1) * step)
+                      e2e_s=ttft + kv + (steps * step if steps else 0.0))  # never 0 x inf
 
 
 def memory_needed(plan: PlacementPlan, model: ModelSpec, *, context_tokens: int, prompt_tokens: int) -> dict[str, int]:
