@@ -16,6 +16,7 @@ from mesh.errors import ConfigError
 from mesh.identity import MEMORY_GRANULE
 from mesh.profile import (
     PROFILE_FILE,
+    PROFILE_VERSION,
     DeviceProfile,
     load_or_measure_profile,
     measure_profile,
@@ -45,7 +46,7 @@ def fake_measure(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 @pytest.mark.spec("P7")
 def test_real_measurement_on_cpu() -> None:
     p = measure_profile(device="cpu", budget_s=0.5)
-    assert p.backend == "torch" and p.device == "cpu" and p.version == 1
+    assert p.backend == "torch" and p.device == "cpu" and p.version == PROFILE_VERSION
     assert "f32" in p.flops and set(p.flops) <= {"f32", "f16", "bf16"}
     assert all(math.isfinite(v) and v > 0 for v in p.flops.values())
     assert p.flops["f32"] > 1e8
@@ -98,7 +99,7 @@ def test_refresh_remeasures(tmp_path: Path, fake_measure: list[dict[str, Any]]) 
 @pytest.mark.spec("P7")
 @pytest.mark.parametrize(
     "content",
-    [b"{not json", b"\xff\xfe", b"[]", b'{"version": 1}', b"", json.dumps({"flops": "fast"}).encode()],
+    [b"{not json", b"\xff\xfe", b"[]", b'{"version": 2}', b"", json.dumps({"flops": "fast"}).encode()],
 )
 def test_corrupt_cache_remeasures_with_warning(
     tmp_path: Path, fake_measure: list[dict[str, Any]], caplog: pytest.LogCaptureFixture, content: bytes
@@ -116,7 +117,7 @@ def test_other_version_or_device_remeasures(tmp_path: Path, fake_measure: list[d
     load_or_measure_profile(tmp_path, device="cpu")
     path = tmp_path / PROFILE_FILE
     wire = json.loads(path.read_text())
-    path.write_text(json.dumps(wire | {"version": 2}))
+    path.write_text(json.dumps(wire | {"version": PROFILE_VERSION + 1}))
     load_or_measure_profile(tmp_path, device="cpu")
     assert len(fake_measure) == 2
     path.write_text(json.dumps(wire | {"device": "cuda:0"}))
@@ -152,8 +153,8 @@ GOOD = profile_from_spec(memory_bytes=16 * GIB, flops=5e12, memory_bandwidth_byt
         ("device", None),
         ("measured_at_ms", -5),
         ("measured_at_ms", "now"),
-        ("version", 2),
-        ("version", "1"),
+        ("version", PROFILE_VERSION + 1),
+        ("version", str(PROFILE_VERSION)),
     ],
 )
 def test_from_wire_rejects_bad_fields(field: str, value: object) -> None:
@@ -184,7 +185,7 @@ def test_profile_from_spec() -> None:
     p = profile_from_spec(memory_bytes=24 * GIB, flops=20 * 10**12, memory_bandwidth_bytes_per_s=8e11, dtype="f16")
     assert p.memory_total_bytes == p.memory_usable_bytes == 24 * GIB
     assert p.flops == {"f16": 2e13} and p.memory_bandwidth_bytes_per_s == 8e11
-    assert p.backend == "torch" and p.device == "simulated" and p.version == 1
+    assert p.backend == "torch" and p.device == "simulated" and p.version == PROFILE_VERSION
     assert DeviceProfile.from_wire(json.loads(json.dumps(p.to_wire()))) == p
     for bad, field in [({"memory_bytes": -1}, "memory_total_bytes"), ({"flops": 0.0}, "flops"),
                        ({"dtype": "int8"}, "flops"), ({"memory_bandwidth_bytes_per_s": -2.0}, "bandwidth")]:
