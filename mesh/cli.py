@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(node, "--interface", help="advertise this interface's address to peers (default: one on a subnet "
          "shared with each peer; container and VPN interfaces only when pinned here)")
 
+    _add(node, "--placement", default="memory", choices=("memory", "solver"),
+         help="memory: layers in proportion to memory; solver: the placement solver on the members' measured "
+              "profiles (may leave a member idle when it would only slow the pipeline)")
+    _add(node, "--objective", default="goodput", choices=("ttft", "decode", "goodput"),
+         help="what --placement solver optimises")
+
     key = sub.add_parser("key", help="print this node's cluster key (made on first use) to give to other nodes")
     _add(key, "--data-dir", type=Path, default=Path("~/.mesh"), help="the node's data dir")
 
@@ -189,7 +195,7 @@ def _run_node(args: argparse.Namespace) -> int:
         context=args.context, heartbeat_s=args.heartbeat_s, dead_after_s=args.dead_after_s,
         api_key=args.api_key, device=args.device, dtype=args.dtype, cluster_key=args.cluster_key,
         insecure=args.insecure, discovery=args.discovery == "on", discovery_port=args.discovery_port,
-        interface=args.interface,
+        interface=args.interface, placement=args.placement, objective=args.objective,
     )
     node = Node(config)
     node_filter.node = node.member_id[:8]

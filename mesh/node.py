@@ -43,7 +43,7 @@ from mesh.membership import (
     status_key,
 )
 from mesh.models import Model, model_size, resolve_model
-from mesh.placement import Capacity, ModelSize, Plan, place_pipeline
+from mesh.placement import Capacity, ModelSize, Plan, Stage, place_pipeline
 from mesh.replication import Replication
 from mesh.runtime import Coordinator, StageWorker, Timeouts
 from mesh.security import LinkSecurity
@@ -77,6 +77,12 @@ def bind_tcp(host: str, port: int, flag: str) -> socket.socket:
         raise ConfigError(f"{flag} {port} on {host} cannot be used: {exc.strerror or exc}") from exc
 
 
+PLACEMENTS = ("memory", "solver")
+DTYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
+NOMINAL_LINK_LATENCY_S = 1e-3  # the links --placement solver assumes (1 GbE)
+NOMINAL_LINK_BYTES_PER_S = 1.25e8
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeConfig:
     """Everything ``python -m mesh node`` takes (see ``mesh/cli.py`` for flags and units)."""
@@ -104,6 +110,8 @@ class NodeConfig:
     discovery_port: int = 7601
     interface: str | None = None
     probe_interval_s: float = 30.0
+    placement: str = "memory"
+    objective: str = "goodput"
     timeouts: Timeouts = field(default_factory=Timeouts)
 
     def __post_init__(self) -> None:
@@ -122,6 +130,10 @@ class NodeConfig:
             raise ConfigError(f"--memory-bytes must be >= 0, got {self.memory_bytes}")
         if self.context is not None and self.context < 1:
             raise ConfigError(f"--context must be >= 1 token, got {self.context}")
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"--placement {self.placement!r} unknown; valid: {', '.join(PLACEMENTS)}")
+        if self.objective not in ("ttft", "decode", "goodput"):
+            raise ConfigError(f"--objective {self.objective!r} unknown; valid: ttft, decode, goodput")
         if self.dead_after_s <= self.heartbeat_s:
             raise ConfigError(f"--dead-after-s ({self.dead_after_s}) must exceed --heartbeat-s ({self.heartbeat_s})")
 
@@ -340,10 +352,9 @@ class Node:
         measured = self.coordinator.measured.summary()
         prompt = measured["prompt_tokens"] if measured else 128
         new = measured["new_tokens"] if measured else 64
-        dtype = self.config.dtype or ("f32" if (self.config.device or "cpu").startswith("cpu") else "f16")
+        dtype = self._compute_dtype()
         try:
-            spec = ModelSpec.from_config(self.model.config, name=self.model.model_id,
-                                         dtype_bytes={"f32": 4, "f16": 2, "bf16": 2}[dtype])
+            spec = ModelSpec.from_config(self.model.config, name=self.model.model_id, dtype_bytes=DTYPE_BYTES[dtype])
         except (MeshError, AttributeError, TypeError, ValueError) as exc:
             return {"predicted": None, "measured": measured, "error": f"no model spec: {exc}"}
         return {"predicted": predicted(self.view(), self.plan, spec, dtype, prompt_tokens=prompt, new_tokens=new),
@@ -566,7 +577,9 @@ class Node:
         capacities = [Capacity(member_id=m.member_id, usable_bytes=m.memory_bytes) for m in members]
         context = self.config.context or self.model.context_length
         try:
-            plan = place_pipeline(capacities, self.size, context_tokens=context)
+            plan = self._solver_plan(context) if self.config.placement == "solver" else None
+            if plan is None:
+                plan = place_pipeline(capacities, self.size, context_tokens=context)
         except PlacementError as exc:
             if self.plan is not None or self.plan_error != f"placement failed: {exc}":
                 log.error("placement failed: %s", exc)
@@ -586,6 +599,36 @@ class Node:
                 "plan_id": plan.plan_id,
                 "stages": [[s.member_id, s.layer_start, s.layer_end] for s in plan.stages],
             })
+
+    def _solver_plan(self, context: int) -> Plan | None:
+        """The placement solver's plan (``--placement solver``; spec P17) from the members'
+        published profiles and offered memory; None (memory-proportional placement) until
+        every member has published a profile. Links are taken as a nominal 1 GbE between
+        every pair: live link figures move all the time, and a plan must not follow them
+        without hysteresis (every change reloads layers).
+
+        Raises PlacementError when the solver finds no plan that fits.
+        """
+        from mesh.costmodel import Link, ModelSpec, Topology
+        from mesh.perf import topology
+        from mesh.solver import Request, solve
+
+        dtype = self._compute_dtype()
+        devices = topology(self.view(), dtype).devices
+        if len(devices) != len(self.view().members()):
+            return None
+        links = tuple(Link(a=a.id, b=b.id, latency_s=NOMINAL_LINK_LATENCY_S, bandwidth_bytes_per_s=NOMINAL_LINK_BYTES_PER_S)
+                      for i, a in enumerate(devices) for b in devices[i + 1:])
+        spec = ModelSpec.from_config(self.model.config, name=self.model.model_id, dtype_bytes=DTYPE_BYTES[dtype])
+        request = Request(context_tokens=context, prompt_tokens=min(context, 512), new_tokens=128)
+        solution = solve(Topology(devices=devices, links=links), spec, request, objective=self.config.objective,
+                         disaggregation=False)  # the runtime runs one pipeline for both roles
+        return Plan(num_layers=spec.num_layers, stages=tuple(
+            Stage(member_id=s.devices[0], layer_start=s.layer_start, layer_end=s.layer_end)
+            for s in solution.plan.stages))
+
+    def _compute_dtype(self) -> str:
+        return self.config.dtype or ("f32" if (self.config.device or "cpu").startswith("cpu") else "f16")
 
     def _set_status(self, status: MemberStatus) -> None:
         assert self.replication is not None

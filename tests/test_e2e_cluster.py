@@ -204,3 +204,31 @@ def test_http_and_heartbeats_served_while_computing(two_nodes: LocalCluster) -> 
                         assert status == 200
                     checks += 1
     assert checks == 5
+
+
+@pytest.mark.spec("P17")
+def test_solver_placement_leaves_out_a_member_that_would_only_slow_the_pipeline(
+        tmp_path: Path, single_node_texts: dict[str, str]) -> None:
+    """Two equal members and a model one of them holds: a pipeline only adds a hop per token
+    (batch 1), so the solver places every layer on one member; the other still serves."""
+    from mesh.profile import load_or_measure_profile
+
+    load_or_measure_profile(tmp_path / "profile", budget_s=1.0)
+    with LocalCluster(2, tmp_path / "solver", extra_args=["--placement", "solver"],
+                      profile=tmp_path / "profile" / "profile.json") as cluster:
+        cluster.wait_ready()
+
+        def one_stage() -> dict | None:
+            _, info = http_json(cluster.nodes[1].api_url + "/v1/cluster")
+            placed = [m for m in info["members"] if m["layer_start"] is not None]
+            return info if len(info["members"]) == 2 and len(placed) == 1 and info["ready"] else None
+
+        deadline = time.monotonic() + 120
+        while (info := one_stage()) is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert info is not None, "the solver's one-stage plan never became ready"
+        assert [(m["layer_start"], m["layer_end"]) for m in info["members"] if m["layer_start"] is not None] == [(0, 30)]
+        assert info["performance"]["predicted"] is not None  # both profiles published
+        prompt = PROMPTS[0]
+        for node in cluster.nodes:  # the idle member coordinates through the placed one
+            assert _chat(_client(node), prompt, stream=True) == single_node_texts[prompt]

@@ -83,16 +83,20 @@ class LocalCluster:
         extra_args: more flags for every node.
         cluster_key: the cluster key every node gets through ``MESH_CLUSTER_KEY`` (default: a
             fresh random one).
+        profile: a ``profile.json`` (``mesh/profile.py``) put in every data dir, so nodes on
+            one machine do not measure it at once and get each other's load.
 
     Discovery is off (``--discovery off``): tests never announce on the host's networks.
     """
 
     def __init__(self, n: int, workdir: Path, *, model: str = "smollm2-135m",
                  memory_bytes: int | list[int] = 4 << 30, extra_args: list[str] | None = None,
-                 env: dict[str, str] | None = None, cluster_key: str | None = None) -> None:
+                 env: dict[str, str] | None = None, cluster_key: str | None = None,
+                 profile: Path | None = None) -> None:
         from mesh.security import format_cluster_key
 
         self.cluster_key = cluster_key or format_cluster_key(os.urandom(32))
+        self.profile = profile
         self.n = n
         self.workdir = workdir
         self.model = model
@@ -107,6 +111,9 @@ class LocalCluster:
         for i in range(self.n):
             port, api_port = free_port(), free_port()
             data_dir = self.workdir / f"node{i}"
+            if self.profile is not None:  # nodes on one machine share its profile (measured once, alone)
+                data_dir.mkdir(parents=True, exist_ok=True)
+                (data_dir / "profile.json").write_bytes(self.profile.read_bytes())
             log_path = self.workdir / f"node{i}.log"
             args = [sys.executable, "-m", "mesh", "node", "--host", "127.0.0.1", "--port", str(port),
                     "--api-port", str(api_port), "--data-dir", str(data_dir), "--model", self.model,
