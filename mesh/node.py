@@ -43,7 +43,9 @@ from mesh.membership import (
     status_key,
 )
 from mesh.models import Model, model_size, resolve_model
-from mesh.placement import Capacity, ModelSize, Plan, Stage, place_pipeline
+from mesh.node_net import NodeNetworking
+from mesh.node_perf import NodePerformance
+from mesh.placement import Capacity, ModelSize, Plan, place_pipeline
 from mesh.replication import Replication
 from mesh.runtime import Coordinator, StageWorker, Timeouts
 from mesh.security import LinkSecurity
@@ -78,9 +80,6 @@ def bind_tcp(host: str, port: int, flag: str) -> socket.socket:
 
 
 PLACEMENTS = ("memory", "solver")
-DTYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
-NOMINAL_LINK_LATENCY_S = 1e-3  # the links --placement solver assumes (1 GbE)
-NOMINAL_LINK_BYTES_PER_S = 1.25e8
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -138,7 +137,7 @@ class NodeConfig:
             raise ConfigError(f"--dead-after-s ({self.dead_after_s}) must exceed --heartbeat-s ({self.heartbeat_s})")
 
 
-class Node:
+class Node(NodeNetworking, NodePerformance):
     """One member of the cluster. ``await Node(config).run()`` serves until stopped."""
 
     def __init__(self, config: NodeConfig) -> None:
@@ -296,110 +295,6 @@ class Node:
 
     def stop(self) -> None:
         self._stop.set()
-
-    async def _advertised_address(self, port: int) -> str:
-        """host:port others should dial: the listen host, or when it is a wildcard an address
-        on the best interface (``--interface`` pins it; spec TB1); each hello then names one
-        on a subnet shared with that peer."""
-        from mesh.netif import advertise_address, local_interfaces
-
-        host = self.config.host
-        if host not in ("0.0.0.0", "::", ""):
-            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        table = await asyncio.to_thread(local_interfaces)
-        chosen = advertise_address(table, None, pinned_interface=self.config.interface)
-        self.links.advertise = lambda peer: advertise_address(table, peer, pinned_interface=self.config.interface)
-        if chosen is None:
-            return f"{host or '0.0.0.0'}:{port}"
-        return f"[{chosen}]:{port}" if ":" in chosen else f"{chosen}:{port}"
-
-    async def _measure_profile(self) -> None:
-        """Measure (or read the cached) device profile, before the model loads: measured
-        while this process loads weights, the figures would be of a busy CPU (spec P7)."""
-        from mesh.profile import load_or_measure_profile
-
-        options = _backend_options(self.config)
-        try:
-            profile = await asyncio.to_thread(
-                load_or_measure_profile, self.data_dir, backend=self.config.backend, device=options.get("device"),
-                memory_fraction=self.config.memory_fraction, budget_s=1.0)
-        except Exception as exc:  # a profile is an aid to placement: its failure costs only predictions
-            log.warning("could not measure this device's profile: %s", exc)
-            return
-        log.info("device profile: %s", ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in profile.flops.items())
-                 + f", memory bandwidth {profile.memory_bandwidth_bytes_per_s / 1e9:.0f} GB/s")
-        self.profile = profile
-
-    async def _publish_profile(self) -> None:
-        """Publish the profile once this node has joined (spec P16)."""
-        from mesh.perf import profile_key, profile_record
-
-        profile = self.profile
-        if profile is None:
-            return
-        while not self._joined and not self._stop.is_set():
-            await asyncio.sleep(0.2)
-        if self.replication is not None and not self._stop.is_set():
-            self.replication.emit("profile.set", profile_key(self.member_id),
-                                  profile_record(profile.flops, profile.memory_bandwidth_bytes_per_s, profile.device))
-
-    def _performance(self) -> dict[str, Any]:
-        """The cost model's prediction for the current plan beside what this node measured."""
-        from mesh.costmodel import ModelSpec
-        from mesh.perf import predicted
-
-        assert self.coordinator is not None
-        measured = self.coordinator.measured.summary()
-        prompt = measured["prompt_tokens"] if measured else 128
-        new = measured["new_tokens"] if measured else 64
-        dtype = self._compute_dtype()
-        try:
-            spec = ModelSpec.from_config(self.model.config, name=self.model.model_id, dtype_bytes=DTYPE_BYTES[dtype])
-        except (MeshError, AttributeError, TypeError, ValueError) as exc:
-            return {"predicted": None, "measured": measured, "error": f"no model spec: {exc}"}
-        return {"predicted": predicted(self.view(), self.plan, spec, dtype, prompt_tokens=prompt, new_tokens=new),
-                "measured": measured}
-
-    async def _alt_addresses(self) -> tuple[str, ...]:
-        """Other hosts this node's link listens on that a transport prefers (the tbip
-        transport: Thunderbolt interfaces), when listening on a wildcard (spec TB2)."""
-        local = getattr(self.links.transport, "local_addresses", None)
-        if local is None or self.config.host not in ("0.0.0.0", "::", ""):
-            return ()
-        try:
-            return tuple(await asyncio.to_thread(local))[:16]
-        except Exception as exc:  # a plugin's interface probe failing costs only the preference
-            log.warning("could not list this host's preferred link addresses: %s", exc)
-            return ()
-
-    async def _start_discovery(self) -> Any:
-        """Announce this node on the LAN and dial peers heard from (spec D10-D14); None when
-        off, or when the mesh link listens on loopback only (no peer could reach it)."""
-        from mesh.discovery import Discovery, DiscoveryService
-        from mesh.security import discovery_key
-
-        cfg = self.config
-        if not cfg.discovery:
-            return None
-        if cfg.host.startswith("127.") or cfg.host in ("::1", "localhost"):
-            log.info("discovery off: the mesh link listens on %s only (use --host 0.0.0.0 to join a LAN)", cfg.host)
-            return None
-        key = self.security.discovery_key if self.security is not None else discovery_key(bytes(32))
-        _, port = split_address(self.me.address)
-        core = Discovery(self.member_id, key)
-        service = DiscoveryService(
-            core, port=cfg.discovery_port,
-            on_peer=lambda member_id, address: self.links.dial_address(member_id, address),
-            announcement=lambda: {"address": f"0.0.0.0:{port}", "api_address": self.me.api_address,
-                                  "incarnation": self.incarnation})
-        try:
-            await service.start()
-        except OSError as exc:
-            log.warning("discovery off: UDP port %d cannot be used (%s); static --peer still works",
-                        cfg.discovery_port, exc)
-            return None
-        log.info("discovery: announcing on UDP port %d every %.0f s", cfg.discovery_port, core.interval_s)
-        return service
 
     def _fatal(self, error: MeshError) -> None:
         self._fatal_error = error
@@ -599,36 +494,6 @@ class Node:
                 "plan_id": plan.plan_id,
                 "stages": [[s.member_id, s.layer_start, s.layer_end] for s in plan.stages],
             })
-
-    def _solver_plan(self, context: int) -> Plan | None:
-        """The placement solver's plan (``--placement solver``; spec P17) from the members'
-        published profiles and offered memory; None (memory-proportional placement) until
-        every member has published a profile. Links are taken as a nominal 1 GbE between
-        every pair: live link figures move all the time, and a plan must not follow them
-        without hysteresis (every change reloads layers).
-
-        Raises PlacementError when the solver finds no plan that fits.
-        """
-        from mesh.costmodel import Link, ModelSpec, Topology
-        from mesh.perf import topology
-        from mesh.solver import Request, solve
-
-        dtype = self._compute_dtype()
-        devices = topology(self.view(), dtype).devices
-        if len(devices) != len(self.view().members()):
-            return None
-        links = tuple(Link(a=a.id, b=b.id, latency_s=NOMINAL_LINK_LATENCY_S, bandwidth_bytes_per_s=NOMINAL_LINK_BYTES_PER_S)
-                      for i, a in enumerate(devices) for b in devices[i + 1:])
-        spec = ModelSpec.from_config(self.model.config, name=self.model.model_id, dtype_bytes=DTYPE_BYTES[dtype])
-        request = Request(context_tokens=context, prompt_tokens=min(context, 512), new_tokens=128)
-        solution = solve(Topology(devices=devices, links=links), spec, request, objective=self.config.objective,
-                         disaggregation=False)  # the runtime runs one pipeline for both roles
-        return Plan(num_layers=spec.num_layers, stages=tuple(
-            Stage(member_id=s.devices[0], layer_start=s.layer_start, layer_end=s.layer_end)
-            for s in solution.plan.stages))
-
-    def _compute_dtype(self) -> str:
-        return self.config.dtype or ("f32" if (self.config.device or "cpu").startswith("cpu") else "f16")
 
     def _set_status(self, status: MemberStatus) -> None:
         assert self.replication is not None

@@ -26,7 +26,7 @@ from mesh.errors import (
     TransportError,
 )
 from mesh.security import CLUSTER_KEY_BYTES, LinkSecurity
-from mesh.testing.transport_conformance import *  # the suite's tests, fixture, pytestmark
+from mesh.testing.transport_conformance import *  # noqa: F403  (the suite's tests, fixture, pytestmark)
 from mesh.testing.transport_conformance import TransportFactory
 from mesh.wire import Message, WireTensor
 from transports.base import Connection, Listener
