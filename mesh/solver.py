@@ -331,3 +331,37 @@ def largest_context(topology: Topology, model: ModelSpec, request: Request) -> i
         else:
             hi = mid - 1
     return lo
+
+
+def validate_plan(plan: PlacementPlan, topology: Topology, model: ModelSpec, request: Request) -> dict[str, int]:
+    """Check a manual placement (explicit layer ranges) against the budgets; returns the
+    bytes each device needs.
+
+    Raises:
+        PlacementError: a role's stages do not cover every layer once in contiguous,
+            non-empty ranges; a stage names an unknown or unusable device; or a device's need
+            exceeds its memory (naming the device, both sizes, and its layers).
+    """
+    for role in ("prefill", "decode"):
+        start = 0
+        for stage in plan.role_stages(role):
+            if stage.role not in ("both", "prefill", "decode"):
+                raise PlacementError(f"stage role {stage.role!r} unknown; valid: both, prefill, decode")
+            if stage.layer_start != start or stage.layer_end <= stage.layer_start:
+                raise PlacementError(f"{role} stages must cover layers 0..{model.num_layers} in contiguous, "
+                                     f"non-empty ranges; got [{stage.layer_start}, {stage.layer_end}) after {start}")
+            start = stage.layer_end
+        if start != model.num_layers:
+            raise PlacementError(f"{role} stages cover {start} of {model.num_layers} layers")
+    for stage in plan.stages:
+        for device in stage.devices:
+            if not topology.device(device).usable:
+                raise PlacementError(f"device {device} has zero or unknown memory, FLOP/s or bandwidth")
+    need = memory_needed(plan, model, context_tokens=request.context_tokens, prompt_tokens=request.prompt_tokens)
+    for device, nbytes in need.items():
+        have = topology.device(device).memory_bytes
+        if nbytes > have:
+            layers = sum(s.layers for s in plan.stages if device in s.devices)
+            raise PlacementError(f"device {device} needs {nbytes / GIB:.2f} GiB for its {layers} layers + KV at "
+                                 f"{request.context_tokens} tokens; it has {have / GIB:.2f} GiB")
+    return need

@@ -245,3 +245,25 @@ def test_plan_cli_contract(tmp_path: Path) -> None:
     assert code == 2 and "devices[0].memory_bytes" in err and "Traceback" not in err
     code, _, err = run("--topology", str(path), "--objective", "fastest")
     assert code == 2 and "ttft" in err and "goodput" in err
+
+
+@pytest.mark.spec("P18")
+def test_a_manual_placement_is_checked_against_the_budgets() -> None:
+    from mesh.solver import validate_plan
+
+    topo = full_mesh([dev("a", 0.02), dev("b", 8)])
+    request = Request(context_tokens=2048, prompt_tokens=512)
+
+    def plan(*ranges: tuple[str, int, int]) -> PlacementPlan:
+        return PlacementPlan(stages=tuple(StagePlan(devices=(d,), layer_start=a, layer_end=b) for d, a, b in ranges))
+
+    need = validate_plan(plan(("b", 0, 12)), topo, SMALL, request)
+    assert set(need) == {"b"} and need["b"] <= 8 * GIB
+    with pytest.raises(PlacementError, match=r"device a needs .* GiB for its 6 layers \+ KV at 2048 tokens; it has 0.02"):
+        validate_plan(plan(("a", 0, 6), ("b", 6, 12)), topo, SMALL, request)
+    with pytest.raises(PlacementError, match="contiguous"):
+        validate_plan(plan(("b", 0, 6), ("b", 7, 12)), topo, SMALL, request)
+    with pytest.raises(PlacementError, match="cover 6 of 12"):
+        validate_plan(plan(("b", 0, 6)), topo, SMALL, request)
+    with pytest.raises(PlacementError, match="no device 'zz'"):
+        validate_plan(plan(("zz", 0, 12)), topo, SMALL, request)
