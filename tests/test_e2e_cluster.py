@@ -71,7 +71,7 @@ def test_two_nodes_stream_equals_single_node(two_nodes: LocalCluster, single_nod
     # counts is that the last range each node loaded is its own share of the final plan)
     by_address = {m["address"]: (m["layer_start"], m["layer_end"]) for m in members}
     for node in two_nodes.nodes:
-        loaded = re.findall(r"loaded layers \[(\d+), (\d+)\)", node.log_text())
+        loaded = re.findall(r"backend: loaded layers \[(\d+), (\d+)\)", node.log_text())  # not "has not loaded"
         assert loaded and tuple(map(int, loaded[-1])) == by_address[f"127.0.0.1:{node.port}"]
 
 
