@@ -109,6 +109,37 @@ class Connection(abc.ABC):
         await self.close()
 
 
+class LinkState(Connection):
+    """The state every framed connection keeps, and the properties it answers from it:
+    the peer's address, why the link closed (None while open), the identity the peer proved,
+    and frame and byte counters. Transports' connections set these in ``__init__``."""
+
+    _peer: str
+    _closed_reason: str | None
+    _peer_identity: PeerIdentity | None
+    _frames_sent: int
+    _frames_received: int
+    _bytes_sent: int
+    _bytes_received: int
+
+    @property
+    def peer(self) -> str:
+        return self._peer
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_reason is not None
+
+    @property
+    def peer_identity(self) -> PeerIdentity | None:
+        return self._peer_identity
+
+    @property
+    def stats(self) -> LinkStats:
+        return LinkStats(frames_sent=self._frames_sent, frames_received=self._frames_received,
+                         bytes_sent=self._bytes_sent, bytes_received=self._bytes_received)
+
+
 ConnectionHandler = Callable[[Connection], Awaitable[None]]
 
 

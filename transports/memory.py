@@ -35,9 +35,8 @@ from mesh.security import LinkSecurity, PeerIdentity
 from mesh.wire import Message
 from transports.base import (
     LANES,
-    Connection,
     ConnectionHandler,
-    LinkStats,
+    LinkState,
     Listener,
     Transport,
     check_lane,
@@ -115,7 +114,7 @@ class _Pipe:
         self.space.set()  # a writer waiting for room wakes and finds the link gone
 
 
-class MemoryConnection(Connection):
+class MemoryConnection(LinkState):
     """One end of an in-process link. Built by ``MemoryTransport``; see ``Connection``.
 
     ``reset()`` breaks both ends at once, like a TCP reset, for tests.
@@ -124,7 +123,7 @@ class MemoryConnection(Connection):
     def __init__(self, *, peer: str, max_frame_bytes: int, max_buffered_bytes: int,
                  peer_identity: PeerIdentity | None = None,
                  on_closed: Callable[[MemoryConnection], None] | None = None) -> None:
-        self._peer_address = peer
+        self._peer = peer
         self._peer_identity = peer_identity
         self._encoder = FrameEncoder(max_frame_bytes=max_frame_bytes)
         self._readable = asyncio.Event()
@@ -143,23 +142,6 @@ class MemoryConnection(Connection):
     @staticmethod
     def _join(a: MemoryConnection, b: MemoryConnection) -> None:
         a._other, b._other = b, a
-
-    @property
-    def peer(self) -> str:
-        return self._peer_address
-
-    @property
-    def closed(self) -> bool:
-        return self._closed_reason is not None
-
-    @property
-    def peer_identity(self) -> PeerIdentity | None:
-        return self._peer_identity
-
-    @property
-    def stats(self) -> LinkStats:
-        return LinkStats(frames_sent=self._frames_sent, frames_received=self._frames_received,
-                         bytes_sent=self._bytes_sent, bytes_received=self._bytes_received)
 
     def buffered_bytes(self, lane: str) -> int:
         """Bytes sent to this end on ``lane`` and not yet read (at most ``max_buffered_bytes``)."""
@@ -206,7 +188,7 @@ class MemoryConnection(Connection):
         except TimeoutError:
             if pushed:  # the peer holds part of the frame: the lane's stream is unusable
                 self._reset(f"{what} timed out")
-            raise PeerTimeout(f"{what} to {self._peer_address} did not finish within "
+            raise PeerTimeout(f"{what} to {self._peer} did not finish within "
                               f"{timeout_s}s") from None
         except BaseException:
             if 0 < pushed < size and self._closed_reason is None:  # cancelled mid-frame
@@ -236,7 +218,7 @@ class MemoryConnection(Connection):
                         self._readable.clear()
                         await self._readable.wait()
         except TimeoutError:
-            raise PeerTimeout(f"no message from {self._peer_address} within {timeout_s}s") from None
+            raise PeerTimeout(f"no message from {self._peer} within {timeout_s}s") from None
 
     def _read_round(self) -> bool:
         """Take up to ``READ_CHUNK_BYTES`` from each lane and decode it; True if bytes moved."""
@@ -261,7 +243,7 @@ class MemoryConnection(Connection):
             if pipe.decoder.error is not None:  # spec T4: a malformed frame closes this link
                 error = pipe.decoder.error
                 self._close_now(f"malformed frame: {error}")
-                raise FrameError(f"malformed frame from {self._peer_address}: {error}")
+                raise FrameError(f"malformed frame from {self._peer}: {error}")
 
     def _finish_peer_close(self) -> None:
         self._drain_before_raising = False
@@ -270,7 +252,7 @@ class MemoryConnection(Connection):
             self._closed_reason = f"closed by peer in the middle of a frame ({partial} bytes)"
 
     def _closed_error(self) -> TransportError:
-        return TransportError(f"connection to {self._peer_address} is closed "
+        return TransportError(f"connection to {self._peer} is closed "
                               f"({self._closed_reason})")
 
     def _raise_if_cannot_send(self) -> None:

@@ -51,9 +51,8 @@ from mesh.security import TLS_SERVER_NAME, LinkSecurity, PeerIdentity
 from mesh.wire import Message
 from transports.base import (
     LANES,
-    Connection,
     ConnectionHandler,
-    LinkStats,
+    LinkState,
     Listener,
     RejectLog,
     Transport,
@@ -163,7 +162,7 @@ class _Protocol(QuicConnectionProtocol):
         self.transmit()
 
 
-class QuicLink(Connection):
+class QuicLink(LinkState):
     """One QUIC connection to a peer; see ``Connection`` for the contract."""
 
     def __init__(self, protocol: _Protocol, *, peer: str, identity: PeerIdentity | None, is_client: bool,
@@ -171,7 +170,7 @@ class QuicLink(Connection):
                  udp: asyncio.DatagramTransport | None = None) -> None:
         self._protocol = protocol
         self._peer = peer
-        self._identity = identity
+        self._peer_identity = identity
         self._is_client = is_client
         self._udp = udp  # a client's own socket, closed with the link
         self._max_frame_bytes = max_frame_bytes
@@ -190,23 +189,6 @@ class QuicLink(Connection):
         self._frames_sent = self._frames_received = self._bytes_sent = self._bytes_received = 0
         self.on_closed: Any = None
         protocol.attach(self)
-
-    @property
-    def peer(self) -> str:
-        return self._peer
-
-    @property
-    def closed(self) -> bool:
-        return self._closed_reason is not None
-
-    @property
-    def peer_identity(self) -> PeerIdentity | None:
-        return self._identity
-
-    @property
-    def stats(self) -> LinkStats:
-        return LinkStats(frames_sent=self._frames_sent, frames_received=self._frames_received,
-                         bytes_sent=self._bytes_sent, bytes_received=self._bytes_received)
 
     # -- events from the protocol ------------------------------------------------------
     def _received(self, stream_id: int, data: bytes) -> None:

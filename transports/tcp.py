@@ -19,10 +19,23 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from mesh.errors import AuthenticationError, ConfigError, FrameError, PeerTimeout, TransportError
+from mesh.errors import (
+    AuthenticationError,
+    ConfigError,
+    FrameError,
+    PeerTimeout,
+    TransportError,
+)
 from mesh.security import LinkSecurity, PeerIdentity
 from mesh.wire import Message
-from transports.base import Connection, ConnectionHandler, LinkStats, Listener, RejectLog, Transport, check_lane
+from transports.base import (
+    ConnectionHandler,
+    LinkState,
+    Listener,
+    RejectLog,
+    Transport,
+    check_lane,
+)
 from transports.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameEncoder
 
 logger = logging.getLogger(__name__)
@@ -104,7 +117,7 @@ class _LinkProtocol(asyncio.Protocol):
             self.conn._wake(self.conn._drain_waiters)
 
 
-class TcpConnection(Connection):
+class TcpConnection(LinkState):
     """A framed TCP link. Built by ``TcpTransport``; see ``Connection`` for the contract."""
 
     def __init__(self, protocol: _LinkProtocol, *, peer: str, max_frame_bytes: int, close_timeout_s: float,
@@ -140,27 +153,10 @@ class TcpConnection(Connection):
             self._resume_reading()
 
     @property
-    def peer(self) -> str:
-        return self._peer
-
-    @property
-    def closed(self) -> bool:
-        return self._closed_reason is not None
-
-    @property
-    def peer_identity(self) -> PeerIdentity | None:
-        return self._peer_identity
-
-    @property
     def tls_version(self) -> str | None:
         """The TLS version of this link ("TLSv1.3"), None when plaintext."""
         ssl_object = self._transport.get_extra_info("ssl_object")
         return ssl_object.version() if ssl_object is not None else None
-
-    @property
-    def stats(self) -> LinkStats:
-        return LinkStats(frames_sent=self._frames_sent, frames_received=self._frames_received,
-                         bytes_sent=self._bytes_sent, bytes_received=self._bytes_received)
 
     @property
     def tcp_nodelay(self) -> bool:
