@@ -115,7 +115,7 @@ class NodePerformance:
         spec = ModelSpec.from_config(self.model.config, name=self.model.model_id, dtype_bytes=DTYPE_BYTES[dtype])
         request = Request(context_tokens=context, prompt_tokens=min(context, 512), new_tokens=128)
         solution = solve(Topology(devices=devices, links=links), spec, request, objective=self.config.objective,
-                         disaggregation=False)  # the runtime runs one pipeline for both roles
+                         disaggregation=False, tensor_parallel=False)  # what the runtime can run today
         return Plan(num_layers=spec.num_layers, stages=tuple(
             Stage(member_id=s.devices[0], layer_start=s.layer_start, layer_end=s.layer_end)
             for s in solution.plan.stages))

@@ -13,7 +13,10 @@ Candidates, each priced with ``mesh.costmodel.predict``:
    bandwidth, the top k prefill and the rest decode (k = 1 .. min(n-1, 4): a single
    request's prefill is not sped up by more stages, which only add memory), each set solved
    as in 2 for its own role, the KV transfer priced between them;
-4. the memory-proportional split (``mesh.placement.place_pipeline``), the baseline.
+4. the memory-proportional split (``mesh.placement.place_pipeline``), the baseline;
+5. every linked pair of devices as one tensor-parallel group running all layers (each holds
+   half of every layer's weights and KV cache; two all-reduces per layer cross their link),
+   which wins only where the link is fast enough to pay for them.
 
 The best by the objective wins (ties: fewer devices, then the earlier candidate), so the
 plan is never predicted worse than the baseline or than the best device alone. Same input,
@@ -227,7 +230,7 @@ def baseline_plan(topology: Topology, model: ModelSpec, request: Request) -> Pla
 
 
 def _best(topology: Topology, model: ModelSpec, request: Request, objective: str,
-          disaggregation: bool) -> tuple[PlacementPlan | None, PlacementPlan | None, int]:
+          disaggregation: bool, tensor_parallel: bool = True) -> tuple[PlacementPlan | None, PlacementPlan | None, int]:
     """(the best plan that fits or None, the baseline plan or None, candidates priced)."""
     score(Prediction(ttft_s=1, decode_tokens_per_s=1, kv_transfer_s=0, e2e_s=1), objective)  # validates it
     devices = sorted((d for d in topology.devices if d.usable), key=lambda d: d.id)
@@ -238,6 +241,10 @@ def _best(topology: Topology, model: ModelSpec, request: Request, objective: str
     pipeline = _pipeline_milp(topology, model, devices, "both", objective, request)  # 2
     if pipeline is not None:
         candidates.append(pipeline)
+    for a, b in itertools.combinations(devices if tensor_parallel else [], 2):  # 5: tensor-parallel pairs
+        if topology.link(a.id, b.id) is not None:
+            candidates.append(PlacementPlan(stages=(StagePlan(devices=(a.id, b.id), layer_start=0,
+                                                              layer_end=model.num_layers),)))
     if disaggregation and objective != "decode" and len(devices) >= 2:  # 3
         ranked = sorted(devices, key=lambda d: (-d.flops / d.memory_bandwidth_bytes_per_s, d.id))
         # One request's prefill does not run faster on more pipeline stages (they take turns);
@@ -263,15 +270,16 @@ def _best(topology: Topology, model: ModelSpec, request: Request, objective: str
 
 
 def solve(topology: Topology, model: ModelSpec, request: Request, *, objective: str = "goodput",
-          disaggregation: bool = True) -> Solution:
-    """The best plan for ``request`` under ``objective`` (see the module docstring).
+          disaggregation: bool = True, tensor_parallel: bool = True) -> Solution:
+    """The best plan for ``request`` under ``objective`` (see the module docstring);
+    ``disaggregation`` and ``tensor_parallel`` off leave only single-device pipeline stages.
 
     Raises:
         PlacementError: no plan fits; the message names the bytes needed, the bytes usable
             across how many devices, and the largest context that would fit; or the
             objective is unknown.
     """
-    chosen, base, count = _best(topology, model, request, objective, disaggregation)
+    chosen, base, count = _best(topology, model, request, objective, disaggregation, tensor_parallel)
     if chosen is None:
         raise PlacementError(_shortfall(topology, model, request))
     memory = _fits(chosen, topology, model, request)
