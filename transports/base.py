@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 from mesh.errors import AuthenticationError, ConfigError, TransportError
 from mesh.security import PeerIdentity
@@ -230,6 +230,33 @@ class RejectLog:
         if len(self._seen) >= self._max_hosts and host not in self._seen:
             self._seen.pop(next(iter(self._seen)))
         self._seen[host] = (now, 0)
+
+
+async def serve_connection(handler: ConnectionHandler, conn: Connection, *, where: str,
+                           logger: logging.Logger) -> None:
+    """Run a listener's handler on one accepted connection (spec T4): a handler that raises
+    has its error logged and that connection closed; the listener serves on."""
+    try:
+        await handler(conn)
+    except TransportError as exc:
+        logger.warning("%s: connection from %s failed: %s", where, conn.peer, exc)
+        await conn.close()
+    except Exception:
+        logger.exception("%s: handler for %s raised", where, conn.peer)
+        await conn.close()
+
+
+async def end_tasks(tasks: set[asyncio.Task[Any]], timeout_s: float) -> None:
+    """Wait at most ``timeout_s`` for a listener's handler tasks to end (their links were
+    closed, so their recv fails), then cancel those left and wait for them as long again."""
+    waiting = [t for t in tasks if t is not asyncio.current_task()]
+    if not waiting:
+        return
+    _, pending = await asyncio.wait(waiting, timeout=timeout_s)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=timeout_s)
 
 
 class Backoff:

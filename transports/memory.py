@@ -40,6 +40,8 @@ from transports.base import (
     Listener,
     Transport,
     check_lane,
+    end_tasks,
+    serve_connection,
 )
 from transports.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameEncoder
 
@@ -363,15 +365,7 @@ class MemoryListener(Listener):
         return client_end
 
     async def _serve(self, conn: MemoryConnection) -> None:
-        try:
-            await self._on_connection(conn)
-        except TransportError as exc:
-            logger.warning("memory listener %s: connection from %s failed: %s",
-                           self._address, conn.peer, exc)
-            await conn.close()
-        except Exception:  # spec T4: a handler bug closes its connection only
-            logger.exception("memory listener %s: handler for %s raised", self._address, conn.peer)
-            await conn.close()
+        await serve_connection(self._on_connection, conn, where=f"memory listener {self._address}", logger=logger)
 
     async def close(self) -> None:
         if self._closing:
@@ -381,16 +375,8 @@ class MemoryListener(Listener):
             del _listeners[self._address]
         for conn in list(self._connections):  # spec T7: closing a listener closes its links
             conn._close_now("listener closed")
-        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
-        if tasks:
-            timeout_s = self._transport.close_timeout_s
-            _, pending = await asyncio.wait(tasks, timeout=timeout_s)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=timeout_s)
-        else:
-            await asyncio.sleep(0)
+        await end_tasks(self._tasks, self._transport.close_timeout_s)
+        await asyncio.sleep(0)  # a checkpoint, as every real close has one
 
 
 def _authenticate(server: LinkSecurity | None, client: LinkSecurity | None

@@ -57,6 +57,8 @@ from transports.base import (
     RejectLog,
     Transport,
     check_lane,
+    end_tasks,
+    serve_connection,
 )
 from transports.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameEncoder
 
@@ -372,14 +374,8 @@ class QuicListener(Listener):
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, link: QuicLink) -> None:
-        try:
-            await self._on_connection(link)
-        except TransportError as exc:
-            logger.warning("quic listener %s:%s: connection from %s failed: %s", self._host, self._port, link.peer, exc)
-            await link.close()
-        except Exception:
-            logger.exception("quic listener %s:%s: handler for %s raised", self._host, self._port, link.peer)
-            await link.close()
+        await serve_connection(self._on_connection, link, where=f"quic listener {self._host}:{self._port}",
+                               logger=logger)
 
     async def close(self) -> None:
         if self._closing:
@@ -388,13 +384,7 @@ class QuicListener(Listener):
         links = list(self._links)
         for link in links:
             link._close_now("listener closed")
-        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self._transport.close_timeout_s)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=self._transport.close_timeout_s)
+        await end_tasks(self._tasks, self._transport.close_timeout_s)
         await asyncio.gather(*(link.close() for link in links))
         if self._server is not None:
             self._server.close()

@@ -35,6 +35,8 @@ from transports.base import (
     RejectLog,
     Transport,
     check_lane,
+    end_tasks,
+    serve_connection,
 )
 from transports.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameEncoder
 
@@ -450,14 +452,8 @@ class TcpListener(Listener):
                              peer_identity=identity)
         if not conn.closed:
             self._connections.add(conn)
-        try:
-            await self._on_connection(conn)
-        except TransportError as exc:
-            logger.warning("tcp listener %s:%s: connection from %s failed: %s", self._host, self._port, conn.peer, exc)
-            await conn.close()
-        except Exception:
-            logger.exception("tcp listener %s:%s: handler for %s raised", self._host, self._port, conn.peer)
-            await conn.close()
+        await serve_connection(self._on_connection, conn, where=f"tcp listener {self._host}:{self._port}",
+                               logger=logger)
 
     async def close(self) -> None:
         if self._closing:
@@ -468,14 +464,7 @@ class TcpListener(Listener):
         connections = list(self._connections)
         for conn in connections:
             conn._close_now("listener closed", local=True)
-        # Handlers see their recv fail and end; those that do not are cancelled.
-        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self._close_timeout_s)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=self._close_timeout_s)
+        await end_tasks(self._tasks, self._close_timeout_s)  # handlers see their recv fail and end
         await asyncio.gather(*(conn.close() for conn in connections))  # bounded once, not per peer
         if self._server is not None:
             try:
