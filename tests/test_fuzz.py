@@ -19,6 +19,7 @@ from mesh import PROTOCOL_MAJOR, PROTOCOL_MINOR
 from mesh.errors import FrameError, MeshError
 from mesh.links import Links
 from mesh.membership import MemberInfo
+from mesh.testing.scripted import ScriptedConnection
 from mesh.wire import Message, WireTensor
 from transports.framing import HEADER, MAGIC, WIRE_VERSION, FrameDecoder, FrameEncoder
 from transports.tcp import TcpTransport
@@ -122,26 +123,12 @@ def test_hello_handshake_bodies(body: dict[str, Any]) -> None:
     me = MemberInfo(member_id="a" * 32, address="127.0.0.1:1", api_address="127.0.0.1:2", backend="torch",
                     memory_bytes=1, incarnation="i")
 
-    class OneHello:
-        peer = "127.0.0.1:9"
-        closed = False
-        peer_identity = None
-
-        async def send(self, msg: Message, *, timeout_s: float, lane: str = "control") -> None:
-            return None
-
-        async def recv(self, *, timeout_s: float | None = None) -> Message:
-            return Message(type="hello", body=body)
-
-        async def close(self) -> None:
-            self.closed = True
-
     async def ignore(*args: object) -> None:
         return None
 
     links = Links(TcpTransport(), me=lambda: me, model_id="m", started_ms=0, on_message=ignore, on_up=ignore,
                   on_down=lambda m: None, on_fatal=lambda e: None, dead_after_s=5, send_timeout_s=5)
     try:
-        asyncio.run(links._handshake(OneHello()))  # type: ignore[arg-type]
+        asyncio.run(links._handshake(ScriptedConnection([Message(type="hello", body=body)])))
     except MeshError:
         pass

@@ -27,8 +27,9 @@ from mesh.security import (
     node_id_for,
     parse_cluster_key,
 )
+from mesh.testing.scripted import ScriptedConnection
 from mesh.wire import Message
-from transports.base import Connection, LinkStats
+from transports.base import Connection
 from transports.tcp import TcpTransport
 
 pytestmark = pytest.mark.timeout(60)
@@ -177,40 +178,6 @@ async def test_a_replayed_handshake_yields_no_link(tmp_path: Path) -> None:
         assert accepted.empty()
 
 
-class _FakeConn(Connection):
-    def __init__(self, identity: PeerIdentity | None, hello: Message) -> None:
-        self._identity = identity
-        self._hello: Message | None = hello
-        self.sent: list[Message] = []
-        self._closed = False
-
-    peer = "127.0.0.1:9"
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def stats(self) -> LinkStats:
-        return LinkStats()
-
-    @property
-    def peer_identity(self) -> PeerIdentity | None:
-        return self._identity
-
-    async def send(self, msg: Message, *, timeout_s: float, lane: str = "control") -> None:
-        self.sent.append(msg)
-
-    async def recv(self, *, timeout_s: float | None = None) -> Message:
-        if self._hello is None:
-            raise TransportError("closed")
-        hello, self._hello = self._hello, None
-        return hello
-
-    async def close(self) -> None:
-        self._closed = True
-
-
 @pytest.mark.spec("S5")
 async def test_a_hello_claiming_another_id_is_rejected(caplog: pytest.LogCaptureFixture) -> None:
     me = MemberInfo(member_id="a" * 32, address="127.0.0.1:1", api_address="127.0.0.1:2", backend="torch",
@@ -228,11 +195,11 @@ async def test_a_hello_claiming_another_id_is_rejected(caplog: pytest.LogCapture
     links = Links(TcpTransport(), me=lambda: me, model_id="m", started_ms=0, on_message=on_message,
                   on_up=on_up, on_down=lambda m: None, on_fatal=lambda e: None, dead_after_s=5, send_timeout_s=5)
     hello = Message(type="hello", body={"member": victim.to_wire(), "model": "m", "started_ms": 0})
-    liar = _FakeConn(PeerIdentity(node_id="c" * 32, public_key=b"\0" * 32), hello)
+    liar = ScriptedConnection([hello], identity=PeerIdentity(node_id="c" * 32, public_key=b"\0" * 32))
     with caplog.at_level(logging.WARNING):
         await links.accept(liar)
     assert liar.closed and not ups and "proved node id " + "c" * 32 in caplog.text
-    honest = _FakeConn(PeerIdentity(node_id="b" * 32, public_key=b"\0" * 32), hello)
+    honest = ScriptedConnection([hello], identity=PeerIdentity(node_id="b" * 32, public_key=b"\0" * 32))
     await asyncio.wait_for(links.accept(honest), 5)  # hello accepted, then the fake link ends
     assert [u.member_id for u in ups] == ["b" * 32]
 

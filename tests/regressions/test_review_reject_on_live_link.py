@@ -17,46 +17,13 @@ import asyncio
 
 import pytest
 
-from mesh.errors import MeshError, TransportError
+from mesh.errors import MeshError
 from mesh.links import Links
 from mesh.membership import MemberInfo
 from mesh.security import PeerIdentity
+from mesh.testing.scripted import ScriptedConnection
 from mesh.wire import Message
-from transports.base import Connection, LinkStats
 from transports.tcp import TcpTransport
-
-
-class _ScriptedConn(Connection):
-    def __init__(self, identity: PeerIdentity, script: list[Message]) -> None:
-        self._identity = identity
-        self._script = list(script)
-        self.sent: list[Message] = []
-        self._closed = False
-
-    peer = "127.0.0.1:9"
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def stats(self) -> LinkStats:
-        return LinkStats()
-
-    @property
-    def peer_identity(self) -> PeerIdentity | None:
-        return self._identity
-
-    async def send(self, msg: Message, *, timeout_s: float, lane: str = "control") -> None:
-        self.sent.append(msg)
-
-    async def recv(self, *, timeout_s: float | None = None) -> Message:
-        if not self._script:
-            raise TransportError("closed")
-        return self._script.pop(0)
-
-    async def close(self) -> None:
-        self._closed = True
 
 
 @pytest.mark.spec("N10", "K9")
@@ -77,7 +44,7 @@ async def test_a_malformed_reject_on_an_established_link_does_not_stop_the_node(
                   on_up=on_up, on_down=lambda m: None, on_fatal=fatal.append, dead_after_s=5, send_timeout_s=5)
     hello = Message(type="hello", body={"member": peer.to_wire(), "model": "m", "started_ms": 0})
     # the link is up (hello accepted), then the peer sends a reject that names no id at all
-    conn = _ScriptedConn(PeerIdentity(node_id="b" * 32, public_key=b"\0" * 32),
-                         [hello, Message(type="ping", body={"t": 1}), Message(type="reject", body={})])
+    conn = ScriptedConnection([hello, Message(type="ping", body={"t": 1}), Message(type="reject", body={})],
+                              identity=PeerIdentity(node_id="b" * 32, public_key=b"\0" * 32))
     await asyncio.wait_for(links.accept(conn), 5)
     assert not fatal, f"one reject frame from a linked member stopped this node: {fatal[0]}"
