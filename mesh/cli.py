@@ -124,11 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add(node, "--interface", help="advertise this interface's address to peers (default: one on a subnet "
          "shared with each peer; container and VPN interfaces only when pinned here)")
 
-    _add(node, "--placement", default="memory", choices=("memory", "solver"),
-         help="memory: layers in proportion to memory; solver: the placement solver on the members' measured "
-              "profiles (may leave a member idle when it would only slow the pipeline)")
+    _add(node, "--placement", default="solver", choices=("memory", "solver"),
+         help="solver: the placement solver on the members' measured profiles (leaves a member idle when it "
+              "would only slow the pipeline); memory: layers in proportion to memory")
     _add(node, "--objective", default="goodput", choices=("ttft", "decode", "goodput"),
-         help="what --placement solver optimises")
+         help="what the placement solver optimises")
 
     key = sub.add_parser("key", help="print this node's cluster key (made on first use) to give to other nodes")
     _add(key, "--data-dir", type=Path, default=Path("~/.mesh"), help="the node's data dir")
@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "memory-proportional split and the best single device on cluster profiles")
     _add(pbench, "--seed", type=int, default=0, help="seed of the random cluster profiles")
     _add(pbench, "--json", type=Path, help="append results as one JSON line to this file")
+    _add_switch(pbench, "--measured", help="instead, start 1-, 2- and 3-node clusters on 127.0.0.1 "
+         "and compare the cost model's predictions with measured TTFT and decode tokens/s")
+    _add(pbench, "--model", default="smollm2-135m", help="model for --measured (name or directory)")
+    _add(pbench, "--new-tokens", type=_positive_int, default=32, help="tokens per request for --measured")
+    _add(pbench, "--repeats", type=_positive_int, default=3, help="timed requests per configuration for --measured")
     from mesh.plan_cmd import add_parser as add_plan
 
     add_plan(sub, _add, _positive_int)
@@ -257,6 +262,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mesh.bench_kernel import run_kernel_bench
 
             return run_kernel_bench(args)
+        if args.command == "bench-placement" and args.measured:
+            from mesh.bench_measured import run_measured_bench
+
+            return run_measured_bench(model=args.model, new_tokens=args.new_tokens, repeats=args.repeats,
+                                      json_path=args.json)
         if args.command == "bench-placement":
             from mesh.bench_placement import run_placement_bench
 

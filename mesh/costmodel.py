@@ -13,7 +13,13 @@ each prefill device to the decode device holding the same layers (Zhong et al.,
 
 FLOPs per token per layer: 2 x parameters (one multiply-add per weight) plus attention,
 4 x heads x head_dim per earlier position (QK^T and AV; Kaplan et al. 2020, Table 1).
-Spec: specs/placement.md (P9-P12).
+A device may carry a ``Calibration``: per-layer step times of the running model measured on
+the device itself after it loaded its layers. Small layers never reach the roofline (every
+operator pays a fixed dispatch cost, a skinny GEMM or a GEMV over a few MiB runs far below
+peak), so where a calibration exists it replaces the roofline for the weights' part of a
+step; the KV cache's and attention's growth with context stay on the roofline.
+
+Spec: specs/placement.md (P9-P12, P19).
 """
 
 from __future__ import annotations
@@ -88,6 +94,34 @@ class ModelSpec:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Calibration:
+    """Step times of one model's decoder layers measured on one device (``mesh/calibrate.py``).
+
+    ``decode_layer_s``: seconds per layer for one decode token at a short context;
+    ``prefill_layer_s`` + ``prefill_token_layer_s`` x P: seconds per layer to prefill P tokens
+    (a line fitted through two prompt lengths). ``model`` names the model and compute dtype the
+    figures are for; they are meaningless for any other.
+    """
+
+    model: str
+    decode_layer_s: float
+    prefill_layer_s: float
+    prefill_token_layer_s: float
+
+    def __post_init__(self) -> None:
+        for name in ("decode_layer_s", "prefill_layer_s", "prefill_token_layer_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < math.inf:
+                raise PlacementError(f"calibration {name} must be a finite number of seconds >= 0, got {value!r}")
+        if self.decode_layer_s <= 0 or self.prefill_layer_s + self.prefill_token_layer_s <= 0:
+            raise PlacementError("a calibration's decode and prefill step times must be > 0 s")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"model": self.model, "decode_layer_s": self.decode_layer_s, "prefill_layer_s": self.prefill_layer_s,
+                "prefill_token_layer_s": self.prefill_token_layer_s}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Device:
     """A device as placement sees it: usable memory (bytes), matmul FLOP/s in the compute
     dtype, memory bandwidth (bytes/s). Zero or unknown memory means unusable."""
@@ -97,6 +131,12 @@ class Device:
     flops: float
     memory_bandwidth_bytes_per_s: float
     backend: str = "torch"
+    calibration: Calibration | None = None
+
+    def calibrated_for(self, model: ModelSpec) -> Calibration | None:
+        """This device's calibration when it was measured for ``model`` (same name)."""
+        cal = self.calibration
+        return cal if cal is not None and cal.model == model.name else None
 
     @property
     def usable(self) -> bool:
@@ -199,6 +239,14 @@ class Prediction:
                 "kv_transfer_s": self.kv_transfer_s, "e2e_s": self.e2e_s}
 
 
+def _calibration(topology: Topology, model: ModelSpec, stage: StagePlan) -> Calibration | None:
+    """A single-device stage's calibration for ``model`` (a tensor-parallel group splits
+    layers in ways one device's figures do not describe: roofline there)."""
+    if len(stage.devices) != 1:
+        return None
+    return topology.device(stage.devices[0]).calibrated_for(model)
+
+
 def _group(topology: Topology, stage: StagePlan) -> tuple[float, float, float, float]:
     """(FLOP/s, bandwidth, all-reduce bandwidth, all-reduce latency) of a stage's devices."""
     devices = [topology.device(d) for d in stage.devices]
@@ -225,6 +273,10 @@ def prefill_stage_s(topology: Topology, model: ModelSpec, stage: StagePlan, prom
     """Seconds for a stage to prefill ``prompt_tokens`` tokens (causal attention: P^2/2)."""
     flops, bandwidth, ar_bw, ar_lat = _group(topology, stage)
     p = prompt_tokens
+    cal = _calibration(topology, model, stage)
+    if cal is not None:  # measured weights' part, plus attention's quadratic FLOPs (spec P19)
+        attn = model.attn_flops_per_position * p * p / 2 / flops
+        return stage.layers * (cal.prefill_layer_s + cal.prefill_token_layer_s * p + attn)
     layer_flops = p * model.layer_flops_per_token + model.attn_flops_per_position * p * p / 2
     per_layer = max(layer_flops / flops, model.layer_bytes / bandwidth)
     per_layer += 2 * _allreduce_s(len(stage.devices), p * model.hidden_bytes, ar_bw, ar_lat)
@@ -235,6 +287,9 @@ def decode_stage_s(topology: Topology, model: ModelSpec, stage: StagePlan, conte
     """Seconds for a stage to decode one token at ``context_tokens`` positions of KV."""
     flops, bandwidth, ar_bw, ar_lat = _group(topology, stage)
     c = context_tokens
+    cal = _calibration(topology, model, stage)
+    if cal is not None:  # measured weights' part, plus reading the KV cache (spec P19)
+        return stage.layers * (cal.decode_layer_s + model.kv_bytes_per_token_per_layer * c / bandwidth)
     layer_flops = model.layer_flops_per_token + model.attn_flops_per_position * c
     layer_bytes = model.layer_bytes + model.kv_bytes_per_token_per_layer * c
     per_layer = max(layer_flops / flops, layer_bytes / bandwidth)
@@ -242,9 +297,14 @@ def decode_stage_s(topology: Topology, model: ModelSpec, stage: StagePlan, conte
     return stage.layers * per_layer
 
 
+def head_s(model: ModelSpec, flops: float, bandwidth_bytes_per_s: float) -> float:
+    """Seconds for the LM head of one token (roofline; it is one large GEMV, which reaches it)."""
+    return max(model.head_flops_per_token / flops, model.head_bytes / bandwidth_bytes_per_s)
+
+
 def _head_s(topology: Topology, model: ModelSpec, stage: StagePlan) -> float:
     flops, bandwidth, _, _ = _group(topology, stage)
-    return max(model.head_flops_per_token / flops, model.head_bytes / bandwidth)
+    return head_s(model, flops, bandwidth)
 
 
 def _hops_s(topology: Topology, stages: list[StagePlan], nbytes: float) -> float:

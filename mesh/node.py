@@ -110,7 +110,7 @@ class NodeConfig:
     discovery_port: int = 7601
     interface: str | None = None
     probe_interval_s: float = 30.0
-    placement: str = "memory"
+    placement: str = "solver"
     objective: str = "goodput"
     timeouts: Timeouts = field(default_factory=Timeouts)
 
@@ -191,6 +191,9 @@ class Node(NodeNetworking, NodePerformance, NodeReport):
         self.api_port = config.api_port
         self.listen_port = config.port
         self.profile: Any = None
+        self.calibration: Any = None  # per-layer step times of the loaded stage (spec P19)
+        self._stage_times: Any = None  # the fastest timings of the loaded stage so far
+        self._calibrating: Any = None  # the backend those timings are of
 
     def _security(self, config: NodeConfig) -> LinkSecurity | None:
         if config.insecure:
@@ -533,6 +536,7 @@ class Node(NodeNetworking, NodePerformance, NodeReport):
                 continue
             finally:
                 progress.close()
+            await self._calibrate(backend)
             self.worker.swap_backend(backend)
             self._set_status(status)
 

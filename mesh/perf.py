@@ -14,7 +14,7 @@ import statistics
 from collections import deque
 from typing import Any
 
-from mesh.costmodel import Device, Link, ModelSpec, PlacementPlan, StagePlan, Topology, predict
+from mesh.costmodel import Calibration, Device, Link, ModelSpec, PlacementPlan, StagePlan, Topology, predict
 from mesh.errors import PlacementError
 from mesh.membership import ClusterView
 from mesh.placement import Plan
@@ -26,15 +26,33 @@ def profile_key(member_id: str) -> str:
     return f"profile/{member_id}"
 
 
-def profile_record(flops: dict[str, float], bandwidth_bytes_per_s: float, device: str) -> dict[str, Any]:
-    """The published value of a member's profile (FLOP/s per dtype, bytes/s)."""
-    return {"flops": dict(sorted(flops.items())), "memory_bandwidth_bytes_per_s": bandwidth_bytes_per_s,
-            "device": device}
+def profile_record(flops: dict[str, float], bandwidth_bytes_per_s: float, device: str,
+                   calibration: Calibration | None = None) -> dict[str, Any]:
+    """The published value of a member's profile (FLOP/s per dtype, bytes/s) and, once its
+    stage is loaded, the stage's calibration (spec P19)."""
+    record = {"flops": dict(sorted(flops.items())), "memory_bandwidth_bytes_per_s": bandwidth_bytes_per_s,
+              "device": device}
+    if calibration is not None:
+        record["calibration"] = calibration.to_wire()
+    return record
 
 
-def topology(view: ClusterView, dtype: str) -> Topology:
-    """Devices (members with a valid published profile for ``dtype``) and links (latency =
-    median RTT / 2, bandwidth = probe throughput) from the cluster state."""
+def _calibration(record: dict[str, Any], model: str | None) -> Calibration | None:
+    """A published calibration for ``model``; None when absent, for another model, or malformed."""
+    raw = record.get("calibration")
+    if model is None or not isinstance(raw, dict) or raw.get("model") != model:
+        return None
+    try:
+        return Calibration(model=model, decode_layer_s=raw["decode_layer_s"], prefill_layer_s=raw["prefill_layer_s"],
+                           prefill_token_layer_s=raw["prefill_token_layer_s"])
+    except (KeyError, PlacementError):
+        return None
+
+
+def topology(view: ClusterView, dtype: str, model: str | None = None) -> Topology:
+    """Devices (members with a valid published profile for ``dtype``, with their calibration
+    for ``model`` when given and published) and links (latency = median RTT / 2, bandwidth =
+    probe throughput) from the cluster state."""
     devices = []
     for member in view.members():
         record = view.state.get(profile_key(member.member_id))
@@ -46,7 +64,8 @@ def topology(view: ClusterView, dtype: str) -> Topology:
                 or not _positive(rate) or not _positive(bandwidth):
             continue
         devices.append(Device(id=member.member_id, memory_bytes=member.memory_bytes, flops=float(rate),
-                              memory_bandwidth_bytes_per_s=float(bandwidth), backend=member.backend))
+                              memory_bandwidth_bytes_per_s=float(bandwidth), backend=member.backend,
+                              calibration=_calibration(record, model)))
     ids = {d.id for d in devices}
     best: dict[tuple[str, str], Link] = {}
     for row in view.links():
@@ -70,7 +89,7 @@ def predicted(view: ClusterView, plan: Plan | None, model: ModelSpec, dtype: str
     member has published a profile (and every hop a link measurement)."""
     if plan is None:
         return None
-    topo = topology(view, dtype)
+    topo = topology(view, dtype, model.name)
     ids = {d.id for d in topo.devices}
     if any(s.member_id not in ids for s in plan.stages):
         return None
@@ -82,8 +101,9 @@ def predicted(view: ClusterView, plan: Plan | None, model: ModelSpec, dtype: str
         return None
     if p.ttft_s == float("inf"):
         return None
+    calibrated = all(topo.device(s.member_id).calibrated_for(model) is not None for s in plan.stages)
     return {"ttft_s": p.ttft_s, "decode_tokens_per_s": p.decode_tokens_per_s, "prompt_tokens": prompt_tokens,
-            "new_tokens": new_tokens}
+            "new_tokens": new_tokens, "calibrated": calibrated}
 
 
 class Measured:

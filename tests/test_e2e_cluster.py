@@ -206,7 +206,7 @@ def test_http_and_heartbeats_served_while_computing(two_nodes: LocalCluster) -> 
     assert checks == 5
 
 
-@pytest.mark.spec("P17")
+@pytest.mark.spec("P17", "P19")
 def test_solver_placement_leaves_out_a_member_that_would_only_slow_the_pipeline(
         tmp_path: Path, single_node_texts: dict[str, str]) -> None:
     """Two equal members and a model one of them holds: a pipeline only adds a hop per token
@@ -214,7 +214,7 @@ def test_solver_placement_leaves_out_a_member_that_would_only_slow_the_pipeline(
     from mesh.profile import load_or_measure_profile
 
     load_or_measure_profile(tmp_path / "profile", budget_s=1.0)
-    with LocalCluster(2, tmp_path / "solver", extra_args=["--placement", "solver"],
+    with LocalCluster(2, tmp_path / "solver", placement="solver",
                       profile=tmp_path / "profile" / "profile.json") as cluster:
         cluster.wait_ready()
 
@@ -229,6 +229,14 @@ def test_solver_placement_leaves_out_a_member_that_would_only_slow_the_pipeline(
         assert info is not None, "the solver's one-stage plan never became ready"
         assert [(m["layer_start"], m["layer_end"]) for m in info["members"] if m["layer_start"] is not None] == [(0, 30)]
         assert info["performance"]["predicted"] is not None  # both profiles published
+        # spec P19: the placed member timed its stage before serving, and published it
+        deadline = time.monotonic() + 30
+        while not info["performance"]["predicted"]["calibrated"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+            _, info = http_json(cluster.nodes[1].api_url + "/v1/cluster")
+        assert info["performance"]["predicted"]["calibrated"]
+        placed = next(n for n in cluster.nodes if "calibration: decode" in n.log_text())
+        assert "could not calibrate" not in placed.log_text()
         prompt = PROMPTS[0]
         for node in cluster.nodes:  # the idle member coordinates through the placed one
             assert _chat(_client(node), prompt, stream=True) == single_node_texts[prompt]

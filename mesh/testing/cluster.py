@@ -85,6 +85,9 @@ class LocalCluster:
             fresh random one).
         profile: a ``profile.json`` (``mesh/profile.py``) put in every data dir, so nodes on
             one machine do not measure it at once and get each other's load.
+        placement: ``--placement`` of every node; ``memory`` by default, unlike a node's
+            default, so that n nodes run an n-stage pipeline: what tests and benchmarks of
+            pipelines need (the solver would give a model that fits one node to one node).
 
     Discovery is off (``--discovery off``): tests never announce on the host's networks.
     """
@@ -92,7 +95,7 @@ class LocalCluster:
     def __init__(self, n: int, workdir: Path, *, model: str = "smollm2-135m",
                  memory_bytes: int | list[int] = 4 << 30, extra_args: list[str] | None = None,
                  env: dict[str, str] | None = None, cluster_key: str | None = None,
-                 profile: Path | None = None) -> None:
+                 profile: Path | None = None, placement: str = "memory") -> None:
         from mesh.security import format_cluster_key
 
         self.cluster_key = cluster_key or format_cluster_key(os.urandom(32))
@@ -101,7 +104,7 @@ class LocalCluster:
         self.workdir = workdir
         self.model = model
         self.memory = memory_bytes if isinstance(memory_bytes, list) else [memory_bytes] * n
-        self.extra_args = extra_args or []
+        self.extra_args = ["--placement", placement, *(extra_args or [])]
         self.env = env or {}
         self.nodes: list[NodeProcess] = []
 
