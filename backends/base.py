@@ -68,6 +68,15 @@ class Backend(ABC):
         Reads only the tensors of that range. Raises BackendError (bad range) or ModelError.
         """
 
+    def adopt_from(self, other: Backend) -> None:
+        """Offer the layers of ``other`` (a loaded backend of the same class, device and dtype,
+        about to be replaced) to the next ``load``: layers both ranges share are reused instead
+        of read again.
+
+        The default does nothing (a backend that cannot share reloads everything). Call before
+        ``load``; ``other`` must not be used for compute afterwards.
+        """
+
     @abstractmethod
     def new_cache(self) -> Any:
         """A fresh, empty per-request KV cache for this stage's layers."""

@@ -4,7 +4,8 @@ The stage module is ``AutoModelForCausalLM.from_config`` of a config cut down to
 stage's layers (``mesh.models.sliced_config``), built on the meta device and filled with
 only the tensors of that range, so the math is transformers' (attention, RoPE, masks, KV
 cache) and no model code is written here. Non-first stages drop the embeddings; non-last
-stages drop the final norm and LM head. Spec: specs/backend.md (B1-B6).
+stages drop the final norm and LM head. A backend can adopt the one it replaces and reuse
+the layer modules both ranges share (``adopt_from``). Spec: specs/backend.md (B1-B6, B9).
 """
 
 from __future__ import annotations
@@ -78,20 +79,51 @@ class TorchBackend(Backend):
         self._config: Any = None
         self._lock = threading.Lock()  # one step at a time: transformers modules are not re-entrant
         self.hidden_size = 0
+        self._donor: TorchBackend | None = None  # offered by adopt_from, taken by the next load
+        self._model_config: Any = None  # the loaded model's config object and id (reuse check)
+        self._model_id = ""
+        self.reused_layers = 0  # decoder layers the last load took from its donor
+
+    def adopt_from(self, other: Backend) -> None:
+        """Offer the layers of ``other`` to the next ``load`` (see ``Backend.adopt_from``).
+
+        Accepted only from a loaded TorchBackend on the same device with the same dtype;
+        ``load`` then also requires the same model (config object or model id) and ignores
+        the offer otherwise. Nothing of ``other`` is touched here.
+
+        Thread safety: ``load`` may run while ``other`` still serves a step on another thread.
+        It takes ``other``'s lock to take the shared modules and renumber their ``layer_idx``
+        (which indexes the KV cache, so it must become the layer's index in the new stage),
+        and then marks ``other`` unloaded: a later ``forward`` on it raises
+        BackendError("no layers loaded") instead of computing with renumbered layers. The
+        reused modules are only read afterwards. ``load`` drops the reference to ``other``
+        whether it succeeds or fails.
+        """
+        self._donor = None
+        if (isinstance(other, TorchBackend) and other is not self and other.loaded
+                and other.device == self.device and other.dtype == self.dtype):
+            self._donor = other
 
     # -- loading -----------------------------------------------------------------------
     def load(self, model: Model, layer_start: int, layer_end: int, progress: Progress | None = None) -> None:
         from transformers import AutoModelForCausalLM
 
-        config = model.config
-        num_layers = int(config.num_hidden_layers)
-        check_range(layer_start, layer_end, num_layers)
-        sub = sliced_config(config, layer_start, layer_end)
-        first, last = layer_start == 0, layer_end == num_layers
-        with torch.device("meta"):
-            stage = AutoModelForCausalLM.from_config(sub, dtype=self.dtype)
-        wanted: dict[str, str] = {}  # local name -> global (file) name
-        for local in stage.state_dict():
+        donor, self._donor = self._donor, None  # held only until its modules are taken
+        try:
+            config = model.config
+            num_layers = int(config.num_hidden_layers)
+            check_range(layer_start, layer_end, num_layers)
+            sub = sliced_config(config, layer_start, layer_end)
+            first, last = layer_start == 0, layer_end == num_layers
+            with torch.device("meta"):
+                stage = AutoModelForCausalLM.from_config(sub, dtype=self.dtype)
+            reused = _take_layers(donor, model, stage, layer_start, layer_end) if donor is not None else 0
+        finally:
+            donor = None  # pin none of the donor's memory, loaded or not
+        wanted: dict[str, str] = {}  # local name -> global (file) name, for what is still on meta
+        for local, tensor in stage.state_dict().items():
+            if not tensor.is_meta:
+                continue  # reused from the donor
             idx = layer_of(local)
             if idx is not None:
                 wanted[local] = local.replace(f"model.layers.{idx}.", f"model.layers.{idx + layer_start}.", 1)
@@ -99,10 +131,18 @@ class TorchBackend(Backend):
                 wanted[local] = local
             elif (local.startswith("model.norm.") or local.startswith("lm_head.")) and last:
                 wanted[local] = local
-        source = model.tensor_source()
+        source = model.tensor_source() if wanted else None  # opening the files is not free
         tied = bool(getattr(config, "tie_word_embeddings", False))
-        if "lm_head.weight" in wanted and (tied or not _source_has(source, "lm_head.weight")):
-            wanted["lm_head.weight"] = "model.embed_tokens.weight"
+        if last and source is not None and (tied or not _source_has(source, "lm_head.weight")):
+            # the head is the embeddings: one tensor for both
+            if "lm_head.weight" in wanted and first and "model.embed_tokens.weight" not in wanted:
+                stage.lm_head.weight = stage.model.embed_tokens.weight  # embeddings reused
+                del wanted["lm_head.weight"]
+            elif "lm_head.weight" in wanted:
+                wanted["lm_head.weight"] = "model.embed_tokens.weight"
+            elif "model.embed_tokens.weight" in wanted:  # head reused
+                stage.model.embed_tokens.weight = stage.lm_head.weight
+                del wanted["model.embed_tokens.weight"]
         total = len(set(wanted.values()))
         done = 0
 
@@ -112,7 +152,7 @@ class TorchBackend(Backend):
             if progress:
                 progress(done, total)
 
-        tensors = source.load(sorted(set(wanted.values())), on_tensor=step)
+        tensors = source.load(sorted(set(wanted.values())), on_tensor=step) if source is not None else {}
         state = {local: tensors[src].to(self.dtype) for local, src in wanted.items()}
         if not first:
             stage.model.embed_tokens = None
@@ -131,8 +171,11 @@ class TorchBackend(Backend):
             self.layer_start, self.layer_end, self.num_layers = layer_start, layer_end, num_layers
             self.hidden_size = int(config.hidden_size)
             self._cache_kw = "cache" if "cache" in inspect.signature(stage.model.forward).parameters else "past_key_values"
+            self._model_config, self._model_id = config, model.model_id
+            self.reused_layers = reused
         self._warm_up()
-        log.info("torch backend: loaded layers [%d, %d) of %d on %s", layer_start, layer_end, num_layers, self.device)
+        log.info("torch backend: loaded layers [%d, %d) of %d on %s (%d reused, %d read)", layer_start, layer_end,
+                 num_layers, self.device, reused, layer_end - layer_start - reused)
 
     def _warm_up(self) -> None:
         # The first forward pays one-off costs (kernel selection, allocator growth): pay them
@@ -199,6 +242,34 @@ class TorchBackend(Backend):
                 return StepOutput(hidden=tensor_to_wire(out))
             logits = model.lm_head(out[:, -1, :]).float()
             return StepOutput(logits=logits[0].cpu().numpy().astype(np.float32, copy=False))
+
+
+def _take_layers(donor: TorchBackend, model: Model, stage: Any, layer_start: int, layer_end: int) -> int:
+    """Move the modules ``donor`` shares with the meta ``stage`` into ``stage`` and mark
+    ``donor`` unloaded if it gave any; returns how many decoder layers it gave."""
+    num_layers = int(model.config.num_hidden_layers)
+    with donor._lock:
+        old = donor._model
+        if old is None or donor.num_layers != num_layers or not (
+            donor._model_config is model.config or donor._model_id == model.model_id
+        ):
+            return 0
+        shared = range(max(layer_start, donor.layer_start), min(layer_end, donor.layer_end))
+        for g in shared:
+            layer = old.model.layers[g - donor.layer_start]
+            for module in layer.modules():  # the KV cache is indexed by the stage-local index
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = g - layer_start
+            stage.model.layers[g - layer_start] = layer
+        edges = False
+        if layer_start == 0 and donor.layer_start == 0:
+            stage.model.embed_tokens, edges = old.model.embed_tokens, True
+        if layer_end == num_layers and donor.layer_end == num_layers:
+            stage.model.norm, stage.lm_head, edges = old.model.norm, old.lm_head, True
+        if shared or edges:  # the donor's modules are the new stage's now: it must not compute
+            donor._model = donor._config = None
+            donor.layer_start = donor.layer_end = 0
+        return len(shared)
 
 
 def _source_has(source: Any, name: str) -> bool:

@@ -110,8 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(node, "--memory-bytes", type=int, help="memory this node offers, in bytes (default: available x fraction)")
     _add(node, "--memory-fraction", type=float, default=0.8, help="fraction of available memory to offer, in (0, 1]")
     _add(node, "--context", type=int, help="context length in tokens to budget KV cache for (default: the model's)")
-    _add(node, "--heartbeat-s", type=_positive_float, default=1.0, help="seconds between heartbeats")
-    _add(node, "--dead-after-s", type=_positive_float, default=5.0, help="seconds of silence before a link is dead")
+    _add(node, "--heartbeat-s", type=_positive_float, default=0.5, help="seconds between heartbeats")
+    _add(node, "--dead-after-s", type=_positive_float, default=3.0,
+         help="seconds of silence before a link, and a member with no other link, is declared dead")
+    _add(node, "--fault-plan", type=Path, help="fault injection for tests: links follow this JSON control file "
+         "(mesh/fault_hooks.py); never on a real cluster")
+    _add(node, "--fault-label", help="this node's name in --fault-plan partitions (default: its id)")
+    _add(node, "--recovery-s", type=_positive_float, default=60.0,
+         help="seconds a request may take, from a stage failure to its next token, to find a working plan")
     _add(node, "--api-key", help="if set, HTTP requests need 'Authorization: Bearer KEY'")
     _add(node, "--device", help="backend device, e.g. cpu, cuda, mps (default: the backend's choice)")
     _add(node, "--dtype", choices=("f32", "f16", "bf16"), help="compute dtype (default: f32 on CPU, f16 on GPU)")
@@ -159,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan(sub, _add, _positive_int)
 
+    faults = sub.add_parser("faults", help="run the fault-injection scenarios on real clusters on 127.0.0.1 "
+                            "and print what survived")
+    _add_switch(faults, "--quick", help="only the quick set (what CI runs)")
+    _add_switch(faults, "--json", help="print one JSON object with a 'scenarios' list instead of a table")
+    _add(faults, "--only", repeat=True, help="run only this scenario (repeatable)")
+    _add(faults, "--model", default="smollm2-135m", help="model the clusters serve (name or directory)")
+    _add(faults, "--log-level", default="warning", choices=LOG_LEVELS, help="log verbosity")
+
     tbench = sub.add_parser("bench-transport", help="measure each transport's RTT and throughput on loopback "
                             "against a raw asyncio socket, plaintext and with TLS")
     _add(tbench, "--round-trips", type=int, default=2000, help="small-message ping-pongs per transport")
@@ -191,6 +205,7 @@ def _setup_logging(level: str) -> _NodeIdFilter:
 
 def _run_node(args: argparse.Namespace) -> int:
     from mesh.node import Node, NodeConfig
+    from mesh.runtime import Timeouts
 
     node_filter = _setup_logging(args.log_level)
     config = NodeConfig(
@@ -201,6 +216,7 @@ def _run_node(args: argparse.Namespace) -> int:
         api_key=args.api_key, device=args.device, dtype=args.dtype, cluster_key=args.cluster_key,
         insecure=args.insecure, discovery=args.discovery == "on", discovery_port=args.discovery_port,
         interface=args.interface, placement=args.placement, objective=args.objective,
+        timeouts=Timeouts(recovery_s=args.recovery_s), fault_plan=args.fault_plan, fault_label=args.fault_label,
     )
     node = Node(config)
     node_filter.node = node.member_id[:8]
@@ -262,6 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mesh.bench_kernel import run_kernel_bench
 
             return run_kernel_bench(args)
+        if args.command == "faults":
+            from mesh.faults_suite import run_faults_command
+
+            _setup_logging(args.log_level)
+            return run_faults_command(quick=args.quick, as_json=args.json, only=args.only, model=args.model)
         if args.command == "bench-placement" and args.measured:
             from mesh.bench_measured import run_measured_bench
 

@@ -99,8 +99,8 @@ class NodeConfig:
     memory_bytes: int | None = None
     memory_fraction: float = 0.8
     context: int | None = None
-    heartbeat_s: float = 1.0
-    dead_after_s: float = 5.0
+    heartbeat_s: float = 0.5
+    dead_after_s: float = 3.0
     api_key: str | None = None
     device: str | None = None
     dtype: str | None = None
@@ -113,6 +113,8 @@ class NodeConfig:
     placement: str = "solver"
     objective: str = "goodput"
     timeouts: Timeouts = field(default_factory=Timeouts)
+    fault_plan: Path | None = None  # fault injection, for tests only (mesh/fault_hooks.py)
+    fault_label: str | None = None
 
     def __post_init__(self) -> None:
         for flag, port in (("--port", self.port), ("--api-port", self.api_port),
@@ -164,6 +166,10 @@ class Node(NodeNetworking, NodePerformance, NodeReport):
             transport = transport_cls(security=self.security)
         except TypeError as exc:
             raise ConfigError(f"--transport {config.transport}: its plugin cannot be built with security=...: {exc}") from exc
+        if config.fault_plan is not None:
+            from mesh import fault_hooks
+
+            transport = fault_hooks.wrap(transport, label=config.fault_label or self.member_id, path=config.fault_plan)
         self.links = Links(transport, me=lambda: self.me, model_id=self.model.model_id,
                            started_ms=time.time_ns() // 1_000_000, on_message=self._on_message,
                            on_up=self._link_up, on_down=self._link_down, on_fatal=self._fatal,
@@ -249,6 +255,11 @@ class Node(NodeNetworking, NodePerformance, NodeReport):
         tasks = [api_task, loop.create_task(self._heartbeats(), name="heartbeats"),
                  loop.create_task(self._loader(), name="loader")]
         self.links.spawn(self._publish_profile(), "profile")
+        if cfg.fault_plan is not None:
+            from mesh import fault_hooks
+
+            self.links.spawn(fault_hooks.watch(self.links.transport, cfg.fault_plan, self._stop),  # type: ignore[arg-type]
+                             "fault plan")
         tasks += [loop.create_task(self.links.dial_forever(a, self._stop), name=f"peer {a}") for a in cfg.peers]
         discovery = await self._start_discovery()
         stop_task = loop.create_task(self._stop.wait(), name="stop")
@@ -378,12 +389,21 @@ class Node(NodeNetworking, NodePerformance, NodeReport):
             await self.replication.on_message(sender, msg)
         elif kind == "forward":
             self.links.spawn(self.worker.on_forward(msg), f"forward {msg.body.get('req')}")
-        elif kind in ("token", "error"):
-            self.coordinator.deliver(msg)
+        elif kind in ("token", "error", "released"):
+            self.coordinator.deliver(msg, sender)
         elif kind == "release":
-            self.worker.release(str(msg.body.get("req", "")))
+            req = str(msg.body.get("req", ""))
+            self.worker.release(req)
+            if 0 < len(req) <= 64:
+                self.links.spawn(self._ack_release(sender, req), "released")
         elif kind != "ping":
             log.debug("ignoring unknown message type %r from %s", kind, sender)
+
+    async def _ack_release(self, member_id: str, req: str) -> None:
+        try:
+            await self.send(member_id, Message(type="released", body={"req": req}))
+        except MeshError as exc:  # the coordinator sends the release again, or is gone
+            log.debug("cannot acknowledge the release of req=%s to %s: %s", req, member_id, exc)
 
     async def _link_up(self, info: MemberInfo) -> None:
         assert self.replication is not None
@@ -408,10 +428,12 @@ class Node(NodeNetworking, NodePerformance, NodeReport):
                 self.replication.emit("link.measured", link_key(self.member_id, member_id), summary)
 
     def _declare_dead(self, member_id: str, why: str) -> None:
-        assert self.replication is not None
+        assert self.replication is not None and self.coordinator is not None
         if self.replication.state.get(member_key(member_id)) is None or self._stop.is_set():
             return
         log.warning("member %s left: %s", member_id, why)
+        self.coordinator.member_lost(member_id)  # spec FO3: its requests recover at once
+        self.worker.release_coordinated_by(member_id)
         self.replication.emit("member.leave", member_key(member_id), None)
         for key in self.replication.state.keys("link/"):  # spec L3: its links' figures are stale
             if member_id in key.split("/")[1:]:
@@ -449,6 +471,10 @@ class Node(NodeNetworking, NodePerformance, NodeReport):
                 self._declare_dead(member.member_id, f"unreachable for {2 * self.config.dead_after_s:.0f} s")
 
     # -- requests (called by the coordinator) ------------------------------------------
+    def linked(self, member_id: str) -> bool:
+        """Whether a request can reach ``member_id`` now (this node, or a live link)."""
+        return member_id == self.member_id or member_id in self.links.linked()
+
     async def send(self, member_id: str, msg: Message) -> None:
         """Send to a member (delivered in-process when it is this node)."""
         if member_id == self.member_id:
@@ -526,6 +552,9 @@ class Node(NodeNetworking, NodePerformance, NodeReport):
             self._set_status(MemberStatus(**{**status.to_wire(), "state": "loading"}))
             backend = self.backend_cls(**_backend_options(self.config))
             progress = LoadProgress(f"layers [{stage.layer_start},{stage.layer_end})", tty=sys.stderr.isatty())
+            if current is not None:  # reuse the layers both ranges share (spec B9); the old range
+                self.worker.swap_backend(None)  # is unusable from here, and its requests fail anyway
+                backend.adopt_from(current)
             try:
                 await asyncio.to_thread(backend.load, self.model, stage.layer_start, stage.layer_end, progress)
             except Exception as exc:  # a backend plugin may raise anything: report it, keep serving

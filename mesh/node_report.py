@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from mesh.models import Model
     from mesh.node import NodeConfig
     from mesh.replication import Replication
-    from mesh.runtime import StageWorker
+    from mesh.runtime import Coordinator, StageWorker
     from mesh.security import LinkSecurity
 
 
@@ -30,6 +30,7 @@ class NodeReport:
     replication: Replication | None
     links: Links
     worker: StageWorker
+    coordinator: Coordinator | None
     security: LinkSecurity | None
 
     def view(self) -> ClusterView:
@@ -106,5 +107,8 @@ class NodeReport:
                 "cluster": self.security.cluster_fingerprint if self.security is not None else None,
                 "transport": self.config.transport,
             },
-            "local": {"id": self.member_id, "kv_caches": len(self.worker.caches)},
+            "local": {"id": self.member_id, "kv_caches": len(self.worker.caches),
+                      "coordinating": self.coordinator.active if self.coordinator else 0,
+                      "failed_attempts": self.coordinator.failed_attempts if self.coordinator else 0,
+                      "recovery_s": list(self.coordinator.recovery_times)[-32:] if self.coordinator else []},
         }

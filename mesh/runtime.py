@@ -6,7 +6,17 @@ a ``forward`` to stage 0 (the prompt at step 0 = prefill, one token afterwards =
 each stage runs its layers and forwards hidden states to the next; the last stage samples
 and sends the ``token`` back to the coordinator, which streams it and starts the next step.
 Tokens and activations go point to point; nothing here is a cluster event. Every wait has a
-timeout; a lost stage fails its requests at once; ``release`` frees KV caches on every stage.
+timeout; ``release`` frees KV caches on every stage.
+
+Failover (specs/faults.md FO1-FO6): a request keeps its prompt, the tokens generated so far and
+its sampling seed (the sampler draws from (seed, step), so any step can be replayed). A step
+whose reply does not come is sent again (stages answer a repeated step from the output they
+kept, never by computing it twice); when a stage fails or is lost, the coordinator waits for
+a plan whose stages are all loaded and linked (the survivors re-place the model), then runs a
+new attempt that prefills prompt + generated tokens from position 0 and continues at the same
+step, so the client's stream goes on with the tokens a fault-free run would give. Attempts
+carry their own wire id, so replies of a failed attempt never reach a later one. When no plan
+comes within the recovery budget the request ends with an explicit error.
 Spec: specs/node.md (N5-N10).
 """
 
@@ -15,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import statistics
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,26 +35,37 @@ from typing import Any, Protocol
 
 from backends.base import Backend
 from mesh.engine import SamplingParams
-from mesh.errors import ApiError, MeshError, ModelError, PeerTimeout, RequestFailed
+from mesh.errors import ApiError, MeshError, ModelError, RequestFailed, TransportError
 from mesh.models import Model
+from mesh.perf import Measured
 from mesh.placement import Plan
 from mesh.sampling import sample
-from mesh.perf import Measured
 from mesh.wire import Message
 
 log = logging.getLogger(__name__)
 
 RELEASED_MEMORY = 4096  # how many released request ids a stage remembers to drop late steps
+RELEASE_TRIES = 4  # sends of a ``release`` that is not acknowledged
+RELEASE_ACK_S = 0.5  # how long each waits for its ``released``
+MAX_ATTEMPTS = 8  # attempts of one request (spec FO3); the recovery budget usually ends it first
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Timeouts:
     """Seconds to wait: for the first token (prefill through every stage), for each later
-    token, and for a control send on a link."""
+    token, and for a control send on a link; ``recovery_s``: how long a request may take,
+    from a stage failure to its next token, to get a working plan again (spec FO3);
+    ``retry_s``: the shortest wait before a step whose reply has not come is sent again."""
 
     prefill_s: float = 120.0
     decode_s: float = 30.0
     send_s: float = 5.0
+    recovery_s: float = 60.0
+    retry_s: float = 0.5
+
+
+class StageFailure(MeshError):
+    """One attempt of a request failed in a way a new attempt on a new plan may survive."""
 
 
 class NodeServices(Protocol):
@@ -61,6 +83,8 @@ class NodeServices(Protocol):
 
     def request_event(self, req: str, state: str, stages: list[str] | None = None) -> None: ...
 
+    def linked(self, member_id: str) -> bool: ...
+
 
 class StageWorker:
     """Runs this node's layers for every request that passes through it.
@@ -77,16 +101,23 @@ class StageWorker:
         self.caches: dict[str, Any] = {}
         self._owner: dict[str, tuple[str, float]] = {}  # req -> (coordinator, last use, monotonic s)
         self._released: OrderedDict[str, None] = OrderedDict()
+        # spec FO2: a repeated step is answered from what it sent, never computed twice
+        self._done: dict[str, tuple[int, str, Message]] = {}  # req -> (last step, sent to, message)
+        self._busy: dict[str, int] = {}  # req -> step being computed
 
     def swap_backend(self, backend: Backend | None) -> None:
         """Install a newly loaded backend; caches of the old one are dropped."""
         self.backend = backend
         self.caches.clear()
+        self._done.clear()
+        self._busy.clear()
 
     def release(self, request_id: str) -> None:
         """Free a request's KV cache and drop any of its steps still in flight (spec N8)."""
         self.caches.pop(request_id, None)
         self._owner.pop(request_id, None)
+        self._done.pop(request_id, None)
+        self._busy.pop(request_id, None)
         self._released[request_id] = None
         while len(self._released) > RELEASED_MEMORY:
             self._released.popitem(last=False)
@@ -120,7 +151,10 @@ class StageWorker:
                 log.exception("stage step failed: req=%s", req)
             self.release(req)
             self._released.pop(req, None)  # a failed step is not a cancellation: it may be retried
-            reply = Message(type="error", body={"req": req, "message": f"{self.node.member_id}: {exc}"})
+            # spec FO3: a stale plan, a lost cache or a link is worth a new attempt; a backend's
+            # own failure on this input would fail again
+            fatal = not isinstance(exc, RequestFailed | TransportError)
+            reply = Message(type="error", body={"req": req, "message": f"{self.node.member_id}: {exc}", "fatal": fatal})
             try:
                 await self.node.send(coordinator, reply)
             except MeshError as send_exc:
@@ -129,6 +163,27 @@ class StageWorker:
     async def _forward(self, req: str, body: dict[str, Any], msg: Message) -> None:
         if req in self._released:
             return
+        step = int(body["step"])
+        done = self._done.get(req)
+        if done is not None and step <= done[0]:
+            if step == done[0]:  # the coordinator sent it again: its reply was lost downstream
+                await self.node.send(done[1], done[2])
+            return
+        if self._busy.get(req, -1) >= step:
+            return  # a repeat of the step being computed: its reply is on the way
+        self._busy[req] = step
+        try:
+            out = await self._compute(req, body, msg, step)
+        finally:
+            if self._busy.get(req) == step:
+                del self._busy[req]
+        if out is not None and req not in self._released:
+            self._done[req] = (step, out[0], out[1])
+            await self.node.send(out[0], out[1])
+
+    async def _compute(self, req: str, body: dict[str, Any], msg: Message, step: int) -> tuple[str, Message] | None:
+        """Run one step of ``req`` on this stage: (where its output goes, the message), or
+        None when the request was released meanwhile."""
         backend = self.backend
         route = body["route"]
         idx = int(body["idx"])
@@ -136,7 +191,7 @@ class StageWorker:
         if backend is None or (backend.layer_start, backend.layer_end) != (start, end):
             held = None if backend is None else [backend.layer_start, backend.layer_end]
             raise RequestFailed(f"stage holds layers {held}, the request's plan needs [{start}, {end})")
-        step, pos = int(body["step"]), int(body["pos"])
+        pos = int(body["pos"])
         cache = self.caches.get(req)
         if cache is None:
             if pos != 0:
@@ -151,18 +206,17 @@ class StageWorker:
         )
         if req in self._released:  # cancelled while computing
             self.release(req)
-            return
+            return None
         if idx + 1 < len(route):
             nxt = {k: v for k, v in body.items() if k != "tokens"}
             nxt["idx"] = idx + 1
-            await self.node.send(route[idx + 1][0], Message(type="forward", body=nxt, tensor=out.hidden))
-            return
+            return route[idx + 1][0], Message(type="forward", body=nxt, tensor=out.hidden)
         if out.logits is None:
             raise RequestFailed("the last stage produced no logits")
         sp = body["sp"]
         params = SamplingParams(max_tokens=1, temperature=float(sp["t"]), top_p=float(sp["p"]))
         token = sample(out.logits, params, step=step, request_seed=int(sp["seed"]))
-        await self.node.send(str(body["coord"]), Message(type="token", body={"req": req, "step": step, "token": token}))
+        return str(body["coord"]), Message(type="token", body={"req": req, "step": step, "token": token})
 
 
 class Coordinator:
@@ -178,6 +232,12 @@ class Coordinator:
         self.eos_token_ids = model.eos_token_ids
         self.tokenizer = model.tokenizer
         self._pending: dict[str, tuple[asyncio.Queue[Message], set[str]]] = {}
+        self.recovering = 0  # requests waiting for a new plan now
+        self._closing: str | None = None  # why this node is shutting down
+        self._prefill_s_per_token = 0.01  # the last prefill's pace, to time its resends
+        self._release_acks: dict[tuple[str, str], asyncio.Event] = {}
+        self.failed_attempts = 0
+        self.recovery_times: deque[float] = deque(maxlen=256)  # s from a failure to the next token
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         try:
@@ -191,27 +251,36 @@ class Coordinator:
     def cluster_info(self) -> dict[str, Any]:
         return self.node.cluster_info()
 
-    def deliver(self, msg: Message) -> None:
-        """Route a ``token`` or ``error`` reply to its waiting request (unknown ids dropped)."""
+    def deliver(self, msg: Message, sender: str = "") -> None:
+        """Route a ``token`` or ``error`` reply to its waiting request, or a ``released`` to
+        the release waiting for it (unknown ids dropped)."""
+        if msg.type == "released":
+            acked = self._release_acks.get((str(msg.body.get("req", "")), sender))
+            if acked is not None:
+                acked.set()
+            return
         pending = self._pending.get(str(msg.body.get("req", "")))
         if pending is not None:
             pending[0].put_nowait(msg)
 
     @property
     def active(self) -> int:
-        """Requests in flight on this coordinator."""
-        return len(self._pending)
+        """Requests in flight on this coordinator (running an attempt or waiting for a plan)."""
+        return len(self._pending) + self.recovering
 
     def shutdown(self, reason: str) -> None:
         """Fail every request in flight with ``reason`` (their streams end with an error event)."""
+        self._closing = reason
         for req, (queue, _) in self._pending.items():
             queue.put_nowait(Message(type="error", body={"req": req, "message": reason}))
 
     def member_lost(self, member_id: str) -> None:
-        """Fail at once every request whose route passes through a lost member (spec N9)."""
+        """Fail at once the current attempt of every request whose route passes through a
+        lost member (spec N9); the request itself then recovers (spec FO3)."""
         for req, (queue, members) in self._pending.items():
             if member_id in members:
-                queue.put_nowait(Message(type="error", body={"req": req, "message": f"member {member_id} was lost"}))
+                queue.put_nowait(Message(type="error", body={"req": req, "message": f"member {member_id} was lost",
+                                                             "lost": member_id}))
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
         ready, reason = self.node.ready()
@@ -220,67 +289,168 @@ class Coordinator:
             raise RequestFailed(f"the model is not ready: {reason}")
         if not prompt_ids:
             raise ApiError("the prompt is empty", param="messages")
-        req = secrets.token_hex(8)
+        rid = secrets.token_hex(8)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        generated: list[int] = []  # spec FO1: with the prompt and seed, all a new attempt needs
+        started = time.monotonic()
+        last_failure: StageFailure | None = None
+        first_token_at = 0.0
+        recoveries: list[float] = []
+        outcome = "cancelled"  # unless it finishes or fails below
+        log.info("req=%s start: %d prompt tokens, plan %s", rid, len(prompt_ids), plan.plan_id)
+        try:
+            failed_at = 0.0
+            for attempt in range(MAX_ATTEMPTS):
+                steps = self._attempt(f"{rid}.{attempt}", rid, plan, prompt_ids, generated, params, seed)
+                try:
+                    async for token in steps:
+                        if failed_at:  # spec FO3: recovery = from the failure to the next token
+                            recoveries.append(time.monotonic() - failed_at)
+                            failed_at = 0.0
+                        generated.append(token)
+                        if len(generated) == 1:
+                            first_token_at = time.monotonic()
+                        done = len(generated) == params.max_tokens or (
+                            token in self.eos_token_ids and not params.ignore_eos)
+                        if done:
+                            outcome = "finished"
+                        yield token
+                        if done:
+                            return
+                    return  # not reached: an attempt ends by the return above or an error
+                except StageFailure as exc:
+                    failed_at = failed_at or time.monotonic()
+                    self.failed_attempts += 1
+                    log.warning("req=%s attempt %d failed after %d tokens: %s", rid, attempt, len(generated), exc)
+                    self.recovering += 1
+                    last_failure = exc
+                    try:
+                        plan = await self._await_plan(rid, exc, failed_at + self.timeouts.recovery_s, attempt)
+                    finally:
+                        self.recovering -= 1
+                finally:
+                    await steps.aclose()  # the attempt releases its caches now, not when collected
+            raise RequestFailed(f"req={rid}: gave up after {MAX_ATTEMPTS} attempts; the last failed with: {last_failure}")
+        except MeshError:
+            outcome = "failed"
+            raise
+        finally:
+            if outcome == "finished":
+                self.measured.record(prompt_tokens=len(prompt_ids), new_tokens=len(generated),
+                                     ttft_s=first_token_at - started, decode_s=time.monotonic() - first_token_at)
+            self.recovery_times.extend(recoveries)
+            self.node.request_event(rid, outcome)
+            log.info("req=%s end: %d tokens in %.2f s%s", rid, len(generated), time.monotonic() - started,
+                     f", {len(recoveries)} recoveries" if recoveries else "")
+
+    async def _attempt(self, req: str, rid: str, plan: Plan, prompt_ids: list[int], generated: list[int],
+                       params: SamplingParams, seed: int) -> AsyncIterator[int]:
+        """One attempt of a request on ``plan``: prefill prompt + generated tokens from position
+        0, then decode, yielding each new token. Raises StageFailure when a stage fails, is
+        lost or does not answer (after sending the step again), RequestFailed otherwise."""
         route: list[list[Any]] = [[s.member_id, s.layer_start, s.layer_end] for s in plan.stages]
         first_member = plan.stages[0].member_id
         members = {s.member_id for s in plan.stages}
         queue: asyncio.Queue[Message] = asyncio.Queue()
         self._pending[req] = (queue, members)
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        base = {
-            "req": req,
-            "coord": self.node.member_id,
-            "plan": plan.plan_id,
-            "route": route,
-            "idx": 0,
-            "sp": {"t": params.temperature, "p": params.top_p, "seed": seed},
-        }
-        started = time.monotonic()
-        first_token_at = 0.0
-        produced = 0
-        outcome = "cancelled"  # unless it finishes or fails below
-        log.info("req=%s start: %d prompt tokens, plan %s", req, len(prompt_ids), plan.plan_id)
-        self.node.request_event(req, "running", [s.member_id for s in plan.stages])
+        base = {"req": req, "coord": self.node.member_id, "plan": plan.plan_id, "route": route, "idx": 0,
+                "sp": {"t": params.temperature, "p": params.top_p, "seed": seed}}
+        self.node.request_event(rid, "running", [s.member_id for s in plan.stages])
+        step_times: list[float] = []
         try:
-            tokens, pos = list(prompt_ids), 0
-            for step in range(params.max_tokens):
+            tokens, pos = [*prompt_ids, *generated], 0
+            first_step = len(generated)  # grows as the caller takes tokens
+            for step in range(first_step, params.max_tokens):
                 body = dict(base, step=step, pos=pos, tokens=tokens)
-                await self.node.send(first_member, Message(type="forward", body=body))
-                timeout = self.timeouts.prefill_s if step == 0 else self.timeouts.decode_s
-                try:
-                    reply = await asyncio.wait_for(queue.get(), timeout)
-                except TimeoutError:
-                    raise PeerTimeout(f"req={req}: no token within {timeout:.0f} s at step {step}") from None
+                prefill = step == first_step
+                limit = self.timeouts.prefill_s if prefill else self.timeouts.decode_s
+                # spec FO2: resend a step whose reply is late: after 4x a typical decode step, or
+                # 3x the prefill this coordinator expects (resending a prefill that is still
+                # running costs the first stage nothing, but a finished one re-sends its
+                # hidden states); at least 4 times before the limit
+                typical = (4 * statistics.median(step_times) if step_times else 0.0) if not prefill \
+                    else 3 * self._prefill_s_per_token * len(tokens)
+                retry = min(limit / 4, max(self.timeouts.retry_s, typical))
+                sent = time.monotonic()
+                reply = await self._step(queue, first_member, body, step, limit, retry)
+                took = time.monotonic() - sent
+                if prefill:
+                    self._prefill_s_per_token = took / len(tokens)
+                else:
+                    step_times.append(took)
+                    if len(step_times) > 16:
+                        step_times.pop(0)
                 if reply.type == "error":
-                    raise RequestFailed(f"req={req} failed: {reply.body.get('message')}")
+                    if reply.body.get("fatal") is True:
+                        raise RequestFailed(f"req={rid} failed: {reply.body.get('message')}")
+                    raise StageFailure(str(reply.body.get("message")))
                 token = int(reply.body["token"])
-                produced += 1
-                if produced == 1:
-                    first_token_at = time.monotonic()
-                if produced == params.max_tokens or (token in self.eos_token_ids and not params.ignore_eos):
-                    outcome = "finished"
                 yield token
-                if outcome == "finished":
-                    return
                 pos += len(tokens)
                 tokens = [token]
-        except MeshError:
-            outcome = "failed"
-            raise
         finally:
             self._pending.pop(req, None)
-            if outcome == "finished":
-                self.measured.record(prompt_tokens=len(prompt_ids), new_tokens=produced,
-                                     ttft_s=first_token_at - started, decode_s=time.monotonic() - first_token_at)
-            self.node.request_event(req, outcome)
             await self._release(req, members)
-            log.info("req=%s end: %d tokens in %.2f s", req, produced, time.monotonic() - started)
+
+    async def _step(self, queue: asyncio.Queue[Message], first_member: str, body: dict[str, Any], step: int,
+                    limit_s: float, retry_s: float) -> Message:
+        """Send one step and wait for its token (or an error), sending it again every
+        ``retry_s`` seconds until ``limit_s``; replies to other steps are stale and dropped."""
+        deadline = time.monotonic() + limit_s
+        while True:
+            try:
+                await self.node.send(first_member, Message(type="forward", body=body))
+            except MeshError as exc:
+                raise StageFailure(f"cannot reach stage {first_member}: {exc}") from exc
+            resend_at = min(deadline, time.monotonic() + retry_s)
+            while (left := resend_at - time.monotonic()) > 0:
+                try:
+                    reply = await asyncio.wait_for(queue.get(), left)
+                except TimeoutError:
+                    break
+                if reply.type == "error" or reply.body.get("step") == step:
+                    return reply
+            if time.monotonic() >= deadline:
+                raise StageFailure(f"no token within {limit_s:.0f} s at step {step}")
+
+    async def _await_plan(self, rid: str, failure: StageFailure, deadline: float, attempt: int) -> Plan:
+        """Wait until the cluster has a plan whose stages are all loaded and linked (spec FO3);
+        RequestFailed, naming the reason, when placement fails or the recovery budget runs out."""
+        await asyncio.sleep(min(0.2 * (attempt + 1), 1.0))  # let the loss reach membership and placement
+        while True:
+            if self._closing is not None:
+                raise RequestFailed(f"req={rid}: {self._closing}")
+            if time.monotonic() >= deadline:
+                raise RequestFailed(f"req={rid} cannot continue after {failure}: no working plan within "
+                                    f"{self.timeouts.recovery_s:.0f} s of the failure")
+            plan = self.node.current_plan()
+            ready, reason = self.node.ready()
+            if ready and plan is not None and all(self.node.linked(s.member_id) for s in plan.stages):
+                return plan
+            if reason.startswith("placement failed"):
+                raise RequestFailed(f"req={rid} cannot continue after {failure}: {reason}")
+            await asyncio.sleep(0.05)
 
     async def _release(self, req: str, members: set[str]) -> None:
+        """Free ``req``'s KV caches on ``members`` (spec FO5): each stage acknowledges with
+        ``released``; a release whose answer does not come is sent again (a lost message
+        must not leave a cache behind), up to ``RELEASE_TRIES`` times."""
         async def one(member: str) -> None:
+            acked = self._release_acks[(req, member)] = asyncio.Event()
             try:
-                await asyncio.wait_for(self.node.send(member, Message(type="release", body={"req": req})), self.timeouts.send_s)
-            except (MeshError, TimeoutError) as exc:
-                log.warning("req=%s: release on %s failed: %s", req, member, exc)
+                for _ in range(RELEASE_TRIES):
+                    try:
+                        await asyncio.wait_for(self.node.send(member, Message(type="release", body={"req": req})),
+                                               self.timeouts.send_s)
+                        await asyncio.wait_for(acked.wait(), RELEASE_ACK_S)
+                        return
+                    except TimeoutError:
+                        continue
+                    except MeshError as exc:  # no link: the member is gone, or will drop the cache with it
+                        log.info("req=%s: release on %s failed: %s", req, member, exc)
+                        return
+                log.warning("req=%s: %s never acknowledged the release", req, member)
+            finally:
+                self._release_acks.pop((req, member), None)
 
         await asyncio.gather(*(one(m) for m in sorted(members)))

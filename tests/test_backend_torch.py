@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -231,3 +232,105 @@ def test_token_ids_outside_the_vocabulary_are_rejected(stage_cache) -> None:
     for bad in ([-1], [49152], [1.5], [True]):
         with pytest.raises(BackendError, match="token ids"):
             first.forward(first.new_cache(), start_pos=0, token_ids=bad)
+
+
+def _greedy_with_logits(stages, ids: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
+    caches = [s.new_cache() for s in stages]
+    tokens, pos, out, logits_seen = list(ids), 0, [], []
+    for _ in range(n):
+        logits = step(stages, caches, tokens, pos)
+        logits_seen.append(logits)
+        out.append(int(np.argmax(logits)))
+        pos += len(tokens)
+        tokens = [out[-1]]
+    return out, logits_seen
+
+
+def _pipeline(stage_cache, middle: TorchBackend, start: int, end: int) -> list:
+    """``middle`` for [start, end), with session-cached fresh stages around it to cover [0, 30)."""
+    return [*([stage_cache(0, start)] if start > 0 else []), middle, *([stage_cache(end, 30)] if end < 30 else [])]
+
+
+def _load_spied(backend: TorchBackend, model: Model, start: int, end: int) -> tuple[set[str], list[tuple[int, int]]]:
+    """Load ``backend`` and return the tensor names read from the files and the progress calls."""
+    read: list[str] = []
+    calls: list[tuple[int, int]] = []
+    source = model.tensor_source()
+    original = source.load
+
+    def spy(names, on_tensor=None):
+        names = list(names)
+        read.extend(names)
+        return original(names, on_tensor)
+
+    source.load = spy  # type: ignore[method-assign]
+    model.tensor_source = lambda: source  # type: ignore[method-assign]
+    try:
+        backend.load(model, start, end, lambda done, total: calls.append((done, total)))
+    finally:
+        del model.tensor_source  # back to the class method
+    return set(read), calls
+
+
+@pytest.mark.slow
+@pytest.mark.spec("B9")
+@pytest.mark.parametrize(("donor_range", "new_range", "edges_read"), [
+    ((0, 15), (0, 30), {"model.norm.weight"}),  # embeddings reused; the tied head shares them
+    ((15, 30), (0, 30), set()),  # reused layers move from local 0..14 to 15..29: layer_idx renumbered
+    ((0, 30), (15, 30), set()),  # shrinking: layers 15..29 become local 0..14
+], ids=["grow-after", "grow-before", "shrink"])
+def test_adopted_layers_are_reused_not_read(default_model: Model, stage_cache, caplog, donor_range, new_range,
+                                            edges_read) -> None:
+    donor = TorchBackend(device="cpu")
+    donor.load(default_model, *donor_range)
+    backend = TorchBackend(device="cpu")
+    backend.adopt_from(donor)
+    with caplog.at_level(logging.INFO, logger="backends.torch"):
+        read, calls = _load_spied(backend, default_model, *new_range)
+    new_layers = set(range(*new_range)) - set(range(*donor_range))
+    assert backend.reused_layers == 15
+    assert f"backend: loaded layers [{new_range[0]}, {new_range[1]}) of 30 on cpu (15 reused, {len(new_layers)} read)" \
+        in caplog.text
+    assert {int(n.split(".")[2]) for n in read if n.startswith("model.layers.")} == new_layers
+    assert {n for n in read if not n.startswith("model.layers.")} == edges_read
+    assert len(calls) == len(read) and all(total == len(read) for _, total in calls)  # progress: reads only
+    # the donor gave its modules away: it refuses to compute rather than use renumbered layers
+    assert not donor.loaded
+    with pytest.raises(BackendError, match="no layers loaded"):
+        donor.forward(None, start_pos=0, token_ids=[1, 2])
+    with pytest.raises(BackendError, match="no layers loaded"):
+        donor.new_cache()
+    ids = default_model.encode_chat([{"role": "user", "content": PROMPTS[0]}])
+    tokens, logits = _greedy_with_logits(_pipeline(stage_cache, backend, *new_range), ids, 8)
+    want_tokens, want_logits = _greedy_with_logits(
+        _pipeline(stage_cache, stage_cache(*new_range), *new_range), ids, 8)
+    assert tokens == want_tokens and len(set(tokens)) > 2
+    for got, want in zip(logits, want_logits):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.spec("B9")
+def test_adopting_an_incompatible_backend_reuses_nothing(default_model: Model, stage_cache, tmp_path: Path) -> None:
+    donor = TorchBackend(device="cpu", dtype="bf16")  # another dtype: nothing to share
+    donor.load(default_model, 0, 15)
+    backend = TorchBackend(device="cpu")
+    backend.adopt_from(donor)
+    read, _ = _load_spied(backend, default_model, 0, 30)
+    assert backend.reused_layers == 0
+    assert {int(n.split(".")[2]) for n in read if n.startswith("model.layers.")} == set(range(30))
+    ids = default_model.encode_chat([{"role": "user", "content": PROMPTS[1]}])
+    tokens, logits = _greedy_with_logits([backend], ids, 8)
+    want_tokens, want_logits = _greedy_with_logits([stage_cache(0, 30)], ids, 8)
+    assert tokens == want_tokens
+    for got, want in zip(logits, want_logits):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert donor.loaded  # an offer that was refused leaves the donor serving
+    donor.forward(donor.new_cache(), start_pos=0, token_ids=[1, 2])
+    # another model of the same dtype and device: nothing is shared either
+    other = TorchBackend(device="cpu")
+    other.load(Model(resolve_model(str(_tiny("llama", tmp_path / "llama")))), 0, 5)
+    backend = TorchBackend(device="cpu")
+    backend.adopt_from(other)
+    backend.load(default_model, 25, 30)
+    assert backend.reused_layers == 0 and other.loaded

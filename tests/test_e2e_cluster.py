@@ -162,30 +162,33 @@ def test_health_is_503_with_reason_when_the_model_cannot_be_placed(tmp_path: Pat
         assert reply.status_code == 503 and "error" in reply.json()
 
 
-@pytest.mark.spec("N9", "P6")
-def test_losing_a_stage_fails_the_stream_then_the_survivor_serves_alone(
+@pytest.mark.spec("N9", "P6", "FO3", "FO6", "B9")
+def test_losing_a_stage_mid_stream_the_stream_goes_on_with_the_same_text(
         tmp_path: Path, single_node_texts: dict[str, str]) -> None:
+    """The first stage dies after 5 streamed chunks; the survivor re-places every layer on
+    itself (reusing the ones it holds), re-prefills, and the stream continues to the text a
+    fault-free single node gives."""
+    prompt = PROMPTS[0]
     with LocalCluster(2, tmp_path) as cluster:
         cluster.wait_ready()
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a very long story."}],
-                "temperature": 0, "max_tokens": 2000, "stream": True}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}],
+                "temperature": 0, "max_tokens": 24, "stream": True}
         events: list[str] = []
-        started = None
-        with httpx.Client(timeout=60) as client:
+        with httpx.Client(timeout=120) as client:
             with client.stream("POST", cluster.nodes[1].api_url + "/v1/chat/completions", json=body) as response:
                 for line in response.iter_lines():
                     if line.startswith("data: "):
                         events.append(line[6:])
                     if len(events) == 5:
-                        started = time.monotonic()
                         cluster.kill(0)
-        assert started is not None and events[-1] == "[DONE]"
-        assert any('"error"' in e for e in events[-3:])  # an explicit error event, not a silent cut
-        assert time.monotonic() - started < 30
-        cluster.wait_ready(members=1)
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events)
+        text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or ""
+                       for e in events[:-1] if json.loads(e).get("choices"))
+        assert text == single_node_texts[prompt]
         _, info = http_json(cluster.nodes[1].api_url + "/v1/cluster")
         assert [(m["layer_start"], m["layer_end"]) for m in info["members"]] == [(0, 30)]
-        assert _chat(_client(cluster.nodes[1]), PROMPTS[0], stream=True) == single_node_texts[PROMPTS[0]]
+        assert info["local"]["recovery_s"] and info["local"]["kv_caches"] == 0
+        assert re.search(r"loaded layers \[0, 30\) of 30 on cpu \(15 reused, 15 read\)", cluster.nodes[1].log_text())
 
 
 @pytest.mark.spec("N5")

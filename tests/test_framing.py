@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import struct
+import zlib
+from collections.abc import Iterable
 from typing import Any
 
 import cbor2
@@ -16,8 +19,13 @@ from mesh import PROTOCOL_MAJOR, PROTOCOL_MINOR
 from mesh.errors import FrameError
 from mesh.wire import DTYPES, Message, WireTensor
 from transports.framing import (
+    BIG_TENSOR_BYTES,
     DEFAULT_MAX_FRAME_BYTES,
     HEADER,
+    HEADER_BYTES,
+    MIN_FRAME_BYTES,
+    TRAILER_BYTES,
+    WIRE_VERSION,
     FrameDecoder,
     FrameEncoder,
     check_cbor_safe,
@@ -61,11 +69,12 @@ def decode_all(data: bytes, **kwargs: Any) -> list[Message]:
     return out
 
 
-def frame(*, magic: bytes = b"MS", version: int = 1, flags: int = 0, code: int = 0,
+def frame(*, magic: bytes = b"MS", version: int = WIRE_VERSION, flags: int = 0, code: int = 0,
           ndim: int | None = None, env_len: int | None = None, data_len: int | None = None,
           dims: tuple[int, ...] = (), envelope: Any = None, raw_envelope: bytes | None = None,
-          data: bytes = b"") -> bytes:
-    """Build a frame by hand, every header field overridable (spec T3 layout)."""
+          data: bytes = b"", crc: int | None = None, trailer: bool = True) -> bytes:
+    """Build a frame by hand, every header field overridable (spec T3 layout); its CRC-32
+    trailer is the right one unless ``crc`` says otherwise, and absent without ``trailer``."""
     if raw_envelope is None:
         if envelope is None:
             envelope = {"v": [PROTOCOL_MAJOR, PROTOCOL_MINOR], "t": "ping", "b": {}}
@@ -74,7 +83,25 @@ def frame(*, magic: bytes = b"MS", version: int = 1, flags: int = 0, code: int =
     env_len = len(raw_envelope) if env_len is None else env_len
     data_len = len(data) if data_len is None else data_len
     head = HEADER.pack(magic, version, flags, code, ndim, env_len, data_len)
-    return head + b"".join(struct.pack(">I", d) for d in dims) + raw_envelope + data
+    body = head + b"".join(struct.pack(">I", d) for d in dims) + raw_envelope + data
+    if not trailer:
+        return body
+    return body + struct.pack(">I", zlib.crc32(body) if crc is None else crc)
+
+
+def feed_in_chunks(stream: bytes, cuts: Iterable[int]) -> tuple[list[Message], FrameError | None]:
+    """Feed ``stream`` split at ``cuts`` (offsets, any order), then end the stream: the
+    messages returned, and the ``FrameError`` raised by a feed or ``end_of_stream`` (or None)."""
+    bounds = [0, *sorted(set(cuts)), len(stream)]
+    decoder = FrameDecoder()
+    out: list[Message] = []
+    try:
+        for start, end in itertools.pairwise(bounds):
+            out += decoder.feed(stream[start:end])
+        decoder.end_of_stream()
+    except FrameError as exc:
+        return out, exc
+    return out, None
 
 
 # -- T1 / T2: round trips and splitting -------------------------------------------------
@@ -131,12 +158,17 @@ def test_partial_frame_at_end_of_stream_is_reported() -> None:
         decoder.end_of_stream()
 
 
+@pytest.mark.spec("T3")
 def test_encode_parts_does_not_copy_the_tensor() -> None:
+    """With a tensor: header and envelope, the tensor's own bytes, the CRC trailer, the CRC
+    computed over the parts; without: one buffer."""
     data = bytes(4096)
     msg = Message(type="t", tensor=WireTensor(dtype="u8", shape=(4096,), data=data))
     parts = FrameEncoder().encode_parts(msg)
-    assert parts[-1] is data
+    assert len(parts) == 3 and parts[1] is data
+    assert parts[2] == zlib.crc32(parts[0] + data).to_bytes(4, "big")
     assert b"".join(parts) == FrameEncoder().encode(msg)
+    assert len(FrameEncoder().encode_parts(Message(type="c", body={"k": 1}))) == 1
 
 
 # -- T3: the layout ---------------------------------------------------------------------
@@ -147,10 +179,11 @@ def test_wire_layout_is_exact() -> None:
     tensor = WireTensor(dtype="bf16", shape=(2, 1), data=b"\x01\x02\x03\x04")
     encoded = FrameEncoder().encode(Message(type="fwd", body={"k": 1}, tensor=tensor))
     envelope = cbor2.dumps({"v": [PROTOCOL_MAJOR, PROTOCOL_MINOR], "t": "fwd", "b": {"k": 1}})
-    expected = (b"MS" + bytes([1, 1, 3, 2]) + len(envelope).to_bytes(4, "big")
+    expected = (b"MS" + bytes([2, 1, 3, 2]) + len(envelope).to_bytes(4, "big")
                 + (4).to_bytes(8, "big") + (2).to_bytes(4, "big") + (1).to_bytes(4, "big")
                 + envelope + b"\x01\x02\x03\x04")
-    assert encoded == expected
+    assert encoded == expected + zlib.crc32(expected).to_bytes(4, "big")
+    assert zlib.crc32(b"123456789") == 0xCBF43926  # the standard CRC-32 (ISO-HDLC) check value
     assert {name: code for name, (code, _) in DTYPES.items()} == {
         "f32": 1, "f16": 2, "bf16": 3, "i64": 4, "i32": 5, "u8": 6}
 
@@ -167,7 +200,12 @@ def test_scalar_tensor_and_hand_built_frame_decode() -> None:
 MALFORMED = {
     "bad magic": (frame(magic=b"XX"), "bad magic"),
     "bad magic first byte": (b"Q", "bad magic"),
-    "unknown version": (frame(version=2), "unknown wire version 2"),
+    "unknown version": (frame(version=3), "unknown wire version 3; this node speaks 2"),
+    "wire version 1": (frame(version=1, trailer=False),
+                       "wire version 1 not supported; this node speaks 2"),
+    "checksum mismatch": (frame(crc=0xDEADBEEF), "frame checksum mismatch: .* 0xdeadbeef"),
+    "checksum mismatch with tensor": (
+        frame(flags=1, code=1, dims=(2,), data=b"12345678", crc=0), "frame checksum mismatch"),
     "unknown flags": (frame(flags=0x82), "unknown frame flags"),
     "unknown dtype code": (frame(flags=1, code=99, dims=(1,), data=b"x"), "unknown dtype code 99"),
     "dtype code 0 with tensor": (frame(flags=1, code=0, dims=(1,), data=b"x"), "unknown dtype"),
@@ -351,6 +389,125 @@ def test_every_cbor_tag_but_bignums_is_rejected() -> None:
             continue
         accepted.append(tag)
     assert accepted == [2, 3]
+
+
+@pytest.mark.spec("T5", "T3")
+def test_the_crc_trailer_counts_toward_the_maximum() -> None:
+    msg = Message(type="t", tensor=WireTensor(dtype="u8", shape=(100,), data=bytes(100)))
+    encoded = FrameEncoder().encode(msg)
+    envelope = cbor2.dumps({"v": [PROTOCOL_MAJOR, PROTOCOL_MINOR], "t": "t", "b": {}})
+    size = HEADER_BYTES + 4 + len(envelope) + 100 + TRAILER_BYTES
+    assert len(encoded) == size
+    assert decode_all(FrameEncoder(max_frame_bytes=size).encode(msg), max_frame_bytes=size) == [msg]
+    with pytest.raises(FrameError, match=f"frame of {size} bytes exceeds the maximum {size - 1}"):
+        FrameEncoder(max_frame_bytes=size - 1).encode(msg)
+    with pytest.raises(FrameError, match=f"frame of {size} bytes exceeds the maximum {size - 1}"):
+        FrameDecoder(max_frame_bytes=size - 1).feed(encoded[:HEADER_BYTES])
+    for cls in (FrameEncoder, FrameDecoder):
+        cls(max_frame_bytes=MIN_FRAME_BYTES)
+        with pytest.raises(ValueError, match=f">= {MIN_FRAME_BYTES}"):
+            cls(max_frame_bytes=MIN_FRAME_BYTES - 1)
+
+
+# -- T15: the CRC-32 trailer ------------------------------------------------------------
+
+
+@pytest.mark.spec("T15", "T4")
+def test_wire_version_1_frames_are_rejected() -> None:
+    """A frame as a node from before the CRC trailer sends it: refused, naming both versions."""
+    v1 = frame(version=1, trailer=False)
+    decoder = FrameDecoder()
+    with pytest.raises(FrameError, match=r"^wire version 1 not supported; this node speaks 2 "):
+        decoder.feed(v1)
+    with pytest.raises(FrameError, match="failed earlier"):
+        decoder.end_of_stream()
+    assert WIRE_VERSION == 2
+
+
+@pytest.mark.spec("T15", "T2")
+@SETTINGS
+@given(messages, st.data())
+def test_a_single_bit_flip_anywhere_is_a_frame_error(msg: Message, data: st.DataObject) -> None:
+    """One bit flipped anywhere in a frame, fed in any chunking after a good frame: the good
+    message comes out, then FrameError (from a feed, or from end_of_stream when a flipped
+    length leaves the decoder waiting for more); nothing the flipped frame decodes to ever
+    comes out. A flip past the header and dims (envelope, tensor, trailer) is a checksum
+    mismatch."""
+    before = Message(type="before", body={"i": 1})
+    flipped = bytearray(FrameEncoder().encode(msg))
+    bit = data.draw(st.integers(0, len(flipped) * 8 - 1), label="bit")
+    flipped[bit // 8] ^= 1 << (bit % 8)
+    stream = FrameEncoder().encode(before) + bytes(flipped)
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8), label="cuts")
+    out, error = feed_in_chunks(stream, cuts)
+    assert out == [before]
+    assert error is not None
+    prefix = HEADER_BYTES + 4 * (len(msg.tensor.shape) if msg.tensor is not None else 0)
+    if bit // 8 >= prefix:
+        assert "frame checksum mismatch" in str(error)
+
+
+@pytest.mark.spec("T15", "T4")
+@pytest.mark.parametrize("msg", [
+    Message(type="heartbeat", body={"member": "a" * 32, "incarnation": 5, "t": 1.5}),
+    Message(type="forward", body={"seq": 3, "pos": [0, 7]},
+            tensor=WireTensor(dtype="f32", shape=(2, 3), data=bytes(range(24)))),
+], ids=["control", "tensor"])
+def test_every_single_bit_flip_of_a_frame_is_detected(msg: Message) -> None:
+    """Exhaustively: each of the frame's bits flipped in turn never decodes to a message."""
+    encoded = FrameEncoder().encode(msg)
+    for bit in range(len(encoded) * 8):
+        flipped = bytearray(encoded)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        out, error = feed_in_chunks(bytes(flipped), [])
+        assert out == [] and error is not None, f"bit {bit} flipped decoded to {out}"
+
+
+_BIG = Message(type="forward", body={"seq": 9}, tensor=WireTensor(
+    dtype="u8", shape=(BIG_TENSOR_BYTES + 1001,), data=random.Random(7).randbytes(BIG_TENSOR_BYTES + 1001)))
+
+
+@pytest.mark.spec("T15", "T2")
+@settings(max_examples=40, derandomize=True, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["header", "envelope", "tensor", "trailer"]), st.data())
+def test_a_bit_flip_in_a_large_tensor_frame_is_a_frame_error(region: str, data: st.DataObject) -> None:
+    """The same through the large-tensor path (``FrameDecoder._fill_big``, CRC computed as the
+    chunks arrive): between two good frames, a flipped bit anywhere makes a FrameError (past
+    the header, a checksum mismatch); the message after it is not delivered either (the
+    decoder stays failed)."""
+    encoded = bytearray(FrameEncoder().encode(_BIG))
+    prefix = HEADER_BYTES + 4
+    envelope_end = len(encoded) - TRAILER_BYTES - len(_BIG.tensor.data)  # type: ignore[union-attr]
+    lo, hi = {"header": (0, prefix), "envelope": (prefix, envelope_end),
+              "tensor": (envelope_end, len(encoded) - TRAILER_BYTES),
+              "trailer": (len(encoded) - TRAILER_BYTES, len(encoded))}[region]
+    bit = data.draw(st.integers(lo * 8, hi * 8 - 1), label="bit")
+    encoded[bit // 8] ^= 1 << (bit % 8)
+    before, after = Message(type="before"), Message(type="after")
+    stream = FrameEncoder().encode(before) + bytes(encoded) + FrameEncoder().encode(after)
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=10), label="cuts")
+    out, error = feed_in_chunks(stream, cuts)
+    assert out == [before]
+    assert error is not None
+    if region != "header":  # the envelope too: it is parsed only once the CRC matched
+        assert "frame checksum mismatch" in str(error)
+
+
+@pytest.mark.spec("T15", "T2")
+def test_large_frame_split_inside_its_trailer_decodes() -> None:
+    """A large tensor frame cut at every offset around its tensor's end and inside its CRC
+    trailer decodes the same; with the trailer's last bit flipped it never does."""
+    after = FrameEncoder().encode(Message(type="after"))
+    encoded = FrameEncoder().encode(_BIG)
+    stream = encoded + after
+    end = len(encoded)
+    for cut in range(end - TRAILER_BYTES - 2, end + 2):
+        assert feed_in_chunks(stream, [200, cut]) == ([_BIG, Message(type="after")], None), cut
+        bad = bytearray(stream)
+        bad[end - 1] ^= 0x80
+        out, error = feed_in_chunks(bytes(bad), [200, cut])
+        assert out == [] and error is not None and "frame checksum mismatch" in str(error), cut
 
 
 @pytest.mark.spec("T2", "T5")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import tracemalloc
+import zlib
 from typing import Any
 
 import cbor2
@@ -40,7 +41,8 @@ def _frame(envelope: bytes, *, flags: int = 0, code: int = 0, dims: tuple[int, .
            data: bytes = b"", data_len: int | None = None) -> bytes:
     head = HEADER.pack(MAGIC, WIRE_VERSION, flags, code, len(dims), len(envelope),
                        len(data) if data_len is None else data_len)
-    return head + b"".join(struct.pack(">I", d) for d in dims) + envelope + data
+    body = head + b"".join(struct.pack(">I", d) for d in dims) + envelope + data
+    return body + struct.pack(">I", zlib.crc32(body))  # the CRC-32 trailer (spec T3, T15)
 
 
 def _decode_all(data: bytes, chunk: int) -> list[Message]:

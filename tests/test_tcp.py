@@ -13,6 +13,7 @@ import random
 import socket
 import struct
 import sys
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import entry_points
@@ -25,7 +26,7 @@ from mesh import PROTOCOL_MAJOR
 from mesh.errors import ConfigError, FrameError, PeerTimeout, TransportError
 from mesh.wire import Message, WireTensor
 from transports.base import Backoff, Connection, ConnectionHandler, connect_with_backoff
-from transports.framing import FrameEncoder
+from transports.framing import WIRE_VERSION, FrameEncoder
 from transports.tcp import TcpConnection, TcpTransport
 
 pytestmark = pytest.mark.timeout(30)
@@ -165,7 +166,9 @@ async def test_protocol_major_mismatch_closes_connection() -> None:
             failed.set()
 
     envelope = cbor2.dumps({"v": [PROTOCOL_MAJOR + 1, 0], "t": "hello", "b": {}})
-    raw = (b"MS\x01\x00\x00\x00" + len(envelope).to_bytes(4, "big") + bytes(8) + envelope)
+    body = (b"MS" + bytes([WIRE_VERSION, 0, 0, 0]) + len(envelope).to_bytes(4, "big") + bytes(8)
+            + envelope)
+    raw = body + zlib.crc32(body).to_bytes(4, "big")  # a well-formed frame but for its major
     async with serving(TcpTransport(), handler) as port:
         reader, writer = await asyncio.open_connection(HOST, port)
         writer.write(raw)

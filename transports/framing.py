@@ -2,13 +2,13 @@
 
 No asyncio, sockets, threads or time here: the encoder turns a message into buffers, the
 decoder turns fed bytes into messages. Transports (``transports/tcp.py``) own the I/O.
-Spec: specs/transport.md T1-T5, T10.
+Spec: specs/transport.md T1-T5, T10, T15.
 
 Wire layout of one frame (all integers big-endian; spec T3)::
 
     offset  size      field
     0       2         magic b"MS"
-    2       1         wire version, u8 (1)
+    2       1         wire version, u8 (2)
     3       1         flags, u8: bit0 = has tensor; bits 1-7 must be 0
     4       1         tensor dtype code, u8 (``mesh.wire.DTYPES``; 0 when no tensor)
     5       1         tensor ndim, u8, 0..8 (0 when no tensor; 0 with a tensor = scalar)
@@ -17,10 +17,22 @@ Wire layout of one frame (all integers big-endian; spec T3)::
     18      4*ndim    tensor dims, u32 each, >= 1
     ..      E         CBOR envelope {"v": [major, minor], "t": type, "b": body}
     ..      D         raw tensor bytes, elements little-endian, C order
+    ..      4         CRC-32 of every byte of the frame before it, u32
 
 The tensor's dtype and shape sit in the fixed header, ahead of the envelope, so the whole
-frame length (18 + 4*ndim + E + D) and the tensor's consistency (D == prod(dims) * itemsize)
-are checked from the first few dozen bytes, before anything large is buffered (spec T5).
+frame length (18 + 4*ndim + E + D + 4) and the tensor's consistency (D == prod(dims) *
+itemsize) are checked from the first few dozen bytes, before anything large is buffered
+(spec T5). ``max_frame_bytes`` bounds that whole length, the 4-byte trailer included.
+
+The trailer is ``zlib.crc32`` (CRC-32/ISO-HDLC, the polynomial of zlib, gzip and Ethernet)
+over header, dims, envelope and tensor bytes. It catches every single-bit flip and every
+burst of up to 32 bits, which TLS would catch too but a plaintext (``--insecure``) link or the
+fault injector (``transports/faults.py``, spec F7) would otherwise deliver as a different
+valid message. A mismatch is a ``FrameError`` like any malformed frame (spec T15). The
+encoder computes it over its parts without joining them; the decoder computes it as bytes
+arrive (a large tensor chunk by chunk in ``FrameDecoder._fill_big``) and checks it before it
+parses the envelope: nothing past the fixed header and dims is interpreted before the CRC
+matched. Wire version 1 (no trailer) is rejected.
 
 CBOR is RFC 8949, via ``cbor2``. The envelope is decoded with every CBOR tag rejected
 except bignums (tags 2 and 3, which decode to ``int``), and every value is checked to be
@@ -34,6 +46,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+import zlib
 from typing import Any
 
 import cbor2
@@ -43,11 +56,14 @@ from mesh.errors import FrameError
 from mesh.wire import DTYPE_BY_CODE, DTYPES, MAX_TENSOR_DIMS, Message, WireTensor
 
 MAGIC = b"MS"
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: adds the CRC-32 trailer; 1 (no trailer) is rejected
 FLAG_TENSOR = 0x01
 HEADER = struct.Struct(">2sBBBBIQ")
 HEADER_BYTES = HEADER.size  # 18
 DIM = struct.Struct(">I")
+TRAILER = struct.Struct(">I")  # CRC-32 of everything before it
+TRAILER_BYTES = TRAILER.size  # 4
+MIN_FRAME_BYTES = HEADER_BYTES + 1 + TRAILER_BYTES  # a 1-byte envelope, no tensor
 DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024
 # Control envelopes are small (the largest are 256 KiB kernel sync pages); tensors travel as
 # raw bytes outside the envelope. A cap of 1 MiB bounds the CBOR a peer can make us decode
@@ -142,17 +158,21 @@ def _explain_unsafe(value: Any, *, where: str, allow_tuples: bool, depth: int) -
 class FrameEncoder:
     """Encode messages into frames (spec T3).
 
-    ``max_frame_bytes`` bounds the whole frame; a larger one raises ``FrameError`` here,
-    before anything is sent (spec T5).
+    ``max_frame_bytes`` bounds the whole frame, CRC trailer included; a larger one raises
+    ``FrameError`` here, before anything is sent (spec T5).
     """
 
     def __init__(self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
-        if max_frame_bytes < HEADER_BYTES + 1:
-            raise ValueError(f"max_frame_bytes must be >= {HEADER_BYTES + 1}")
+        if max_frame_bytes < MIN_FRAME_BYTES:
+            raise ValueError(f"max_frame_bytes must be >= {MIN_FRAME_BYTES}")
         self.max_frame_bytes = max_frame_bytes
 
     def encode_parts(self, msg: Message) -> list[bytes]:
         """Frame ``msg`` as buffers to write in order; the tensor data is not copied.
+
+        Without a tensor: one buffer (header, envelope, CRC trailer). With one: three, the
+        header with dims and envelope, the tensor data itself, the 4-byte CRC trailer (its
+        CRC is computed over the parts, never a joined copy).
 
         Raises:
             FrameError: the body is not CBOR-safe, or the frame exceeds the maximum.
@@ -174,13 +194,17 @@ class FrameEncoder:
             flags, code = FLAG_TENSOR, DTYPES[tensor.dtype][0]
             dims = b"".join(DIM.pack(d) for d in tensor.shape)
             data_len = len(tensor.data)
-        total = HEADER_BYTES + len(dims) + len(raw_envelope) + data_len
+        total = HEADER_BYTES + len(dims) + len(raw_envelope) + data_len + TRAILER_BYTES
         if total > self.max_frame_bytes:
             raise FrameError(f"frame of {total} bytes exceeds the maximum {self.max_frame_bytes}")
         ndim = 0 if tensor is None else len(tensor.shape)
         head = HEADER.pack(MAGIC, WIRE_VERSION, flags, code, ndim, len(raw_envelope), data_len)
         first = head + dims + raw_envelope
-        return [first] if tensor is None else [first, bytes(tensor.data)]
+        crc = zlib.crc32(first)
+        if tensor is None:
+            return [first + TRAILER.pack(crc)]
+        data = bytes(tensor.data)  # no copy when it is bytes already
+        return [first, data, TRAILER.pack(zlib.crc32(data, crc))]
 
     def encode(self, msg: Message) -> bytes:
         """Frame ``msg`` as one bytes object (copies the tensor; see ``encode_parts``)."""
@@ -190,7 +214,7 @@ class FrameEncoder:
 class _Pending:
     """The parsed fixed header (and dims) of the frame being buffered."""
 
-    __slots__ = ("dtype", "shape", "envelope_len", "data_len", "prefix_len", "total")
+    __slots__ = ("data_len", "dtype", "envelope_len", "prefix_len", "shape", "total")
 
     def __init__(self, dtype: str | None, shape: tuple[int, ...], envelope_len: int,
                  data_len: int, prefix_len: int) -> None:
@@ -199,31 +223,52 @@ class _Pending:
         self.envelope_len = envelope_len
         self.data_len = data_len
         self.prefix_len = prefix_len
-        self.total = prefix_len + envelope_len + data_len
+        self.total = prefix_len + envelope_len + data_len + TRAILER_BYTES
+
+
+class _Big:
+    """A frame whose large tensor is gathered outside the stream buffer: its raw envelope
+    (parsed once the CRC matched), the chunks that carry the tensor (joined once when
+    complete: one copy per byte, no zero-filled buffer, no memmove of a growing stream
+    buffer), tensor bytes gathered, the running CRC-32 and the trailer bytes gathered."""
+
+    __slots__ = ("chunks", "crc", "envelope", "have", "trailer")
+
+    def __init__(self, envelope: bytes, crc: int) -> None:
+        self.envelope = envelope
+        self.chunks: list[bytes] = []
+        self.have = 0
+        self.crc = crc
+        self.trailer = bytearray()
+
+
+def _crc_mismatch(crc: int, trailer: int) -> FrameError:
+    """The error for a frame whose CRC-32 ``crc`` is not the one its trailer holds (spec T15)."""
+    return FrameError(f"frame checksum mismatch: CRC-32 of the frame is 0x{crc:08x}, its trailer "
+                      f"says 0x{trailer:08x} (corrupted in transit)")
 
 
 class FrameDecoder:
     """Decode a byte stream into messages, however it is split (spec T2).
 
     Feed bytes as they arrive; ``feed`` returns every message completed so far. A malformed
-    frame raises ``FrameError`` (spec T4); if good messages preceded it in the same feed
-    they are returned and the error is raised by the next ``feed``. Once failed the decoder
-    stays failed. ``end_of_stream`` reports a stream that stopped inside a frame.
+    frame, or one whose CRC-32 trailer does not match, raises ``FrameError`` (specs T4,
+    T15); no message is returned before its frame's CRC matched. If good messages preceded
+    the bad frame in the same feed they are returned and the error is raised by the next
+    ``feed``. Once failed the decoder stays failed. ``end_of_stream`` reports a stream that
+    stopped inside a frame.
     """
 
     def __init__(self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
-        if max_frame_bytes < HEADER_BYTES + 1:
-            raise ValueError(f"max_frame_bytes must be >= {HEADER_BYTES + 1}")
+        if max_frame_bytes < MIN_FRAME_BYTES:
+            raise ValueError(f"max_frame_bytes must be >= {MIN_FRAME_BYTES}")
         self.max_frame_bytes = max_frame_bytes
         self.peer_protocol: tuple[int, int] | None = None
         self._buf = bytearray()
         self._pos = 0
         self._pending: _Pending | None = None
         self._error: FrameError | None = None
-        # A large tensor is gathered as the chunks that carry it, joined once when complete
-        # (one copy per byte, no zero-filled buffer, no memmove of a growing stream buffer):
-        # the parsed envelope, the chunks, bytes gathered.
-        self._big: tuple[str, dict[str, Any], list[bytes], int] | None = None
+        self._big: _Big | None = None  # a frame with a large tensor being gathered
 
     @property
     def error(self) -> FrameError | None:
@@ -233,7 +278,8 @@ class FrameDecoder:
     @property
     def buffered_bytes(self) -> int:
         """Bytes received but not yet part of a returned message."""
-        return len(self._buf) - self._pos + (self._big[3] if self._big is not None else 0)
+        big = self._big
+        return len(self._buf) - self._pos + (big.have + len(big.trailer) if big is not None else 0)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         """Buffer ``data`` and return the messages it completes, in order.
@@ -244,20 +290,21 @@ class FrameDecoder:
         if self._error is not None:
             raise FrameError(f"decoder failed earlier: {self._error}")
         out: list[Message] = []
-        if self._big is not None:
-            msg, used = self._fill_big(data)
-            if msg is None:
-                return out
-            out.append(msg)
-            data = memoryview(data)[used:]
-        self._buf += data
         try:
+            if self._big is not None:
+                msg, used = self._fill_big(data)
+                if msg is None:
+                    return out
+                out.append(msg)
+                data = memoryview(data)[used:]
+            self._buf += data
             while (msg := self._next()) is not None:
                 out.append(msg)
         except FrameError as exc:
             self._error = exc
             self._buf = bytearray()
             self._pos = 0
+            self._pending = self._big = None
             if not out:
                 raise
             return out
@@ -294,38 +341,55 @@ class FrameDecoder:
             if avail < pending.prefix_len + pending.envelope_len:
                 return None
             # Move to a dedicated buffer: what is here now, then each later feed directly.
-            type_, body = self._parse_envelope(bytes(self._buf[start:mid]))
-            first = bytes(memoryview(self._buf)[mid:])
-            self._big = (type_, body, [first], len(first))
+            self._big = _Big(bytes(self._buf[start:mid]), zlib.crc32(memoryview(self._buf)[self._pos:mid]))
+            self._fill_big(memoryview(self._buf)[mid:])  # copied: the buffer is reused
             self._pos = len(self._buf)
             return None
         if avail < pending.total:
             return None
-        type_, body = self._parse_envelope(bytes(self._buf[start:mid]))
+        # spec T15: nothing of a frame is interpreted beyond its header until its CRC matched
+        crc = zlib.crc32(memoryview(self._buf)[self._pos:end])
+        if crc != (trailer := TRAILER.unpack_from(self._buf, end)[0]):
+            raise _crc_mismatch(crc, trailer)
+        type_, body, self.peer_protocol = self._parse_envelope(bytes(self._buf[start:mid]))
         tensor = None
         if pending.dtype is not None:
             tensor = WireTensor(dtype=pending.dtype, shape=pending.shape,
                                 data=bytes(memoryview(self._buf)[mid:end]))
-        self._pos = end
+        self._pos = end + TRAILER_BYTES
         self._pending = None
         return Message(type=type_, body=body, tensor=tensor)
 
     def _fill_big(self, data: bytes | bytearray | memoryview) -> tuple[Message | None, int]:
-        """Gather ``data`` into the large tensor being received; (the message once complete,
-        bytes of ``data`` used)."""
-        assert self._big is not None and self._pending is not None
-        type_, body, chunks, have = self._big
-        need = self._pending.data_len - have
-        used = min(len(data), need)
-        # a whole bytes chunk is kept as it is (no copy); a part of one, or a mutable buffer, is copied
-        chunks.append(data if type(data) is bytes and used == len(data) else bytes(memoryview(data)[:used]))
-        have += used
-        if have < self._pending.data_len:
-            self._big = (type_, body, chunks, have)
+        """Gather ``data`` into the large tensor being received, then its CRC trailer;
+        (the message once complete and its CRC matched, bytes of ``data`` used).
+
+        Raises:
+            FrameError: the frame's CRC-32 does not match its trailer (spec T15), or its
+                envelope is malformed (spec T4).
+        """
+        big, pending = self._big, self._pending
+        assert big is not None and pending is not None and pending.dtype is not None
+        used = min(len(data), pending.data_len - big.have)
+        if used:
+            # a whole bytes chunk is kept as it is (no copy); a part of one, or a mutable
+            # buffer, is copied; the CRC runs over each chunk while it is hot in cache
+            chunk = data if type(data) is bytes and used == len(data) else bytes(memoryview(data)[:used])
+            big.crc = zlib.crc32(chunk, big.crc)
+            big.chunks.append(chunk)
+            big.have += used
+            if big.have < pending.data_len:
+                return None, used
+        take = min(len(data) - used, TRAILER_BYTES - len(big.trailer))
+        big.trailer += memoryview(data)[used : used + take]
+        used += take
+        if len(big.trailer) < TRAILER_BYTES:
             return None, used
-        pending, self._pending, self._big = self._pending, None, None
-        assert pending.dtype is not None
-        tensor = WireTensor(dtype=pending.dtype, shape=pending.shape, data=b"".join(chunks))
+        self._pending, self._big = None, None
+        if big.crc != (trailer := TRAILER.unpack(big.trailer)[0]):
+            raise _crc_mismatch(big.crc, trailer)
+        type_, body, self.peer_protocol = self._parse_envelope(big.envelope)
+        tensor = WireTensor(dtype=pending.dtype, shape=pending.shape, data=b"".join(big.chunks))
         return Message(type=type_, body=body, tensor=tensor), used
 
     def _parse_header(self, avail: int) -> _Pending | None:
@@ -337,6 +401,9 @@ class FrameDecoder:
             return None
         _, version, flags, code, ndim, envelope_len, data_len = HEADER.unpack_from(buf, pos)
         if version != WIRE_VERSION:
+            if version == 1:  # frames of nodes from before the CRC trailer
+                raise FrameError(f"wire version 1 not supported; this node speaks {WIRE_VERSION} "
+                                 "(version 1 frames carry no CRC-32; run one mesh version on every node)")
             raise FrameError(f"unknown wire version {version}; this node speaks {WIRE_VERSION}")
         if flags & ~FLAG_TENSOR:
             raise FrameError(f"unknown frame flags 0x{flags:02x}; only bit0 (tensor) is defined")
@@ -355,7 +422,7 @@ class FrameDecoder:
         if ndim > MAX_TENSOR_DIMS:
             raise FrameError(f"tensor has {ndim} dims; at most {MAX_TENSOR_DIMS}")
         prefix_len = HEADER_BYTES + 4 * ndim
-        total = prefix_len + envelope_len + data_len
+        total = prefix_len + envelope_len + data_len + TRAILER_BYTES
         if total > self.max_frame_bytes:  # spec T5: refuse before buffering it
             raise FrameError(f"frame of {total} bytes exceeds the maximum {self.max_frame_bytes}")
         if avail < prefix_len:
@@ -374,7 +441,8 @@ class FrameDecoder:
             )
         return _Pending(dtype, shape, envelope_len, data_len, prefix_len)
 
-    def _parse_envelope(self, raw: bytes) -> tuple[str, dict[str, Any]]:
+    def _parse_envelope(self, raw: bytes) -> tuple[str, dict[str, Any], tuple[int, int]]:
+        """(type, body, the peer's (major, minor) protocol version) of an envelope."""
         stream = io.BytesIO(raw)
         try:
             decoder = cbor2.CBORDecoder(
@@ -411,5 +479,4 @@ class FrameDecoder:
             raise FrameError(f"envelope 't' is {type_!r}; it must be a non-empty string")
         if not isinstance(body, dict):
             raise FrameError(f"envelope 'b' is a {type(body).__name__}; it must be a map")
-        self.peer_protocol = (version[0], version[1])
-        return type_, body
+        return type_, body, (version[0], version[1])

@@ -85,6 +85,7 @@ class LocalCluster:
             fresh random one).
         profile: a ``profile.json`` (``mesh/profile.py``) put in every data dir, so nodes on
             one machine do not measure it at once and get each other's load.
+        node_args: more flags per node (node i gets ``node_args[i]``), after ``extra_args``.
         placement: ``--placement`` of every node; ``memory`` by default, unlike a node's
             default, so that n nodes run an n-stage pipeline: what tests and benchmarks of
             pipelines need (the solver would give a model that fits one node to one node).
@@ -95,7 +96,8 @@ class LocalCluster:
     def __init__(self, n: int, workdir: Path, *, model: str = "smollm2-135m",
                  memory_bytes: int | list[int] = 4 << 30, extra_args: list[str] | None = None,
                  env: dict[str, str] | None = None, cluster_key: str | None = None,
-                 profile: Path | None = None, placement: str = "memory") -> None:
+                 profile: Path | None = None, placement: str = "memory",
+                 node_args: list[list[str]] | None = None) -> None:
         from mesh.security import format_cluster_key
 
         self.cluster_key = cluster_key or format_cluster_key(os.urandom(32))
@@ -106,6 +108,7 @@ class LocalCluster:
         self.memory = memory_bytes if isinstance(memory_bytes, list) else [memory_bytes] * n
         self.extra_args = ["--placement", placement, *(extra_args or [])]
         self.env = env or {}
+        self.node_args = node_args or [[] for _ in range(n)]
         self.nodes: list[NodeProcess] = []
 
     def start(self) -> LocalCluster:
@@ -120,7 +123,8 @@ class LocalCluster:
             log_path = self.workdir / f"node{i}.log"
             args = [sys.executable, "-m", "mesh", "node", "--host", "127.0.0.1", "--port", str(port),
                     "--api-port", str(api_port), "--data-dir", str(data_dir), "--model", self.model,
-                    "--memory-bytes", str(self.memory[i]), "--discovery", "off", *self.extra_args]
+                    "--memory-bytes", str(self.memory[i]), "--discovery", "off", *self.extra_args,
+                    *self.node_args[i]]
             if first_port is not None:
                 args += ["--peer", f"127.0.0.1:{first_port}"]
             first_port = first_port or port
@@ -191,6 +195,12 @@ class LocalCluster:
         except OSError:
             return False
         return isinstance(info, dict) and len(info.get("members", [])) == members
+
+    def send_signal(self, index: int, sig: int) -> None:
+        """Send ``sig`` to node ``index`` (e.g. SIGSTOP, SIGCONT) without waiting for anything."""
+        node = self.nodes[index]
+        if node.process.poll() is None:
+            os.killpg(node.process.pid, sig)
 
     def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
         node = self.nodes[index]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import zlib
 from pathlib import Path
 
 import cbor2
@@ -142,17 +143,30 @@ async def test_secure_client_to_plaintext_listener_fails(transport_factory: Tran
 # --------------------------------------------------------------------------- malformed (T4)
 
 _BAD_ENVELOPE = cbor2.dumps({"v": [PROTOCOL_MAJOR, 0], "t": "x", "b": {}})
+
+
+def _with_crc(frame: bytes) -> bytes:
+    """``frame`` with its CRC-32 trailer (spec T3), so only what the case names is wrong."""
+    return frame + zlib.crc32(frame).to_bytes(4, "big")
+
+
+_GOOD = _with_crc(b"MS\x02\x00\x00\x00" + len(_BAD_ENVELOPE).to_bytes(4, "big") + bytes(8) + _BAD_ENVELOPE)
 GARBAGE = {
     "bad-magic": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
     # a well-formed header announcing a frame far over any maximum (spec T5)
-    "oversize": b"MS\x01\x01\x06\x01" + (1).to_bytes(4, "big") + (2**40).to_bytes(8, "big")
+    "oversize": b"MS\x02\x01\x06\x01" + (1).to_bytes(4, "big") + (2**40).to_bytes(8, "big")
                 + (2**32 - 1).to_bytes(4, "big"),
-    "trailing-garbage-in-envelope": b"MS\x01\x00\x00\x00" + (len(_BAD_ENVELOPE) + 1).to_bytes(4, "big")
-                                    + bytes(8) + _BAD_ENVELOPE + b"\xff",
+    "trailing-garbage-in-envelope": _with_crc(
+        b"MS\x02\x00\x00\x00" + (len(_BAD_ENVELOPE) + 1).to_bytes(4, "big") + bytes(8)
+        + _BAD_ENVELOPE + b"\xff"),
+    # a good frame with one bit of its envelope flipped: its CRC-32 no longer matches (spec T15)
+    "bad-checksum": _GOOD[:20] + bytes([_GOOD[20] ^ 0x04]) + _GOOD[21:],
+    # a frame of a node from before the CRC trailer (wire version 1)
+    "wire-version-1": b"MS\x01\x00\x00\x00" + len(_BAD_ENVELOPE).to_bytes(4, "big") + bytes(8) + _BAD_ENVELOPE,
 }
 
 
-@pytest.mark.spec("T4", "T5")
+@pytest.mark.spec("T4", "T5", "T15")
 @pytest.mark.parametrize("garbage", sorted(GARBAGE))
 async def test_malformed_bytes_close_only_that_connection(transport_factory: TransportFactory,
                                                           tmp_path: Path, garbage: str) -> None:

@@ -76,7 +76,7 @@ from mesh.testing.transport_harness import (  # the harness, shared by these tes
 )
 from mesh.wire import Message, WireTensor
 from transports.base import LANES, Connection
-from transports.framing import HEADER_BYTES, FrameEncoder
+from transports.framing import HEADER_BYTES, TRAILER_BYTES, FrameEncoder
 
 __all__ = [
     "RawLink",
@@ -174,10 +174,11 @@ def conformance_payload() -> _Payloads:
 
 
 def _largest_tensor_bytes(max_frame_bytes: int) -> int:
-    """The tensor size whose frame (1 dim, body {"sha": 32 bytes}) is exactly the maximum."""
+    """The tensor size whose frame (1 dim, body {"sha": 32 bytes}, CRC trailer) is exactly
+    the maximum."""
     envelope = cbor2.dumps({"v": [PROTOCOL_MAJOR, PROTOCOL_MINOR], "t": "size",
                             "b": {"sha": bytes(32)}})
-    return max_frame_bytes - HEADER_BYTES - 4 - len(envelope)
+    return max_frame_bytes - HEADER_BYTES - 4 - len(envelope) - TRAILER_BYTES
 
 
 SIZE_CASES = ["no-tensor", "1B-scalar", "1B", "64KiB", "16MiB", "max"]

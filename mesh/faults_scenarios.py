@@ -1,0 +1,341 @@
+"""The scenarios of ``python -m mesh faults`` (runner and classification: ``mesh/faults_suite.py``).
+
+Each scenario starts a fresh cluster (3 nodes unless it says otherwise: a 3-stage pipeline,
+layers split by memory), sends greedy streaming requests and injects one fault. ``QUICK`` is
+the set CI runs under pytest; the rest run on demand. Spec: specs/faults.md F16.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from mesh.faults_suite import (
+    PROMPTS,
+    Context,
+    ScenarioResult,
+    Tally,
+    set_faults,
+    stream_chat,
+)
+
+KILL_AT = 5  # tokens streamed before the fault
+SETTLE_S = 60.0  # how long a cluster may take to be ready again after a fault
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    run: Callable[[Context], ScenarioResult]
+
+
+SCENARIOS: dict[str, Scenario] = {}
+QUICK = ("kill-middle-stage", "kill-first-stage", "loss-10pct", "no-fit-after-loss", "client-disconnect-x20")
+
+
+def scenario(name: str, description: str) -> Callable[[Callable[[Context], ScenarioResult]], Callable[[Context], ScenarioResult]]:
+    def register(fn: Callable[[Context], ScenarioResult]) -> Callable[[Context], ScenarioResult]:
+        SCENARIOS[name] = Scenario(name, description, fn)
+        return fn
+    return register
+
+
+def _once(action: Callable[[], None], at: int = KILL_AT) -> Callable[[int], None]:
+    """An ``on_chunk`` callback that runs ``action`` once, after the ``at``-th chunk."""
+    fired = threading.Event()
+
+    def on_chunk(n: int) -> None:
+        if n >= at and not fired.is_set():
+            fired.set()
+            action()
+    return on_chunk
+
+
+def _after_fault(ctx: Context, tally: Tally, cluster: Any, url: str, members: int | None = None) -> None:
+    """Once the cluster is ready again, every prompt once more: it must serve as before."""
+    cluster.wait_ready(timeout_s=SETTLE_S, members=members)
+    for prompt in PROMPTS:
+        tally.add(stream_chat(url, prompt, model=ctx.model), prompt)
+
+
+def _check_no_leaks(tally: Tally, cluster: Any, timeout_s: float = 15.0) -> None:
+    """Every live node ends with no KV cache and no request in flight (spec N8, FO5)."""
+    from mesh.testing.cluster import http_json
+
+    deadline = time.monotonic() + timeout_s
+    left: dict[int, Any] = {}
+    while time.monotonic() < deadline:
+        left = {}
+        for node in cluster.nodes:
+            if node.process.poll() is not None:
+                continue
+            _, info = http_json(node.api_url + "/v1/cluster", timeout_s=5.0)
+            local = info.get("local", {}) if isinstance(info, dict) else {}
+            if local.get("kv_caches") or local.get("coordinating"):
+                left[node.index] = (local.get("kv_caches"), local.get("coordinating"))
+        if not left:
+            return
+        time.sleep(0.5)
+    tally.lose(f"resources left behind (node: (kv caches, requests)): {left}")
+
+
+def _kill_during_stream(ctx: Context, name: str, victim: int, via: int) -> ScenarioResult:
+    started = time.monotonic()
+    tally = Tally(ctx, name)
+    with ctx.cluster(name) as cluster:
+        cluster.wait_ready()
+        url = cluster.nodes[via].api_url
+        prompt = PROMPTS[0]
+        tally.add(stream_chat(url, prompt, model=ctx.model, on_chunk=_once(lambda: cluster.kill(victim))),
+                  prompt, hit=True)
+        _after_fault(ctx, tally, cluster, url, members=2)
+        _check_no_leaks(tally, cluster)
+    return tally.finish(started)
+
+
+@scenario("kill-middle-stage", "SIGKILL the middle stage after token 5")
+def kill_middle_stage(ctx: Context) -> ScenarioResult:
+    return _kill_during_stream(ctx, "kill-middle-stage", victim=1, via=0)
+
+
+@scenario("kill-first-stage", "SIGKILL the first stage after token 5 (the client talks to the last)")
+def kill_first_stage(ctx: Context) -> ScenarioResult:
+    return _kill_during_stream(ctx, "kill-first-stage", victim=0, via=2)
+
+
+@scenario("kill-http-node", "SIGKILL the node holding the client's connection; the client retries elsewhere")
+def kill_http_node(ctx: Context) -> ScenarioResult:
+    started = time.monotonic()
+    tally = Tally(ctx, "kill-http-node")
+    with ctx.cluster("kill-http-node") as cluster:
+        cluster.wait_ready()
+        prompt = PROMPTS[0]
+        cut = stream_chat(cluster.nodes[1].api_url, prompt, model=ctx.model,
+                          on_chunk=_once(lambda: cluster.kill(1)))
+        tally.add(cut, prompt, cut_is_clean=True)  # the client sees its connection cut: explicit
+        # the client retries elsewhere, as clients do: while the survivors re-place the model
+        # they answer 503 with the reason, and the retry waits and tries again
+        deadline = time.monotonic() + SETTLE_S
+        retry = stream_chat(cluster.nodes[0].api_url, prompt, model=ctx.model)
+        while retry.kind == "failed_clean" and "503" in (retry.error or "") and time.monotonic() < deadline:
+            time.sleep(0.5)
+            retry = stream_chat(cluster.nodes[0].api_url, prompt, model=ctx.model)
+        tally.add(retry, prompt)
+        _after_fault(ctx, tally, cluster, cluster.nodes[0].api_url, members=2)
+        _check_no_leaks(tally, cluster)
+    return tally.finish(started, expect_failed_clean=1)
+
+
+@scenario("sigstop-past-deadline", "SIGSTOP the middle stage for 6 s (past --dead-after-s), then SIGCONT")
+def sigstop(ctx: Context) -> ScenarioResult:
+    started = time.monotonic()
+    tally = Tally(ctx, "sigstop-past-deadline")
+    with ctx.cluster("sigstop") as cluster:
+        cluster.wait_ready()
+        url = cluster.nodes[0].api_url
+
+        def stop_then_continue() -> None:
+            cluster.send_signal(1, signal.SIGSTOP)
+            threading.Timer(6.0, lambda: cluster.send_signal(1, signal.SIGCONT)).start()
+
+        tally.add(stream_chat(url, PROMPTS[0], model=ctx.model, on_chunk=_once(stop_then_continue)), PROMPTS[0],
+                  hit=True)
+        time.sleep(7.0)  # let it come back and rejoin
+        _after_fault(ctx, tally, cluster, url, members=3)
+        _check_no_leaks(tally, cluster)
+    return tally.finish(started)
+
+
+def _link_fault(ctx: Context, name: str, plans: dict[int, dict[str, Any]], *, heal_after_s: float | None,
+                from_start: bool = False, reset_node: int | None = None, prompts: int = 3) -> ScenarioResult:
+    """Apply ``plans`` (node -> fault plan) after token 5 of the first stream (or before any
+    request), heal after ``heal_after_s``; every prompt runs, then again after healing."""
+    started = time.monotonic()
+    tally = Tally(ctx, name)
+    with ctx.cluster(name) as cluster:
+        cluster.wait_ready()
+        url = cluster.nodes[0].api_url
+
+        def inject() -> None:
+            for index, plan in plans.items():
+                set_faults(cluster, index, plan)
+            if reset_node is not None:
+                set_faults(cluster, reset_node, {}, reset=1)
+            if heal_after_s is not None:
+                def heal() -> None:
+                    for index in plans:
+                        set_faults(cluster, index, {}, reset=1 if index == reset_node else 0)
+                threading.Timer(heal_after_s, heal).start()
+
+        if from_start:
+            inject()
+            time.sleep(0.5)
+        for i, prompt in enumerate(PROMPTS[:prompts]):
+            hook = _once(inject) if i == 0 and not from_start else None
+            tally.add(stream_chat(url, prompt, model=ctx.model, on_chunk=hook), prompt, hit=i == 0)
+        if heal_after_s is not None:
+            time.sleep(max(0.0, heal_after_s))
+        elif from_start:
+            for index in plans:
+                set_faults(cluster, index, {})
+        _after_fault(ctx, tally, cluster, url)
+        _check_no_leaks(tally, cluster)
+    return tally.finish(started)
+
+
+@scenario("link-reset", "reset every link of the middle stage after token 5; they reconnect")
+def link_reset(ctx: Context) -> ScenarioResult:
+    return _link_fault(ctx, "link-reset", {}, heal_after_s=None, reset_node=1)
+
+
+@scenario("partition-two-way", "cut the middle stage off both ways for 6 s, then heal")
+def partition_two_way(ctx: Context) -> ScenarioResult:
+    cut = [["n1", "n0"], ["n0", "n1"], ["n1", "n2"], ["n2", "n1"]]
+    return _link_fault(ctx, "partition-two-way", {i: {"partition": cut} for i in range(3)}, heal_after_s=6.0)
+
+
+@scenario("partition-one-way", "the middle stage's messages to the others are lost for 6 s; theirs arrive")
+def partition_one_way(ctx: Context) -> ScenarioResult:
+    return _link_fault(ctx, "partition-one-way", {1: {"partition": [["n1", "n0"], ["n1", "n2"]]}}, heal_after_s=6.0)
+
+
+@scenario("loss-10pct", "10 % of messages on every link are lost")
+def loss(ctx: Context) -> ScenarioResult:
+    return _link_fault(ctx, "loss-10pct", {i: {"loss": 0.1} for i in range(3)}, heal_after_s=None, from_start=True)
+
+
+@scenario("duplication", "20 % of messages on every link arrive twice")
+def duplication(ctx: Context) -> ScenarioResult:
+    return _link_fault(ctx, "duplication", {i: {"duplicate": 0.2} for i in range(3)}, heal_after_s=None,
+                       from_start=True)
+
+
+@scenario("reordering", "20 % of messages are held back behind the next one on their link")
+def reordering(ctx: Context) -> ScenarioResult:
+    return _link_fault(ctx, "reordering", {i: {"reorder": 0.2} for i in range(3)}, heal_after_s=None,
+                       from_start=True)
+
+
+@scenario("jitter-200ms", "every message is delayed by 0-200 ms")
+def jitter(ctx: Context) -> ScenarioResult:
+    return _link_fault(ctx, "jitter-200ms", {i: {"jitter_s": 0.2} for i in range(3)}, heal_after_s=None,
+                       from_start=True, prompts=1)
+
+
+@scenario("corrupted-frames", "1 % of the middle stage's frames get one bit flipped")
+def corrupted(ctx: Context) -> ScenarioResult:
+    return _link_fault(ctx, "corrupted-frames", {1: {"corrupt": 0.01}}, heal_after_s=None, from_start=True)
+
+
+@scenario("slow-node", "the middle stage's links are capped at 1 MB/s")
+def slow_node(ctx: Context) -> ScenarioResult:
+    return _link_fault(ctx, "slow-node", {1: {"bandwidth_bytes_per_s": 1e6}}, heal_after_s=None, from_start=True)
+
+
+@scenario("restart-with-data-dir", "SIGKILL the middle stage after token 5 and start it again at once")
+def restart(ctx: Context) -> ScenarioResult:
+    started = time.monotonic()
+    tally = Tally(ctx, "restart-with-data-dir")
+    with ctx.cluster("restart") as cluster:
+        cluster.wait_ready()
+        url = cluster.nodes[0].api_url
+
+        def kill_and_restart() -> None:
+            cluster.kill(1)
+            cluster.restart(1)
+
+        tally.add(stream_chat(url, PROMPTS[0], model=ctx.model, on_chunk=_once(kill_and_restart)), PROMPTS[0],
+                  hit=True)
+        _after_fault(ctx, tally, cluster, url, members=3)
+        _check_no_leaks(tally, cluster)
+    return tally.finish(started)
+
+
+@scenario("client-disconnect-x20", "20 clients leave mid-stream; no KV cache or request is left behind")
+def client_disconnect(ctx: Context) -> ScenarioResult:
+    started = time.monotonic()
+    tally = Tally(ctx, "client-disconnect-x20")
+    with ctx.cluster("client-disconnect") as cluster:
+        cluster.wait_ready()
+        for i in range(20):
+            prompt = PROMPTS[i % len(PROMPTS)]
+            url = cluster.nodes[i % 3].api_url
+            tally.add(stream_chat(url, prompt, model=ctx.model, stop_after=3), prompt, partial=True)
+        _check_no_leaks(tally, cluster)
+        _after_fault(ctx, tally, cluster, cluster.nodes[0].api_url)
+    return tally.finish(started)
+
+
+@scenario("32-streams-during-kill", "32 concurrent streams; the middle stage is killed during them")
+def concurrent_kill(ctx: Context) -> ScenarioResult:
+    started = time.monotonic()
+    tally = Tally(ctx, "32-streams-during-kill")
+    with ctx.cluster("concurrent") as cluster:
+        cluster.wait_ready()
+        url = cluster.nodes[0].api_url
+        kill = _once(lambda: cluster.kill(1), at=3)
+
+        def one(i: int) -> None:
+            prompt = PROMPTS[i % len(PROMPTS)]
+            tally.add(stream_chat(url, prompt, max_tokens=12, model=ctx.model, on_chunk=kill if i == 0 else None),
+                      prompt, max_tokens=12, hit=True)
+
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            list(pool.map(one, range(32)))
+        _after_fault(ctx, tally, cluster, url, members=2)
+        _check_no_leaks(tally, cluster)
+    return tally.finish(started)
+
+
+@scenario("no-fit-after-loss", "2 nodes that hold the model only together; one dies: a clear error, "
+          "the survivor stays up")
+def no_fit(ctx: Context) -> ScenarioResult:
+    from mesh.testing.cluster import http_json
+
+    started = time.monotonic()
+    tally = Tally(ctx, "no-fit-after-loss")
+    memory = _half_fit_memory(ctx.model)
+    with ctx.cluster("no-fit", n=2, memory_bytes=memory) as cluster:
+        cluster.wait_ready()
+        url = cluster.nodes[0].api_url
+        tally.add(stream_chat(url, PROMPTS[0], model=ctx.model, on_chunk=_once(lambda: cluster.kill(1))), PROMPTS[0])
+        tally.add(stream_chat(url, PROMPTS[1], model=ctx.model), PROMPTS[1])  # refused while it cannot serve
+        status, health = http_json(url + "/health", timeout_s=5.0)
+        if status != 503 or "placement failed" not in str(health):
+            tally.lose(f"the survivor's /health is {status} {health}, not 503 naming the placement failure")
+        _check_no_leaks(tally, cluster)
+    return tally.finish(started, expect_failed_clean=2)
+
+
+def _half_fit_memory(model: str) -> int:
+    """Memory per node such that two nodes hold ``model`` (layers + KV at its context) and
+    one does not."""
+    from mesh.errors import PlacementError
+    from mesh.models import Model, model_size, resolve_model
+    from mesh.placement import Capacity, place_pipeline
+
+    m = Model(resolve_model(model))
+    size, context = model_size(m), m.context_length
+
+    def fits(n: int, memory: int) -> bool:
+        try:
+            place_pipeline([Capacity(member_id=f"m{i}", usable_bytes=memory) for i in range(n)], size,
+                           context_tokens=context)
+            return True
+        except PlacementError:
+            return False
+
+    low, high = 1 << 20, 64 << 30  # the smallest memory two nodes fit in, to 1 MiB
+    while high - low > 1 << 20:
+        mid = (low + high) // 2
+        low, high = (low, mid) if fits(2, mid) else (mid, high)
+    memory = high + (16 << 20)
+    if fits(1, memory):
+        raise RuntimeError(f"{model}: no memory size fits two nodes but not one")
+    return memory

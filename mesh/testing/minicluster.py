@@ -1,0 +1,227 @@
+"""An in-process cluster of coordinators and stage workers over a scripted network, for
+testing the runtime's failover without processes, sockets or models.
+
+``HistoryBackend`` is a stand-in model whose KV cache is the list of token ids it has seen
+and whose logits are a pure function of that whole history: a cache that lost, repeated or
+reordered a position gives other tokens, so equal token streams prove the cache was rebuilt
+exactly. ``MiniCluster`` wires a ``Coordinator`` and a ``StageWorker`` per member through
+``MiniNode`` (the runtime's ``NodeServices``); its network can drop, duplicate and delay
+messages (seeded), and members can be killed, which re-places the model on the survivors
+the way the node's placement would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from backends.base import Backend, StepOutput
+from mesh.errors import BackendError, TransportError
+from mesh.placement import Plan, Stage
+from mesh.runtime import Coordinator, StageWorker, Timeouts
+from mesh.wire import Message, WireTensor
+
+VOCAB = 50
+EOS = 0
+
+
+class HistoryBackend(Backend):
+    """Layers [layer_start, layer_end) of a fake model; see the module docstring."""
+
+    name = "history"
+
+    def __init__(self, layer_start: int, layer_end: int, num_layers: int, *, step_delay_s: float = 0.0) -> None:
+        super().__init__()
+        self.layer_start, self.layer_end, self.num_layers = layer_start, layer_end, num_layers
+        self.step_delay_s = step_delay_s
+        self.steps = 0
+
+    def load(self, model: Any, layer_start: int, layer_end: int, progress: Any = None) -> None:
+        raise NotImplementedError  # built loaded
+
+    def new_cache(self) -> list[int]:
+        return []
+
+    def forward(self, cache: Any, *, start_pos: int, token_ids: list[int] | None = None,
+                hidden: WireTensor | None = None) -> StepOutput:
+        import time
+
+        self.steps += 1
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
+        if token_ids is None:
+            if hidden is None:
+                raise BackendError("no input")
+            token_ids = [int(x) for x in np.frombuffer(hidden.data, dtype="<f4")]
+        if start_pos != len(cache):
+            raise BackendError(f"position {start_pos} but the cache holds {len(cache)}")
+        cache.extend(token_ids)
+        if self.layer_end < self.num_layers:
+            data = np.asarray(token_ids, dtype="<f4").tobytes()
+            return StepOutput(hidden=WireTensor(dtype="f32", shape=(1, len(token_ids), 1), data=data))
+        digest = hashlib.sha256(repr(list(cache)).encode()).digest()
+        logits = np.random.default_rng(int.from_bytes(digest[:8], "big")).random(VOCAB).astype(np.float32) * 3
+        logits[EOS] = -1e9  # never EOS: streams run to max_tokens
+        return StepOutput(logits=logits)
+
+
+class _Model:
+    """What ``Coordinator`` reads of a model."""
+
+    model_id = "history"
+    context_length = 4096
+    eos_token_ids = frozenset({EOS})
+    tokenizer = None
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return [1 + len(m["content"]) % (VOCAB - 1) for m in messages]
+
+
+@dataclass
+class NetworkFaults:
+    """Per-message faults of the in-process network (seeded by ``MiniCluster``)."""
+
+    loss: float = 0.0
+    duplicate: float = 0.0
+    delay_s: float = 0.0
+    jitter_s: float = 0.0
+    drop_types: set[str] = field(default_factory=set)  # every message of these types is lost
+
+
+class MiniNode:
+    """One member: the runtime's ``NodeServices`` over the cluster's network."""
+
+    def __init__(self, cluster: MiniCluster, member_id: str, timeouts: Timeouts) -> None:
+        self.cluster = cluster
+        self.member_id = member_id
+        self.executor = ThreadPoolExecutor(max_workers=1)
+        self.worker = StageWorker(self, self.executor)
+        self.coordinator = Coordinator(self, _Model(), timeouts)  # type: ignore[arg-type]
+        self.events: list[tuple[str, str]] = []
+
+    async def send(self, member_id: str, msg: Message) -> None:
+        await self.cluster.deliver(self.member_id, member_id, msg)
+
+    def current_plan(self) -> Plan | None:
+        return self.cluster.plan
+
+    def ready(self) -> tuple[bool, str]:
+        if self.cluster.plan is None:
+            return False, self.cluster.plan_error
+        if self.cluster.loading:
+            return False, "stages are loading"
+        return True, ""
+
+    def cluster_info(self) -> dict[str, Any]:
+        return {}
+
+    def request_event(self, req: str, state: str, stages: list[str] | None = None) -> None:
+        self.events.append((req, state))
+
+    def linked(self, member_id: str) -> bool:
+        return member_id in self.cluster.alive
+
+    async def on_message(self, sender: str, msg: Message) -> None:
+        if msg.type == "forward":
+            await self.worker.on_forward(msg)
+        elif msg.type in ("token", "error", "released"):
+            self.coordinator.deliver(msg, sender)
+        elif msg.type == "release":
+            self.worker.release(str(msg.body.get("req", "")))
+            try:
+                await self.send(sender, Message(type="released", body={"req": msg.body.get("req", "")}))
+            except TransportError:
+                pass
+
+
+class MiniCluster:
+    """``n`` members, ``num_layers`` layers split evenly in member order; see the module docstring."""
+
+    def __init__(self, n: int, *, num_layers: int = 6, seed: int = 0, timeouts: Timeouts | None = None,
+                 load_s: float = 0.05, step_delay_s: float = 0.0) -> None:
+        self.timeouts = timeouts or Timeouts(prefill_s=5.0, decode_s=2.0, send_s=1.0, recovery_s=5.0, retry_s=0.1)
+        self.num_layers = num_layers
+        self.rng = random.Random(seed)
+        self.faults = NetworkFaults()
+        self.nodes = {f"m{i}": MiniNode(self, f"m{i}", self.timeouts) for i in range(n)}
+        self.alive = set(self.nodes)
+        self.plan: Plan | None = None
+        self.plan_error = ""
+        self.loading = False
+        self.load_s = load_s
+        self.step_delay_s = step_delay_s
+        self.capacity_layers = num_layers  # the most layers one member can hold
+        self.messages: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._place_now()
+
+    def _place_now(self) -> None:
+        members = sorted(self.alive)
+        if not members or len(members) * self.capacity_layers < self.num_layers:
+            self.plan, self.plan_error = None, (f"placement failed: {self.num_layers} layers need more than "
+                                                f"{len(members)} member(s) of {self.capacity_layers} layers")
+            return
+        share, extra = divmod(self.num_layers, len(members))
+        stages, start = [], 0
+        for i, m in enumerate(members):
+            end = start + share + (1 if i < extra else 0)
+            stages.append(Stage(member_id=m, layer_start=start, layer_end=end))
+            self.nodes[m].worker.swap_backend(HistoryBackend(start, end, self.num_layers,
+                                                             step_delay_s=self.step_delay_s))
+            start = end
+        self.plan = Plan(num_layers=self.num_layers, stages=tuple(stages))
+
+    async def replace(self) -> None:
+        """Re-place on the living members, as the node does after a membership change."""
+        self.loading = True
+        await asyncio.sleep(self.load_s)
+        self._place_now()
+        self.loading = False
+
+    def kill(self, member_id: str) -> None:
+        """The member dies: links to it fail, every coordinator learns it, placement follows."""
+        self.alive.discard(member_id)
+        for m in self.alive:
+            self.nodes[m].coordinator.member_lost(member_id)
+            self.nodes[m].worker.release_coordinated_by(member_id)
+        self._spawn(self.replace())
+
+    async def deliver(self, src: str, dst: str, msg: Message) -> None:
+        if src not in self.alive:
+            raise TransportError(f"{src} is dead")
+        if dst not in self.alive:
+            raise TransportError(f"no link to {dst}")
+        self.messages[msg.type] = self.messages.get(msg.type, 0) + 1
+        f = self.faults
+        if msg.type in f.drop_types or (src != dst and self.rng.random() < f.loss):
+            return
+        copies = 2 if src != dst and self.rng.random() < f.duplicate else 1
+        for _ in range(copies):
+            delay = f.delay_s + self.rng.random() * f.jitter_s if src != dst else 0.0
+            self._spawn(self._arrive(src, dst, msg, delay))
+
+    async def _arrive(self, src: str, dst: str, msg: Message, delay_s: float) -> None:
+        if delay_s:
+            await asyncio.sleep(delay_s)
+        if dst in self.alive:
+            await self.nodes[dst].on_message(src, msg)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        self.alive.clear()  # nothing is delivered from now on
+        while self._tasks:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for node in self.nodes.values():
+            node.executor.shutdown(wait=False, cancel_futures=True)
