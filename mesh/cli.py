@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(node, "--fault-plan", type=Path, help="fault injection for tests: links follow this JSON control file "
          "(mesh/fault_hooks.py); never on a real cluster")
     _add(node, "--fault-label", help="this node's name in --fault-plan partitions (default: its id)")
+    _add(node, "--clock-offset-s", type=float, default=0.0, help="fault injection for tests: run this node's "
+         "event clock this many seconds ahead of the wall clock")
     _add(node, "--recovery-s", type=_positive_float, default=60.0,
          help="seconds a request may take, from a stage failure to its next token, to find a working plan")
     _add(node, "--api-key", help="if set, HTTP requests need 'Authorization: Bearer KEY'")
@@ -217,6 +219,7 @@ def _run_node(args: argparse.Namespace) -> int:
         insecure=args.insecure, discovery=args.discovery == "on", discovery_port=args.discovery_port,
         interface=args.interface, placement=args.placement, objective=args.objective,
         timeouts=Timeouts(recovery_s=args.recovery_s), fault_plan=args.fault_plan, fault_label=args.fault_label,
+        clock_offset_s=args.clock_offset_s,
     )
     node = Node(config)
     node_filter.node = node.member_id[:8]

@@ -339,3 +339,33 @@ def _half_fit_memory(model: str) -> int:
     if fits(1, memory):
         raise RuntimeError(f"{model}: no memory size fits two nodes but not one")
     return memory
+
+
+@scenario("clock-24h-ahead", "one node's clock runs 24 h ahead: the others keep serving, it refuses clearly")
+def clock_ahead(ctx: Context) -> ScenarioResult:
+    started = time.monotonic()
+    tally = Tally(ctx, "clock-24h-ahead")
+    with ctx.cluster("clock", node_args={2: ["--clock-offset-s", "86400"]}) as cluster:
+        _wait_healthy(cluster, [0, 1])  # the skewed node never becomes a member of theirs
+        for i, prompt in enumerate(PROMPTS):
+            tally.add(stream_chat(cluster.nodes[i % 2].api_url, prompt, model=ctx.model), prompt)
+        skewed = stream_chat(cluster.nodes[2].api_url, PROMPTS[0], model=ctx.model)
+        tally.add(skewed, PROMPTS[0])
+        if skewed.kind != "completed" and "clock" not in (skewed.error or ""):
+            tally.lose(f"the skewed node's answer does not name its clock: {skewed.error}")
+        _check_no_leaks(tally, cluster)
+    return tally.finish(started, expect_failed_clean=0 if skewed.kind == "completed" else 1)
+
+
+def _wait_healthy(cluster: Any, indexes: list[int], timeout_s: float = 2 * SETTLE_S) -> None:
+    from mesh.testing.cluster import http_json
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if all(http_json(cluster.nodes[i].api_url + "/health", timeout_s=2.0)[0] == 200 for i in indexes):
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"nodes {indexes} not healthy within {timeout_s:.0f} s")

@@ -145,15 +145,16 @@ class Context:
                     self.reference[(prompt, n)] = out.text
 
     def cluster(self, name: str, n: int = 3, *, memory_bytes: int | list[int] = 4 << 30,
-                extra_args: list[str] | None = None) -> Any:
+                extra_args: list[str] | None = None, node_args: dict[int, list[str]] | None = None) -> Any:
         """An n-node cluster (start it with ``with``) whose node i follows ``<dir>/faults-<i>.json``."""
         from mesh.testing.cluster import LocalCluster
 
         root = self.workdir / name
         root.mkdir(parents=True, exist_ok=True)
-        node_args = [["--fault-plan", str(root / f"faults-{i}.json"), "--fault-label", f"n{i}"] for i in range(n)]
+        args = [["--fault-plan", str(root / f"faults-{i}.json"), "--fault-label", f"n{i}",
+                 *(node_args or {}).get(i, [])] for i in range(n)]
         cluster = LocalCluster(n, root, model=self.model, profile=self.profile, memory_bytes=memory_bytes,
-                               node_args=node_args, extra_args=extra_args)
+                               node_args=args, extra_args=extra_args)
         cluster.fault_files = [root / f"faults-{i}.json" for i in range(n)]  # type: ignore[attr-defined]
         return cluster
 

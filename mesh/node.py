@@ -115,6 +115,7 @@ class NodeConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     fault_plan: Path | None = None  # fault injection, for tests only (mesh/fault_hooks.py)
     fault_label: str | None = None
+    clock_offset_s: float = 0.0  # fault injection: the kernel's wall clock runs this far ahead
 
     def __post_init__(self) -> None:
         for flag, port in (("--port", self.port), ("--api-port", self.api_port),
@@ -198,6 +199,8 @@ class Node(NodeNetworking, NodePerformance, NodeReport):
         self.listen_port = config.port
         self.profile: Any = None
         self.calibration: Any = None  # per-layer step times of the loaded stage (spec P19)
+        self.clock_fault: str | None = None  # set when peers refuse this node's clock
+        self._drift_told: dict[str, float] = {}
         self._stage_times: Any = None  # the fastest timings of the loaded stage so far
         self._calibrating: Any = None  # the backend those timings are of
 
@@ -241,8 +244,11 @@ class Node(NodeNetworking, NodePerformance, NodeReport):
                              api_address=f"{cfg.api_host}:{cfg.api_port}", backend=cfg.backend,
                              memory_bytes=memory, incarnation=self.incarnation,
                              alt_addresses=await self._alt_addresses())
+        offset_ms = int(cfg.clock_offset_s * 1000)
         self.replication = Replication(self.member_id, self.data_dir / "kernel", send=self.links.send,
-                                       peers=self.links.linked, on_change=self._state_changed)
+                                       peers=self.links.linked, on_change=self._state_changed,
+                                       clock=lambda: time.time_ns() // 1_000_000 + offset_ms,
+                                       on_drift=self._peer_clock_refused)
         self.replication.start()
         app = create_app(self.coordinator, api_key=cfg.api_key)
         server = _ApiServer(
@@ -391,6 +397,12 @@ class Node(NodeNetworking, NodePerformance, NodeReport):
             self.links.spawn(self.worker.on_forward(msg), f"forward {msg.body.get('req')}")
         elif kind in ("token", "error", "released"):
             self.coordinator.deliver(msg, sender)
+        elif kind == "clock.refused":
+            ahead = msg.body.get("ahead_ms")
+            if type(ahead) is int and ahead > 0:
+                self.clock_fault = (f"this node's clock is {ahead / 3.6e6:.1f} h ahead of member {sender}'s, which "
+                                    f"refuses its events: fix the system clock (NTP) and restart")
+                log.error("%s", self.clock_fault)
         elif kind == "release":
             req = str(msg.body.get("req", ""))
             self.worker.release(req)
@@ -398,6 +410,22 @@ class Node(NodeNetworking, NodePerformance, NodeReport):
                 self.links.spawn(self._ack_release(sender, req), "released")
         elif kind != "ping":
             log.debug("ignoring unknown message type %r from %s", kind, sender)
+
+    def _peer_clock_refused(self, member_id: str, ahead_ms: int) -> None:
+        """A peer's event was refused for a clock too far ahead (spec K4): tell it, at
+        most every 10 s, so it reports the fault instead of waiting for a plan forever."""
+        now = time.monotonic()
+        if now - self._drift_told.get(member_id, -1e9) < 10.0:
+            return
+        self._drift_told[member_id] = now
+        body = {"ahead_ms": int(ahead_ms)}
+        self.links.spawn(self._tell(member_id, Message(type="clock.refused", body=body)), "clock.refused")
+
+    async def _tell(self, member_id: str, msg: Message) -> None:
+        try:
+            await self.send(member_id, msg)
+        except MeshError as exc:
+            log.debug("cannot send %s to %s: %s", msg.type, member_id, exc)
 
     async def _ack_release(self, member_id: str, req: str) -> None:
         try:

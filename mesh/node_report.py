@@ -27,6 +27,7 @@ class NodeReport:
     model: Model
     plan: Plan | None
     plan_error: str
+    clock_fault: str | None
     replication: Replication | None
     links: Links
     worker: StageWorker
@@ -44,6 +45,8 @@ class NodeReport:
 
     def ready(self) -> tuple[bool, str]:
         """True only when every stage of the current plan reports its layers loaded."""
+        if self.clock_fault is not None:
+            return False, self.clock_fault
         if self.plan is None or self.replication is None:
             return False, self.plan_error
         view = self.view()

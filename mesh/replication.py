@@ -49,8 +49,12 @@ class Replication:
     """
 
     def __init__(self, node_id: str, folder: Path, *, send: SendFn, peers: Callable[[], list[str]],
-                 on_change: Callable[[], None], interval_s: float = 1.0, compact_after: int = 2000) -> None:
+                 on_change: Callable[[], None], interval_s: float = 1.0, compact_after: int = 2000,
+                 clock: Callable[[], int] = now_ms,
+                 on_drift: Callable[[str, int], None] | None = None) -> None:
         self.node_id = node_id
+        self.now_ms = clock  # wall clock in ms (injectable: fault tests run one node's clock ahead)
+        self.on_drift = on_drift  # (peer, ms its event was ahead): told when a peer's clock is refused
         self.log = EventLog(folder)
         snapshot, events = self.log.open()
         self.replica = Replica(node_id, state=snapshot, compact_after=compact_after)
@@ -85,7 +89,7 @@ class Replication:
     # -- own events --------------------------------------------------------------------
     def emit(self, type: str, key: str, value: Any) -> Event:
         """Issue an event; it is applied now, and sent once it is on disk."""
-        event = self.replica.emit(type, key, value, now_ms=now_ms())
+        event = self.replica.emit(type, key, value, now_ms=self.now_ms())
         self.log.append(event, sync=False)
         self._unsent.append(event)
         self._flush_wanted.set()
@@ -146,16 +150,18 @@ class Replication:
             for event in page.events:
                 applied += self._receive(peer, event)
             # events one by one above (a clock too far ahead drops one event, not the page)
-            applied += self.replica.take_page(peer, replace(page, events=()), now_ms=now_ms())
+            applied += self.replica.take_page(peer, replace(page, events=()), now_ms=self.now_ms())
             self._applied(applied)
             if page.last:
-                self.anti_entropy.answered(peer, page.nonce, now_ms())
+                self.anti_entropy.answered(peer, page.nonce, self.now_ms())
 
     def _receive(self, peer: str, event: Event) -> list[Event]:
         try:
-            return self.replica.receive(event, now_ms=now_ms())
+            return self.replica.receive(event, now_ms=self.now_ms())
         except ClockDriftError as exc:
             log.warning("dropping event %s from %s: %s", event.id, peer, exc)
+            if self.on_drift is not None:
+                self.on_drift(peer, event.hlc.physical_ms - self.now_ms())
             return []
 
     def _applied(self, events: list[Event]) -> None:
@@ -174,7 +180,7 @@ class Replication:
 
     # -- anti-entropy rounds -----------------------------------------------------------
     async def _start_sync(self, peer: str) -> None:
-        nonce = self.anti_entropy.sync_now(peer, now_ms())
+        nonce = self.anti_entropy.sync_now(peer, self.now_ms())
         await self._send_quietly(peer, Message(type="sync", body={"n": nonce, "vv": self.replica.digest().to_wire()}))
 
     async def sync_with(self, peer: str) -> None:
@@ -185,5 +191,5 @@ class Replication:
         while True:
             await asyncio.sleep(self.anti_entropy.interval_ms / 4000)
             digest = self.replica.digest().to_wire()
-            for peer, nonce in self.anti_entropy.due(self.peers(), now_ms()):
+            for peer, nonce in self.anti_entropy.due(self.peers(), self.now_ms()):
                 await self._send_quietly(peer, Message(type="sync", body={"n": nonce, "vv": digest}))

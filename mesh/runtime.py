@@ -28,7 +28,7 @@ import secrets
 import statistics
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -344,7 +344,7 @@ class Coordinator:
                      f", {len(recoveries)} recoveries" if recoveries else "")
 
     async def _attempt(self, req: str, rid: str, plan: Plan, prompt_ids: list[int], generated: list[int],
-                       params: SamplingParams, seed: int) -> AsyncIterator[int]:
+                       params: SamplingParams, seed: int) -> AsyncGenerator[int, None]:
         """One attempt of a request on ``plan``: prefill prompt + generated tokens from position
         0, then decode, yielding each new token. Raises StageFailure when a stage fails, is
         lost or does not answer (after sending the step again), RequestFailed otherwise."""
