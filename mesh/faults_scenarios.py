@@ -20,6 +20,7 @@ from mesh.faults_suite import (
     Context,
     ScenarioResult,
     Tally,
+    request,
     set_faults,
     stream_chat,
 )
@@ -61,7 +62,7 @@ def _after_fault(ctx: Context, tally: Tally, cluster: Any, url: str, members: in
     """Once the cluster is ready again, every prompt once more: it must serve as before."""
     cluster.wait_ready(timeout_s=SETTLE_S, members=members)
     for prompt in PROMPTS:
-        tally.add(stream_chat(url, prompt, model=ctx.model), prompt)
+        tally.add(request(url, prompt, model=ctx.model), prompt)
 
 
 def _check_no_leaks(tally: Tally, cluster: Any, timeout_s: float = 15.0) -> None:
@@ -85,28 +86,31 @@ def _check_no_leaks(tally: Tally, cluster: Any, timeout_s: float = 15.0) -> None
     tally.lose(f"resources left behind (node: (kv caches, requests)): {left}")
 
 
-def _kill_during_stream(ctx: Context, name: str, victim: int, via: int) -> ScenarioResult:
+def _fault_during_stream(ctx: Context, name: str, fault: Callable[[Any], None], *, via: int = 0,
+                         members_after: int = 2, settle_s: float = 0.0) -> ScenarioResult:
+    """One stream through node ``via``; ``fault(cluster)`` after its 5th token; then, after
+    ``settle_s``, every prompt again once ``members_after`` members are ready."""
     started = time.monotonic()
     tally = Tally(ctx, name)
     with ctx.cluster(name) as cluster:
         cluster.wait_ready()
         url = cluster.nodes[via].api_url
-        prompt = PROMPTS[0]
-        tally.add(stream_chat(url, prompt, model=ctx.model, on_chunk=_once(lambda: cluster.kill(victim))),
-                  prompt, hit=True)
-        _after_fault(ctx, tally, cluster, url, members=2)
+        tally.add(stream_chat(url, PROMPTS[0], model=ctx.model, on_chunk=_once(lambda: fault(cluster))), PROMPTS[0],
+                  hit=True)
+        time.sleep(settle_s)
+        _after_fault(ctx, tally, cluster, url, members=members_after)
         _check_no_leaks(tally, cluster)
     return tally.finish(started)
 
 
 @scenario("kill-middle-stage", "SIGKILL the middle stage after token 5")
 def kill_middle_stage(ctx: Context) -> ScenarioResult:
-    return _kill_during_stream(ctx, "kill-middle-stage", victim=1, via=0)
+    return _fault_during_stream(ctx, "kill-middle-stage", lambda cluster: cluster.kill(1))
 
 
 @scenario("kill-first-stage", "SIGKILL the first stage after token 5 (the client talks to the last)")
 def kill_first_stage(ctx: Context) -> ScenarioResult:
-    return _kill_during_stream(ctx, "kill-first-stage", victim=0, via=2)
+    return _fault_during_stream(ctx, "kill-first-stage", lambda cluster: cluster.kill(0), via=2)
 
 
 @scenario("kill-http-node", "SIGKILL the node holding the client's connection; the client retries elsewhere")
@@ -119,13 +123,8 @@ def kill_http_node(ctx: Context) -> ScenarioResult:
         cut = stream_chat(cluster.nodes[1].api_url, prompt, model=ctx.model,
                           on_chunk=_once(lambda: cluster.kill(1)))
         tally.add(cut, prompt, cut_is_clean=True)  # the client sees its connection cut: explicit
-        # the client retries elsewhere, as clients do: while the survivors re-place the model
-        # they answer 503 with the reason, and the retry waits and tries again
-        deadline = time.monotonic() + SETTLE_S
-        retry = stream_chat(cluster.nodes[0].api_url, prompt, model=ctx.model)
-        while retry.kind == "failed_clean" and "503" in (retry.error or "") and time.monotonic() < deadline:
-            time.sleep(0.5)
-            retry = stream_chat(cluster.nodes[0].api_url, prompt, model=ctx.model)
+        # the client retries elsewhere, as clients do (503 while the survivors re-place)
+        retry = request(cluster.nodes[0].api_url, prompt, model=ctx.model)
         tally.add(retry, prompt)
         _after_fault(ctx, tally, cluster, cluster.nodes[0].api_url, members=2)
         _check_no_leaks(tally, cluster)
@@ -134,22 +133,11 @@ def kill_http_node(ctx: Context) -> ScenarioResult:
 
 @scenario("sigstop-past-deadline", "SIGSTOP the middle stage for 6 s (past --dead-after-s), then SIGCONT")
 def sigstop(ctx: Context) -> ScenarioResult:
-    started = time.monotonic()
-    tally = Tally(ctx, "sigstop-past-deadline")
-    with ctx.cluster("sigstop") as cluster:
-        cluster.wait_ready()
-        url = cluster.nodes[0].api_url
+    def stop_then_continue(cluster: Any) -> None:
+        cluster.send_signal(1, signal.SIGSTOP)
+        threading.Timer(6.0, lambda: cluster.send_signal(1, signal.SIGCONT)).start()
 
-        def stop_then_continue() -> None:
-            cluster.send_signal(1, signal.SIGSTOP)
-            threading.Timer(6.0, lambda: cluster.send_signal(1, signal.SIGCONT)).start()
-
-        tally.add(stream_chat(url, PROMPTS[0], model=ctx.model, on_chunk=_once(stop_then_continue)), PROMPTS[0],
-                  hit=True)
-        time.sleep(7.0)  # let it come back and rejoin
-        _after_fault(ctx, tally, cluster, url, members=3)
-        _check_no_leaks(tally, cluster)
-    return tally.finish(started)
+    return _fault_during_stream(ctx, "sigstop-past-deadline", stop_then_continue, members_after=3, settle_s=7.0)
 
 
 def _link_fault(ctx: Context, name: str, plans: dict[int, dict[str, Any]], *, heal_after_s: float | None,
@@ -178,7 +166,7 @@ def _link_fault(ctx: Context, name: str, plans: dict[int, dict[str, Any]], *, he
             time.sleep(0.5)
         for i, prompt in enumerate(PROMPTS[:prompts]):
             hook = _once(inject) if i == 0 and not from_start else None
-            tally.add(stream_chat(url, prompt, model=ctx.model, on_chunk=hook), prompt, hit=i == 0)
+            tally.add(request(url, prompt, model=ctx.model, on_chunk=hook), prompt, hit=i == 0)
         if heal_after_s is not None:
             time.sleep(max(0.0, heal_after_s))
         elif from_start:
@@ -240,21 +228,11 @@ def slow_node(ctx: Context) -> ScenarioResult:
 
 @scenario("restart-with-data-dir", "SIGKILL the middle stage after token 5 and start it again at once")
 def restart(ctx: Context) -> ScenarioResult:
-    started = time.monotonic()
-    tally = Tally(ctx, "restart-with-data-dir")
-    with ctx.cluster("restart") as cluster:
-        cluster.wait_ready()
-        url = cluster.nodes[0].api_url
+    def kill_and_restart(cluster: Any) -> None:
+        cluster.kill(1)
+        cluster.restart(1)
 
-        def kill_and_restart() -> None:
-            cluster.kill(1)
-            cluster.restart(1)
-
-        tally.add(stream_chat(url, PROMPTS[0], model=ctx.model, on_chunk=_once(kill_and_restart)), PROMPTS[0],
-                  hit=True)
-        _after_fault(ctx, tally, cluster, url, members=3)
-        _check_no_leaks(tally, cluster)
-    return tally.finish(started)
+    return _fault_during_stream(ctx, "restart-with-data-dir", kill_and_restart, members_after=3)
 
 
 @scenario("client-disconnect-x20", "20 clients leave mid-stream; no KV cache or request is left behind")
@@ -369,3 +347,32 @@ def _wait_healthy(cluster: Any, indexes: list[int], timeout_s: float = 2 * SETTL
             pass
         time.sleep(0.5)
     raise RuntimeError(f"nodes {indexes} not healthy within {timeout_s:.0f} s")
+
+
+LONG_PROMPT = ("Summarise the following notes in one sentence. " +
+               "The river rises in the hills, runs past the mill and the old bridge, and reaches the sea "
+               "after two days; farmers along it grow wheat, barley and apples, and trade at the market "
+               "town each week. " * 40)
+
+
+@scenario("kill-middle-long-prompt", "SIGKILL the middle stage after token 5 of a ~1.7k-token prompt: how much "
+          "of the recovery is re-prefill (what a KV replica on a neighbour could save)")
+def kill_middle_long(ctx: Context) -> ScenarioResult:
+    started = time.monotonic()
+    tally = Tally(ctx, "kill-middle-long-prompt")
+    with ctx.cluster("kill-middle-long") as cluster:
+        cluster.wait_ready()
+        url = cluster.nodes[0].api_url
+        baseline = stream_chat(url, LONG_PROMPT, max_tokens=12, model=ctx.model)  # fault-free, same cluster
+        ttft = (baseline.stamps[0] - baseline.started) if baseline.stamps else None
+        hit = stream_chat(url, LONG_PROMPT, max_tokens=12, model=ctx.model, on_chunk=_once(lambda: cluster.kill(1)))
+        for out in (baseline, hit):
+            tally.add(out, LONG_PROMPT, max_tokens=12, hit=out is hit)
+        if hit.kind == "completed" and baseline.kind == "completed":
+            if hit.text != baseline.text:
+                tally.result.mismatches += 1
+                tally.result.notes.append("the hit stream differs from the fault-free one")
+            tally.result.notes.append(f"fault-free TTFT {ttft:.2f} s (a re-prefill of the prompt on 3 stages); "
+                                      f"recovery {hit.longest_gap_s:.2f} s")
+        _check_no_leaks(tally, cluster)
+    return tally.finish(started)

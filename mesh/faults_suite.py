@@ -43,6 +43,7 @@ class Outcome:
     text: str = ""
     error: str | None = None
     stamps: list[float] = field(default_factory=list)  # monotonic time of each text chunk
+    started: float = 0.0  # monotonic time the request was sent
 
     @property
     def longest_gap_s(self) -> float:
@@ -75,7 +76,7 @@ def stream_chat(url: str, prompt: str, *, max_tokens: int = MAX_TOKENS, model: s
 
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
             "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
-    out = Outcome(kind="lost")
+    out = Outcome(kind="lost", started=time.monotonic())
     done = errored = False
     try:
         with httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10.0)) as client:
@@ -119,6 +120,20 @@ def stream_chat(url: str, prompt: str, *, max_tokens: int = MAX_TOKENS, model: s
     elif out.error is None:
         out.error = "the stream ended without [DONE]"
     return out
+
+
+def request(url: str, prompt: str, *, retry_s: float = 60.0, **kwargs: Any) -> Outcome:
+    """``stream_chat``, retried every 0.5 s for up to ``retry_s`` while the node answers 503
+    because the cluster is between plans (re-placing, loading, linking), as OpenAI clients
+    retry a 503; a 503 that names a placement failure is final."""
+    deadline = time.monotonic() + retry_s
+    while True:
+        out = stream_chat(url, prompt, **kwargs)
+        transient = out.kind == "failed_clean" and (out.error or "").startswith("HTTP 503") \
+            and "placement failed" not in (out.error or "")
+        if not transient or time.monotonic() >= deadline:
+            return out
+        time.sleep(0.5)
 
 
 class Context:

@@ -43,6 +43,7 @@ from mesh.membership import (
     status_key,
 )
 from mesh.models import Model, model_size, resolve_model
+from mesh.node_health import NodeHealth
 from mesh.node_net import NodeNetworking
 from mesh.node_perf import NodePerformance
 from mesh.node_report import NodeReport
@@ -141,7 +142,7 @@ class NodeConfig:
             raise ConfigError(f"--dead-after-s ({self.dead_after_s}) must exceed --heartbeat-s ({self.heartbeat_s})")
 
 
-class Node(NodeNetworking, NodePerformance, NodeReport):
+class Node(NodeNetworking, NodePerformance, NodeReport, NodeHealth):
     """One member of the cluster. ``await Node(config).run()`` serves until stopped."""
 
     def __init__(self, config: NodeConfig) -> None:
@@ -398,11 +399,7 @@ class Node(NodeNetworking, NodePerformance, NodeReport):
         elif kind in ("token", "error", "released"):
             self.coordinator.deliver(msg, sender)
         elif kind == "clock.refused":
-            ahead = msg.body.get("ahead_ms")
-            if type(ahead) is int and ahead > 0:
-                self.clock_fault = (f"this node's clock is {ahead / 3.6e6:.1f} h ahead of member {sender}'s, which "
-                                    f"refuses its events: fix the system clock (NTP) and restart")
-                log.error("%s", self.clock_fault)
+            self._clock_refused(sender, msg)
         elif kind == "release":
             req = str(msg.body.get("req", ""))
             self.worker.release(req)
@@ -411,40 +408,11 @@ class Node(NodeNetworking, NodePerformance, NodeReport):
         elif kind != "ping":
             log.debug("ignoring unknown message type %r from %s", kind, sender)
 
-    def _peer_clock_refused(self, member_id: str, ahead_ms: int) -> None:
-        """A peer's event was refused for a clock too far ahead (spec K4): tell it, at
-        most every 10 s, so it reports the fault instead of waiting for a plan forever."""
-        now = time.monotonic()
-        if now - self._drift_told.get(member_id, -1e9) < 10.0:
-            return
-        self._drift_told[member_id] = now
-        body = {"ahead_ms": int(ahead_ms)}
-        self.links.spawn(self._tell(member_id, Message(type="clock.refused", body=body)), "clock.refused")
-
-    async def _tell(self, member_id: str, msg: Message) -> None:
-        try:
-            await self.send(member_id, msg)
-        except MeshError as exc:
-            log.debug("cannot send %s to %s: %s", msg.type, member_id, exc)
-
-    async def _ack_release(self, member_id: str, req: str) -> None:
-        try:
-            await self.send(member_id, Message(type="released", body={"req": req}))
-        except MeshError as exc:  # the coordinator sends the release again, or is gone
-            log.debug("cannot acknowledge the release of req=%s to %s: %s", req, member_id, exc)
-
     async def _link_up(self, info: MemberInfo) -> None:
         assert self.replication is not None
         self._last_seen[info.member_id] = time.monotonic()
         self._first_link.set()
         await self.replication.sync_with(info.member_id)
-
-    def _link_down(self, member_id: str) -> None:
-        assert self.coordinator is not None
-        self._last_seen[member_id] = time.monotonic()
-        self.coordinator.member_lost(member_id)
-        self.worker.release_coordinated_by(member_id)
-        self._declare_dead(member_id, "its last link closed")
 
     def _publish_link_stats(self) -> None:
         """Publish each link's RTT and throughput when they moved (spec L2, L3)."""
@@ -454,49 +422,6 @@ class Node(NodeNetworking, NodePerformance, NodeReport):
             summary = meter.publish_due(now)
             if summary is not None:
                 self.replication.emit("link.measured", link_key(self.member_id, member_id), summary)
-
-    def _declare_dead(self, member_id: str, why: str) -> None:
-        assert self.replication is not None and self.coordinator is not None
-        if self.replication.state.get(member_key(member_id)) is None or self._stop.is_set():
-            return
-        log.warning("member %s left: %s", member_id, why)
-        self.coordinator.member_lost(member_id)  # spec FO3: its requests recover at once
-        self.worker.release_coordinated_by(member_id)
-        self.replication.emit("member.leave", member_key(member_id), None)
-        for key in self.replication.state.keys("link/"):  # spec L3: its links' figures are stale
-            if member_id in key.split("/")[1:]:
-                self.replication.emit("link.down", key, None)
-
-    async def _heartbeats(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.heartbeat_s)
-            try:
-                await self._heartbeat_round()
-            except Exception:  # one bad round must not stop heartbeats for good
-                log.exception("heartbeat round failed")
-
-    async def _heartbeat_round(self) -> None:
-        await self.links.ping_all(timeout_s=self.config.heartbeat_s)
-        self.links.spawn(self.links.probe_all(self.config.probe_interval_s, self.config.timeouts.send_s), "probes")
-        self._publish_link_stats()
-        timeouts = self.config.timeouts
-        self.worker.expire(idle_s=2 * max(timeouts.prefill_s, timeouts.decode_s))
-        ready, reason = self.ready()
-        if (ready, reason) != self._last_health:
-            if ready:
-                log.info("ready: the model is placed and loaded on %d member(s)", len(self.plan.stages) if self.plan else 0)
-            else:
-                log.info("not ready: %s", reason)
-            self._last_health = (ready, reason)
-        # A member in the state we cannot reach for a while (e.g. it died while this node
-        # was down) is declared dead too, so the plan does not wait for it forever.
-        linked = set(self.links.linked())
-        now = time.monotonic()
-        for member in self.view().members():
-            if member.member_id == self.member_id or member.member_id in linked:
-                self._last_seen[member.member_id] = now
-            elif now - self._last_seen.get(member.member_id, now) > 2 * self.config.dead_after_s:
-                self._declare_dead(member.member_id, f"unreachable for {2 * self.config.dead_after_s:.0f} s")
 
     # -- requests (called by the coordinator) ------------------------------------------
     def linked(self, member_id: str) -> bool:
