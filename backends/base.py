@@ -81,6 +81,21 @@ class Backend(ABC):
     def new_cache(self) -> Any:
         """A fresh, empty per-request KV cache for this stage's layers."""
 
+    def export_kv(self, cache: Any, *, start_pos: int, end_pos: int) -> list[tuple[int, WireTensor, WireTensor]]:
+        """The keys and values ``cache`` holds for positions [start_pos, end_pos), per layer of
+        this stage: ``(global layer index, keys, values)``, each ``[1, kv_heads, n, head_dim]``
+        in the compute dtype. For moving a request's KV cache between nodes (a replica, or
+        prefill/decode disaggregation). Raises BackendError for positions the cache does not
+        hold, or when the backend cannot export (the default)."""
+        raise BackendError(f"the {self.name or type(self).__name__} backend cannot export KV caches")
+
+    def import_kv(self, cache: Any, layers: list[tuple[int, WireTensor, WireTensor]]) -> None:
+        """Append ``export_kv`` output to ``cache``: every layer of this stage must be given,
+        each continuing at the position the cache has reached. Raises BackendError for a
+        missing or foreign layer, a shape or dtype that does not fit, or (the default) a
+        backend that cannot import."""
+        raise BackendError(f"the {self.name or type(self).__name__} backend cannot import KV caches")
+
     @abstractmethod
     def forward(
         self,

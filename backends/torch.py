@@ -201,6 +201,40 @@ class TorchBackend(Backend):
         return DynamicCache(config=self._config)
 
     @torch.inference_mode()
+    def export_kv(self, cache: Any, *, start_pos: int, end_pos: int) -> list[tuple[int, WireTensor, WireTensor]]:
+        with self._lock:
+            if self._config is None:
+                raise BackendError("no layers loaded")
+            held = cache.get_seq_length() if len(cache.layers) else 0
+            if not 0 <= start_pos < end_pos <= held:
+                raise BackendError(f"positions [{start_pos}, {end_pos}) are not in the cache (it holds [0, {held}))")
+            out = []
+            for i, layer in enumerate(cache.layers):
+                keys = layer.keys[:, :, start_pos:end_pos, :]
+                values = layer.values[:, :, start_pos:end_pos, :]
+                out.append((self.layer_start + i, tensor_to_wire(keys), tensor_to_wire(values)))
+            return out
+
+    @torch.inference_mode()
+    def import_kv(self, cache: Any, layers: list[tuple[int, WireTensor, WireTensor]]) -> None:
+        with self._lock:
+            if self._config is None:
+                raise BackendError("no layers loaded")
+            want = list(range(self.layer_start, self.layer_end))
+            if [g for g, _, _ in layers] != want:
+                raise BackendError(f"KV for layers {[g for g, _, _ in layers]} given; this stage needs {want}")
+            heads = int(getattr(self._config, "num_key_value_heads", None) or self._config.num_attention_heads)
+            tensors = []
+            for g, keys, values in layers:
+                if keys.shape != values.shape or len(keys.shape) != 4 or keys.shape[0] != 1 or keys.shape[1] != heads:
+                    raise BackendError(f"layer {g}: keys {list(keys.shape)} / values {list(values.shape)} do not "
+                                       f"fit [1, {heads}, n, head_dim]")
+                tensors.append((wire_to_tensor(keys).to(self.device, self.dtype),
+                                wire_to_tensor(values).to(self.device, self.dtype)))
+            for i, (k, v) in enumerate(tensors):  # all checked first: a bad layer changes nothing
+                cache.update(k, v, i)
+
+    @torch.inference_mode()
     def forward(
         self,
         cache: Any,
