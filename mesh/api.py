@@ -49,6 +49,8 @@ from mesh.openai_schema import (
 )
 from mesh.textstream import TextStream
 
+RETRY_AFTER_S = "1"  # seconds a client should wait before retrying a 503
+
 log = logging.getLogger("mesh.api")
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -88,7 +90,9 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(exc)
+    # spec A9: a 503 is a state that passes (loading, re-placing after a failure): say when
+    # to try again (RFC 9110, 10.2.3), which OpenAI clients honour
+    return error_response(exc, headers={"Retry-After": RETRY_AFTER_S} if exc.status == 503 else None)
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
@@ -264,7 +268,8 @@ def create_app(
         if ready:
             return JSONResponse({"status": "ok"})
         body = server_error(f"Not ready: {reason}").to_json()
-        return JSONResponse({"status": "unavailable", "reason": reason, **body}, status_code=503)
+        return JSONResponse({"status": "unavailable", "reason": reason, **body}, status_code=503,
+                            headers={"Retry-After": RETRY_AFTER_S})
 
     @app.get("/v1/models")
     async def list_models() -> Response:

@@ -896,11 +896,12 @@ async def test_health_ready_and_not_ready(engine: FakeEngine, client: httpx.Asyn
     assert (r.status_code, r.json()) == (200, {"status": "ok"})
     engine.ready = (False, "stage 1 (layers 15-29) has no node")
     r = await client.get("/health")
-    assert r.status_code == 503
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert r.json()["status"] == "unavailable"
     assert r.json()["reason"] == "stage 1 (layers 15-29) has no node"
     assert_error_shape(r, 503)
     chat = await client.post("/v1/chat/completions", json=body())
+    assert chat.headers["retry-after"] == "1"
     error = assert_error_shape(chat, 503)
     assert error["type"] == "server_error" and "layers 15-29" in error["message"]
     assert engine.requests == []
