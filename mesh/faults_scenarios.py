@@ -100,7 +100,26 @@ def _fault_during_stream(ctx: Context, name: str, fault: Callable[[Any], None], 
         time.sleep(settle_s)
         _after_fault(ctx, tally, cluster, url, members=members_after)
         _check_no_leaks(tally, cluster)
+        _check_survivors_kept(tally, cluster)
     return tally.finish(started)
+
+
+def _check_survivors_kept(tally: Tally, cluster: Any) -> None:
+    """No member that stayed up was declared dead, though the survivors were busy loading
+    layers after the fault (spec FO6: heartbeats go on while a node loads)."""
+    from mesh.testing.cluster import http_json
+
+    for node in cluster.nodes:
+        if node.process.poll() is not None:
+            continue
+        _, info = http_json(node.api_url + "/v1/cluster", timeout_s=5.0)
+        member = info.get("local", {}).get("id") if isinstance(info, dict) else None
+        if not member:
+            continue
+        for other in cluster.nodes:
+            if other is not node and node.process.poll() is None and f"member {member} left" in other.log_text():
+                if node.index not in getattr(cluster, "restarted", ()):
+                    tally.lose(f"node {node.index} ({member[:8]}) stayed up but node {other.index} declared it dead")
 
 
 @scenario("kill-middle-stage", "SIGKILL the middle stage after token 5")
@@ -134,6 +153,7 @@ def kill_http_node(ctx: Context) -> ScenarioResult:
 @scenario("sigstop-past-deadline", "SIGSTOP the middle stage for 6 s (past --dead-after-s), then SIGCONT")
 def sigstop(ctx: Context) -> ScenarioResult:
     def stop_then_continue(cluster: Any) -> None:
+        cluster.restarted = (1,)  # silent past the deadline: rightly declared dead
         cluster.send_signal(1, signal.SIGSTOP)
         threading.Timer(6.0, lambda: cluster.send_signal(1, signal.SIGCONT)).start()
 
@@ -231,6 +251,7 @@ def restart(ctx: Context) -> ScenarioResult:
     def kill_and_restart(cluster: Any) -> None:
         cluster.kill(1)
         cluster.restart(1)
+        cluster.restarted = (1,)  # it was dead, and rightly declared so
 
     return _fault_during_stream(ctx, "restart-with-data-dir", kill_and_restart, members_after=3)
 

@@ -202,6 +202,7 @@ class Node(NodeNetworking, NodePerformance, NodeReport, NodeHealth):
         self.calibration: Any = None  # per-layer step times of the loaded stage (spec P19)
         self.clock_fault: str | None = None  # set when peers refuse this node's clock
         self._drift_told: dict[str, float] = {}
+        self._resumed_at = -1e9  # when this process last came back from a freeze (monotonic s)
         self._stage_times: Any = None  # the fastest timings of the loaded stage so far
         self._calibrating: Any = None  # the backend those timings are of
 
@@ -260,6 +261,7 @@ class Node(NodeNetworking, NodePerformance, NodeReport, NodeHealth):
         api_task = loop.create_task(self._serve_api(server, api_socket), name="api")
         log.info("serving the OpenAI API on http://%s:%d/v1 (mesh link on %s)", cfg.api_host, cfg.api_port, self.me.address)
         tasks = [api_task, loop.create_task(self._heartbeats(), name="heartbeats"),
+                 loop.create_task(self._watch_freezes(), name="freezes"),
                  loop.create_task(self._loader(), name="loader")]
         self.links.spawn(self._publish_profile(), "profile")
         if cfg.fault_plan is not None:

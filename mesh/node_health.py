@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("mesh.node")
 
 CLOCK_TELL_EVERY_S = 10.0  # a peer with a refused clock is told at most this often
+FREEZE_TICK_S = 0.1
+FREEZE_GAP_S = 1.5  # a tick this late means the process was frozen, not busy
 
 
 class NodeHealth:
@@ -40,6 +42,7 @@ class NodeHealth:
     _drift_told: dict[str, float]
     _last_seen: dict[str, float]
     _last_health: tuple[bool, str]
+    _resumed_at: float
     _stop: asyncio.Event
 
     def view(self) -> Any:
@@ -95,11 +98,28 @@ class NodeHealth:
         self.worker.release_coordinated_by(member_id)
         if self.replication.state.get(member_key(member_id)) is None or self._stop.is_set():
             return
+        if time.monotonic() - self._resumed_at < self.config.dead_after_s:
+            # This process was frozen (SIGSTOP, a suspended laptop): its peers were not
+            # silent, it was. Removing them would evict healthy members; links redial.
+            log.warning("not declaring member %s dead (%s): this node was just frozen", member_id, why)
+            return
         log.warning("member %s left: %s", member_id, why)
         self.replication.emit("member.leave", member_key(member_id), None)
         for key in self.replication.state.keys("link/"):  # spec L3: its links' figures are stale
             if member_id in key.split("/")[1:]:
                 self.replication.emit("link.down", key, None)
+
+    async def _watch_freezes(self) -> None:
+        """Notice when this process did not run for a while (its event loop was frozen):
+        then, for ``--dead-after-s``, silence of its links is its own fault (spec FO6)."""
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(FREEZE_TICK_S)
+            now = time.monotonic()
+            if now - last > FREEZE_GAP_S:
+                log.warning("this node did not run for %.1f s (frozen or suspended)", now - last)
+                self._resumed_at = now
+            last = now
 
     async def _heartbeats(self) -> None:
         while True:
