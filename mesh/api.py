@@ -261,6 +261,14 @@ def create_app(
             code="model_not_found",
         )
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        # spec A17: Prometheus text format, from the engine when it keeps metrics
+        text = getattr(engine, "metrics_text", lambda: None)()
+        if text is None:
+            raise ApiError("This node keeps no metrics.", status=404, code="not_found")
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @app.get("/health")
     async def health() -> Response:
         # spec A9: 200 only when the model is placed and loaded across the cluster.

@@ -43,6 +43,7 @@ from mesh.membership import (
     status_key,
 )
 from mesh.models import Model, model_size, resolve_model
+from mesh.metrics import NodeMetrics
 from mesh.node_health import NodeHealth
 from mesh.node_net import NodeNetworking
 from mesh.node_perf import NodePerformance
@@ -184,6 +185,7 @@ class Node(NodeNetworking, NodePerformance, NodeReport, NodeHealth):
         self.replication: Replication | None = None
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-compute")
         self.worker = StageWorker(self, self.compute)
+        self.metrics = NodeMetrics(self._metrics_sample)
         self.coordinator: Coordinator | None = None
         self._status = MemberStatus()
         self._load_wanted = asyncio.Event()
@@ -239,6 +241,7 @@ class Node(NodeNetworking, NodePerformance, NodeReport, NodeHealth):
         await asyncio.to_thread(lambda: (self.model.config, self.model.tokenizer))
         self.size = await asyncio.to_thread(model_size, self.model)
         self.coordinator = Coordinator(self, self.model, cfg.timeouts)
+        self.coordinator.metrics = self.metrics
         listener = await self.links.transport.listen(cfg.host, cfg.port, self.links.accept)
         self.listen_port = listener.port
         memory = cfg.memory_bytes if cfg.memory_bytes is not None else usable_memory_bytes(cfg.memory_fraction)
@@ -468,6 +471,7 @@ class Node(NodeNetworking, NodePerformance, NodeReport, NodeHealth):
             return
         if self.plan is None or plan.plan_id != self.plan.plan_id:
             self.plan = plan
+            self.metrics.placement_changes.inc()
             log.info("plan %s: %s", plan.plan_id,
                      ", ".join(f"{s.member_id}[{s.layer_start},{s.layer_end})" for s in plan.stages))
             self._load_wanted.set()
@@ -479,6 +483,15 @@ class Node(NodeNetworking, NodePerformance, NodeReport, NodeHealth):
                 "plan_id": plan.plan_id,
                 "stages": [[s.member_id, s.layer_start, s.layer_end] for s in plan.stages],
             })
+
+    def _metrics_sample(self) -> dict[str, Any]:
+        """The gauges of ``GET /metrics``, read at scrape time."""
+        links = []
+        if self.replication is not None:
+            links = [(row["to"], row["rtt_p50_s"]) for row in self.view().links()
+                     if row["from"] == self.member_id and isinstance(row.get("rtt_p50_s"), int | float)]
+        return {"kv_caches": len(self.worker.caches),
+                "active_requests": self.coordinator.active if self.coordinator else 0, "links": links}
 
     def _set_status(self, status: MemberStatus) -> None:
         assert self.replication is not None

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 from backends.base import Backend
 from mesh.engine import SamplingParams
 from mesh.errors import ApiError, MeshError, ModelError, RequestFailed, TransportError
+from mesh.metrics import NodeMetrics
 from mesh.models import Model
 from mesh.perf import Measured
 from mesh.placement import Plan
@@ -236,6 +237,7 @@ class Coordinator:
         self._closing: str | None = None  # why this node is shutting down
         self._prefill_s_per_token = 0.01  # the last prefill's pace, to time its resends
         self._release_acks: dict[tuple[str, str], asyncio.Event] = {}
+        self.metrics: NodeMetrics | None = None  # set by the node (GET /metrics)
         self.failed_attempts = 0
         self.recovery_times: deque[float] = deque(maxlen=256)  # s from a failure to the next token
 
@@ -247,6 +249,10 @@ class Coordinator:
 
     def health(self) -> tuple[bool, str]:
         return self.node.ready()
+
+    def metrics_text(self) -> bytes | None:
+        """``GET /metrics`` (Prometheus text format), or None without metrics."""
+        return self.metrics.text() if self.metrics is not None else None
 
     def cluster_info(self) -> dict[str, Any]:
         return self.node.cluster_info()
@@ -307,6 +313,8 @@ class Coordinator:
                         if failed_at:  # spec FO3: recovery = from the failure to the next token
                             recoveries.append(time.monotonic() - failed_at)
                             failed_at = 0.0
+                            if self.metrics is not None:
+                                self.metrics.recovery.observe(recoveries[-1])
                         generated.append(token)
                         if len(generated) == 1:
                             first_token_at = time.monotonic()
@@ -321,6 +329,8 @@ class Coordinator:
                 except StageFailure as exc:
                     failed_at = failed_at or time.monotonic()
                     self.failed_attempts += 1
+                    if self.metrics is not None:
+                        self.metrics.failovers.inc()
                     log.warning("req=%s attempt %d failed after %d tokens: %s", rid, attempt, len(generated), exc)
                     self.recovering += 1
                     last_failure = exc
@@ -339,6 +349,11 @@ class Coordinator:
                 self.measured.record(prompt_tokens=len(prompt_ids), new_tokens=len(generated),
                                      ttft_s=first_token_at - started, decode_s=time.monotonic() - first_token_at)
             self.recovery_times.extend(recoveries)
+            if self.metrics is not None:
+                ended = time.monotonic()
+                self.metrics.request_finished(outcome=outcome, tokens=len(generated),
+                                              ttft_s=first_token_at - started if first_token_at else None,
+                                              decode_s=ended - first_token_at if first_token_at else None)
             self.node.request_event(rid, outcome)
             log.info("req=%s end: %d tokens in %.2f s%s", rid, len(generated), time.monotonic() - started,
                      f", {len(recoveries)} recoveries" if recoveries else "")

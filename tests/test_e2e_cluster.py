@@ -75,6 +75,26 @@ def test_two_nodes_stream_equals_single_node(two_nodes: LocalCluster, single_nod
         assert loaded and tuple(map(int, loaded[-1])) == by_address[f"127.0.0.1:{node.port}"]
 
 
+@pytest.mark.spec("A17")
+def test_metrics_count_requests_and_show_link_rtt(two_nodes: LocalCluster) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    node = two_nodes.nodes[0]
+    _chat(_client(node), PROMPTS[0], stream=False, max_tokens=4)
+    deadline = time.monotonic() + 30
+    while True:
+        with httpx.Client(timeout=10) as client:
+            text = client.get(node.api_url + "/metrics").text
+        samples = {s.name: s for f in text_string_to_metric_families(text) for s in f.samples}
+        if "mesh_link_rtt_seconds" in samples or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert samples["mesh_requests_total"].labels == {"outcome": "finished"} and samples["mesh_requests_total"].value >= 1
+    assert samples["mesh_generated_tokens_total"].value >= 4 and samples["mesh_ttft_seconds_count"].value >= 1
+    assert samples["mesh_placement_changes_total"].value >= 1
+    assert 0 < samples["mesh_link_rtt_seconds"].value < 1.0  # the loopback link to the other node
+
+
 @pytest.mark.spec("N7")
 def test_concurrent_requests_keep_separate_caches(two_nodes: LocalCluster, single_node_texts: dict[str, str]) -> None:
     async def run() -> list[str]:

@@ -1,0 +1,76 @@
+"""A node's metrics in the Prometheus text format (``GET /metrics``), by ``prometheus_client``.
+
+Each node has its own ``CollectorRegistry`` (several nodes may share a process in tests).
+Counted where things happen: requests by outcome, generated tokens, TTFT and TPOT (time per
+output token after the first) histograms, failed attempts (failovers) and recovery times by the
+coordinator; placement changes by the node. Sampled at scrape time from the node: KV caches
+held, requests in flight, and each link's RTT (p50 of the link's own measurements, seconds).
+Spec: specs/api.md A17.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# seconds: from a fast GPU's few ms to a CPU prefill of a long prompt
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+RECOVERY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
+class NodeMetrics:
+    """The metrics of one node; ``sample()`` gives the gauges read at scrape time:
+    ``{"kv_caches": int, "active_requests": int, "links": [(peer, rtt_p50_s), ...]}``."""
+
+    def __init__(self, sample: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("mesh_requests", "Generation requests coordinated here, by outcome",
+                                ["outcome"], registry=r)
+        self.tokens = Counter("mesh_generated_tokens", "Tokens generated for requests coordinated here",
+                              registry=r)
+        self.ttft = Histogram("mesh_ttft_seconds", "Time to first token", buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("mesh_tpot_seconds", "Time per output token after the first (decode)",
+                              buckets=TPOT_BUCKETS, registry=r)
+        self.failovers = Counter("mesh_failovers", "Attempts of requests that failed and were retried on a new plan",
+                                 registry=r)
+        self.recovery = Histogram("mesh_recovery_seconds", "From a stage failure to the request's next token",
+                                  buckets=RECOVERY_BUCKETS, registry=r)
+        self.placement_changes = Counter("mesh_placement_changes", "Times this node's plan changed", registry=r)
+        r.register(_Sampled(sample))
+
+    def request_finished(self, *, outcome: str, tokens: int, ttft_s: float | None, decode_s: float | None) -> None:
+        """One request ended (finished, failed or cancelled) after ``tokens`` tokens."""
+        self.requests.labels(outcome=outcome).inc()
+        self.tokens.inc(tokens)
+        if ttft_s is not None and ttft_s > 0:
+            self.ttft.observe(ttft_s)
+        if decode_s is not None and tokens > 1:
+            self.tpot.observe(decode_s / (tokens - 1))
+
+    def text(self) -> bytes:
+        """The exposition, Prometheus text format 0.0.4."""
+        return generate_latest(self.registry)
+
+
+class _Sampled(Collector):
+    def __init__(self, sample: Callable[[], dict[str, Any]]) -> None:
+        self._sample = sample
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        values = self._sample()
+        yield GaugeMetricFamily("mesh_kv_caches", "Per-request KV caches this node's stage holds",
+                                value=values.get("kv_caches", 0))
+        yield GaugeMetricFamily("mesh_active_requests", "Requests this node coordinates now",
+                                value=values.get("active_requests", 0))
+        rtt = GaugeMetricFamily("mesh_link_rtt_seconds", "Median round-trip time of the link to a peer",
+                                labels=["peer"])
+        for peer, seconds in values.get("links", []):
+            rtt.add_metric([peer], seconds)
+        yield rtt
