@@ -284,6 +284,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "faults":
             from mesh.faults_suite import run_faults_command
 
+            from mesh.faults_scenarios import SCENARIOS
+
+            unknown = [n for n in args.only or [] if n not in SCENARIOS]
+            if unknown:
+                print(f"mesh: error: --only {unknown[0]!r} is not a scenario; valid: {', '.join(SCENARIOS)}",
+                      file=sys.stderr)
+                return 2
             _setup_logging(args.log_level)
             return run_faults_command(quick=args.quick, as_json=args.json, only=args.only, model=args.model)
         if args.command == "bench-placement" and args.measured:

@@ -64,6 +64,11 @@ class NodeReport:
                                f"[{stage.layer_start}, {stage.layer_end}) yet (state {status.state}{detail})")
             if stage.member_id not in linked:
                 return False, f"no link to member {stage.member_id} yet"
+            held = self.worker.backend
+            if stage.member_id == self.member_id and (
+                    held is None or (held.layer_start, held.layer_end) != (stage.layer_start, stage.layer_end)):
+                # its status may be a record restored from before a restart: trust only what is loaded
+                return False, f"this node has not loaded layers [{stage.layer_start}, {stage.layer_end}) yet"
         return True, "ok"
 
     def cluster_info(self) -> dict[str, Any]:
