@@ -161,10 +161,10 @@ def _stream_once(url: str, model_id: str, content: str, new_tokens: int) -> tupl
 
 
 def bench_cluster(n_nodes: int, model: Model, model_arg: str, content: str, new_tokens: int,
-                  repeats: int, workdir: Path) -> dict[str, Any]:
+                  repeats: int, workdir: Path, extra_args: list[str] | None = None, tag: str = "") -> dict[str, Any]:
     from mesh.testing.cluster import LocalCluster
 
-    with LocalCluster(n_nodes, workdir / f"cluster{n_nodes}", model=model_arg) as cluster:
+    with LocalCluster(n_nodes, workdir / f"cluster{n_nodes}{tag}", model=model_arg, extra_args=extra_args) as cluster:
         cluster.wait_ready()
         url = cluster.nodes[-1].api_url
         prompt_tokens = 0
@@ -194,6 +194,11 @@ def run_bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
         results["loopback_1_node"] = bench_cluster(1, model, args.model, content, args.new_tokens, args.repeats, Path(tmp))
         results["loopback_2_nodes"] = bench_cluster(2, model, args.model, content, args.new_tokens, args.repeats, Path(tmp))
+        if args.kv_replica:  # spec FO8: what keeping the KV replica costs a request with no fault
+            for tag, mib in (("off", "0"), ("on", "512")):
+                results[f"loopback_3_nodes_replica_{tag}"] = bench_cluster(
+                    3, model, args.model, content, args.new_tokens, args.repeats, Path(tmp),
+                    extra_args=["--kv-replica-mb", mib], tag=f"-replica-{tag}")
     ours, ref = results["torch_backend"], results["transformers_generate"]
     one, two = results["loopback_1_node"], results["loopback_2_nodes"]
     results["ratios"] = {
@@ -208,6 +213,12 @@ def run_bench(args: argparse.Namespace) -> int:
         ("1 node over HTTP (baseline)", one, 1.0),
         ("2 stages on loopback over HTTP", two, results["ratios"]["two_stages_vs_single_node_decode"]),
     ]
+    if args.kv_replica:
+        off, on = results["loopback_3_nodes_replica_off"], results["loopback_3_nodes_replica_on"]
+        results["ratios"]["replica_on_vs_off_decode"] = on["decode_tok_s"] / off["decode_tok_s"]
+        results["ratios"]["replica_on_vs_off_ttft"] = off["ttft_s"] / on["ttft_s"]
+        rows += [("3 stages, KV replica off (baseline)", off, 1.0),
+                 ("3 stages, KV replica on", on, results["ratios"]["replica_on_vs_off_decode"])]
     print(f"{'configuration':<38} {'TTFT ms':>9} {'decode tok/s':>13} {'ratio':>7}")
     for name, row, ratio in rows:
         print(f"{name:<38} {row['ttft_s'] * 1000:>9.1f} {row['decode_tok_s']:>13.1f} {ratio:>6.2f}x")

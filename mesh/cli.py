@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
          "event clock this many seconds ahead of the wall clock")
     _add(node, "--recovery-s", type=_positive_float, default=60.0,
          help="seconds a request may take, from a stage failure to its next token, to find a working plan")
+    _add(node, "--kv-replica-mb", type=float, default=512.0,
+         help="MiB this node may keep of KV cache replicas of the requests it coordinates, so a request "
+         "that loses a stage resumes instead of re-prefilling (0: off)")
     _add(node, "--api-key", help="if set, HTTP requests need 'Authorization: Bearer KEY'")
     _add(node, "--device", help="backend device, e.g. cpu, cuda, mps (default: the backend's choice)")
     _add(node, "--dtype", choices=("f32", "f16", "bf16"), help="compute dtype (default: f32 on CPU, f16 on GPU)")
@@ -149,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(bench, "--new-tokens", type=int, default=64, help="tokens to generate per run")
     _add(bench, "--repeats", type=int, default=3, help="timed runs per configuration (after one warm-up)")
     _add(bench, "--json", type=Path, help="append results as one JSON line to this file")
+    _add_switch(bench, "--kv-replica", help="also run 3 stages with the KV replica off and on (what it costs)")
     _add(bench, "--log-level", default="warning", choices=LOG_LEVELS, help="log verbosity")
 
     kbench = sub.add_parser("bench-kernel", help="measure the kernel: apply rate, catch-up, convergence after a partition")
@@ -219,7 +223,7 @@ def _run_node(args: argparse.Namespace) -> int:
         insecure=args.insecure, discovery=args.discovery == "on", discovery_port=args.discovery_port,
         interface=args.interface, placement=args.placement, objective=args.objective,
         timeouts=Timeouts(recovery_s=args.recovery_s), fault_plan=args.fault_plan, fault_label=args.fault_label,
-        clock_offset_s=args.clock_offset_s,
+        clock_offset_s=args.clock_offset_s, kv_replica_bytes=int(args.kv_replica_mb * 2**20),
     )
     node = Node(config)
     node_filter.node = node.member_id[:8]
@@ -282,9 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_kernel_bench(args)
         if args.command == "faults":
-            from mesh.faults_suite import run_faults_command
-
             from mesh.faults_scenarios import SCENARIOS
+            from mesh.faults_suite import run_faults_command
 
             unknown = [n for n in args.only or [] if n not in SCENARIOS]
             if unknown:

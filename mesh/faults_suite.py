@@ -260,7 +260,7 @@ def run_suite(names: list[str], *, model: str = "smollm2-135m", workdir: Path | 
     return results
 
 
-HEADER = (f"{'scenario':<28} {'sent':>4} {'done':>4} {'clean':>5} {'lost':>4} {'mism':>4} "
+HEADER = (f"{'scenario':<34} {'sent':>4} {'done':>4} {'clean':>5} {'lost':>4} {'mism':>4} "
           f"{'rec p50':>8} {'rec max':>8} {'s':>5}  result")
 
 
@@ -268,7 +268,7 @@ def format_row(r: ScenarioResult) -> str:
     def sec(x: float | None) -> str:
         return "-" if x is None else f"{x:.2f}"
 
-    return (f"{r.name:<28} {r.sent:>4} {r.completed:>4} {r.failed_clean:>5} {r.lost:>4} {r.mismatches:>4} "
+    return (f"{r.name:<34} {r.sent:>4} {r.completed:>4} {r.failed_clean:>5} {r.lost:>4} {r.mismatches:>4} "
             f"{sec(r.recovery_s_p50):>8} {sec(r.recovery_s_max):>8} {r.seconds:>5.0f}  "
             f"{'pass' if r.passed else 'FAIL: ' + '; '.join(r.notes[-2:])}")
 

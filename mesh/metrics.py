@@ -42,6 +42,8 @@ class NodeMetrics:
                                  registry=r)
         self.recovery = Histogram("mesh_recovery_seconds", "From a stage failure to the request's next token",
                                   buckets=RECOVERY_BUCKETS, registry=r)
+        self.kv_resumes = Counter("mesh_kv_resumes", "Failovers that resumed from the KV replica (resumed) or "
+                                  "re-prefilled from position 0 (reprefill)", ["outcome"], registry=r)
         self.placement_changes = Counter("mesh_placement_changes", "Times this node's plan changed", registry=r)
         r.register(_Sampled(sample))
 
@@ -74,3 +76,5 @@ class _Sampled(Collector):
         for peer, seconds in values.get("links", []):
             rtt.add_metric([peer], seconds)
         yield rtt
+        yield GaugeMetricFamily("mesh_kv_replica_bytes", "Bytes of KV cache replicas this node keeps for the "
+                                "requests it coordinates", value=values.get("kv_replica_bytes", 0))

@@ -42,8 +42,8 @@ from mesh.membership import (
     resources_key,
     status_key,
 )
-from mesh.models import Model, model_size, resolve_model
 from mesh.metrics import NodeMetrics
+from mesh.models import Model, model_size, resolve_model
 from mesh.node_health import NodeHealth
 from mesh.node_net import NodeNetworking
 from mesh.node_perf import NodePerformance
@@ -115,6 +115,7 @@ class NodeConfig:
     placement: str = "solver"
     objective: str = "goodput"
     timeouts: Timeouts = field(default_factory=Timeouts)
+    kv_replica_bytes: int = 512 * 2**20  # spec FO8; 0 turns the KV replica off
     fault_plan: Path | None = None  # fault injection, for tests only (mesh/fault_hooks.py)
     fault_label: str | None = None
     clock_offset_s: float = 0.0  # fault injection: the kernel's wall clock runs this far ahead
@@ -133,6 +134,8 @@ class NodeConfig:
             raise ConfigError(f"--memory-fraction must be in (0, 1], got {self.memory_fraction}")
         if self.memory_bytes is not None and self.memory_bytes < 0:
             raise ConfigError(f"--memory-bytes must be >= 0, got {self.memory_bytes}")
+        if self.kv_replica_bytes < 0:
+            raise ConfigError(f"--kv-replica-mb must be >= 0 (0 turns the replica off), got {self.kv_replica_bytes}")
         if self.context is not None and self.context < 1:
             raise ConfigError(f"--context must be >= 1 token, got {self.context}")
         if self.placement not in PLACEMENTS:
@@ -240,7 +243,7 @@ class Node(NodeNetworking, NodePerformance, NodeReport, NodeHealth):
         await self._measure_profile()
         await asyncio.to_thread(lambda: (self.model.config, self.model.tokenizer))
         self.size = await asyncio.to_thread(model_size, self.model)
-        self.coordinator = Coordinator(self, self.model, cfg.timeouts)
+        self.coordinator = Coordinator(self, self.model, cfg.timeouts, kv_replica_bytes=cfg.kv_replica_bytes)
         self.coordinator.metrics = self.metrics
         listener = await self.links.transport.listen(cfg.host, cfg.port, self.links.accept)
         self.listen_port = listener.port
@@ -401,8 +404,10 @@ class Node(NodeNetworking, NodePerformance, NodeReport, NodeHealth):
             await self.replication.on_message(sender, msg)
         elif kind == "forward":
             self.links.spawn(self.worker.on_forward(msg), f"forward {msg.body.get('req')}")
-        elif kind in ("token", "error", "released"):
+        elif kind in ("token", "error", "released", "kv.replica", "kv.loaded"):
             self.coordinator.deliver(msg, sender)
+        elif kind == "kv.load":
+            self.links.spawn(self.worker.on_kv_load(sender, msg), f"kv.load {msg.body.get('req')}")
         elif kind == "clock.refused":
             self._clock_refused(sender, msg)
         elif kind == "release":
@@ -491,6 +496,7 @@ class Node(NodeNetworking, NodePerformance, NodeReport, NodeHealth):
             links = [(row["to"], row["rtt_p50_s"]) for row in self.view().links()
                      if row["from"] == self.member_id and isinstance(row.get("rtt_p50_s"), int | float)]
         return {"kv_caches": len(self.worker.caches),
+                "kv_replica_bytes": self.coordinator.replicas.nbytes if self.coordinator else 0,
                 "active_requests": self.coordinator.active if self.coordinator else 0, "links": links}
 
     def _set_status(self, status: MemberStatus) -> None:

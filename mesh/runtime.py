@@ -1,5 +1,5 @@
-"""Requests through pipeline stages: the coordinator (the Engine the API uses) and the
-stage worker (runs this node's layer range for every request, one KV cache per request).
+"""Requests through pipeline stages: the coordinator (the Engine the API uses). The stage
+worker, which runs this node's layer range for every request, is ``mesh.stage``.
 
 A request, end to end: the node holding the HTTP connection coordinates. Per token it sends
 a ``forward`` to stage 0 (the prompt at step 0 = prefill, one token afterwards = decode);
@@ -13,8 +13,10 @@ its sampling seed (the sampler draws from (seed, step), so any step can be repla
 whose reply does not come is sent again (stages answer a repeated step from the output they
 kept, never by computing it twice); when a stage fails or is lost, the coordinator waits for
 a plan whose stages are all loaded and linked (the survivors re-place the model), then runs a
-new attempt that prefills prompt + generated tokens from position 0 and continues at the same
-step, so the client's stream goes on with the tokens a fault-free run would give. Attempts
+new attempt that prefills prompt + generated tokens from position 0 (or, when its KV replica
+covers them, loads the stages' KV caches and prefills only the rest: spec FO8,
+``mesh.kvreplica``) and continues at the same step, so the client's stream goes on with the
+tokens a fault-free run would give. Attempts
 carry their own wire id, so replies of a failed attempt never reach a later one. When no plan
 comes within the recovery budget the request ends with an explicit error.
 Spec: specs/node.md (N5-N10).
@@ -27,25 +29,25 @@ import logging
 import secrets
 import statistics
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from backends.base import Backend
 from mesh.engine import SamplingParams
-from mesh.errors import ApiError, MeshError, ModelError, RequestFailed, TransportError
+from mesh.errors import ApiError, BackendError, MeshError, ModelError, RequestFailed
+from mesh.kvreplica import ReplicaStore, RequestReplica
 from mesh.metrics import NodeMetrics
 from mesh.models import Model
 from mesh.perf import Measured
 from mesh.placement import Plan
-from mesh.sampling import sample
+from mesh.stage import NodeServices, StageWorker
 from mesh.wire import Message
+
+__all__ = ["Coordinator", "NodeServices", "StageFailure", "StageWorker", "Timeouts"]
 
 log = logging.getLogger(__name__)
 
-RELEASED_MEMORY = 4096  # how many released request ids a stage remembers to drop late steps
 RELEASE_TRIES = 4  # sends of a ``release`` that is not acknowledged
 RELEASE_ACK_S = 0.5  # how long each waits for its ``released``
 MAX_ATTEMPTS = 8  # attempts of one request (spec FO3); the recovery budget usually ends it first
@@ -69,162 +71,12 @@ class StageFailure(MeshError):
     """One attempt of a request failed in a way a new attempt on a new plan may survive."""
 
 
-class NodeServices(Protocol):
-    """What the runtime needs from the node shell."""
-
-    member_id: str
-
-    async def send(self, member_id: str, msg: Message) -> None: ...
-
-    def current_plan(self) -> Plan | None: ...
-
-    def ready(self) -> tuple[bool, str]: ...
-
-    def cluster_info(self) -> dict[str, Any]: ...
-
-    def request_event(self, req: str, state: str, stages: list[str] | None = None) -> None: ...
-
-    def linked(self, member_id: str) -> bool: ...
-
-
-class StageWorker:
-    """Runs this node's layers for every request that passes through it.
-
-    Compute runs on one worker thread, so the event loop keeps serving heartbeats and HTTP
-    (spec N5); steps of different requests interleave there, each with its own KV cache
-    (spec N7).
-    """
-
-    def __init__(self, node: NodeServices, executor: ThreadPoolExecutor) -> None:
-        self.node = node
-        self.executor = executor
-        self.backend: Backend | None = None
-        self.caches: dict[str, Any] = {}
-        self._owner: dict[str, tuple[str, float]] = {}  # req -> (coordinator, last use, monotonic s)
-        self._released: OrderedDict[str, None] = OrderedDict()
-        # spec FO2: a repeated step is answered from what it sent, never computed twice
-        self._done: dict[str, tuple[int, str, Message]] = {}  # req -> (last step, sent to, message)
-        self._busy: dict[str, int] = {}  # req -> step being computed
-
-    def swap_backend(self, backend: Backend | None) -> None:
-        """Install a newly loaded backend; caches of the old one are dropped."""
-        self.backend = backend
-        self.caches.clear()
-        self._done.clear()
-        self._busy.clear()
-
-    def release(self, request_id: str) -> None:
-        """Free a request's KV cache and drop any of its steps still in flight (spec N8)."""
-        self.caches.pop(request_id, None)
-        self._owner.pop(request_id, None)
-        self._done.pop(request_id, None)
-        self._busy.pop(request_id, None)
-        self._released[request_id] = None
-        while len(self._released) > RELEASED_MEMORY:
-            self._released.popitem(last=False)
-
-    def release_coordinated_by(self, member_id: str) -> None:
-        """Free the caches of requests whose coordinator was lost: nobody will release them."""
-        for req in [r for r, (coord, _) in self._owner.items() if coord == member_id]:
-            self.release(req)
-
-    def expire(self, idle_s: float) -> None:
-        """Free caches unused for ``idle_s`` seconds (a coordinator that never sent ``release``)."""
-        cutoff = time.monotonic() - idle_s
-        for req in [r for r, (_, used) in self._owner.items() if used < cutoff]:
-            log.warning("req=%s: freeing a KV cache idle for over %.0f s", req, idle_s)
-            self.release(req)
-
-    async def on_forward(self, msg: Message) -> None:
-        """Handle one ``forward`` step; any failure goes back to the coordinator as ``error``."""
-        body = msg.body
-        req = str(body.get("req", ""))
-        coordinator = str(body.get("coord", ""))
-        if not 0 < len(req) <= 64 or not 0 < len(coordinator) <= 128:
-            log.warning("dropping a forward step with a malformed request or coordinator id")
-            return
-        try:
-            await self._forward(req, body, msg)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # every failure of a step must reach the waiting request
-            if not isinstance(exc, MeshError):
-                log.exception("stage step failed: req=%s", req)
-            self.release(req)
-            self._released.pop(req, None)  # a failed step is not a cancellation: it may be retried
-            # spec FO3: a stale plan, a lost cache or a link is worth a new attempt; a backend's
-            # own failure on this input would fail again
-            fatal = not isinstance(exc, RequestFailed | TransportError)
-            reply = Message(type="error", body={"req": req, "message": f"{self.node.member_id}: {exc}", "fatal": fatal})
-            try:
-                await self.node.send(coordinator, reply)
-            except MeshError as send_exc:
-                log.warning("cannot report failure of req=%s to %s: %s", req, coordinator, send_exc)
-
-    async def _forward(self, req: str, body: dict[str, Any], msg: Message) -> None:
-        if req in self._released:
-            return
-        step = int(body["step"])
-        done = self._done.get(req)
-        if done is not None and step <= done[0]:
-            if step == done[0]:  # the coordinator sent it again: its reply was lost downstream
-                await self.node.send(done[1], done[2])
-            return
-        if self._busy.get(req, -1) >= step:
-            return  # a repeat of the step being computed: its reply is on the way
-        self._busy[req] = step
-        try:
-            out = await self._compute(req, body, msg, step)
-        finally:
-            if self._busy.get(req) == step:
-                del self._busy[req]
-        if out is not None and req not in self._released:
-            self._done[req] = (step, out[0], out[1])
-            await self.node.send(out[0], out[1])
-
-    async def _compute(self, req: str, body: dict[str, Any], msg: Message, step: int) -> tuple[str, Message] | None:
-        """Run one step of ``req`` on this stage: (where its output goes, the message), or
-        None when the request was released meanwhile."""
-        backend = self.backend
-        route = body["route"]
-        idx = int(body["idx"])
-        member, start, end = route[idx]
-        if backend is None or (backend.layer_start, backend.layer_end) != (start, end):
-            held = None if backend is None else [backend.layer_start, backend.layer_end]
-            raise RequestFailed(f"stage holds layers {held}, the request's plan needs [{start}, {end})")
-        pos = int(body["pos"])
-        cache = self.caches.get(req)
-        if cache is None:
-            if pos != 0:
-                raise RequestFailed(f"no KV cache for req={req} at position {pos}")
-            cache = self.caches[req] = backend.new_cache()
-        self._owner[req] = (str(body["coord"]), time.monotonic())
-        tokens = body.get("tokens")
-        loop = asyncio.get_running_loop()
-        out = await loop.run_in_executor(
-            self.executor,
-            lambda: backend.forward(cache, start_pos=pos, token_ids=tokens, hidden=msg.tensor),
-        )
-        if req in self._released:  # cancelled while computing
-            self.release(req)
-            return None
-        if idx + 1 < len(route):
-            nxt = {k: v for k, v in body.items() if k != "tokens"}
-            nxt["idx"] = idx + 1
-            return route[idx + 1][0], Message(type="forward", body=nxt, tensor=out.hidden)
-        if out.logits is None:
-            raise RequestFailed("the last stage produced no logits")
-        sp = body["sp"]
-        params = SamplingParams(max_tokens=1, temperature=float(sp["t"]), top_p=float(sp["p"]))
-        token = sample(out.logits, params, step=step, request_seed=int(sp["seed"]))
-        return str(body["coord"]), Message(type="token", body={"req": req, "step": step, "token": token})
-
-
 class Coordinator:
     """The real ``mesh.engine.Engine``: runs requests through the current plan."""
 
-    def __init__(self, node: NodeServices, model: Model, timeouts: Timeouts) -> None:
+    def __init__(self, node: NodeServices, model: Model, timeouts: Timeouts, *, kv_replica_bytes: int = 0) -> None:
         self.node = node
+        self.replicas = ReplicaStore(kv_replica_bytes)  # spec FO8
         self.model = model
         self.timeouts = timeouts
         self.measured = Measured()  # TTFT and decode rate of finished requests (spec P16)
@@ -258,8 +110,15 @@ class Coordinator:
         return self.node.cluster_info()
 
     def deliver(self, msg: Message, sender: str = "") -> None:
-        """Route a ``token`` or ``error`` reply to its waiting request, or a ``released`` to
-        the release waiting for it (unknown ids dropped)."""
+        """Route a ``token``, ``error`` or ``kv.loaded`` reply to its waiting request, a
+        ``kv.replica`` block to its request's replica, or a ``released`` to the release
+        waiting for it (unknown ids dropped)."""
+        if msg.type == "kv.replica":
+            layers, start = msg.body.get("layers"), msg.body.get("start")
+            if msg.tensor is not None and isinstance(layers, list) and isinstance(start, int) \
+                    and all(isinstance(g, int) for g in layers):
+                self.replicas.add(str(msg.body.get("req", "")), layers, start, msg.tensor)
+            return
         if msg.type == "released":
             acked = self._release_acks.get((str(msg.body.get("req", "")), sender))
             if acked is not None:
@@ -303,11 +162,13 @@ class Coordinator:
         first_token_at = 0.0
         recoveries: list[float] = []
         outcome = "cancelled"  # unless it finishes or fails below
+        replica = self.replicas.open(rid, plan.num_layers)
         log.info("req=%s start: %d prompt tokens, plan %s", rid, len(prompt_ids), plan.plan_id)
         try:
             failed_at = 0.0
             for attempt in range(MAX_ATTEMPTS):
-                steps = self._attempt(f"{rid}.{attempt}", rid, plan, prompt_ids, generated, params, seed)
+                steps = self._attempt(f"{rid}.{attempt}", rid, plan, prompt_ids, generated, params, seed,
+                                      replica=replica, resume=attempt > 0)
                 try:
                     async for token in steps:
                         if failed_at:  # spec FO3: recovery = from the failure to the next token
@@ -348,6 +209,7 @@ class Coordinator:
             if outcome == "finished":
                 self.measured.record(prompt_tokens=len(prompt_ids), new_tokens=len(generated),
                                      ttft_s=first_token_at - started, decode_s=time.monotonic() - first_token_at)
+            self.replicas.close(rid)
             self.recovery_times.extend(recoveries)
             if self.metrics is not None:
                 ended = time.monotonic()
@@ -359,10 +221,13 @@ class Coordinator:
                      f", {len(recoveries)} recoveries" if recoveries else "")
 
     async def _attempt(self, req: str, rid: str, plan: Plan, prompt_ids: list[int], generated: list[int],
-                       params: SamplingParams, seed: int) -> AsyncGenerator[int, None]:
+                       params: SamplingParams, seed: int, *, replica: RequestReplica | None = None,
+                       resume: bool = False) -> AsyncGenerator[int, None]:
         """One attempt of a request on ``plan``: prefill prompt + generated tokens from position
-        0, then decode, yielding each new token. Raises StageFailure when a stage fails, is
-        lost or does not answer (after sending the step again), RequestFailed otherwise."""
+        0 (or, with ``resume``, load the stages' KV from ``replica`` and prefill only what it
+        lacks: spec FO8), then decode, yielding each new token. Raises StageFailure when a
+        stage fails, is lost or does not answer (after sending the step again), RequestFailed
+        otherwise."""
         route: list[list[Any]] = [[s.member_id, s.layer_start, s.layer_end] for s in plan.stages]
         first_member = plan.stages[0].member_id
         members = {s.member_id for s in plan.stages}
@@ -374,9 +239,18 @@ class Coordinator:
         step_times: list[float] = []
         try:
             tokens, pos = [*prompt_ids, *generated], 0
+            if replica is not None:
+                if resume:
+                    pos = await self._resume(req, plan, replica, queue, len(tokens) - 1)
+                    if self.metrics is not None:
+                        self.metrics.kv_resumes.labels(outcome="resumed" if pos else "reprefill").inc()
+                self.replicas.start_attempt(replica, req, pos)
+                tokens = tokens[pos:]
             first_step = len(generated)  # grows as the caller takes tokens
             for step in range(first_step, params.max_tokens):
                 body = dict(base, step=step, pos=pos, tokens=tokens)
+                if replica is not None and not replica.broken:
+                    body["replica"] = True
                 prefill = step == first_step
                 limit = self.timeouts.prefill_s if prefill else self.timeouts.decode_s
                 # spec FO2: resend a step whose reply is late: after 4x a typical decode step, or
@@ -427,6 +301,56 @@ class Coordinator:
                     return reply
             if time.monotonic() >= deadline:
                 raise StageFailure(f"no token within {limit_s:.0f} s at step {step}")
+
+    async def _resume(self, req: str, plan: Plan, replica: RequestReplica, queue: asyncio.Queue[Message],
+                      limit: int) -> int:
+        """Load every stage of ``plan`` with its layers' KV for positions [0, R) from
+        ``replica`` (spec FO8), R = the prefix every layer's replica covers, at most ``limit``.
+        Returns R, or 0 when the attempt must prefill from position 0 instead (no usable
+        replica, or a stage that did not load in time: a load is only worth it if it is
+        quicker than re-prefilling). Raises StageFailure when a stage fails or is lost."""
+        end = min(replica.covered(), limit)
+        if end <= 0:
+            log.info("req=%s: no usable KV replica (%s): prefilling from position 0", req,
+                     replica.broken or "a layer's replica is missing")
+            return 0
+        try:
+            blocks = [(s.member_id, *replica.block(s.layer_start, s.layer_end, end)) for s in plan.stages]
+        except BackendError as exc:
+            log.info("req=%s: the KV replica cannot be used (%s): prefilling from position 0", req, exc)
+            return 0
+        started = time.monotonic()
+        deadline = started + max(self.timeouts.send_s, 2 * self._prefill_s_per_token * end)
+        waiting = set()
+        try:
+            for member, ids, block in blocks:
+                body = {"req": req, "coord": self.node.member_id, "layers": ids, "end": end}
+                await asyncio.wait_for(self.node.send(member, Message(type="kv.load", body=body, tensor=block)),
+                                       max(0.001, deadline - time.monotonic()))
+                waiting.add(member)
+            while waiting:
+                reply = await asyncio.wait_for(queue.get(), max(0.001, deadline - time.monotonic()))
+                if reply.type == "error":
+                    if reply.body.get("fatal") is True:
+                        raise RequestFailed(f"req={req} failed: {reply.body.get('message')}")
+                    raise StageFailure(str(reply.body.get("message")))
+                if reply.type != "kv.loaded":
+                    continue
+                if reply.body.get("ok") is not True:
+                    log.info("req=%s: a stage did not load its KV (%s): prefilling from position 0", req,
+                             reply.body.get("message"))
+                    return 0
+                waiting.discard(str(reply.body.get("member", "")))
+        except TimeoutError:
+            log.info("req=%s: KV loads not done within %.1f s: prefilling from position 0", req,
+                     time.monotonic() - started)
+            return 0
+        except MeshError as exc:
+            if isinstance(exc, StageFailure | RequestFailed):
+                raise
+            raise StageFailure(f"cannot send the KV replica: {exc}") from exc
+        log.info("req=%s: resumed at position %d from the KV replica in %.2f s", req, end, time.monotonic() - started)
+        return end
 
     async def _await_plan(self, rid: str, failure: StageFailure, deadline: float, attempt: int) -> Plan:
         """Wait until the cluster has a plan whose stages are all loaded and linked (spec FO3);

@@ -41,6 +41,31 @@ class HistoryBackend(Backend):
         self.layer_start, self.layer_end, self.num_layers = layer_start, layer_end, num_layers
         self.step_delay_s = step_delay_s
         self.steps = 0
+        self.tokens_computed = 0  # positions run through this stage (a resume skips the replica's)
+
+    def export_kv(self, cache: Any, *, start_pos: int, end_pos: int) -> list[tuple[int, WireTensor, WireTensor]]:
+        # keys: the token ids; values: the ids + 1000 x the layer, so a block given to the
+        # wrong layer is caught on import
+        if not 0 <= start_pos < end_pos <= len(cache):
+            raise BackendError(f"positions [{start_pos}, {end_pos}) are not in the cache")
+        ids = np.asarray(cache[start_pos:end_pos], dtype="<f4")
+        shape = (1, 1, end_pos - start_pos, 1)
+        return [(g, WireTensor(dtype="f32", shape=shape, data=ids.tobytes()),
+                 WireTensor(dtype="f32", shape=shape, data=(ids + 1000 * g).tobytes()))
+                for g in range(self.layer_start, self.layer_end)]
+
+    def import_kv(self, cache: Any, layers: list[tuple[int, WireTensor, WireTensor]]) -> None:
+        if [g for g, _, _ in layers] != list(range(self.layer_start, self.layer_end)):
+            raise BackendError(f"KV for layers {[g for g, _, _ in layers]}; this stage needs "
+                               f"[{self.layer_start}, {self.layer_end})")
+        tokens = None
+        for g, keys, values in layers:
+            k, v = np.frombuffer(keys.data, "<f4"), np.frombuffer(values.data, "<f4")
+            if not np.array_equal(v, k + 1000 * g) or (tokens is not None and not np.array_equal(k, tokens)):
+                raise BackendError(f"layer {g}: the KV block is not this layer's history")
+            tokens = k
+        assert tokens is not None
+        cache.extend(int(t) for t in tokens)
 
     def load(self, model: Any, layer_start: int, layer_end: int, progress: Any = None) -> None:
         raise NotImplementedError  # built loaded
@@ -62,6 +87,7 @@ class HistoryBackend(Backend):
         if start_pos != len(cache):
             raise BackendError(f"position {start_pos} but the cache holds {len(cache)}")
         cache.extend(token_ids)
+        self.tokens_computed += len(token_ids)
         if self.layer_end < self.num_layers:
             data = np.asarray(token_ids, dtype="<f4").tobytes()
             return StepOutput(hidden=WireTensor(dtype="f32", shape=(1, len(token_ids), 1), data=data))
@@ -97,12 +123,13 @@ class NetworkFaults:
 class MiniNode:
     """One member: the runtime's ``NodeServices`` over the cluster's network."""
 
-    def __init__(self, cluster: MiniCluster, member_id: str, timeouts: Timeouts) -> None:
+    def __init__(self, cluster: MiniCluster, member_id: str, timeouts: Timeouts, kv_replica_bytes: int = 0) -> None:
         self.cluster = cluster
         self.member_id = member_id
         self.executor = ThreadPoolExecutor(max_workers=1)
         self.worker = StageWorker(self, self.executor)
-        self.coordinator = Coordinator(self, _Model(), timeouts)  # type: ignore[arg-type]
+        self.coordinator = Coordinator(self, _Model(), timeouts,  # type: ignore[arg-type]
+                                       kv_replica_bytes=kv_replica_bytes)
         self.events: list[tuple[str, str]] = []
 
     async def send(self, member_id: str, msg: Message) -> None:
@@ -130,8 +157,10 @@ class MiniNode:
     async def on_message(self, sender: str, msg: Message) -> None:
         if msg.type == "forward":
             await self.worker.on_forward(msg)
-        elif msg.type in ("token", "error", "released"):
+        elif msg.type in ("token", "error", "released", "kv.replica", "kv.loaded"):
             self.coordinator.deliver(msg, sender)
+        elif msg.type == "kv.load":
+            await self.worker.on_kv_load(sender, msg)
         elif msg.type == "release":
             self.worker.release(str(msg.body.get("req", "")))
             try:
@@ -144,12 +173,12 @@ class MiniCluster:
     """``n`` members, ``num_layers`` layers split evenly in member order; see the module docstring."""
 
     def __init__(self, n: int, *, num_layers: int = 6, seed: int = 0, timeouts: Timeouts | None = None,
-                 load_s: float = 0.05, step_delay_s: float = 0.0) -> None:
+                 load_s: float = 0.05, step_delay_s: float = 0.0, kv_replica_bytes: int = 0) -> None:
         self.timeouts = timeouts or Timeouts(prefill_s=5.0, decode_s=2.0, send_s=1.0, recovery_s=5.0, retry_s=0.1)
         self.num_layers = num_layers
         self.rng = random.Random(seed)
         self.faults = NetworkFaults()
-        self.nodes = {f"m{i}": MiniNode(self, f"m{i}", self.timeouts) for i in range(n)}
+        self.nodes = {f"m{i}": MiniNode(self, f"m{i}", self.timeouts, kv_replica_bytes) for i in range(n)}
         self.alive = set(self.nodes)
         self.plan: Plan | None = None
         self.plan_error = ""
