@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
          "event clock this many seconds ahead of the wall clock")
     _add(node, "--recovery-s", type=_positive_float, default=60.0,
          help="seconds a request may take, from a stage failure to its next token, to find a working plan")
+    _add(node, "--role", default="any", choices=("any", "prefill", "decode"),
+         help="prefill: this node prefills prompts and hands the KV cache to the decode members; decode: "
+         "it decodes; any: the placement decides (a plan is disaggregated when a member asks for prefill)")
     _add(node, "--kv-replica-mb", type=float, default=512.0,
          help="MiB this node may keep of KV cache replicas of the requests it coordinates, so a request "
          "that loses a stage resumes instead of re-prefilling (0: off)")
@@ -224,6 +227,7 @@ def _run_node(args: argparse.Namespace) -> int:
         interface=args.interface, placement=args.placement, objective=args.objective,
         timeouts=Timeouts(recovery_s=args.recovery_s), fault_plan=args.fault_plan, fault_label=args.fault_label,
         clock_offset_s=args.clock_offset_s, kv_replica_bytes=int(args.kv_replica_mb * 2**20),
+        role=args.role,
     )
     node = Node(config)
     node_filter.node = node.member_id[:8]

@@ -41,6 +41,9 @@ def _alt_addresses(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+ROLES = ("any", "prefill", "decode")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MemberInfo:
     """A member as others see it.
@@ -57,6 +60,7 @@ class MemberInfo:
     memory_bytes: int
     incarnation: str = ""
     alt_addresses: tuple[str, ...] = ()  # other hosts it listens on, e.g. Thunderbolt links (spec TB2)
+    role: str = "any"  # what it asks to run: prefill, decode or any (spec N11)
 
     def to_wire(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -69,6 +73,8 @@ class MemberInfo:
         }
         if self.alt_addresses:
             body["alt"] = list(self.alt_addresses)
+        if self.role != "any":
+            body["role"] = self.role
         return body
 
     @classmethod
@@ -82,6 +88,7 @@ class MemberInfo:
             memory_bytes=_field(body, "memory_bytes", int),
             incarnation=_field(body, "incarnation", str),
             alt_addresses=_alt_addresses(body.get("alt", [])),
+            role=body.get("role", "any") if body.get("role") in ROLES else "any",
         )
         if not info.member_id or len(info.member_id) > 128 or info.memory_bytes < 0:
             raise FrameError("peer record has an empty or oversized id, or negative memory")

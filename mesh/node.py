@@ -35,6 +35,7 @@ from mesh.links import Links, split_address
 from mesh.linkstats import link_key
 from mesh.loading import LoadProgress
 from mesh.membership import (
+    ROLES,
     ClusterView,
     MemberInfo,
     MemberStatus,
@@ -48,7 +49,7 @@ from mesh.node_health import NodeHealth
 from mesh.node_net import NodeNetworking
 from mesh.node_perf import NodePerformance
 from mesh.node_report import NodeReport
-from mesh.placement import Capacity, ModelSize, Plan, place_pipeline
+from mesh.placement import Capacity, ModelSize, Plan, place_by_roles, place_pipeline
 from mesh.replication import Replication
 from mesh.runtime import Coordinator, StageWorker, Timeouts
 from mesh.security import LinkSecurity
@@ -116,6 +117,7 @@ class NodeConfig:
     objective: str = "goodput"
     timeouts: Timeouts = field(default_factory=Timeouts)
     kv_replica_bytes: int = 512 * 2**20  # spec FO8; 0 turns the KV replica off
+    role: str = "any"  # prefill, decode or any (spec N11)
     fault_plan: Path | None = None  # fault injection, for tests only (mesh/fault_hooks.py)
     fault_label: str | None = None
     clock_offset_s: float = 0.0  # fault injection: the kernel's wall clock runs this far ahead
@@ -134,6 +136,8 @@ class NodeConfig:
             raise ConfigError(f"--memory-fraction must be in (0, 1], got {self.memory_fraction}")
         if self.memory_bytes is not None and self.memory_bytes < 0:
             raise ConfigError(f"--memory-bytes must be >= 0, got {self.memory_bytes}")
+        if self.role not in ROLES:
+            raise ConfigError(f"--role {self.role!r} unknown; valid: {', '.join(ROLES)}")
         if self.kv_replica_bytes < 0:
             raise ConfigError(f"--kv-replica-mb must be >= 0 (0 turns the replica off), got {self.kv_replica_bytes}")
         if self.context is not None and self.context < 1:
@@ -251,7 +255,7 @@ class Node(NodeNetworking, NodePerformance, NodeReport, NodeHealth):
         self.me = MemberInfo(member_id=self.member_id, address=await self._advertised_address(listener.port),
                              api_address=f"{cfg.api_host}:{cfg.api_port}", backend=cfg.backend,
                              memory_bytes=memory, incarnation=self.incarnation,
-                             alt_addresses=await self._alt_addresses())
+                             alt_addresses=await self._alt_addresses(), role=cfg.role)
         offset_ms = int(cfg.clock_offset_s * 1000)
         self.replication = Replication(self.member_id, self.data_dir / "kernel", send=self.links.send,
                                        peers=self.links.linked, on_change=self._state_changed,
@@ -408,6 +412,8 @@ class Node(NodeNetworking, NodePerformance, NodeReport, NodeHealth):
             self.coordinator.deliver(msg, sender)
         elif kind == "kv.load":
             self.links.spawn(self.worker.on_kv_load(sender, msg), f"kv.load {msg.body.get('req')}")
+        elif kind == "kv.push":
+            self.links.spawn(self.worker.on_kv_push(sender, msg), f"kv.push {msg.body.get('req')}")
         elif kind == "clock.refused":
             self._clock_refused(sender, msg)
         elif kind == "release":
@@ -465,7 +471,9 @@ class Node(NodeNetworking, NodePerformance, NodeReport, NodeHealth):
         capacities = [Capacity(member_id=m.member_id, usable_bytes=m.memory_bytes) for m in members]
         context = self.config.context or self.model.context_length
         try:
-            plan = self._solver_plan(context) if self.config.placement == "solver" else None
+            plan = place_by_roles(members, self.size, context_tokens=context)
+            if plan is None and self.config.placement == "solver":
+                plan = self._solver_plan(context)
             if plan is None:
                 plan = place_pipeline(capacities, self.size, context_tokens=context)
         except PlacementError as exc:
@@ -478,7 +486,9 @@ class Node(NodeNetworking, NodePerformance, NodeReport, NodeHealth):
             self.plan = plan
             self.metrics.placement_changes.inc()
             log.info("plan %s: %s", plan.plan_id,
-                     ", ".join(f"{s.member_id}[{s.layer_start},{s.layer_end})" for s in plan.stages))
+                     ", ".join(f"{s.member_id}[{s.layer_start},{s.layer_end})" for s in plan.stages)
+                     + (" (prefill on " + ", ".join(f"{s.member_id}[{s.layer_start},{s.layer_end})"
+                                                   for s in plan.prefill_stages) + ")" if plan.prefill_stages else ""))
             self._load_wanted.set()
         recorded = self.replication.state.get("placement")
         first = members[0].member_id if members else None
@@ -487,6 +497,8 @@ class Node(NodeNetworking, NodePerformance, NodeReport, NodeHealth):
             self.replication.emit("placement.set", "placement", {
                 "plan_id": plan.plan_id,
                 "stages": [[s.member_id, s.layer_start, s.layer_end] for s in plan.stages],
+                **({"prefill_stages": [[s.member_id, s.layer_start, s.layer_end] for s in plan.prefill_stages]}
+                   if plan.prefill_stages else {}),
             })
 
     def _metrics_sample(self) -> dict[str, Any]:

@@ -138,7 +138,7 @@ class NodeHealth:
         ready, reason = self.ready()
         if (ready, reason) != self._last_health:
             if ready:
-                log.info("ready: the model is placed and loaded on %d member(s)", len(self.plan.stages) if self.plan else 0)
+                log.info("ready: the model is placed and loaded on %d member(s)", len(self.plan.all_stages) if self.plan else 0)
             else:
                 log.info("not ready: %s", reason)
             self._last_health = (ready, reason)

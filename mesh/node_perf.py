@@ -184,16 +184,28 @@ class NodePerformance:
                       for i, a in enumerate(devices) for b in devices[i + 1:])
         spec = self._model_spec()
         request = Request(context_tokens=context, prompt_tokens=min(context, 512), new_tokens=128)
-        try:
+        try:  # tensor-parallel groups: the runtime cannot run them yet
             solution = solve(Topology(devices=devices, links=links), spec, request, objective=self.config.objective,
-                             disaggregation=False, tensor_parallel=False)  # what the runtime can run today
+                             disaggregation=True, tensor_parallel=False)
         except PlacementError:
             if missing:
                 return None
             raise
-        return Plan(num_layers=spec.num_layers, stages=tuple(
-            Stage(member_id=s.devices[0], layer_start=s.layer_start, layer_end=s.layer_end)
-            for s in solution.plan.stages))
+        return runtime_plan(spec.num_layers, solution.plan)
 
     def _compute_dtype(self) -> str:
         return self.config.dtype or ("f32" if (self.config.device or "cpu").startswith("cpu") else "f16")
+
+
+def runtime_plan(num_layers: int, placement: Any) -> Plan:
+    """The runtime's ``Plan`` for a solver ``PlacementPlan`` of single-device stages: stages
+    of role ``prefill`` become the plan's prefill pipeline (spec N11), the others its stages.
+    Raises PlacementError for a plan the runtime cannot run (a tensor-parallel group)."""
+    if any(len(s.devices) != 1 for s in placement.stages):
+        raise PlacementError("the runtime runs single-device stages only (no tensor-parallel groups)")
+
+    def stages(roles: tuple[str, ...]) -> tuple[Stage, ...]:
+        return tuple(Stage(member_id=s.devices[0], layer_start=s.layer_start, layer_end=s.layer_end)
+                     for s in placement.stages if s.role in roles)
+
+    return Plan(num_layers=num_layers, stages=stages(("both", "decode")), prefill_stages=stages(("prefill",)))

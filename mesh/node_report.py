@@ -51,7 +51,7 @@ class NodeReport:
             return False, self.plan_error
         view = self.view()
         linked = set(self.links.linked()) | {self.member_id}
-        for stage in self.plan.stages:
+        for stage in self.plan.all_stages:
             status = view.status(stage.member_id)
             want = (self.plan.plan_id, stage.layer_start, stage.layer_end, "ready")
             if (status.plan_id, status.layer_start, status.layer_end, status.state) != want:

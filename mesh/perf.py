@@ -91,17 +91,20 @@ def predicted(view: ClusterView, plan: Plan | None, model: ModelSpec, dtype: str
         return None
     topo = topology(view, dtype, model.name)
     ids = {d.id for d in topo.devices}
-    if any(s.member_id not in ids for s in plan.stages):
+    if any(s.member_id not in ids for s in plan.all_stages):
         return None
-    placement = PlacementPlan(stages=tuple(StagePlan(devices=(s.member_id,), layer_start=s.layer_start,
-                                                     layer_end=s.layer_end) for s in plan.stages))
+    decode_role = "decode" if plan.prefill_stages else "both"
+    placement = PlacementPlan(stages=tuple(
+        StagePlan(devices=(s.member_id,), layer_start=s.layer_start, layer_end=s.layer_end,
+                  role="prefill" if i < len(plan.prefill_stages) else decode_role)
+        for i, s in enumerate(plan.all_stages)))
     try:
         p = predict(placement, topo, model, prompt_tokens=max(1, prompt_tokens), new_tokens=max(1, new_tokens))
     except PlacementError:
         return None
     if p.ttft_s == float("inf"):
         return None
-    calibrated = all(topo.device(s.member_id).calibrated_for(model) is not None for s in plan.stages)
+    calibrated = all(topo.device(s.member_id).calibrated_for(model) is not None for s in plan.all_stages)
     return {"ttft_s": p.ttft_s, "decode_tokens_per_s": p.decode_tokens_per_s, "prompt_tokens": prompt_tokens,
             "new_tokens": new_tokens, "calibrated": calibrated}
 

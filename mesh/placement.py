@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from mesh.errors import PlacementError
 
@@ -55,28 +56,55 @@ class Stage:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Plan:
-    """An ordered pipeline: stage i feeds stage i+1; together they cover every layer once."""
+    """An ordered pipeline: stage i feeds stage i+1; together they cover every layer once.
+
+    With ``prefill_stages`` the plan is disaggregated (spec N11): a request's prefill runs
+    through ``prefill_stages`` (a second pipeline over every layer, on other members), its
+    KV cache moves to ``stages``, and decode runs there.
+    """
 
     num_layers: int
     stages: tuple[Stage, ...]
+    prefill_stages: tuple[Stage, ...] = ()
 
     def __post_init__(self) -> None:
-        expected = 0
-        for stage in self.stages:
-            if stage.layer_start != expected or stage.layer_end <= stage.layer_start:
-                raise PlacementError(f"stages must be contiguous and non-empty: {self.stages}")
-            expected = stage.layer_end
-        if expected != self.num_layers:
-            raise PlacementError(f"stages cover {expected} of {self.num_layers} layers")
+        for role, stages in (("", self.stages), ("prefill ", self.prefill_stages)):
+            if role and not stages:
+                continue
+            expected = 0
+            for stage in stages:
+                if stage.layer_start != expected or stage.layer_end <= stage.layer_start:
+                    raise PlacementError(f"{role}stages must be contiguous and non-empty: {stages}")
+                expected = stage.layer_end
+            if expected != self.num_layers:
+                raise PlacementError(f"{role}stages cover {expected} of {self.num_layers} layers")
+        members = [s.member_id for s in self.all_stages]
+        if len(set(members)) != len(members):
+            raise PlacementError(f"a member holds two stages: {members}")
+
+    @property
+    def all_stages(self) -> tuple[Stage, ...]:
+        """Prefill stages (if any), then the decode stages."""
+        return self.prefill_stages + self.stages
 
     @property
     def plan_id(self) -> str:
         """A short digest naming this plan; equal plans have equal ids on every node."""
-        text = json.dumps([self.num_layers, [[s.member_id, s.layer_start, s.layer_end] for s in self.stages]])
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        shape: list[object] = [self.num_layers, [[s.member_id, s.layer_start, s.layer_end] for s in self.stages]]
+        if self.prefill_stages:
+            shape.append([[s.member_id, s.layer_start, s.layer_end] for s in self.prefill_stages])
+        return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:12]
 
     def stage_of(self, member_id: str) -> Stage | None:
-        return next((s for s in self.stages if s.member_id == member_id), None)
+        return next((s for s in self.all_stages if s.member_id == member_id), None)
+
+    def role_of(self, member_id: str) -> str | None:
+        """``prefill``, ``decode`` (a disaggregated plan), ``both`` (a plain one) or None."""
+        if any(s.member_id == member_id for s in self.prefill_stages):
+            return "prefill"
+        if any(s.member_id == member_id for s in self.stages):
+            return "decode" if self.prefill_stages else "both"
+        return None
 
 
 def per_layer_bytes(size: ModelSize, context_tokens: int) -> int:
@@ -156,3 +184,26 @@ def _largest_remainder(total: int, weights: list[int]) -> list[int]:
     for i in order[: total - sum(shares)]:
         shares[i] += 1
     return shares
+
+
+def place_by_roles(members: list[Any], size: ModelSize, *, context_tokens: int) -> Plan | None:
+    """A disaggregated plan (spec N11) when members ask for roles (``--role``): prefill on the
+    members that asked for ``prefill``, decode on all others, each side a memory-proportional
+    pipeline over every layer (``place_pipeline``). None when no member asked for ``prefill``
+    or none is left to decode (a plain plan is made instead).
+
+    ``members``: records with ``member_id``, ``memory_bytes`` and ``role``.
+    Raises PlacementError (naming the side) when one side cannot hold the model.
+    """
+    prefill = [m for m in members if getattr(m, "role", "any") == "prefill"]
+    decode = [m for m in members if getattr(m, "role", "any") != "prefill"]
+    if not prefill or not decode:
+        return None
+    sides = []
+    for name, side in (("prefill", prefill), ("decode", decode)):
+        try:
+            sides.append(place_pipeline([Capacity(member_id=m.member_id, usable_bytes=m.memory_bytes) for m in side],
+                                        size, context_tokens=context_tokens))
+        except PlacementError as exc:
+            raise PlacementError(f"the {name} members cannot hold the model: {exc}") from exc
+    return Plan(num_layers=size.num_layers, stages=sides[1].stages, prefill_stages=sides[0].stages)

@@ -48,7 +48,7 @@ __all__ = ["Coordinator", "NodeServices", "StageFailure", "StageWorker", "Timeou
 
 log = logging.getLogger(__name__)
 
-RELEASE_TRIES = 4  # sends of a ``release`` that is not acknowledged
+RELEASE_TRIES = 8  # sends of a ``release`` that is not acknowledged (a lossy link loses some)
 RELEASE_ACK_S = 0.5  # how long each waits for its ``released``
 MAX_ATTEMPTS = 8  # attempts of one request (spec FO3); the recovery budget usually ends it first
 
@@ -229,13 +229,12 @@ class Coordinator:
         stage fails, is lost or does not answer (after sending the step again), RequestFailed
         otherwise."""
         route: list[list[Any]] = [[s.member_id, s.layer_start, s.layer_end] for s in plan.stages]
-        first_member = plan.stages[0].member_id
-        members = {s.member_id for s in plan.stages}
+        prefill_route: list[list[Any]] = [[s.member_id, s.layer_start, s.layer_end] for s in plan.prefill_stages]
+        members = {s.member_id for s in plan.all_stages}
         queue: asyncio.Queue[Message] = asyncio.Queue()
         self._pending[req] = (queue, members)
         base = {"req": req, "coord": self.node.member_id, "plan": plan.plan_id, "route": route, "idx": 0,
                 "sp": {"t": params.temperature, "p": params.top_p, "seed": seed}}
-        self.node.request_event(rid, "running", [s.member_id for s in plan.stages])
         step_times: list[float] = []
         try:
             tokens, pos = [*prompt_ids, *generated], 0
@@ -246,12 +245,20 @@ class Coordinator:
                         self.metrics.kv_resumes.labels(outcome="resumed" if pos else "reprefill").inc()
                 self.replicas.start_attempt(replica, req, pos)
                 tokens = tokens[pos:]
+            recompute = False  # the KV hand-over failed: the decode stages prefill themselves
             first_step = len(generated)  # grows as the caller takes tokens
             for step in range(first_step, params.max_tokens):
+                # spec N11: a disaggregated plan prefills (from position 0) on its prefill stages
+                handover = bool(prefill_route) and pos == 0 and not recompute
+                if step == first_step or pos == 0:
+                    where = prefill_route if handover else route
+                    self.node.request_event(rid, "running", [m for m, _, _ in where])  # where the KV cache is
                 body = dict(base, step=step, pos=pos, tokens=tokens)
+                if handover:
+                    body.update(route=prefill_route, kv_to=route)
                 if replica is not None and not replica.broken:
                     body["replica"] = True
-                prefill = step == first_step
+                prefill = step == first_step or pos == 0
                 limit = self.timeouts.prefill_s if prefill else self.timeouts.decode_s
                 # spec FO2: resend a step whose reply is late: after 4x a typical decode step, or
                 # 3x the prefill this coordinator expects (resending a prefill that is still
@@ -261,7 +268,8 @@ class Coordinator:
                     else 3 * self._prefill_s_per_token * len(tokens)
                 retry = min(limit / 4, max(self.timeouts.retry_s, typical))
                 sent = time.monotonic()
-                reply = await self._step(queue, first_member, body, step, limit, retry)
+                first = str((prefill_route if handover else route)[0][0])
+                reply = await self._step(queue, first, body, step, limit, retry)
                 took = time.monotonic() - sent
                 if prefill:
                     self._prefill_s_per_token = took / len(tokens)
@@ -275,6 +283,12 @@ class Coordinator:
                     raise StageFailure(str(reply.body.get("message")))
                 token = int(reply.body["token"])
                 yield token
+                if handover:
+                    if not await self._await_handover(req, plan, queue, len(tokens), took):
+                        recompute = True
+                        tokens, pos = [*prompt_ids, *generated], 0  # generated holds the token by now
+                        continue
+                    self.node.request_event(rid, "running", [m for m, _, _ in route])  # the KV cache moved
                 pos += len(tokens)
                 tokens = [token]
         finally:
@@ -301,6 +315,34 @@ class Coordinator:
                     return reply
             if time.monotonic() >= deadline:
                 raise StageFailure(f"no token within {limit_s:.0f} s at step {step}")
+
+    async def _await_handover(self, req: str, plan: Plan, queue: asyncio.Queue[Message], end: int,
+                              prefill_s: float) -> bool:
+        """Wait for every decode stage of a disaggregated plan to report the prefill's KV cache,
+        positions [0, end), loaded (spec N11). False, so that the decode stages recompute the
+        prefill, when one reports a failure or the KV does not arrive within max(send timeout,
+        2x the prefill's time). Raises StageFailure when a stage fails or is lost."""
+        waiting = {s.member_id for s in plan.stages}
+        deadline = time.monotonic() + max(self.timeouts.send_s, 2 * prefill_s)
+        while waiting:
+            try:
+                reply = await asyncio.wait_for(queue.get(), max(0.001, deadline - time.monotonic()))
+            except TimeoutError:
+                log.info("req=%s: the KV cache did not reach %s in time: the decode stages recompute the prefill",
+                         req, sorted(waiting))
+                return False
+            if reply.type == "error":
+                if reply.body.get("fatal") is True:
+                    raise RequestFailed(f"req={req} failed: {reply.body.get('message')}")
+                raise StageFailure(str(reply.body.get("message")))
+            if reply.type != "kv.loaded" or reply.body.get("end") != end:
+                continue
+            if reply.body.get("ok") is not True:
+                log.info("req=%s: KV hand-over failed (%s): the decode stages recompute the prefill", req,
+                         reply.body.get("message"))
+                return False
+            waiting.discard(str(reply.body.get("member", "")))
+        return True
 
     async def _resume(self, req: str, plan: Plan, replica: RequestReplica, queue: asyncio.Queue[Message],
                       limit: int) -> int:
@@ -334,7 +376,7 @@ class Coordinator:
                     if reply.body.get("fatal") is True:
                         raise RequestFailed(f"req={req} failed: {reply.body.get('message')}")
                     raise StageFailure(str(reply.body.get("message")))
-                if reply.type != "kv.loaded":
+                if reply.type != "kv.loaded" or reply.body.get("end") != end:
                     continue
                 if reply.body.get("ok") is not True:
                     log.info("req=%s: a stage did not load its KV (%s): prefilling from position 0", req,
@@ -364,7 +406,7 @@ class Coordinator:
                                     f"{self.timeouts.recovery_s:.0f} s of the failure")
             plan = self.node.current_plan()
             ready, reason = self.node.ready()
-            if ready and plan is not None and all(self.node.linked(s.member_id) for s in plan.stages):
+            if ready and plan is not None and all(self.node.linked(s.member_id) for s in plan.all_stages):
                 return plan
             if reason.startswith("placement failed"):
                 raise RequestFailed(f"req={rid} cannot continue after {failure}: {reason}")

@@ -64,6 +64,9 @@ class StageWorker:
         self._done: dict[str, tuple[int, str, Message]] = {}  # req -> (last step, sent to, message)
         self._busy: dict[str, int] = {}  # req -> step being computed
         self._replica_due: dict[str, tuple[Backend, Any, int, int]] = {}  # req -> KV to send the coordinator
+        # spec N11: a prefill stage's KV to hand to the decode stages; a decode stage's KV arriving
+        self._push_due: dict[str, tuple[Backend, Any, int, list[Any]]] = {}  # req -> (backend, cache, n, decode route)
+        self._pushes: dict[str, dict[int, tuple[int, Any, Any]]] = {}  # req -> layer -> (layer, keys, values)
 
     def swap_backend(self, backend: Backend | None) -> None:
         """Install a newly loaded backend; caches of the old one are dropped."""
@@ -71,6 +74,7 @@ class StageWorker:
         self.caches.clear()
         self._done.clear()
         self._busy.clear()
+        self._pushes.clear()
 
     def release(self, request_id: str) -> None:
         """Free a request's KV cache and drop any of its steps still in flight (spec N8)."""
@@ -79,6 +83,8 @@ class StageWorker:
         self._done.pop(request_id, None)
         self._busy.pop(request_id, None)
         self._replica_due.pop(request_id, None)
+        self._push_due.pop(request_id, None)
+        self._pushes.pop(request_id, None)
         self._released[request_id] = None
         while len(self._released) > RELEASED_MEMORY:
             self._released.popitem(last=False)
@@ -130,7 +136,7 @@ class StageWorker:
         if not 0 < len(req) <= 64 or not 0 < len(coordinator) <= 128:
             log.warning("dropping a kv.load with a malformed request or coordinator id")
             return
-        reply = {"req": req, "member": self.node.member_id, "ok": True}
+        reply = {"req": req, "member": self.node.member_id, "ok": True, "end": body.get("end")}
         try:
             backend, layers = self.backend, body.get("layers")
             if backend is None or msg.tensor is None or not isinstance(layers, list):
@@ -173,9 +179,76 @@ class StageWorker:
         if out is not None and req not in self._released:
             self._done[req] = (step, out[0], out[1])
             await self.node.send(out[0], out[1])
+        push = self._push_due.pop(req, None)
+        if push is not None and req not in self._released:  # after the step's own output
+            await self._push_kv(req, str(body["coord"]), *push)
         due = self._replica_due.pop(req, None)
-        if due is not None and req not in self._released:  # after the step's own output
+        if due is not None and req not in self._released:
             await self._send_replica(req, str(body["coord"]), *due)
+
+    async def _push_kv(self, req: str, coordinator: str, backend: Backend, cache: Any, n: int,
+                       decode_route: list[Any]) -> None:
+        """A prefill stage of a disaggregated plan (spec N11) sends the KV cache it built,
+        positions [0, n), to the decode stages holding the same layers, one ``kv.push`` per
+        layer (the next prefill stage computes meanwhile), then frees its own copy. A failure
+        only means the decode side recomputes the prefill."""
+        try:
+            exported = await asyncio.get_running_loop().run_in_executor(
+                self.executor, lambda: backend.export_kv(cache, start_pos=0, end_pos=n))
+            for g, keys, values in exported:
+                target = next(((m, a, b) for m, a, b in decode_route if a <= g < b), None)
+                if target is None or req in self._released:
+                    continue
+                _, block = pack_kv([(g, keys, values)])
+                body = {"req": req, "coord": coordinator, "layer": g, "end": n, "range": [target[1], target[2]]}
+                await self.node.send(str(target[0]), Message(type="kv.push", body=body, tensor=block))
+        except MeshError as exc:
+            log.info("req=%s: KV cache not handed to the decode stages: %s", req, exc)
+        finally:
+            self.caches.pop(req, None)  # this request decodes elsewhere
+
+    async def on_kv_push(self, sender: str, msg: Message) -> None:
+        """A decode stage of a disaggregated plan takes one layer's KV of a request's prefill
+        (spec N11); once every layer of its range is there it builds the request's cache and
+        answers ``kv.loaded`` to the coordinator (``ok``, or why not)."""
+        body = msg.body
+        req, coordinator = str(body.get("req", "")), str(body.get("coord", ""))
+        layer, end, span = body.get("layer"), body.get("end"), body.get("range")
+        if not 0 < len(req) <= 64 or not 0 < len(coordinator) <= 128 or not isinstance(layer, int) \
+                or not isinstance(end, int) or not isinstance(span, list) or len(span) != 2:
+            log.warning("dropping a malformed kv.push")
+            return
+        if req in self.caches or req in self._busy or req in self._done or req in self._released:
+            return  # decode started without it (the prefill was recomputed here), or it ended
+        reply: dict[str, Any] = {"req": req, "member": self.node.member_id, "end": end, "ok": True}
+        try:
+            backend = self.backend
+            if backend is None or [backend.layer_start, backend.layer_end] != span or msg.tensor is None:
+                held = None if backend is None else [backend.layer_start, backend.layer_end]
+                raise RequestFailed(f"KV for layers {span} pushed here; this stage holds {held}")
+            pending = self._pushes.setdefault(req, {})
+            self._owner[req] = (coordinator, time.monotonic())
+            for g, keys, values in unpack_kv([layer], msg.tensor):
+                if keys.shape[2] != end:
+                    raise RequestFailed(f"layer {g}: KV for {keys.shape[2]} positions, {end} announced")
+                pending[g] = (g, keys, values)
+            if set(pending) != set(range(backend.layer_start, backend.layer_end)):
+                return
+            del self._pushes[req]
+            layers = [pending[g] for g in range(backend.layer_start, backend.layer_end)]
+            cache = backend.new_cache()
+            await asyncio.get_running_loop().run_in_executor(self.executor, lambda: backend.import_kv(cache, layers))
+            if req in self.caches or req in self._busy or req in self._done or req in self._released \
+                    or backend is not self.backend:
+                return
+            self.caches[req] = cache
+        except MeshError as exc:
+            self._pushes.pop(req, None)
+            reply.update(ok=False, message=f"{self.node.member_id}: {exc}")
+        try:
+            await self.node.send(coordinator, Message(type="kv.loaded", body=reply))
+        except MeshError as exc:
+            log.info("cannot tell %s the KV of req=%s arrived: %s", coordinator, req, exc)
 
     async def _send_replica(self, req: str, coordinator: str, backend: Backend, cache: Any, pos: int, n: int) -> None:
         """Send the KV entries a step appended, positions [pos, pos + n), to the request's
@@ -218,6 +291,10 @@ class StageWorker:
         if req in self._released:  # cancelled while computing
             self.release(req)
             return None
+        kv_to = body.get("kv_to")
+        if pos == 0 and isinstance(kv_to, list) and kv_to:  # spec N11: hand the KV to the decode side
+            n = len(tokens) if tokens is not None else (msg.tensor.shape[1] if msg.tensor is not None else 0)
+            self._push_due[req] = (backend, cache, n, kv_to)
         if body.get("replica") is True:  # spec FO8: sent once the output has left
             n = len(tokens) if tokens is not None else (msg.tensor.shape[1] if msg.tensor is not None else 0)
             self._replica_due[req] = (backend, cache, pos, n)

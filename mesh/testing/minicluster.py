@@ -7,7 +7,8 @@ reordered a position gives other tokens, so equal token streams prove the cache 
 exactly. ``MiniCluster`` wires a ``Coordinator`` and a ``StageWorker`` per member through
 ``MiniNode`` (the runtime's ``NodeServices``); its network can drop, duplicate and delay
 messages (seeded), and members can be killed, which re-places the model on the survivors
-the way the node's placement would.
+the way the node's placement would. With ``prefill_members=k`` the plan is disaggregated: the
+first k members prefill, the others decode.
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ class MiniNode:
         self.coordinator = Coordinator(self, _Model(), timeouts,  # type: ignore[arg-type]
                                        kv_replica_bytes=kv_replica_bytes)
         self.events: list[tuple[str, str]] = []
+        self.kv_events: list[tuple[str, list[str]]] = []  # (request, members holding its KV cache)
 
     async def send(self, member_id: str, msg: Message) -> None:
         await self.cluster.deliver(self.member_id, member_id, msg)
@@ -150,6 +152,8 @@ class MiniNode:
 
     def request_event(self, req: str, state: str, stages: list[str] | None = None) -> None:
         self.events.append((req, state))
+        if stages is not None:
+            self.kv_events.append((req, list(stages)))
 
     def linked(self, member_id: str) -> bool:
         return member_id in self.cluster.alive
@@ -161,6 +165,8 @@ class MiniNode:
             self.coordinator.deliver(msg, sender)
         elif msg.type == "kv.load":
             await self.worker.on_kv_load(sender, msg)
+        elif msg.type == "kv.push":
+            await self.worker.on_kv_push(sender, msg)
         elif msg.type == "release":
             self.worker.release(str(msg.body.get("req", "")))
             try:
@@ -173,7 +179,8 @@ class MiniCluster:
     """``n`` members, ``num_layers`` layers split evenly in member order; see the module docstring."""
 
     def __init__(self, n: int, *, num_layers: int = 6, seed: int = 0, timeouts: Timeouts | None = None,
-                 load_s: float = 0.05, step_delay_s: float = 0.0, kv_replica_bytes: int = 0) -> None:
+                 load_s: float = 0.05, step_delay_s: float = 0.0, kv_replica_bytes: int = 0,
+                 prefill_members: int = 0) -> None:
         self.timeouts = timeouts or Timeouts(prefill_s=5.0, decode_s=2.0, send_s=1.0, recovery_s=5.0, retry_s=0.1)
         self.num_layers = num_layers
         self.rng = random.Random(seed)
@@ -186,6 +193,7 @@ class MiniCluster:
         self.load_s = load_s
         self.step_delay_s = step_delay_s
         self.capacity_layers = num_layers  # the most layers one member can hold
+        self.prefill_members = prefill_members  # the first k members prefill (a disaggregated plan)
         self.messages: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._place_now()
@@ -196,6 +204,11 @@ class MiniCluster:
             self.plan, self.plan_error = None, (f"placement failed: {self.num_layers} layers need more than "
                                                 f"{len(members)} member(s) of {self.capacity_layers} layers")
             return
+        k = min(self.prefill_members, len(members) - 1)  # a disaggregated plan while both sides have members
+        sides = [self._split(members[:k]), self._split(members[k:])] if k > 0 else [(), self._split(members)]
+        self.plan = Plan(num_layers=self.num_layers, stages=sides[1], prefill_stages=sides[0])
+
+    def _split(self, members: list[str]) -> tuple[Stage, ...]:
         share, extra = divmod(self.num_layers, len(members))
         stages, start = [], 0
         for i, m in enumerate(members):
@@ -204,7 +217,7 @@ class MiniCluster:
             self.nodes[m].worker.swap_backend(HistoryBackend(start, end, self.num_layers,
                                                              step_delay_s=self.step_delay_s))
             start = end
-        self.plan = Plan(num_layers=self.num_layers, stages=tuple(stages))
+        return tuple(stages)
 
     async def replace(self) -> None:
         """Re-place on the living members, as the node does after a membership change."""
