@@ -44,6 +44,9 @@ class NodeMetrics:
                                   buckets=RECOVERY_BUCKETS, registry=r)
         self.kv_resumes = Counter("mesh_kv_resumes", "Failovers that resumed from the KV replica (resumed) or "
                                   "re-prefilled from position 0 (reprefill)", ["outcome"], registry=r)
+        self.kv_handovers = Counter("mesh_kv_handovers", "Prefills of a disaggregated plan whose KV cache reached "
+                                    "the decode stages (moved) or was recomputed there (recomputed)", ["outcome"],
+                                    registry=r)
         self.placement_changes = Counter("mesh_placement_changes", "Times this node's plan changed", registry=r)
         r.register(_Sampled(sample))
 

@@ -88,6 +88,7 @@ class NodeReport:
                 "memory_bytes": m.memory_bytes,
                 "layer_start": stage.layer_start if stage else None,
                 "layer_end": stage.layer_end if stage else None,
+                "role": self.plan.role_of(m.member_id) if self.plan else None,
                 "state": view.status(m.member_id).state,
                 "self": m.member_id == self.member_id,
             })

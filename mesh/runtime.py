@@ -284,7 +284,10 @@ class Coordinator:
                 token = int(reply.body["token"])
                 yield token
                 if handover:
-                    if not await self._await_handover(req, plan, queue, len(tokens), took):
+                    moved = await self._await_handover(req, plan, queue, len(tokens), took)
+                    if self.metrics is not None:
+                        self.metrics.kv_handovers.labels(outcome="moved" if moved else "recomputed").inc()
+                    if not moved:
                         recompute = True
                         tokens, pos = [*prompt_ids, *generated], 0  # generated holds the token by now
                         continue

@@ -1,0 +1,241 @@
+"""The backend conformance suite: what every ``mesh.backends`` plugin must do (specs/backend.md
+B11), as plain check functions a test runner calls.
+
+Each check takes a ``Subject`` (how to build fresh, unloaded instances of the backend under test,
+and its logit tolerance) and a ``Fixture`` (a tiny random Llama saved by transformers, with
+transformers' own logits for it), and raises ``AssertionError`` naming what broke, or
+``NotSupported`` for an optional feature the backend declines with a ``BackendError`` (KV
+export/import). ``tests/test_backend_conformance.py`` runs every check on every backend
+registered under the ``mesh.backends`` entry-point group, the example plugin's included; a
+plugin's own test suite can do the same:
+
+    from mesh.testing.conformance import CHECKS, Subject, make_fixture
+    fixture = make_fixture(tmp_path)
+    for check in CHECKS:
+        check(Subject("mine", MyBackend), fixture)
+
+Tolerances (B11): logits are compared by max absolute difference with transformers' reference
+(f32 on CPU); the torch backend is held to 1e-4, other backends to their subject's
+``tolerance`` (1e-3 by default: another library's kernels sum in another order).
+Greedy tokens of the 8-step continuation must be identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backends.base import Backend
+from mesh.errors import BackendError
+from mesh.models import Model, resolve_model
+from mesh.wire import WireTensor
+
+PROMPT = [5, 17, 42, 99, 7, 250, 3, 64, 11, 2]
+SPLITS = ([(0, 5)], [(0, 2), (2, 5)], [(0, 1), (1, 3), (3, 5)])
+STEPS = 8  # greedy continuation compared token for token
+
+
+class NotSupported(Exception):  # noqa: N818 - a verdict, not a failure
+    """The backend declines an optional feature (with a BackendError saying so)."""
+
+
+@dataclass
+class Subject:
+    """The backend under test: ``factory()`` gives a fresh, unloaded instance (CPU, f32)."""
+
+    name: str
+    factory: Callable[[], Backend]
+    tolerance: float = 1e-3
+
+
+@dataclass
+class Fixture:
+    """A tiny model and transformers' greedy run of it: ``tokens`` (STEPS greedy tokens after
+    PROMPT) and ``logits[i]`` (float32 ``[vocab]``) before token i."""
+
+    model: Model
+    tokens: list[int]
+    logits: list[np.ndarray]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def make_fixture(folder: Path) -> Fixture:
+    """Save the tiny Llama under ``folder`` and run transformers' own model on it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mesh.testing.tiny import tiny_model
+
+    path = tiny_model("llama", folder / "tiny-llama")
+    ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    ids, tokens, logits = list(PROMPT), [], []
+    with torch.inference_mode():
+        for _ in range(STEPS):
+            row = ref(torch.tensor([ids])).logits[0, -1].float().numpy()
+            logits.append(row)
+            tokens.append(int(np.argmax(row)))
+            ids.append(tokens[-1])
+    return Fixture(model=Model(resolve_model(str(path))), tokens=tokens, logits=logits)
+
+
+# -- helpers -----------------------------------------------------------------------------
+def _stages(subject: Subject, model: Model, split: list[tuple[int, int]]) -> list[Backend]:
+    stages = []
+    for start, end in split:
+        backend = subject.factory()
+        backend.load(model, start, end)
+        stages.append(backend)
+    return stages
+
+
+def _step(stages: list[Backend], caches: list[Any], ids: list[int], pos: int) -> np.ndarray:
+    hidden: WireTensor | None = None
+    for i, (stage, cache) in enumerate(zip(stages, caches, strict=True)):
+        out = stage.forward(cache, start_pos=pos, token_ids=ids if i == 0 else None, hidden=hidden)
+        if i + 1 < len(stages):
+            assert out.hidden is not None and out.logits is None, f"stage {i} must return hidden states only"
+            hidden = out.hidden
+        else:
+            assert out.logits is not None and out.hidden is None, "the last stage must return logits only"
+            return out.logits
+    raise AssertionError("no stages")
+
+
+def _greedy(stages: list[Backend], fixture: Fixture) -> tuple[list[int], list[np.ndarray]]:
+    caches = [s.new_cache() for s in stages]
+    ids, pos, tokens, logits = list(PROMPT), 0, [], []
+    for _ in range(STEPS):
+        row = _step(stages, caches, ids, pos)
+        logits.append(row)
+        tokens.append(int(np.argmax(row)))
+        pos += len(ids)
+        ids = [tokens[-1]]
+    return tokens, logits
+
+
+def _close(got: np.ndarray, want: np.ndarray, tol: float, what: str) -> None:
+    err = float(np.max(np.abs(np.asarray(got, dtype=np.float64) - want)))
+    assert err <= tol, f"{what}: logits differ from transformers' by {err:.2e} (tolerance {tol:.0e})"
+
+
+def _raises(fn: Callable[[], Any], what: str) -> None:
+    try:
+        fn()
+    except BackendError:
+        return
+    except Exception as exc:  # noqa: BLE001 - the point is that it is the wrong type
+        raise AssertionError(f"{what}: raised {type(exc).__name__} ({exc}), not BackendError") from exc
+    raise AssertionError(f"{what}: no error")
+
+
+# -- the checks ----------------------------------------------------------------------------
+def check_matches_transformers_whole_and_split(subject: Subject, fixture: Fixture) -> None:
+    """B3/B4: whole and split in 2 or 3 stages, the greedy tokens equal transformers' and the
+    logits are within the subject's tolerance, at every one of STEPS steps."""
+    for split in SPLITS:
+        tokens, logits = _greedy(_stages(subject, fixture.model, split), fixture)
+        assert tokens == fixture.tokens, f"split {split}: greedy tokens {tokens} != transformers' {fixture.tokens}"
+        for i, (got, want) in enumerate(zip(logits, fixture.logits, strict=True)):
+            _close(got, want, subject.tolerance, f"split {split}, step {i}")
+
+
+def check_wire_formats(subject: Subject, fixture: Fixture) -> None:
+    """B11: hidden states are ``[1, n, hidden]`` f32/f16/bf16 WireTensors of finite values;
+    logits are float32 ``[vocab]``."""
+    config = fixture.model.config
+    first, last = _stages(subject, fixture.model, [(0, 2), (2, 5)])
+    out = first.forward(first.new_cache(), start_pos=0, token_ids=PROMPT)
+    h = out.hidden
+    assert isinstance(h, WireTensor) and h.dtype in ("f32", "f16", "bf16"), f"hidden states: {h!r}"
+    assert h.shape == (1, len(PROMPT), int(config.hidden_size)), f"hidden shape {h.shape}"
+    if h.dtype == "f32":
+        assert np.isfinite(np.frombuffer(h.data, dtype="<f4")).all(), "hidden states hold NaN/inf"
+    logits = last.forward(last.new_cache(), start_pos=0, hidden=h).logits
+    assert isinstance(logits, np.ndarray) and logits.dtype == np.float32 and logits.shape == (int(config.vocab_size),)
+
+
+def check_deterministic(subject: Subject, fixture: Fixture) -> None:
+    """B11: the same input on fresh caches gives bit-identical logits; a second request's
+    cache is independent of the first's (B5)."""
+    (stage,) = _stages(subject, fixture.model, [(0, 5)])
+    a, b = stage.new_cache(), stage.new_cache()
+    one = stage.forward(a, start_pos=0, token_ids=PROMPT).logits
+    stage.forward(b, start_pos=0, token_ids=PROMPT[:3])  # another request in between
+    two = stage.forward(stage.new_cache(), start_pos=0, token_ids=PROMPT).logits
+    assert one is not None and two is not None and np.array_equal(one, two), "same input, different logits"
+    nxt = stage.forward(a, start_pos=len(PROMPT), token_ids=[fixture.tokens[0]]).logits
+    _close(nxt, fixture.logits[1], subject.tolerance, "decode after an interleaved request")
+
+
+def check_bad_input_is_a_backend_error(subject: Subject, fixture: Fixture) -> None:
+    """B6: bad ranges, inputs of the wrong kind or shape, ids outside the vocabulary,
+    positions past the context window, compute before load or after unload: BackendError."""
+    config = fixture.model.config
+    _raises(lambda: subject.factory().load(fixture.model, 3, 2), "layer range [3, 2)")
+    _raises(lambda: subject.factory().load(fixture.model, 0, 6), "layer range [0, 6) of 5 layers")
+    first, last = _stages(subject, fixture.model, [(0, 2), (2, 5)])
+    hidden = first.forward(first.new_cache(), start_pos=0, token_ids=PROMPT).hidden
+    assert hidden is not None
+    _raises(lambda: first.forward(first.new_cache(), start_pos=0, hidden=hidden), "hidden states to the first stage")
+    _raises(lambda: last.forward(last.new_cache(), start_pos=0, token_ids=PROMPT), "token ids to a later stage")
+    bad = WireTensor(dtype="f32", shape=(1, 2, 3), data=bytes(24))
+    _raises(lambda: last.forward(last.new_cache(), start_pos=0, hidden=bad), "hidden states of the wrong shape")
+    _raises(lambda: first.forward(first.new_cache(), start_pos=0, token_ids=[int(config.vocab_size)]),
+            "a token id outside the vocabulary")
+    context = int(config.max_position_embeddings)
+    _raises(lambda: first.forward(first.new_cache(), start_pos=context, token_ids=[1]), "a position past the context")
+    _raises(lambda: subject.factory().forward(None, start_pos=0, token_ids=[1]), "forward before load")
+    first.unload()
+    _raises(lambda: first.forward(first.new_cache(), start_pos=0, token_ids=[1]), "forward after unload")
+
+
+def check_kv_export_import(subject: Subject, fixture: Fixture) -> None:
+    """B10: KV exported from a 2-stage split and imported into fresh caches of another split
+    decodes on with transformers' logits; a foreign layer set is refused."""
+    split = _stages(subject, fixture.model, [(0, 2), (2, 5)])
+    caches = [s.new_cache() for s in split]
+    _step(split, caches, PROMPT, 0)
+    try:
+        exported = [s.export_kv(c, start_pos=0, end_pos=len(PROMPT)) for s, c in zip(split, caches, strict=True)]
+    except BackendError as exc:
+        raise NotSupported(str(exc)) from exc
+    layers = exported[0] + exported[1]
+    assert [g for g, _, _ in layers] == [0, 1, 2, 3, 4], f"exported layers {[g for g, _, _ in layers]}"
+    for g, keys, values in layers:
+        assert keys.shape == values.shape and len(keys.shape) == 4 and keys.shape[0] == 1 \
+            and keys.shape[2] == len(PROMPT), f"layer {g}: keys {keys.shape}, values {values.shape}"
+    other = _stages(subject, fixture.model, [(0, 3), (3, 5)])
+    fresh = [s.new_cache() for s in other]
+    other[0].import_kv(fresh[0], layers[:3])
+    other[1].import_kv(fresh[1], layers[3:])
+    logits = _step(other, fresh, [fixture.tokens[0]], len(PROMPT))
+    _close(logits, fixture.logits[1], subject.tolerance, "decode on an imported KV cache")
+    _raises(lambda: other[1].import_kv(other[1].new_cache(), layers[:2]), "importing another stage's layers")
+
+
+def check_mixes_with_torch(subject: Subject, fixture: Fixture) -> None:
+    """B12: hidden states cross between this backend and the torch backend both ways; the
+    mixed pipeline gives transformers' tokens (within the looser of the two tolerances)."""
+    from backends.torch import TorchBackend
+
+    torch_subject = Subject("torch", lambda: TorchBackend(device="cpu", dtype="f32"), tolerance=1e-4)
+    for a, b in ((subject, torch_subject), (torch_subject, subject)):
+        stages = _stages(a, fixture.model, [(0, 2)]) + _stages(b, fixture.model, [(2, 5)])
+        tokens, logits = _greedy(stages, fixture)
+        assert tokens == fixture.tokens, f"{a.name} -> {b.name}: tokens {tokens} != {fixture.tokens}"
+        for i, (got, want) in enumerate(zip(logits, fixture.logits, strict=True)):
+            _close(got, want, max(a.tolerance, b.tolerance), f"{a.name} -> {b.name}, step {i}")
+
+
+CHECKS: tuple[Callable[[Subject, Fixture], None], ...] = (
+    check_matches_transformers_whole_and_split,
+    check_wire_formats,
+    check_deterministic,
+    check_bad_input_is_a_backend_error,
+    check_kv_export_import,
+    check_mixes_with_torch,
+)
