@@ -1,4 +1,5 @@
-"""Command line: ``python -m mesh node | key | plan | plugins | bench | bench-kernel | bench-transport``.
+"""Command line: ``python -m mesh node | key | plan | plugins | faults | bench | bench-backends | bench-kernel |
+bench-transport | bench-placement``.
 
 Every flag can also be set by an environment variable ``MESH_<FLAG>`` (dashes become
 underscores, e.g. ``--api-port`` -> ``MESH_API_PORT``; a repeatable flag takes a
@@ -158,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_switch(bench, "--kv-replica", help="also run 3 stages with the KV replica off and on (what it costs)")
     _add(bench, "--log-level", default="warning", choices=LOG_LEVELS, help="log verbosity")
 
+    bbench = sub.add_parser("bench-backends", help="measure the MLX backend against mlx-lm, a mixed mlx+torch "
+                            "pipeline, and disaggregated prefill/decode against a plain pipeline")
+    _add(bbench, "--model", default=DEFAULT_MODEL, help="built-in model name or a model directory / .gguf path")
+    _add(bbench, "--prompt-tokens", type=_positive_int, default=128, help="prompt length in tokens")
+    _add(bbench, "--new-tokens", type=_positive_int, default=32, help="tokens to generate per run")
+    _add(bbench, "--repeats", type=_positive_int, default=3, help="timed runs per configuration (after one warm-up)")
+    _add(bbench, "--json", type=Path, help="append results as one JSON line to this file")
+    _add(bbench, "--log-level", default="warning", choices=LOG_LEVELS, help="log verbosity")
     kbench = sub.add_parser("bench-kernel", help="measure the kernel: apply rate, catch-up, convergence after a partition")
     _add(kbench, "--events", type=int, default=50_000, help="events for the apply-rate measurement")
     _add(kbench, "--json", type=Path, help="append results as one JSON line to this file")
@@ -276,6 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.topology is None:
                 raise ConfigError("plan needs --topology FILE.json (devices and links; see `mesh/plan_cmd.py`)")
             return run_plan(args)
+        if args.command == "bench-backends":
+            from mesh.bench_backends import run_backends_bench
+
+            _setup_logging(args.log_level)
+            return run_backends_bench(args)
         if args.command == "bench":
             from mesh.bench import run_bench
 

@@ -367,8 +367,10 @@ class Node(NodeNetworking, NodePerformance, NodeReport, NodeHealth):
         self._joined = True
         me = self.me
         # resources first: a member without them is not placed, so no transient plan appears
-        self.replication.emit("resources.set", resources_key(me.member_id),
-                              {"backend": me.backend, "memory_bytes": me.memory_bytes})
+        resources: dict[str, Any] = {"backend": me.backend, "memory_bytes": me.memory_bytes}
+        if me.role != "any":
+            resources["role"] = me.role  # spec N11: read by every node's placement
+        self.replication.emit("resources.set", resources_key(me.member_id), resources)
         record: dict[str, Any] = {"address": me.address, "api": me.api_address, "incarnation": me.incarnation}
         if me.alt_addresses:
             record["alt"] = list(me.alt_addresses)
