@@ -1,118 +1,82 @@
-"""``python -m mesh bench``: decode tokens/s and TTFT, as ratios to baselines run alongside.
+"""``python -m mesh bench``: a matrix of configurations on local multi-process clusters (or a
+running cluster with ``--url``), every run appended as one JSON line, failures included.
 
-Three measurements, each after a warm-up and repeated (median reported):
+Axes (comma-separated lists): ``--backend``, ``--transport``, ``--nodes``, ``--placement``,
+``--objective``, ``--prompt-tokens``, ``--new-tokens``, ``--concurrency``. For each cluster
+configuration (backend x transport x nodes x placement x objective) a fresh loopback cluster
+is started once; each (prompt, new tokens, concurrency) run on it sends one warm-up batch,
+then ``--repeats`` batches of ``concurrency`` concurrent greedy streamed requests whose chat
+prompt is exactly ``prompt`` tokens long (the model's own template counted). A run records
+TTFT, per-request decode tokens/s and TPOT (p50, mean, min, max and every value), the
+aggregate throughput, each stage's compute time per token against the rest of the step
+(transfer and queueing, from the coordinator's ``GET /v1/cluster``), and the cost model's
+prediction for the plan.
 
-1. in-process, the torch backend alone (one stage, all layers) vs transformers'
-   ``generate()`` on the same dequantized weights, same prompt, greedy;
-2. a real 1-node cluster (``python -m mesh node`` on 127.0.0.1) over HTTP streaming;
-3. a real 2-node cluster on loopback (two stages) over HTTP streaming, as a ratio to (2).
+Baselines measured in the same run, so results read as ratios on a shared, noisy machine:
+transformers' ``generate()`` on the same dequantized weights (per prompt length), mlx-lm's
+``generate_step`` when MLX is installed and an mlx run is in the matrix, and a raw TCP
+socket round trip on loopback with a decode step's hidden states.
 
-TTFT is the time to the first generated token; decode tokens/s is (N - 1) / (time from the
-first to the N-th token). Results print as a table and, with ``--json FILE``, are appended
-as one JSON line with the machine, commit and date. This is a program, not a test: the
-machine is shared and noisy, so only same-run ratios mean anything.
+Record schema (``schema: 1``; ``python -m mesh report`` renders them): ``{"kind": "run" |
+"baseline", "suite": "mesh-bench", "schema", "timestamp", "commit", "machine", "config",
+"status": "ok" | "failed", "error", "results"}``; see ``run_record`` and the baseline
+functions for the fields of ``results``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-import platform
+import itertools
+import socket
 import statistics
-import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from mesh.benchutil import (
+    append_jsonl,
+    exact_chat_content,
+    exact_prompt,
+    machine_profile,
+    stream_request,
+)
+from mesh.errors import ConfigError
 from mesh.models import Model, resolve_model
 
-FILLER = ("The quick brown fox jumps over the lazy dog while the river runs past old stone "
-          "bridges and the wind moves through tall grass near the quiet village. ")
+SCHEMA = 1
 
 
-def machine_profile() -> dict[str, Any]:
-    """Cores, memory, CPU model, Python/torch versions, commit and date of this run."""
-    import psutil
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_bytes": psutil.virtual_memory().total,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "commit": commit,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
+def _stats(values: list[float]) -> dict[str, Any] | None:
+    if not values:
+        return None
+    return {"p50": statistics.median(values), "mean": statistics.fmean(values), "min": min(values),
+            "max": max(values), "runs": values}
 
 
-def exact_prompt(model: Model, n_tokens: int) -> list[int]:
-    """``n_tokens`` token ids of plain English text (no chat template)."""
-    ids: list[int] = []
-    while len(ids) < n_tokens:
-        ids = model.tokenizer.encode(FILLER * (1 + n_tokens // 8), add_special_tokens=False)
-    return ids[:n_tokens]
+def _record(kind: str, machine: dict[str, Any], config: dict[str, Any], status: str, error: str | None,
+            results: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+    return {"kind": kind, "suite": "mesh-bench", "schema": SCHEMA,
+            "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "commit": machine.get("commit"), "machine": machine, "config": config, "status": status,
+            "error": error, "results": results, **extra}
 
 
-def _logits(out: Any) -> Any:
-    if out.logits is None:
-        raise RuntimeError("a single stage over every layer must return logits")
-    return out.logits
-
-
-def _median_runs(fn: Callable[[], tuple[float, float]], repeats: int) -> tuple[float, float]:
-    fn()  # warm-up
-    runs = [fn() for _ in range(repeats)]
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-
-
-def bench_in_process(model: Model, prompt: list[int], new_tokens: int, repeats: int) -> dict[str, Any]:
-    """(TTFT s, decode tok/s) of the torch backend and of transformers' generate()."""
-    import numpy as np
+# -- baselines ---------------------------------------------------------------------------------
+def transformers_baseline(model: Model, prompt_tokens: int, new_tokens: int, repeats: int) -> dict[str, Any]:
+    """transformers' ``generate()`` on the same dequantized weights, greedy: TTFT (a 1-token
+    generate) and decode tokens/s ((N - 1) / (time of N tokens - TTFT)); medians."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from backends.torch import TorchBackend
-
-    backend = TorchBackend(device="cpu")
-    backend.load(model, 0, model.num_layers)
-
-    def ours() -> tuple[float, float]:
-        cache = backend.new_cache()
-        start = time.perf_counter()
-        token = int(np.argmax(_logits(backend.forward(cache, start_pos=0, token_ids=prompt))))
-        first = time.perf_counter()
-        pos = len(prompt)
-        for _ in range(new_tokens - 1):
-            token = int(np.argmax(_logits(backend.forward(cache, start_pos=pos, token_ids=[token]))))
-            pos += 1
-        end = time.perf_counter()
-        return first - start, (new_tokens - 1) / (end - first)
 
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     if model.ref.gguf_file:
         kwargs["gguf_file"] = model.ref.gguf_file
     reference = AutoModelForCausalLM.from_pretrained(str(model.ref.path), **kwargs).eval()
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([exact_prompt(model, prompt_tokens)])
 
     def generate(n: int) -> float:
         start = time.perf_counter()
@@ -121,109 +85,277 @@ def bench_in_process(model: Model, prompt: list[int], new_tokens: int, repeats: 
                                do_sample=False, pad_token_id=model.config.eos_token_id)
         return time.perf_counter() - start
 
-    def theirs() -> tuple[float, float]:
+    generate(2)  # warm-up
+    ttfts, rates = [], []
+    for _ in range(repeats):
         ttft = generate(1)
         total = generate(new_tokens)
-        return ttft, (new_tokens - 1) / max(total - ttft, 1e-9)
-
-    ours_ttft, ours_tps = _median_runs(ours, repeats)
-    ref_ttft, ref_tps = _median_runs(theirs, repeats)
-    return {"torch_backend": {"ttft_s": ours_ttft, "decode_tok_s": ours_tps},
-            "transformers_generate": {"ttft_s": ref_ttft, "decode_tok_s": ref_tps}}
+        ttfts.append(ttft)
+        rates.append((new_tokens - 1) / max(total - ttft, 1e-9))
+    return {"ttft_s": statistics.median(ttfts), "decode_tok_s": statistics.median(rates)}
 
 
-def _stream_once(url: str, model_id: str, content: str, new_tokens: int) -> tuple[float, float, int]:
+def mlx_lm_baseline(model: Model, prompt_tokens: int, new_tokens: int, repeats: int) -> dict[str, Any]:
+    """mlx-lm's ``generate_step`` on the MLX backend's whole-model module (same weights), greedy."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    from backends.mlx import MlxBackend
+
+    backend = MlxBackend(dtype="f32")
+    backend.load(model, 0, model.num_layers)
+    prompt = mx.array(exact_prompt(model, prompt_tokens))
+
+    def once() -> tuple[float, float]:
+        start, first = time.perf_counter(), 0.0
+        for i, _ in enumerate(generate_step(prompt, backend._model, max_tokens=new_tokens,
+                                            sampler=lambda logprobs: mx.argmax(logprobs, axis=-1))):
+            if i == 0:
+                first = time.perf_counter()
+        return first - start, (new_tokens - 1) / (time.perf_counter() - first)
+
+    once()
+    runs = [once() for _ in range(repeats)]
+    return {"ttft_s": statistics.median(r[0] for r in runs), "decode_tok_s": statistics.median(r[1] for r in runs)}
+
+
+def raw_socket_baseline(nbytes: int, round_trips: int = 300) -> dict[str, Any]:
+    """Median round trip (s) of ``nbytes`` over a plain loopback TCP socket (echoed back): the
+    floor under a pipeline hop's transfer of a decode step's hidden states."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def echo() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while data := conn.recv(1 << 20):
+                conn.sendall(data)
+
+    thread = threading.Thread(target=echo, daemon=True)
+    thread.start()
+    payload = b"\0" * nbytes
+    times = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(round_trips):
+            start = time.perf_counter()
+            client.sendall(payload)
+            got = 0
+            while got < nbytes:
+                got += len(client.recv(nbytes - got))
+            times.append(time.perf_counter() - start)
+    listener.close()
+    thread.join(timeout=5)
+    rtt = statistics.median(times)
+    return {"round_trip_s": rtt, "bytes": nbytes, "throughput_bytes_per_s": 2 * nbytes / rtt}
+
+
+# -- runs --------------------------------------------------------------------------------------
+def _cluster_view(url: str, api_key: str | None) -> dict[str, Any]:
     import httpx
 
-    body = {"model": model_id, "messages": [{"role": "user", "content": content}], "temperature": 0,
-            "max_tokens": new_tokens, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
-    stamps: list[float] = []
-    prompt_tokens = completion = 0
-    with httpx.Client(timeout=300) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(timeout=30) as client:
+        reply = client.get(url + "/v1/cluster", headers=headers)
+        reply.raise_for_status()
+        return dict(reply.json())
+
+
+def run_once(url: str, model_id: str, content: str, new_tokens: int, concurrency: int, repeats: int,
+             api_key: str | None = None) -> dict[str, Any]:
+    """A warm-up batch, then ``repeats`` batches of ``concurrency`` concurrent requests; the
+    ``results`` of a run record (see the module docstring), plus ``errors``."""
+    def batch() -> tuple[list[dict[str, Any]], float]:
         start = time.perf_counter()
-        with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
-            response.raise_for_status()
-            for line in response.iter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    prompt_tokens = int(chunk["usage"]["prompt_tokens"])
-                    completion = int(chunk["usage"]["completion_tokens"])
-                for choice in chunk.get("choices", []):
-                    if choice.get("delta", {}).get("content"):
-                        stamps.append(time.perf_counter())
-    if completion < 2 or not stamps:
-        raise RuntimeError("the stream produced fewer than 2 tokens")
-    # Text pieces can hold several tokens (held back UTF-8 / stop checks): rate over tokens.
-    return stamps[0] - start, (completion - 1) / max(stamps[-1] - stamps[0], 1e-9), prompt_tokens
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            outs = list(pool.map(lambda _: stream_request(url, model_id, content, new_tokens, api_key=api_key),
+                                 range(concurrency)))
+        return outs, time.perf_counter() - start
+
+    batch()
+    outs: list[dict[str, Any]] = []
+    throughputs = []
+    for _ in range(repeats):
+        got, wall = batch()
+        outs += got
+        throughputs.append(sum(o["tokens"] for o in got if o["ok"]) / wall)
+    ok = [o for o in outs if o["ok"]]
+    results: dict[str, Any] = {
+        "requests": len(outs), "failed_requests": len(outs) - len(ok),
+        "prompt_tokens": ok[0]["prompt_tokens"] if ok else None,
+        "ttft_s": _stats([o["ttft_s"] for o in ok]),
+        "decode_tok_s": _stats([o["decode_tok_s"] for o in ok if o["decode_tok_s"]]),
+        "tpot_s": _stats([1 / o["decode_tok_s"] for o in ok if o["decode_tok_s"]]),
+        "throughput_tok_s": statistics.median(throughputs) if throughputs else None,
+        "errors": sorted({str(o["error"]) for o in outs if not o["ok"]}),
+    }
+    try:  # what each stage spent computing, from the coordinator's recent requests
+        info = _cluster_view(url, api_key)
+        results.update(_stage_breakdown(info, len(outs)))
+        predicted = (info.get("performance") or {}).get("predicted")
+        results["predicted"] = {"ttft_s": predicted["ttft_s"], "decode_tok_s": predicted["decode_tokens_per_s"],
+                                "prompt_tokens": predicted.get("prompt_tokens"),
+                                "new_tokens": predicted.get("new_tokens")} if predicted else None
+    except Exception as exc:  # noqa: BLE001 - a run's figures stand without the breakdown
+        results["breakdown_error"] = f"{type(exc).__name__}: {exc}"
+    return results
 
 
-def bench_cluster(n_nodes: int, model: Model, model_arg: str, content: str, new_tokens: int,
-                  repeats: int, workdir: Path, extra_args: list[str] | None = None, tag: str = "") -> dict[str, Any]:
-    from mesh.testing.cluster import LocalCluster
+def _stage_breakdown(info: dict[str, Any], count: int) -> dict[str, Any]:
+    """Mean per-stage compute s/token and transfer s/token over the last ``count`` requests."""
+    recent = [r for r in (info.get("local") or {}).get("recent", []) if r.get("phase") == "finished"][:count]
+    members = {m["id"]: m for m in info.get("members", [])}
+    per_member: dict[str, list[float]] = {}
+    prefill: dict[str, list[float]] = {}
+    transfers = [r["transfer_s_per_token"] for r in recent if r.get("transfer_s_per_token") is not None]
+    for r in recent:
+        for s in r.get("stages", []):
+            if s.get("decode_compute_s_per_token") is not None:
+                per_member.setdefault(s["member"], []).append(s["decode_compute_s_per_token"])
+            if s.get("prefill_compute_s") is not None:
+                prefill.setdefault(s["member"], []).append(s["prefill_compute_s"])
+    stages = []
+    for member in dict.fromkeys([*prefill, *per_member]):
+        m = members.get(member, {})
+        stages.append({"member": member, "layers": [m.get("layer_start"), m.get("layer_end")],
+                       "backend": m.get("backend"), "role": m.get("role"),
+                       "prefill_compute_s": statistics.fmean(prefill[member]) if member in prefill else None,
+                       "decode_compute_s_per_token": statistics.fmean(per_member[member])
+                       if member in per_member else None})
+    return {"stages": stages, "transfer_s_per_token": statistics.fmean(transfers) if transfers else None}
 
-    with LocalCluster(n_nodes, workdir / f"cluster{n_nodes}{tag}", model=model_arg, extra_args=extra_args) as cluster:
-        cluster.wait_ready()
-        url = cluster.nodes[-1].api_url
-        prompt_tokens = 0
 
-        def once() -> tuple[float, float]:
-            nonlocal prompt_tokens
-            ttft, tps, prompt_tokens = _stream_once(url, model.model_id, content, new_tokens)
-            return ttft, tps
-
-        ttft, tps = _median_runs(once, repeats)
-    return {"nodes": n_nodes, "ttft_s": ttft, "decode_tok_s": tps, "prompt_tokens": prompt_tokens}
+def _axis(text: str, kind: type, name: str, valid: tuple[str, ...] | None = None) -> list[Any]:
+    try:
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--{name} {text!r}: {exc}") from exc
+    if not values:
+        raise ConfigError(f"--{name} is empty")
+    if valid is not None and any(v not in valid for v in values):
+        raise ConfigError(f"--{name} {text!r}: valid values are {', '.join(valid)}")
+    if kind is int and any(v < 1 for v in values):
+        raise ConfigError(f"--{name} {text!r}: values must be >= 1")
+    return values
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from mesh import registry
+
+    backends = _axis(args.backend, str, "backend", tuple(registry.names("backend")))
+    transports = _axis(args.transport, str, "transport", tuple(registry.names("transport")))
+    nodes = _axis(args.nodes, int, "nodes")
+    placements = _axis(args.placement, str, "placement", ("memory", "solver"))
+    objectives = _axis(args.objective, str, "objective", ("ttft", "decode", "goodput"))
+    prompts = _axis(args.prompt_tokens, int, "prompt-tokens")
+    news = [max(2, n) for n in _axis(args.new_tokens, int, "new-tokens")]
+    concurrencies = _axis(args.concurrency, int, "concurrency")
     model = Model(resolve_model(args.model))
-    prompt = exact_prompt(model, args.prompt_tokens)
-    content = model.tokenizer.decode(exact_prompt(model, max(1, args.prompt_tokens - 30)))
-    profile = machine_profile()
-    print(f"machine: {profile['cpu']}, {profile['cores']} cores, {profile['memory_bytes'] / 2**30:.1f} GiB, "
-          f"torch {profile['torch']} ({profile['torch_threads']} threads); commit {profile['commit']}; {profile['date']}")
-    print(f"model {model.model_id}: prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
-          f"median of {args.repeats} runs after a warm-up")
-    results: dict[str, Any] = {"machine": profile, "model": model.model_id, "prompt_tokens": args.prompt_tokens,
-                               "new_tokens": args.new_tokens, "repeats": args.repeats}
-    local = bench_in_process(model, prompt, args.new_tokens, args.repeats)
-    results.update(local)
+    machine = machine_profile()
+    out: Path = args.out
+    contents = {p: exact_chat_content(model, p) for p in prompts}
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_bytes'] / 2**30:.1f} GiB; "
+          f"commit {machine['commit']}; {machine['date']}; results -> {out}")
+    summary: list[dict[str, Any]] = []
+
+    def baseline(name: str, config: dict[str, Any], fn: Any) -> None:
+        try:
+            record = _record("baseline", machine, config, "ok", None, fn(), name=name)
+        except Exception as exc:  # noqa: BLE001 - recorded, like a failed run
+            record = _record("baseline", machine, config, "failed", f"{type(exc).__name__}: {exc}", None, name=name)
+        append_jsonl(out, record)
+        summary.append(record)
+
+    if not args.no_baselines:
+        for p in prompts:
+            cfg = {"model": model.model_id, "prompt_tokens": p, "new_tokens": news[0]}
+            baseline("transformers_generate", cfg, lambda p=p: transformers_baseline(model, p, news[0], args.repeats))
+            if "mlx" in backends:
+                baseline("mlx_lm_generate", cfg, lambda p=p: mlx_lm_baseline(model, p, news[0], args.repeats))
+        hidden_bytes = int(model.config.hidden_size) * 4
+        baseline("raw_socket", {"bytes": hidden_bytes}, lambda: raw_socket_baseline(hidden_bytes))
+
+    clusters = [None] if args.url else list(itertools.product(backends, transports, nodes, placements, objectives))
+    runs = list(itertools.product(prompts, news, concurrencies))
+    bar = tqdm(total=len(clusters) * len(runs), desc="bench", unit="run", disable=args.quiet)
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
-        results["loopback_1_node"] = bench_cluster(1, model, args.model, content, args.new_tokens, args.repeats, Path(tmp))
-        results["loopback_2_nodes"] = bench_cluster(2, model, args.model, content, args.new_tokens, args.repeats, Path(tmp))
-        if args.kv_replica:  # spec FO8: what keeping the KV replica costs a request with no fault
-            for tag, mib in (("off", "0"), ("on", "512")):
-                results[f"loopback_3_nodes_replica_{tag}"] = bench_cluster(
-                    3, model, args.model, content, args.new_tokens, args.repeats, Path(tmp),
-                    extra_args=["--kv-replica-mb", mib], tag=f"-replica-{tag}")
-    ours, ref = results["torch_backend"], results["transformers_generate"]
-    one, two = results["loopback_1_node"], results["loopback_2_nodes"]
-    results["ratios"] = {
-        "torch_vs_generate_decode": ours["decode_tok_s"] / ref["decode_tok_s"],
-        "torch_vs_generate_ttft": ref["ttft_s"] / ours["ttft_s"],
-        "two_stages_vs_single_node_decode": two["decode_tok_s"] / one["decode_tok_s"],
-        "two_stages_vs_single_node_ttft": one["ttft_s"] / two["ttft_s"],
-    }
-    rows = [
-        ("transformers generate() (baseline)", ref, 1.0),
-        ("torch backend, 1 stage, in-process", ours, results["ratios"]["torch_vs_generate_decode"]),
-        ("1 node over HTTP (baseline)", one, 1.0),
-        ("2 stages on loopback over HTTP", two, results["ratios"]["two_stages_vs_single_node_decode"]),
-    ]
-    if args.kv_replica:
-        off, on = results["loopback_3_nodes_replica_off"], results["loopback_3_nodes_replica_on"]
-        results["ratios"]["replica_on_vs_off_decode"] = on["decode_tok_s"] / off["decode_tok_s"]
-        results["ratios"]["replica_on_vs_off_ttft"] = off["ttft_s"] / on["ttft_s"]
-        rows += [("3 stages, KV replica off (baseline)", off, 1.0),
-                 ("3 stages, KV replica on", on, results["ratios"]["replica_on_vs_off_decode"])]
-    print(f"{'configuration':<38} {'TTFT ms':>9} {'decode tok/s':>13} {'ratio':>7}")
-    for name, row, ratio in rows:
-        print(f"{name:<38} {row['ttft_s'] * 1000:>9.1f} {row['decode_tok_s']:>13.1f} {ratio:>6.2f}x")
-    if args.json:
-        with open(args.json, "a") as handle:
-            handle.write(json.dumps(results) + "\n")
-        print(f"appended to {args.json}")
-    return 0
+        for cluster_cfg in clusters:
+            summary += _run_cluster(args, cluster_cfg, runs, model, contents, machine, out, Path(tmp), bar)
+    bar.close()
+    _print_summary(summary)
+    return 0 if all(r["status"] == "ok" for r in summary) else 1
+
+
+def _run_cluster(args: argparse.Namespace, cluster_cfg: tuple[Any, ...] | None, runs: list[tuple[int, int, int]],
+                 model: Model, contents: dict[int, tuple[str, int]], machine: dict[str, Any], out: Path,
+                 tmp: Path, bar: Any) -> list[dict[str, Any]]:
+    """Every run on one cluster configuration (started here unless ``--url``); failures are records."""
+    from mesh.testing.cluster import LocalCluster
+
+    records = []
+    cluster = None
+    error = None
+    base: dict[str, Any] = {"target": "url" if cluster_cfg is None else "local"}
+    try:
+        if cluster_cfg is None:
+            url = args.url.rstrip("/")
+            info = _cluster_view(url, args.api_key)
+            base = {"backend": "+".join(sorted({m["backend"] for m in info["members"]})),
+                    "transport": (info.get("security") or {}).get("transport"), "nodes": len(info["members"]),
+                    "placement": None, "objective": None, "target": "url"}
+        else:
+            backend, transport, n, placement, objective = cluster_cfg
+            base = {"backend": backend, "transport": transport, "nodes": n, "placement": placement,
+                    "objective": objective, "target": "local"}
+            name = f"{backend}-{transport}-{n}-{placement}-{objective}"
+            cluster = LocalCluster(n, tmp / name, model=args.model, placement=placement,
+                                   extra_args=["--backend", backend, "--transport", transport, "--objective", objective])
+            cluster.start()
+            cluster.wait_ready(timeout_s=300)
+            url = cluster.nodes[-1].api_url
+    except Exception as exc:  # noqa: BLE001 - a cluster that does not start fails its runs
+        error = f"{type(exc).__name__}: {exc}"
+    try:
+        for prompt, new, concurrency in runs:
+            config = {"model": model.model_id, **base, "prompt_tokens": prompt, "new_tokens": new,
+                      "concurrency": concurrency}
+            if error is not None:
+                record = _record("run", machine, config, "failed", error, None)
+            else:
+                content, exact = contents[prompt]
+                results = run_once(url, model.model_id, content, new, concurrency, args.repeats, args.api_key)
+                results["prompt_tokens_exact"] = exact == prompt
+                failed = results["failed_requests"] == results["requests"]
+                record = _record("run", machine, config, "failed" if failed else "ok",
+                                 "; ".join(results["errors"]) if failed else None, results)
+            append_jsonl(out, record)
+            records.append(record)
+            bar.update(1)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    return records
+
+
+def _print_summary(records: list[dict[str, Any]]) -> None:
+    print(f"{'configuration':<58} {'TTFT ms':>9} {'tok/s':>7} {'thru':>7}  status")
+    for r in records:
+        c, res = r["config"], r.get("results") or {}
+        if r["kind"] == "baseline":
+            label = f"baseline {r['name']} " + ", ".join(f"{k}={v}" for k, v in c.items() if k != "model")
+            ttft = res.get("ttft_s") or res.get("round_trip_s")
+            rate = res.get("decode_tok_s")
+            thru = None
+        else:
+            label = (f"{c.get('backend')}/{c.get('transport')} x{c.get('nodes')} {c.get('placement')} "
+                     f"p={c.get('prompt_tokens')} n={c.get('new_tokens')} c={c.get('concurrency')}")
+            ttft = (res.get("ttft_s") or {}).get("p50")
+            rate = (res.get("decode_tok_s") or {}).get("p50")
+            thru = res.get("throughput_tok_s")
+
+        def fmt(v: float | None, scale: float = 1.0, width: int = 7, digits: int = 1) -> str:
+            return f"{v * scale:>{width}.{digits}f}" if isinstance(v, int | float) else f"{'-':>{width}}"
+        status = r["status"] if r["status"] == "ok" else f"FAILED: {str(r.get('error'))[:60]}"
+        print(f"{label[:58]:<58} {fmt(ttft, 1000, 9)} {fmt(rate)} {fmt(thru)}  {status}")

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from mesh.bench import _median_runs, _stream_once, exact_prompt, machine_profile
+from mesh.benchutil import exact_prompt, machine_profile, median_runs, stream_request
 from mesh.models import Model, resolve_model
 
 
@@ -71,7 +71,7 @@ def bench_mlx_in_process(model: Model, prompt: list[int], new_tokens: int, repea
     rows = {}
     for name, fn in (("mlx_lm_generate_step", upstream), ("mlx_backend", lambda: backend_run(mlx_backend)),
                      ("torch_backend", lambda: backend_run(torch_backend))):
-        ttft, tps = _median_runs(fn, repeats)
+        ttft, tps = median_runs(fn, repeats)
         rows[name] = {"ttft_s": ttft, "decode_tok_s": tps}
     return rows
 
@@ -89,10 +89,13 @@ def bench_cluster(name: str, n: int, node_args: list[list[str]], model: Model, m
 
             def once() -> tuple[float, float]:
                 nonlocal prompt_tokens
-                ttft, tps, prompt_tokens = _stream_once(url, model.model_id, content, new_tokens)
-                return ttft, tps
+                out = stream_request(url, model.model_id, content, new_tokens)
+                if not out["ok"] or out["decode_tok_s"] is None:
+                    raise RuntimeError(f"a request failed: {out['error']}")
+                prompt_tokens = out["prompt_tokens"]
+                return out["ttft_s"], out["decode_tok_s"]
 
-            ttft, tps = _median_runs(once, repeats)
+            ttft, tps = median_runs(once, repeats)
         return {"nodes": n, "node_args": node_args, "ttft_s": ttft, "decode_tok_s": tps, "prompt_tokens": prompt_tokens}
     except Exception as exc:  # noqa: BLE001 - a failed configuration is a result too
         return {"nodes": n, "node_args": node_args, "error": f"{type(exc).__name__}: {exc}"}

@@ -24,7 +24,7 @@ from typing import Any
 
 import cbor2
 
-from mesh.bench import machine_profile
+from mesh.benchutil import machine_profile
 from mesh.kernel import Replica, SyncPage
 
 START_MS = 1_800_000_000_000

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mesh.bench import FILLER, _stream_once, machine_profile
+from mesh.benchutil import FILLER, machine_profile, stream_request
 from mesh.node_perf import RECALIBRATE_AFTER_S, RECALIBRATIONS
 
 SIZES = (1, 2, 3)
@@ -54,8 +54,8 @@ def measure_configuration(n: int, copies: int, *, model: str, new_tokens: int, r
         else:
             raise RuntimeError(f"{n}-node cluster: no calibrated prediction within 120 s")
         time.sleep(2 * RECALIBRATE_AFTER_S * RECALIBRATIONS + 2)  # every stage re-times itself while idle
-        _stream_once(url, model, content, new_tokens)  # warm-up, also counted by the coordinator
-        client = [_stream_once(url, model, content, new_tokens) for _ in range(repeats)]
+        _timed(url, model, content, new_tokens)  # warm-up, also counted by the coordinator
+        client = [_timed(url, model, content, new_tokens) for _ in range(repeats)]
         perf = _performance(url) or {}
     predicted, measured = perf.get("predicted") or {}, perf.get("measured") or {}
     row: dict[str, Any] = {
@@ -114,3 +114,11 @@ def _print_row(row: dict[str, Any]) -> None:
           f"(client {fmt(h['ttft_s'], 1e3)}), ratio {fmt(r['ttft_s'], spec='.2f')}; "
           f"decode predicted {fmt(p['decode_tokens_per_s'])} tok/s, measured {fmt(c['decode_tokens_per_s'])} "
           f"(client {fmt(h['decode_tokens_per_s'])}), ratio {fmt(r['decode_tokens_per_s'], spec='.2f')}")
+
+
+def _timed(url: str, model: str, content: str, new_tokens: int) -> tuple[float, float, int]:
+    """(TTFT s, decode tokens/s, prompt tokens) of one request; RuntimeError when it fails."""
+    out = stream_request(url, model, content, new_tokens)
+    if not out["ok"] or out["decode_tok_s"] is None:
+        raise RuntimeError(f"a request failed: {out['error']}")
+    return out["ttft_s"], out["decode_tok_s"], out["prompt_tokens"]

@@ -418,7 +418,7 @@ def print_profile(result: dict[str, Any]) -> None:
 
 
 def run_placement_bench(args: argparse.Namespace) -> int:
-    from mesh.bench import machine_profile
+    from mesh.benchutil import machine_profile
 
     profile = machine_profile()
     print(f"machine: {profile['cpu']}, {profile['cores']} cores, {profile['memory_bytes'] / 2**30:.1f} GiB; "

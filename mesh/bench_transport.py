@@ -27,7 +27,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from mesh.bench import machine_profile
+from mesh.benchutil import machine_profile
 from mesh.linkstats import percentile
 from mesh.security import LinkSecurity
 from mesh.wire import Message, WireTensor

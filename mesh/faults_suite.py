@@ -274,7 +274,7 @@ def format_row(r: ScenarioResult) -> str:
 
 
 def run_faults_command(*, quick: bool, as_json: bool, only: list[str] | None, model: str) -> int:
-    from mesh.bench import machine_profile
+    from mesh.benchutil import machine_profile
     from mesh.faults_scenarios import QUICK, SCENARIOS
 
     names = only or (list(QUICK) if quick else list(SCENARIOS))

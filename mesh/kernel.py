@@ -13,6 +13,7 @@ exponential backoff. Neither knows sockets, files or the wall clock: ``now_ms`` 
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from mesh.events import Event, EventId, VersionVector
 from mesh.hlc import HybridClock
 
 DEFAULT_PAGE_BYTES = 256 * 1024
+RECENT_EVENTS = 100  # applied events kept for GET /v1/cluster (the dashboard)
 MAX_STATE_BYTES = 64 << 20  # a reassembled state larger than this is refused
 
 
@@ -98,6 +100,7 @@ class Replica:
         self.buffer = CausalBuffer()
         self.buffer.skip_to(self.state.context)
         self.tail: list[Event] = []
+        self.recent: deque[Event] = deque(maxlen=RECENT_EVENTS)  # for people (the dashboard), kept across compactions
         self.snapshot_vv = self.state.context
         self.page_bytes = page_bytes
         self.compact_after = compact_after
@@ -143,6 +146,7 @@ class Replica:
         key, value, dots = check_payload(event)
         self.state.apply(dot=(event.id.origin, event.id.seq), hlc=event.hlc, key=key, value=value, replaces=dots)
         self.tail.append(event)
+        self.recent.append(event)
         self.applied += 1
 
     def restore(self, events: Iterable[Event]) -> int:

@@ -119,5 +119,14 @@ class NodeReport:
             "local": {"id": self.member_id, "kv_caches": len(self.worker.caches),
                       "coordinating": self.coordinator.active if self.coordinator else 0,
                       "failed_attempts": self.coordinator.failed_attempts if self.coordinator else 0,
-                      "recovery_s": list(self.coordinator.recovery_times)[-32:] if self.coordinator else []},
+                      "recovery_s": list(self.coordinator.recovery_times)[-32:] if self.coordinator else [],
+                      **(self.coordinator.requests.to_wire() if self.coordinator else {"active": [], "recent": []})},
+            "events": [_event_row(e) for e in reversed(replica.recent)],
         }
+
+
+def _event_row(event: Any) -> dict[str, Any]:
+    """An applied kernel event for people: type, key, origin, seq, wall time (ms)."""
+    key = event.payload.get("key") if isinstance(event.payload, dict) else None
+    return {"type": event.type, "key": key if isinstance(key, str) else None, "origin": event.id.origin,
+            "seq": event.id.seq, "time_ms": event.hlc.physical_ms}

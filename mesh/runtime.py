@@ -41,6 +41,7 @@ from mesh.metrics import NodeMetrics
 from mesh.models import Model
 from mesh.perf import Measured
 from mesh.placement import Plan
+from mesh.reqstats import RequestLog, RequestStats
 from mesh.stage import NodeServices, StageWorker
 from mesh.wire import Message
 
@@ -92,6 +93,7 @@ class Coordinator:
         self.metrics: NodeMetrics | None = None  # set by the node (GET /metrics)
         self.failed_attempts = 0
         self.recovery_times: deque[float] = deque(maxlen=256)  # s from a failure to the next token
+        self.requests = RequestLog()  # live and recent timings (GET /v1/cluster)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         try:
@@ -163,12 +165,13 @@ class Coordinator:
         recoveries: list[float] = []
         outcome = "cancelled"  # unless it finishes or fails below
         replica = self.replicas.open(rid, plan.num_layers)
+        stats = self.requests.start(rid, len(prompt_ids))
         log.info("req=%s start: %d prompt tokens, plan %s", rid, len(prompt_ids), plan.plan_id)
         try:
             failed_at = 0.0
             for attempt in range(MAX_ATTEMPTS):
                 steps = self._attempt(f"{rid}.{attempt}", rid, plan, prompt_ids, generated, params, seed,
-                                      replica=replica, resume=attempt > 0)
+                                      replica=replica, resume=attempt > 0, stats=stats)
                 try:
                     async for token in steps:
                         if failed_at:  # spec FO3: recovery = from the failure to the next token
@@ -177,6 +180,7 @@ class Coordinator:
                             if self.metrics is not None:
                                 self.metrics.recovery.observe(recoveries[-1])
                         generated.append(token)
+                        stats.token()
                         if len(generated) == 1:
                             first_token_at = time.monotonic()
                         done = len(generated) == params.max_tokens or (
@@ -194,6 +198,7 @@ class Coordinator:
                         self.metrics.failovers.inc()
                     log.warning("req=%s attempt %d failed after %d tokens: %s", rid, attempt, len(generated), exc)
                     self.recovering += 1
+                    stats.phase = "recovering"
                     last_failure = exc
                     try:
                         plan = await self._await_plan(rid, exc, failed_at + self.timeouts.recovery_s, attempt)
@@ -210,6 +215,7 @@ class Coordinator:
                 self.measured.record(prompt_tokens=len(prompt_ids), new_tokens=len(generated),
                                      ttft_s=first_token_at - started, decode_s=time.monotonic() - first_token_at)
             self.replicas.close(rid)
+            self.requests.end(stats, outcome)
             self.recovery_times.extend(recoveries)
             if self.metrics is not None:
                 ended = time.monotonic()
@@ -222,7 +228,7 @@ class Coordinator:
 
     async def _attempt(self, req: str, rid: str, plan: Plan, prompt_ids: list[int], generated: list[int],
                        params: SamplingParams, seed: int, *, replica: RequestReplica | None = None,
-                       resume: bool = False) -> AsyncGenerator[int, None]:
+                       resume: bool = False, stats: RequestStats | None = None) -> AsyncGenerator[int, None]:
         """One attempt of a request on ``plan``: prefill prompt + generated tokens from position
         0 (or, with ``resume``, load the stages' KV from ``replica`` and prefill only what it
         lacks: spec FO8), then decode, yielding each new token. Raises StageFailure when a
@@ -271,6 +277,8 @@ class Coordinator:
                 first = str((prefill_route if handover else route)[0][0])
                 reply = await self._step(queue, first, body, step, limit, retry)
                 took = time.monotonic() - sent
+                if stats is not None and reply.type == "token":
+                    stats.step(reply.body.get("t"), took, prefill)
                 if prefill:
                     self._prefill_s_per_token = took / len(tokens)
                 else:

@@ -283,11 +283,15 @@ class StageWorker:
             raise RequestFailed(f"no KV cache for req={req} at position {pos}")
         self._owner[req] = (str(body["coord"]), time.monotonic())
         tokens = body.get("tokens")
-        loop = asyncio.get_running_loop()
-        out = await loop.run_in_executor(
-            self.executor,
-            lambda: backend.forward(cache, start_pos=pos, token_ids=tokens, hidden=msg.tensor),
-        )
+        def run() -> tuple[Any, float]:
+            started = time.perf_counter()
+            out = backend.forward(cache, start_pos=pos, token_ids=tokens, hidden=msg.tensor)
+            return out, time.perf_counter() - started
+
+        out, compute_s = await asyncio.get_running_loop().run_in_executor(self.executor, run)
+        before = body.get("t")
+        timing: list[Any] = list(before) if isinstance(before, list) and len(before) < 64 else []
+        timing.append([self.node.member_id, round(compute_s, 6)])  # spec N12
         if req in self._released:  # cancelled while computing
             self.release(req)
             return None
@@ -300,11 +304,11 @@ class StageWorker:
             self._replica_due[req] = (backend, cache, pos, n)
         if idx + 1 < len(route):
             nxt = {k: v for k, v in body.items() if k != "tokens"}
-            nxt["idx"] = idx + 1
+            nxt["idx"], nxt["t"] = idx + 1, timing
             return route[idx + 1][0], Message(type="forward", body=nxt, tensor=out.hidden)
         if out.logits is None:
             raise RequestFailed("the last stage produced no logits")
         sp = body["sp"]
         params = SamplingParams(max_tokens=1, temperature=float(sp["t"]), top_p=float(sp["p"]))
         token = sample(out.logits, params, step=step, request_seed=int(sp["seed"]))
-        return str(body["coord"]), Message(type="token", body={"req": req, "step": step, "token": token})
+        return str(body["coord"]), Message(type="token", body={"req": req, "step": step, "token": token, "t": timing})

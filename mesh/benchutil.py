@@ -1,0 +1,144 @@
+"""Pieces the benchmarks share: the machine profile recorded with every result, prompts of an
+exact token length, timing a streamed chat request, and appending JSON lines."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mesh.models import Model
+
+FILLER = ("The quick brown fox jumps over the lazy dog while the river runs past old stone "
+          "bridges and the wind moves through tall grass near the quiet village. ")
+
+
+def machine_profile() -> dict[str, Any]:
+    """Cores, memory, CPU model, Python/torch versions, commit and date of this run."""
+    import psutil
+
+    try:
+        import torch
+        torch_version, threads = torch.__version__, torch.get_num_threads()
+    except ImportError:
+        torch_version, threads = None, None
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_bytes": psutil.virtual_memory().total,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch_version,
+        "torch_threads": threads,
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def exact_prompt(model: Model, n_tokens: int) -> list[int]:
+    """``n_tokens`` token ids of plain English text (no chat template)."""
+    ids: list[int] = []
+    while len(ids) < n_tokens:
+        ids = model.tokenizer.encode(FILLER * (1 + n_tokens // 8), add_special_tokens=False)
+    return ids[:n_tokens]
+
+
+def exact_chat_content(model: Model, n_tokens: int) -> tuple[str, int]:
+    """A user message whose chat prompt (the model's own template applied) is ``n_tokens``
+    long, or as close above it as token boundaries allow: (content, prompt tokens)."""
+    overhead = len(model.encode_chat([{"role": "user", "content": ""}]))
+    want = max(1, n_tokens - overhead)
+    best: tuple[str, int] | None = None
+    for _ in range(8):  # token merges at the template's edges move the count by a few
+        content = model.tokenizer.decode(exact_prompt(model, want))
+        got = len(model.encode_chat([{"role": "user", "content": content}]))
+        if best is None or abs(got - n_tokens) < abs(best[1] - n_tokens):
+            best = (content, got)
+        if got == n_tokens:
+            break
+        want = max(1, want + (n_tokens - got))
+    assert best is not None
+    return best
+
+
+def median_runs(fn: Callable[[], tuple[float, float]], repeats: int) -> tuple[float, float]:
+    """Run ``fn`` once to warm up, then ``repeats`` times; the median of each of its two figures."""
+    fn()
+    runs = [fn() for _ in range(repeats)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+def stream_request(url: str, model_id: str, content: str, new_tokens: int, *, timeout_s: float = 300.0,
+                   api_key: str | None = None) -> dict[str, Any]:
+    """One greedy streamed chat request, ``new_tokens`` long (``ignore_eos``). Returns
+    ``{"ok", "error", "ttft_s", "decode_tok_s", "tokens", "prompt_tokens", "wall_s"}``;
+    never raises for a failed request (the failure is the result)."""
+    import httpx
+
+    body = {"model": model_id, "messages": [{"role": "user", "content": content}], "temperature": 0,
+            "max_tokens": new_tokens, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    out: dict[str, Any] = {"ok": False, "error": None, "ttft_s": None, "decode_tok_s": None, "tokens": 0,
+                           "prompt_tokens": None, "wall_s": None}
+    stamps: list[float] = []
+    start = time.perf_counter()
+    try:
+        with httpx.Client(timeout=timeout_s) as client, \
+                client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as response:
+            if response.status_code != 200:
+                response.read()
+                out["error"] = f"HTTP {response.status_code}: {response.text[:300]}"
+                return out
+            for line in response.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    out["error"] = str(chunk["error"].get("message"))
+                    return out
+                if chunk.get("usage"):
+                    out["tokens"] = int(chunk["usage"]["completion_tokens"])
+                    out["prompt_tokens"] = int(chunk["usage"]["prompt_tokens"])
+                for choice in chunk.get("choices", []):
+                    if choice.get("delta", {}).get("content"):
+                        stamps.append(time.perf_counter())
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        return out
+    out["wall_s"] = time.perf_counter() - start
+    if not stamps:
+        out["error"] = "the stream produced no text"
+        return out
+    out["ttft_s"] = stamps[0] - start
+    if out["tokens"] >= 2 and stamps[-1] > stamps[0]:
+        # text pieces can hold several tokens (held-back UTF-8, stop checks): rate over tokens
+        out["decode_tok_s"] = (out["tokens"] - 1) / (stamps[-1] - stamps[0])
+    out["ok"] = True
+    return out
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line (the file is created when missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
