@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API of a node: ``create_app(engine)`` returns a FastAPI app.
 
 Depends only on the ``Engine`` protocol (mesh/engine.py), never on the runtime, transports
-or backends, so it is tested against ``mesh.testing.FakeEngine``. Spec: specs/api.md (A1-A16).
+or backends, so it is tested against ``mesh.testing.FakeEngine``. Spec: specs/api.md (A1-A18).
 
 Status codes (spec A1, A2): bad input is always 4xx with OpenAI's error JSON -- malformed
 JSON, wrong types and out-of-range values 400 (OpenAI answers 400, not FastAPI's 422), a bad
@@ -12,6 +12,11 @@ exception (logged with its traceback here, never sent) -- are 503 with ``type:
 retries 503), and "never a 500" keeps the contract simple to test. Once an SSE stream has
 started the status is already sent, so a failure becomes a final ``data: {"error": ...}``
 event followed by ``data: [DONE]`` (spec A3).
+
+``GET /`` is the dashboard (spec A18): one self-contained HTML file shipped in the package
+(``mesh/dashboard/index.html``) that polls ``/v1/cluster`` and chats through
+``/v1/chat/completions``. The page holds no data, so it needs no API key; its own requests
+send the key the user types in.
 """
 
 from __future__ import annotations
@@ -22,13 +27,15 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from functools import cache
+from importlib.resources import files
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from mesh.api_asgi import (
     ApiKeyCheck,
@@ -100,6 +107,12 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     param = format_param(tuple(first.get("loc", ())))
     return error_response(ApiError(f"Invalid value for '{param}': {first['msg']}.", param=param))
+
+
+@cache
+def dashboard_html() -> str:
+    """The dashboard page (spec A18), read once from the installed package."""
+    return (files("mesh") / "dashboard" / "index.html").read_text(encoding="utf-8")
 
 
 # -- request handling helpers ---------------------------------------------------------------
@@ -232,10 +245,10 @@ def create_app(
 ) -> FastAPI:
     """The node's OpenAI-compatible API over ``engine``.
 
-    ``api_key``: when set, every path but ``/health`` needs ``Authorization: Bearer
-    <api_key>`` (spec A12). ``clock``: seconds since the epoch, for ``created`` fields.
-    Routes: POST /v1/chat/completions, GET /v1/models, GET /v1/models/{model},
-    GET /v1/cluster, GET /health.
+    ``api_key``: when set, every path but ``/health`` and the dashboard page ``/`` needs
+    ``Authorization: Bearer <api_key>`` (spec A12, A18). ``clock``: seconds since the epoch,
+    for ``created`` fields. Routes: POST /v1/chat/completions, GET /v1/models,
+    GET /v1/models/{model}, GET /v1/cluster, GET /metrics, GET /health, GET / (dashboard).
     """
     app = FastAPI(
         title="mesh",
@@ -260,6 +273,11 @@ def create_app(
             param="model",
             code="model_not_found",
         )
+
+    @app.get("/")
+    async def dashboard() -> Response:
+        # spec A18: the page only; its data comes from the authenticated API
+        return HTMLResponse(dashboard_html(), headers={"Cache-Control": "no-cache"})
 
     @app.get("/metrics")
     async def metrics() -> Response:

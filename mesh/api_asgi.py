@@ -3,7 +3,7 @@ SSE response that cancels work when the client leaves.
 
 Knows ASGI and OpenAI's error JSON (``ApiError.to_json``), not engines, requests or models.
 Spec: specs/api.md (A1 error shape, A2 internal failures are 503 without a traceback,
-A7 disconnect cancels, A12 API key).
+A7 disconnect cancels, A12 API key, A18 the dashboard page needs no key).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from mesh.errors import ApiError
 
 log = logging.getLogger("mesh.api")
 
-UNAUTHENTICATED_PATHS = frozenset({"/health"})
+# /health (spec A9) and the dashboard page / (spec A18, which holds no data) need no key
+UNAUTHENTICATED_PATHS = frozenset({"/health", "/"})
 T = TypeVar("T")
 
 
@@ -86,8 +87,8 @@ class ErrorBoundary:
 
 
 class ApiKeyCheck:
-    """ASGI middleware: ``Authorization: Bearer <api_key>`` on every path but /health
-    (spec A12); 401 ``invalid_api_key`` otherwise."""
+    """ASGI middleware: ``Authorization: Bearer <api_key>`` on every path but /health and
+    the dashboard page / (spec A12, A18); 401 ``invalid_api_key`` otherwise."""
 
     def __init__(self, app: ASGIApp, *, api_key: str) -> None:
         self.app = app

@@ -2,8 +2,10 @@
 running cluster with ``--url``), every run appended as one JSON line, failures included.
 
 Axes (comma-separated lists): ``--backend``, ``--transport``, ``--nodes``, ``--placement``,
-``--objective``, ``--prompt-tokens``, ``--new-tokens``, ``--concurrency``. For each cluster
-configuration (backend x transport x nodes x placement x objective) a fresh loopback cluster
+``--objective``, ``--prefill-nodes`` (how many nodes run ``--role prefill``: a disaggregated
+plan), ``--prompt-tokens``, ``--new-tokens``, ``--concurrency``. For each cluster
+configuration (backend x transport x nodes x placement x objective x prefill nodes, fewer
+prefill nodes than nodes) a fresh loopback cluster
 is started once; each (prompt, new tokens, concurrency) run on it sends one warm-up batch,
 then ``--repeats`` batches of ``concurrency`` concurrent greedy streamed requests whose chat
 prompt is exactly ``prompt`` tokens long (the model's own template counted). A run records
@@ -249,6 +251,7 @@ def run_bench(args: argparse.Namespace) -> int:
     nodes = _axis(args.nodes, int, "nodes")
     placements = _axis(args.placement, str, "placement", ("memory", "solver"))
     objectives = _axis(args.objective, str, "objective", ("ttft", "decode", "goodput"))
+    prefill_nodes = [int(v) for v in args.prefill_nodes.split(",") if v.strip()] if args.prefill_nodes else [0]
     prompts = _axis(args.prompt_tokens, int, "prompt-tokens")
     news = [max(2, n) for n in _axis(args.new_tokens, int, "new-tokens")]
     concurrencies = _axis(args.concurrency, int, "concurrency")
@@ -277,7 +280,8 @@ def run_bench(args: argparse.Namespace) -> int:
         hidden_bytes = int(model.config.hidden_size) * 4
         baseline("raw_socket", {"bytes": hidden_bytes}, lambda: raw_socket_baseline(hidden_bytes))
 
-    clusters = [None] if args.url else list(itertools.product(backends, transports, nodes, placements, objectives))
+    clusters = [None] if args.url else [c for c in itertools.product(backends, transports, nodes, placements, objectives,
+                                                                      prefill_nodes) if c[5] < c[2]]
     runs = list(itertools.product(prompts, news, concurrencies))
     bar = tqdm(total=len(clusters) * len(runs), desc="bench", unit="run", disable=args.quiet)
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
@@ -306,12 +310,13 @@ def _run_cluster(args: argparse.Namespace, cluster_cfg: tuple[Any, ...] | None, 
                     "transport": (info.get("security") or {}).get("transport"), "nodes": len(info["members"]),
                     "placement": None, "objective": None, "target": "url"}
         else:
-            backend, transport, n, placement, objective = cluster_cfg
+            backend, transport, n, placement, objective, prefill = cluster_cfg
             base = {"backend": backend, "transport": transport, "nodes": n, "placement": placement,
-                    "objective": objective, "target": "local"}
-            name = f"{backend}-{transport}-{n}-{placement}-{objective}"
+                    "objective": objective, "prefill_nodes": prefill, "target": "local"}
+            name = f"{backend}-{transport}-{n}-{placement}-{objective}-{prefill}"
             cluster = LocalCluster(n, tmp / name, model=args.model, placement=placement,
-                                   extra_args=["--backend", backend, "--transport", transport, "--objective", objective])
+                                   extra_args=["--backend", backend, "--transport", transport, "--objective", objective],
+                                   node_args=[["--role", "prefill"] if i < prefill else [] for i in range(n)])
             cluster.start()
             cluster.wait_ready(timeout_s=300)
             url = cluster.nodes[-1].api_url
@@ -349,7 +354,8 @@ def _print_summary(records: list[dict[str, Any]]) -> None:
             rate = res.get("decode_tok_s")
             thru = None
         else:
-            label = (f"{c.get('backend')}/{c.get('transport')} x{c.get('nodes')} {c.get('placement')} "
+            pd = f" pd{c['prefill_nodes']}" if c.get("prefill_nodes") else ""
+            label = (f"{c.get('backend')}/{c.get('transport')} x{c.get('nodes')}{pd} {c.get('placement')} "
                      f"p={c.get('prompt_tokens')} n={c.get('new_tokens')} c={c.get('concurrency')}")
             ttft = (res.get("ttft_s") or {}).get("p50")
             rate = (res.get("decode_tok_s") or {}).get("p50")

@@ -7,7 +7,7 @@ disaggregated prefill/decode, each as a ratio to a baseline measured in the same
 2. 2-node loopback clusters over HTTP: torch + torch (baseline) vs mlx + torch (a mixed
    pipeline);
 3. 3-node loopback clusters: a plain 3-stage pipeline (baseline) vs one prefill node and two
-   decode nodes (``--role prefill``, spec N11), TTFT and decode tokens/s;
+   decode nodes (``--role prefill``, spec N13), TTFT and decode tokens/s;
 4. predicted by the placement cost model (``mesh.costmodel.predict``, not measured): the
    FLOP-rich + bandwidth-rich pair of ``bench-placement`` (DGX Spark + M3 Ultra Mac Studio,
    10 GbE, Llama-3.1 8B f16, 8192-token prompt), the solver's best plain plan vs its best

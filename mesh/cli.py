@@ -1,5 +1,5 @@
 """Command line: ``python -m mesh node | key | plan | plugins | faults | bench | bench-backends | bench-kernel |
-bench-transport | bench-placement``.
+bench-transport | bench-placement | report``.
 
 Every flag can also be set by an environment variable ``MESH_<FLAG>`` (dashes become
 underscores, e.g. ``--api-port`` -> ``MESH_API_PORT``; a repeatable flag takes a
@@ -27,7 +27,8 @@ def _env_name(flag: str) -> str:
 
 
 def _add(parser: argparse.ArgumentParser, flag: str, *, help: str, type: Callable[[str], Any] = str,
-         default: Any = None, repeat: bool = False, choices: Sequence[str] | None = None) -> None:
+         default: Any = None, repeat: bool = False, choices: Sequence[str] | None = None,
+         short: str | None = None) -> None:
     """Add ``flag`` whose default comes from ``MESH_<FLAG>`` when that is set."""
     env = _env_name(flag)
     raw = os.environ.get(env)
@@ -43,6 +44,7 @@ def _add(parser: argparse.ArgumentParser, flag: str, *, help: str, type: Callabl
         parser.set_defaults(**{flag.lstrip("-").replace("-", "_") + "_env": value})
         value = None
     parser.add_argument(
+        *([short] if short else []),
         flag,
         type=type,
         default=value,
@@ -150,13 +152,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("plugins", help="list installed transports and backends with their distribution and version")
 
-    bench = sub.add_parser("bench", help="measure decode tokens/s and TTFT against transformers' generate()")
+    bench = sub.add_parser("bench", help="run a matrix of configurations on loopback clusters (or --url) and "
+                           "append every run, failures included, to a JSON-lines file")
     _add(bench, "--model", default=DEFAULT_MODEL, help="built-in model name or a model directory / .gguf path")
-    _add(bench, "--prompt-tokens", type=int, default=64, help="prompt length in tokens")
-    _add(bench, "--new-tokens", type=int, default=64, help="tokens to generate per run")
-    _add(bench, "--repeats", type=int, default=3, help="timed runs per configuration (after one warm-up)")
-    _add(bench, "--json", type=Path, help="append results as one JSON line to this file")
-    _add_switch(bench, "--kv-replica", help="also run 3 stages with the KV replica off and on (what it costs)")
+    _add(bench, "--backend", default="torch", help="comma-separated backends, e.g. torch,mlx")
+    _add(bench, "--transport", default="tcp", help="comma-separated transports, e.g. tcp,quic")
+    _add(bench, "--nodes", default="1,2,3", help="comma-separated cluster sizes")
+    _add(bench, "--placement", default="memory", help="comma-separated placements: memory, solver")
+    _add(bench, "--objective", default="goodput", help="comma-separated solver objectives: ttft, decode, goodput")
+    _add(bench, "--prefill-nodes", default="0", help="comma-separated numbers of nodes started with --role prefill "
+         "(0: a plain pipeline; k > 0: a disaggregated plan, k prefill nodes, the rest decode)")
+    _add(bench, "--prompt-tokens", default="64,512", help="comma-separated prompt lengths (chat template included)")
+    _add(bench, "--new-tokens", default="32", help="comma-separated output lengths")
+    _add(bench, "--concurrency", default="1,2", help="comma-separated numbers of concurrent requests")
+    _add(bench, "--repeats", type=_positive_int, default=3, help="timed batches per run (after one warm-up batch)")
+    _add(bench, "--url", help="bench a running cluster at this API URL instead of starting local ones")
+    _add(bench, "--api-key", help="API key for --url")
+    _add(bench, "--out", type=Path, default=Path("bench-results.jsonl"), help="JSON-lines file to append to")
+    _add_switch(bench, "--no-baselines", help="skip the baselines (transformers, mlx-lm, raw socket)")
+    _add_switch(bench, "--quiet", help="no progress bar")
     _add(bench, "--log-level", default="warning", choices=LOG_LEVELS, help="log verbosity")
 
     bbench = sub.add_parser("bench-backends", help="measure the MLX backend against mlx-lm, a mixed mlx+torch "
@@ -197,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(tbench, "--large-mib", type=int, default=16, help="size of each large message, in MiB")
     _add(tbench, "--large-count", type=int, default=16, help="large messages per transport (QUIC sends 1/8 as many)")
     _add(tbench, "--json", type=Path, help="append results as one JSON line to this file")
+
+    report = sub.add_parser("report", help="write a static HTML report (tables, SVG plots) of bench results "
+                            "that opens offline")
+    report.add_argument("results", type=Path, nargs="+", help="JSON-lines files written by the bench commands")
+    _add(report, "--output", short="-o", type=Path, default=Path("report.html"), help="HTML file to write")
+    _add(report, "--title", default="mesh benchmark report", help="title of the report")
     return parser
 
 
@@ -323,6 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mesh.bench_placement import run_placement_bench
 
             return run_placement_bench(args)
+        if args.command == "report":
+            from mesh.report import run_report
+
+            return run_report(args)
     except MeshError as exc:
         print(f"mesh: error: {exc}", file=sys.stderr)
         return 2

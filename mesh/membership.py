@@ -60,7 +60,7 @@ class MemberInfo:
     memory_bytes: int
     incarnation: str = ""
     alt_addresses: tuple[str, ...] = ()  # other hosts it listens on, e.g. Thunderbolt links (spec TB2)
-    role: str = "any"  # what it asks to run: prefill, decode or any (spec N11)
+    role: str = "any"  # what it asks to run: prefill, decode or any (spec N13)
 
     def to_wire(self) -> dict[str, Any]:
         body: dict[str, Any] = {

@@ -6,7 +6,7 @@ its own membership record, resources and load status as events; anti-entropy bri
 node the same events, so every node folds the same state and computes the same plan from it
 (no master). A member whose links are gone (or that stays unreachable) is removed by
 whoever notices; a member that finds itself removed while alive writes itself back.
-Spec: specs/node.md (N1-N5, N9-N11), specs/kernel.md (K9, K10).
+Spec: specs/node.md (N1-N5, N9-N13), specs/kernel.md (K9, K10).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class NodeConfig:
     objective: str = "goodput"
     timeouts: Timeouts = field(default_factory=Timeouts)
     kv_replica_bytes: int = 512 * 2**20  # spec FO8; 0 turns the KV replica off
-    role: str = "any"  # prefill, decode or any (spec N11)
+    role: str = "any"  # prefill, decode or any (spec N13)
     fault_plan: Path | None = None  # fault injection, for tests only (mesh/fault_hooks.py)
     fault_label: str | None = None
     clock_offset_s: float = 0.0  # fault injection: the kernel's wall clock runs this far ahead
@@ -369,7 +369,7 @@ class Node(NodeNetworking, NodePerformance, NodeReport, NodeHealth):
         # resources first: a member without them is not placed, so no transient plan appears
         resources: dict[str, Any] = {"backend": me.backend, "memory_bytes": me.memory_bytes}
         if me.role != "any":
-            resources["role"] = me.role  # spec N11: read by every node's placement
+            resources["role"] = me.role  # spec N13: read by every node's placement
         self.replication.emit("resources.set", resources_key(me.member_id), resources)
         record: dict[str, Any] = {"address": me.address, "api": me.api_address, "incarnation": me.incarnation}
         if me.alt_addresses:

@@ -199,7 +199,7 @@ class NodePerformance:
 
 def runtime_plan(num_layers: int, placement: Any) -> Plan:
     """The runtime's ``Plan`` for a solver ``PlacementPlan`` of single-device stages: stages
-    of role ``prefill`` become the plan's prefill pipeline (spec N11), the others its stages.
+    of role ``prefill`` become the plan's prefill pipeline (spec N13), the others its stages.
     Raises PlacementError for a plan the runtime cannot run (a tensor-parallel group)."""
     if any(len(s.devices) != 1 for s in placement.stages):
         raise PlacementError("the runtime runs single-device stages only (no tensor-parallel groups)")

@@ -58,7 +58,7 @@ class Stage:
 class Plan:
     """An ordered pipeline: stage i feeds stage i+1; together they cover every layer once.
 
-    With ``prefill_stages`` the plan is disaggregated (spec N11): a request's prefill runs
+    With ``prefill_stages`` the plan is disaggregated (spec N13): a request's prefill runs
     through ``prefill_stages`` (a second pipeline over every layer, on other members), its
     KV cache moves to ``stages``, and decode runs there.
     """
@@ -187,7 +187,7 @@ def _largest_remainder(total: int, weights: list[int]) -> list[int]:
 
 
 def place_by_roles(members: list[Any], size: ModelSize, *, context_tokens: int) -> Plan | None:
-    """A disaggregated plan (spec N11) when members ask for roles (``--role``): prefill on the
+    """A disaggregated plan (spec N13) when members ask for roles (``--role``): prefill on the
     members that asked for ``prefill``, decode on all others, each side a memory-proportional
     pipeline over every layer (``place_pipeline``). None when no member asked for ``prefill``
     or none is left to decode (a plain plan is made instead).

@@ -254,7 +254,7 @@ class Coordinator:
             recompute = False  # the KV hand-over failed: the decode stages prefill themselves
             first_step = len(generated)  # grows as the caller takes tokens
             for step in range(first_step, params.max_tokens):
-                # spec N11: a disaggregated plan prefills (from position 0) on its prefill stages
+                # spec N13: a disaggregated plan prefills (from position 0) on its prefill stages
                 handover = bool(prefill_route) and pos == 0 and not recompute
                 if step == first_step or pos == 0:
                     where = prefill_route if handover else route
@@ -330,7 +330,7 @@ class Coordinator:
     async def _await_handover(self, req: str, plan: Plan, queue: asyncio.Queue[Message], end: int,
                               prefill_s: float) -> bool:
         """Wait for every decode stage of a disaggregated plan to report the prefill's KV cache,
-        positions [0, end), loaded (spec N11). False, so that the decode stages recompute the
+        positions [0, end), loaded (spec N13). False, so that the decode stages recompute the
         prefill, when one reports a failure or the KV does not arrive within max(send timeout,
         2x the prefill's time). Raises StageFailure when a stage fails or is lost."""
         waiting = {s.member_id for s in plan.stages}

@@ -64,7 +64,7 @@ class StageWorker:
         self._done: dict[str, tuple[int, str, Message]] = {}  # req -> (last step, sent to, message)
         self._busy: dict[str, int] = {}  # req -> step being computed
         self._replica_due: dict[str, tuple[Backend, Any, int, int]] = {}  # req -> KV to send the coordinator
-        # spec N11: a prefill stage's KV to hand to the decode stages; a decode stage's KV arriving
+        # spec N13: a prefill stage's KV to hand to the decode stages; a decode stage's KV arriving
         self._push_due: dict[str, tuple[Backend, Any, int, list[Any]]] = {}  # req -> (backend, cache, n, decode route)
         self._pushes: dict[str, dict[int, tuple[int, Any, Any]]] = {}  # req -> layer -> (layer, keys, values)
 
@@ -188,7 +188,7 @@ class StageWorker:
 
     async def _push_kv(self, req: str, coordinator: str, backend: Backend, cache: Any, n: int,
                        decode_route: list[Any]) -> None:
-        """A prefill stage of a disaggregated plan (spec N11) sends the KV cache it built,
+        """A prefill stage of a disaggregated plan (spec N13) sends the KV cache it built,
         positions [0, n), to the decode stages holding the same layers, one ``kv.push`` per
         layer (the next prefill stage computes meanwhile), then frees its own copy. A failure
         only means the decode side recomputes the prefill."""
@@ -209,7 +209,7 @@ class StageWorker:
 
     async def on_kv_push(self, sender: str, msg: Message) -> None:
         """A decode stage of a disaggregated plan takes one layer's KV of a request's prefill
-        (spec N11); once every layer of its range is there it builds the request's cache and
+        (spec N13); once every layer of its range is there it builds the request's cache and
         answers ``kv.loaded`` to the coordinator (``ok``, or why not)."""
         body = msg.body
         req, coordinator = str(body.get("req", "")), str(body.get("coord", ""))
@@ -296,7 +296,7 @@ class StageWorker:
             self.release(req)
             return None
         kv_to = body.get("kv_to")
-        if pos == 0 and isinstance(kv_to, list) and kv_to:  # spec N11: hand the KV to the decode side
+        if pos == 0 and isinstance(kv_to, list) and kv_to:  # spec N13: hand the KV to the decode side
             n = len(tokens) if tokens is not None else (msg.tensor.shape[1] if msg.tensor is not None else 0)
             self._push_due[req] = (backend, cache, n, kv_to)
         if body.get("replica") is True:  # spec FO8: sent once the output has left

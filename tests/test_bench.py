@@ -90,7 +90,7 @@ def test_a_cluster_that_does_not_start_fails_each_of_its_runs_as_a_record(tmp_pa
             pass
 
     model = type("M", (), {"model_id": "m"})()
-    records = bench._run_cluster(args, ("torch", "tcp", 2, "memory", "goodput"), [(16, 4, 1), (64, 4, 2)], model,  # type: ignore[arg-type]
+    records = bench._run_cluster(args, ("torch", "tcp", 2, "memory", "goodput", 0), [(16, 4, 1), (64, 4, 2)], model,  # type: ignore[arg-type]
                                  {16: ("x", 16), 64: ("y", 64)}, {"commit": "c"}, out, tmp_path, Bar())
     assert [r["status"] for r in records] == ["failed", "failed"]
     assert all("no room for a node" in r["error"] and r["results"] is None for r in records)

@@ -1,5 +1,5 @@
 """Disaggregated prefill/decode: plans, and the runtime handing the KV cache from the
-prefill stages to the decode stages (specs/node.md N11)."""
+prefill stages to the decode stages (specs/node.md N13)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _stage(m: str, a: int, b: int) -> Stage:
     return Stage(member_id=m, layer_start=a, layer_end=b)
 
 
-@pytest.mark.spec("N11")
+@pytest.mark.spec("N13")
 def test_a_disaggregated_plan_covers_every_layer_on_each_side_with_distinct_members() -> None:
     plan = Plan(num_layers=4, stages=(_stage("d1", 0, 2), _stage("d2", 2, 4)), prefill_stages=(_stage("p", 0, 4),))
     plain = Plan(num_layers=4, stages=plan.stages)
@@ -40,7 +40,7 @@ def test_a_disaggregated_plan_covers_every_layer_on_each_side_with_distinct_memb
         Plan(num_layers=4, stages=plan.stages, prefill_stages=(_stage("d1", 0, 4),))
 
 
-@pytest.mark.spec("N11")
+@pytest.mark.spec("N13")
 def test_roles_asked_by_members_make_a_disaggregated_plan() -> None:
     size = ModelSize(num_layers=8, layer_bytes=100, edge_bytes=50, kv_bytes_per_token_per_layer=1)
 
@@ -58,7 +58,7 @@ def test_roles_asked_by_members_make_a_disaggregated_plan() -> None:
     assert place_by_roles([member("a", 10_000, "prefill")], size, context_tokens=10) is None
 
 
-@pytest.mark.spec("N11")
+@pytest.mark.spec("N13")
 def test_a_solver_plan_with_roles_maps_to_the_runtime_plan() -> None:
     placement = PlacementPlan(stages=(
         StagePlan(devices=("p",), layer_start=0, layer_end=4, role="prefill"),
@@ -121,7 +121,7 @@ def _run(n: int, prefill: int, params: SamplingParams, *, coordinator: str = "m0
     return asyncio.run(go())
 
 
-@pytest.mark.spec("N11")
+@pytest.mark.spec("N13")
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 @pytest.mark.parametrize("n,prefill", [(2, 1), (4, 2), (3, 2)])
 def test_prefill_on_one_side_and_decode_on_the_other_gives_the_plain_runs_tokens(params: SamplingParams, n: int,
@@ -139,7 +139,7 @@ def test_prefill_on_one_side_and_decode_on_the_other_gives_the_plain_runs_tokens
     assert cluster.messages["kv.push"] == cluster.plan.num_layers  # one message per layer
 
 
-@pytest.mark.spec("N11")
+@pytest.mark.spec("N13")
 @pytest.mark.parametrize("drop", ["kv.push", "kv.loaded"])
 def test_a_failed_kv_hand_over_makes_the_decode_side_recompute_with_the_same_tokens(drop: str) -> None:
     got, cluster, computed = _run(3, 1, GREEDY, drop={drop})
@@ -150,7 +150,7 @@ def test_a_failed_kv_hand_over_makes_the_decode_side_recompute_with_the_same_tok
     assert all(node.worker.caches == {} and node.worker._pushes == {} for node in cluster.nodes.values())
 
 
-@pytest.mark.spec("N11", "FO8")
+@pytest.mark.spec("N13", "FO8")
 @pytest.mark.parametrize("victim,coordinator", [("m2", "m0"), ("m0", "m2"), ("m1", "m0")],
                          ids=["decode-stage", "prefill-stage", "first-decode-stage"])
 def test_a_disaggregated_request_survives_losing_a_member(victim: str, coordinator: str) -> None:
@@ -160,7 +160,7 @@ def test_a_disaggregated_request_survives_losing_a_member(victim: str, coordinat
         assert cluster.plan is not None and victim not in {s.member_id for s in cluster.plan.all_stages}
 
 
-@pytest.mark.spec("N11")
+@pytest.mark.spec("N13")
 @settings(max_examples=12, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**16), loss=st.sampled_from([0.0, 0.1, 0.2]), duplicate=st.sampled_from([0.0, 0.3]))
 def test_a_lossy_network_never_changes_a_disaggregated_requests_tokens(seed: int, loss: float,

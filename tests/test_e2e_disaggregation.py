@@ -1,4 +1,4 @@
-"""End to end: a disaggregated cluster of real node processes on 127.0.0.1 (specs/node.md N11):
+"""End to end: a disaggregated cluster of real node processes on 127.0.0.1 (specs/node.md N13):
 one node asks to prefill, two decode; the text equals a single node's, and the KV cache moved."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _counter(url: str, name: str) -> dict[str, float]:
             if s.name.endswith("_total")}
 
 
-@pytest.mark.spec("N11")
+@pytest.mark.spec("N13")
 def test_prefill_on_one_node_decode_on_two_gives_the_single_node_text(tmp_path: Path) -> None:
     with LocalCluster(1, tmp_path / "single") as single:
         single.wait_ready()
