@@ -3,9 +3,9 @@ running cluster with ``--url``), every run appended as one JSON line, failures i
 
 Axes (comma-separated lists): ``--backend``, ``--transport``, ``--nodes``, ``--placement``,
 ``--objective``, ``--prefill-nodes`` (how many nodes run ``--role prefill``: a disaggregated
-plan), ``--prompt-tokens``, ``--new-tokens``, ``--concurrency``. For each cluster
-configuration (backend x transport x nodes x placement x objective x prefill nodes, fewer
-prefill nodes than nodes) a fresh loopback cluster
+plan), ``--kv-replica-mb`` (the failover KV replica's budget; 0 turns it off), ``--prompt-tokens``, ``--new-tokens``, ``--concurrency``. For each cluster
+configuration (backend x transport x nodes x placement x objective x prefill nodes x replica
+budget, fewer prefill nodes than nodes) a fresh loopback cluster
 is started once; each (prompt, new tokens, concurrency) run on it sends one warm-up batch,
 then ``--repeats`` batches of ``concurrency`` concurrent greedy streamed requests whose chat
 prompt is exactly ``prompt`` tokens long (the model's own template counted). A run records
@@ -252,6 +252,7 @@ def run_bench(args: argparse.Namespace) -> int:
     placements = _axis(args.placement, str, "placement", ("memory", "solver"))
     objectives = _axis(args.objective, str, "objective", ("ttft", "decode", "goodput"))
     prefill_nodes = [int(v) for v in args.prefill_nodes.split(",") if v.strip()] if args.prefill_nodes else [0]
+    replicas = _axis(args.kv_replica_mb, float, "kv-replica-mb")
     prompts = _axis(args.prompt_tokens, int, "prompt-tokens")
     news = [max(2, n) for n in _axis(args.new_tokens, int, "new-tokens")]
     concurrencies = _axis(args.concurrency, int, "concurrency")
@@ -281,10 +282,14 @@ def run_bench(args: argparse.Namespace) -> int:
         baseline("raw_socket", {"bytes": hidden_bytes}, lambda: raw_socket_baseline(hidden_bytes))
 
     clusters = [None] if args.url else [c for c in itertools.product(backends, transports, nodes, placements, objectives,
-                                                                      prefill_nodes) if c[5] < c[2]]
+                                                                      prefill_nodes, replicas) if c[5] < c[2]]
     runs = list(itertools.product(prompts, news, concurrencies))
     bar = tqdm(total=len(clusters) * len(runs), desc="bench", unit="run", disable=args.quiet)
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
+        if not args.url:  # measured once, alone: nodes of one machine measuring at once get each other's load
+            from mesh.profile import load_or_measure_profile
+
+            load_or_measure_profile(Path(tmp) / "profile", budget_s=1.0)
         for cluster_cfg in clusters:
             summary += _run_cluster(args, cluster_cfg, runs, model, contents, machine, out, Path(tmp), bar)
     bar.close()
@@ -310,12 +315,14 @@ def _run_cluster(args: argparse.Namespace, cluster_cfg: tuple[Any, ...] | None, 
                     "transport": (info.get("security") or {}).get("transport"), "nodes": len(info["members"]),
                     "placement": None, "objective": None, "target": "url"}
         else:
-            backend, transport, n, placement, objective, prefill = cluster_cfg
+            backend, transport, n, placement, objective, prefill, replica_mb = cluster_cfg
             base = {"backend": backend, "transport": transport, "nodes": n, "placement": placement,
-                    "objective": objective, "prefill_nodes": prefill, "target": "local"}
-            name = f"{backend}-{transport}-{n}-{placement}-{objective}-{prefill}"
+                    "objective": objective, "prefill_nodes": prefill, "kv_replica_mb": replica_mb, "target": "local"}
+            name = f"{backend}-{transport}-{n}-{placement}-{objective}-{prefill}-{replica_mb:g}"
             cluster = LocalCluster(n, tmp / name, model=args.model, placement=placement,
-                                   extra_args=["--backend", backend, "--transport", transport, "--objective", objective],
+                                   profile=tmp / "profile" / "profile.json",
+                                   extra_args=["--backend", backend, "--transport", transport, "--objective", objective,
+                                               "--kv-replica-mb", f"{replica_mb:g}"],
                                    node_args=[["--role", "prefill"] if i < prefill else [] for i in range(n)])
             cluster.start()
             cluster.wait_ready(timeout_s=300)
@@ -355,6 +362,7 @@ def _print_summary(records: list[dict[str, Any]]) -> None:
             thru = None
         else:
             pd = f" pd{c['prefill_nodes']}" if c.get("prefill_nodes") else ""
+            pd += " norep" if c.get("kv_replica_mb") == 0 else ""
             label = (f"{c.get('backend')}/{c.get('transport')} x{c.get('nodes')}{pd} {c.get('placement')} "
                      f"p={c.get('prompt_tokens')} n={c.get('new_tokens')} c={c.get('concurrency')}")
             ttft = (res.get("ttft_s") or {}).get("p50")

@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(bench, "--objective", default="goodput", help="comma-separated solver objectives: ttft, decode, goodput")
     _add(bench, "--prefill-nodes", default="0", help="comma-separated numbers of nodes started with --role prefill "
          "(0: a plain pipeline; k > 0: a disaggregated plan, k prefill nodes, the rest decode)")
+    _add(bench, "--kv-replica-mb", default="512", help="comma-separated KV replica budgets of the nodes in MiB "
+         "(0: off), to measure what the failover replica costs")
     _add(bench, "--prompt-tokens", default="64,512", help="comma-separated prompt lengths (chat template included)")
     _add(bench, "--new-tokens", default="32", help="comma-separated output lengths")
     _add(bench, "--concurrency", default="1,2", help="comma-separated numbers of concurrent requests")

@@ -257,7 +257,28 @@ def run_suite(names: list[str], *, model: str = "smollm2-135m", workdir: Path | 
                                         seconds=time.monotonic() - started)
             results.append(result)
             log(format_row(result))
+            if not result.passed or (result.recovery_s_max or 0.0) > SLOW_RECOVERY_S:
+                _keep_logs(ctx.workdir / name, name, log)
     return results
+
+
+SLOW_RECOVERY_S = 10.0  # a scenario whose recovery took longer keeps its node logs
+
+
+def _keep_logs(root: Path, name: str, log: Callable[[str], None]) -> None:
+    """Copy a failed or slow scenario's node logs to ``$MESH_ARTIFACTS/faults/<name>`` (default
+    ``./artifacts``), so what happened can be read after the temporary directory is gone."""
+    import os
+    import shutil
+
+    target = Path(os.environ.get("MESH_ARTIFACTS", "artifacts")) / "faults" / name
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for path in root.glob("*.log"):
+            shutil.copy2(path, target / path.name)
+        log(f"  node logs of {name} kept in {target}")
+    except OSError as exc:
+        log(f"  cannot keep the node logs of {name}: {exc}")
 
 
 HEADER = (f"{'scenario':<34} {'sent':>4} {'done':>4} {'clean':>5} {'lost':>4} {'mism':>4} "

@@ -90,7 +90,9 @@ def test_a_cluster_that_does_not_start_fails_each_of_its_runs_as_a_record(tmp_pa
             pass
 
     model = type("M", (), {"model_id": "m"})()
-    records = bench._run_cluster(args, ("torch", "tcp", 2, "memory", "goodput", 0), [(16, 4, 1), (64, 4, 2)], model,  # type: ignore[arg-type]
+    (tmp_path / "profile").mkdir()
+    (tmp_path / "profile" / "profile.json").write_text("{}")
+    records = bench._run_cluster(args, ("torch", "tcp", 2, "memory", "goodput", 0, 512.0), [(16, 4, 1), (64, 4, 2)], model,  # type: ignore[arg-type]
                                  {16: ("x", 16), 64: ("y", 64)}, {"commit": "c"}, out, tmp_path, Bar())
     assert [r["status"] for r in records] == ["failed", "failed"]
     assert all("no room for a node" in r["error"] and r["results"] is None for r in records)
@@ -119,3 +121,21 @@ def test_a_small_matrix_runs_end_to_end_and_appends_every_run(tmp_path: Path) ->
         assert sorted(s["layers"] for s in res["stages"]) == [[0, 15], [15, 30]]
         assert all(s["decode_compute_s_per_token"] > 0 for s in res["stages"])
         assert res["transfer_s_per_token"] is not None and res["transfer_s_per_token"] >= 0
+
+
+@pytest.mark.slow
+def test_bench_against_a_running_cluster_reads_its_shape_and_stage_timings(tmp_path: Path) -> None:
+    from mesh.testing.cluster import LocalCluster
+
+    out = tmp_path / "url.jsonl"
+    with LocalCluster(2, tmp_path / "cluster") as cluster:
+        cluster.wait_ready()
+        proc = subprocess.run([sys.executable, "-m", "mesh", "bench", "--url", cluster.nodes[0].api_url,
+                               "--prompt-tokens", "30", "--new-tokens", "5", "--concurrency", "1", "--repeats", "2",
+                               "--no-baselines", "--out", str(out), "--quiet"],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (run,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert run["status"] == "ok" and run["config"]["target"] == "url"
+    assert (run["config"]["nodes"], run["config"]["backend"], run["config"]["transport"]) == (2, "torch", "tcp")
+    assert run["results"]["requests"] == 2 and len(run["results"]["stages"]) == 2

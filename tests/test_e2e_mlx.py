@@ -60,3 +60,22 @@ def test_an_mlx_node_and_a_torch_node_serve_one_model_together(tmp_path: Path, t
         assert [b for b, _, _ in placed] == ["mlx", "torch"] and {(s, e) for _, s, e in placed} == {(0, 15), (15, 30)}
         for prompt, text in torch_texts.items():
             assert _chat(cluster.nodes[1].api_url, prompt) == text
+
+
+@pytest.mark.spec("B12", "N13")
+def test_an_mlx_node_prefills_and_a_torch_node_decodes_with_the_kv_cache_moved(
+        tmp_path: Path, torch_texts: dict[str, str]) -> None:
+    """Disaggregation across backends: the KV cache an MLX stage built is imported by a torch
+    stage (the wire format of specs/backend.md), and the text is the torch node's."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with LocalCluster(2, tmp_path, node_args=[["--backend", "mlx", "--role", "prefill"], []]) as cluster:
+        cluster.wait_ready()
+        url = cluster.nodes[1].api_url
+        for prompt, text in torch_texts.items():
+            assert _chat(url, prompt) == text
+        with httpx.Client(timeout=10) as client:
+            families = text_string_to_metric_families(client.get(url + "/metrics").text)
+        handovers = {s.labels["outcome"]: s.value for f in families if f.name == "mesh_kv_handovers"
+                     for s in f.samples if s.name.endswith("_total")}
+        assert handovers == {"moved": float(len(torch_texts))}
