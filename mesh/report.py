@@ -31,7 +31,9 @@ from matplotlib.figure import Figure  # noqa: E402
 DEFAULT_TITLE = "mesh benchmark report"
 # config field -> (column head, prefix in plot labels)
 CONFIG = {"model": ("model", ""), "backend": ("backend", ""), "transport": ("transport", ""), "nodes": ("nodes", "n="),
-          "placement": ("placement", ""), "objective": ("objective", "obj="), "prompt_tokens": ("prompt", "p="),
+          "placement": ("placement", ""), "objective": ("objective", "obj="),
+          "prefill_nodes": ("prefill nodes", "pd="), "kv_replica_mb": ("KV replica MiB", "rep="),
+          "prompt_tokens": ("prompt", "p="),
           "new_tokens": ("new tokens", "new="), "concurrency": ("concurrency", "c=")}
 CONFIG_FIELDS, CONFIG_HEADS = tuple(CONFIG), tuple(head for head, _ in CONFIG.values())
 MPL_RC = {"svg.fonttype": "none", "svg.hashsalt": "mesh-report", "font.size": 9,
@@ -371,6 +373,7 @@ def _header(records: Sequence[dict[str, Any]], sources: Sequence[str], counts: M
 def _runs_table(runs: Sequence[dict[str, Any]]) -> str:
     if not runs:
         return "<p><b>There are no runs in the input.</b></p>"
+    fields, heads = _present(runs)
     rows = []
     for run in runs:
         if _ok(run):
@@ -379,12 +382,19 @@ def _runs_table(runs: Sequence[dict[str, Any]]) -> str:
             status = 'ok, <span class="bad">no results</span>'
         else:
             status = _bad(run.get("status"), run.get("error"))
-        rows.append(("" if _ok(run) else "failed", [*(_e(_get(run, "config", f)) for f in CONFIG_FIELDS),
+        rows.append(("" if _ok(run) else "failed", [*(_e(_get(run, "config", f)) for f in fields),
                      _f(_stat(run, "ttft_s")[0], 1000), _f(_stat(run, "decode_tok_s")[0]),
                      _f(_num(_get(run, "results", "throughput_tok_s"))), status, _e(run.get("commit"))]))
     failed = sum(1 for r in runs if r.get("status") != "ok")
     return f"<p>{len(runs)} runs, {failed} failed.</p>" + _table(
-        (*CONFIG_HEADS, "TTFT p50 ms", "decode tok/s p50", "throughput tok/s", "status", "commit"), rows)
+        (*heads, "TTFT p50 ms", "decode tok/s p50", "throughput tok/s", "status", "commit"), rows)
+
+
+def _present(runs: Sequence[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """The config fields (and their column heads) that some run has: older records lack the
+    newer axes, and a column nobody fills says nothing."""
+    fields = [f for f in CONFIG_FIELDS if any(isinstance(r.get("config"), dict) and f in r["config"] for r in runs)]
+    return fields, [CONFIG[f][0] for f in fields]
 
 
 def _baselines_section(runs: Sequence[dict[str, Any]], baselines: Sequence[dict[str, Any]]) -> str:
@@ -406,6 +416,7 @@ def _baselines_section(runs: Sequence[dict[str, Any]], baselines: Sequence[dict[
         out.append("<p>No baselines in the input.</p>")
     ok_runs = [r for r in runs if _ok(r)]
     if ok_runs:
+        fields, heads = _present(ok_runs)
         rows = []
         for run in ok_runs:
             mine, base = _stat(run, "decode_tok_s")[0], pick_baseline(run, baselines)
@@ -414,10 +425,10 @@ def _baselines_section(runs: Sequence[dict[str, Any]], baselines: Sequence[dict[
                     if base else f"none: no ok baseline for {_e(_get(run, 'config', 'model'))} at "
                                  f"{_e(_get(run, 'config', 'prompt_tokens'))} prompt tokens")
             ratio = f"{mine / theirs:.2f}×" if mine is not None and theirs else "—"
-            rows.append(("", [*(_e(_get(run, "config", f)) for f in CONFIG_FIELDS), _f(mine), used, _f(theirs),
+            rows.append(("", [*(_e(_get(run, "config", f)) for f in fields), _f(mine), used, _f(theirs),
                               ratio]))
         out.append("<h3>Runs vs baselines (decode tokens/s)</h3>" + _table(
-            (*CONFIG_HEADS, "decode tok/s p50", "baseline used", "baseline tok/s", "ratio"), rows))
+            (*heads, "decode tok/s p50", "baseline used", "baseline tok/s", "ratio"), rows))
     return "\n".join(out)
 
 
