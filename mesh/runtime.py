@@ -333,15 +333,23 @@ class Coordinator:
         positions [0, end), loaded (spec N13). False, so that the decode stages recompute the
         prefill, when one reports a failure or the KV does not arrive within max(send timeout,
         2x the prefill's time). Raises StageFailure when a stage fails or is lost."""
-        waiting = {s.member_id for s in plan.stages}
         deadline = time.monotonic() + max(self.timeouts.send_s, 2 * prefill_s)
+        failure = await self._await_kv_loaded(req, queue, {s.member_id for s in plan.stages}, end, deadline)
+        if failure is not None:
+            log.info("req=%s: KV hand-over failed (%s): the decode stages recompute the prefill", req, failure)
+        return failure is None
+
+    async def _await_kv_loaded(self, req: str, queue: asyncio.Queue[Message], members: set[str], end: int,
+                               deadline: float) -> str | None:
+        """Wait for a ``kv.loaded`` of positions [0, ``end``) from every one of ``members``:
+        None when all loaded, else why not (one refused, or ``deadline`` passed). Raises
+        StageFailure when a stage fails or is lost (RequestFailed when fatally)."""
+        waiting = set(members)
         while waiting:
             try:
                 reply = await asyncio.wait_for(queue.get(), max(0.001, deadline - time.monotonic()))
             except TimeoutError:
-                log.info("req=%s: the KV cache did not reach %s in time: the decode stages recompute the prefill",
-                         req, sorted(waiting))
-                return False
+                return f"{sorted(waiting)} did not answer in time"
             if reply.type == "error":
                 if reply.body.get("fatal") is True:
                     raise RequestFailed(f"req={req} failed: {reply.body.get('message')}")
@@ -349,11 +357,9 @@ class Coordinator:
             if reply.type != "kv.loaded" or reply.body.get("end") != end:
                 continue
             if reply.body.get("ok") is not True:
-                log.info("req=%s: KV hand-over failed (%s): the decode stages recompute the prefill", req,
-                         reply.body.get("message"))
-                return False
+                return str(reply.body.get("message"))
             waiting.discard(str(reply.body.get("member", "")))
-        return True
+        return None
 
     async def _resume(self, req: str, plan: Plan, replica: RequestReplica, queue: asyncio.Queue[Message],
                       limit: int) -> int:
@@ -374,34 +380,21 @@ class Coordinator:
             return 0
         started = time.monotonic()
         deadline = started + max(self.timeouts.send_s, 2 * self._prefill_s_per_token * end)
-        waiting = set()
         try:
             for member, ids, block in blocks:
                 body = {"req": req, "coord": self.node.member_id, "layers": ids, "end": end}
                 await asyncio.wait_for(self.node.send(member, Message(type="kv.load", body=body, tensor=block)),
                                        max(0.001, deadline - time.monotonic()))
-                waiting.add(member)
-            while waiting:
-                reply = await asyncio.wait_for(queue.get(), max(0.001, deadline - time.monotonic()))
-                if reply.type == "error":
-                    if reply.body.get("fatal") is True:
-                        raise RequestFailed(f"req={req} failed: {reply.body.get('message')}")
-                    raise StageFailure(str(reply.body.get("message")))
-                if reply.type != "kv.loaded" or reply.body.get("end") != end:
-                    continue
-                if reply.body.get("ok") is not True:
-                    log.info("req=%s: a stage did not load its KV (%s): prefilling from position 0", req,
-                             reply.body.get("message"))
-                    return 0
-                waiting.discard(str(reply.body.get("member", "")))
         except TimeoutError:
-            log.info("req=%s: KV loads not done within %.1f s: prefilling from position 0", req,
+            log.info("req=%s: KV loads not sent within %.1f s: prefilling from position 0", req,
                      time.monotonic() - started)
             return 0
         except MeshError as exc:
-            if isinstance(exc, StageFailure | RequestFailed):
-                raise
             raise StageFailure(f"cannot send the KV replica: {exc}") from exc
+        failure = await self._await_kv_loaded(req, queue, {member for member, _, _ in blocks}, end, deadline)
+        if failure is not None:
+            log.info("req=%s: the KV replica did not load (%s): prefilling from position 0", req, failure)
+            return 0
         log.info("req=%s: resumed at position %d from the KV replica in %.2f s", req, end, time.monotonic() - started)
         return end
 

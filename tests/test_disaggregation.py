@@ -15,9 +15,8 @@ from mesh.engine import SamplingParams
 from mesh.errors import PlacementError
 from mesh.node_perf import runtime_plan
 from mesh.placement import ModelSize, Plan, Stage, place_by_roles
-from mesh.testing.minicluster import MiniCluster
+from mesh.testing.minicluster import PROMPT, MiniCluster, reference_tokens, run_request
 
-PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 SEEDED = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=5)
 
@@ -72,27 +71,6 @@ def test_a_solver_plan_with_roles_maps_to_the_runtime_plan() -> None:
         runtime_plan(4, PlacementPlan(stages=(StagePlan(devices=("a", "b"), layer_start=0, layer_end=4),)))
 
 
-async def _generate(cluster: MiniCluster, params: SamplingParams, coordinator: str = "m0",
-                    on_token: dict[int, object] | None = None) -> list[int]:
-    out: list[int] = []
-    async for token in cluster.nodes[coordinator].coordinator.generate(PROMPT, params):
-        out.append(token)
-        action = (on_token or {}).get(len(out))
-        if action is not None:
-            action()  # type: ignore[operator]
-    return out
-
-
-def _reference(params: SamplingParams) -> list[int]:
-    async def go() -> list[int]:
-        cluster = MiniCluster(1)
-        try:
-            return await _generate(cluster, params)
-        finally:
-            await cluster.close()
-    return asyncio.run(go())
-
-
 def _run(n: int, prefill: int, params: SamplingParams, *, coordinator: str = "m0", drop: set[str] | None = None,
          loss: float = 0.0, duplicate: float = 0.0, seed: int = 0, replica: int = 0,
          kill: str | None = None) -> tuple[list[int], MiniCluster, dict[str, int]]:
@@ -111,7 +89,7 @@ def _run(n: int, prefill: int, params: SamplingParams, *, coordinator: str = "m0
         if kill is not None:
             actions[5] = lambda: (snapshot(), cluster.kill(kill))
         try:
-            got = await _generate(cluster, params, coordinator, actions)
+            got = await run_request(cluster, params, coordinator=coordinator, on_token=actions)
             if kill is None:
                 snapshot()
             await asyncio.sleep(0.3)  # releases travel
@@ -127,7 +105,7 @@ def _run(n: int, prefill: int, params: SamplingParams, *, coordinator: str = "m0
 def test_prefill_on_one_side_and_decode_on_the_other_gives_the_plain_runs_tokens(params: SamplingParams, n: int,
                                                                                  prefill: int) -> None:
     got, cluster, computed = _run(n, prefill, params)
-    assert got == _reference(params)
+    assert got == reference_tokens(params)
     assert cluster.plan is not None and len(cluster.plan.prefill_stages) == prefill
     for s in cluster.plan.prefill_stages:
         assert computed[s.member_id] == len(PROMPT)  # the prompt, once
@@ -143,7 +121,7 @@ def test_prefill_on_one_side_and_decode_on_the_other_gives_the_plain_runs_tokens
 @pytest.mark.parametrize("drop", ["kv.push", "kv.loaded"])
 def test_a_failed_kv_hand_over_makes_the_decode_side_recompute_with_the_same_tokens(drop: str) -> None:
     got, cluster, computed = _run(3, 1, GREEDY, drop={drop})
-    assert got == _reference(GREEDY)
+    assert got == reference_tokens(GREEDY)
     assert cluster.plan is not None
     for s in cluster.plan.stages:  # the prompt and the first token, then the other 10 decode steps
         assert computed[s.member_id] == len(PROMPT) + 1 + GREEDY.max_tokens - 2
@@ -156,7 +134,7 @@ def test_a_failed_kv_hand_over_makes_the_decode_side_recompute_with_the_same_tok
 def test_a_disaggregated_request_survives_losing_a_member(victim: str, coordinator: str) -> None:
     for replica in (0, 1 << 20):
         got, cluster, _ = _run(4, 1, GREEDY, coordinator=coordinator, kill=victim, replica=replica)
-        assert got == _reference(GREEDY), replica
+        assert got == reference_tokens(GREEDY), replica
         assert cluster.plan is not None and victim not in {s.member_id for s in cluster.plan.all_stages}
 
 
@@ -166,4 +144,4 @@ def test_a_disaggregated_request_survives_losing_a_member(victim: str, coordinat
 def test_a_lossy_network_never_changes_a_disaggregated_requests_tokens(seed: int, loss: float,
                                                                       duplicate: float) -> None:
     got, cluster, _ = _run(3, 1, GREEDY, loss=loss, duplicate=duplicate, seed=seed)
-    assert got == _reference(GREEDY)
+    assert got == reference_tokens(GREEDY)

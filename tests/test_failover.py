@@ -12,32 +12,9 @@ from hypothesis import strategies as st
 from mesh.engine import SamplingParams
 from mesh.errors import RequestFailed
 from mesh.runtime import Timeouts
-from mesh.testing.minicluster import MiniCluster
-
-PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
-
-
-async def _run(cluster: MiniCluster, params: SamplingParams, *, coordinator: str = "m0",
-               on_token: dict[int, object] | None = None) -> list[int]:
-    """Generate through ``coordinator``; ``on_token[k]()`` runs after the k-th token."""
-    out: list[int] = []
-    async for token in cluster.nodes[coordinator].coordinator.generate(PROMPT, params):
-        out.append(token)
-        action = (on_token or {}).get(len(out))
-        if action is not None:
-            action()  # type: ignore[operator]
-    return out
-
-
-def _reference(params: SamplingParams) -> list[int]:
-    async def go() -> list[int]:
-        cluster = MiniCluster(1)
-        try:
-            return await _run(cluster, params)
-        finally:
-            await cluster.close()
-    return asyncio.run(go())
-
+from mesh.testing.minicluster import PROMPT, MiniCluster
+from mesh.testing.minicluster import reference_tokens as _reference
+from mesh.testing.minicluster import run_request as _run
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 SEEDED = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=7)

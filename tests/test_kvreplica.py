@@ -12,10 +12,9 @@ from hypothesis import strategies as st
 from mesh.engine import SamplingParams
 from mesh.errors import BackendError
 from mesh.kvreplica import ReplicaStore, RequestReplica, pack_kv, unpack_kv
-from mesh.testing.minicluster import MiniCluster
+from mesh.testing.minicluster import MiniCluster, reference_tokens, run_request
 from mesh.wire import DTYPES, WireTensor
 
-PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 SEEDED = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=11)
 
@@ -135,27 +134,6 @@ def test_the_store_keeps_its_budget_drops_stale_attempts_and_frees_on_close() ->
     assert store.nbytes == 0
 
 
-async def _generate(cluster: MiniCluster, params: SamplingParams, coordinator: str,
-                    on_token: dict[int, object]) -> list[int]:
-    out: list[int] = []
-    async for token in cluster.nodes[coordinator].coordinator.generate(PROMPT, params):
-        out.append(token)
-        action = on_token.get(len(out))
-        if action is not None:
-            action()  # type: ignore[operator]
-    return out
-
-
-def _reference(params: SamplingParams) -> list[int]:
-    async def go() -> list[int]:
-        cluster = MiniCluster(1)
-        try:
-            return await _generate(cluster, params, "m0", {})
-        finally:
-            await cluster.close()
-    return asyncio.run(go())
-
-
 def _kill_after_5(params: SamplingParams, victim: str, *, budget: int = 1 << 20, drop: set[str] | None = None,
                   loss: float = 0.0, duplicate: float = 0.0, seed: int = 0) -> tuple[list[int], MiniCluster]:
     async def go() -> tuple[list[int], MiniCluster]:
@@ -164,7 +142,7 @@ def _kill_after_5(params: SamplingParams, victim: str, *, budget: int = 1 << 20,
         cluster.faults.loss, cluster.faults.duplicate = loss, duplicate
         coordinator = "m2" if victim == "m0" else "m0"
         try:
-            got = await _generate(cluster, params, coordinator, {5: lambda: cluster.kill(victim)})
+            got = await run_request(cluster, params, coordinator=coordinator, on_token={5: lambda: cluster.kill(victim)})
             await asyncio.sleep(0.3)  # releases travel
             return got, cluster
         finally:
@@ -183,7 +161,7 @@ def _computed_after_the_loss(cluster: MiniCluster) -> list[int]:
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 @pytest.mark.parametrize("victim", ["m1", "m2", "m0"], ids=["middle", "last", "first"])
 def test_a_failover_resumes_from_the_replica_with_the_fault_free_tokens(params: SamplingParams, victim: str) -> None:
-    expected = _reference(params)
+    expected = reference_tokens(params)
     got, cluster = _kill_after_5(params, victim)
     assert got == expected
     # prompt 8 + 5 tokens: the replica covers 12 positions (11 when the last step's block was
@@ -201,7 +179,7 @@ def test_a_failover_resumes_from_the_replica_with_the_fault_free_tokens(params: 
 @pytest.mark.spec("FO8")
 @pytest.mark.parametrize("how", ["replica-lost", "load-unanswered", "budget-too-small", "replica-off"])
 def test_a_missing_piece_falls_back_to_the_re_prefill_with_the_same_tokens(how: str) -> None:
-    expected = _reference(GREEDY)
+    expected = reference_tokens(GREEDY)
     kwargs: dict[str, object] = {
         "replica-lost": {"drop": {"kv.replica"}},
         "load-unanswered": {"drop": {"kv.loaded"}},
@@ -226,5 +204,5 @@ def test_a_lossy_network_never_changes_a_resumed_requests_tokens(seed: int, loss
     """Lost or repeated replica blocks, loads and answers only make the resume shorter or
     turn it into a re-prefill; the tokens stay those of a fault-free run."""
     got, cluster = _kill_after_5(GREEDY, victim, loss=loss, duplicate=duplicate, seed=seed)
-    assert got == _reference(GREEDY)
+    assert got == reference_tokens(GREEDY)
     assert cluster.nodes["m0"].coordinator.replicas.nbytes == 0

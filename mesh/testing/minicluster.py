@@ -267,3 +267,30 @@ class MiniCluster:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for node in self.nodes.values():
             node.executor.shutdown(wait=False, cancel_futures=True)
+
+
+PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]  # the prompt the failover tests send
+
+
+async def run_request(cluster: MiniCluster, params: Any, *, coordinator: str = "m0",
+                      on_token: dict[int, Any] | None = None, prompt: list[int] | None = None) -> list[int]:
+    """Generate through ``coordinator``'s ``Coordinator``; ``on_token[k]()`` runs right after
+    the k-th token (e.g. to kill a member there)."""
+    out: list[int] = []
+    async for token in cluster.nodes[coordinator].coordinator.generate(prompt or PROMPT, params):
+        out.append(token)
+        action = (on_token or {}).get(len(out))
+        if action is not None:
+            action()
+    return out
+
+
+def reference_tokens(params: Any, prompt: list[int] | None = None) -> list[int]:
+    """The tokens a fault-free single-member cluster gives."""
+    async def go() -> list[int]:
+        cluster = MiniCluster(1)
+        try:
+            return await run_request(cluster, params, prompt=prompt)
+        finally:
+            await cluster.close()
+    return asyncio.run(go())
