@@ -235,6 +235,7 @@ class TcpConnection(LinkState):
     async def send(self, msg: Message, *, timeout_s: float, lane: str = "control") -> None:
         check_lane(lane)  # one byte stream: every lane shares its order (spec T11)
         self._raise_if_closed()
+        self._raise_if_transport_closing()
         parts = self._encoder.encode_parts(msg)  # a bad local message leaves the link open
         size = sum(len(p) for p in parts)
         if (size <= WRITE_CHUNK_BYTES and not self._send_lock.locked() and not self._write_paused
@@ -259,6 +260,7 @@ class TcpConnection(LinkState):
                                 self._raise_if_closed()
                                 await self._wait(self._drain_waiters, None)
                             self._raise_if_closed()
+                            self._raise_if_transport_closing()
                             self._transport.write(view[offset:offset + WRITE_CHUNK_BYTES])
                             written = True
                     self._frames_sent += 1
@@ -266,6 +268,10 @@ class TcpConnection(LinkState):
                     while self._write_paused:
                         self._raise_if_closed()
                         await self._wait(self._drain_waiters, None)
+                    # A write that failed (the peer is gone) closes the transport at once but
+                    # reports connection_lost only from the event loop: yield, so a caller that
+                    # sends in a loop sees the close instead of spinning on a dead socket.
+                    await asyncio.sleep(0)
         except TimeoutError:
             if written:  # the peer may have part of the frame: the link is unusable
                 self._close_now(f"send of {size} bytes timed out", abort=True)
@@ -291,6 +297,12 @@ class TcpConnection(LinkState):
         if self._reading_paused and self._inbox_bytes + self._decoder.buffered_bytes <= INBOX_HIGH_WATER_BYTES // 2:
             self._resume_reading()
         return msg
+
+    def _raise_if_transport_closing(self) -> None:
+        """asyncio closes a transport whose write failed before it calls connection_lost;
+        sending on it would drop the bytes silently."""
+        if self._transport.is_closing() and self._closed_reason is None:
+            raise TransportError(f"connection to {self._peer} is closing")
 
     def _raise_if_closed(self) -> None:
         if self._decoder.error is not None and not self._inbox:
