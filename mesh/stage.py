@@ -204,6 +204,8 @@ class StageWorker:
                 await self.node.send(str(target[0]), Message(type="kv.push", body=body, tensor=block))
         except MeshError as exc:
             log.info("req=%s: KV cache not handed to the decode stages: %s", req, exc)
+        except Exception:  # a plugin's export that breaks its contract: the decode side recomputes
+            log.exception("req=%s: exporting the KV cache for the decode stages failed", req)
         finally:
             self.caches.pop(req, None)  # this request decodes elsewhere
 
@@ -264,6 +266,8 @@ class StageWorker:
                 await self.node.send(coordinator, replica)
         except MeshError as exc:
             log.info("req=%s: no KV replica from this stage: %s", req, exc)
+        except Exception:  # the replica is best effort: a broken export must not fail the request
+            log.exception("req=%s: exporting the KV replica failed", req)
 
     async def _compute(self, req: str, body: dict[str, Any], msg: Message, step: int) -> tuple[str, Message] | None:
         """Run one step of ``req`` on this stage: (where its output goes, the message), or

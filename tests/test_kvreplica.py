@@ -206,3 +206,19 @@ def test_a_lossy_network_never_changes_a_resumed_requests_tokens(seed: int, loss
     got, cluster = _kill_after_5(GREEDY, victim, loss=loss, duplicate=duplicate, seed=seed)
     assert got == reference_tokens(GREEDY)
     assert cluster.nodes["m0"].coordinator.replicas.nbytes == 0
+
+
+@pytest.mark.spec("FO8")
+def test_a_backend_whose_export_breaks_its_contract_fails_no_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replica is best effort: an export raising something other than BackendError is
+    logged, the request's tokens are unchanged, and a failover re-prefills."""
+    from mesh.testing.minicluster import HistoryBackend
+
+    def broken(self: HistoryBackend, cache: object, *, start_pos: int, end_pos: int) -> list[object]:
+        raise ValueError("not implemented by this plugin")
+
+    monkeypatch.setattr(HistoryBackend, "export_kv", broken)
+    got, cluster = _kill_after_5(GREEDY, "m1")
+    assert got == reference_tokens(GREEDY)
+    assert cluster.nodes["m0"].coordinator.failed_attempts == 1  # the kill only, no export failure
+    assert _computed_after_the_loss(cluster) == [13 + 6, 13 + 6]  # nothing to resume from
