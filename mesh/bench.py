@@ -19,10 +19,17 @@ transformers' ``generate()`` on the same dequantized weights (per prompt length)
 ``generate_step`` when MLX is installed and an mlx run is in the matrix, and a raw TCP
 socket round trip on loopback with a decode step's hidden states.
 
-Record schema (``schema: 1``; ``python -m mesh report`` renders them): ``{"kind": "run" |
+Record schema (``schema: 2``; ``python -m mesh report`` renders them): ``{"kind": "run" |
 "baseline", "suite": "mesh-bench", "schema", "timestamp", "commit", "machine", "config",
-"status": "ok" | "failed", "error", "results"}``; see ``run_record`` and the baseline
-functions for the fields of ``results``.
+"status": "ok" | "partial" | "failed", "error", "results"}``; see ``run_once`` and the baseline
+functions for the fields of ``results``. Figures are stats blocks (``n``, ``p50``, ``mean``,
+``min``, ``max``, ``runs``: every value). A run is ``partial`` when any request failed, ended
+without ``[DONE]`` or came back short of its tokens (``results.failures`` counts them by
+kind), and ``failed`` when none succeeded: its medians cover only the requests that worked.
+
+With ``--url`` the cluster is somebody else's machines: the records name this machine as the
+``client`` and list the cluster's members as ``/v1/cluster`` reports them, and the baselines
+(which would measure this machine, not the cluster) are skipped.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from mesh.benchstats import stats_block
 from mesh.benchutil import (
     append_jsonl,
     exact_chat_content,
@@ -49,14 +57,8 @@ from mesh.benchutil import (
 from mesh.errors import ConfigError
 from mesh.models import Model, resolve_model
 
-SCHEMA = 1
-
-
-def _stats(values: list[float]) -> dict[str, Any] | None:
-    if not values:
-        return None
-    return {"p50": statistics.median(values), "mean": statistics.fmean(values), "min": min(values),
-            "max": max(values), "runs": values}
+SCHEMA = 2
+_stats = stats_block
 
 
 def _record(kind: str, machine: dict[str, Any], config: dict[str, Any], status: str, error: str | None,
@@ -70,7 +72,8 @@ def _record(kind: str, machine: dict[str, Any], config: dict[str, Any], status: 
 # -- baselines ---------------------------------------------------------------------------------
 def transformers_baseline(model: Model, prompt_tokens: int, new_tokens: int, repeats: int) -> dict[str, Any]:
     """transformers' ``generate()`` on the same dequantized weights, greedy: TTFT (a 1-token
-    generate) and decode tokens/s ((N - 1) / (time of N tokens - TTFT)); medians."""
+    generate) and decode tokens/s ((N - 1) / (time of N tokens - TTFT)), ``repeats`` of each
+    after a warm-up, as stats blocks."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -94,11 +97,12 @@ def transformers_baseline(model: Model, prompt_tokens: int, new_tokens: int, rep
         total = generate(new_tokens)
         ttfts.append(ttft)
         rates.append((new_tokens - 1) / max(total - ttft, 1e-9))
-    return {"ttft_s": statistics.median(ttfts), "decode_tok_s": statistics.median(rates)}
+    return {"ttft_s": _stats(ttfts), "decode_tok_s": _stats(rates)}
 
 
 def mlx_lm_baseline(model: Model, prompt_tokens: int, new_tokens: int, repeats: int) -> dict[str, Any]:
-    """mlx-lm's ``generate_step`` on the MLX backend's whole-model module (same weights), greedy."""
+    """mlx-lm's ``generate_step`` on the MLX backend's whole-model module (same weights), greedy;
+    stats blocks of ``repeats`` runs after a warm-up."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
@@ -118,12 +122,13 @@ def mlx_lm_baseline(model: Model, prompt_tokens: int, new_tokens: int, repeats: 
 
     once()
     runs = [once() for _ in range(repeats)]
-    return {"ttft_s": statistics.median(r[0] for r in runs), "decode_tok_s": statistics.median(r[1] for r in runs)}
+    return {"ttft_s": _stats([r[0] for r in runs]), "decode_tok_s": _stats([r[1] for r in runs])}
 
 
 def raw_socket_baseline(nbytes: int, round_trips: int = 300) -> dict[str, Any]:
-    """Median round trip (s) of ``nbytes`` over a plain loopback TCP socket (echoed back): the
-    floor under a pipeline hop's transfer of a decode step's hidden states."""
+    """Round trips (s) of ``nbytes`` over a plain loopback TCP socket (echoed back): the floor
+    under a pipeline hop's transfer of a decode step's hidden states. ``round_trip_s`` is the
+    median; ``round_trip`` its n, p50, quartiles, min and max (not every value)."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
 
@@ -149,7 +154,10 @@ def raw_socket_baseline(nbytes: int, round_trips: int = 300) -> dict[str, Any]:
     listener.close()
     thread.join(timeout=5)
     rtt = statistics.median(times)
-    return {"round_trip_s": rtt, "bytes": nbytes, "throughput_bytes_per_s": 2 * nbytes / rtt}
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    return {"round_trip_s": rtt, "round_trip": {"n": len(times), "p50": rtt, "q1": q1, "q3": q3,
+                                                 "min": min(times), "max": max(times)},
+            "bytes": nbytes, "throughput_bytes_per_s": 2 * nbytes / rtt}
 
 
 # -- runs --------------------------------------------------------------------------------------
@@ -182,13 +190,18 @@ def run_once(url: str, model_id: str, content: str, new_tokens: int, concurrency
         outs += got
         throughputs.append(sum(o["tokens"] for o in got if o["ok"]) / wall)
     ok = [o for o in outs if o["ok"]]
+    failures: dict[str, int] = {}
+    for o in outs:
+        if not o["ok"]:
+            failures[o["failure"]] = failures.get(o["failure"], 0) + 1
     results: dict[str, Any] = {
-        "requests": len(outs), "failed_requests": len(outs) - len(ok),
+        "requests": len(outs), "failed_requests": len(outs) - len(ok), "failures": failures,
         "prompt_tokens": ok[0]["prompt_tokens"] if ok else None,
         "ttft_s": _stats([o["ttft_s"] for o in ok]),
         "decode_tok_s": _stats([o["decode_tok_s"] for o in ok if o["decode_tok_s"]]),
         "tpot_s": _stats([1 / o["decode_tok_s"] for o in ok if o["decode_tok_s"]]),
         "throughput_tok_s": statistics.median(throughputs) if throughputs else None,
+        "throughput": _stats(throughputs),
         "errors": sorted({str(o["error"]) for o in outs if not o["ok"]}),
     }
     try:  # what each stage spent computing, from the coordinator's recent requests
@@ -201,6 +214,13 @@ def run_once(url: str, model_id: str, content: str, new_tokens: int, concurrency
     except Exception as exc:  # noqa: BLE001 - a run's figures stand without the breakdown
         results["breakdown_error"] = f"{type(exc).__name__}: {exc}"
     return results
+
+
+def run_status(results: dict[str, Any]) -> str:
+    """``ok`` when every request succeeded, ``failed`` when none did, else ``partial``."""
+    if results["failed_requests"] == 0:
+        return "ok"
+    return "failed" if results["failed_requests"] >= results["requests"] else "partial"
 
 
 def _stage_breakdown(info: dict[str, Any], count: int) -> dict[str, Any]:
@@ -258,6 +278,8 @@ def run_bench(args: argparse.Namespace) -> int:
     concurrencies = _axis(args.concurrency, int, "concurrency")
     model = Model(resolve_model(args.model))
     machine = machine_profile()
+    if args.url:  # the figures are the cluster's; this machine only sends the requests
+        machine["role"] = "client"
     out: Path = args.out
     contents = {p: exact_chat_content(model, p) for p in prompts}
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_bytes'] / 2**30:.1f} GiB; "
@@ -272,7 +294,9 @@ def run_bench(args: argparse.Namespace) -> int:
         append_jsonl(out, record)
         summary.append(record)
 
-    if not args.no_baselines:
+    if args.url and not args.no_baselines:
+        print("baselines skipped: with --url they would measure this machine, not the cluster's")
+    elif not args.no_baselines:
         for p in prompts:
             cfg = {"model": model.model_id, "prompt_tokens": p, "new_tokens": news[0]}
             baseline("transformers_generate", cfg, lambda p=p: transformers_baseline(model, p, news[0], args.repeats))
@@ -313,7 +337,9 @@ def _run_cluster(args: argparse.Namespace, cluster_cfg: tuple[Any, ...] | None, 
             info = _cluster_view(url, args.api_key)
             base = {"backend": "+".join(sorted({m["backend"] for m in info["members"]})),
                     "transport": (info.get("security") or {}).get("transport"), "nodes": len(info["members"]),
-                    "placement": None, "objective": None, "target": "url"}
+                    "placement": None, "objective": None, "target": "url",
+                    "members": [{k: m.get(k) for k in ("id", "backend", "role", "layer_start", "layer_end",
+                                                       "memory_bytes", "address")} for m in info["members"]]}
         else:
             backend, transport, n, placement, objective, prefill, replica_mb = cluster_cfg
             base = {"backend": backend, "transport": transport, "nodes": n, "placement": placement,
@@ -339,9 +365,9 @@ def _run_cluster(args: argparse.Namespace, cluster_cfg: tuple[Any, ...] | None, 
                 content, exact = contents[prompt]
                 results = run_once(url, model.model_id, content, new, concurrency, args.repeats, args.api_key)
                 results["prompt_tokens_exact"] = exact == prompt
-                failed = results["failed_requests"] == results["requests"]
-                record = _record("run", machine, config, "failed" if failed else "ok",
-                                 "; ".join(results["errors"]) if failed else None, results)
+                status = run_status(results)
+                record = _record("run", machine, config, status,
+                                 "; ".join(results["errors"]) if status != "ok" else None, results)
             append_jsonl(out, record)
             records.append(record)
             bar.update(1)

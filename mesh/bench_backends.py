@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from mesh.benchutil import exact_prompt, machine_profile, median_runs, stream_request
+from mesh.benchutil import exact_prompt, machine_profile, stream_request, timed_runs
 from mesh.models import Model, resolve_model
 
 
@@ -71,14 +71,14 @@ def bench_mlx_in_process(model: Model, prompt: list[int], new_tokens: int, repea
     rows = {}
     for name, fn in (("mlx_lm_generate_step", upstream), ("mlx_backend", lambda: backend_run(mlx_backend)),
                      ("torch_backend", lambda: backend_run(torch_backend))):
-        ttft, tps = median_runs(fn, repeats)
-        rows[name] = {"ttft_s": ttft, "decode_tok_s": tps}
+        rows[name] = timed_runs(fn, repeats)
     return rows
 
 
 def bench_cluster(name: str, n: int, node_args: list[list[str]], model: Model, model_arg: str, content: str,
                   new_tokens: int, repeats: int, workdir: Path) -> dict[str, Any]:
-    """Median TTFT and decode tok/s over HTTP of an n-node loopback cluster; failures are recorded."""
+    """TTFT and decode tok/s over HTTP of an n-node loopback cluster (medians and every run, see
+    ``timed_runs``); a failed request fails the configuration, recorded with its error."""
     from mesh.testing.cluster import LocalCluster
 
     try:
@@ -95,8 +95,8 @@ def bench_cluster(name: str, n: int, node_args: list[list[str]], model: Model, m
                 prompt_tokens = out["prompt_tokens"]
                 return out["ttft_s"], out["decode_tok_s"]
 
-            ttft, tps = median_runs(once, repeats)
-        return {"nodes": n, "node_args": node_args, "ttft_s": ttft, "decode_tok_s": tps, "prompt_tokens": prompt_tokens}
+            figures = timed_runs(once, repeats)
+        return {"nodes": n, "node_args": node_args, **figures, "prompt_tokens": prompt_tokens}
     except Exception as exc:  # noqa: BLE001 - a failed configuration is a result too
         return {"nodes": n, "node_args": node_args, "error": f"{type(exc).__name__}: {exc}"}
 
@@ -134,7 +134,8 @@ def run_backends_bench(args: argparse.Namespace) -> int:
     print(f"machine: {profile['cpu']}, {profile['cores']} cores; commit {profile['commit']}; {profile['date']}")
     print(f"model {model.model_id}: prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
           f"median of {args.repeats} runs after a warm-up")
-    results: dict[str, Any] = {"machine": profile, "model": model.model_id, "prompt_tokens": args.prompt_tokens,
+    results: dict[str, Any] = {"suite": "mesh-bench-backends", "schema": 2, "machine": profile,
+                               "model": model.model_id, "prompt_tokens": args.prompt_tokens,
                                "new_tokens": args.new_tokens, "repeats": args.repeats}
     results["in_process"] = bench_mlx_in_process(model, prompt, args.new_tokens, args.repeats)
     with tempfile.TemporaryDirectory(prefix="mesh-bench-backends-") as tmp:

@@ -126,7 +126,7 @@ def run_kernel_bench(args: argparse.Namespace) -> int:
     profile = machine_profile()
     print(f"machine: {profile['cpu']}, {profile['cores']} cores, {profile['memory_bytes'] / 2**30:.1f} GiB; "
           f"commit {profile['commit']}; {profile['date']}")
-    results: dict[str, Any] = {"machine": profile}
+    results: dict[str, Any] = {"suite": "mesh-bench-kernel", "schema": 2, "machine": profile}
     results["apply"] = bench_apply(args.events)
     print(f"apply: {results['apply']['events_per_s']:.0f} events/s ({args.events} events from a peer)")
     results["catch_up"] = c = bench_catch_up()

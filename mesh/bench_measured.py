@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mesh.benchstats import stats_block
 from mesh.benchutil import FILLER, machine_profile, stream_request
 from mesh.node_perf import RECALIBRATE_AFTER_S, RECALIBRATIONS
 
@@ -63,7 +64,8 @@ def measure_configuration(n: int, copies: int, *, model: str, new_tokens: int, r
         "predicted": {k: predicted.get(k) for k in ("ttft_s", "decode_tokens_per_s")},
         "coordinator": {k: measured.get(k) for k in ("ttft_s", "decode_tokens_per_s")},
         "client": {"ttft_s": statistics.median(c[0] for c in client),
-                   "decode_tokens_per_s": statistics.median(c[1] for c in client)},
+                   "decode_tokens_per_s": statistics.median(c[1] for c in client),
+                   "ttft": stats_block([c[0] for c in client]), "decode": stats_block([c[1] for c in client])},
     }
     row["ratio"] = {k: _ratio(row["predicted"][k], row["coordinator"][k]) for k in ("ttft_s", "decode_tokens_per_s")}
     return row
@@ -96,7 +98,8 @@ def run_measured_bench(*, model: str, new_tokens: int, repeats: int, json_path: 
     met = all(_within(r["ratio"][k]) for r in rows for k in ("ttft_s", "decode_tokens_per_s"))
     print(f"predicted within {TARGET:.0%} of measured on every configuration: {'yes' if met else 'NO'}")
     if json_path:
-        result = {"bench": "placement-measured", "machine": machine, "model": model, "rows": rows, "target_met": met,
+        result = {"suite": "mesh-bench-placement-measured", "schema": 2, "bench": "placement-measured",
+                  "machine": machine, "model": model, "rows": rows, "target_met": met,
                   "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
         with open(json_path, "a") as handle:
             handle.write(json.dumps(result) + "\n")

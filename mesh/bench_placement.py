@@ -426,7 +426,8 @@ def run_placement_bench(args: argparse.Namespace) -> int:
     print("TTFT, decode tok/s and e2e are PREDICTIONS of the cost model from published device figures "
           "(see mesh/bench_placement.py); 'ours is' = the row's objective score / ours (> 1: ours faster); "
           f"usable memory = {USABLE_FRACTION:.0%} of physical")
-    results: dict[str, Any] = {"machine": profile, "seed": args.seed, "usable_fraction": USABLE_FRACTION,
+    results: dict[str, Any] = {"suite": "mesh-bench-placement", "schema": 2, "machine": profile,
+                               "seed": args.seed, "usable_fraction": USABLE_FRACTION,
                                "device_figures": {k: {"name": v.name, "memory_bytes": v.memory_bytes, "flops": v.flops,
                                                       "bandwidth_bytes_per_s": v.bandwidth_bytes_per_s,
                                                       "source": v.source} for k, v in DEVICES.items()},

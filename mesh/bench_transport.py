@@ -205,6 +205,6 @@ def run_transport_bench(args: argparse.Namespace) -> int:
               + (f"{r['tls_rtt_cost']:>14.2f}{r['tls_throughput_cost']:>15.2f}" if r["tls"] else ""))
     if args.json:
         with open(args.json, "a") as handle:
-            handle.write(json.dumps({"machine": profile, **results}) + "\n")
+            handle.write(json.dumps({"suite": "mesh-bench-transport", "schema": 2, "machine": profile, **results}) + "\n")
         print(f"appended to {args.json}")
     return 0

@@ -1,5 +1,6 @@
-"""Pieces the benchmarks share: the machine profile recorded with every result, prompts of an
-exact token length, timing a streamed chat request, and appending JSON lines."""
+"""Pieces the benchmarks share: the machine profile recorded with every result (with the
+commit and whether the tree was dirty), prompts of an exact token length, timing a streamed
+chat request, and appending JSON lines."""
 
 from __future__ import annotations
 
@@ -37,11 +38,7 @@ def machine_profile() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit, dirty = git_state()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -51,8 +48,33 @@ def machine_profile() -> dict[str, Any]:
         "torch": torch_version,
         "torch_threads": threads,
         "commit": commit,
+        "dirty": dirty,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+
+
+# Uncommitted changes here do not change what a benchmark measures: its own results files
+# (appended to during a publishing session) and prose.
+NOT_CODE = ("benchmarks/", "docs/", "README.md")
+
+
+def git_state() -> tuple[str | None, bool | None]:
+    """(short commit of HEAD, whether tracked files other than ``NOT_CODE`` differ from it) of
+    the checkout this module runs from; (None, None) outside a git checkout. A figure measured
+    on a dirty tree cannot be reproduced from its commit, so ``python -m mesh publish``
+    refuses it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=root, timeout=10).stdout.strip() or None
+        if commit is None:
+            return None, None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, cwd=root, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    changed = [line[3:] for line in status.splitlines() if len(line) > 3]
+    return commit, any(not path.startswith(NOT_CODE) for path in changed)
 
 
 def exact_prompt(model: Model, n_tokens: int) -> list[int]:
@@ -81,41 +103,58 @@ def exact_chat_content(model: Model, n_tokens: int) -> tuple[str, int]:
     return best
 
 
-def median_runs(fn: Callable[[], tuple[float, float]], repeats: int) -> tuple[float, float]:
-    """Run ``fn`` once to warm up, then ``repeats`` times; the median of each of its two figures."""
+def timed_runs(fn: Callable[[], tuple[float, float]], repeats: int) -> dict[str, Any]:
+    """Run ``fn`` (returning TTFT s, decode tokens/s) once to warm up, then ``repeats`` times:
+    ``{"ttft_s": median, "decode_tok_s": median, "ttft": stats, "decode": stats}`` with the
+    stats blocks of ``mesh.benchstats.stats_block`` (every value kept)."""
+    from mesh.benchstats import stats_block
+
     fn()
     runs = [fn() for _ in range(repeats)]
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+    ttfts, rates = [r[0] for r in runs], [r[1] for r in runs]
+    return {"ttft_s": statistics.median(ttfts), "decode_tok_s": statistics.median(rates),
+            "ttft": stats_block(ttfts), "decode": stats_block(rates)}
 
 
 def stream_request(url: str, model_id: str, content: str, new_tokens: int, *, timeout_s: float = 300.0,
                    api_key: str | None = None) -> dict[str, Any]:
     """One greedy streamed chat request, ``new_tokens`` long (``ignore_eos``). Returns
-    ``{"ok", "error", "ttft_s", "decode_tok_s", "tokens", "prompt_tokens", "wall_s"}``;
-    never raises for a failed request (the failure is the result)."""
+    ``{"ok", "failure", "error", "ttft_s", "decode_tok_s", "tokens", "prompt_tokens", "wall_s"}``;
+    never raises for a failed request (the failure is the result). ``ok`` only for a stream
+    that ended with ``[DONE]`` after exactly ``new_tokens`` tokens; otherwise ``failure`` says
+    why: ``http`` (an error status), ``error_event`` (an SSE error), ``transport`` (the
+    connection failed or timed out), ``truncated`` (no ``[DONE]``), ``short`` (fewer tokens
+    than asked, or no usage chunk to count them) or ``empty`` (no text at all)."""
     import httpx
 
     body = {"model": model_id, "messages": [{"role": "user", "content": content}], "temperature": 0,
             "max_tokens": new_tokens, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    out: dict[str, Any] = {"ok": False, "error": None, "ttft_s": None, "decode_tok_s": None, "tokens": 0,
-                           "prompt_tokens": None, "wall_s": None}
+    out: dict[str, Any] = {"ok": False, "failure": None, "error": None, "ttft_s": None, "decode_tok_s": None,
+                           "tokens": 0, "prompt_tokens": None, "wall_s": None}
+
+    def fail(kind: str, error: str) -> dict[str, Any]:
+        out["failure"], out["error"] = kind, error
+        return out
+
     stamps: list[float] = []
+    done = False
     start = time.perf_counter()
     try:
         with httpx.Client(timeout=timeout_s) as client, \
                 client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as response:
             if response.status_code != 200:
                 response.read()
-                out["error"] = f"HTTP {response.status_code}: {response.text[:300]}"
-                return out
+                return fail("http", f"HTTP {response.status_code}: {response.text[:300]}")
             for line in response.iter_lines():
+                if line.strip() == "data: [DONE]":
+                    done = True
+                    break
                 if not line.startswith("data: {"):
                     continue
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
-                    out["error"] = str(chunk["error"].get("message"))
-                    return out
+                    return fail("error_event", str(chunk["error"].get("message")))
                 if chunk.get("usage"):
                     out["tokens"] = int(chunk["usage"]["completion_tokens"])
                     out["prompt_tokens"] = int(chunk["usage"]["prompt_tokens"])
@@ -123,16 +162,19 @@ def stream_request(url: str, model_id: str, content: str, new_tokens: int, *, ti
                     if choice.get("delta", {}).get("content"):
                         stamps.append(time.perf_counter())
     except (httpx.HTTPError, ValueError, KeyError) as exc:
-        out["error"] = f"{type(exc).__name__}: {exc}"
-        return out
+        return fail("transport", f"{type(exc).__name__}: {exc}")
     out["wall_s"] = time.perf_counter() - start
+    if stamps:
+        out["ttft_s"] = stamps[0] - start
+        if out["tokens"] >= 2 and stamps[-1] > stamps[0]:
+            # text pieces can hold several tokens (held-back UTF-8, stop checks): rate over tokens
+            out["decode_tok_s"] = (out["tokens"] - 1) / (stamps[-1] - stamps[0])
+    if not done:
+        return fail("truncated", f"the stream ended without [DONE] after {len(stamps)} text chunks")
     if not stamps:
-        out["error"] = "the stream produced no text"
-        return out
-    out["ttft_s"] = stamps[0] - start
-    if out["tokens"] >= 2 and stamps[-1] > stamps[0]:
-        # text pieces can hold several tokens (held-back UTF-8, stop checks): rate over tokens
-        out["decode_tok_s"] = (out["tokens"] - 1) / (stamps[-1] - stamps[0])
+        return fail("empty", "the stream produced no text")
+    if out["tokens"] != new_tokens:
+        return fail("short", f"{out['tokens']} of {new_tokens} tokens")
     out["ok"] = True
     return out
 

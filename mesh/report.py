@@ -28,6 +28,8 @@ import matplotlib
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
+from mesh.benchstats import Sample, compare, from_block  # noqa: E402
+
 DEFAULT_TITLE = "mesh benchmark report"
 # config field -> (column head, prefix in plot labels)
 CONFIG = {"model": ("model", ""), "backend": ("backend", ""), "transport": ("transport", ""), "nodes": ("nodes", "n="),
@@ -117,6 +119,78 @@ def _stat(run: dict[str, Any], metric: str) -> tuple[float | None, float | None,
     return _num(_get(block, "p50")), low, high
 
 
+def _sample(record: dict[str, Any], metric: str) -> Sample | None:
+    """The recorded figure ``results.<metric>`` as a sample (a stats block or a bare number)."""
+    try:
+        return from_block(_get(record, "results", metric))
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _spread(record: dict[str, Any], metric: str, scale: float = 1.0, digits: int = 1) -> str:
+    """``median (min-max), n=N`` of a recorded figure, or a dash."""
+    got = _sample(record, metric)
+    return _e(got.fmt(scale, digits, with_n=True)) if got is not None else "—"
+
+
+# suites of the other benchmark commands -> the published block that renders them (mesh/publish.py)
+SUITE_BLOCKS = {"mesh-bench-backends": "backends", "mesh-bench-kernel": "kernel", "mesh-bench-transport": "transports",
+                "mesh-bench-placement": "placement", "mesh-bench-placement-measured": "placement-measured",
+                "mesh-faults": "faults"}
+
+
+def _markdown_html(text: str) -> str:
+    """The Markdown that ``mesh.publish`` renders (paragraphs and pipe tables) as HTML."""
+    out: list[str] = []
+    rows: list[list[str]] = []
+
+    def flush() -> None:
+        if rows:
+            heads, body = rows[0], rows[2:]
+            out.append(_table(heads, (("failed" if any(c.startswith(("FAIL", "partial")) for c in r) else "",
+                                       [html.escape(c) for c in r]) for r in body)))
+            rows.clear()
+
+    for line in text.splitlines():
+        if line.startswith("|"):
+            rows.append([c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]])
+            continue
+        flush()
+        if line.strip():
+            out.append(f"<p>{html.escape(line.strip().strip('*'))}</p>")
+    flush()
+    return "\n".join(out)
+
+
+def _other_suites(records: Sequence[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """Sections for the records of the other benchmark commands (one per suite and commit, the
+    dirty ones marked), and the records left over."""
+    from mesh.publish import RENDERERS, Selection
+
+    groups: dict[tuple[str, str, bool], list[dict[str, Any]]] = {}
+    rest = []
+    for record in records:
+        suite = record.get("suite")
+        if suite in SUITE_BLOCKS:
+            key = (str(suite), str(_get(record, "machine", "commit")), bool(_get(record, "machine", "dirty")))
+            groups.setdefault(key, []).append(record)
+        else:
+            rest.append(record)
+    parts = []
+    for (suite, commit, dirty), group in groups.items():
+        name = SUITE_BLOCKS[suite]
+        try:
+            body = _markdown_html(RENDERERS[name](Selection(commit=commit, records=group, skipped_dirty=0), suite))
+        except Exception as exc:  # noqa: BLE001 - a record of another shape is shown raw below, not a crash
+            rest += group
+            parts.append(f'<p class="err">{_e(suite)} at {_e(commit)}: cannot render ({_e(type(exc).__name__)}: '
+                         f'{_e(exc)}); its records are under "Other records".</p>')
+            continue
+        mark = ' <span class="bad">(dirty tree: not publishable)</span>' if dirty else ""
+        parts.append(f"<h3>{_e(name)} (commit {_e(commit)}){mark}</h3>{body}")
+    return "\n".join(parts), rest
+
+
 def _split(records: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
                                                          list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {"run": [], "baseline": [], "other": []}
@@ -139,6 +213,21 @@ def _config_key(run: dict[str, Any]) -> tuple[Any, ...]:
 
 def _ok(run: dict[str, Any]) -> bool:
     return run.get("status") == "ok" and isinstance(run.get("results"), dict)
+
+
+def _usable(run: dict[str, Any]) -> bool:
+    """An ok or partial run with results: its figures are of the requests that worked."""
+    return run.get("status") in ("ok", "partial") and isinstance(run.get("results"), dict)
+
+
+def _failures(run: dict[str, Any]) -> str:
+    """``2 of 10 (short 1, truncated 1)`` for a run with failed requests, else ``0 of N``."""
+    total, failed = _get(run, "results", "requests"), _get(run, "results", "failed_requests")
+    if not isinstance(total, int):
+        return "—"
+    kinds = _get(run, "results", "failures")
+    detail = ", ".join(f"{_e(k)} {_e(v)}" for k, v in sorted(kinds.items())) if isinstance(kinds, dict) else ""
+    return f"{_e(failed)} of {_e(total)}" + (f" ({detail})" if detail else "")
 
 
 def _e(value: Any) -> str:
@@ -290,12 +379,18 @@ def _scaling_plot(runs: Sequence[dict[str, Any]], prefix: str) -> tuple[str | No
     return _svg(fig, prefix), names
 
 
-def _predicted_plot(runs: Sequence[dict[str, Any]], prefix: str) -> tuple[str | None, int]:
+def _predicted_plot(runs: Sequence[dict[str, Any]], prefix: str) -> tuple[str | None, int, int]:
+    """The scatter of predicted against measured; a prediction made for another prompt length
+    than the run's (the node predicts for its recent requests) is left out and counted."""
     pairs: list[list[tuple[float, float]]] = [[], []]
-    used = 0
+    used = skipped = 0
     for run in runs:
         pred = _get(run, "results", "predicted")
         if not isinstance(pred, dict):
+            continue
+        measured_prompt = _get(run, "results", "prompt_tokens") or _get(run, "config", "prompt_tokens")
+        if pred.get("prompt_tokens") is not None and pred.get("prompt_tokens") != measured_prompt:
+            skipped += 1
             continue
         used += 1
         for i, (metric, scale) in enumerate((("ttft_s", 1000.0), ("decode_tok_s", 1.0))):
@@ -303,7 +398,7 @@ def _predicted_plot(runs: Sequence[dict[str, Any]], prefix: str) -> tuple[str | 
             if p is not None and m is not None:
                 pairs[i].append((p * scale, m * scale))
     if not any(pairs):
-        return None, 0
+        return None, 0, skipped
     fig = Figure(figsize=(9, 3.8))
     axes = fig.subplots(1, 2)
     for ax, pts, what in zip(axes, pairs, ("TTFT ms", "decode tokens/s")):
@@ -318,7 +413,7 @@ def _predicted_plot(runs: Sequence[dict[str, Any]], prefix: str) -> tuple[str | 
         ax.set_xlim(0, top)
         ax.set_ylim(0, top)
         ax.legend(fontsize=7)
-    return _svg(fig, prefix), used
+    return _svg(fig, prefix), used, skipped
 
 
 def _when(record: dict[str, Any]) -> float:
@@ -331,12 +426,15 @@ def _when(record: dict[str, Any]) -> float:
 def pick_baseline(run: dict[str, Any], baselines: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """The baseline a run's decode tokens/s is compared with: an ok ``transformers_generate``
     (``mlx_lm_generate`` first for backend "mlx") with the same model and prompt_tokens, preferring
-    the same commit and machine, then the nearest timestamp."""
+    the same commit and machine, then the nearest timestamp. None for a run against a remote
+    cluster (``target: url``): a baseline measures the client's machine, not the cluster."""
+    if _get(run, "config", "target") == "url":
+        return None
     names = ["mlx_lm_generate", "transformers_generate"] if _get(run, "config", "backend") == "mlx" \
         else ["transformers_generate"]
     for name in names:
         found = [b for b in baselines if b.get("name") == name and b.get("status") == "ok"
-                 and _num(_get(b, "results", "decode_tok_s")) is not None
+                 and _sample(b, "decode_tok_s") is not None
                  and _get(b, "config", "model") == _get(run, "config", "model")
                  and _get(b, "config", "prompt_tokens") == _get(run, "config", "prompt_tokens")]
         if found:
@@ -380,14 +478,19 @@ def _runs_table(runs: Sequence[dict[str, Any]]) -> str:
             status = _e(run.get("status"))
         elif run.get("status") == "ok":
             status = 'ok, <span class="bad">no results</span>'
+        elif run.get("status") == "partial":
+            status = f'<span class="bad">PARTIAL</span><div class="err">{_e(run.get("error"))}</div>'
         else:
             status = _bad(run.get("status"), run.get("error"))
+        dirty = ' <span class="bad">(dirty tree)</span>' if _get(run, "machine", "dirty") else ""
         rows.append(("" if _ok(run) else "failed", [*(_e(_get(run, "config", f)) for f in fields),
-                     _f(_stat(run, "ttft_s")[0], 1000), _f(_stat(run, "decode_tok_s")[0]),
-                     _f(_num(_get(run, "results", "throughput_tok_s"))), status, _e(run.get("commit"))]))
-    failed = sum(1 for r in runs if r.get("status") != "ok")
-    return f"<p>{len(runs)} runs, {failed} failed.</p>" + _table(
-        (*heads, "TTFT p50 ms", "decode tok/s p50", "throughput tok/s", "status", "commit"), rows)
+                     _spread(run, "ttft_s", 1000, 0), _spread(run, "decode_tok_s"),
+                     _spread(run, "throughput"), _failures(run), status, _e(run.get("commit")) + dirty]))
+    failed = sum(1 for r in runs if r.get("status") not in ("ok", "partial"))
+    partial = sum(1 for r in runs if r.get("status") == "partial")
+    return f"<p>{len(runs)} runs, {partial} partial, {failed} failed.</p>" + _table(
+        (*heads, "TTFT ms median (min-max), n", "decode tok/s per request", "throughput tok/s per batch",
+         "failed requests", "status", "commit"), rows)
 
 
 def _present(runs: Sequence[dict[str, Any]]) -> tuple[list[str], list[str]]:
@@ -404,31 +507,38 @@ def _baselines_section(runs: Sequence[dict[str, Any]], baselines: Sequence[dict[
         for b in sorted(baselines, key=lambda b: (str(b.get("name")), _when(b))):
             ok = b.get("status") == "ok"
             thr = _num(_get(b, "results", "throughput_bytes_per_s"))
+            rtt = _get(b, "results", "round_trip") or _get(b, "results", "round_trip_s")
             rows.append(("" if ok else "failed", [
                 _e(b.get("name")), _e(_get(b, "config", "model")), _e(_get(b, "config", "prompt_tokens")),
-                _e(_get(b, "config", "new_tokens")), _f(_num(_get(b, "results", "ttft_s")), 1000),
-                _f(_num(_get(b, "results", "decode_tok_s"))), _f(_num(_get(b, "results", "round_trip_s")), 1000, 3),
+                _e(_get(b, "config", "new_tokens")), _spread(b, "ttft_s", 1000, 0), _spread(b, "decode_tok_s"),
+                _e(from_block(rtt).fmt(1000, 3, with_n=True)) if from_block(rtt) else "—",
                 _e(_get(b, "results", "bytes")), _f(thr, 1e-6), _e(b.get("commit")), _e(b.get("timestamp")),
                 _e(b.get("status")) if ok else _bad(b.get("status"), b.get("error"))]))
-        out.append(_table(("name", "model", "prompt", "new tokens", "TTFT ms", "decode tok/s", "round trip ms",
+        out.append(_table(("name", "model", "prompt", "new tokens", "TTFT ms", "decode tok/s", "round trip ms p50",
                            "bytes", "MB/s", "commit", "timestamp", "status"), rows))
     else:
         out.append("<p>No baselines in the input.</p>")
-    ok_runs = [r for r in runs if _ok(r)]
+    ok_runs = [r for r in runs if _usable(r)]
     if ok_runs:
         fields, heads = _present(ok_runs)
         rows = []
         for run in ok_runs:
-            mine, base = _stat(run, "decode_tok_s")[0], pick_baseline(run, baselines)
-            theirs = _num(_get(base, "results", "decode_tok_s")) if base else None
-            used = (f"{_e(base.get('name'))} (commit {_e(base.get('commit'))}, {_e(base.get('timestamp'))})"
-                    if base else f"none: no ok baseline for {_e(_get(run, 'config', 'model'))} at "
-                                 f"{_e(_get(run, 'config', 'prompt_tokens'))} prompt tokens")
-            ratio = f"{mine / theirs:.2f}×" if mine is not None and theirs else "—"
-            rows.append(("", [*(_e(_get(run, "config", f)) for f in fields), _f(mine), used, _f(theirs),
-                              ratio]))
-        out.append("<h3>Runs vs baselines (decode tokens/s)</h3>" + _table(
-            (*heads, "decode tok/s p50", "baseline used", "baseline tok/s", "ratio"), rows))
+            mine, base = _sample(run, "decode_tok_s"), pick_baseline(run, baselines)
+            theirs = _sample(base, "decode_tok_s") if base else None
+            if base:
+                used = f"{_e(base.get('name'))} (commit {_e(base.get('commit'))}, {_e(base.get('timestamp'))})"
+            elif _get(run, "config", "target") == "url":
+                used = "none: a remote cluster (a baseline would measure the client's machine)"
+            else:
+                used = (f"none: no ok baseline for {_e(_get(run, 'config', 'model'))} at "
+                        f"{_e(_get(run, 'config', 'prompt_tokens'))} prompt tokens")
+            versus = compare(mine, theirs)
+            rows.append(("" if _ok(run) else "failed", [
+                *(_e(_get(run, "config", f)) for f in fields), _e(mine.fmt(with_n=True)) if mine else "—", used,
+                _e(theirs.fmt(with_n=True)) if theirs else "—", _e(versus.fmt()) if versus else "—"]))
+        out.append("<h3>Runs vs baselines (decode tokens/s)</h3><p>Ratio of medians; \"within noise\" when the "
+                   "medians differ by no more than the larger min-max spread of the two.</p>" + _table(
+            (*heads, "decode tok/s median (min-max), n", "baseline used", "baseline tok/s", "ratio"), rows))
     return "\n".join(out)
 
 
@@ -450,8 +560,8 @@ def render_report(records: list[dict[str, Any]], sources: list[str], *, title: s
     with matplotlib.rc_context(MPL_RC):  # type: ignore[arg-type]
         decode, ttft = _bars(ok_runs, "decode_tok_s", 1.0, "decode tokens/s per request (p50; bars: min–max)",
                              "pa"), _bars(ok_runs, "ttft_s", 1000.0, "TTFT ms (p50; bars: min–max)", "pb")
-        stages, (scaling, groups), (predicted, n_pred) = (_stages_plot(ok_runs, "pc"), _scaling_plot(ok_runs, "pd"),
-                                                          _predicted_plot(ok_runs, "pe"))
+        stages, (scaling, groups), (predicted, n_pred, n_other) = (
+            _stages_plot(ok_runs, "pc"), _scaling_plot(ok_runs, "pd"), _predicted_plot(ok_runs, "pe"))
     n_stages = sum(1 for r in ok_runs if _get(r, "results", "stages"))
     parts += [
         _figure(decode, f"Decode tokens/s per configuration, p50 with min–max over the timed requests ({scope}).",
@@ -464,7 +574,11 @@ def render_report(records: list[dict[str, Any]], sources: list[str], *, title: s
                 f"line per (backend, transport, prompt tokens, concurrency) with at least two node counts: "
                 f"{'; '.join(groups) or 'none'}.", "no group has runs at two node counts."),
         _figure(predicted, f"Predicted (cost model) against measured TTFT and decode tokens/s, with the y = x line; "
-                f"{n_pred} ok runs with a prediction.", "no ok run has a prediction.")]
+                f"{n_pred} ok runs with a prediction for their own prompt length; {n_other} left out whose prediction "
+                f"was made for another prompt length.", "no ok run has a prediction for its prompt length.")]
+    suites, other = _other_suites(other)
+    if suites:
+        parts += ["<h2>Other benchmarks</h2>", suites]
     parts.append("<h2>Other records</h2>")
     if other:
         parts.append(f"<p>{len(other)} record(s) that are neither runs nor baselines.</p>")

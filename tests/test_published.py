@@ -1,0 +1,135 @@
+"""The README's benchmark tables against the committed data in benchmarks/ (spec RP5), the
+noise rule (RP6) and failures that must show (RP7)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh.bench import run_status
+from mesh.benchstats import compare, from_block, sample, stats_block
+from mesh.publish import BLOCK, RENDERERS, regenerate, render_block, run_publish, select
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.spec("RP5")
+def test_every_readme_table_matches_its_committed_data() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    names = [m.group("name") for m in BLOCK.finditer(text)]
+    assert sorted(names) == sorted(RENDERERS), "each benchmark has exactly one published block in the README"
+    _, changed = regenerate(text, ROOT / "benchmarks", ROOT)
+    assert changed == [], f"README blocks out of date with benchmarks/: {changed} (run python -m mesh publish)"
+
+
+@pytest.mark.spec("RP5")
+def test_every_data_file_is_published_and_every_published_record_is_clean() -> None:
+    files = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.jsonl"))
+    assert files == sorted(RENDERERS)
+    for name in files:
+        lines = (ROOT / "benchmarks" / f"{name}.jsonl").read_text().splitlines()
+        sel = select([json.loads(line) for line in lines if line.strip()])
+        assert sel is not None and all(r["machine"]["dirty"] is False for r in sel.records)
+        assert all(r["machine"]["commit"] == sel.commit for r in sel.records)
+
+
+def _machine(commit: str, dirty: bool) -> dict[str, Any]:
+    return {"cpu": "test cpu", "cores": 2, "memory_bytes": 2**34, "commit": commit, "dirty": dirty,
+            "date": "2026-12-04T00:00:00+00:00"}
+
+
+def _run(commit: str, dirty: bool, *, nodes: int = 1, failed: int = 0, rate: float = 20.0) -> dict[str, Any]:
+    results = {"requests": 5, "failed_requests": failed, "failures": {"short": failed} if failed else {},
+               "ttft_s": stats_block([0.2, 0.21, 0.22, 0.2, 0.3]),
+               "decode_tok_s": stats_block([rate, rate + 1, rate - 1, rate, rate]),
+               "throughput": stats_block([19.0, 20.0]), "stages": [], "transfer_s_per_token": 0.001}
+    return {"kind": "run", "suite": "mesh-bench", "machine": _machine(commit, dirty), "commit": commit,
+            "config": {"nodes": nodes, "prompt_tokens": 64, "concurrency": 1, "prefill_nodes": 0,
+                       "kv_replica_mb": 512.0},
+            "status": run_status(results), "error": "1 of 5 tokens" if failed else None, "results": results}
+
+
+@pytest.mark.spec("RP5")
+def test_records_of_a_dirty_tree_are_never_published(tmp_path: Path) -> None:
+    clean, dirty = _run("aaa1111", False, rate=20.0), _run("bbb2222", True, rate=99.0)
+    sel = select([clean, dirty])
+    assert sel is not None and sel.commit == "aaa1111" and sel.records == [clean] and sel.skipped_dirty == 1
+    assert select([dirty]) is None
+    (tmp_path / "bench-matrix.jsonl").write_text(json.dumps(dirty) + "\n")
+    with pytest.raises(ValueError, match="no record measured on a clean tree"):
+        render_block("bench-matrix", tmp_path)
+    with pytest.raises(ValueError, match="unknown published block"):
+        render_block("nonsense", tmp_path)
+
+
+@pytest.mark.spec("RP5")
+def test_publish_rewrites_a_stale_block_and_check_reports_it(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "benchmarks"
+    data.mkdir()
+    (data / "bench-matrix.jsonl").write_text(json.dumps(_run("aaa1111", False)) + "\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- published:bench-matrix -->\n| stale |\n<!-- /published:bench-matrix -->\nend\n")
+    args = argparse.Namespace(readme=readme, data=data, check=True)
+    assert run_publish(args) == 1 and "bench-matrix" in capsys.readouterr().out
+    assert "| stale |" in readme.read_text()  # --check writes nothing
+    assert run_publish(argparse.Namespace(readme=readme, data=data, check=False)) == 0
+    text = readme.read_text()
+    assert "| stale |" not in text and text.startswith("intro\n") and text.endswith("end\n")
+    assert "`benchmarks/bench-matrix.jsonl`" in text and "commit `aaa1111`" in text
+    assert run_publish(args) == 0
+    (data / "bench-matrix.jsonl").write_text("not json\n")
+    assert run_publish(args) == 2 and "cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.spec("RP6")
+def test_a_difference_inside_the_spread_is_within_noise() -> None:
+    a, b = sample([20.0, 21.0, 19.0, 20.5, 20.0]), sample([19.5, 20.5, 21.5, 19.0, 20.0])
+    assert a is not None and b is not None
+    c = compare(a, b)
+    assert c is not None and c.within_noise and c.fmt().endswith("(within noise)")
+    far = sample([30.0, 30.5, 29.5])
+    c = compare(far, a)
+    assert c is not None and not c.within_noise and c.fmt() == "1.50x"
+    slower = compare(sample([0.4, 0.41]), sample([0.2, 0.21]), higher_is_better=False)  # times: lower is better
+    assert slower is not None and round(slower.ratio, 2) == 0.51 and not slower.within_noise
+    assert compare(sample([1.0]), sample([1.1])) is not None and not compare(sample([1.0]), sample([1.1])).within_noise
+    assert compare(None, a) is None and compare(a, sample([0.0])) is None
+    assert a.fmt() == "20.0 (19.0-21.0)" and a.fmt(with_n=True).endswith("n=5")
+    assert from_block({"p50": 2.0, "min": 1.0, "max": 3.0, "n": 4}) == sample([1.0, 2.0, 2.0, 3.0])
+    assert from_block(3.0) == sample([3.0]) and from_block("x") is None and sample([float("nan")]) is None
+
+
+@pytest.mark.spec("RP7")
+def test_partial_and_failed_runs_show_in_the_published_table(tmp_path: Path) -> None:
+    ok, partial = _run("aaa1111", False), _run("aaa1111", False, nodes=2, failed=1)
+    assert ok["status"] == "ok" and partial["status"] == "partial"
+    assert run_status({"requests": 5, "failed_requests": 5}) == "failed"
+    failed = {**_run("aaa1111", False, nodes=3), "status": "failed", "error": "cluster did not start", "results": None}
+    baseline = {"kind": "baseline", "name": "transformers_generate", "status": "ok",
+                "machine": _machine("aaa1111", False), "config": {"prompt_tokens": 64},
+                "results": {"ttft_s": stats_block([0.1, 0.11]), "decode_tok_s": stats_block([20.0, 20.5, 19.5])}}
+    (tmp_path / "bench-matrix.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (baseline, ok, partial, failed)))
+    table = render_block("bench-matrix", tmp_path)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 3
+    assert rows[0].endswith("| ok |") and "(within noise)" in rows[0] and "| 5 |" in rows[0]
+    assert "partial: 1 of 5 failed (short 1)" in rows[1]
+    assert "FAILED: cluster did not start" in rows[2]
+    assert "transformers_generate at 64 prompt tokens: decode 20.0 (19.5-20.5) tok/s" in table
+
+
+@pytest.mark.spec("RP1")
+def test_the_report_renders_every_committed_benchmark() -> None:
+    from mesh.report import SUITE_BLOCKS, load_records, render_report
+
+    paths = sorted((ROOT / "benchmarks").glob("*.jsonl"))
+    records, counts, skipped = load_records(paths)
+    page = render_report(records, [str(p) for p in paths], counts=counts, skipped=skipped)
+    assert "cannot render" not in page and sum(len(v) for v in skipped.values()) == 0
+    for block in SUITE_BLOCKS.values():
+        assert f"<h3>{block} (commit " in page
