@@ -3,9 +3,11 @@
 Each node has its own ``CollectorRegistry`` (several nodes may share a process in tests).
 Counted where things happen: requests by outcome, generated tokens, TTFT and TPOT (time per
 output token after the first) histograms, failed attempts (failovers) and recovery times by the
-coordinator; placement changes by the node. Sampled at scrape time from the node: KV caches
-held, requests in flight, and each link's RTT (p50 of the link's own measurements, seconds).
-Spec: specs/api.md A17.
+coordinator; placement changes, and the decoder layers each load took from the backend it
+replaced (reused) or read from the model files (read), by the node. Sampled at scrape time from
+the node: KV caches held, requests in flight, and each link's RTT (p50 of the link's own
+measurements, seconds).
+Spec: specs/api.md A17, specs/node.md N14.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ class NodeMetrics:
                                     "the decode stages (moved) or was recomputed there (recomputed)", ["outcome"],
                                     registry=r)
         self.placement_changes = Counter("mesh_placement_changes", "Times this node's plan changed", registry=r)
+        self.layers_loaded = Counter("mesh_layers_loaded", "Decoder layers this node's loads took from the stage "
+                                     "they replaced (reused) or read from the model files (read)", ["how"],
+                                     registry=r)
+        for how in ("reused", "read"):  # both series from the start: a scraper sees 0, not nothing
+            self.layers_loaded.labels(how=how)
         r.register(_Sampled(sample))
 
     def request_finished(self, *, outcome: str, tokens: int, ttft_s: float | None, decode_s: float | None) -> None:
@@ -58,6 +65,13 @@ class NodeMetrics:
             self.ttft.observe(ttft_s)
         if decode_s is not None and tokens > 1:
             self.tpot.observe(decode_s / (tokens - 1))
+
+    def stage_loaded(self, *, layers: int, reused: int) -> None:
+        """A load of ``layers`` decoder layers succeeded, ``reused`` of them taken from the
+        backend it replaced (spec N14); the count is clamped to [0, layers]."""
+        reused = max(0, min(reused, layers))
+        self.layers_loaded.labels(how="reused").inc(reused)
+        self.layers_loaded.labels(how="read").inc(layers - reused)
 
     def text(self) -> bytes:
         """The exposition, Prometheus text format 0.0.4."""

@@ -553,6 +553,10 @@ class Node(NodeNetworking, NodePerformance, NodeReport, NodeHealth):
                 continue
             finally:
                 progress.close()
+            # spec N14: what the load took from the stage it replaced; a backend that does not
+            # say (no ``reused_layers``) read every layer
+            self.metrics.stage_loaded(layers=stage.layer_end - stage.layer_start,
+                                      reused=int(getattr(backend, "reused_layers", 0) or 0))
             await self._calibrate(backend)
             self.worker.swap_backend(backend)
             self._set_status(status)
