@@ -5,8 +5,8 @@ control lane; every RTT sample goes to the peer's ``LinkMeter``. Throughput come
 periodic probe: ``PROBE_BYTES`` on the bulk lane, answered by ``probe.ack``; throughput =
 bytes / (ack time - send time - median RTT). Overhead is bounded: one ping per heartbeat
 and one probe per ``probe_interval_s`` per link. What is measured is published as
-``link/<from>/<to>`` values in the cluster state (spec L1-L3 in specs/linkstats.md) for the
-placement solver, and shown in ``/v1/cluster``. No asyncio, sockets or clocks here: times
+``link/<from>/<to>`` values in the cluster state (spec L1-L3 in specs/linkstats.md) and shown
+in ``/v1/cluster`` (nodes still place over nominal links, spec P17). No asyncio, sockets or clocks here: times
 are passed in as ``now_s``.
 """
 

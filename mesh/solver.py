@@ -53,7 +53,7 @@ from mesh.placement import Capacity, ModelSize, place_pipeline
 OBJECTIVES = ("ttft", "decode", "goodput")
 GIB = 1 << 30
 MAX_EXACT_ORDER = 6  # middle devices ordered by trying every permutation up to this many
-MAX_PREFILL_DEVICES = 4  # disaggregated candidates prefill on the k <= 4 most FLOP-rich devices
+MAX_PREFILL_DEVICES = 4  # disaggregated candidates prefill on the top k <= 4 devices by FLOP/s per byte/s
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
