@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(bench, "--prompt-tokens", default="64,512", help="comma-separated prompt lengths (chat template included)")
     _add(bench, "--new-tokens", default="32", help="comma-separated output lengths")
     _add(bench, "--concurrency", default="1,2", help="comma-separated numbers of concurrent requests")
-    _add(bench, "--repeats", type=_positive_int, default=3, help="timed batches per run (after one warm-up batch)")
+    _add(bench, "--repeats", type=_positive_int, default=5, help="timed batches per run (after one warm-up batch)")
     _add(bench, "--url", help="bench a running cluster at this API URL instead of starting local ones")
     _add(bench, "--api-key", help="API key for --url")
     _add(bench, "--out", type=Path, default=Path("bench-results.jsonl"), help="JSON-lines file to append to")
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(bbench, "--model", default=DEFAULT_MODEL, help="built-in model name or a model directory / .gguf path")
     _add(bbench, "--prompt-tokens", type=_positive_int, default=128, help="prompt length in tokens")
     _add(bbench, "--new-tokens", type=_positive_int, default=32, help="tokens to generate per run")
-    _add(bbench, "--repeats", type=_positive_int, default=3, help="timed runs per configuration (after one warm-up)")
+    _add(bbench, "--repeats", type=_positive_int, default=5, help="timed runs per configuration (after one warm-up)")
     _add(bbench, "--json", type=Path, help="append results as one JSON line to this file")
     _add(bbench, "--log-level", default="warning", choices=LOG_LEVELS, help="log verbosity")
     kbench = sub.add_parser("bench-kernel", help="measure the kernel: apply rate, catch-up, convergence after a partition")
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
          "and compare the cost model's predictions with measured TTFT and decode tokens/s")
     _add(pbench, "--model", default="smollm2-135m", help="model for --measured (name or directory)")
     _add(pbench, "--new-tokens", type=_positive_int, default=32, help="tokens per request for --measured")
-    _add(pbench, "--repeats", type=_positive_int, default=3, help="timed requests per configuration for --measured")
+    _add(pbench, "--repeats", type=_positive_int, default=5, help="timed requests per configuration for --measured")
     from mesh.plan_cmd import add_parser as add_plan
 
     add_plan(sub, _add, _positive_int)
@@ -205,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_switch(faults, "--json", help="print one JSON object with a 'scenarios' list instead of a table")
     _add(faults, "--only", repeat=True, help="run only this scenario (repeatable)")
     _add(faults, "--model", default="smollm2-135m", help="model the clusters serve (name or directory)")
+    _add(faults, "--out", type=Path, help="append one JSON line per suite run to this file ({'suite': "
+         "'mesh-faults', 'schema': 2, 'timestamp', 'machine', 'quick', 'scenarios': [rows]})")
     _add(faults, "--log-level", default="warning", choices=LOG_LEVELS, help="log verbosity")
 
     tbench = sub.add_parser("bench-transport", help="measure each transport's RTT and throughput on loopback "
@@ -213,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(tbench, "--large-mib", type=int, default=16, help="size of each large message, in MiB")
     _add(tbench, "--large-count", type=int, default=16, help="large messages per transport (QUIC sends 1/8 as many)")
     _add(tbench, "--json", type=Path, help="append results as one JSON line to this file")
+
+    publish = sub.add_parser("publish", help="regenerate the README's benchmark tables from the committed data in "
+                             "benchmarks/ (--check: only say whether they match)")
+    _add(publish, "--readme", type=Path, default=Path("README.md"), help="the Markdown file with published blocks")
+    _add(publish, "--data", type=Path, default=Path("benchmarks"), help="folder of the JSON-lines data files")
+    _add_switch(publish, "--check", help="write nothing; exit 1 when a published block differs from its data")
 
     report = sub.add_parser("report", help="write a static HTML report (tables, SVG plots) of bench results "
                             "that opens offline")
@@ -335,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       file=sys.stderr)
                 return 2
             _setup_logging(args.log_level)
-            return run_faults_command(quick=args.quick, as_json=args.json, only=args.only, model=args.model)
+            return run_faults_command(quick=args.quick, as_json=args.json, only=args.only, model=args.model,
+                                      out=args.out)
         if args.command == "bench-placement" and args.measured:
             from mesh.bench_measured import run_measured_bench
 
@@ -345,6 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mesh.bench_placement import run_placement_bench
 
             return run_placement_bench(args)
+        if args.command == "publish":
+            from mesh.publish import run_publish
+
+            return run_publish(args)
         if args.command == "report":
             from mesh.report import run_report
 

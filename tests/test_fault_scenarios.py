@@ -1,5 +1,7 @@
 """The fault-injection scenarios of ``python -m mesh faults`` under pytest (specs/faults.md
-F16): the quick set always (CI), the rest with ``MESH_FAULTS_FULL=1``."""
+F16-F18): the quick set always (CI), the rest with ``MESH_FAULTS_FULL=1``. A row passes only
+with nothing lost or mismatched, no crash, its declared clean failures and its recovery target
+met."""
 
 from __future__ import annotations
 
@@ -34,12 +36,14 @@ def _params() -> list[object]:
     return params
 
 
-@pytest.mark.spec("F16", "FO1", "FO2", "FO3", "FO4", "FO5", "FO6")
+@pytest.mark.spec("F16", "F17", "F18", "F19", "FO1", "FO2", "FO3", "FO4", "FO5", "FO6")
 @pytest.mark.parametrize("name", _params())
 def test_scenario_loses_nothing_and_changes_no_token(context: Context, name: str) -> None:
     result = SCENARIOS[name].run(context)
-    assert result.sent > 0, format_row(result)
+    assert result.sent > 0 and result.attempts == result.sent + result.refused, format_row(result)
+    assert not result.crashed, format_row(result) + "\n" + "\n".join(result.notes)
     assert result.lost == 0 and result.mismatches == 0, format_row(result) + "\n" + "\n".join(result.notes)
+    assert result.target_met is not False, format_row(result) + "\n" + "\n".join(result.notes)
     assert result.passed, format_row(result) + "\n" + "\n".join(result.notes)
 
 

@@ -1,6 +1,7 @@
-"""Tests of the fault-injection wrapper (transports/faults.py) against specs/faults.md.
+"""Tests of the fault-injection wrapper (transports/faults.py) and of the accounting of
+``python -m mesh faults`` (mesh/faults_suite.py, with fake outcomes) against specs/faults.md.
 
-Every test wraps the real TCP transport on 127.0.0.1 with OS-chosen ports. Seeds are fixed.
+The transport tests wrap the real TCP transport on 127.0.0.1 with OS-chosen ports. Seeds are fixed.
 No sleeps as synchronisation: tests wait on results, each wait bounded; "nothing arrives" is
 checked with a short recv timeout that must raise PeerTimeout.
 """
@@ -11,11 +12,14 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mesh import faults_suite
 from mesh.errors import ConfigError, FrameError, PeerTimeout, TransportError
+from mesh.faults_suite import MAX_TOKENS, Context, Outcome, ScenarioResult, Tally, format_row, run_scenario
 from mesh.wire import Message, WireTensor
 from transports.base import Connection
 from transports.faults import (
@@ -449,3 +453,182 @@ async def test_every_send_yields_to_the_event_loop() -> None:
         await a.send(numbered(1), timeout_s=T)  # dropped, yet the loop got a turn
         assert ran.is_set()
         await task
+
+
+# --- the accounting of ``python -m mesh faults`` (mesh/faults_suite.py): fake outcomes, no cluster ---
+
+REFERENCE = "Red, orange and yellow are colours of the rainbow."
+
+
+def accounting_context(tmp_path: Path) -> Context:
+    ctx = Context(tmp_path)
+    ctx.reference[("p", MAX_TOKENS)] = REFERENCE
+    return ctx
+
+
+def streamed(text: str = REFERENCE, *, started: float = 0.0, stamps: list[float] | None = None,
+             kind: str = "completed", **fields: Any) -> Outcome:
+    return Outcome(kind=kind, text=text, started=started,
+                   stamps=stamps if stamps is not None else [started + 0.1 * (i + 1) for i in range(5)], **fields)
+
+
+@pytest.mark.spec("F17")
+def test_a_crashed_scenario_keeps_its_tally_counts_one_lost_and_fails(tmp_path: Path) -> None:
+    def body(ctx: Context, tally: Tally) -> None:
+        tally.add(streamed(), "p")
+        tally.add(streamed(), "p")
+        raise RuntimeError("the cluster never became ready")
+
+    r = run_scenario(accounting_context(tmp_path), "crashes", body)
+    assert (r.sent, r.completed, r.lost, r.crashed, r.passed) == (2, 2, 1, True, False)
+    assert any("never became ready" in note for note in r.notes)
+    assert "CRASHED" in format_row(r)
+
+
+@pytest.mark.spec("F17")
+def test_abandoned_clients_are_counted_apart_and_their_text_must_be_a_prefix(tmp_path: Path) -> None:
+    tally = Tally(accounting_context(tmp_path), "leave")
+    tally.add(streamed(REFERENCE[:9], kind="abandoned"), "p")
+    r = tally.finish(0.0)
+    assert (r.sent, r.abandoned, r.completed, r.mismatches, r.passed) == (1, 1, 0, 0, True)
+
+    tally = Tally(accounting_context(tmp_path), "leave")
+    tally.add(streamed("Blue, green", kind="abandoned"), "p")
+    r = tally.finish(0.0)
+    assert (r.abandoned, r.completed, r.mismatches, r.passed) == (1, 0, 1, False)
+    assert any("not a prefix" in note for note in r.notes)
+
+
+@pytest.mark.spec("F17")
+def test_a_request_with_no_reference_text_is_a_mismatch(tmp_path: Path) -> None:
+    tally = Tally(accounting_context(tmp_path), "unreferenced")
+    tally.add(streamed("anything"), "a prompt the reference run did not send")
+    tally.add(streamed(REFERENCE), "p", max_tokens=12)  # the right prompt at another length
+    r = tally.finish(0.0)
+    assert (r.completed, r.mismatches, r.passed) == (2, 2, False)
+    assert sum("no reference" in note for note in r.notes) == 2
+
+
+@pytest.mark.spec("F17")
+def test_the_single_node_reference_covers_every_request_the_scenarios_send() -> None:
+    from mesh.faults_scenarios import LONG_PROMPT
+
+    covered = set(faults_suite.REFERENCE_REQUESTS)
+    assert (LONG_PROMPT, 12) in covered
+    assert {(p, n) for p in faults_suite.PROMPTS for n in (MAX_TOKENS, 12)} <= covered
+
+
+@pytest.mark.spec("F17")
+def test_every_attempt_is_counted_and_retried_503s_are_refusals(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = [Outcome(kind="failed_clean", error="HTTP 503: no plan yet (loading layers)"),
+               Outcome(kind="failed_clean", error="HTTP 503: no plan yet (linking)"),
+               streamed(started=1e9)]
+    calls: list[float] = []
+
+    def fake_stream_chat(url: str, prompt: str, **kwargs: Any) -> Outcome:
+        calls.append(faults_suite.time.monotonic())
+        return answers[len(calls) - 1]
+
+    monkeypatch.setattr(faults_suite, "stream_chat", fake_stream_chat)
+    monkeypatch.setattr(faults_suite.time, "sleep", lambda _s: None)
+    out = faults_suite.request("http://127.0.0.1:1", "p")
+    assert (out.kind, out.attempts, out.refused) == ("completed", 3, 2)
+    assert out.started <= calls[0] and out.refusal == "HTTP 503: no plan yet (loading layers)"
+
+    tally = Tally(accounting_context(tmp_path), "retries")
+    tally.add(out, "p")
+    tally.add(streamed(), "p")
+    r = tally.finish(0.0)
+    assert (r.sent, r.attempts, r.refused, r.completed, r.failed_clean, r.passed) == (2, 4, 2, 2, 0, True)
+    assert "2 attempt(s) refused" in r.notes[0]
+
+    # a 503 naming a placement failure is final: one attempt, a clean failure, no refusal
+    answers[:] = [Outcome(kind="failed_clean", error="HTTP 503: placement failed: the model does not fit")]
+    calls.clear()
+    out = faults_suite.request("http://127.0.0.1:1", "p")
+    assert (out.kind, out.attempts, out.refused) == ("failed_clean", 1, 0)
+
+
+@pytest.mark.spec("F17")
+def test_time_to_first_token_after_the_fault(tmp_path: Path) -> None:
+    tally = Tally(accounting_context(tmp_path), "ttft")
+    tally.add(streamed(started=1.0, stamps=[2.0, 2.1]), "p")  # finished before the fault: no sample
+    tally.mark_fault(at=10.0)
+    tally.mark_fault(at=11.0)  # the earliest mark counts
+    # hit: sent before the fault; its wait is from the fault to its next token
+    tally.add(streamed(started=5.0, stamps=[6.0, 7.0, 8.0, 12.5, 13.0]), "p", hit=True)
+    # sent after the fault (first attempt at 11.0, 503s in between): first attempt -> first token
+    tally.add(streamed(started=11.0, stamps=[14.0, 14.1], attempts=3, refused=2), "p")
+    tally.add(Outcome(kind="failed_clean", error="HTTP 500: boom", started=12.0), "p")  # no token: no sample
+    r = tally.finish(0.0, expect_failed_clean=1)
+    assert (r.ttft_after_fault_s_p50, r.ttft_after_fault_s_max) == (pytest.approx(2.75), pytest.approx(3.0))
+    assert (r.recovery_s_p50, r.recovery_s_max) == (pytest.approx(4.5), pytest.approx(4.5))
+    assert r.passed
+
+
+@pytest.mark.spec("F18")
+def test_a_recovery_target_is_met_missed_or_absent(tmp_path: Path) -> None:
+    def row(gap_s: float, target_s: float | None, *, hit: bool = True) -> ScenarioResult:
+        tally = Tally(accounting_context(tmp_path), "target", recovery_target_s=target_s)
+        tally.mark_fault(at=0.45)
+        tally.add(streamed(started=0.0, stamps=[0.1, 0.2, 0.3, 0.4, 0.4 + gap_s]), "p", hit=hit)
+        return tally.finish(0.0)
+
+    met = row(1.0, 5.0)
+    assert (met.target_met, met.recovery_target_s, met.passed) == (True, 5.0, True)
+    missed = row(7.0, 5.0)
+    assert (missed.target_met, missed.passed) == (False, False)
+    assert "recovery target missed" in missed.notes[-1] and "MISS" in format_row(missed)
+    no_target = row(7.0, None)
+    assert (no_target.target_met, no_target.passed) == (None, True)
+    unmeasured = row(1.0, 5.0, hit=False)  # the only stream was not hit: nothing measured
+    assert (unmeasured.target_met, unmeasured.passed) == (None, False)
+
+
+@pytest.mark.spec("F18", "FO7")
+def test_scenarios_declare_their_targets_and_expected_clean_failures() -> None:
+    from mesh.faults_scenarios import PAUSE_S, SCENARIOS
+
+    kills = {"kill-middle-stage", "kill-first-stage", "kill-http-node", "restart-with-data-dir",
+             "32-streams-during-kill", "kill-middle-long-prompt", "kill-middle-long-prompt-no-replica"}
+    pauses = {"sigstop-past-deadline", "partition-two-way", "partition-one-way"}
+    for name, s in SCENARIOS.items():
+        expected = (faults_suite.STAGE_KILL_TARGET_S if name in kills
+                    else PAUSE_S + faults_suite.DEAD_AFTER_S if name in pauses else None)
+        assert s.recovery_target_s == expected, name
+    assert faults_suite.STAGE_KILL_TARGET_S == 5.0
+    # the skewed node must refuse, whatever it did (FO7): its expectation is fixed, not taken from the outcome
+    assert SCENARIOS["clock-24h-ahead"].expect_failed_clean == 1
+
+
+@pytest.mark.spec("F16")
+def test_out_appends_one_json_line_per_run_and_json_prints_the_same_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import mesh.benchutil
+
+    rows = [ScenarioResult(name="kill-middle-stage", sent=4, attempts=5, refused=1, completed=4,
+                           recovery_s_p50=1.4, recovery_s_max=1.4, ttft_after_fault_s_p50=0.3,
+                           ttft_after_fault_s_max=1.2, recovery_target_s=5.0, target_met=True, passed=True)]
+    monkeypatch.setattr(faults_suite, "run_suite", lambda names, **kwargs: rows)
+    monkeypatch.setattr(mesh.benchutil, "machine_profile", lambda: {"cores": 2, "dirty": True})
+    out = tmp_path / "results" / "faults.jsonl"
+    assert faults_suite.run_faults_command(quick=True, as_json=True, only=None, model="m", out=out) == 0
+    printed = json.loads(capsys.readouterr().out)
+    rows[0].passed = False
+    assert faults_suite.run_faults_command(quick=False, as_json=False, only=None, model="m", out=out) == 1
+    table = capsys.readouterr().out
+    assert all(column in table for column in ("att", "ref", "aband", "ttft", "target", "<=5.0 ok"))
+
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 2
+    for record, quick in zip(lines, (True, False), strict=True):
+        assert record["suite"] == "mesh-faults" and record["schema"] == 2 and record["quick"] is quick
+        assert record["machine"] == {"cores": 2, "dirty": True} and record["timestamp"]
+        assert set(record["scenarios"][0]) == {
+            "name", "sent", "attempts", "refused", "completed", "abandoned", "failed_clean", "lost", "mismatches",
+            "recovery_s_p50", "recovery_s_max", "ttft_after_fault_s_p50", "ttft_after_fault_s_max",
+            "recovery_target_s", "target_met", "crashed", "notes", "passed", "seconds"}
+    assert {k: v for k, v in printed.items() if k != "date"} == lines[0]
