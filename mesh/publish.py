@@ -388,9 +388,10 @@ def render_placement_measured(sel: Selection, path: str) -> str:
 
 # -- python -m mesh faults --out ---------------------------------------------------------------
 def render_faults(sel: Selection, path: str) -> str:
-    """Every scenario of the newest full suite run of the commit."""
-    full = [r for r in sel.records if not r.get("quick")] or sel.records
-    rec = full[-1]
+    """Every scenario of the newest full suite run of the commit (else its newest run, named)."""
+    full = [r for r in sel.records if r.get("set", "quick" if r.get("quick") else "full") == "full"]
+    rec = (full or sel.records)[-1]
+    which = rec.get("set", "quick" if rec.get("quick") else "full")
     rows = []
     for s in rec.get("scenarios", []):
         def sec(a: Any, b: Any) -> str:
@@ -410,7 +411,8 @@ def render_faults(sel: Selection, path: str) -> str:
     failed = [s.get("name") for s in rec.get("scenarios", []) if not s.get("passed")]
     summary = (f"{len(rec.get('scenarios', []))} scenarios, {len(failed)} failed"
                + (f": {', '.join(map(str, failed))}" if failed else "") + ".")
-    return (caption(sel, path, "Measured, full set" if not rec.get("quick") else "Measured, quick set") +
+    return (caption(sel, path, {"full": "Measured, full set", "quick": "Measured, quick set only"}.get(
+        which, "Measured, selected scenarios only")) +
             " " + summary + "\n\n" +
             _table(("scenario", "sent", "attempts", "refused (503)", "completed", "abandoned", "failed clean", "lost",
                     "mismatches", "recovery p50 / max s", "first token after the fault p50 / max s",
