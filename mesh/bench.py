@@ -46,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from mesh.benchstats import stats_block
+from mesh.benchstats import from_block, stats_block
 from mesh.benchutil import (
     append_jsonl,
     exact_chat_content,
@@ -383,8 +383,10 @@ def _print_summary(records: list[dict[str, Any]]) -> None:
         c, res = r["config"], r.get("results") or {}
         if r["kind"] == "baseline":
             label = f"baseline {r['name']} " + ", ".join(f"{k}={v}" for k, v in c.items() if k != "model")
-            ttft = res.get("ttft_s") or res.get("round_trip_s")
-            rate = res.get("decode_tok_s")
+            ttft_sample = from_block(res.get("ttft_s")) or from_block(res.get("round_trip_s"))
+            rate_sample = from_block(res.get("decode_tok_s"))
+            ttft = ttft_sample.median if ttft_sample else None
+            rate = rate_sample.median if rate_sample else None
             thru = None
         else:
             pd = f" pd{c['prefill_nodes']}" if c.get("prefill_nodes") else ""
@@ -397,5 +399,5 @@ def _print_summary(records: list[dict[str, Any]]) -> None:
 
         def fmt(v: float | None, scale: float = 1.0, width: int = 7, digits: int = 1) -> str:
             return f"{v * scale:>{width}.{digits}f}" if isinstance(v, int | float) else f"{'-':>{width}}"
-        status = r["status"] if r["status"] == "ok" else f"FAILED: {str(r.get('error'))[:60]}"
+        status = r["status"] if r["status"] == "ok" else f"{r['status'].upper()}: {str(r.get('error'))[:60]}"
         print(f"{label[:58]:<58} {fmt(ttft, 1000, 9)} {fmt(rate)} {fmt(thru)}  {status}")

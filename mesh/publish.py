@@ -348,6 +348,9 @@ def render_placement(sel: Selection, path: str) -> str:
     targets = rec.get("targets") or {}
     spark = next((p.get("vs_mac_studio_alone") for p in rec.get("profiles", []) if p.get("vs_mac_studio_alone")), None)
     notes = "Targets: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in targets.items()) + "."
+    if any("+" in str(_get(c, "ours", "plan") or "") for p in rec.get("profiles", []) for c in p.get("cases", [])):
+        notes += (" A plan written `a+b[...]` is a tensor-parallel pair: `python -m mesh plan` can print it, but "
+                  "nodes cannot run it (they place single-device stages only).")
     if spark and spark.get("speedup") is not None:
         exo = spark.get("published") or {}
         notes += (f" Predicted: the Spark + Mac Studio pair {spark['speedup']:.2f}x faster end to end than the Mac "
@@ -357,7 +360,7 @@ def render_placement(sel: Selection, path: str) -> str:
             " \"x\" = the row's objective score over ours (> 1: ours faster); solve ms: median (min-max) over every "
             "solve of the runs.\n\n" +
             _table(("cluster", "model, request, objective", "ours: plan, TTFT / decode / end to end",
-                    "memory split", "best single device", "solve ms"), rows, "llllll") + "\n\n" + notes + "\n")
+                    "memory split (x)", "best single device (x)", "solve ms"), rows, "llllll") + "\n\n" + notes + "\n")
 
 
 def render_placement_measured(sel: Selection, path: str) -> str:
