@@ -85,8 +85,9 @@ def run_report(args: argparse.Namespace) -> int:
         print(f"mesh: error: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     runs, baselines, other = _split(records)
-    failed = sum(1 for r in runs if r.get("status") != "ok")
-    print(f"wrote {args.output}: {len(runs)} runs ({failed} failed), {len(baselines)} baselines, "
+    failed = sum(1 for r in runs if r.get("status") not in ("ok", "partial"))
+    partial = sum(1 for r in runs if r.get("status") == "partial")
+    print(f"wrote {args.output}: {len(runs)} runs ({partial} partial, {failed} failed), {len(baselines)} baselines, "
           f"{len(other)} other records, {sum(len(v) for v in skipped.values())} skipped lines")
     return 0
 

@@ -94,7 +94,7 @@ def test_report_command_writes_a_complete_offline_report(tmp_path: Path) -> None
     out = tmp_path / "out.html"
     proc = mesh_report(str(src), "-o", str(out), "--title", "nightly <bench>")
     assert proc.returncode == 0, proc.stderr
-    assert "7 runs (1 failed), 3 baselines, 1 other records, 3 skipped lines" in proc.stdout
+    assert "7 runs (0 partial, 1 failed), 3 baselines, 1 other records, 3 skipped lines" in proc.stdout
     page = out.read_text()
     assert "<title>nightly &lt;bench&gt;</title>" in page
     assert page.count("<svg") == 5  # all five plots have data
