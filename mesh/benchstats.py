@@ -1,12 +1,15 @@
 """Summaries of repeated measurements and the rule that says when a difference is noise.
 
 Every published figure is a sample of n repeated measurements (a request's TTFT, a run of
-a benchmark): it is shown as its median with its spread (min-max) and n. Two figures are
+a benchmark): it is shown as its median with its range (min-max) and n. Two figures are
 compared by the ratio of their medians, and the comparison reads "within noise" when the
-medians differ by no more than the larger of the two spreads (max - min of each sample):
-the difference is then no bigger than what repeating the same measurement already showed.
-The rule is deliberately simple and conservative (a single measurement has no spread, so a
-comparison with n = 1 on both sides is never called noise; see specs/report.md RP6).
+medians differ by no more than the larger of the two interquartile ranges (q3 - q1, the
+spread of the middle half of each sample): the difference is then no bigger than what
+repeating the same measurement already showed. The IQR rather than min-max, since the range
+of individual values only grows with n and would call ever larger differences noise; still a
+simple rule, not a test of significance (a single measurement has no spread, so a comparison
+with n = 1 on both sides is never called noise; see specs/report.md RP6). Quartiles: the
+"inclusive" method of ``statistics.quantiles``.
 
 Pure functions, no I/O; the benchmarks, ``python -m mesh report`` and ``python -m mesh
 publish`` share them so that a table and the report call the same difference the same thing.
@@ -29,11 +32,18 @@ class Sample:
     median: float
     low: float
     high: float
+    q1: float
+    q3: float
 
     @property
     def spread(self) -> float:
         """max - min (0 for a single value)."""
         return self.high - self.low
+
+    @property
+    def iqr(self) -> float:
+        """q3 - q1 (0 for a single value): the spread the noise rule uses."""
+        return self.q3 - self.q1
 
     def fmt(self, scale: float = 1.0, digits: int = 1, *, with_n: bool = False) -> str:
         """``median (min-max)`` scaled, e.g. ``214 (201-230)``; a single value is shown alone."""
@@ -50,7 +60,9 @@ def sample(values: Iterable[Any]) -> Sample | None:
             if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))]
     if not nums:
         return None
-    return Sample(n=len(nums), median=statistics.median(nums), low=min(nums), high=max(nums))
+    median = statistics.median(nums)
+    q1, _, q3 = statistics.quantiles(nums, n=4, method="inclusive") if len(nums) > 1 else (median, median, median)
+    return Sample(n=len(nums), median=median, low=min(nums), high=max(nums), q1=q1, q3=q3)
 
 
 def stats_block(values: list[float]) -> dict[str, Any] | None:
@@ -62,8 +74,8 @@ def stats_block(values: list[float]) -> dict[str, Any] | None:
 
 
 def from_block(block: Any) -> Sample | None:
-    """A ``Sample`` from a recorded stats block (``runs`` when present, else p50/min/max) or a
-    bare number (n = 1)."""
+    """A ``Sample`` from a recorded stats block (``runs`` when present, else p50/min/max and
+    q1/q3, which default to min/max when the block has no quartiles) or a bare number (n = 1)."""
     if isinstance(block, int | float) and not isinstance(block, bool):
         return sample([block])
     if not isinstance(block, dict):
@@ -72,8 +84,9 @@ def from_block(block: Any) -> Sample | None:
         return sample(block["runs"])
     p50 = block.get("p50", block.get("median"))
     if isinstance(p50, int | float) and not isinstance(p50, bool):
-        low, high = block.get("min", p50), block.get("max", p50)
-        return Sample(n=int(block.get("n", 1)), median=float(p50), low=float(low), high=float(high))
+        low, high = float(block.get("min", p50)), float(block.get("max", p50))
+        return Sample(n=int(block.get("n", 1)), median=float(p50), low=low, high=high,
+                      q1=float(block.get("q1", low)), q3=float(block.get("q3", high)))
     return None
 
 
@@ -95,5 +108,5 @@ def compare(ours: Sample | None, baseline: Sample | None, *, higher_is_better: b
     if ours is None or baseline is None or ours.median == 0 or baseline.median == 0:
         return None
     ratio = ours.median / baseline.median if higher_is_better else baseline.median / ours.median
-    noise = max(ours.spread, baseline.spread)
+    noise = max(ours.iqr, baseline.iqr)
     return Comparison(ratio=ratio, within_noise=abs(ours.median - baseline.median) <= noise and noise > 0)

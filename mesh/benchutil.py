@@ -53,28 +53,39 @@ def machine_profile() -> dict[str, Any]:
     }
 
 
-# Uncommitted changes here do not change what a benchmark measures: its own results files
-# (appended to during a publishing session) and prose.
-NOT_CODE = ("benchmarks/", "docs/", "README.md")
+def _not_code(path: str) -> bool:
+    """Uncommitted changes to these do not change what a benchmark measures: its own data
+    files (appended to during a publishing session) and prose."""
+    return (path.startswith("benchmarks/") and path.endswith(".jsonl")) or path.startswith("docs/") \
+        or path == "README.md"
 
 
 def git_state() -> tuple[str | None, bool | None]:
-    """(short commit of HEAD, whether tracked files other than ``NOT_CODE`` differ from it) of
-    the checkout this module runs from; (None, None) outside a git checkout. A figure measured
-    on a dirty tree cannot be reproduced from its commit, so ``python -m mesh publish``
-    refuses it."""
+    """(short commit of HEAD, whether the checkout this module runs from differs from it) in
+    anything but benchmark data and prose: a tracked file changed, or a file git does not
+    ignore added; (None, None) outside a git checkout. A figure measured on a dirty tree
+    cannot be reproduced from its commit, so ``python -m mesh publish`` refuses it."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=root, timeout=10).stdout.strip() or None
         if commit is None:
             return None, None
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                text=True, cwd=root, timeout=10).stdout
+        status = subprocess.run(["git", "status", "--porcelain", "-z", "--untracked-files=all"],
+                                capture_output=True, text=True, cwd=root, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return None, None
-    changed = [line[3:] for line in status.splitlines() if len(line) > 3]
-    return commit, any(not path.startswith(NOT_CODE) for path in changed)
+    entries = status.split("\0")
+    changed: list[str] = []
+    i = 0
+    while i < len(entries):
+        entry = entries[i]
+        if len(entry) > 3:
+            changed.append(entry[3:])
+            if entry[0] in "RC":  # a rename or copy is followed by its source path
+                i += 1
+        i += 1
+    return commit, any(not _not_code(path) for path in changed)
 
 
 def exact_prompt(model: Model, n_tokens: int) -> list[int]:
@@ -177,6 +188,24 @@ def stream_request(url: str, model_id: str, content: str, new_tokens: int, *, ti
         return fail("short", f"{out['tokens']} of {new_tokens} tokens")
     out["ok"] = True
     return out
+
+
+def run_recorded(suite: str, json_path: Path | None, bench: Callable[[], int]) -> int:
+    """Run a benchmark command that appends one record to ``json_path`` when it works; when it
+    raises, append a ``{"suite", "schema": 2, "timestamp", "machine", "status": "failed",
+    "error"}`` record instead (a failure is a result too, spec RP7), say so and return 1."""
+    import sys
+
+    try:
+        return bench()
+    except Exception as exc:  # noqa: BLE001 - whatever broke is recorded, not lost
+        error = f"{type(exc).__name__}: {exc}"
+        print(f"mesh: error: {suite} failed: {error}", file=sys.stderr)
+        if json_path is not None:
+            append_jsonl(json_path, {"suite": suite, "schema": 2,
+                                     "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                                     "machine": machine_profile(), "status": "failed", "error": error})
+        return 1
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

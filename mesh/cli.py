@@ -315,11 +315,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.topology is None:
                 raise ConfigError("plan needs --topology FILE.json (devices and links; see `mesh/plan_cmd.py`)")
             return run_plan(args)
+        if args.command.startswith("bench-"):
+            from mesh.benchutil import run_recorded
         if args.command == "bench-backends":
             from mesh.bench_backends import run_backends_bench
 
             _setup_logging(args.log_level)
-            return run_backends_bench(args)
+            return run_recorded("mesh-bench-backends", args.json, lambda: run_backends_bench(args))
         if args.command == "bench":
             from mesh.bench import run_bench
 
@@ -328,11 +330,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench-transport":
             from mesh.bench_transport import run_transport_bench
 
-            return run_transport_bench(args)
+            return run_recorded("mesh-bench-transport", args.json, lambda: run_transport_bench(args))
         if args.command == "bench-kernel":
             from mesh.bench_kernel import run_kernel_bench
 
-            return run_kernel_bench(args)
+            return run_recorded("mesh-bench-kernel", args.json, lambda: run_kernel_bench(args))
         if args.command == "faults":
             from mesh.faults_scenarios import SCENARIOS
             from mesh.faults_suite import run_faults_command
@@ -348,12 +350,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench-placement" and args.measured:
             from mesh.bench_measured import run_measured_bench
 
-            return run_measured_bench(model=args.model, new_tokens=args.new_tokens, repeats=args.repeats,
-                                      json_path=args.json)
+            return run_recorded("mesh-bench-placement-measured", args.json, lambda: run_measured_bench(
+                model=args.model, new_tokens=args.new_tokens, repeats=args.repeats, json_path=args.json))
         if args.command == "bench-placement":
             from mesh.bench_placement import run_placement_bench
 
-            return run_placement_bench(args)
+            return run_recorded("mesh-bench-placement", args.json, lambda: run_placement_bench(args))
         if args.command == "publish":
             from mesh.publish import run_publish
 

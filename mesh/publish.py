@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.benchstats import Sample, compare, from_block, sample
+from mesh.report import pick_baseline
 
 BLOCK = re.compile(r"(<!-- published:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /published:(?P=name) -->)", re.S)
 
@@ -88,6 +89,11 @@ def _get(record: Any, *keys: str | int) -> Any:
 def caption(sel: Selection, path: str, what: str) -> str:
     """One line naming the data, the commit, the dates and the machine of a block."""
     machine = _machine(sel.records[0])
+    if machine.get("role") == "client":  # --url: the figures are the cluster's, not this machine's
+        members = _get(sel.records[0], "config", "members") or []
+        return (f"*{what} on a remote cluster ({len(members)} members: "
+                f"{', '.join(str(m.get('backend')) for m in members if isinstance(m, dict))}): data `{path}` "
+                f"({len(sel.records)} records), commit `{sel.commit}`; client {machine.get('cpu', '?')}.*")
     dates = sorted({str(_machine(r).get("date") or r.get("timestamp") or "")[:10] for r in sel.records} - {""})
     memory = machine.get("memory_bytes")
     parts = [f"{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores"]
@@ -128,14 +134,6 @@ def _status(record: dict[str, Any]) -> str:
 
 
 # -- python -m mesh bench ----------------------------------------------------------------------
-def _baseline(records: Sequence[dict[str, Any]], name: str, prompt: Any = None) -> dict[str, Any] | None:
-    for r in records:
-        if r.get("kind") == "baseline" and r.get("name") == name and r.get("status") == "ok" and \
-                (prompt is None or _get(r, "config", "prompt_tokens") == prompt):
-            return r
-    return None
-
-
 def _stages_cell(run: dict[str, Any]) -> str:
     stages = _get(run, "results", "stages") or []
     values = [s.get("decode_compute_s_per_token") for s in stages if isinstance(s, dict)]
@@ -153,7 +151,7 @@ def render_bench_matrix(sel: Selection, path: str) -> str:
         c = run.get("config") or {}
         ttft, rate = from_block(_get(run, "results", "ttft_s")), from_block(_get(run, "results", "decode_tok_s"))
         thru = from_block(_get(run, "results", "throughput")) or from_block(_get(run, "results", "throughput_tok_s"))
-        base = _baseline(recs, "transformers_generate", c.get("prompt_tokens"))
+        base = pick_baseline(run, [r for r in recs if r.get("kind") == "baseline"])
         versus = compare(rate, from_block(_get(base, "results", "decode_tok_s"))) if base else None
         transfer = _get(run, "results", "transfer_s_per_token")
         rows.append([str(c.get("nodes")), str(c.get("prompt_tokens")), str(c.get("concurrency")), _n_cell(ttft, rate),
@@ -161,7 +159,7 @@ def render_bench_matrix(sel: Selection, path: str) -> str:
                      _stages_cell(run), f"{transfer * 1000:.1f}" if isinstance(transfer, int | float) else "-",
                      _status(run)])
     table = _table(("nodes", "prompt", "concurrent", "n", "TTFT ms", "decode tok/s per request", "throughput tok/s",
-                    "decode vs `generate()`", "compute ms/token per stage", "transfer ms/token", "status"),
+                    "decode vs baseline", "compute ms/token per stage (mean)", "transfer ms/token (mean)", "status"),
                    rows, "rrrrrrrrlrl")
     lines = []
     for r in recs:
@@ -368,6 +366,10 @@ def render_placement_measured(sel: Selection, path: str) -> str:
     rec = sel.records[-1]
     rows = []
     for row in rec.get("rows", []):
+        if row.get("error"):
+            rows.append([str(row.get("nodes")), str(row.get("prompt")), "FAILED", str(row["error"])[:80],
+                         "-", "-", "-", "-", "0"])
+            continue
         p, c, h, r = row["predicted"], row["coordinator"], row["client"], row["ratio"]
         ttft, rate = from_block(h.get("ttft")), from_block(h.get("decode"))
 
@@ -384,8 +386,9 @@ def render_placement_measured(sel: Selection, path: str) -> str:
                      ratio(r.get("decode_tokens_per_s")), _cell(ttft, 1000, 0), _cell(rate), _n_cell(ttft, rate)])
     return (caption(sel, path, "Measured") + " Ratio = predicted / measured by the coordinator (its medians); target "
             "within 25 %. The client columns: what the HTTP client saw, median (min-max).\n\n" +
-            _table(("nodes (stages)", "prompt tokens", "TTFT predicted / measured", "ratio",
-                    "decode tok/s predicted / measured", "ratio", "client TTFT ms", "client decode tok/s", "n"),
+            _table(("nodes (stages)", "prompt tokens", "TTFT predicted / coordinator's median", "ratio",
+                    "decode tok/s predicted / coordinator's median", "ratio", "client TTFT ms",
+                    "client decode tok/s", "n"),
                    rows, "rrrrrrrrr") + "\n")
 
 
@@ -448,7 +451,21 @@ def render_block(name: str, data_dir: Path, root: Path | None = None) -> str:
     if sel is None:
         raise ValueError(f"block {name!r}: {path} has no record measured on a clean tree (machine.dirty false)")
     shown = path.relative_to(root).as_posix() if root is not None and path.is_relative_to(root) else path.as_posix()
-    return RENDERERS[name](sel, shown)
+    # runs of a command that failed as a whole (no "kind": the bench matrix marks each run itself)
+    failed = [r for r in sel.records if "kind" not in r and r.get("status") == "failed"]
+    ok = Selection(commit=sel.commit, records=[r for r in sel.records if r not in failed],
+                   skipped_dirty=sel.skipped_dirty)
+    note = ""
+    if failed:
+        errors = "; ".join(sorted({str(r.get("error"))[:120] for r in failed}))
+        note = f"\n**{len(failed)} run(s) of this commit FAILED and are not in the table:** {errors}\n"
+    if not ok.records:
+        return caption(sel, shown, "Measured") + "\n" + note
+    try:
+        return RENDERERS[name](ok, shown) + note
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError) as exc:
+        raise ValueError(f"block {name!r}: cannot render {path} ({type(exc).__name__}: {exc}); "
+                         f"a record of another shape?") from exc
 
 
 def regenerate(text: str, data_dir: Path, root: Path | None = None) -> tuple[str, list[str]]:

@@ -152,7 +152,7 @@ def test_survivors_reuse_the_layers_they_held_after_a_stage_is_killed(tmp_path: 
         cluster.wait_ready(timeout_s=90, members=2)
         after_ranges = _ranges(cluster)
         assert sorted(after_ranges) == sorted(i for i in before_ranges if i != victim)
-        grew = 0
+        grew = reused = 0
         for i, (start, end) in after_ranges.items():
             old_start, old_end = before_ranges[i]
             shared = max(0, min(end, old_end) - max(start, old_start))
@@ -162,4 +162,5 @@ def test_survivors_reuse_the_layers_they_held_after_a_stage_is_killed(tmp_path: 
                   f"before {before[i]} after {got}")
             assert got == want
             grew += (end - start) > (old_end - old_start)
-        assert grew >= 1  # some survivor took the victim's layers, and reused what it held
+            reused += int(got["reused"] - before[i]["reused"])
+        assert grew >= 1 and reused >= 1  # some survivor took the victim's layers, and reused what it held
