@@ -113,7 +113,8 @@ def test_a_small_matrix_runs_end_to_end_and_appends_every_run(tmp_path: Path) ->
     runs = [r for r in records if r["kind"] == "run"]
     assert [r["config"]["concurrency"] for r in runs] == [1, 2]
     for r in runs:
-        assert r["status"] == "ok" and r["schema"] == 1 and r["machine"]["cores"] and r["commit"] is not None
+        assert r["status"] == "ok" and r["schema"] == 2 and r["machine"]["cores"] and r["commit"] is not None
+        assert r["machine"]["dirty"] in (True, False)
         res = r["results"]
         assert res["prompt_tokens"] == 40 and res["prompt_tokens_exact"]
         assert res["failed_requests"] == 0 and res["requests"] == r["config"]["concurrency"]
@@ -124,6 +125,7 @@ def test_a_small_matrix_runs_end_to_end_and_appends_every_run(tmp_path: Path) ->
 
 
 @pytest.mark.slow
+@pytest.mark.spec("RP7")
 def test_bench_against_a_running_cluster_reads_its_shape_and_stage_timings(tmp_path: Path) -> None:
     from mesh.testing.cluster import LocalCluster
 
@@ -137,5 +139,7 @@ def test_bench_against_a_running_cluster_reads_its_shape_and_stage_timings(tmp_p
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (run,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert run["status"] == "ok" and run["config"]["target"] == "url"
+    # spec RP7: the figures are the cluster's; this machine only sent the requests
+    assert run["machine"]["role"] == "client" and len(run["config"]["members"]) == 2
     assert (run["config"]["nodes"], run["config"]["backend"], run["config"]["transport"]) == (2, "torch", "tcp")
     assert run["results"]["requests"] == 2 and len(run["results"]["stages"]) == 2
