@@ -12,15 +12,17 @@ with n = 1 on both sides is never called noise; see specs/report.md RP6). Quarti
 "inclusive" method of ``statistics.quantiles``.
 
 Pure functions, no I/O; the benchmarks, ``python -m mesh report`` and ``python -m mesh
-publish`` share them so that a table and the report call the same difference the same thing.
+publish`` share them (the noise rule and which baseline a run is compared with) so that a
+table and the report call the same difference the same thing.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 
@@ -110,3 +112,41 @@ def compare(ours: Sample | None, baseline: Sample | None, *, higher_is_better: b
     ratio = ours.median / baseline.median if higher_is_better else baseline.median / ours.median
     noise = max(ours.iqr, baseline.iqr)
     return Comparison(ratio=ratio, within_noise=abs(ours.median - baseline.median) <= noise and noise > 0)
+
+
+def _field(record: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(record, dict):
+            return None
+        record = record.get(key)
+    return record
+
+
+def record_time(record: dict[str, Any]) -> float:
+    """A record's ``timestamp`` as POSIX seconds; 0 when missing or unreadable."""
+    try:
+        return datetime.fromisoformat(str(record.get("timestamp"))).timestamp()
+    except (ValueError, OverflowError, OSError):
+        return 0.0
+
+
+def pick_baseline(run: dict[str, Any], baselines: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The baseline a bench run's decode tokens/s is compared with (spec RP3): an ok
+    ``transformers_generate`` (``mlx_lm_generate`` first for backend "mlx") with the same model
+    and prompt_tokens, preferring the same commit and machine, then the nearest timestamp.
+    None for a run against a remote cluster (``target: url``): a baseline measures the
+    client's machine, not the cluster."""
+    if _field(run, "config", "target") == "url":
+        return None
+    names = ["mlx_lm_generate", "transformers_generate"] if _field(run, "config", "backend") == "mlx" \
+        else ["transformers_generate"]
+    for name in names:
+        found = [b for b in baselines if b.get("name") == name and b.get("status") == "ok"
+                 and from_block(_field(b, "results", "decode_tok_s")) is not None
+                 and _field(b, "config", "model") == _field(run, "config", "model")
+                 and _field(b, "config", "prompt_tokens") == _field(run, "config", "prompt_tokens")]
+        if found:
+            return min(found, key=lambda b: (b.get("commit") != run.get("commit"),
+                                             _field(b, "machine", "cpu") != _field(run, "machine", "cpu"),
+                                             abs(record_time(b) - record_time(run))))
+    return None

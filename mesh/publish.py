@@ -30,8 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mesh.benchstats import Sample, compare, from_block, sample
-from mesh.report import pick_baseline
+from mesh.benchstats import Sample, compare, from_block, pick_baseline, sample
 
 BLOCK = re.compile(r"(<!-- published:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /published:(?P=name) -->)", re.S)
 

@@ -28,7 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
-from mesh.benchstats import Sample, compare, from_block  # noqa: E402
+from mesh.benchstats import Sample, compare, from_block, pick_baseline, record_time  # noqa: E402
 
 DEFAULT_TITLE = "mesh benchmark report"
 # config field -> (column head, prefix in plot labels)
@@ -417,32 +417,7 @@ def _predicted_plot(runs: Sequence[dict[str, Any]], prefix: str) -> tuple[str | 
     return _svg(fig, prefix), used, skipped
 
 
-def _when(record: dict[str, Any]) -> float:
-    try:
-        return datetime.fromisoformat(str(record.get("timestamp"))).timestamp()
-    except (ValueError, OverflowError, OSError):
-        return 0.0
-
-
-def pick_baseline(run: dict[str, Any], baselines: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """The baseline a run's decode tokens/s is compared with: an ok ``transformers_generate``
-    (``mlx_lm_generate`` first for backend "mlx") with the same model and prompt_tokens, preferring
-    the same commit and machine, then the nearest timestamp. None for a run against a remote
-    cluster (``target: url``): a baseline measures the client's machine, not the cluster."""
-    if _get(run, "config", "target") == "url":
-        return None
-    names = ["mlx_lm_generate", "transformers_generate"] if _get(run, "config", "backend") == "mlx" \
-        else ["transformers_generate"]
-    for name in names:
-        found = [b for b in baselines if b.get("name") == name and b.get("status") == "ok"
-                 and _sample(b, "decode_tok_s") is not None
-                 and _get(b, "config", "model") == _get(run, "config", "model")
-                 and _get(b, "config", "prompt_tokens") == _get(run, "config", "prompt_tokens")]
-        if found:
-            return min(found, key=lambda b: (b.get("commit") != run.get("commit"),
-                                             _get(b, "machine", "cpu") != _get(run, "machine", "cpu"),
-                                             abs(_when(b) - _when(run))))
-    return None
+_when = record_time
 
 
 def _header(records: Sequence[dict[str, Any]], sources: Sequence[str], counts: Mapping[str, int] | None,
