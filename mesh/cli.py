@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(node, "--dead-after-s", type=_positive_float, default=3.0,
          help="seconds of silence before a link, and a member with no other link, is declared dead")
     _add(node, "--fault-plan", type=Path, help="fault injection for tests: links follow this JSON control file "
-         "(mesh/fault_hooks.py); never on a real cluster")
+         "(mesh/node/fault_hooks.py); never on a real cluster")
     _add(node, "--fault-label", help="this node's name in --fault-plan partitions (default: its id)")
     _add(node, "--clock-offset-s", type=float, default=0.0, help="fault injection for tests: run this node's "
          "event clock this many seconds ahead of the wall clock")
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(pbench, "--model", default="smollm2-135m", help="model for --measured (name or directory)")
     _add(pbench, "--new-tokens", type=_positive_int, default=32, help="tokens per request for --measured")
     _add(pbench, "--repeats", type=_positive_int, default=5, help="timed requests per configuration for --measured")
-    from mesh.plan_cmd import add_parser as add_plan
+    from mesh.tools.plan_cmd import add_parser as add_plan
 
     add_plan(sub, _add, _positive_int)
 
@@ -252,8 +252,9 @@ def _setup_logging(level: str) -> _NodeIdFilter:
 
 
 def _run_node(args: argparse.Namespace) -> int:
-    from mesh.node import Node, NodeConfig
-    from mesh.runtime import Timeouts
+    from mesh.node.config import NodeConfig
+    from mesh.node.node import Node
+    from mesh.runtime.coordinator import Timeouts
 
     node_filter = _setup_logging(args.log_level)
     config = NodeConfig(
@@ -310,34 +311,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "key":
             return _run_key(args)
         if args.command == "plan":
-            from mesh.plan_cmd import run_plan
+            from mesh.tools.plan_cmd import run_plan
 
             if args.topology is None:
-                raise ConfigError("plan needs --topology FILE.json (devices and links; see `mesh/plan_cmd.py`)")
+                raise ConfigError("plan needs --topology FILE.json (devices and links; see `mesh/tools/plan_cmd.py`)")
             return run_plan(args)
         if args.command.startswith("bench-"):
-            from mesh.benchutil import run_recorded
+            from mesh.tools.benchutil import run_recorded
         if args.command == "bench-backends":
-            from mesh.bench_backends import run_backends_bench
+            from mesh.tools.bench_backends import run_backends_bench
 
             _setup_logging(args.log_level)
             return run_recorded("mesh-bench-backends", args.json, lambda: run_backends_bench(args))
         if args.command == "bench":
-            from mesh.bench import run_bench
+            from mesh.tools.bench import run_bench
 
             _setup_logging(args.log_level)
             return run_bench(args)
         if args.command == "bench-transport":
-            from mesh.bench_transport import run_transport_bench
+            from mesh.tools.bench_transport import run_transport_bench
 
             return run_recorded("mesh-bench-transport", args.json, lambda: run_transport_bench(args))
         if args.command == "bench-kernel":
-            from mesh.bench_kernel import run_kernel_bench
+            from mesh.tools.bench_kernel import run_kernel_bench
 
             return run_recorded("mesh-bench-kernel", args.json, lambda: run_kernel_bench(args))
         if args.command == "faults":
-            from mesh.faults_scenarios import SCENARIOS
-            from mesh.faults_suite import run_faults_command
+            from mesh.tools.faults_scenarios import SCENARIOS
+            from mesh.tools.faults_suite import run_faults_command
 
             unknown = [n for n in args.only or [] if n not in SCENARIOS]
             if unknown:
@@ -348,20 +349,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_faults_command(quick=args.quick, as_json=args.json, only=args.only, model=args.model,
                                       out=args.out)
         if args.command == "bench-placement" and args.measured:
-            from mesh.bench_measured import run_measured_bench
+            from mesh.tools.bench_measured import run_measured_bench
 
             return run_recorded("mesh-bench-placement-measured", args.json, lambda: run_measured_bench(
                 model=args.model, new_tokens=args.new_tokens, repeats=args.repeats, json_path=args.json))
         if args.command == "bench-placement":
-            from mesh.bench_placement import run_placement_bench
+            from mesh.tools.bench_placement import run_placement_bench
 
             return run_recorded("mesh-bench-placement", args.json, lambda: run_placement_bench(args))
         if args.command == "publish":
-            from mesh.publish import run_publish
+            from mesh.tools.publish import run_publish
 
             return run_publish(args)
         if args.command == "report":
-            from mesh.report import run_report
+            from mesh.tools.report import run_report
 
             return run_report(args)
     except MeshError as exc:

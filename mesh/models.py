@@ -18,12 +18,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mesh.errors import ModelError
-
-if TYPE_CHECKING:
-    from mesh.placement import ModelSize
 
 log = logging.getLogger(__name__)
 
@@ -324,30 +321,3 @@ def sliced_config(config: Any, layer_start: int, layer_end: int) -> Any:
     if isinstance(layer_types, (list, tuple)) and len(layer_types) == config.num_hidden_layers:
         sub.layer_types = list(layer_types[layer_start:layer_end])
     return sub
-
-
-
-def model_size(model: Model, dtype_bytes: int = 4) -> ModelSize:
-    """Bytes per layer and for embeddings/head, counted from a meta-device instance of the
-    model's own transformers class (no weights are read), plus GQA-aware KV bytes."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from mesh.placement import ModelSize
-
-    config = model.config
-    with torch.device("meta"):
-        one = AutoModelForCausalLM.from_config(sliced_config(config, 0, 1))
-    layer = sum(p.numel() for p in one.model.layers[0].parameters())
-    edge = sum(p.numel() for n, p in one.named_parameters() if not n.startswith("model.layers."))
-    if getattr(config, "tie_word_embeddings", False):
-        edge += one.model.embed_tokens.weight.numel()  # the last stage holds its own copy
-    heads = int(config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    return ModelSize(
-        num_layers=int(config.num_hidden_layers),
-        layer_bytes=layer * dtype_bytes,
-        edge_bytes=edge * dtype_bytes,
-        kv_bytes_per_token_per_layer=2 * kv_heads * head_dim * dtype_bytes,
-    )

@@ -1,6 +1,6 @@
 """The host's network interfaces, as plain data, and the subnet arithmetic over them.
 
-Discovery (``mesh/discovery.py``) and the Thunderbolt-IP transport (``transports/tbip.py``)
+Discovery (``mesh/node/discovery.py``) and the Thunderbolt-IP transport (``transports/tbip.py``)
 decide from an interface table; this module only reads it (psutil, and on Linux the
 driver name under /sys/class/net) and never changes host settings. Decisions
 (``advertise_address``, ``route_to_peer``, ``thunderbolt_interfaces``) are pure functions

@@ -1,7 +1,7 @@
 """Messages that cross a link: a versioned control envelope plus an optional tensor.
 
 This module knows the shape of a message, not how it is framed (``transports/framing.py``)
-nor what it means (``mesh/runtime.py``). Spec: specs/transport.md (T1-T4).
+nor what it means (``mesh/runtime/coordinator.py``). Spec: specs/transport.md (T1-T4).
 """
 
 from __future__ import annotations

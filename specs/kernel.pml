@@ -86,7 +86,7 @@ byte net[NETCAP];               /* messages in flight, sorted descending; 0 = fr
 /* Scratch for deterministic steps: always set before use, so not part of the state. */
 hidden byte t_e, t_k, t_best, t_more, t_to, t_m;
 
-/* The delivery rule of the causal buffer (mesh/causal.py): the next seq of its origin, and
+/* The delivery rule of the causal buffer (mesh/kernel/causal.py): the next seq of its origin, and
  * every dependency delivered. BROKEN_DEPS checks only the origin's own sequence. */
 #ifdef BROKEN_DEPS
 #define DELIVERABLE(i, e) (SEQ(e) == VV(i, ORIGIN(e)) + 1)

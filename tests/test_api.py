@@ -1,4 +1,4 @@
-"""Tests of the OpenAI-compatible HTTP API (mesh/api.py, mesh/openai_schema.py).
+"""Tests of the OpenAI-compatible HTTP API (mesh/api/app.py, mesh/api/openai_schema.py).
 
 Spec: specs/api.md A1-A16. The app runs over ``mesh.testing.FakeEngine`` and is driven
 through httpx's ASGI transport, the official ``openai`` client, the raw ASGI interface (to
@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openai import AsyncOpenAI
 
-from mesh.api import create_app
+from mesh.api.app import create_app
 from mesh.errors import ApiError, MeshError, RequestFailed
 from mesh.testing import FakeEngine, ToyTokenizer
 from mesh.testing.tokenizers import smollm2_dir, smollm2_tokenizer

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from mesh import bench
 from mesh.errors import ConfigError
-from mesh.reqstats import RequestLog
+from mesh.runtime.reqstats import RequestLog
+from mesh.tools import bench
 
 REPO = Path(__file__).resolve().parents[1]
 

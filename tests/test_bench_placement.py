@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mesh.bench_placement import EXO_REFERENCE, PROFILES, bench_profile
+from mesh.tools.bench_placement import EXO_REFERENCE, PROFILES, bench_profile
 
 
 @pytest.mark.spec("P13")

@@ -10,8 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends.base import StepOutput
-from mesh.calibrate import DECODE_STEPS, PREFILL_TOKENS, fastest, fit_calibration, time_stage
-from mesh.costmodel import (
+from mesh.errors import PlacementError
+from mesh.node.linkstats import link_key
+from mesh.placement.calibrate import (
+    DECODE_STEPS,
+    PREFILL_TOKENS,
+    fastest,
+    fit_calibration,
+    time_stage,
+)
+from mesh.placement.costmodel import (
     Calibration,
     Device,
     ModelSpec,
@@ -23,10 +31,8 @@ from mesh.costmodel import (
     predict,
     prefill_stage_s,
 )
-from mesh.errors import PlacementError
-from mesh.linkstats import link_key
-from mesh.perf import predicted, profile_key, profile_record, topology
-from mesh.placement import Plan, Stage
+from mesh.placement.perf import predicted, profile_key, profile_record, topology
+from mesh.placement.pipeline import Plan, Stage
 from tests.test_perf import SPEC, _member, _state
 
 FLOPS, BANDWIDTH = 1e11, 2e10
@@ -127,7 +133,7 @@ def test_calibration_replaces_the_roofline_only_for_its_model_and_single_devices
                         4 * (0.002 + 1e-4 * 50 + attention))
     # a tensor-parallel group is priced by the roofline whatever its members measured alone
     b = Device(id="b", memory_bytes=1 << 30, flops=FLOPS, memory_bandwidth_bytes_per_s=BANDWIDTH, calibration=cal)
-    from mesh.costmodel import Link
+    from mesh.placement.costmodel import Link
 
     pair = Topology(devices=(calibrated, b), links=(Link(a="a", b="b", latency_s=1e-4, bandwidth_bytes_per_s=1e9),))
     plain_pair = Topology(devices=(plain, Device(id="b", memory_bytes=1 << 30, flops=FLOPS,

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from mesh.causal import CausalBuffer
 from mesh.errors import KernelError
-from mesh.events import Event, EventId, VersionVector
-from mesh.hlc import HybridClock, Timestamp
+from mesh.kernel.causal import CausalBuffer
+from mesh.kernel.events import Event, EventId, VersionVector
+from mesh.kernel.hlc import HybridClock, Timestamp
 
 VV = VersionVector
 Id = tuple[str, int]

@@ -1,4 +1,4 @@
-"""ClusterState (mesh/crdt.py): convergence (K1), idempotence (K3), no resurrection (K6).
+"""ClusterState (mesh/kernel/crdt.py): convergence (K1), idempotence (K3), no resurrection (K6).
 
 Histories are simulated with replicas that each keep a log of the events they delivered, in
 delivery order. ``sync(a, b)`` delivers to ``a``, in ``b``'s order, every event ``a`` has not
@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from mesh.crdt import ClusterState, Dot
 from mesh.errors import KernelError
-from mesh.hlc import Timestamp
+from mesh.kernel.crdt import ClusterState, Dot
+from mesh.kernel.hlc import Timestamp
 
 KEYS = ["member/a", "member/b", "request/r1"]
 LIFECYCLE = ["created", "running", "finished", "cancelled", "failed"]

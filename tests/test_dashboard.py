@@ -1,4 +1,4 @@
-"""The dashboard page at ``GET /`` (mesh/dashboard/index.html; spec A18), without a browser.
+"""The dashboard page at ``GET /`` (mesh/api/dashboard/index.html; spec A18), without a browser.
 
 tests/test_dashboard_browser.py drives the page in headless Chromium against real nodes.
 """
@@ -12,7 +12,7 @@ from importlib.resources import files
 import httpx
 import pytest
 
-from mesh.api import create_app
+from mesh.api.app import create_app
 from mesh.testing import FakeEngine, ToyTokenizer
 
 MODEL = "fake/model"
@@ -68,7 +68,7 @@ async def test_page_needs_no_key_but_the_data_does() -> None:
 async def test_page_is_self_contained() -> None:
     async with _client(_app()) as c:
         html = (await c.get("/")).text
-    assert html == (files("mesh") / "dashboard" / "index.html").read_text(encoding="utf-8")
+    assert html == (files("mesh.api") / "dashboard" / "index.html").read_text(encoding="utf-8")
     parser = _Refs()
     parser.feed(html)
     external = [ref for ref in parser.refs if re.match(r"\s*(https?:)?//", ref[2], re.IGNORECASE)]
@@ -86,7 +86,7 @@ async def test_page_is_self_contained() -> None:
 
 @pytest.mark.spec("A18")
 def test_page_never_puts_api_strings_in_html() -> None:
-    html = (files("mesh") / "dashboard" / "index.html").read_text(encoding="utf-8")
+    html = (files("mesh.api") / "dashboard" / "index.html").read_text(encoding="utf-8")
     script = html[html.index("<script>"):]
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
         assert sink not in script, sink

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from mesh.api import create_app
+from mesh.api.app import create_app
 from mesh.errors import RequestFailed
 from mesh.testing import FakeEngine, ToyTokenizer
 from mesh.testing.cluster import LocalCluster, http_json

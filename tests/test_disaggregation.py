@@ -10,11 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mesh.costmodel import PlacementPlan, StagePlan
-from mesh.engine import SamplingParams
 from mesh.errors import PlacementError
-from mesh.node_perf import runtime_plan
-from mesh.placement import ModelSize, Plan, Stage, place_by_roles
+from mesh.node.perf import runtime_plan
+from mesh.placement.costmodel import PlacementPlan, StagePlan
+from mesh.placement.pipeline import ModelSize, Plan, Stage, place_by_roles
+from mesh.runtime.engine import SamplingParams
 from mesh.testing.minicluster import PROMPT, MiniCluster, reference_tokens, run_request
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)

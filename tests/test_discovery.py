@@ -1,4 +1,4 @@
-"""Tests of LAN discovery (mesh/discovery.py) against specs/discovery.md.
+"""Tests of LAN discovery (mesh/node/discovery.py) against specs/discovery.md.
 
 Nothing here sends to any address but 127.0.0.1: the core is fed bytes directly, the
 helpers get fake sockets, and the services are given unicast 127.0.0.1 targets and an
@@ -22,7 +22,9 @@ from hypothesis import strategies as st
 
 import mesh
 from mesh import PROTOCOL_MAJOR
-from mesh.discovery import (
+from mesh.errors import FrameError
+from mesh.netif import IfAddress, Interface
+from mesh.node.discovery import (
     MAGIC,
     MAX_DATAGRAM_BYTES,
     Announcement,
@@ -36,8 +38,6 @@ from mesh.discovery import (
     resolve_address,
     send_datagram,
 )
-from mesh.errors import FrameError
-from mesh.netif import IfAddress, Interface
 from mesh.security import discovery_key
 
 pytestmark = pytest.mark.timeout(30)

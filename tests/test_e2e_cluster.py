@@ -234,7 +234,7 @@ def test_solver_placement_leaves_out_a_member_that_would_only_slow_the_pipeline(
         tmp_path: Path, single_node_texts: dict[str, str]) -> None:
     """Two equal members and a model one of them holds: a pipeline only adds a hop per token
     (batch 1), so the solver places every layer on one member; the other still serves."""
-    from mesh.profile import load_or_measure_profile
+    from mesh.placement.profile import load_or_measure_profile
 
     load_or_measure_profile(tmp_path / "profile", budget_s=1.0)
     with LocalCluster(2, tmp_path / "solver", placement="solver",

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh.metrics import NodeMetrics
+from mesh.runtime.metrics import NodeMetrics
 from mesh.testing.cluster import LocalCluster, NodeProcess, http_json
 
 MODEL = "smollm2-135m"

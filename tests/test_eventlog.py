@@ -8,8 +8,8 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from mesh.eventlog import RECORD_HEADER, EventLog
-from mesh.kernel import Replica
+from mesh.kernel.eventlog import RECORD_HEADER, EventLog
+from mesh.kernel.replica import Replica
 
 
 def _history(n: int) -> Replica:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.errors import KernelError
-from mesh.events import (
+from mesh.kernel.events import (
     MAX_ORIGIN_LEN,
     MAX_PAYLOAD_DEPTH,
     MAX_SEQ,
@@ -21,7 +21,7 @@ from mesh.events import (
     EventId,
     VersionVector,
 )
-from mesh.hlc import MAX_COUNTER, MAX_PHYSICAL_MS, Timestamp
+from mesh.kernel.hlc import MAX_COUNTER, MAX_PHYSICAL_MS, Timestamp
 
 VV = VersionVector
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mesh.engine import SamplingParams
 from mesh.errors import RequestFailed
-from mesh.runtime import Timeouts
+from mesh.runtime.coordinator import Timeouts
+from mesh.runtime.engine import SamplingParams
 from mesh.testing.minicluster import PROMPT, MiniCluster
 from mesh.testing.minicluster import reference_tokens as _reference
 from mesh.testing.minicluster import run_request as _run

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mesh.errors import ConfigError
-from mesh.fault_hooks import plan_from_json, read_control, watch, wrap
+from mesh.node.fault_hooks import plan_from_json, read_control, watch, wrap
 from transports.faults import FaultPlan
 from transports.memory import MemoryTransport
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh.faults_scenarios import QUICK, SCENARIOS
-from mesh.faults_suite import Context, format_row
+from mesh.tools.faults_scenarios import QUICK, SCENARIOS
+from mesh.tools.faults_suite import Context, format_row
 
 pytestmark = pytest.mark.slow
 FULL = os.environ.get("MESH_FAULTS_FULL") == "1"

@@ -1,5 +1,5 @@
 """Tests of the fault-injection wrapper (transports/faults.py) and of the accounting of
-``python -m mesh faults`` (mesh/faults_suite.py, with fake outcomes) against specs/faults.md.
+``python -m mesh faults`` (mesh/tools/faults_suite.py, with fake outcomes) against specs/faults.md.
 
 The transport tests wrap the real TCP transport on 127.0.0.1 with OS-chosen ports. Seeds are fixed.
 No sleeps as synchronisation: tests wait on results, each wait bounded; "nothing arrives" is
@@ -17,9 +17,17 @@ from typing import Any
 
 import pytest
 
-from mesh import faults_suite
 from mesh.errors import ConfigError, FrameError, PeerTimeout, TransportError
-from mesh.faults_suite import MAX_TOKENS, Context, Outcome, ScenarioResult, Tally, format_row, run_scenario
+from mesh.tools import faults_suite
+from mesh.tools.faults_suite import (
+    MAX_TOKENS,
+    Context,
+    Outcome,
+    ScenarioResult,
+    Tally,
+    format_row,
+    run_scenario,
+)
 from mesh.wire import Message, WireTensor
 from transports.base import Connection
 from transports.faults import (
@@ -455,7 +463,7 @@ async def test_every_send_yields_to_the_event_loop() -> None:
         await task
 
 
-# --- the accounting of ``python -m mesh faults`` (mesh/faults_suite.py): fake outcomes, no cluster ---
+# --- the accounting of ``python -m mesh faults`` (mesh/tools/faults_suite.py): fake outcomes, no cluster ---
 
 REFERENCE = "Red, orange and yellow are colours of the rainbow."
 
@@ -511,7 +519,7 @@ def test_a_request_with_no_reference_text_is_a_mismatch(tmp_path: Path) -> None:
 
 @pytest.mark.spec("F17")
 def test_the_single_node_reference_covers_every_request_the_scenarios_send() -> None:
-    from mesh.faults_scenarios import LONG_PROMPT
+    from mesh.tools.faults_scenarios import LONG_PROMPT
 
     covered = set(faults_suite.REFERENCE_REQUESTS)
     assert (LONG_PROMPT, 12) in covered
@@ -588,7 +596,7 @@ def test_a_recovery_target_is_met_missed_or_absent(tmp_path: Path) -> None:
 
 @pytest.mark.spec("F18", "FO7")
 def test_scenarios_declare_their_targets_and_expected_clean_failures() -> None:
-    from mesh.faults_scenarios import PAUSE_S, SCENARIOS
+    from mesh.tools.faults_scenarios import PAUSE_S, SCENARIOS
 
     kills = {"kill-middle-stage", "kill-first-stage", "kill-http-node", "restart-with-data-dir",
              "32-streams-during-kill", "kill-middle-long-prompt", "kill-middle-long-prompt-no-replica"}
@@ -607,13 +615,13 @@ def test_out_appends_one_json_line_per_run_and_json_prints_the_same_record(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    import mesh.benchutil
+    import mesh.tools.benchutil
 
     rows = [ScenarioResult(name="kill-middle-stage", sent=4, attempts=5, refused=1, completed=4,
                            recovery_s_p50=1.4, recovery_s_max=1.4, ttft_after_fault_s_p50=0.3,
                            ttft_after_fault_s_max=1.2, recovery_target_s=5.0, target_met=True, passed=True)]
     monkeypatch.setattr(faults_suite, "run_suite", lambda names, **kwargs: rows)
-    monkeypatch.setattr(mesh.benchutil, "machine_profile", lambda: {"cores": 2, "dirty": True})
+    monkeypatch.setattr(mesh.tools.benchutil, "machine_profile", lambda: {"cores": 2, "dirty": True})
     out = tmp_path / "results" / "faults.jsonl"
     assert faults_suite.run_faults_command(quick=True, as_json=True, only=None, model="m", out=out) == 0
     printed = json.loads(capsys.readouterr().out)

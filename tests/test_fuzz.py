@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from mesh import PROTOCOL_MAJOR, PROTOCOL_MINOR
 from mesh.errors import FrameError, MeshError
-from mesh.links import Links
-from mesh.membership import MemberInfo
+from mesh.kernel.records import MemberInfo
+from mesh.node.links import Links
 from mesh.testing.scripted import ScriptedConnection
 from mesh.wire import Message, WireTensor
 from transports.framing import HEADER, MAGIC, WIRE_VERSION, FrameDecoder, FrameEncoder

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.errors import ClockDriftError, KernelError, MeshError
-from mesh.hlc import MAX_COUNTER, MAX_PHYSICAL_MS, HybridClock, Timestamp
+from mesh.kernel.hlc import MAX_COUNTER, MAX_PHYSICAL_MS, HybridClock, Timestamp
 
 T = Timestamp
 

@@ -12,14 +12,20 @@ import cbor2
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
-from mesh.crdt import ClusterState
-from mesh.eventlog import EventLog
-from mesh.events import Event, VersionVector
-from mesh.hlc import Timestamp
-from mesh.kernel import AntiEntropy, Replica, SyncPage, check_payload
 from mesh.errors import KernelError
+from mesh.kernel.crdt import ClusterState
+from mesh.kernel.eventlog import EventLog
+from mesh.kernel.events import Event, VersionVector
+from mesh.kernel.hlc import Timestamp
+from mesh.kernel.replica import AntiEntropy, Replica, SyncPage, check_payload
 
 KEYS = ["member/a", "member/b", "status/a", "status/b", "placement", "request/1"]
 

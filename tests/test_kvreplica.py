@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mesh.engine import SamplingParams
 from mesh.errors import BackendError
-from mesh.kvreplica import ReplicaStore, RequestReplica, pack_kv, unpack_kv
+from mesh.runtime.engine import SamplingParams
+from mesh.runtime.kvreplica import ReplicaStore, RequestReplica, pack_kv, unpack_kv
 from mesh.testing.minicluster import MiniCluster, reference_tokens, run_request
 from mesh.wire import DTYPES, WireTensor
 

@@ -9,12 +9,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.crdt import ClusterState
 from mesh.errors import ConfigError
-from mesh.hlc import Timestamp
-from mesh.links import Links
-from mesh.linkstats import PROBE_BYTES, PUBLISH_MAX_AGE_S, RTT_WINDOW, LinkMeter, link_key, percentile
-from mesh.membership import ClusterView, MemberInfo
+from mesh.kernel.crdt import ClusterState
+from mesh.kernel.hlc import Timestamp
+from mesh.kernel.records import ClusterView, MemberInfo
+from mesh.node.links import Links
+from mesh.node.linkstats import (
+    PROBE_BYTES,
+    PUBLISH_MAX_AGE_S,
+    RTT_WINDOW,
+    LinkMeter,
+    link_key,
+    percentile,
+)
 from mesh.wire import Message
 from transports.tcp import TcpTransport
 

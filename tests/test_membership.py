@@ -8,9 +8,9 @@ import pytest
 
 from mesh.errors import ConfigError, FrameError
 from mesh.identity import load_or_create_node_id
-from mesh.crdt import ClusterState
-from mesh.hlc import Timestamp
-from mesh.membership import ClusterView, MemberInfo, MemberStatus
+from mesh.kernel.crdt import ClusterState
+from mesh.kernel.hlc import Timestamp
+from mesh.kernel.records import ClusterView, MemberInfo, MemberStatus
 
 ME = MemberInfo(member_id="a" * 32, address="127.0.0.1:7600", api_address="127.0.0.1:8000", backend="torch",
                 memory_bytes=1 << 30, incarnation="i1")

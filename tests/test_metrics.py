@@ -8,9 +8,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh.api import create_app
-from mesh.engine import SamplingParams
-from mesh.metrics import NodeMetrics
+from mesh.api.app import create_app
+from mesh.runtime.engine import SamplingParams
+from mesh.runtime.metrics import NodeMetrics
 from mesh.testing.fake_engine import FakeEngine
 from mesh.testing.minicluster import MiniCluster
 

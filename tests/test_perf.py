@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from mesh.costmodel import ModelSpec
-from mesh.crdt import ClusterState
-from mesh.hlc import Timestamp
-from mesh.linkstats import link_key
-from mesh.membership import ClusterView, member_key, resources_key
-from mesh.perf import Measured, predicted, profile_key, profile_record, topology
-from mesh.placement import Plan, Stage
+from mesh.kernel.crdt import ClusterState
+from mesh.kernel.hlc import Timestamp
+from mesh.kernel.records import ClusterView, member_key, resources_key
+from mesh.node.linkstats import link_key
+from mesh.placement.costmodel import ModelSpec
+from mesh.placement.perf import (
+    Measured,
+    predicted,
+    profile_key,
+    profile_record,
+    topology,
+)
+from mesh.placement.pipeline import Plan, Stage
 
 SPEC = ModelSpec.from_dimensions(name="tiny", num_layers=4, hidden_size=64, intermediate_size=128,
                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=100, dtype_bytes=4)

@@ -7,7 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.errors import PlacementError
-from mesh.placement import Capacity, ModelSize, Plan, Stage, largest_context, per_layer_bytes, place_pipeline
+from mesh.placement.pipeline import (
+    Capacity,
+    ModelSize,
+    Plan,
+    Stage,
+    largest_context,
+    per_layer_bytes,
+    place_pipeline,
+)
 
 MIB = 1 << 20
 SIZE = ModelSize(num_layers=30, layer_bytes=14 * MIB, edge_bytes=216 * MIB, kv_bytes_per_token_per_layer=1536)

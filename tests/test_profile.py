@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from mesh import profile as profile_mod
 from mesh.errors import ConfigError
 from mesh.identity import MEMORY_GRANULE
-from mesh.profile import (
+from mesh.placement import profile as profile_mod
+from mesh.placement.profile import (
     PROFILE_FILE,
     PROFILE_VERSION,
     DeviceProfile,
@@ -105,7 +105,7 @@ def test_corrupt_cache_remeasures_with_warning(
     tmp_path: Path, fake_measure: list[dict[str, Any]], caplog: pytest.LogCaptureFixture, content: bytes
 ) -> None:
     (tmp_path / PROFILE_FILE).write_bytes(content)
-    with caplog.at_level(logging.WARNING, logger="mesh.profile"):
+    with caplog.at_level(logging.WARNING, logger="mesh.placement.profile"):
         p = load_or_measure_profile(tmp_path, device="cpu")
     assert len(fake_measure) == 1 and p.device == "cpu"
     assert any("corrupt" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)

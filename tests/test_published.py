@@ -12,9 +12,16 @@ from typing import Any
 
 import pytest
 
-from mesh.bench import run_status
-from mesh.benchstats import compare, from_block, sample, stats_block
-from mesh.publish import BLOCK, RENDERERS, regenerate, render_block, run_publish, select
+from mesh.tools.bench import run_status
+from mesh.tools.benchstats import compare, from_block, sample, stats_block
+from mesh.tools.publish import (
+    BLOCK,
+    RENDERERS,
+    regenerate,
+    render_block,
+    run_publish,
+    select,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +57,7 @@ def test_every_data_file_is_published_from_a_commit_of_this_history() -> None:
 @pytest.mark.spec("RP7")
 def test_a_benchmark_that_fails_as_a_whole_is_recorded_and_shown(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    from mesh.benchutil import run_recorded
+    from mesh.tools.benchutil import run_recorded
 
     out = tmp_path / "kernel.jsonl"
 
@@ -96,10 +103,10 @@ def test_records_of_a_dirty_tree_are_never_published(tmp_path: Path) -> None:
     sel = select([clean, dirty])
     assert sel is not None and sel.commit == "aaa1111" and sel.records == [clean] and sel.skipped_dirty == 1
     assert select([dirty]) is None
-    from mesh.benchutil import _not_code
+    from mesh.tools.benchutil import _not_code
 
     assert _not_code("benchmarks/kernel.jsonl") and _not_code("README.md") and _not_code("docs/images/a.png")
-    assert not _not_code("benchmarks/run-all.sh") and not _not_code("mesh/bench.py")
+    assert not _not_code("benchmarks/run-all.sh") and not _not_code("mesh/tools/bench.py")
     (tmp_path / "bench-matrix.jsonl").write_text(json.dumps(dirty) + "\n")
     with pytest.raises(ValueError, match="no record measured on a clean tree"):
         render_block("bench-matrix", tmp_path)
@@ -173,7 +180,7 @@ def test_partial_and_failed_runs_show_in_the_published_table(tmp_path: Path) -> 
 
 @pytest.mark.spec("RP1")
 def test_the_report_renders_every_committed_benchmark() -> None:
-    from mesh.report import SUITE_BLOCKS, load_records, render_report
+    from mesh.tools.report import SUITE_BLOCKS, load_records, render_report
 
     paths = sorted((ROOT / "benchmarks").glob("*.jsonl"))
     records, counts, skipped = load_records(paths)

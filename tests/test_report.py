@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from mesh.report import load_records, pick_baseline, render_report
+from mesh.tools.report import load_records, pick_baseline, render_report
 
 ROOT = Path(__file__).resolve().parent.parent
 XSS = "<script>alert(1)</script>"

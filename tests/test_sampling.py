@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.engine import SamplingParams
 from mesh.errors import ApiError
-from mesh.sampling import sample
+from mesh.runtime.engine import SamplingParams
+from mesh.runtime.sampling import sample
 
 
 @pytest.mark.spec("B7")

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from mesh.cli import main
 from mesh.errors import AuthenticationError, ConfigError, TransportError
-from mesh.links import Links
-from mesh.membership import MemberInfo
+from mesh.kernel.records import MemberInfo
+from mesh.node.links import Links
 from mesh.security import (
     LinkSecurity,
     PeerIdentity,
@@ -208,7 +208,8 @@ async def test_a_hello_claiming_another_id_is_rejected(caplog: pytest.LogCapture
 def test_insecure_warns_and_an_insecure_transport_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from mesh import registry
-    from mesh.node import Node, NodeConfig
+    from mesh.node.config import NodeConfig
+    from mesh.node.node import Node
 
     with caplog.at_level(logging.WARNING):
         node = Node(NodeConfig(data_dir=tmp_path / "a", insecure=True, discovery=False))

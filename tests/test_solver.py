@@ -13,9 +13,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mesh.costmodel import Device, Link, ModelSpec, PlacementPlan, StagePlan, Topology, memory_needed, predict
 from mesh.errors import PlacementError
-from mesh.solver import Request, baseline_plan, score, solve
+from mesh.placement.costmodel import (
+    Device,
+    Link,
+    ModelSpec,
+    PlacementPlan,
+    StagePlan,
+    Topology,
+    memory_needed,
+    predict,
+)
+from mesh.placement.solver import Request, baseline_plan, score, solve
 
 GIB = 1 << 30
 SMALL = ModelSpec.from_dimensions(name="tiny", num_layers=12, hidden_size=512, intermediate_size=1536,
@@ -114,7 +123,7 @@ def test_same_input_same_plan_in_any_device_order(case: tuple[Topology, Request]
 
 @pytest.mark.spec("P9")
 def test_model_spec_counts_match_transformers(default_model: object) -> None:
-    from mesh.models import model_size
+    from mesh.placement.pipeline import model_size
 
     spec = ModelSpec.from_config(default_model.config, name="smollm2", dtype_bytes=4)  # type: ignore[attr-defined]
     size = model_size(default_model)  # type: ignore[arg-type]
@@ -251,7 +260,7 @@ def test_plan_cli_contract(tmp_path: Path) -> None:
 
 @pytest.mark.spec("P18")
 def test_a_manual_placement_is_checked_against_the_budgets() -> None:
-    from mesh.solver import validate_plan
+    from mesh.placement.solver import validate_plan
 
     topo = full_mesh([dev("a", 0.02), dev("b", 8)])
     request = Request(context_tokens=2048, prompt_tokens=512)

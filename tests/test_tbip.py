@@ -507,8 +507,8 @@ def test_registered_as_an_entry_point() -> None:
 
 @pytest.mark.spec("TB2")
 def test_links_teach_the_transport_a_members_alternative_addresses() -> None:
-    from mesh.links import Links
-    from mesh.membership import MemberInfo
+    from mesh.kernel.records import MemberInfo
+    from mesh.node.links import Links
 
     learned: list[tuple[str, list[str]]] = []
 

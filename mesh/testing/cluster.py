@@ -83,7 +83,7 @@ class LocalCluster:
         extra_args: more flags for every node.
         cluster_key: the cluster key every node gets through ``MESH_CLUSTER_KEY`` (default: a
             fresh random one).
-        profile: a ``profile.json`` (``mesh/profile.py``) put in every data dir, so nodes on
+        profile: a ``profile.json`` (``mesh/placement/profile.py``) put in every data dir, so nodes on
             one machine do not measure it at once and get each other's load.
         node_args: more flags per node (node i gets ``node_args[i]``), after ``extra_args``.
         placement: ``--placement`` of every node; ``memory`` by default, unlike a node's

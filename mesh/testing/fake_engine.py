@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from mesh.engine import SamplingParams, Tokenizer
 from mesh.errors import MeshError
+from mesh.runtime.engine import SamplingParams, Tokenizer
 
 Script = Sequence[int] | Callable[[list[int], SamplingParams], Iterable[int]]
 RequestState = Literal["running", "finished", "cancelled", "failed"]

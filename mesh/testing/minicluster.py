@@ -24,8 +24,8 @@ import numpy as np
 
 from backends.base import Backend, StepOutput
 from mesh.errors import BackendError, TransportError
-from mesh.placement import Plan, Stage
-from mesh.runtime import Coordinator, StageWorker, Timeouts
+from mesh.placement.pipeline import Plan, Stage
+from mesh.runtime.coordinator import Coordinator, StageWorker, Timeouts
 from mesh.wire import Message, WireTensor
 
 VOCAB = 50

@@ -1,4 +1,4 @@
-"""A scripted ``Connection`` for tests of what sits above a transport (``mesh.links``):
+"""A scripted ``Connection`` for tests of what sits above a transport (``mesh.node.links``):
 ``recv`` returns the scripted messages in order, then fails as a closed link does; ``send``
 records what was sent. No I/O, no waits."""
 

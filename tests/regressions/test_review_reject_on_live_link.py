@@ -7,7 +7,7 @@ only the *newcomer* of two processes sharing an id refuses to start, and N10 say
 message closes that link only. Here a node that has long been a member gets ``{"t": "reject",
 "b": {}}`` (no id, no address) from a peer whose hello was accepted, and shuts itself down.
 Any authenticated member (or a buggy one) can stop every other node with one frame.
-Fault: mesh/links.py ``serve`` (``if msg.type == "reject": self._rejected(...)``) and
+Fault: mesh/node/links.py ``serve`` (``if msg.type == "reject": self._rejected(...)``) and
 ``_rejected`` (no check that ``msg.body["id"] == self.me().member_id``).
 """
 
@@ -18,8 +18,8 @@ import asyncio
 import pytest
 
 from mesh.errors import MeshError
-from mesh.links import Links
-from mesh.membership import MemberInfo
+from mesh.kernel.records import MemberInfo
+from mesh.node.links import Links
 from mesh.security import PeerIdentity
 from mesh.testing.scripted import ScriptedConnection
 from mesh.wire import Message

@@ -1,0 +1,205 @@
+"""Who is in the cluster, what each member offers, and what each has loaded: records and a
+read-only view over the replicated cluster state (sans-IO).
+
+Keys in the state (spec kernel.md): ``member/<id>`` (address, API address, incarnation;
+removed when the member leaves or is declared dead), ``resources/<id>`` (backend, memory),
+``status/<id>`` (what it has loaded), ``placement`` (the plan last recorded), and
+``request/<id>`` / ``kv/<id>`` (request lifecycle and where its KV caches live). Values were
+written by peers, so every record is validated when read; a bad one is skipped.
+Spec: specs/node.md (N1-N4).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from mesh.errors import FrameError
+from mesh.kernel.crdt import ClusterState
+
+log = logging.getLogger(__name__)
+REQUEST_STATES = ("running", "finished", "cancelled", "failed")  # monotone order (lifecycle view)
+
+STATES = ("idle", "loading", "ready", "failed")
+
+
+def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = body.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise FrameError(f"field {name!r} missing or of the wrong type in a peer record")
+    return value
+
+
+MAX_ALT_ADDRESSES = 16
+
+
+def _alt_addresses(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > MAX_ALT_ADDRESSES or not all(
+            isinstance(a, str) and 0 < len(a) <= 64 for a in value):
+        raise FrameError(f"field 'alt' must be a list of at most {MAX_ALT_ADDRESSES} short addresses")
+    return tuple(value)
+
+
+ROLES = ("any", "prefill", "decode")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemberInfo:
+    """A member as others see it.
+
+    ``address``: host:port of its mesh link; ``api_address``: host:port of its HTTP API;
+    ``memory_bytes``: usable memory it offers (bytes); ``backend``: compute backend name;
+    ``incarnation``: random per process start, so two live processes with one id are told apart.
+    """
+
+    member_id: str
+    address: str
+    api_address: str
+    backend: str
+    memory_bytes: int
+    incarnation: str = ""
+    alt_addresses: tuple[str, ...] = ()  # other hosts it listens on, e.g. Thunderbolt links (spec TB2)
+    role: str = "any"  # what it asks to run: prefill, decode or any (spec N13)
+
+    def to_wire(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "id": self.member_id,
+            "address": self.address,
+            "api": self.api_address,
+            "backend": self.backend,
+            "memory_bytes": self.memory_bytes,
+            "incarnation": self.incarnation,
+        }
+        if self.alt_addresses:
+            body["alt"] = list(self.alt_addresses)
+        if self.role != "any":
+            body["role"] = self.role
+        return body
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> MemberInfo:
+        """Parse a peer's record. Raises FrameError on a missing or mistyped field."""
+        info = cls(
+            member_id=_field(body, "id", str),
+            address=_field(body, "address", str),
+            api_address=_field(body, "api", str),
+            backend=_field(body, "backend", str),
+            memory_bytes=_field(body, "memory_bytes", int),
+            incarnation=_field(body, "incarnation", str),
+            alt_addresses=_alt_addresses(body.get("alt", [])),
+            role=body.get("role", "any") if body.get("role") in ROLES else "any",
+        )
+        if not info.member_id or len(info.member_id) > 128 or info.memory_bytes < 0:
+            raise FrameError("peer record has an empty or oversized id, or negative memory")
+        return info
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemberStatus:
+    """What a member has loaded: layers [layer_start, layer_end) for plan ``plan_id``."""
+
+    plan_id: str = ""
+    layer_start: int = 0
+    layer_end: int = 0
+    state: str = "idle"
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.state not in STATES:
+            raise FrameError(f"unknown member state {self.state!r}; valid: {STATES}")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "plan_id": self.plan_id,
+            "layer_start": self.layer_start,
+            "layer_end": self.layer_end,
+            "state": self.state,
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> MemberStatus:
+        error = body.get("error")
+        return cls(
+            plan_id=_field(body, "plan_id", str),
+            layer_start=_field(body, "layer_start", int),
+            layer_end=_field(body, "layer_end", int),
+            state=_field(body, "state", str),
+            error=error if isinstance(error, str) else None,
+        )
+
+
+def member_key(member_id: str) -> str:
+    return f"member/{member_id}"
+
+
+def status_key(member_id: str) -> str:
+    return f"status/{member_id}"
+
+
+def resources_key(member_id: str) -> str:
+    return f"resources/{member_id}"
+
+
+class ClusterView:
+    """Members and statuses as the replicated state says, validated."""
+
+    def __init__(self, state: ClusterState) -> None:
+        self.state = state
+
+    def members(self) -> list[MemberInfo]:
+        """Every member present in the state, ordered by id (the order placement uses)."""
+        out = []
+        for key in self.state.keys("member/"):
+            member_id = key[len("member/"):]
+            record = self.state.get(key)
+            resources = self.state.get(resources_key(member_id))
+            if not isinstance(record, dict) or not isinstance(resources, dict):
+                continue  # joined but resources not in yet (or removed): not placeable
+            try:
+                info = MemberInfo.from_wire({**record, **resources, "id": member_id})
+            except FrameError as exc:
+                log.warning("ignoring a malformed record of member %s: %s", member_id, exc)
+                continue
+            out.append(info)
+        return out
+
+    def get(self, member_id: str) -> MemberInfo | None:
+        return next((m for m in self.members() if m.member_id == member_id), None)
+
+    def status(self, member_id: str) -> MemberStatus:
+        value = self.state.get(status_key(member_id))
+        if not isinstance(value, dict):
+            return MemberStatus()
+        try:
+            return MemberStatus.from_wire(value)
+        except FrameError:
+            return MemberStatus()
+
+    def links(self) -> list[dict[str, Any]]:
+        """Published link measurements (``link/<from>/<to>``, spec L2): from, to, transport,
+        rtt_p50_s, rtt_p99_s (seconds), throughput_bytes_per_s, samples. Malformed ones are
+        skipped."""
+        rows = []
+        for key in self.state.keys("link/"):
+            parts = key.split("/")
+            value = self.state.get(key)
+            if len(parts) != 3 or not isinstance(value, dict) or not isinstance(value.get("transport"), str):
+                continue
+            figures = {k: value.get(k) for k in ("rtt_p50_s", "rtt_p99_s", "throughput_bytes_per_s")}
+            if not all(v is None or isinstance(v, int | float) and not isinstance(v, bool) for v in figures.values()):
+                continue
+            samples = value.get("samples")
+            rows.append({"from": parts[1], "to": parts[2], "transport": value["transport"], **figures,
+                         "samples": samples if isinstance(samples, int) and not isinstance(samples, bool) else 0})
+        return rows
+
+    def requests(self) -> dict[str, int]:
+        """How many requests the state holds in each lifecycle state."""
+        counts = {name: 0 for name in REQUEST_STATES}
+        for key in self.state.keys("request/"):
+            name = self.state.lifecycle(key, REQUEST_STATES)
+            if name is not None:
+                counts[name] += 1
+        return counts

@@ -1,0 +1,105 @@
+"""The node's configuration: every flag of ``python -m mesh node``, checked when built (a bad
+value names the flag and the valid choices), and the small helpers that turn it into
+sockets and backend options. Spec: specs/node.md.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mesh.errors import ConfigError, MeshError
+from mesh.kernel.records import ROLES
+from mesh.node.links import split_address
+from mesh.runtime.coordinator import Timeouts
+
+
+def bind_tcp(host: str, port: int, flag: str) -> socket.socket:
+    """A listening TCP socket on (host, port). Raises ConfigError naming ``flag`` when taken."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        return sock
+    except OSError as exc:
+        raise ConfigError(f"{flag} {port} on {host} cannot be used: {exc.strerror or exc}") from exc
+
+
+PLACEMENTS = ("memory", "solver")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeConfig:
+    """Everything ``python -m mesh node`` takes (see ``mesh/cli.py`` for flags and units)."""
+
+    host: str = "0.0.0.0"
+    port: int = 7600
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    peers: tuple[str, ...] = ()
+    model: str = "smollm2-135m"
+    backend: str = "torch"
+    transport: str = "tcp"
+    data_dir: Path = Path("~/.mesh")
+    memory_bytes: int | None = None
+    memory_fraction: float = 0.8
+    context: int | None = None
+    heartbeat_s: float = 0.5
+    dead_after_s: float = 3.0
+    api_key: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    cluster_key: str | None = None
+    insecure: bool = False
+    discovery: bool = True
+    discovery_port: int = 7601
+    interface: str | None = None
+    probe_interval_s: float = 30.0
+    placement: str = "solver"
+    objective: str = "goodput"
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    kv_replica_bytes: int = 512 * 2**20  # spec FO8; 0 turns the KV replica off
+    role: str = "any"  # prefill, decode or any (spec N13)
+    fault_plan: Path | None = None  # fault injection, for tests only (mesh/node/fault_hooks.py)
+    fault_label: str | None = None
+    clock_offset_s: float = 0.0  # fault injection: the kernel's wall clock runs this far ahead
+
+    def __post_init__(self) -> None:
+        for flag, port in (("--port", self.port), ("--api-port", self.api_port),
+                           ("--discovery-port", self.discovery_port)):
+            if not 0 <= port < 65536:
+                raise ConfigError(f"{flag} {port} is not a port (0..65535)")
+        for address in self.peers:
+            try:
+                split_address(address)
+            except MeshError as exc:
+                raise ConfigError(f"--peer: {exc}") from exc
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ConfigError(f"--memory-fraction must be in (0, 1], got {self.memory_fraction}")
+        if self.memory_bytes is not None and self.memory_bytes < 0:
+            raise ConfigError(f"--memory-bytes must be >= 0, got {self.memory_bytes}")
+        if self.role not in ROLES:
+            raise ConfigError(f"--role {self.role!r} unknown; valid: {', '.join(ROLES)}")
+        if self.kv_replica_bytes < 0:
+            raise ConfigError(f"--kv-replica-mb must be >= 0 (0 turns the replica off), got {self.kv_replica_bytes}")
+        if self.context is not None and self.context < 1:
+            raise ConfigError(f"--context must be >= 1 token, got {self.context}")
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"--placement {self.placement!r} unknown; valid: {', '.join(PLACEMENTS)}")
+        if self.objective not in ("ttft", "decode", "goodput"):
+            raise ConfigError(f"--objective {self.objective!r} unknown; valid: ttft, decode, goodput")
+        if self.dead_after_s <= self.heartbeat_s:
+            raise ConfigError(f"--dead-after-s ({self.dead_after_s}) must exceed --heartbeat-s ({self.heartbeat_s})")
+
+
+def backend_options(config: NodeConfig) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if config.device:
+        options["device"] = config.device
+    if config.dtype:
+        options["dtype"] = config.dtype
+    return options

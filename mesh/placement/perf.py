@@ -1,0 +1,142 @@
+"""Predicted and measured performance of the running cluster (pure, sans-IO).
+
+A member publishes its measured device profile as ``profile/<id>`` (``mesh/placement/profile.py``:
+matmul FLOP/s per dtype, memory bandwidth) and its links' measurements as
+``link/<from>/<to>`` (``mesh/node/linkstats.py``). From those and the members' offered memory this
+module builds the cost model's ``Topology`` and predicts TTFT and decode tokens/s of the
+current plan (``mesh/placement/costmodel.py``), shown in ``/v1/cluster`` beside what the coordinator
+measured. Spec: specs/placement.md P16.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from typing import Any
+
+from mesh.errors import PlacementError
+from mesh.kernel.records import ClusterView
+from mesh.placement.costmodel import (
+    Calibration,
+    Device,
+    Link,
+    ModelSpec,
+    PlacementPlan,
+    StagePlan,
+    Topology,
+    predict,
+)
+from mesh.placement.pipeline import Plan
+
+MEASURED_WINDOW = 64  # requests kept for the measured figures
+
+
+def profile_key(member_id: str) -> str:
+    return f"profile/{member_id}"
+
+
+def profile_record(flops: dict[str, float], bandwidth_bytes_per_s: float, device: str,
+                   calibration: Calibration | None = None) -> dict[str, Any]:
+    """The published value of a member's profile (FLOP/s per dtype, bytes/s) and, once its
+    stage is loaded, the stage's calibration (spec P19)."""
+    record = {"flops": dict(sorted(flops.items())), "memory_bandwidth_bytes_per_s": bandwidth_bytes_per_s,
+              "device": device}
+    if calibration is not None:
+        record["calibration"] = calibration.to_wire()
+    return record
+
+
+def _calibration(record: dict[str, Any], model: str | None) -> Calibration | None:
+    """A published calibration for ``model``; None when absent, for another model, or malformed."""
+    raw = record.get("calibration")
+    if model is None or not isinstance(raw, dict) or raw.get("model") != model:
+        return None
+    try:
+        return Calibration(model=model, decode_layer_s=raw["decode_layer_s"], prefill_layer_s=raw["prefill_layer_s"],
+                           prefill_token_layer_s=raw["prefill_token_layer_s"])
+    except (KeyError, PlacementError):
+        return None
+
+
+def topology(view: ClusterView, dtype: str, model: str | None = None) -> Topology:
+    """Devices (members with a valid published profile for ``dtype``, with their calibration
+    for ``model`` when given and published) and links (latency = median RTT / 2, bandwidth =
+    probe throughput) from the cluster state."""
+    devices = []
+    for member in view.members():
+        record = view.state.get(profile_key(member.member_id))
+        if not isinstance(record, dict):
+            continue
+        flops, bandwidth = (record.get("flops") or {}), record.get("memory_bandwidth_bytes_per_s")
+        rate = flops.get(dtype) if isinstance(flops, dict) else None
+        if not isinstance(rate, int | float) or not isinstance(bandwidth, int | float) \
+                or not _positive(rate) or not _positive(bandwidth):
+            continue
+        devices.append(Device(id=member.member_id, memory_bytes=member.memory_bytes, flops=float(rate),
+                              memory_bandwidth_bytes_per_s=float(bandwidth), backend=member.backend,
+                              calibration=_calibration(record, model)))
+    ids = {d.id for d in devices}
+    best: dict[tuple[str, str], Link] = {}
+    for row in view.links():
+        a, b = sorted((row["from"], row["to"]))
+        if a not in ids or b not in ids or not _positive(row["rtt_p50_s"]) or not _positive(row["throughput_bytes_per_s"]):
+            continue
+        link = Link(a=a, b=b, latency_s=row["rtt_p50_s"] / 2, bandwidth_bytes_per_s=row["throughput_bytes_per_s"])
+        old = best.get((a, b))
+        if old is None or link.bandwidth_bytes_per_s > old.bandwidth_bytes_per_s:
+            best[(a, b)] = link
+    return Topology(devices=tuple(devices), links=tuple(best[k] for k in sorted(best)))
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+def predicted(view: ClusterView, plan: Plan | None, model: ModelSpec, dtype: str, *, prompt_tokens: int,
+              new_tokens: int) -> dict[str, Any] | None:
+    """The cost model's TTFT (s) and decode tokens/s for ``plan``; None until every stage's
+    member has published a profile (and every hop a link measurement)."""
+    if plan is None:
+        return None
+    topo = topology(view, dtype, model.name)
+    ids = {d.id for d in topo.devices}
+    if any(s.member_id not in ids for s in plan.all_stages):
+        return None
+    decode_role = "decode" if plan.prefill_stages else "both"
+    placement = PlacementPlan(stages=tuple(
+        StagePlan(devices=(s.member_id,), layer_start=s.layer_start, layer_end=s.layer_end,
+                  role="prefill" if i < len(plan.prefill_stages) else decode_role)
+        for i, s in enumerate(plan.all_stages)))
+    try:
+        p = predict(placement, topo, model, prompt_tokens=max(1, prompt_tokens), new_tokens=max(1, new_tokens))
+    except PlacementError:
+        return None
+    if p.ttft_s == float("inf"):
+        return None
+    calibrated = all(topo.device(s.member_id).calibrated_for(model) is not None for s in plan.all_stages)
+    return {"ttft_s": p.ttft_s, "decode_tokens_per_s": p.decode_tokens_per_s, "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens, "calibrated": calibrated}
+
+
+class Measured:
+    """TTFT and decode rate of the last requests this node coordinated."""
+
+    def __init__(self) -> None:
+        self._rows: deque[tuple[int, int, float, float]] = deque(maxlen=MEASURED_WINDOW)
+
+    def record(self, *, prompt_tokens: int, new_tokens: int, ttft_s: float, decode_s: float) -> None:
+        """One finished request: prompt and generated tokens, TTFT and the seconds from the
+        first token to the last."""
+        if new_tokens >= 1 and ttft_s > 0:
+            self._rows.append((prompt_tokens, new_tokens, ttft_s, decode_s))
+
+    def summary(self) -> dict[str, Any] | None:
+        """Medians over the window: prompt and new tokens, TTFT (s), decode tokens/s."""
+        if not self._rows:
+            return None
+        rates = [(n - 1) / d for _, n, _, d in self._rows if n > 1 and d > 0]
+        return {"requests": len(self._rows),
+                "prompt_tokens": int(statistics.median(r[0] for r in self._rows)),
+                "new_tokens": int(statistics.median(r[1] for r in self._rows)),
+                "ttft_s": statistics.median(r[2] for r in self._rows),
+                "decode_tokens_per_s": statistics.median(rates) if rates else None}

@@ -1,0 +1,83 @@
+"""What the HTTP API needs from the cluster: the ``Engine`` protocol and sampling params.
+
+The API (``mesh/api/app.py``) depends only on this module, so it can be tested against a
+fake engine; ``mesh/runtime/coordinator.py`` provides the real one. Spec: specs/api.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from mesh.errors import ApiError
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SamplingParams:
+    """How to pick each next token.
+
+    ``temperature`` 0 means greedy (argmax); ``top_p`` in (0, 1] is nucleus sampling
+    (Holtzman et al. 2019); ``seed`` makes sampling reproducible: token k is drawn from a
+    generator seeded by (seed, k), so a rebuilt request draws the same tokens.
+    ``max_tokens`` counts generated tokens, >= 1. ``ignore_eos`` keeps generating past an
+    end-of-sequence token (vLLM's extension, for benchmarks that need exact lengths).
+    """
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ApiError("max_tokens must be >= 1", param="max_tokens")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ApiError("temperature must be between 0 and 2", param="temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ApiError("top_p must be in (0, 1]", param="top_p")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class Tokenizer(Protocol):
+    """The subset of a Hugging Face tokenizer the API uses."""
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class Engine(Protocol):
+    """The cluster as the API sees it.
+
+    ``generate`` yields generated token ids one at a time; it ends after an end-of-sequence
+    token (which it yields) or after ``params.max_tokens`` tokens. Closing the iterator
+    early (``aclose()``, or the consumer being cancelled) cancels the request on every node
+    and frees its KV caches. Failures raise ``RequestFailed`` (or another ``MeshError``)
+    within a bounded time; it never hangs.
+    """
+
+    model_id: str
+    context_length: int
+    eos_token_ids: frozenset[int]
+    tokenizer: Tokenizer
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Apply the model's own chat template (with the generation prompt) and tokenize.
+
+        Raises ApiError (400) if the template rejects the conversation.
+        """
+        ...
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]: ...
+
+    def health(self) -> tuple[bool, str]:
+        """(ready, reason): ready only when the model is placed and loaded across the cluster."""
+        ...
+
+    def cluster_info(self) -> dict[str, Any]:
+        """JSON for ``GET /v1/cluster``: ``members`` (id, address, backend, memory_bytes,
+        layer_start, layer_end), ``model``, ``num_layers``."""
+        ...
