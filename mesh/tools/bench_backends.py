@@ -20,7 +20,6 @@ anything. Prints a table; ``--json FILE`` appends one JSON line with the machine
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 
 from mesh.models import Model, resolve_model
 from mesh.tools.benchutil import (
+    append_jsonl,
     exact_prompt,
     machine_profile,
     stream_request,
@@ -187,7 +187,6 @@ def run_backends_bench(args: argparse.Namespace) -> int:
         print(f"  {key:<14} TTFT {p['ttft_s']:.2f} s, decode {p['decode_tok_s']:.1f} tok/s, request {p['e2e_s']:.2f} s: "
               + ", ".join(f"{'+'.join(d)}[{a},{b}) {role}" for d, a, b, role in p["plan"]))
     if args.json:
-        with open(args.json, "a") as handle:
-            handle.write(json.dumps(results) + "\n")
+        append_jsonl(args.json, results)
         print(f"appended to {args.json}")
     return 0

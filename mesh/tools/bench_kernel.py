@@ -16,7 +16,6 @@ A program, not a test; prints the machine and appends JSON with ``--json``.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 import tracemalloc
@@ -25,7 +24,7 @@ from typing import Any
 import cbor2
 
 from mesh.kernel.replica import Replica, SyncPage
-from mesh.tools.benchutil import machine_profile
+from mesh.tools.benchutil import append_jsonl, machine_profile
 
 START_MS = 1_800_000_000_000
 
@@ -141,7 +140,6 @@ def run_kernel_bench(args: argparse.Namespace) -> int:
     print(f"32 replicas after a partition heals: {p['rounds']} anti-entropy rounds "
           f"({p['compute_seconds']:.2f} s of compute; {p['seconds_at_1s_rounds']:.0f} s at the default 1 s interval)")
     if args.json:
-        with open(args.json, "a") as handle:
-            handle.write(json.dumps(results) + "\n")
+        append_jsonl(args.json, results)
         print(f"appended to {args.json}")
     return 0

@@ -39,7 +39,6 @@ with ``python -m mesh plan --topology``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import statistics
@@ -418,7 +417,7 @@ def print_profile(result: dict[str, Any]) -> None:
 
 
 def run_placement_bench(args: argparse.Namespace) -> int:
-    from mesh.tools.benchutil import machine_profile
+    from mesh.tools.benchutil import append_jsonl, machine_profile
 
     profile = machine_profile()
     print(f"machine: {profile['cpu']}, {profile['cores']} cores, {profile['memory_bytes'] / 2**30:.1f} GiB; "
@@ -464,7 +463,6 @@ def run_placement_bench(args: argparse.Namespace) -> int:
     results["targets"] = targets
     print("\ntargets: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in targets.items()))
     if args.json:
-        with open(args.json, "a") as handle:
-            handle.write(json.dumps(results) + "\n")
+        append_jsonl(args.json, results)
         print(f"appended to {args.json}")
     return 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import tempfile
 import time
@@ -29,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from mesh.node.linkstats import percentile
 from mesh.security import LinkSecurity
-from mesh.tools.benchutil import machine_profile
+from mesh.tools.benchutil import append_jsonl, machine_profile
 from mesh.wire import Message, WireTensor
 from transports.base import Connection, Transport
 
@@ -204,7 +203,6 @@ def run_transport_bench(args: argparse.Namespace) -> int:
               f"{r['rtt_p50_vs_raw']:>7.2f}{r['throughput_gb_per_s']:>8.3f}{r['throughput_vs_raw']:>7.2f}"
               + (f"{r['tls_rtt_cost']:>14.2f}{r['tls_throughput_cost']:>15.2f}" if r["tls"] else ""))
     if args.json:
-        with open(args.json, "a") as handle:
-            handle.write(json.dumps({"suite": "mesh-bench-transport", "schema": 2, "machine": profile, **results}) + "\n")
+        append_jsonl(args.json, {"suite": "mesh-bench-transport", "schema": 2, "machine": profile, **results})
         print(f"appended to {args.json}")
     return 0
