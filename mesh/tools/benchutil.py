@@ -1,6 +1,7 @@
 """Pieces the benchmarks share: the machine profile recorded with every result (with the
 commit and whether the tree was dirty), prompts of an exact token length, timing a streamed
-chat request, and appending JSON lines."""
+chat request (the benchmarks' result shape over the shared client of ``mesh/tools/sse.py``),
+and appending JSON lines."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.models import Model
+from mesh.tools.sse import chat_body, chat_chunks, open_chat_stream
 
 FILLER = ("The quick brown fox jumps over the lazy dog while the river runs past old stone "
           "bridges and the wind moves through tall grass near the quiet village. ")
@@ -129,17 +131,18 @@ def timed_runs(fn: Callable[[], tuple[float, float]], repeats: int) -> dict[str,
 
 def stream_request(url: str, model_id: str, content: str, new_tokens: int, *, timeout_s: float = 300.0,
                    api_key: str | None = None) -> dict[str, Any]:
-    """One greedy streamed chat request, ``new_tokens`` long (``ignore_eos``). Returns
-    ``{"ok", "failure", "error", "ttft_s", "decode_tok_s", "tokens", "prompt_tokens", "wall_s"}``;
-    never raises for a failed request (the failure is the result). ``ok`` only for a stream
-    that ended with ``[DONE]`` after exactly ``new_tokens`` tokens; otherwise ``failure`` says
-    why: ``http`` (an error status), ``error_event`` (an SSE error), ``transport`` (the
-    connection failed or timed out), ``truncated`` (no ``[DONE]``), ``short`` (fewer tokens
-    than asked, or no usage chunk to count them) or ``empty`` (no text at all)."""
+    """One greedy streamed chat request, ``new_tokens`` long (``ignore_eos``), through the
+    shared client (``mesh.tools.sse``). Returns ``{"ok", "failure", "error", "ttft_s",
+    "decode_tok_s", "tokens", "prompt_tokens", "wall_s"}`` (times in seconds, rate in tokens
+    per second); never raises for a failed request (the failure is the result). ``ok`` only
+    for a stream that ended with ``[DONE]`` after exactly ``new_tokens`` tokens; otherwise
+    ``failure`` says why: ``http`` (a status other than 200), ``error_event`` (an SSE error),
+    ``transport`` (the connection failed or timed out, or a ``data:`` line was malformed),
+    ``truncated`` (no ``[DONE]``), ``short`` (fewer tokens than asked, or no usage chunk to
+    count them) or ``empty`` (no text at all)."""
     import httpx
 
-    body = {"model": model_id, "messages": [{"role": "user", "content": content}], "temperature": 0,
-            "max_tokens": new_tokens, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = chat_body(model_id, content, new_tokens, include_usage=True)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     out: dict[str, Any] = {"ok": False, "failure": None, "error": None, "ttft_s": None, "decode_tok_s": None,
                            "tokens": 0, "prompt_tokens": None, "wall_s": None}
@@ -152,27 +155,20 @@ def stream_request(url: str, model_id: str, content: str, new_tokens: int, *, ti
     done = False
     start = time.perf_counter()
     try:
-        with httpx.Client(timeout=timeout_s) as client, \
-                client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as response:
+        with open_chat_stream(url, body, timeout=timeout_s, headers=headers) as response:
             if response.status_code != 200:
                 response.read()
                 return fail("http", f"HTTP {response.status_code}: {response.text[:300]}")
-            for line in response.iter_lines():
-                if line.strip() == "data: [DONE]":
+            for chunk in chat_chunks(response.iter_lines()):
+                if chunk.done:
                     done = True
                     break
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    return fail("error_event", str(chunk["error"].get("message")))
-                if chunk.get("usage"):
-                    out["tokens"] = int(chunk["usage"]["completion_tokens"])
-                    out["prompt_tokens"] = int(chunk["usage"]["prompt_tokens"])
-                for choice in chunk.get("choices", []):
-                    if choice.get("delta", {}).get("content"):
-                        stamps.append(time.perf_counter())
-    except (httpx.HTTPError, ValueError, KeyError) as exc:
+                if chunk.error is not None:
+                    return fail("error_event", chunk.error)
+                if chunk.completion_tokens is not None:
+                    out["tokens"], out["prompt_tokens"] = chunk.completion_tokens, chunk.prompt_tokens
+                stamps.extend(time.perf_counter() for _ in chunk.pieces)
+    except (httpx.HTTPError, ValueError) as exc:
         return fail("transport", f"{type(exc).__name__}: {exc}")
     out["wall_s"] = time.perf_counter() - start
     if stamps:
