@@ -337,8 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_recorded("mesh-bench-kernel", args.json, lambda: run_kernel_bench(args))
         if args.command == "faults":
-            from mesh.tools.faults_scenarios import SCENARIOS
-            from mesh.tools.faults_suite import run_faults_command
+            from mesh.tools.faults.run import run_faults_command
+            from mesh.tools.faults.scenarios import SCENARIOS
 
             unknown = [n for n in args.only or [] if n not in SCENARIOS]
             if unknown:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from mesh.tools.faults_scenarios import QUICK, SCENARIOS
-from mesh.tools.faults_suite import Context, format_row
+from mesh.tools.faults.harness import Context
+from mesh.tools.faults.run import format_row
+from mesh.tools.faults.scenarios import QUICK, SCENARIOS
 
 pytestmark = pytest.mark.slow
 FULL = os.environ.get("MESH_FAULTS_FULL") == "1"

@@ -1,5 +1,5 @@
 """Tests of the fault-injection wrapper (transports/faults.py) and of the accounting of
-``python -m mesh faults`` (mesh/tools/faults_suite.py, with fake outcomes) against specs/faults.md.
+``python -m mesh faults`` (mesh/tools/faults/, with fake outcomes) against specs/faults.md.
 
 The transport tests wrap the real TCP transport on 127.0.0.1 with OS-chosen ports. Seeds are fixed.
 No sleeps as synchronisation: tests wait on results, each wait bounded; "nothing arrives" is
@@ -18,16 +18,16 @@ from typing import Any
 import pytest
 
 from mesh.errors import ConfigError, FrameError, PeerTimeout, TransportError
-from mesh.tools import faults_suite
-from mesh.tools.faults_suite import (
+from mesh.tools.faults import harness, run
+from mesh.tools.faults.harness import (
     MAX_TOKENS,
     Context,
     Outcome,
     ScenarioResult,
     Tally,
-    format_row,
     run_scenario,
 )
+from mesh.tools.faults.run import format_row
 from mesh.wire import Message, WireTensor
 from transports.base import Connection
 from transports.faults import (
@@ -463,7 +463,7 @@ async def test_every_send_yields_to_the_event_loop() -> None:
         await task
 
 
-# --- the accounting of ``python -m mesh faults`` (mesh/tools/faults_suite.py): fake outcomes, no cluster ---
+# --- the accounting of ``python -m mesh faults`` (mesh/tools/faults/): fake outcomes, no cluster ---
 
 REFERENCE = "Red, orange and yellow are colours of the rainbow."
 
@@ -519,11 +519,11 @@ def test_a_request_with_no_reference_text_is_a_mismatch(tmp_path: Path) -> None:
 
 @pytest.mark.spec("F17")
 def test_the_single_node_reference_covers_every_request_the_scenarios_send() -> None:
-    from mesh.tools.faults_scenarios import LONG_PROMPT
+    from mesh.tools.faults.scenarios import LONG_PROMPT
 
-    covered = set(faults_suite.REFERENCE_REQUESTS)
+    covered = set(harness.REFERENCE_REQUESTS)
     assert (LONG_PROMPT, 12) in covered
-    assert {(p, n) for p in faults_suite.PROMPTS for n in (MAX_TOKENS, 12)} <= covered
+    assert {(p, n) for p in harness.PROMPTS for n in (MAX_TOKENS, 12)} <= covered
 
 
 @pytest.mark.spec("F17")
@@ -535,12 +535,12 @@ def test_every_attempt_is_counted_and_retried_503s_are_refusals(tmp_path: Path,
     calls: list[float] = []
 
     def fake_stream_chat(url: str, prompt: str, **kwargs: Any) -> Outcome:
-        calls.append(faults_suite.time.monotonic())
+        calls.append(harness.time.monotonic())
         return answers[len(calls) - 1]
 
-    monkeypatch.setattr(faults_suite, "stream_chat", fake_stream_chat)
-    monkeypatch.setattr(faults_suite.time, "sleep", lambda _s: None)
-    out = faults_suite.request("http://127.0.0.1:1", "p")
+    monkeypatch.setattr(harness, "stream_chat", fake_stream_chat)
+    monkeypatch.setattr(harness.time, "sleep", lambda _s: None)
+    out = harness.request("http://127.0.0.1:1", "p")
     assert (out.kind, out.attempts, out.refused) == ("completed", 3, 2)
     assert out.started <= calls[0] and out.refusal == "HTTP 503: no plan yet (loading layers)"
 
@@ -554,7 +554,7 @@ def test_every_attempt_is_counted_and_retried_503s_are_refusals(tmp_path: Path,
     # a 503 naming a placement failure is final: one attempt, a clean failure, no refusal
     answers[:] = [Outcome(kind="failed_clean", error="HTTP 503: placement failed: the model does not fit")]
     calls.clear()
-    out = faults_suite.request("http://127.0.0.1:1", "p")
+    out = harness.request("http://127.0.0.1:1", "p")
     assert (out.kind, out.attempts, out.refused) == ("failed_clean", 1, 0)
 
 
@@ -596,16 +596,16 @@ def test_a_recovery_target_is_met_missed_or_absent(tmp_path: Path) -> None:
 
 @pytest.mark.spec("F18", "FO7")
 def test_scenarios_declare_their_targets_and_expected_clean_failures() -> None:
-    from mesh.tools.faults_scenarios import PAUSE_S, SCENARIOS
+    from mesh.tools.faults.scenarios import PAUSE_S, SCENARIOS
 
     kills = {"kill-middle-stage", "kill-first-stage", "kill-http-node", "restart-with-data-dir",
              "32-streams-during-kill", "kill-middle-long-prompt", "kill-middle-long-prompt-no-replica"}
     pauses = {"sigstop-past-deadline", "partition-two-way", "partition-one-way"}
     for name, s in SCENARIOS.items():
-        expected = (faults_suite.STAGE_KILL_TARGET_S if name in kills
-                    else PAUSE_S + faults_suite.DEAD_AFTER_S if name in pauses else None)
+        expected = (harness.STAGE_KILL_TARGET_S if name in kills
+                    else PAUSE_S + harness.DEAD_AFTER_S if name in pauses else None)
         assert s.recovery_target_s == expected, name
-    assert faults_suite.STAGE_KILL_TARGET_S == 5.0
+    assert harness.STAGE_KILL_TARGET_S == 5.0
     # the skewed node must refuse, whatever it did (FO7): its expectation is fixed, not taken from the outcome
     assert SCENARIOS["clock-24h-ahead"].expect_failed_clean == 1
 
@@ -620,13 +620,13 @@ def test_out_appends_one_json_line_per_run_and_json_prints_the_same_record(
     rows = [ScenarioResult(name="kill-middle-stage", sent=4, attempts=5, refused=1, completed=4,
                            recovery_s_p50=1.4, recovery_s_max=1.4, ttft_after_fault_s_p50=0.3,
                            ttft_after_fault_s_max=1.2, recovery_target_s=5.0, target_met=True, passed=True)]
-    monkeypatch.setattr(faults_suite, "run_suite", lambda names, **kwargs: rows)
+    monkeypatch.setattr(run, "run_suite", lambda names, **kwargs: rows)
     monkeypatch.setattr(mesh.tools.benchutil, "machine_profile", lambda: {"cores": 2, "dirty": True})
     out = tmp_path / "results" / "faults.jsonl"
-    assert faults_suite.run_faults_command(quick=True, as_json=True, only=None, model="m", out=out) == 0
+    assert run.run_faults_command(quick=True, as_json=True, only=None, model="m", out=out) == 0
     printed = json.loads(capsys.readouterr().out)
     rows[0].passed = False
-    assert faults_suite.run_faults_command(quick=False, as_json=False, only=None, model="m", out=out) == 1
+    assert run.run_faults_command(quick=False, as_json=False, only=None, model="m", out=out) == 1
     table = capsys.readouterr().out
     assert all(column in table for column in ("att", "ref", "aband", "ttft", "target", "<=5.0 ok"))
 

@@ -1,4 +1,9 @@
-"""``python -m mesh faults``: fault-injection scenarios on real multi-process clusters.
+"""The harness of ``python -m mesh faults``: what a scenario uses to send requests and count
+what became of them. The prompts and the fault-free reference run (``Context``), the streamed
+chat client (``stream_chat``, the suite's result shape over ``mesh/tools/sse.py``) and its
+503-retrying ``request``, the nodes' fault control files (``set_faults``), the tally of
+outcomes (``Tally``) and ``run_scenario``. It imports neither the scenario catalogue
+(``mesh/tools/faults/scenarios.py``) nor the runner (``mesh/tools/faults/run.py``).
 
 Every scenario starts its own cluster of ``python -m mesh node`` processes on 127.0.0.1 (each
 node's links wrapped by ``--fault-plan``, ``mesh/node/fault_hooks.py``), streams greedy chat
@@ -38,21 +43,20 @@ measured on a 2-core VM are 1.6-2.5 s (benchmarks/faults.jsonl), so 5 s leaves r
 noisy machine; the re-prefill of the no-replica long prompt alone takes most of its 5 s, so
 that row is the first to miss on a busy machine. The row also fails with no
 measurement where a target applies (``target_met`` null then, with a note).
-Scenario definitions are in ``mesh/tools/faults_scenarios.py``.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mesh.tools.sse import chat_body, chat_chunks, error_message, open_chat_stream
 
 REQUEST_TIMEOUT_S = 180.0  # a request still running after this is a hang
 MAX_TOKENS = 24
@@ -66,7 +70,6 @@ REFERENCE_REQUESTS: tuple[tuple[str, int], ...] = (
     *((prompt, n) for prompt in PROMPTS for n in (MAX_TOKENS, 12)), (LONG_PROMPT, 12))
 STAGE_KILL_TARGET_S = 5.0  # recovery target after a stage SIGKILL (default model, loopback)
 DEAD_AFTER_S = 3.0  # the nodes' default --dead-after-s: how long a silent stage takes to be declared dead
-SCHEMA = 2  # of the --out / --json record
 
 
 def pause_target_s(pause_s: float) -> float:
@@ -121,47 +124,42 @@ class ScenarioResult:
 def stream_chat(url: str, prompt: str, *, max_tokens: int = MAX_TOKENS, model: str = "smollm2-135m",
                 on_chunk: Callable[[int], None] | None = None, stop_after: int | None = None,
                 timeout_s: float = REQUEST_TIMEOUT_S) -> Outcome:
-    """Stream one greedy chat completion from ``url`` (one HTTP attempt); ``on_chunk(n)`` runs
-    after the n-th text chunk; ``stop_after``: the client goes away after that many chunks
-    (the outcome is then ``abandoned``)."""
+    """Stream one greedy chat completion from ``url`` (one HTTP attempt, through the shared
+    client of ``mesh/tools/sse.py``); ``on_chunk(n)`` runs after the n-th text chunk;
+    ``stop_after``: the client goes away after that many chunks (the outcome is then
+    ``abandoned``); ``timeout_s``: seconds without progress before the request is a hang.
+    Raises ValueError for a malformed ``data:`` line (the scenario then crashes, spec F17)."""
     import httpx
 
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-            "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
     out = Outcome(kind="lost", started=time.monotonic())
     done = errored = False
     try:
-        with httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10.0)) as client:
-            with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    try:
-                        message = response.json()["error"]["message"]
-                        out.kind, out.error = "failed_clean", f"HTTP {response.status_code}: {message}"
-                    except (ValueError, KeyError, TypeError):
-                        out.error = f"HTTP {response.status_code} without error JSON"
+        with open_chat_stream(url, chat_body(model, prompt, max_tokens),
+                              timeout=httpx.Timeout(timeout_s, connect=10.0)) as response:
+            if response.status_code >= 400:
+                response.read()
+                message = error_message(response)
+                if message is not None:
+                    out.kind, out.error = "failed_clean", f"HTTP {response.status_code}: {message}"
+                else:
+                    out.error = f"HTTP {response.status_code} without error JSON"
+                return out
+            for chunk in chat_chunks(response.iter_lines()):
+                if chunk.done:
+                    done = True
+                    break
+                if chunk.error is not None:
+                    # a final error event is a clean failure only if [DONE] still follows (spec FO4)
+                    errored, out.error = True, chunk.error
+                    continue
+                for piece in chunk.pieces:
+                    out.text += piece
+                    out.stamps.append(time.monotonic())
+                    if on_chunk is not None:
+                        on_chunk(len(out.stamps))
+                if stop_after is not None and len(out.stamps) >= stop_after:
+                    out.kind = "abandoned"  # the client chose to leave: not completed, nothing lost
                     return out
-                for line in response.iter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[6:]
-                    if data == "[DONE]":
-                        done = True
-                        break
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        errored, out.error = True, str(chunk["error"].get("message"))
-                        continue
-                    for choice in chunk.get("choices", []):
-                        piece = (choice.get("delta") or {}).get("content")
-                        if piece:
-                            out.text += piece
-                            out.stamps.append(time.monotonic())
-                            if on_chunk is not None:
-                                on_chunk(len(out.stamps))
-                    if stop_after is not None and len(out.stamps) >= stop_after:
-                        out.kind = "abandoned"  # the client chose to leave: not completed, nothing lost
-                        return out
     except httpx.TimeoutException as exc:
         out.error = f"hang: {exc!r}"
         return out
@@ -375,108 +373,3 @@ def run_scenario(ctx: Context, name: str, body: Callable[[Context, Tally], None]
     except Exception as exc:  # a scenario that breaks is a failed row, not a crashed suite
         tally.crash(exc)
     return tally.finish(started)
-
-
-def run_suite(names: list[str], *, model: str = "smollm2-135m", workdir: Path | None = None,
-              log: Callable[[str], None] = print) -> list[ScenarioResult]:
-    """Run the named scenarios (``mesh.tools.faults_scenarios.SCENARIOS``) in order."""
-    from mesh.tools.faults_scenarios import SCENARIOS
-
-    unknown = [n for n in names if n not in SCENARIOS]
-    if unknown:
-        raise ValueError(f"unknown scenarios {unknown}; valid: {sorted(SCENARIOS)}")
-    results = []
-    with tempfile.TemporaryDirectory(prefix="mesh-faults-") as tmp:
-        ctx = Context(workdir or Path(tmp), model=model)
-        log("measuring the reference (fault-free, 1 node) ...")
-        ctx.prepare()
-        for name in names:
-            log(f"scenario {name} ...")
-            result = SCENARIOS[name].run(ctx)  # never raises: a crash is a failed row (run_scenario)
-            results.append(result)
-            log(format_row(result))
-            if not result.passed or (result.recovery_s_max or 0.0) > SLOW_RECOVERY_S:
-                _keep_logs(ctx.workdir / name, name, log)
-    return results
-
-
-SLOW_RECOVERY_S = 10.0  # a scenario whose recovery took longer keeps its node logs
-
-
-def _keep_logs(root: Path, name: str, log: Callable[[str], None]) -> None:
-    """Copy a failed or slow scenario's node logs to ``$MESH_ARTIFACTS/faults/<name>`` (default
-    ``./artifacts``), so what happened can be read after the temporary directory is gone."""
-    import os
-    import shutil
-
-    target = Path(os.environ.get("MESH_ARTIFACTS", "artifacts")) / "faults" / name
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        for path in root.glob("*.log"):
-            shutil.copy2(path, target / path.name)
-        log(f"  node logs of {name} kept in {target}")
-    except OSError as exc:
-        log(f"  cannot keep the node logs of {name}: {exc}")
-
-
-HEADER = (f"{'scenario':<34} {'sent':>4} {'att':>4} {'ref':>4} {'done':>4} {'aband':>5} {'clean':>5} "
-          f"{'lost':>4} {'mism':>4} {'rec p50/max':>11} {'ttft-af p50/max':>15} {'target':>10} {'s':>5}  result")
-
-
-def _sec(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
-
-
-def format_target(r: ScenarioResult) -> str:
-    """``<=5.0 ok``, ``<=5.0 MISS``, ``<=5.0 ?`` (not measured) or ``-`` (no target)."""
-    if r.recovery_target_s is None:
-        return "-"
-    verdict = {True: "ok", False: "MISS", None: "?"}[r.target_met]
-    return f"<={r.recovery_target_s:.1f} {verdict}"
-
-
-def format_row(r: ScenarioResult) -> str:
-    rec = f"{_sec(r.recovery_s_p50)}/{_sec(r.recovery_s_max)}"
-    ttft = f"{_sec(r.ttft_after_fault_s_p50)}/{_sec(r.ttft_after_fault_s_max)}"
-    failure = ("CRASHED; " if r.crashed else "") + "; ".join(r.notes[-2:])
-    return (f"{r.name:<34} {r.sent:>4} {r.attempts:>4} {r.refused:>4} {r.completed:>4} {r.abandoned:>5} "
-            f"{r.failed_clean:>5} {r.lost:>4} {r.mismatches:>4} {rec:>11} {ttft:>15} {format_target(r):>10} "
-            f"{r.seconds:>5.0f}  {'pass' if r.passed else 'FAIL: ' + failure}")
-
-
-def suite_record(results: list[ScenarioResult], *, quick: bool, machine: dict[str, Any],
-                 scenario_set: str | None = None) -> dict[str, Any]:
-    """The JSON record of one suite run (``--out`` appends it as a line, ``--json`` prints it);
-    ``set``: ``full``, ``quick`` or ``only`` (scenarios picked with ``--only``)."""
-    return {"suite": "mesh-faults", "schema": SCHEMA,
-            "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "machine": machine, "quick": quick, "set": scenario_set or ("quick" if quick else "full"),
-            "scenarios": [asdict(r) for r in results]}
-
-
-def run_faults_command(*, quick: bool, as_json: bool, only: list[str] | None, model: str,
-                       out: Path | None = None) -> int:
-    """Run the suite; print a table (or, with ``as_json``, the record); with ``out``, append
-    the record to that file as one JSON line. Exit status 0 only when every row passed."""
-    from mesh.tools.benchutil import machine_profile
-    from mesh.tools.faults_scenarios import QUICK, SCENARIOS
-
-    names = only or (list(QUICK) if quick else list(SCENARIOS))
-    quiet = (lambda _line: None) if as_json else print
-    results = run_suite(names, model=model, log=quiet)
-    record = suite_record(results, quick=quick and not only, machine=machine_profile(),
-                          scenario_set="only" if only else None)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-    if as_json:
-        print(json.dumps({**record, "date": record["timestamp"]}))  # "date": the field of schema 1
-    else:
-        print()
-        print(HEADER)
-        for r in results:
-            print(format_row(r))
-        if out is not None:
-            print(f"\nappended to {out}")
-    return 0 if all(r.passed for r in results) else 1

@@ -1,4 +1,6 @@
-"""The scenarios of ``python -m mesh faults`` (runner and classification: ``mesh/tools/faults_suite.py``).
+"""The scenario catalogue of ``python -m mesh faults``: ``SCENARIOS`` by name and the ``QUICK``
+set. It stands on the harness (``mesh/tools/faults/harness.py``: requests, classification,
+``Tally``); the runner (``mesh/tools/faults/run.py``) imports it, never the other way round.
 
 Each scenario starts a fresh cluster (3 nodes unless it says otherwise: a 3-stage pipeline,
 layers split by memory), sends greedy streaming requests and injects one fault, marking when it
@@ -19,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from mesh.tools.faults_suite import (
+from mesh.tools.faults.harness import (
     LONG_PROMPT,
     PROMPTS,
     STAGE_KILL_TARGET_S,
