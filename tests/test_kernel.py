@@ -288,3 +288,21 @@ def test_events_replacing_dots_outside_their_causal_past_are_rejected() -> None:
                    payload={"key": "k", "value": 2, "replaces": [["a", 1]]})
     with pytest.raises(KernelError, match="causal past"):
         Replica("b").receive(forged, now_ms=10**6)
+
+
+@pytest.mark.spec("K2")
+def test_a_malformed_event_is_refused_where_it_comes_in_before_the_clock_or_the_buffer_see_it() -> None:
+    from dataclasses import replace
+
+    a = Replica("a")
+    first = a.emit("t", "k", 1, now_ms=10**6)
+    second = a.emit("t", "k", 2, now_ms=10**6 + 5_000)  # depends on ``first``: it would wait in the buffer
+    b = Replica("b")
+    before = b.clock.last
+    with pytest.raises(KernelError, match="malformed payload"):
+        b.receive(replace(second, payload={"key": "", "value": 2}), now_ms=10**6)
+    assert b.buffer.buffered() == 0 and b.clock.last == before
+    assert b.receive(first, now_ms=10**6) == [first] and b.state.get("k") == 1
+    # a record read back from the log is checked as it is restored
+    with pytest.raises(KernelError, match="malformed payload"):
+        Replica("c").restore([replace(first, payload={"key": 3})])

@@ -131,7 +131,8 @@ class Replica:
         a duplicate, or one waiting for its dependencies).
 
         Raises ClockDriftError when the event's HLC is too far ahead (spec K4): the caller
-        logs and drops it; anti-entropy asks for it again later.
+        logs and drops it; anti-entropy asks for it again later. Raises KernelError for a
+        payload ``check_payload`` refuses (spec K2), before the clock or the buffer see it.
         """
         if self.state.context.covers(event.id.origin, event.id.seq):
             return []  # spec K3: a duplicate changes nothing (the clock need not see it)
@@ -143,19 +144,26 @@ class Replica:
         return applied
 
     def _apply(self, event: Event) -> None:
-        key, value, dots = check_payload(event)
-        self.state.apply(dot=(event.id.origin, event.id.seq), hlc=event.hlc, key=key, value=value, replaces=dots)
+        # Checked once, where the event came in: ``receive`` (a peer) and ``restore`` (the
+        # log) run check_payload before the buffer or the clock see it, and ``emit`` builds a
+        # valid payload; so it is only unpacked here.
+        payload = event.payload
+        dots = [(d[0], d[1]) for d in payload.get("replaces", [])]
+        self.state.apply(dot=(event.id.origin, event.id.seq), hlc=event.hlc, key=payload["key"],
+                         value=payload.get("value"), replaces=dots)
         self.tail.append(event)
         self.recent.append(event)
         self.applied += 1
 
     def restore(self, events: Iterable[Event]) -> int:
         """Re-apply events read back from the local log (already in a causal order); the clock
-        is advanced past every restored timestamp. Returns how many were new."""
+        is advanced past every restored timestamp. Returns how many were new. Raises
+        KernelError for an event whose payload ``check_payload`` refuses."""
         count = 0
         for event in events:
             if self.state.context.covers(event.id.origin, event.id.seq):
                 continue
+            check_payload(event)
             if self.clock.last < event.hlc:
                 self.clock.last = event.hlc
             for e in self.buffer.offer(event):
