@@ -108,3 +108,22 @@ def test_crash_between_snapshot_and_log_reset_replays_idempotently(tmp_path: Pat
     restored = Replica("a", state=snapshot)
     assert restored.restore(events) == 0
     assert restored.state.content_hash() == replica.state.content_hash()
+
+
+@pytest.mark.spec("K8")
+def test_flush_hands_the_records_to_the_os_and_gives_the_descriptor_to_fsync(tmp_path: Path) -> None:
+    import os
+
+    log = EventLog(tmp_path)
+    assert log.flush() is None  # not open yet
+    log.open()
+    event = Replica("a").emit("t", "k", 1, now_ms=10**6)
+    log.append(event, sync=False)
+    fd = log.flush()
+    assert fd is not None
+    os.fsync(fd)  # what the replication shell runs off its event loop
+    reader = EventLog(tmp_path)
+    assert reader.open()[1] == [event]
+    log.close()
+    reader.close()
+    assert log.flush() is None

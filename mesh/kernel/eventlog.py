@@ -98,11 +98,21 @@ class EventLog:
         if sync:
             self.sync()
 
+    def flush(self) -> int | None:
+        """Hand everything appended so far to the operating system (no fsync) and return the
+        log file's descriptor, or None when the log is not open. For a caller that keeps every
+        write on one thread but runs the slow ``os.fsync(fd)`` on another (the replication
+        shell, off its event loop); ``sync`` does both here."""
+        if self._file is None:
+            return None
+        self._file.flush()
+        return self._file.fileno()
+
     def sync(self) -> None:
-        """Flush and fsync everything appended so far."""
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+        """Flush and fsync everything appended so far (nothing when the log is not open)."""
+        fd = self.flush()
+        if fd is not None:
+            os.fsync(fd)
 
     def write_snapshot(self, state: ClusterState) -> None:
         """Make ``state`` the durable snapshot and start an empty log (spec K5).

@@ -109,11 +109,10 @@ class Replication:
                 await asyncio.gather(*(self._send_quietly(p, msg) for p in self.peers()))
 
     async def _fsync(self) -> None:
-        handle = self.log._file
-        if handle is None:
+        fd = self.log.flush()  # on the loop thread, like every write to this file
+        if fd is None:
             return
-        handle.flush()  # on the loop thread, like every write to this file
-        await asyncio.to_thread(os.fsync, handle.fileno())
+        await asyncio.to_thread(os.fsync, fd)
 
     async def _send_quietly(self, peer: str, msg: Message) -> None:
         try:
