@@ -25,10 +25,13 @@ Spec: specs/placement.md (P9-P12, P19).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from mesh.errors import PlacementError
+
+if TYPE_CHECKING:
+    from mesh.placement.pipeline import ModelSize
 
 ROLES = ("both", "prefill", "decode")
 ACTIVATION_MARGIN = 0.05  # of a device's weights, for activations and allocator slack
@@ -82,15 +85,44 @@ class ModelSpec:
                    head_flops_per_token=2.0 * vocab_size * hidden_size)
 
     @classmethod
-    def from_config(cls, config: Any, *, name: str, dtype_bytes: int) -> ModelSpec:
-        """From a transformers config (``num_hidden_layers``, ``hidden_size``, ...)."""
-        return cls.from_dimensions(
+    def from_config(cls, config: Any, *, name: str, dtype_bytes: int, size: ModelSize | None = None) -> ModelSpec:
+        """From a transformers config (``num_hidden_layers``, ``hidden_size``, ...), with
+        ``dtype_bytes`` bytes per parameter. With ``size`` (``model_size`` of the same model in
+        the same dtype) the bytes are the measured ones (``with_size``), so the solver and the
+        memory-proportional split (``place_pipeline``) decide on the same bytes whether the
+        model fits. Raises PlacementError as ``with_size``."""
+        spec = cls.from_dimensions(
             name=name, num_layers=int(config.num_hidden_layers), hidden_size=int(config.hidden_size),
             intermediate_size=int(config.intermediate_size), num_attention_heads=int(config.num_attention_heads),
             num_key_value_heads=int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
             vocab_size=int(config.vocab_size), dtype_bytes=dtype_bytes,
             head_dim=getattr(config, "head_dim", None),
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
+        return spec if size is None else spec.with_size(size)
+
+    def with_size(self, size: ModelSize) -> ModelSpec:
+        """This spec with the bytes ``size`` counted on the model's own class (spec P9): weights
+        per layer, KV bytes per token per layer, and the edges ``size.edge_bytes`` split into
+        the embedding table on the first stage (this spec's ``embed_bytes``) and the rest (final
+        norm and LM head, a tied head's copy included) on the last, so first + last hold exactly
+        the edges ``place_pipeline`` reserves. FLOPs stay the formula's.
+
+        Raises PlacementError when ``size`` cannot describe this model in this dtype: another
+        layer count, other KV bytes per token (another dtype or attention layout), or edges
+        smaller than the embedding table."""
+        if size.num_layers != self.num_layers:
+            raise PlacementError(f"model {self.name}: the measured size has {size.num_layers} layers, "
+                                 f"the config {self.num_layers}")
+        if size.kv_bytes_per_token_per_layer != self.kv_bytes_per_token_per_layer:
+            raise PlacementError(f"model {self.name}: the measured size has {size.kv_bytes_per_token_per_layer} "
+                                 f"KV bytes per token per layer, the config {self.kv_bytes_per_token_per_layer}; "
+                                 "measure it in the compute dtype")
+        head_bytes = size.edge_bytes - self.embed_bytes
+        if head_bytes < 0:
+            raise PlacementError(f"model {self.name}: the measured edges ({size.edge_bytes} bytes) are smaller "
+                                 f"than the embedding table ({self.embed_bytes} bytes)")
+        return replace(self, layer_bytes=size.layer_bytes, head_bytes=head_bytes,
+                       kv_bytes_per_token_per_layer=size.kv_bytes_per_token_per_layer)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -211,12 +211,20 @@ def place_by_roles(members: list[Any], size: ModelSize, *, context_tokens: int) 
 
 
 def model_size(model: Model, dtype_bytes: int = 4) -> ModelSize:
+    """Bytes per layer and for embeddings/head of ``model`` at ``dtype_bytes`` bytes per
+    parameter (``model_size_from_config`` of its config)."""
+    return model_size_from_config(model.config, dtype_bytes)
+
+
+def model_size_from_config(config: Any, dtype_bytes: int = 4) -> ModelSize:
     """Bytes per layer and for embeddings/head, counted from a meta-device instance of the
-    model's own transformers class (no weights are read), plus GQA-aware KV bytes."""
+    transformers class ``config`` describes (no weights are read or downloaded; biases,
+    non-gated MLPs and extra norms are counted as they are), plus GQA-aware KV bytes, at
+    ``dtype_bytes`` bytes per parameter. Raises what transformers raises for a config it
+    cannot build (ValueError for an unknown architecture)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = model.config
     with torch.device("meta"):
         one = AutoModelForCausalLM.from_config(sliced_config(config, 0, 1))
     layer = sum(p.numel() for p in one.model.layers[0].parameters())
