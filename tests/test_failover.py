@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mesh.errors import RequestFailed
-from mesh.runtime.coordinator import Timeouts
 from mesh.runtime.engine import SamplingParams
+from mesh.runtime.request_core import Timeouts
 from mesh.testing.minicluster import PROMPT, MiniCluster
 from mesh.testing.minicluster import reference_tokens as _reference
 from mesh.testing.minicluster import run_request as _run

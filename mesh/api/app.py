@@ -54,7 +54,7 @@ from mesh.api.openai_schema import (
 )
 from mesh.api.textstream import TextStream
 from mesh.errors import ApiError, MeshError, RequestFailed
-from mesh.runtime.engine import Engine, SamplingParams
+from mesh.runtime.engine import ClusterStatus, Engine, SamplingParams
 
 RETRY_AFTER_S = "1"  # seconds a client should wait before retrying a 503
 
@@ -239,17 +239,24 @@ def _sse(data: dict[str, Any] | str) -> bytes:
 
 def create_app(
     engine: Engine,
+    status: ClusterStatus | None = None,
     *,
     api_key: str | None = None,
     clock: Callable[[], float] = time.time,
 ) -> FastAPI:
-    """The node's OpenAI-compatible API over ``engine``.
+    """The node's OpenAI-compatible API over ``engine``, reporting ``status`` (``/health``,
+    ``/v1/cluster``, ``/metrics``); without ``status`` the engine must report its own
+    (TypeError otherwise).
 
     ``api_key``: when set, every path but ``/health`` and the dashboard page ``/`` needs
     ``Authorization: Bearer <api_key>`` (spec A12, A18). ``clock``: seconds since the epoch,
     for ``created`` fields. Routes: POST /v1/chat/completions, GET /v1/models,
     GET /v1/models/{model}, GET /v1/cluster, GET /metrics, GET /health, GET / (dashboard).
     """
+    if status is None:
+        if not isinstance(engine, ClusterStatus):
+            raise TypeError("create_app needs a ClusterStatus: the engine does not report health and cluster info")
+        status = engine
     app = FastAPI(
         title="mesh",
         docs_url=None,
@@ -282,7 +289,7 @@ def create_app(
     @app.get("/metrics")
     async def metrics() -> Response:
         # spec A17: Prometheus text format, from the engine when it keeps metrics
-        text = getattr(engine, "metrics_text", lambda: None)()
+        text = status.metrics_text()
         if text is None:
             raise ApiError("This node keeps no metrics.", status=404, code="not_found")
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -290,7 +297,7 @@ def create_app(
     @app.get("/health")
     async def health() -> Response:
         # spec A9: 200 only when the model is placed and loaded across the cluster.
-        ready, reason = engine.health()
+        ready, reason = status.health()
         if ready:
             return JSONResponse({"status": "ok"})
         body = server_error(f"Not ready: {reason}").to_json()
@@ -310,7 +317,7 @@ def create_app(
     @app.get("/v1/cluster")
     async def cluster() -> Response:
         try:
-            return JSONResponse(engine.cluster_info())
+            return JSONResponse(status.cluster_info())
         except MeshError as e:
             raise _engine_failure(e) from None
 
@@ -324,7 +331,7 @@ def create_app(
         check_supported(req)
         if req.model != engine.model_id:
             raise model_not_found(req.model)
-        ready, reason = engine.health()
+        ready, reason = status.health()
         if not ready:
             raise server_error(f"The cluster is not ready: {reason}")
         chars = sum(len(m.content) for m in req.messages)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from mesh.errors import ApiError
 
@@ -73,6 +73,13 @@ class Engine(Protocol):
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]: ...
 
+
+@runtime_checkable
+class ClusterStatus(Protocol):
+    """What the API reports besides generating: ``/health``, ``/v1/cluster`` and ``/metrics``.
+    The node implements it (``mesh.node.report.NodeStatus``); an engine that runs alone may
+    implement it too and be passed as both."""
+
     def health(self) -> tuple[bool, str]:
         """(ready, reason): ready only when the model is placed and loaded across the cluster."""
         ...
@@ -80,4 +87,8 @@ class Engine(Protocol):
     def cluster_info(self) -> dict[str, Any]:
         """JSON for ``GET /v1/cluster``: ``members`` (id, address, backend, memory_bytes,
         layer_start, layer_end), ``model``, ``num_layers``."""
+        ...
+
+    def metrics_text(self) -> bytes | None:
+        """``GET /metrics`` in the Prometheus text format, or None without metrics."""
         ...

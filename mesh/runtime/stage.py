@@ -11,12 +11,12 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any
 
 from backends.base import Backend
 from mesh.errors import MeshError, RequestFailed, TransportError
-from mesh.placement.pipeline import Plan
 from mesh.runtime.engine import SamplingParams
 from mesh.runtime.kvreplica import pack_kv, unpack_kv
 from mesh.runtime.sampling import sample
@@ -27,24 +27,6 @@ log = logging.getLogger(__name__)
 RELEASED_MEMORY = 4096  # how many released request ids a stage remembers to drop late steps
 
 
-class NodeServices(Protocol):
-    """What the runtime needs from the node shell."""
-
-    member_id: str
-
-    async def send(self, member_id: str, msg: Message) -> None: ...
-
-    def current_plan(self) -> Plan | None: ...
-
-    def ready(self) -> tuple[bool, str]: ...
-
-    def cluster_info(self) -> dict[str, Any]: ...
-
-    def request_event(self, req: str, state: str, stages: list[str] | None = None) -> None: ...
-
-    def linked(self, member_id: str) -> bool: ...
-
-
 class StageWorker:
     """Runs this node's layers for every request that passes through it.
 
@@ -53,8 +35,9 @@ class StageWorker:
     (spec N7).
     """
 
-    def __init__(self, node: NodeServices, executor: ThreadPoolExecutor) -> None:
-        self.node = node
+    def __init__(self, member_id: str, send: Callable[[str, Message], Awaitable[None]], executor: Executor) -> None:
+        self.member_id = member_id
+        self.send = send  # to a member, this node included (loopback)
         self.executor = executor
         self.backend: Backend | None = None
         self.caches: dict[str, Any] = {}
@@ -121,9 +104,9 @@ class StageWorker:
             # spec FO3: a stale plan, a lost cache or a link is worth a new attempt; a backend's
             # own failure on this input would fail again
             fatal = not isinstance(exc, RequestFailed | TransportError)
-            reply = Message(type="error", body={"req": req, "message": f"{self.node.member_id}: {exc}", "fatal": fatal})
+            reply = Message(type="error", body={"req": req, "message": f"{self.member_id}: {exc}", "fatal": fatal})
             try:
-                await self.node.send(coordinator, reply)
+                await self.send(coordinator, reply)
             except MeshError as send_exc:
                 log.warning("cannot report failure of req=%s to %s: %s", req, coordinator, send_exc)
 
@@ -136,7 +119,7 @@ class StageWorker:
         if not 0 < len(req) <= 64 or not 0 < len(coordinator) <= 128:
             log.warning("dropping a kv.load with a malformed request or coordinator id")
             return
-        reply = {"req": req, "member": self.node.member_id, "ok": True, "end": body.get("end")}
+        reply = {"req": req, "member": self.member_id, "ok": True, "end": body.get("end")}
         try:
             backend, layers = self.backend, body.get("layers")
             if backend is None or msg.tensor is None or not isinstance(layers, list):
@@ -153,9 +136,9 @@ class StageWorker:
             self.caches[req] = cache
             self._owner[req] = (coordinator, time.monotonic())
         except MeshError as exc:
-            reply.update(ok=False, message=f"{self.node.member_id}: {exc}")
+            reply.update(ok=False, message=f"{self.member_id}: {exc}")
         try:
-            await self.node.send(sender, Message(type="kv.loaded", body=reply))
+            await self.send(sender, Message(type="kv.loaded", body=reply))
         except MeshError as exc:
             log.info("cannot answer kv.load of req=%s: %s", req, exc)
 
@@ -166,7 +149,7 @@ class StageWorker:
         done = self._done.get(req)
         if done is not None and step <= done[0]:
             if step == done[0]:  # the coordinator sent it again: its reply was lost downstream
-                await self.node.send(done[1], done[2])
+                await self.send(done[1], done[2])
             return
         if self._busy.get(req, -1) >= step:
             return  # a repeat of the step being computed: its reply is on the way
@@ -178,7 +161,7 @@ class StageWorker:
                 del self._busy[req]
         if out is not None and req not in self._released:
             self._done[req] = (step, out[0], out[1])
-            await self.node.send(out[0], out[1])
+            await self.send(out[0], out[1])
         push = self._push_due.pop(req, None)
         if push is not None and req not in self._released:  # after the step's own output
             await self._push_kv(req, str(body["coord"]), *push)
@@ -201,7 +184,7 @@ class StageWorker:
                     continue
                 _, block = pack_kv([(g, keys, values)])
                 body = {"req": req, "coord": coordinator, "layer": g, "end": n, "range": [target[1], target[2]]}
-                await self.node.send(str(target[0]), Message(type="kv.push", body=body, tensor=block))
+                await self.send(str(target[0]), Message(type="kv.push", body=body, tensor=block))
         except MeshError as exc:
             log.info("req=%s: KV cache not handed to the decode stages: %s", req, exc)
         except Exception:  # a plugin's export that breaks its contract: the decode side recomputes
@@ -222,7 +205,7 @@ class StageWorker:
             return
         if req in self.caches or req in self._busy or req in self._done or req in self._released:
             return  # decode started without it (the prefill was recomputed here), or it ended
-        reply: dict[str, Any] = {"req": req, "member": self.node.member_id, "end": end, "ok": True}
+        reply: dict[str, Any] = {"req": req, "member": self.member_id, "end": end, "ok": True}
         try:
             backend = self.backend
             if backend is None or [backend.layer_start, backend.layer_end] != span or msg.tensor is None:
@@ -246,9 +229,9 @@ class StageWorker:
             self.caches[req] = cache
         except MeshError as exc:
             self._pushes.pop(req, None)
-            reply.update(ok=False, message=f"{self.node.member_id}: {exc}")
+            reply.update(ok=False, message=f"{self.member_id}: {exc}")
         try:
-            await self.node.send(coordinator, Message(type="kv.loaded", body=reply))
+            await self.send(coordinator, Message(type="kv.loaded", body=reply))
         except MeshError as exc:
             log.info("cannot tell %s the KV of req=%s arrived: %s", coordinator, req, exc)
 
@@ -263,7 +246,7 @@ class StageWorker:
         try:
             replica = await asyncio.get_running_loop().run_in_executor(self.executor, export)
             if req not in self._released:
-                await self.node.send(coordinator, replica)
+                await self.send(coordinator, replica)
         except MeshError as exc:
             log.info("req=%s: no KV replica from this stage: %s", req, exc)
         except Exception:  # the replica is best effort: a broken export must not fail the request
@@ -295,7 +278,7 @@ class StageWorker:
         out, compute_s = await asyncio.get_running_loop().run_in_executor(self.executor, run)
         before = body.get("t")
         timing: list[Any] = list(before) if isinstance(before, list) and len(before) < 64 else []
-        timing.append([self.node.member_id, round(compute_s, 6)])  # spec N12
+        timing.append([self.member_id, round(compute_s, 6)])  # spec N12
         if req in self._released:  # cancelled while computing
             self.release(req)
             return None

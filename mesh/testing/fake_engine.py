@@ -136,6 +136,10 @@ class FakeEngine:
     def cluster_info(self) -> dict[str, Any]:
         return self.cluster
 
+    def metrics_text(self) -> bytes | None:
+        """Reports its own status (``ClusterStatus``): no metrics unless a test sets them."""
+        return None
+
     # -- what tests look at ---------------------------------------------------------------
 
     @property

@@ -5,7 +5,7 @@ testing the runtime's failover without processes, sockets or models.
 and whose logits are a pure function of that whole history: a cache that lost, repeated or
 reordered a position gives other tokens, so equal token streams prove the cache was rebuilt
 exactly. ``MiniCluster`` wires a ``Coordinator`` and a ``StageWorker`` per member through
-``MiniNode`` (the runtime's ``NodeServices``); its network can drop, duplicate and delay
+``MiniNode`` (a ``RequestPlane`` each); its network can drop, duplicate and delay
 messages (seeded), and members can be killed, which re-places the model on the survivors
 the way the node's placement would. With ``prefill_members=k`` the plan is disaggregated: the
 first k members prefill, the others decode.
@@ -25,7 +25,8 @@ import numpy as np
 from backends.base import Backend, StepOutput
 from mesh.errors import BackendError, TransportError
 from mesh.placement.pipeline import Plan, Stage
-from mesh.runtime.coordinator import Coordinator, StageWorker, Timeouts
+from mesh.runtime.plane import PlanBoard, RequestPlane
+from mesh.runtime.request_core import PlanState, Timeouts
 from mesh.wire import Message, WireTensor
 
 VOCAB = 50
@@ -122,57 +123,28 @@ class NetworkFaults:
 
 
 class MiniNode:
-    """One member: the runtime's ``NodeServices`` over the cluster's network."""
+    """One member: a ``RequestPlane`` over the cluster's network (every message, this member's
+    own included, goes through that network, so its faults and counts see them all)."""
 
     def __init__(self, cluster: MiniCluster, member_id: str, timeouts: Timeouts, kv_replica_bytes: int = 0) -> None:
         self.cluster = cluster
         self.member_id = member_id
         self.executor = ThreadPoolExecutor(max_workers=1)
-        self.worker = StageWorker(self, self.executor)
-        self.coordinator = Coordinator(self, _Model(), timeouts,  # type: ignore[arg-type]
-                                       kv_replica_bytes=kv_replica_bytes)
+        self.plans = PlanBoard()
         self.events: list[tuple[str, str]] = []
         self.kv_events: list[tuple[str, list[str]]] = []  # (request, members holding its KV cache)
-
-    async def send(self, member_id: str, msg: Message) -> None:
-        await self.cluster.deliver(self.member_id, member_id, msg)
-
-    def current_plan(self) -> Plan | None:
-        return self.cluster.plan
-
-    def ready(self) -> tuple[bool, str]:
-        if self.cluster.plan is None:
-            return False, self.cluster.plan_error
-        if self.cluster.loading:
-            return False, "stages are loading"
-        return True, ""
-
-    def cluster_info(self) -> dict[str, Any]:
-        return {}
+        self.plane = RequestPlane(member_id, model=_Model(), timeouts=timeouts, executor=self.executor,  # type: ignore[arg-type]
+                                  send_remote=lambda dst, msg: cluster.deliver(member_id, dst, msg), plans=self.plans,
+                                  on_request_event=self.request_event, kv_replica_bytes=kv_replica_bytes,
+                                  loopback=False)
+        self.coordinator = self.plane.coordinator
+        self.worker = self.plane.worker
+        self.task = asyncio.get_running_loop().create_task(self.plane.run(), name=f"plane {member_id}")
 
     def request_event(self, req: str, state: str, stages: list[str] | None = None) -> None:
         self.events.append((req, state))
         if stages is not None:
             self.kv_events.append((req, list(stages)))
-
-    def linked(self, member_id: str) -> bool:
-        return member_id in self.cluster.alive
-
-    async def on_message(self, sender: str, msg: Message) -> None:
-        if msg.type == "forward":
-            await self.worker.on_forward(msg)
-        elif msg.type in ("token", "error", "released", "kv.replica", "kv.loaded"):
-            self.coordinator.deliver(msg, sender)
-        elif msg.type == "kv.load":
-            await self.worker.on_kv_load(sender, msg)
-        elif msg.type == "kv.push":
-            await self.worker.on_kv_push(sender, msg)
-        elif msg.type == "release":
-            self.worker.release(str(msg.body.get("req", "")))
-            try:
-                await self.send(sender, Message(type="released", body={"req": msg.body.get("req", "")}))
-            except TransportError:
-                pass
 
 
 class MiniCluster:
@@ -198,15 +170,28 @@ class MiniCluster:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._place_now()
 
+    def _publish(self) -> None:
+        """Tell every member's plan board what placement says now (as the node does)."""
+        if self.plan is None:
+            state = PlanState(plan=None, ready=False, reason=self.plan_error)
+        elif self.loading:
+            state = PlanState(plan=self.plan, ready=False, reason="stages are loading")
+        else:
+            state = PlanState(plan=self.plan, ready=True, reason="ok")
+        for node in self.nodes.values():
+            node.plans.update(state)
+
     def _place_now(self) -> None:
         members = sorted(self.alive)
         if not members or len(members) * self.capacity_layers < self.num_layers:
             self.plan, self.plan_error = None, (f"placement failed: {self.num_layers} layers need more than "
                                                 f"{len(members)} member(s) of {self.capacity_layers} layers")
+            self._publish()
             return
         k = min(self.prefill_members, len(members) - 1)  # a disaggregated plan while both sides have members
         sides = [self._split(members[:k]), self._split(members[k:])] if k > 0 else [(), self._split(members)]
         self.plan = Plan(num_layers=self.num_layers, stages=sides[1], prefill_stages=sides[0])
+        self._publish()
 
     def _split(self, members: list[str]) -> tuple[Stage, ...]:
         share, extra = divmod(self.num_layers, len(members))
@@ -222,16 +207,16 @@ class MiniCluster:
     async def replace(self) -> None:
         """Re-place on the living members, as the node does after a membership change."""
         self.loading = True
+        self._publish()
         await asyncio.sleep(self.load_s)
-        self._place_now()
         self.loading = False
+        self._place_now()
 
     def kill(self, member_id: str) -> None:
         """The member dies: links to it fail, every coordinator learns it, placement follows."""
         self.alive.discard(member_id)
         for m in self.alive:
-            self.nodes[m].coordinator.member_lost(member_id)
-            self.nodes[m].worker.release_coordinated_by(member_id)
+            self.nodes[m].plane.member_lost(member_id)
         self._spawn(self.replace())
 
     async def deliver(self, src: str, dst: str, msg: Message) -> None:
@@ -252,7 +237,7 @@ class MiniCluster:
         if delay_s:
             await asyncio.sleep(delay_s)
         if dst in self.alive:
-            await self.nodes[dst].on_message(src, msg)
+            await self.nodes[dst].plane.receive(src, msg)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -265,6 +250,9 @@ class MiniCluster:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        for node in self.nodes.values():
+            node.task.cancel()
+        await asyncio.gather(*(node.task for node in self.nodes.values()), return_exceptions=True)
         for node in self.nodes.values():
             node.executor.shutdown(wait=False, cancel_futures=True)
 

@@ -1,0 +1,179 @@
+"""The request plane: this node's coordinator and stage worker behind one message switch,
+with loopback delivery when a step's next stage is this node, and one task group for the
+handlers of steps and KV transfers. The node and the in-process test cluster both use it.
+
+Ports (never the node itself): ``send_remote(member, msg)`` sends on a link; ``plans`` is the
+``PlanBoard`` the owner keeps up to date; ``on_request_event(req, state, stages)`` records a
+request's lifecycle. Spec: specs/node.md N5-N13, specs/faults.md FO1-FO8.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+from mesh.errors import MeshError
+from mesh.models import Model
+from mesh.runtime.coordinator import COORDINATOR_MESSAGES, Coordinator
+from mesh.runtime.metrics import NodeMetrics
+from mesh.runtime.request_core import PlanState, Timeouts
+from mesh.runtime.stage import StageWorker
+from mesh.wire import Message
+
+log = logging.getLogger(__name__)
+
+MAX_REQ_ID = 64  # characters of a request id (an attempt's wire id)
+
+
+class PlanBoard:
+    """The placement a request needs to know, kept up to date by the owner (``update``):
+    requests start on a ready plan, and a recovering request waits here for one (spec FO3)."""
+
+    def __init__(self) -> None:
+        self._state = PlanState(plan=None, ready=False, reason="no placement yet")
+        self._ready = asyncio.Event()
+
+    def update(self, state: PlanState) -> None:
+        self._state = state
+        if state.ready:
+            self._ready.set()
+        else:
+            self._ready.clear()
+
+    def state(self) -> PlanState:
+        return self._state
+
+    async def wait_ready(self, timeout_s: float) -> PlanState:
+        """The state once it is ready, or the latest one after ``timeout_s`` seconds (never
+        raises TimeoutError)."""
+        if not self._state.ready and timeout_s > 0:
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout_s)
+            except TimeoutError:
+                pass
+        return self._state
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlaneStatistics:
+    """What the request plane holds now: requests in flight on this coordinator (``active``,
+    of which ``recovering`` wait for a plan), attempts failed so far, the last recovery times
+    (s, spec FO3), KV caches held by the stage worker, the KV replica's bytes (spec FO8),
+    ``requests`` (live and recent request timings) and ``measured`` (TTFT and decode rate of
+    finished requests, spec P16; None before one finished)."""
+
+    active: int
+    recovering: int
+    failed_attempts: int
+    recovery_s: tuple[float, ...]
+    kv_caches: int
+    kv_replica_bytes: int
+    requests: dict[str, Any]
+    measured: dict[str, Any] | None
+
+
+class RequestPlane:
+    """See the module docstring. ``run()`` must be running while messages are received."""
+
+    MESSAGE_TYPES = frozenset({"forward", "kv.load", "kv.push", "release", *COORDINATOR_MESSAGES})
+
+    def __init__(self, member_id: str, *, model: Model, timeouts: Timeouts, executor: Executor,
+                 send_remote: Callable[[str, Message], Awaitable[None]], plans: PlanBoard,
+                 on_request_event: Callable[[str, str, list[str] | None], None], kv_replica_bytes: int = 0,
+                 metrics: NodeMetrics | None = None, loopback: bool = True) -> None:
+        self.member_id = member_id
+        self.loopback = loopback  # False: messages to this member go through send_remote too (a test network)
+        self.send_remote = send_remote
+        self.plans = plans
+        self.coordinator = Coordinator(member_id, model, timeouts, send=self.send, plans=plans,
+                                       on_request_event=on_request_event, kv_replica_bytes=kv_replica_bytes,
+                                       metrics=metrics)
+        self.worker = StageWorker(member_id, self.send, executor)
+        self._tasks: asyncio.TaskGroup | None = None
+
+    async def run(self) -> None:
+        """Own the handlers of steps and KV transfers until cancelled; an unexpected error of
+        one ends the plane and is raised here (the handlers report every expected failure to
+        the request's coordinator themselves)."""
+        async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
+            try:
+                await asyncio.Future()  # until cancelled
+            finally:
+                self._tasks = None
+
+    async def send(self, member_id: str, msg: Message) -> None:
+        """Send to a member; delivered in-process when it is this node. Raises MeshError when
+        a link cannot take it."""
+        if member_id == self.member_id and self.loopback:
+            await self.receive(member_id, msg)
+        else:
+            await self.send_remote(member_id, msg)
+
+    async def receive(self, sender: str, msg: Message) -> None:
+        """Handle one request-plane message; a malformed one is logged and dropped."""
+        req = msg.body.get("req")
+        if not isinstance(req, str) or not 0 < len(req) <= MAX_REQ_ID:
+            log.warning("dropping a %s message from %s without a valid request id", msg.type, sender)
+            return
+        if msg.type in COORDINATOR_MESSAGES:
+            self.coordinator.deliver(msg, sender)
+        elif msg.type == "release":
+            self.worker.release(req)
+            self._spawn(self._ack_release(sender, req), "released")
+        elif msg.type == "forward":
+            self._spawn(self.worker.on_forward(msg), f"forward {req}")
+        elif msg.type == "kv.load":
+            self._spawn(self.worker.on_kv_load(sender, msg), f"kv.load {req}")
+        elif msg.type == "kv.push":
+            self._spawn(self.worker.on_kv_push(sender, msg), f"kv.push {req}")
+
+    def _spawn(self, handler: Awaitable[None], name: str) -> None:
+        if self._tasks is None:  # not running (starting or stopping): the sender's timeout covers it
+            log.debug("request plane not running: dropping %s", name)
+            handler.close()  # type: ignore[attr-defined]
+            return
+        self._tasks.create_task(handler, name=name)  # type: ignore[arg-type]
+
+    async def _ack_release(self, member_id: str, req: str) -> None:
+        try:
+            await self.send(member_id, Message(type="released", body={"req": req}))
+        except MeshError as exc:  # the coordinator sends the release again, or is gone
+            log.debug("cannot acknowledge the release of req=%s to %s: %s", req, member_id, exc)
+
+    def member_lost(self, member_id: str) -> None:
+        """Spec FO6: the current attempt of every request through ``member_id`` fails at once;
+        caches of requests it coordinated are freed (nobody will release them)."""
+        self.coordinator.member_lost(member_id)
+        self.worker.release_coordinated_by(member_id)
+
+    def expire(self, idle_s: float) -> None:
+        self.worker.expire(idle_s)
+
+    def held(self) -> tuple[int, int] | None:
+        """The layer range the stage worker computes, or None."""
+        backend = self.worker.backend
+        return (backend.layer_start, backend.layer_end) if backend is not None else None
+
+    def install(self, backend: Any) -> None:
+        """Compute with ``backend`` from now on (None: no stage); caches of the old one go."""
+        self.worker.swap_backend(backend)
+
+    def shutdown(self, reason: str) -> None:
+        """End every request in flight with ``reason`` (their streams end with an error event)."""
+        self.coordinator.shutdown(reason)
+
+    async def drained(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight on this coordinator; False after ``timeout_s``."""
+        return await self.coordinator.drained(timeout_s)
+
+    def statistics(self) -> PlaneStatistics:
+        c = self.coordinator
+        return PlaneStatistics(active=c.active, recovering=c.recovering, failed_attempts=c.failed_attempts,
+                               recovery_s=tuple(c.recovery_times)[-32:], kv_caches=len(self.worker.caches),
+                               kv_replica_bytes=c.replicas.nbytes, requests=c.requests.to_wire(),
+                               measured=c.measured.summary())
