@@ -254,7 +254,7 @@ def _setup_logging(level: str) -> _NodeIdFilter:
 def _run_node(args: argparse.Namespace) -> int:
     from mesh.node.config import NodeConfig
     from mesh.node.node import Node
-    from mesh.runtime.coordinator import Timeouts
+    from mesh.runtime.request_core import Timeouts
 
     node_filter = _setup_logging(args.log_level)
     config = NodeConfig(

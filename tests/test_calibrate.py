@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from backends.base import StepOutput
 from mesh.errors import PlacementError
-from mesh.node.linkstats import link_key
+from mesh.kernel.records import link_key
 from mesh.placement.calibrate import (
     DECODE_STEPS,
     PREFILL_TOKENS,

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mesh.errors import PlacementError
-from mesh.node.perf import runtime_plan
 from mesh.placement.costmodel import PlacementPlan, StagePlan
 from mesh.placement.pipeline import ModelSize, Plan, Stage, place_by_roles
+from mesh.placement.planner import runtime_plan
 from mesh.runtime.engine import SamplingParams
 from mesh.testing.minicluster import PROMPT, MiniCluster, reference_tokens, run_request
 

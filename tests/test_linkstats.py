@@ -12,14 +12,13 @@ from hypothesis import strategies as st
 from mesh.errors import ConfigError
 from mesh.kernel.crdt import ClusterState
 from mesh.kernel.hlc import Timestamp
-from mesh.kernel.records import ClusterView, MemberInfo
+from mesh.kernel.records import ClusterView, MemberInfo, link_key
 from mesh.node.links import Links
 from mesh.node.linkstats import (
     PROBE_BYTES,
     PUBLISH_MAX_AGE_S,
     RTT_WINDOW,
     LinkMeter,
-    link_key,
     percentile,
 )
 from mesh.wire import Message

@@ -6,8 +6,7 @@ import pytest
 
 from mesh.kernel.crdt import ClusterState
 from mesh.kernel.hlc import Timestamp
-from mesh.kernel.records import ClusterView, member_key, resources_key
-from mesh.node.linkstats import link_key
+from mesh.kernel.records import ClusterView, link_key, member_key, resources_key
 from mesh.placement.costmodel import ModelSpec
 from mesh.placement.perf import (
     Measured,

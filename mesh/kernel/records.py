@@ -130,6 +130,19 @@ class MemberStatus:
         )
 
 
+# -- the state's keys and event types: one table (every writer and reader uses these) ----------
+# Writers return ``(event type, key, value)`` records for ``Replication.emit``; the node is the
+# only writer. Spec: specs/kernel.md, specs/node.md N1-N4, specs/linkstats.md L2-L3,
+# specs/placement.md P16.
+
+Record = tuple[str, str, Any]
+
+EVENT_TYPES = ("member.join", "member.leave", "resources.set", "status.set", "placement.set",
+               *(f"request.{state}" for state in REQUEST_STATES), "request.retired", "kv.placed", "kv.freed",
+               "link.measured", "link.down", "profile.set")
+PLACEMENT_KEY = "placement"
+
+
 def member_key(member_id: str) -> str:
     return f"member/{member_id}"
 
@@ -140,6 +153,85 @@ def status_key(member_id: str) -> str:
 
 def resources_key(member_id: str) -> str:
     return f"resources/{member_id}"
+
+
+def request_key(req: str) -> str:
+    return f"request/{req}"
+
+
+def kv_key(req: str) -> str:
+    return f"kv/{req}"
+
+
+def link_key(src: str, dst: str) -> str:
+    """The key of the measurements of the link from ``src`` to ``dst`` (spec L2)."""
+    return f"link/{src}/{dst}"
+
+
+def profile_key(member_id: str) -> str:
+    """The key of a member's device profile and stage calibration (spec P16, P19)."""
+    return f"profile/{member_id}"
+
+
+def join(me: MemberInfo) -> list[Record]:
+    """A member's resources, then its membership record: a member without resources is not
+    placed, so writing them first never shows a transient plan (spec N1)."""
+    resources: dict[str, Any] = {"backend": me.backend, "memory_bytes": me.memory_bytes}
+    if me.role != "any":
+        resources["role"] = me.role  # spec N13: read by every node's placement
+    record: dict[str, Any] = {"address": me.address, "api": me.api_address, "incarnation": me.incarnation}
+    if me.alt_addresses:
+        record["alt"] = list(me.alt_addresses)
+    return [("resources.set", resources_key(me.member_id), resources),
+            ("member.join", member_key(me.member_id), record)]
+
+
+def leave(member_id: str, keys: list[str]) -> list[Record]:
+    """Remove a member declared dead, and the figures of its links (stale from now; spec L3).
+    ``keys``: the ``link/`` keys the state holds now."""
+    return [("member.leave", member_key(member_id), None),
+            *(("link.down", key, None) for key in keys if member_id in key.split("/")[1:])]
+
+
+def status(member_id: str, value: MemberStatus) -> Record:
+    return ("status.set", status_key(member_id), value.to_wire())
+
+
+def request(req: str, state: str) -> Record:
+    """A request's lifecycle state (one of ``REQUEST_STATES``, monotone)."""
+    if state not in REQUEST_STATES:
+        raise ValueError(f"request state {state!r} unknown; valid: {', '.join(REQUEST_STATES)}")
+    return (f"request.{state}", request_key(req), state)
+
+
+def request_retired(req: str) -> Record:
+    return ("request.retired", request_key(req), None)
+
+
+def kv_placed(req: str, members: list[str]) -> Record:
+    """Where a request's KV caches live now (the members of the route that holds them)."""
+    return ("kv.placed", kv_key(req), list(members))
+
+
+def kv_freed(req: str) -> Record:
+    return ("kv.freed", kv_key(req), None)
+
+
+def placement(plan_id: str, stages: list[list[Any]], prefill_stages: list[list[Any]]) -> Record:
+    """The plan every node computed, recorded by one of them: ``[member, layer_start, layer_end]``
+    per stage."""
+    value: dict[str, Any] = {"plan_id": plan_id, "stages": stages}
+    if prefill_stages:
+        value["prefill_stages"] = prefill_stages
+    return ("placement.set", PLACEMENT_KEY, value)
+
+
+def link_measured(src: str, dst: str, summary: dict[str, Any]) -> Record:
+    return ("link.measured", link_key(src, dst), summary)
+
+
+def profile(member_id: str, record: dict[str, Any]) -> Record:
+    return ("profile.set", profile_key(member_id), record)
 
 
 class ClusterView:

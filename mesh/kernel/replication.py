@@ -69,18 +69,16 @@ class Replication:
         self.anti_entropy = AntiEntropy(interval_ms=int(interval_s * 1000), rng=random.Random())
         self._unsent: list[Event] = []
         self._flush_wanted = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
 
-    def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._flusher(), name="kernel flush"),
-                       loop.create_task(self._rounds(), name="anti-entropy")]
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.log.close()
+    async def run(self) -> None:
+        """Flush own events to disk and peers, and run anti-entropy rounds, until cancelled;
+        the event log is closed when it ends. An error of either loop ends both and is raised."""
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._flusher(), name="kernel flush")
+                tasks.create_task(self._rounds(), name="anti-entropy")
+        finally:
+            self.log.close()
 
     @property
     def state(self) -> Any:

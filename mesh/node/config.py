@@ -5,15 +5,22 @@ sockets and backend options. Spec: specs/node.md.
 
 from __future__ import annotations
 
+import logging
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mesh import registry
 from mesh.errors import ConfigError, MeshError
 from mesh.kernel.records import ROLES
 from mesh.node.links import split_address
-from mesh.runtime.coordinator import Timeouts
+from mesh.placement.planner import OBJECTIVES, PLACEMENTS
+from mesh.runtime.request_core import Timeouts
+from mesh.security import LinkSecurity
+from transports.base import Transport
+
+log = logging.getLogger(__name__)
 
 
 def bind_tcp(host: str, port: int, flag: str) -> socket.socket:
@@ -27,9 +34,6 @@ def bind_tcp(host: str, port: int, flag: str) -> socket.socket:
         return sock
     except OSError as exc:
         raise ConfigError(f"{flag} {port} on {host} cannot be used: {exc.strerror or exc}") from exc
-
-
-PLACEMENTS = ("memory", "solver")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,8 +94,8 @@ class NodeConfig:
             raise ConfigError(f"--context must be >= 1 token, got {self.context}")
         if self.placement not in PLACEMENTS:
             raise ConfigError(f"--placement {self.placement!r} unknown; valid: {', '.join(PLACEMENTS)}")
-        if self.objective not in ("ttft", "decode", "goodput"):
-            raise ConfigError(f"--objective {self.objective!r} unknown; valid: ttft, decode, goodput")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"--objective {self.objective!r} unknown; valid: {', '.join(OBJECTIVES)}")
         if self.dead_after_s <= self.heartbeat_s:
             raise ConfigError(f"--dead-after-s ({self.dead_after_s}) must exceed --heartbeat-s ({self.heartbeat_s})")
 
@@ -103,3 +107,54 @@ def backend_options(config: NodeConfig) -> dict[str, Any]:
     if config.dtype:
         options["dtype"] = config.dtype
     return options
+
+
+def link_security(config: NodeConfig, data_dir: Path, member_id: str) -> LinkSecurity | None:
+    """The links' authentication (spec S1-S6): the cluster key and this node's identity key
+    in ``data_dir``; None with ``--insecure``, after a loud warning. Raises ConfigError when
+    the identity key does not match ``member_id``."""
+    if config.insecure:
+        banner = ("--insecure: links are PLAINTEXT and UNAUTHENTICATED. Anyone who can reach "
+                  f"port {config.port} can join this cluster, read prompts and completions, and "
+                  "inject traffic. Use it for debugging on a trusted machine only.")
+        log.warning("*" * 78)
+        log.warning(banner)
+        log.warning("*" * 78)
+        return None
+    security = LinkSecurity.for_data_dir(data_dir, config.cluster_key)
+    if member_id != security.node_id:
+        raise ConfigError(f"--data-dir {data_dir}: node id {member_id} does not match its identity key")
+    log.info("links authenticated for cluster %s (node %s)", security.cluster_fingerprint, security.node_id)
+    return security
+
+
+def build_transport(config: NodeConfig, security: LinkSecurity | None, label: str) -> Transport:
+    """The ``--transport`` plugin, built with ``security``; wrapped for fault injection when
+    ``--fault-plan`` is given (tests only). Raises ConfigError for a transport that does not
+    authenticate links unless ``--insecure``, or one that cannot be built."""
+    transport_cls = registry.load("transport", config.transport)
+    if security is not None and not getattr(transport_cls, "secure", False):
+        raise ConfigError(f"--transport {config.transport} does not authenticate or encrypt links; "
+                          f"use one that does ({', '.join(_secure_transports())}) or --insecure")
+    try:
+        transport = transport_cls(security=security)
+    except TypeError as exc:
+        raise ConfigError(f"--transport {config.transport}: its plugin cannot be built with security=...: {exc}") from exc
+    if config.fault_plan is not None:
+        from mesh.node import (
+            fault_hooks,  # test-only code stays unimported in production
+        )
+
+        transport = fault_hooks.wrap(transport, label=config.fault_label or label, path=config.fault_plan)
+    return transport
+
+
+def _secure_transports() -> list[str]:
+    secure = []
+    for name in registry.names("transport"):
+        try:
+            if getattr(registry.load("transport", name), "secure", False):
+                secure.append(name)
+        except MeshError:
+            continue
+    return secure

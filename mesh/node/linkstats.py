@@ -26,10 +26,6 @@ PUBLISH_CHANGE = 0.25  # publish again when a figure moved by more than this fra
 PUBLISH_MAX_AGE_S = 60.0
 
 
-def link_key(src: str, dst: str) -> str:
-    """The cluster-state key of the measurements of the link from ``src`` to ``dst``."""
-    return f"link/{src}/{dst}"
-
 
 def percentile(samples: list[float], q: float) -> float:
     """Nearest-rank percentile (q in [0, 100]) of a non-empty list; NIST/Hyndman-Fan type 1."""

@@ -1,132 +1,166 @@
-"""What a node reports: whether it is ready to serve (and why not), and ``/v1/cluster``:
-members and their layer ranges, requests, kernel figures, links, performance, security. A
-mixin of ``mesh.node.node.Node``; it only reads. Spec: specs/node.md, specs/api.md.
+"""What a node reports, as pure functions of what it knows: whether it is ready to serve (and
+why not), and the body of ``GET /v1/cluster`` (members and their layer ranges, requests,
+kernel figures, links, predicted and measured performance, security, this node's requests).
+Nothing here writes or waits. Spec: specs/node.md N4, N9, N12; specs/api.md A10, A11.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
+from mesh.kernel.records import ClusterView
+from mesh.kernel.replication import Replication
+from mesh.placement.costmodel import ModelSpec
+from mesh.placement.perf import predicted
 from mesh.placement.pipeline import Plan
 
-if TYPE_CHECKING:
-    from mesh.kernel.records import ClusterView
-    from mesh.kernel.replication import Replication
-    from mesh.models import Model
-    from mesh.node.config import NodeConfig
-    from mesh.node.links import Links
-    from mesh.runtime.coordinator import Coordinator, StageWorker
-    from mesh.security import LinkSecurity
+
+def readiness(*, plan: Plan | None, plan_error: str, clock_fault: str | None, view: ClusterView | None,
+              linked: set[str], member_id: str, held: tuple[int, int] | None) -> tuple[bool, str]:
+    """(True, "ok") only when every stage of ``plan`` reports its layers loaded for this plan
+    and is linked (``linked``: members with a live link), and this node holds its own stage's
+    layers (``held``: the loaded range, or None); else (False, why not)."""
+    if clock_fault is not None:
+        return False, clock_fault
+    if plan is None or view is None:
+        return False, plan_error
+    linked = linked | {member_id}
+    for stage in plan.all_stages:
+        status = view.status(stage.member_id)
+        want = (plan.plan_id, stage.layer_start, stage.layer_end, "ready")
+        if (status.plan_id, status.layer_start, status.layer_end, status.state) != want:
+            if status.plan_id != plan.plan_id:
+                return False, (f"member {stage.member_id} is switching to plan {plan.plan_id} "
+                               f"(layers [{stage.layer_start}, {stage.layer_end})); it reports plan "
+                               f"{status.plan_id or 'none'}, state {status.state}")
+            detail = f": {status.error}" if status.error else ""
+            return False, (f"member {stage.member_id} has not loaded layers "
+                           f"[{stage.layer_start}, {stage.layer_end}) yet (state {status.state}{detail})")
+        if stage.member_id not in linked:
+            return False, f"no link to member {stage.member_id} yet"
+        if stage.member_id == member_id and held != (stage.layer_start, stage.layer_end):
+            # its status may be a record restored from before a restart: trust only what is loaded
+            return False, f"this node has not loaded layers [{stage.layer_start}, {stage.layer_end}) yet"
+    return True, "ok"
 
 
-class NodeReport:
-    """Readiness and ``/v1/cluster`` of a node (mixed into ``Node``)."""
-
-    config: NodeConfig
-    member_id: str
-    model: Model
-    plan: Plan | None
-    plan_error: str
-    clock_fault: str | None
-    replication: Replication | None
-    links: Links
-    worker: StageWorker
-    coordinator: Coordinator | None
-    security: LinkSecurity | None
-
-    def view(self) -> ClusterView:
-        raise NotImplementedError
-
-    def _performance(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def current_plan(self) -> Plan | None:
-        return self.plan
-
-    def ready(self) -> tuple[bool, str]:
-        """True only when every stage of the current plan reports its layers loaded."""
-        if self.clock_fault is not None:
-            return False, self.clock_fault
-        if self.plan is None or self.replication is None:
-            return False, self.plan_error
-        view = self.view()
-        linked = set(self.links.linked()) | {self.member_id}
-        for stage in self.plan.all_stages:
-            status = view.status(stage.member_id)
-            want = (self.plan.plan_id, stage.layer_start, stage.layer_end, "ready")
-            if (status.plan_id, status.layer_start, status.layer_end, status.state) != want:
-                if status.plan_id != self.plan.plan_id:
-                    return False, (f"member {stage.member_id} is switching to plan {self.plan.plan_id} "
-                                   f"(layers [{stage.layer_start}, {stage.layer_end})); it reports plan "
-                                   f"{status.plan_id or 'none'}, state {status.state}")
-                detail = f": {status.error}" if status.error else ""
-                return False, (f"member {stage.member_id} has not loaded layers "
-                               f"[{stage.layer_start}, {stage.layer_end}) yet (state {status.state}{detail})")
-            if stage.member_id not in linked:
-                return False, f"no link to member {stage.member_id} yet"
-            held = self.worker.backend
-            if stage.member_id == self.member_id and (
-                    held is None or (held.layer_start, held.layer_end) != (stage.layer_start, stage.layer_end)):
-                # its status may be a record restored from before a restart: trust only what is loaded
-                return False, f"this node has not loaded layers [{stage.layer_start}, {stage.layer_end}) yet"
-        return True, "ok"
-
-    def cluster_info(self) -> dict[str, Any]:
-        assert self.replication is not None
-        ready, reason = self.ready()
-        view = self.view()
-        state = self.replication.state
-        replica = self.replication.replica
-        members = []
-        for m in view.members():
-            stage = self.plan.stage_of(m.member_id) if self.plan else None
-            members.append({
-                "id": m.member_id,
-                "address": m.address,
-                "api_address": m.api_address,
-                "backend": m.backend,
-                "memory_bytes": m.memory_bytes,
-                "layer_start": stage.layer_start if stage else None,
-                "layer_end": stage.layer_end if stage else None,
-                "role": self.plan.role_of(m.member_id) if self.plan else None,
-                "state": view.status(m.member_id).state,
-                "self": m.member_id == self.member_id,
-            })
-        return {
-            "model": self.model.model_id,
-            "num_layers": self.model.num_layers,
-            "plan_id": self.plan.plan_id if self.plan else None,
-            "ready": ready,
-            "reason": reason,
-            "members": members,
-            "requests": view.requests(),
-            "kernel": {
-                "state_hash": state.content_hash(),
-                "events_applied": replica.applied,
-                "version_vector": state.context.to_wire(),
-                "live_entries": state.live_entries(),
-                "buffered_events": replica.buffer.buffered(),
-                "tail_events": len(replica.tail),
-                "log_records": self.replication.log.records,
-            },
-            "links": self.view().links(),
-            "performance": self._performance(),
-            "security": {
-                "authenticated": self.security is not None,
-                "cluster": self.security.cluster_fingerprint if self.security is not None else None,
-                "transport": self.config.transport,
-            },
-            "local": {"id": self.member_id, "kv_caches": len(self.worker.caches),
-                      "coordinating": self.coordinator.active if self.coordinator else 0,
-                      "failed_attempts": self.coordinator.failed_attempts if self.coordinator else 0,
-                      "recovery_s": list(self.coordinator.recovery_times)[-32:] if self.coordinator else [],
-                      **(self.coordinator.requests.to_wire() if self.coordinator else {"active": [], "recent": []})},
-            "events": [_event_row(e) for e in reversed(replica.recent)],
-        }
+def performance(view: ClusterView, plan: Plan | None, spec: ModelSpec | None, dtype: str,
+                measured: dict[str, Any] | None, spec_error: str = "") -> dict[str, Any]:
+    """The cost model's prediction for ``plan`` beside what this node measured (spec P16):
+    predicted for the measured median prompt and completion lengths (128 and 64 tokens until
+    a request finished)."""
+    if spec is None:
+        return {"predicted": None, "measured": measured, "error": f"no model spec: {spec_error}"}
+    prompt = measured["prompt_tokens"] if measured else 128
+    new = measured["new_tokens"] if measured else 64
+    return {"predicted": predicted(view, plan, spec, dtype, prompt_tokens=prompt, new_tokens=new),
+            "measured": measured}
 
 
-def _event_row(event: Any) -> dict[str, Any]:
+def kernel_figures(replication: Replication) -> dict[str, Any]:
+    """The kernel's own figures: state hash, events applied, version vector, entries, buffer."""
+    state, replica = replication.state, replication.replica
+    return {
+        "state_hash": state.content_hash(),
+        "events_applied": replica.applied,
+        "version_vector": state.context.to_wire(),
+        "live_entries": state.live_entries(),
+        "buffered_events": replica.buffer.buffered(),
+        "tail_events": len(replica.tail),
+        "log_records": replication.log.records,
+    }
+
+
+def cluster_info(*, model_id: str, num_layers: int, plan: Plan | None, ready: tuple[bool, str], view: ClusterView,
+                 member_id: str, kernel: dict[str, Any], recent_events: list[Any], performance: dict[str, Any],
+                 security: dict[str, Any], local: dict[str, Any]) -> dict[str, Any]:
+    """The body of ``GET /v1/cluster`` (spec A10)."""
+    members = []
+    for m in view.members():
+        stage = plan.stage_of(m.member_id) if plan else None
+        members.append({
+            "id": m.member_id,
+            "address": m.address,
+            "api_address": m.api_address,
+            "backend": m.backend,
+            "memory_bytes": m.memory_bytes,
+            "layer_start": stage.layer_start if stage else None,
+            "layer_end": stage.layer_end if stage else None,
+            "role": plan.role_of(m.member_id) if plan else None,
+            "state": view.status(m.member_id).state,
+            "self": m.member_id == member_id,
+        })
+    return {
+        "model": model_id,
+        "num_layers": num_layers,
+        "plan_id": plan.plan_id if plan else None,
+        "ready": ready[0],
+        "reason": ready[1],
+        "members": members,
+        "requests": view.requests(),
+        "kernel": kernel,
+        "links": view.links(),
+        "performance": performance,
+        "security": security,
+        "local": {"id": member_id, **local},
+        "events": [event_row(e) for e in reversed(recent_events)],
+    }
+
+
+def event_row(event: Any) -> dict[str, Any]:
     """An applied kernel event for people: type, key, origin, seq, wall time (ms)."""
     key = event.payload.get("key") if isinstance(event.payload, dict) else None
     return {"type": event.type, "key": key if isinstance(key, str) else None, "origin": event.id.origin,
             "seq": event.id.seq, "time_ms": event.hlc.physical_ms}
+
+
+class NodeStatus:
+    """``mesh.runtime.engine.ClusterStatus`` of a node: ``/health``, ``/v1/cluster`` and the
+    gauges of ``/metrics``, read from narrow ports at request time. ``placement()`` is
+    (plan, why there is none); ``held()`` the layer range this node has loaded; ``stats()`` the
+    request plane's statistics (None before it exists); ``spec`` the cost model's view of the
+    model in ``dtype``."""
+
+    def __init__(self, *, member_id: str, model_id: str, num_layers: int, replication: Replication,
+                 linked: Callable[[], list[str]], placement: Callable[[], tuple[Plan | None, str]],
+                 clock_fault: Callable[[], str | None], held: Callable[[], tuple[int, int] | None],
+                 stats: Callable[[], Any], metrics_text: Callable[[], bytes | None], security: dict[str, Any],
+                 spec: Callable[[], ModelSpec | None], dtype: str) -> None:
+        self.member_id, self.model_id, self.num_layers = member_id, model_id, num_layers
+        self.replication = replication
+        self.linked, self.placement, self.clock_fault, self.held = linked, placement, clock_fault, held
+        self.stats, self._metrics_text, self.security, self.spec, self.dtype = stats, metrics_text, security, spec, dtype
+
+    def view(self) -> ClusterView:
+        return ClusterView(self.replication.state)
+
+    def health(self) -> tuple[bool, str]:
+        plan, plan_error = self.placement()
+        return readiness(plan=plan, plan_error=plan_error, clock_fault=self.clock_fault(), view=self.view(),
+                         linked=set(self.linked()), member_id=self.member_id, held=self.held())
+
+    def cluster_info(self) -> dict[str, Any]:
+        plan, _ = self.placement()
+        stats = self.stats()
+        local = {"kv_caches": stats.kv_caches, "coordinating": stats.active, "failed_attempts": stats.failed_attempts,
+                 "recovery_s": list(stats.recovery_s), **stats.requests} if stats is not None else {}
+        view = self.view()
+        return cluster_info(
+            model_id=self.model_id, num_layers=self.num_layers, plan=plan, ready=self.health(), view=view,
+            member_id=self.member_id, kernel=kernel_figures(self.replication),
+            recent_events=list(self.replication.replica.recent), security=self.security, local=local,
+            performance=performance(view, plan, self.spec(), self.dtype, stats.measured if stats is not None else None))
+
+    def metrics_text(self) -> bytes | None:
+        return self._metrics_text()
+
+    def metrics_sample(self) -> dict[str, Any]:
+        """The gauges of ``GET /metrics``, read at scrape time."""
+        stats = self.stats()
+        links = [(row["to"], row["rtt_p50_s"]) for row in self.view().links()
+                 if row["from"] == self.member_id and isinstance(row.get("rtt_p50_s"), int | float)]
+        if stats is None:
+            return {"kv_caches": 0, "kv_replica_bytes": 0, "active_requests": 0, "links": links}
+        return {"kv_caches": stats.kv_caches, "kv_replica_bytes": stats.kv_replica_bytes,
+                "active_requests": stats.active, "links": links}

@@ -15,7 +15,7 @@ from collections import deque
 from typing import Any
 
 from mesh.errors import PlacementError
-from mesh.kernel.records import ClusterView
+from mesh.kernel.records import ClusterView, profile_key
 from mesh.placement.costmodel import (
     Calibration,
     Device,
@@ -30,9 +30,6 @@ from mesh.placement.pipeline import Plan
 
 MEASURED_WINDOW = 64  # requests kept for the measured figures
 
-
-def profile_key(member_id: str) -> str:
-    return f"profile/{member_id}"
 
 
 def profile_record(flops: dict[str, float], bandwidth_bytes_per_s: float, device: str,

@@ -1,0 +1,132 @@
+"""The planner: a pure function from what the replicated state says (members, their roles,
+offered memory and published profiles) and the served model to the runtime's ``Plan``. Every
+node calls it with the same state and gets the same plan (no master).
+
+Order: members with roles make a disaggregated plan (spec N13); else ``--placement solver``
+asks the placement solver (spec P17); else (or when no member has published a profile yet)
+the memory-proportional split. Must not know: the node, the kernel's events, IO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mesh.errors import PlacementError
+from mesh.kernel.records import ClusterView
+from mesh.placement.costmodel import Link, ModelSpec, Topology
+from mesh.placement.perf import topology
+from mesh.placement.pipeline import (
+    Capacity,
+    ModelSize,
+    Plan,
+    Stage,
+    model_size_from_config,
+    place_by_roles,
+    place_pipeline,
+)
+from mesh.placement.solver import Request, solve
+
+PLACEMENTS = ("memory", "solver")
+OBJECTIVES = ("ttft", "decode", "goodput")
+DTYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
+NOMINAL_LINK_LATENCY_S = 1e-3  # the links --placement solver assumes (1 GbE)
+NOMINAL_LINK_BYTES_PER_S = 1.25e8
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlanInputs:
+    """What the planner needs besides the state: the model's measured size, the context it
+    must hold (tokens), ``placement`` (one of ``PLACEMENTS``), the solver's ``objective``
+    (one of ``OBJECTIVES``) and ``spec``, the cost model's view of the model in the compute
+    dtype (only read by the solver)."""
+
+    size: ModelSize
+    context_tokens: int
+    placement: str = "solver"
+    objective: str = "goodput"
+    spec: ModelSpec | None = None
+    dtype: str = "f32"
+
+
+def compute_dtype(dtype: str | None, device: str | None) -> str:
+    """The dtype a stage computes in: ``--dtype``, else f32 on a CPU and f16 elsewhere."""
+    return dtype or ("f32" if (device or "cpu").startswith("cpu") else "f16")
+
+
+def model_spec(config: Any, model_id: str, dtype: str) -> ModelSpec:
+    """The cost model's view of a model in ``dtype``, with the weight, KV and edge bytes
+    counted from the model's own transformers class (``model_size_from_config``), so the
+    solver and the memory-proportional split agree on what a layer weighs; its name carries
+    the dtype, since a calibration is only valid for both."""
+    dtype_bytes = DTYPE_BYTES[dtype]
+    return ModelSpec.from_config(config, name=f"{model_id}@{dtype}", dtype_bytes=dtype_bytes,
+                                 size=model_size_from_config(config, dtype_bytes))
+
+
+def plan(view: ClusterView, inputs: PlanInputs) -> Plan:
+    """The plan for the members ``view`` holds. Raises PlacementError when the model does not
+    fit them."""
+    members = view.members()
+    found = place_by_roles(members, inputs.size, context_tokens=inputs.context_tokens)
+    if found is None and inputs.placement == "solver" and inputs.spec is not None:
+        found = solver_plan(view, inputs)
+    if found is None:
+        capacities = [Capacity(member_id=m.member_id, usable_bytes=m.memory_bytes) for m in members]
+        found = place_pipeline(capacities, inputs.size, context_tokens=inputs.context_tokens)
+    return found
+
+
+def solver_plan(view: ClusterView, inputs: PlanInputs) -> Plan | None:
+    """The placement solver's plan (spec P17) from the members' published profiles and
+    offered memory. A member that has not published a profile yet (it just joined) is left
+    out rather than placed by memory and then moved once its profile lands (every move reloads
+    layers); None (memory-proportional placement over every member) when no member has a
+    profile, or when the profiled ones cannot hold the model but all could. Links are taken as
+    a nominal 1 GbE between every pair: live link figures move all the time, and a plan must
+    not follow them without hysteresis.
+
+    Raises PlacementError when the solver finds no plan that fits every member.
+    """
+    spec = inputs.spec
+    if spec is None:
+        return None
+    devices = topology(view, inputs.dtype).devices
+    missing = len(view.members()) - len(devices)
+    if not devices:
+        return None
+    links = tuple(Link(a=a.id, b=b.id, latency_s=NOMINAL_LINK_LATENCY_S, bandwidth_bytes_per_s=NOMINAL_LINK_BYTES_PER_S)
+                  for i, a in enumerate(devices) for b in devices[i + 1:])
+    context = inputs.context_tokens
+    request = Request(context_tokens=context, prompt_tokens=min(context, 512), new_tokens=128)
+    try:  # tensor-parallel groups: the runtime cannot run them yet
+        solution = solve(Topology(devices=devices, links=links), spec, request, objective=inputs.objective,
+                         disaggregation=True, tensor_parallel=False)
+    except PlacementError:
+        if missing:
+            return None
+        raise
+    return runtime_plan(spec.num_layers, solution.plan)
+
+
+def runtime_plan(num_layers: int, placement: Any) -> Plan:
+    """The runtime's ``Plan`` for a solver ``PlacementPlan`` of single-device stages: stages
+    of role ``prefill`` become the plan's prefill pipeline (spec N13), the others its stages.
+    Raises PlacementError for a plan the runtime cannot run (a tensor-parallel group)."""
+    if any(len(s.devices) != 1 for s in placement.stages):
+        raise PlacementError("the runtime runs single-device stages only (no tensor-parallel groups)")
+
+    def stages(roles: tuple[str, ...]) -> tuple[Stage, ...]:
+        return tuple(Stage(member_id=s.devices[0], layer_start=s.layer_start, layer_end=s.layer_end)
+                     for s in placement.stages if s.role in roles)
+
+    return Plan(num_layers=num_layers, stages=stages(("both", "decode")), prefill_stages=stages(("prefill",)))
+
+
+def describe(found: Plan) -> str:
+    """One log line for a plan: each stage as ``member[start,end)``, prefill stages apart."""
+    text = ", ".join(f"{s.member_id}[{s.layer_start},{s.layer_end})" for s in found.stages)
+    if found.prefill_stages:
+        text += " (prefill on " + ", ".join(f"{s.member_id}[{s.layer_start},{s.layer_end})"
+                                           for s in found.prefill_stages) + ")"
+    return text

@@ -1,0 +1,274 @@
+"""The node's parts without a node: the liveness core on a fake clock, the records it writes,
+readiness, placement reactions and the pure planner."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from mesh.kernel import records
+from mesh.kernel.records import ClusterView, MemberInfo, MemberStatus
+from mesh.node.liveness import CLOCK_TELL_EVERY_S, FREEZE_GAP_S, Liveness, Monitor, clock_fault
+from mesh.node.placing import Placement
+from mesh.node.records import RETAINED_REQUESTS, SelfRecords
+from mesh.node.report import readiness
+from mesh.placement import planner
+from mesh.placement.pipeline import ModelSize, Plan, Stage
+from mesh.wire import Message
+
+GIB = 2**30
+
+
+class FakeState:
+    """The replicated state as a dict: emit applies at once (key -> value, None deletes)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.events: list[tuple[str, str, Any]] = []
+
+    def emit(self, type: str, key: str, value: Any) -> None:
+        self.events.append((type, key, value))
+        if value is None:
+            self.values.pop(key, None)
+        else:
+            self.values[key] = value
+
+    def get(self, key: str) -> Any:
+        return self.values.get(key)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return sorted(k for k in self.values if k.startswith(prefix))
+
+
+def member(member_id: str, memory: int = 8 * GIB, role: str = "any") -> MemberInfo:
+    return MemberInfo(member_id=member_id, address=f"10.0.0.{len(member_id)}:7600", api_address="127.0.0.1:8000",
+                      backend="torch", memory_bytes=memory, incarnation="i-" + member_id, role=role)
+
+
+def view_of(*members: MemberInfo, statuses: dict[str, MemberStatus] | None = None) -> ClusterView:
+    """A read-only view over a fake state holding ``members`` (their join records) and statuses."""
+    fake = FakeState()
+    for m in members:
+        for record in records.join(m):
+            fake.emit(*record)
+    for member_id, status in (statuses or {}).items():
+        fake.emit(*records.status(member_id, status))
+    return ClusterView(fake)  # type: ignore[arg-type]
+
+
+# -- liveness core -------------------------------------------------------------------------
+@pytest.mark.spec("N9")
+def test_a_member_unreachable_for_twice_dead_after_is_reported() -> None:
+    core = Liveness("me", dead_after_s=3.0)
+    core.known("b", now=0.0)
+    assert core.unreachable(5.0, ["me", "a", "b"], linked=["a"]) == []
+    assert core.unreachable(6.5, ["me", "a", "b"], linked=["a"]) == ["b"]
+    core.seen("b", now=6.5)
+    assert core.unreachable(7.0, ["me", "a", "b"], linked=[]) == []
+    assert core.unreachable(13.1, ["me", "a", "b"], linked=[]) == ["a", "b"]  # a last reached at 7.0
+
+
+@pytest.mark.spec("FO6")
+def test_after_a_freeze_silence_is_this_nodes_own_fault() -> None:
+    core = Liveness("me", dead_after_s=3.0)
+    assert core.tick(100.0) is None
+    assert core.tick(100.1) is None and not core.just_resumed(100.1)
+    gap = core.tick(100.1 + FREEZE_GAP_S + 1.0)
+    assert gap == pytest.approx(FREEZE_GAP_S + 1.0)
+    assert core.just_resumed(102.7) and core.just_resumed(105.5)
+    assert not core.just_resumed(102.6 + 3.0 + 0.01)
+
+
+@pytest.mark.spec("FO7")
+def test_a_refused_clock_is_told_at_most_every_ten_seconds() -> None:
+    core = Liveness("me", dead_after_s=3.0)
+    assert core.tell_clock("b", 50.0)
+    assert not core.tell_clock("b", 50.0 + CLOCK_TELL_EVERY_S - 0.1)
+    assert core.tell_clock("c", 51.0)
+    assert core.tell_clock("b", 50.0 + CLOCK_TELL_EVERY_S)
+    assert clock_fault("b", 7_200_000) is not None and "2.0 h ahead of member b" in str(clock_fault("b", 7_200_000))
+    assert clock_fault("b", -5) is None and clock_fault("b", "soon") is None and clock_fault("b", True) is None
+
+
+# -- records -------------------------------------------------------------------------------
+@pytest.mark.spec("N1")
+def test_join_writes_resources_before_the_membership_record() -> None:
+    me = member("a", role="prefill")
+    assert [t for t, _, _ in records.join(me)] == ["resources.set", "member.join"]
+    resources = records.join(me)[0][2]
+    assert resources == {"backend": "torch", "memory_bytes": 8 * GIB, "role": "prefill"}
+    assert set(records.EVENT_TYPES) >= {"member.join", "member.leave", "status.set", "request.running",
+                                        "request.retired", "kv.placed", "kv.freed", "link.down", "profile.set"}
+    with pytest.raises(ValueError, match="valid"):
+        records.request("r1", "exploded")
+
+
+@pytest.mark.spec("N2")
+def test_a_removed_node_writes_itself_back() -> None:
+    fake = FakeState()
+    mine = SelfRecords(fake.emit, lambda: fake, lambda: member("a"))
+    assert not mine.rejoin_if_removed()  # not joined yet: nothing to restore
+    mine.join()
+    assert mine.joined.is_set() and not mine.rejoin_if_removed()
+    fake.emit("member.leave", records.member_key("a"), None)
+    assert mine.rejoin_if_removed() and fake.get(records.member_key("a"))["incarnation"] == "i-a"
+
+
+def test_status_is_written_only_when_it_changes() -> None:
+    fake = FakeState()
+    mine = SelfRecords(fake.emit, lambda: fake, lambda: member("a"))
+    status = MemberStatus(plan_id="p", layer_start=0, layer_end=4, state="ready")
+    mine.set_status(status)
+    mine.set_status(status)
+    assert [t for t, _, _ in fake.events] == ["status.set"]
+    fake.values.clear()  # e.g. a restored state without it: written again
+    mine.set_status(status)
+    assert len(fake.events) == 2
+
+
+@pytest.mark.spec("K5")
+def test_finished_requests_are_retired_and_their_kv_freed() -> None:
+    fake = FakeState()
+    mine = SelfRecords(fake.emit, lambda: fake, lambda: member("a"))
+    mine.request_event("r0", "running", ["a", "b"])
+    assert fake.get("kv/r0") == ["a", "b"]
+    mine.request_event("r0", "finished")
+    assert fake.get("kv/r0") is None and fake.get("request/r0") == "finished"
+    for i in range(1, RETAINED_REQUESTS + 1):
+        mine.request_event(f"r{i}", "failed")
+    assert fake.get("request/r0") is None and fake.get("request/r1") == "failed"
+
+
+@pytest.mark.spec("N9")
+def test_leaving_removes_the_member_and_its_links_figures() -> None:
+    fake = FakeState()
+    mine = SelfRecords(fake.emit, lambda: fake, lambda: member("a"))
+    for record in records.join(member("b")):
+        fake.emit(*record)
+    fake.emit(*records.link_measured("a", "b", {"transport": "tcp"}))
+    fake.emit(*records.link_measured("b", "c", {"transport": "tcp"}))
+    fake.emit(*records.link_measured("a", "c", {"transport": "tcp"}))
+    assert mine.leave("b")
+    assert fake.keys("link/") == ["link/a/c"] and fake.get("member/b") is None
+    assert not mine.leave("b")
+
+
+def test_only_the_lowest_member_records_the_plan_once() -> None:
+    fake = FakeState()
+    mine = SelfRecords(fake.emit, lambda: fake, lambda: member("a"))
+    mine.placement("p1", [["a", 0, 4]], [], first_member="b")
+    assert fake.events == []
+    mine.placement("p1", [["a", 0, 4]], [], first_member="a")
+    mine.placement("p1", [["a", 0, 4]], [], first_member="a")
+    assert fake.events == [("placement.set", "placement", {"plan_id": "p1", "stages": [["a", 0, 4]]})]
+
+
+# -- readiness -----------------------------------------------------------------------------
+@pytest.mark.spec("N4")
+def test_ready_only_when_every_stage_is_loaded_linked_and_held() -> None:
+    plan = Plan(num_layers=8, stages=(Stage(member_id="a", layer_start=0, layer_end=4),
+                                      Stage(member_id="b", layer_start=4, layer_end=8)))
+    loaded = {m: MemberStatus(plan_id=plan.plan_id, layer_start=s, layer_end=e, state="ready")
+              for m, s, e in (("a", 0, 4), ("b", 4, 8))}
+    view = view_of(member("a"), member("b"), statuses=loaded)
+    args: dict[str, Any] = {"plan": plan, "plan_error": "", "clock_fault": None, "view": view, "member_id": "a"}
+    assert readiness(**args, linked={"b"}, held=(0, 4)) == (True, "ok")
+    assert readiness(**args, linked=set(), held=(0, 4)) == (False, "no link to member b yet")
+    assert "this node has not loaded" in readiness(**args, linked={"b"}, held=None)[1]
+    assert readiness(**{**args, "clock_fault": "clock!"}, linked={"b"}, held=(0, 4)) == (False, "clock!")
+    assert readiness(**{**args, "plan": None, "plan_error": "no placement yet"}, linked={"b"},
+                     held=(0, 4)) == (False, "no placement yet")
+    switching = view_of(member("a"), member("b"), statuses={**loaded, "b": MemberStatus(state="loading")})
+    assert "switching to plan" in readiness(**{**args, "view": switching}, linked={"b"}, held=(0, 4))[1]
+
+
+# -- placement -----------------------------------------------------------------------------
+SIZE = ModelSize(num_layers=8, layer_bytes=100 * 2**20, edge_bytes=50 * 2**20, kv_bytes_per_token_per_layer=1024)
+
+
+@pytest.mark.spec("N3")
+def test_the_planner_is_a_pure_function_of_the_view() -> None:
+    inputs = planner.PlanInputs(size=SIZE, context_tokens=2048, placement="memory")
+    view = view_of(member("b", 2 * GIB), member("a", 2 * GIB))
+    first, again = planner.plan(view, inputs), planner.plan(view_of(member("a", 2 * GIB), member("b", 2 * GIB)), inputs)
+    assert first == again and [s.member_id for s in first.stages] == ["a", "b"]
+    roles = planner.plan(view_of(member("a", role="prefill"), member("b", role="decode")), inputs)
+    assert [s.member_id for s in roles.prefill_stages] == ["a"] and [s.member_id for s in roles.stages] == ["b"]
+    assert planner.compute_dtype(None, None) == "f32" and planner.compute_dtype(None, "cuda") == "f16"
+    assert planner.compute_dtype("bf16", "cpu") == "bf16"
+
+
+def test_placement_tells_the_loader_once_per_new_plan_and_reports_failures() -> None:
+    wanted: list[Plan | None] = []
+    recorded: list[str] = []
+    changes: list[int] = []
+    members = [member("a", 2 * GIB)]
+    inputs = planner.PlanInputs(size=SIZE, context_tokens=2048, placement="memory")
+    placing = Placement(view=lambda: view_of(*members), inputs=lambda: inputs, want=wanted.append,
+                        changed=lambda: changes.append(1), record=lambda plan_id, *_: recorded.append(plan_id))
+    placing.replan()
+    placing.replan()
+    assert placing.plan is not None and wanted == [placing.plan] and len(changes) == 1
+    assert recorded == [placing.plan.plan_id] * 2  # the records writer decides whether to write
+    members[:] = [member("a", 1024)]
+    placing.replan()
+    assert placing.plan is None and placing.error.startswith("placement failed") and wanted[-1] is None
+    quiet = Placement(view=lambda: view_of(*members), inputs=lambda: None, want=wanted.append,
+                      changed=lambda: None, record=lambda *_: None)
+    quiet.replan()  # the model's size is not known yet: nothing to do
+    assert quiet.plan is None and quiet.error == "no placement yet"
+
+
+class FakeLinks:
+    def __init__(self) -> None:
+        self.up: list[str] = []
+
+    def linked(self) -> list[str]:
+        return list(self.up)
+
+    async def ping_all(self, timeout_s: float) -> None:
+        return None
+
+    async def probe_all(self, interval_s: float, timeout_s: float) -> None:
+        return None
+
+
+def monitor(now: list[float], state: set[str], stopping: bool = False) -> tuple[Monitor, dict[str, list[str]]]:
+    calls: dict[str, list[str]] = {"lost": [], "removed": [], "changed": []}
+
+    async def send(member_id: str, msg: Message) -> None:
+        calls.setdefault("sent", []).append(member_id)
+
+    mon = Monitor(Liveness("me", dead_after_s=3.0), FakeLinks(), heartbeat_s=0.5, probe_interval_s=30.0,
+                  send_timeout_s=1.0, members=lambda: sorted(state), on_round=lambda: None,
+                  lost=calls["lost"].append, present=lambda m: m in state,
+                  remove=lambda m: (calls["removed"].append(m), state.discard(m)),
+                  changed=lambda: calls["changed"].append("x"), stopping=lambda: stopping, send=send,
+                  clock=lambda: now[0])
+    return mon, calls
+
+
+@pytest.mark.spec("FO6")
+def test_declaring_dead_fails_requests_at_once_and_removes_the_member_unless_just_frozen() -> None:
+    now = [100.0]
+    mon, calls = monitor(now, {"me", "b", "c"})
+    mon.link_down("b")
+    assert calls["lost"] == ["b"] and calls["removed"] == ["b"] and calls["changed"]
+    mon.core.tick(100.0)
+    now[0] = 103.0
+    mon.core.tick(103.0)  # a 3 s gap: this process was frozen
+    mon.link_down("c")
+    assert calls["lost"] == ["b", "c"] and calls["removed"] == ["b"]  # c stays: the silence was ours
+    stopping, stop_calls = monitor([0.0], {"me", "b"}, stopping=True)
+    stopping.declare_dead("b", "test")
+    assert stop_calls["lost"] == ["b"] and stop_calls["removed"] == []
+
+
+@pytest.mark.spec("FO7")
+def test_a_clock_refusal_sets_the_nodes_fault() -> None:
+    mon, calls = monitor([0.0], {"me"})
+    mon.clock_refused("b", Message(type="clock.refused", body={"ahead_ms": "x"}))
+    assert mon.clock_fault is None
+    mon.clock_refused("b", Message(type="clock.refused", body={"ahead_ms": 3_600_000}))
+    assert mon.clock_fault is not None and "1.0 h ahead" in mon.clock_fault and calls["changed"]
