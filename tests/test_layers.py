@@ -208,3 +208,17 @@ def test_the_node_is_a_composition_root() -> None:
             if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
                 hints = [ast.unparse(a.annotation) for a in fn.args.args + fn.args.kwonlyargs if a.annotation]
                 assert "Node" not in hints, f"{path.name}:{fn.name} takes the node itself"
+
+
+SANS_IO_CORES = ("mesh/runtime/request_core.py", "mesh/runtime/stage_core.py")
+IO_MODULES = {"asyncio", "socket", "threading", "time", "random", "selectors", "concurrent"}
+
+
+@pytest.mark.spec("AR5")
+def test_the_request_plane_cores_are_sans_io() -> None:
+    for name in SANS_IO_CORES:
+        tree = ast.parse((ROOT / name).read_text(encoding="utf-8"))
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not imported & IO_MODULES, f"{name} imports {sorted(imported & IO_MODULES)}"

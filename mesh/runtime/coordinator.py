@@ -28,6 +28,7 @@ from mesh.models import Model
 from mesh.placement.perf import Measured
 from mesh.runtime.engine import SamplingParams
 from mesh.runtime.kvreplica import ReplicaStore
+from mesh.runtime.messages import Forward, KvLoad, KvLoaded, KvReplica, Release, Released, StepError, Token
 from mesh.runtime.metrics import NodeMetrics
 from mesh.runtime.reqstats import RequestLog, RequestStats
 from mesh.runtime.request_core import (
@@ -47,7 +48,6 @@ from mesh.wire import Message
 
 log = logging.getLogger(__name__)
 
-COORDINATOR_MESSAGES = frozenset({"token", "error", "released", "kv.replica", "kv.loaded"})
 RELEASE_TRIES = 8  # sends of a ``release`` that is not acknowledged (a lossy link loses some)
 RELEASE_ACK_S = 0.5  # how long each waits for its ``released``
 IDLE_WAIT_S = 60.0  # the longest a request's shell waits with no deadline of the core's
@@ -59,7 +59,7 @@ class _Live:
     def __init__(self, core: RequestCore, stats: RequestStats) -> None:
         self.core = core
         self.stats = stats
-        self.inbox: asyncio.Queue[Message | None] = asyncio.Queue()  # None only wakes the shell
+        self.inbox: asyncio.Queue[Token | StepError | KvLoaded | None] = asyncio.Queue()  # None only wakes
 
 
 class Coordinator:
@@ -113,25 +113,20 @@ class Coordinator:
         """Requests waiting for a new plan now."""
         return sum(1 for live in self._live.values() if live.core.waiting_for_plan())
 
-    def deliver(self, msg: Message, sender: str = "") -> None:
+    def deliver(self, msg: Token | StepError | KvLoaded | KvReplica | Released, sender: str = "") -> None:
         """Route a ``token``, ``error`` or ``kv.loaded`` reply to its request, a ``kv.replica``
         block to its request's replica, or a ``released`` to the release waiting for it
         (unknown ids dropped)."""
-        req = str(msg.body.get("req", ""))
-        if msg.type == "kv.replica":
-            layers, start = msg.body.get("layers"), msg.body.get("start")
-            if msg.tensor is not None and isinstance(layers, list) and isinstance(start, int) \
-                    and all(isinstance(g, int) for g in layers):
-                self.replicas.add(req, layers, start, msg.tensor)
-            return
-        if msg.type == "released":
-            acked = self._release_acks.get((req, sender))
+        if isinstance(msg, KvReplica):
+            self.replicas.add(msg.req, msg.layers, msg.start, msg.block)
+        elif isinstance(msg, Released):
+            acked = self._release_acks.get((msg.req, sender))
             if acked is not None:
                 acked.set()
-            return
-        live = self._live.get(req.rpartition(".")[0])  # an attempt's id is "<request>.<attempt>"
-        if live is not None:
-            live.inbox.put_nowait(msg)
+        else:
+            live = self._live.get(msg.req.rpartition(".")[0])  # an attempt's id is "<request>.<attempt>"
+            if live is not None:
+                live.inbox.put_nowait(msg)
 
     def shutdown(self, reason: str) -> None:
         """Fail every request in flight with ``reason`` (their streams end with an error event)."""
@@ -232,24 +227,20 @@ class Coordinator:
         if isinstance(action, SendForward):
             if not core.wants(action):
                 return
-            body: dict[str, Any] = {"req": action.req, "coord": self.member_id, "plan": action.plan_id,
-                                    "route": action.route, "idx": 0, "step": action.step, "pos": action.pos,
-                                    "tokens": action.tokens,
-                                    "sp": {"t": core.params.temperature, "p": core.params.top_p, "seed": core.seed}}
-            if action.kv_to is not None:
-                body["kv_to"] = action.kv_to
-            if action.replica:
-                body["replica"] = True
+            fwd = Forward(req=action.req, coord=self.member_id, plan_id=action.plan_id, route=action.route, idx=0,
+                          step=action.step, pos=action.pos, tokens=action.tokens, temperature=core.params.temperature,
+                          top_p=core.params.top_p, seed=core.seed, kv_to=action.kv_to, replica=action.replica)
             try:
-                await self.send(action.member, Message(type="forward", body=body))
+                await self.send(action.member, fwd.to_message())
             except MeshError as exc:
                 core.send_failed(action, exc, False, self.clock())
         elif isinstance(action, SendKvLoad):
             if not core.wants(action):
                 return
-            body = {"req": action.req, "coord": self.member_id, "layers": action.layers, "end": action.end}
+            load = KvLoad(req=action.req, coord=self.member_id, layers=action.layers, end=action.end,
+                          block=action.block)
             try:
-                await asyncio.wait_for(self.send(action.member, Message(type="kv.load", body=body, tensor=action.block)),
+                await asyncio.wait_for(self.send(action.member, load.to_message()),
                                        max(0.001, action.deadline - self.clock()))
             except TimeoutError:
                 core.send_failed(action, None, True, self.clock())
@@ -309,19 +300,13 @@ class Coordinator:
         except TimeoutError:
             core.timer(self.clock(), self.plans.state())
             return
-        if msg is None:
-            return
-        now, body = self.clock(), msg.body
-        req = str(body.get("req", ""))
-        if msg.type == "token":
-            token = body.get("token")
-            if isinstance(token, int) and not isinstance(token, bool):
-                core.token(req, body.get("step"), token, body.get("t"), now)  # type: ignore[arg-type]
-        elif msg.type == "error":
-            core.error(req, str(body.get("message")), body.get("fatal") is True, now)
-        elif msg.type == "kv.loaded":
-            core.kv_loaded(req, str(body.get("member", "")), body.get("end"), body.get("ok") is True,
-                           str(body.get("message")), now)
+        now = self.clock()
+        if isinstance(msg, Token):
+            core.token(msg.req, msg.step, msg.token, msg.timing, now)
+        elif isinstance(msg, StepError):
+            core.error(msg.req, msg.message, msg.fatal, now)
+        elif isinstance(msg, KvLoaded):
+            core.kv_loaded(msg.req, msg.member, msg.end, msg.ok, msg.message, now)
 
     async def _release(self, req: str, members: frozenset[str]) -> None:
         """Free ``req``'s KV caches on ``members`` (spec FO5): each stage acknowledges with
@@ -332,8 +317,7 @@ class Coordinator:
             try:
                 for _ in range(RELEASE_TRIES):
                     try:
-                        await asyncio.wait_for(self.send(member, Message(type="release", body={"req": req})),
-                                               self.timeouts.send_s)
+                        await asyncio.wait_for(self.send(member, Release(req=req).to_message()), self.timeouts.send_s)
                         await asyncio.wait_for(acked.wait(), RELEASE_ACK_S)
                         return
                     except TimeoutError:

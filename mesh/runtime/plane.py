@@ -16,17 +16,17 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
-from mesh.errors import MeshError
+from mesh.errors import FrameError, MeshError
 from mesh.models import Model
-from mesh.runtime.coordinator import COORDINATOR_MESSAGES, Coordinator
+from mesh.runtime import messages
+from mesh.runtime.coordinator import Coordinator
+from mesh.runtime.messages import Forward, KvLoad, KvLoaded, KvPush, KvReplica, Release, Released, StepError, Token
 from mesh.runtime.metrics import NodeMetrics
 from mesh.runtime.request_core import PlanState, Timeouts
 from mesh.runtime.stage import StageWorker
 from mesh.wire import Message
 
 log = logging.getLogger(__name__)
-
-MAX_REQ_ID = 64  # characters of a request id (an attempt's wire id)
 
 
 class PlanBoard:
@@ -79,7 +79,7 @@ class PlaneStatistics:
 class RequestPlane:
     """See the module docstring. ``run()`` must be running while messages are received."""
 
-    MESSAGE_TYPES = frozenset({"forward", "kv.load", "kv.push", "release", *COORDINATOR_MESSAGES})
+    MESSAGE_TYPES = frozenset(messages.DECODERS)
 
     def __init__(self, member_id: str, *, model: Model, timeouts: Timeouts, executor: Executor,
                  send_remote: Callable[[str, Message], Awaitable[None]], plans: PlanBoard,
@@ -115,22 +115,25 @@ class RequestPlane:
             await self.send_remote(member_id, msg)
 
     async def receive(self, sender: str, msg: Message) -> None:
-        """Handle one request-plane message; a malformed one is logged and dropped."""
-        req = msg.body.get("req")
-        if not isinstance(req, str) or not 0 < len(req) <= MAX_REQ_ID:
-            log.warning("dropping a %s message from %s without a valid request id", msg.type, sender)
+        """Handle one request-plane message: decoded and checked once here (spec N15); a
+        malformed one is logged and dropped."""
+        try:
+            record = messages.decode(msg)
+        except FrameError as exc:
+            log.warning("dropping a malformed %s message from %s: %s", msg.type, sender, exc)
             return
-        if msg.type in COORDINATOR_MESSAGES:
-            self.coordinator.deliver(msg, sender)
-        elif msg.type == "release":
-            self.worker.release(req)
-            self._spawn(self._ack_release(sender, req), "released")
-        elif msg.type == "forward":
-            self._spawn(self.worker.on_forward(msg), f"forward {req}")
-        elif msg.type == "kv.load":
-            self._spawn(self.worker.on_kv_load(sender, msg), f"kv.load {req}")
-        elif msg.type == "kv.push":
-            self._spawn(self.worker.on_kv_push(sender, msg), f"kv.push {req}")
+        match record:
+            case Token() | StepError() | KvLoaded() | KvReplica() | Released():
+                self.coordinator.deliver(record, sender)
+            case Release(req=req):
+                self.worker.release(req)
+                self._spawn(self._ack_release(sender, req), "released")
+            case Forward():
+                self._spawn(self.worker.on_forward(record), f"forward {record.req}")
+            case KvLoad():
+                self._spawn(self.worker.on_kv_load(sender, record), f"kv.load {record.req}")
+            case KvPush():
+                self._spawn(self.worker.on_kv_push(sender, record), f"kv.push {record.req}")
 
     def _spawn(self, handler: Awaitable[None], name: str) -> None:
         if self._tasks is None:  # not running (starting or stopping): the sender's timeout covers it
@@ -141,7 +144,7 @@ class RequestPlane:
 
     async def _ack_release(self, member_id: str, req: str) -> None:
         try:
-            await self.send(member_id, Message(type="released", body={"req": req}))
+            await self.send(member_id, Released(req=req).to_message())
         except MeshError as exc:  # the coordinator sends the release again, or is gone
             log.debug("cannot acknowledge the release of req=%s to %s: %s", req, member_id, exc)
 
