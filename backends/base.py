@@ -3,10 +3,18 @@
 A backend knows a model's math (through a well-kept library) and nothing of nodes, links or
 plans. Every method here is blocking; the runtime calls them from a worker thread so the
 event loop keeps serving heartbeats and HTTP. Spec: specs/backend.md.
+
+The public step methods are template methods: ``forward``, ``export_kv`` and ``import_kv``
+check their input here (spec B6, B10) and then call the subclass's ``_forward``,
+``_export_kv`` and ``_import_kv``, so every backend, a third-party plugin's included, refuses
+bad input with the same ``BackendError`` messages. The checks use the stage's dimensions
+(``vocab_size``, ``hidden_size``, ``context_length``, ``kv_heads``, ``head_dim``); a
+dimension left ``None`` is not checked.
 """
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,10 +24,16 @@ import numpy as np
 
 from mesh.errors import BackendError
 from mesh.models import Model
-from mesh.wire import WireTensor
+from mesh.wire import DTYPES, WireTensor
 
 # progress(done, total): called while loading, from the loading thread.
 Progress = Callable[[int, int], None]
+
+HIDDEN_DTYPES = ("f32", "f16", "bf16")
+# the smallest magnitude a float32 rounds to infinity from, when cast to this compute dtype
+# (round to nearest even: the halfway point above the largest finite value)
+_OVERFLOW: dict[str, float] = {
+    "f16": 65520.0, "bf16": float(np.array([0x7F7F8000], dtype="<u4").view("<f4")[0])}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,6 +54,11 @@ class Backend(ABC):
 
     The first stage (``layer_start == 0``) also holds the token embeddings; the last
     (``layer_end == num_layers``) the final norm and LM head.
+
+    A subclass implements ``load``, ``new_cache`` and ``_forward``, and optionally
+    ``_export_kv`` / ``_import_kv`` (KV cache moves), ``_cached_positions`` (so the export
+    range is checked against what a cache holds) and ``_drop_layers`` (what ``unload``
+    frees). ``load`` sets the dimensions the checks use (``set_dimensions``).
     """
 
     name: str = ""
@@ -51,6 +70,16 @@ class Backend(ABC):
         self.layer_start = 0
         self.layer_end = 0
         self.num_layers = 0
+        # the stage's dimensions, checked by forward/import_kv; None: not known, not checked
+        self.vocab_size: int | None = None
+        self.hidden_size: int | None = None
+        self.context_length: int | None = None  # positions must stay below it
+        self.kv_heads: int | None = None
+        self.head_dim: int | None = None
+        self.compute_dtype: str | None = None  # f32, f16 or bf16: hidden states must fit it
+        # one step at a time, and no step while (un)loading: libraries' modules and caches
+        # are not re-entrant; a subclass takes it in its _forward / _export_kv / _import_kv
+        self._lock = threading.Lock()
 
     @property
     def loaded(self) -> bool:
@@ -63,6 +92,19 @@ class Backend(ABC):
     @property
     def is_last(self) -> bool:
         return self.loaded and self.layer_end == self.num_layers
+
+    def set_dimensions(self, config: Any) -> None:
+        """Take the checked dimensions from a transformers-style model config: ``vocab_size``,
+        ``hidden_size``, ``max_position_embeddings`` (no limit when absent),
+        ``num_key_value_heads`` (else ``num_attention_heads``) and ``head_dim`` (else
+        hidden_size / num_attention_heads)."""
+        heads = int(config.num_attention_heads)
+        self.vocab_size = int(config.vocab_size)
+        self.hidden_size = int(config.hidden_size)
+        limit = getattr(config, "max_position_embeddings", None)
+        self.context_length = int(limit) if limit is not None else None
+        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or self.hidden_size // heads)
 
     @abstractmethod
     def load(self, model: Model, layer_start: int, layer_end: int, progress: Progress | None = None) -> None:
@@ -84,22 +126,63 @@ class Backend(ABC):
     def new_cache(self) -> Any:
         """A fresh, empty per-request KV cache for this stage's layers."""
 
+    # -- KV cache moves (spec B10) ---------------------------------------------------------
     def export_kv(self, cache: Any, *, start_pos: int, end_pos: int) -> list[tuple[int, WireTensor, WireTensor]]:
         """The keys and values ``cache`` holds for positions [start_pos, end_pos), per layer of
         this stage: ``(global layer index, keys, values)``, each ``[1, kv_heads, n, head_dim]``
         in the compute dtype. For moving a request's KV cache between nodes (a replica, or
-        prefill/decode disaggregation). Raises BackendError for positions the cache does not
-        hold, or when the backend cannot export (the default)."""
-        raise BackendError(f"the {self.name or type(self).__name__} backend cannot export KV caches")
+        prefill/decode disaggregation). Raises BackendError when nothing is loaded, for
+        positions the cache does not hold, or when the backend cannot export (no
+        ``_export_kv``)."""
+        if type(self)._export_kv is Backend._export_kv:
+            raise BackendError(f"the {self.name or type(self).__name__} backend cannot export KV caches")
+        if not self.loaded:
+            raise BackendError("no layers loaded")
+        held = self._cached_positions(cache)
+        if not 0 <= start_pos < end_pos or (held is not None and end_pos > held):
+            holds = f" (it holds [0, {held}))" if held is not None else ""
+            raise BackendError(f"positions [{start_pos}, {end_pos}) are not in the cache{holds}")
+        return self._export_kv(cache, start_pos=start_pos, end_pos=end_pos)
 
     def import_kv(self, cache: Any, layers: list[tuple[int, WireTensor, WireTensor]]) -> None:
         """Append ``export_kv`` output to ``cache``: every layer of this stage must be given,
-        each continuing at the position the cache has reached. Raises BackendError for a
-        missing or foreign layer, a shape or dtype that does not fit, or (the default) a
-        backend that cannot import."""
-        raise BackendError(f"the {self.name or type(self).__name__} backend cannot import KV caches")
+        in order, each continuing at the position the cache has reached. Everything is
+        checked before anything is appended. Raises BackendError when nothing is loaded, for a
+        missing or foreign layer, keys and values that do not fit ``[1, kv_heads, n,
+        head_dim]`` (both the same shape), or a backend that cannot import (no
+        ``_import_kv``)."""
+        if type(self)._import_kv is Backend._import_kv:
+            raise BackendError(f"the {self.name or type(self).__name__} backend cannot import KV caches")
+        if not self.loaded:
+            raise BackendError("no layers loaded")
+        given, want = [g for g, _, _ in layers], list(range(self.layer_start, self.layer_end))
+        if given != want:
+            raise BackendError(f"KV for layers {given} given; this stage needs {want}")
+        heads = self.kv_heads if self.kv_heads is not None else "kv_heads"
+        head_dim = self.head_dim if self.head_dim is not None else "head_dim"
+        for g, keys, values in layers:
+            k = keys.shape
+            if (k != values.shape or len(k) != 4 or k[0] != 1 or (self.kv_heads is not None and k[1] != heads)
+                    or (self.head_dim is not None and k[3] != head_dim)):
+                raise BackendError(f"layer {g}: keys {list(k)} / values {list(values.shape)} do not "
+                                   f"fit [1, {heads}, n, {head_dim}]")
+        self._import_kv(cache, layers)
 
-    @abstractmethod
+    def _cached_positions(self, cache: Any) -> int | None:
+        """How many positions ``cache`` holds (export ranges must end there), or None when the
+        backend does not say (its ``_export_kv`` then checks). May raise BackendError for a
+        cache that is not this stage's."""
+        return None
+
+    def _export_kv(self, cache: Any, *, start_pos: int, end_pos: int) -> list[tuple[int, WireTensor, WireTensor]]:
+        """``export_kv`` after its checks: 0 <= start_pos < end_pos, inside the cache."""
+        raise NotImplementedError  # never called: export_kv refuses first
+
+    def _import_kv(self, cache: Any, layers: list[tuple[int, WireTensor, WireTensor]]) -> None:
+        """``import_kv`` after its checks: every layer of this stage in order, shapes fit."""
+        raise NotImplementedError  # never called: import_kv refuses first
+
+    # -- compute ---------------------------------------------------------------------------
     def forward(
         self,
         cache: Any,
@@ -110,15 +193,111 @@ class Backend(ABC):
     ) -> StepOutput:
         """Run this stage on ``n`` new positions ``start_pos .. start_pos+n-1``.
 
-        The first stage takes ``token_ids`` (length n); later stages take ``hidden``
-        (f32/f16/bf16 ``[1, n, hidden_size]``). Prefill is a call with the whole prompt,
-        decode a call with one token. Appends the new keys/values to ``cache``.
+        The first stage takes ``token_ids`` (length n >= 1, integers in [0, vocab_size));
+        later stages take ``hidden`` (f32/f16/bf16 ``[1, n, hidden_size]``, finite). Prefill
+        is a call with the whole prompt, decode a call with one token. Appends the new
+        keys/values to ``cache`` and returns ``hidden`` (not last stage) or float32
+        ``logits`` ``[vocab_size]`` (last stage).
 
-        Raises BackendError on a wrong input kind, shape, or a position past the context.
+        Raises BackendError when nothing is loaded, on a wrong input kind, value or shape,
+        or a position outside the context window (``_forward`` may refuse more, e.g. a
+        ``start_pos`` that does not continue the cache).
         """
+        if not self.loaded:
+            raise BackendError("no layers loaded")
+        if self.layer_start == 0:
+            if token_ids is None or hidden is not None or not token_ids:
+                raise BackendError("the first stage takes token ids, not hidden states")
+            n = len(token_ids)
+            vocab = self.vocab_size
+            # type() is int: a bool or a float holding an integer is not a token id
+            if not all(type(t) is int and t >= 0 and (vocab is None or t < vocab) for t in token_ids):
+                raise BackendError(f"token ids must be integers in [0, {vocab if vocab is not None else 'vocab'})")
+        else:
+            if hidden is None or token_ids is not None:
+                raise BackendError("a later stage takes hidden states, not token ids")
+            width = self.hidden_size
+            if len(hidden.shape) != 3 or hidden.shape[0] != 1 or (width is not None and hidden.shape[2] != width):
+                raise BackendError(f"hidden states must be [1, n, {width if width is not None else 'hidden'}], "
+                                   f"got {list(hidden.shape)}")
+            check_hidden_values(hidden, self.compute_dtype)
+            n = hidden.shape[1]
+        limit = self.context_length
+        if start_pos < 0 or (limit is not None and start_pos + n > limit):
+            raise BackendError(f"positions {start_pos}..{start_pos + n - 1} are outside the context window")
+        return self._forward(cache, start_pos=start_pos, token_ids=token_ids, hidden=hidden)
+
+    @abstractmethod
+    def _forward(
+        self,
+        cache: Any,
+        *,
+        start_pos: int,
+        token_ids: list[int] | None = None,
+        hidden: WireTensor | None = None,
+    ) -> StepOutput:
+        """``forward`` after its checks: exactly one of ``token_ids`` (first stage) and
+        ``hidden`` (later stages, finite f32/f16/bf16 ``[1, n, hidden_size]``) is given, and
+        the positions lie inside the context window."""
+
+    def _warm_up(self) -> None:
+        """One step of two positions on a throwaway cache (zeros in ``compute_dtype``, else
+        f32, on a later stage).
+
+        The first forward pays one-off costs (kernel selection or compilation, allocator
+        growth): a backend calls this at the end of ``load`` to pay them there rather than in
+        the first request's time to first token."""
+        cache = self.new_cache()
+        if self.layer_start == 0:
+            self.forward(cache, start_pos=0, token_ids=[0, 0])
+        else:
+            width, dtype = self.hidden_size or 0, self.compute_dtype or "f32"
+            zeros = WireTensor(dtype=dtype, shape=(1, 2, width), data=bytes(2 * width * DTYPES[dtype][1]))
+            self.forward(cache, start_pos=0, hidden=zeros)
 
     def unload(self) -> None:
-        self.layer_start = self.layer_end = 0
+        """Drop the layers (``_drop_layers``, under the lock); a step afterwards raises
+        BackendError("no layers loaded")."""
+        with self._lock:
+            self._drop_layers()
+            self.layer_start = self.layer_end = 0
+
+    def _drop_layers(self) -> None:
+        """Free what ``load`` built; called by ``unload`` with the lock held."""
+
+
+def check_hidden_values(hidden: WireTensor, compute_dtype: str | None = None) -> None:
+    """Raise BackendError unless ``hidden`` is f32, f16 or bf16 and holds only finite values,
+    also once cast to ``compute_dtype`` (f32, f16 or bf16; None: not cast)."""
+    if hidden.dtype not in HIDDEN_DTYPES:
+        raise BackendError(f"hidden states must be f32, f16 or bf16, got {hidden.dtype}")
+    values = as_float32(hidden)
+    if not np.isfinite(values).all():
+        raise BackendError("hidden states hold NaN or infinite values")
+    limit = _OVERFLOW.get(compute_dtype or "")
+    if limit is not None and values.size and float(np.abs(values).max()) >= limit:
+        # a stage computing in a narrower dtype would turn them into infinities
+        raise BackendError(f"hidden states hold NaN or infinite values once cast to {compute_dtype} "
+                           f"(magnitudes must stay below {limit:g})")
+
+
+def as_float32(tensor: WireTensor) -> np.ndarray:
+    """The values of an f32, f16 or bf16 WireTensor as a float32 array of its shape (a copy
+    for f16 and bf16)."""
+    if tensor.dtype == "bf16":  # bf16 is the upper half of a float32
+        bits = np.frombuffer(tensor.data, dtype="<u2").astype("<u4") << 16
+        return bits.view("<f4").reshape(tensor.shape)
+    if tensor.dtype not in ("f32", "f16"):
+        raise BackendError(f"expected f32, f16 or bf16 values, got {tensor.dtype}")
+    return np.frombuffer(tensor.data, dtype="<f4" if tensor.dtype == "f32" else "<f2").astype(np.float32).reshape(
+        tensor.shape)
+
+
+def source_has(source: Any, name: str) -> bool:
+    """Whether a model's tensor source (``Model.tensor_source()``) holds tensor ``name``."""
+    if hasattr(source, "has"):
+        return bool(source.has(name))
+    return name in source.names()
 
 
 def check_range(layer_start: int, layer_end: int, num_layers: int) -> None:

@@ -27,12 +27,11 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-import threading
 from typing import Any, cast
 
 import numpy as np
 
-from backends.base import Backend, Progress, StepOutput, check_range
+from backends.base import Backend, Progress, StepOutput, check_range, source_has
 from mesh.errors import BackendError, ModelError
 from mesh.models import Model, layer_of, sliced_config
 from mesh.wire import WireTensor
@@ -156,10 +155,9 @@ class MlxBackend(Backend):
         self._device = mx.Device(mx.gpu if device == "gpu" else mx.cpu)
         self.dtype_name = dtype or ("f32" if device == "cpu" else "f16")
         self.dtype = _mx_dtype(mx, self.dtype_name)
+        self.compute_dtype = self.dtype_name
         self._model: Any = None
         self._config: Any = None
-        self._lock = threading.Lock()  # one step at a time: a cache is mutated in place
-        self.hidden_size = 0
         self._takes_embeddings = False
 
     # -- loading -----------------------------------------------------------------------
@@ -178,7 +176,7 @@ class MlxBackend(Backend):
         sub = sliced_config(config, layer_start, layer_end)
         source = model.tensor_source()
         tied = bool(getattr(config, "tie_word_embeddings", False))
-        head_is_embeddings = last and (tied or not _source_has(source, "lm_head.weight"))
+        head_is_embeddings = last and (tied or not source_has(source, "lm_head.weight"))
         args_dict = mlx_args(sub.to_dict())
         args_dict["tie_word_embeddings"] = head_is_embeddings or not last  # no lm_head unless read
         arch = architecture(str(config.model_type))
@@ -225,27 +223,14 @@ class MlxBackend(Backend):
         with self._lock:
             self._model, self._config = stage, sub
             self.layer_start, self.layer_end, self.num_layers = layer_start, layer_end, num_layers
-            self.hidden_size = int(config.hidden_size)
+            self.set_dimensions(config)
             self._takes_embeddings = "input_embeddings" in call
         self._warm_up()
         log.info("mlx backend: loaded layers [%d, %d) of %d on %s (%s)", layer_start, layer_end, num_layers,
                  self.device, self.dtype_name)
 
-    def _warm_up(self) -> None:
-        # The first forward pays one-off costs (kernel compilation, allocator growth): pay them
-        # at load time rather than in the first request's TTFT.
-        cache = self.new_cache()
-        if self.layer_start == 0:
-            self.forward(cache, start_pos=0, token_ids=[0, 0])
-        else:
-            size = 2 * self.hidden_size * _NUMPY[self.dtype_name].itemsize
-            zeros = WireTensor(dtype=self.dtype_name, shape=(1, 2, self.hidden_size), data=bytes(size))
-            self.forward(cache, start_pos=0, hidden=zeros)
-
-    def unload(self) -> None:
-        with self._lock:
-            self._model = self._config = None
-            super().unload()
+    def _drop_layers(self) -> None:
+        self._model = self._config = None
 
     # -- compute -----------------------------------------------------------------------
     def new_cache(self) -> Any:
@@ -269,52 +254,41 @@ class MlxBackend(Backend):
             raise BackendError("the mlx backend moves only full KV caches (mlx_lm KVCache per layer)")
         return list(cache)
 
-    def export_kv(self, cache: Any, *, start_pos: int, end_pos: int) -> list[tuple[int, WireTensor, WireTensor]]:
-        """Keys and values of positions [start_pos, end_pos), per layer of this stage:
-        ``(global layer index, keys, values)``, each ``[1, kv_heads, n, head_dim]`` in the
-        compute dtype. Raises BackendError for positions the cache does not hold."""
+    def _cached_positions(self, cache: Any) -> int:
+        return self._held(cache)
+
+    def _export_kv(self, cache: Any, *, start_pos: int, end_pos: int) -> list[tuple[int, WireTensor, WireTensor]]:
+        """Keys and values of positions [start_pos, end_pos) (checked by ``Backend.export_kv``),
+        per layer of this stage: ``(global layer index, keys, values)``, each
+        ``[1, kv_heads, n, head_dim]`` in the compute dtype. Raises BackendError for a cache
+        that is not made of full KV caches."""
         with self._lock:
-            if self._model is None:
+            if self._model is None:  # unloaded since the checks
                 raise BackendError("no layers loaded")
-            held = self._held(cache)
-            if not 0 <= start_pos < end_pos <= held:
-                raise BackendError(f"positions [{start_pos}, {end_pos}) are not in the cache (it holds [0, {held}))")
             with self._mx.stream(self._device):
                 return [(self.layer_start + i, array_to_wire(c.keys[:, :, start_pos:end_pos, :].astype(self.dtype)),
                          array_to_wire(c.values[:, :, start_pos:end_pos, :].astype(self.dtype)))
                         for i, c in enumerate(self._kv_layers(cache))]
 
-    def import_kv(self, cache: Any, layers: list[tuple[int, WireTensor, WireTensor]]) -> None:
-        """Append an ``export_kv`` output (every layer of this stage, in order) at the
-        position ``cache`` has reached. Everything is checked before anything is appended:
-        BackendError for missing or foreign layers or tensors that do not fit
-        ``[1, kv_heads, n, head_dim]``."""
+    def _import_kv(self, cache: Any, layers: list[tuple[int, WireTensor, WireTensor]]) -> None:
+        """Append an ``export_kv`` output (layers and shapes checked by ``Backend.import_kv``)
+        at the position ``cache`` has reached. Everything is converted before anything is
+        appended: BackendError for a cache that is not this stage's or a dtype that is not
+        f32, f16 or bf16."""
         with self._lock:
             if self._model is None:
                 raise BackendError("no layers loaded")
             self._held(cache)
             caches = self._kv_layers(cache)
-            want = list(range(self.layer_start, self.layer_end))
-            if [g for g, _, _ in layers] != want:
-                raise BackendError(f"KV for layers {[g for g, _, _ in layers]} given; this stage needs {want}")
-            cfg = self._config
-            heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
-            head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
             mx = self._mx
             with mx.stream(self._device):
-                arrays = []
-                for g, keys, values in layers:
-                    if (keys.shape != values.shape or len(keys.shape) != 4 or keys.shape[0] != 1
-                            or keys.shape[1] != heads or keys.shape[3] != head_dim):
-                        raise BackendError(f"layer {g}: keys {list(keys.shape)} / values {list(values.shape)} do "
-                                           f"not fit [1, {heads}, n, {head_dim}]")
-                    arrays.append((wire_to_array(keys, self.dtype, "KV tensors"),
-                                   wire_to_array(values, self.dtype, "KV tensors")))
-                for c, (k, v) in zip(caches, arrays, strict=True):  # all checked first
+                arrays = [(wire_to_array(keys, self.dtype, "KV tensors"), wire_to_array(values, self.dtype, "KV tensors"))
+                          for _, keys, values in layers]
+                for c, (k, v) in zip(caches, arrays, strict=True):  # all converted first
                     c.update_and_fetch(k, v)
                 mx.eval([c.state for c in caches])
 
-    def forward(
+    def _forward(
         self,
         cache: Any,
         *,
@@ -322,41 +296,24 @@ class MlxBackend(Backend):
         token_ids: list[int] | None = None,
         hidden: WireTensor | None = None,
     ) -> StepOutput:
-        """Run this stage on positions ``start_pos .. start_pos+n-1`` (see ``Backend.forward``).
-
-        The first stage takes ``token_ids`` (integers in [0, vocab)); later stages take
-        ``hidden`` (f32/f16/bf16 ``[1, n, hidden_size]``, finite). ``start_pos`` must equal
-        the positions ``cache`` holds. Returns ``hidden`` ``[1, n, hidden_size]`` in the
-        compute dtype, or on the last stage float32 ``logits`` ``[vocab_size]`` at the last
-        position. Raises BackendError on a wrong input kind, shape, value or position.
+        """Run this stage on positions ``start_pos .. start_pos+n-1`` (input checked by
+        ``Backend.forward``). ``start_pos`` must equal the positions ``cache`` holds. Returns
+        ``hidden`` ``[1, n, hidden_size]`` in the compute dtype, or on the last stage float32
+        ``logits`` ``[vocab_size]`` at the last position. Raises BackendError for a cache
+        that is not this stage's or a position that does not continue it.
         """
         with self._lock:
             stage = self._model
-            if stage is None:
+            if stage is None:  # unloaded since the checks
                 raise BackendError("no layers loaded")
             mx = self._mx
             with mx.stream(self._device):
                 inputs = embeds = None
-                if self.layer_start == 0:
-                    if token_ids is None or hidden is not None or not token_ids:
-                        raise BackendError("the first stage takes token ids, not hidden states")
-                    n = len(token_ids)
-                    vocab = int(self._config.vocab_size)
-                    if not all(type(t) is int and 0 <= t < vocab for t in token_ids):
-                        raise BackendError(f"token ids must be integers in [0, {vocab})")
+                if token_ids is not None:
                     inputs = mx.array([token_ids], dtype=mx.int32)
                 else:
-                    if hidden is None or token_ids is not None:
-                        raise BackendError("a later stage takes hidden states, not token ids")
-                    if len(hidden.shape) != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.hidden_size:
-                        raise BackendError(
-                            f"hidden states must be [1, n, {self.hidden_size}], got {list(hidden.shape)}")
-                    n = hidden.shape[1]
+                    assert hidden is not None  # Backend.forward gives exactly one of the two
                     embeds = wire_to_array(hidden, self.dtype)
-                    if not bool(mx.all(mx.isfinite(embeds)).item()):
-                        raise BackendError("hidden states hold NaN or infinite values")
-                if start_pos < 0 or start_pos + n > int(getattr(self._config, "max_position_embeddings", 1 << 30)):
-                    raise BackendError(f"positions {start_pos}..{start_pos + n - 1} are outside the context window")
                 held = self._held(cache)
                 if start_pos != held:
                     raise BackendError(f"start_pos {start_pos} does not continue the cache, which holds "
@@ -389,8 +346,3 @@ class MlxBackend(Backend):
             h = layer(h, mask, c)
         return inner.norm(h)
 
-
-def _source_has(source: Any, name: str) -> bool:
-    if hasattr(source, "has"):
-        return bool(source.has(name))
-    return name in source.names()

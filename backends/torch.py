@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-import threading
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from backends.base import Backend, Progress, StepOutput, check_range
+from backends.base import Backend, Progress, StepOutput, check_range, source_has
 from mesh.errors import BackendError, ModelError
 from mesh.models import Model, layer_of, sliced_config
 from mesh.wire import WireTensor
@@ -76,10 +75,9 @@ class TorchBackend(Backend):
         if dtype not in TORCH_DTYPES:
             raise BackendError(f"unknown dtype {dtype!r}; valid: {sorted(TORCH_DTYPES)}")
         self.dtype = TORCH_DTYPES[dtype]
+        self.compute_dtype = dtype
         self._model: Any = None
         self._config: Any = None
-        self._lock = threading.Lock()  # one step at a time: transformers modules are not re-entrant
-        self.hidden_size = 0
         self._donor: TorchBackend | None = None  # offered by adopt_from, taken by the next load
         self._model_config: Any = None  # the loaded model's config object and id (reuse check)
         self._model_id = ""
@@ -134,7 +132,7 @@ class TorchBackend(Backend):
                 wanted[local] = local
         source = model.tensor_source() if wanted else None  # opening the files is not free
         tied = bool(getattr(config, "tie_word_embeddings", False))
-        if last and source is not None and (tied or not _source_has(source, "lm_head.weight")):
+        if last and source is not None and (tied or not source_has(source, "lm_head.weight")):
             # the head is the embeddings: one tensor for both
             if "lm_head.weight" in wanted and first and "model.embed_tokens.weight" not in wanted:
                 stage.lm_head.weight = stage.model.embed_tokens.weight  # embeddings reused
@@ -170,7 +168,7 @@ class TorchBackend(Backend):
         with self._lock:
             self._model, self._config = stage, sub
             self.layer_start, self.layer_end, self.num_layers = layer_start, layer_end, num_layers
-            self.hidden_size = int(config.hidden_size)
+            self.set_dimensions(config)
             self._cache_kw = "cache" if "cache" in inspect.signature(stage.model.forward).parameters else "past_key_values"
             self._model_config, self._model_id = config, model.model_id
             self.reused_layers = reused
@@ -178,20 +176,8 @@ class TorchBackend(Backend):
         log.info("torch backend: loaded layers [%d, %d) of %d on %s (%d reused, %d read)", layer_start, layer_end,
                  num_layers, self.device, reused, layer_end - layer_start - reused)
 
-    def _warm_up(self) -> None:
-        # The first forward pays one-off costs (kernel selection, allocator growth): pay them
-        # at load time rather than in the first request's TTFT.
-        cache = self.new_cache()
-        if self.layer_start == 0:
-            self.forward(cache, start_pos=0, token_ids=[0, 0])
-        else:
-            zeros = tensor_to_wire(torch.zeros(1, 2, self.hidden_size, dtype=self.dtype))
-            self.forward(cache, start_pos=0, hidden=zeros)
-
-    def unload(self) -> None:
-        with self._lock:
-            self._model = self._config = None
-            super().unload()
+    def _drop_layers(self) -> None:
+        self._model = self._config = None
 
     # -- compute -----------------------------------------------------------------------
     def new_cache(self) -> Any:
@@ -201,14 +187,14 @@ class TorchBackend(Backend):
             raise BackendError("no layers loaded")
         return DynamicCache(config=self._config)
 
+    def _cached_positions(self, cache: Any) -> int:
+        return int(cache.get_seq_length()) if len(cache.layers) else 0
+
     @torch.inference_mode()
-    def export_kv(self, cache: Any, *, start_pos: int, end_pos: int) -> list[tuple[int, WireTensor, WireTensor]]:
+    def _export_kv(self, cache: Any, *, start_pos: int, end_pos: int) -> list[tuple[int, WireTensor, WireTensor]]:
         with self._lock:
-            if self._config is None:
+            if self._config is None:  # unloaded (or given to an adopting stage) since the checks
                 raise BackendError("no layers loaded")
-            held = cache.get_seq_length() if len(cache.layers) else 0
-            if not 0 <= start_pos < end_pos <= held:
-                raise BackendError(f"positions [{start_pos}, {end_pos}) are not in the cache (it holds [0, {held}))")
             out = []
             for i, layer in enumerate(cache.layers):
                 keys = layer.keys[:, :, start_pos:end_pos, :]
@@ -217,26 +203,17 @@ class TorchBackend(Backend):
             return out
 
     @torch.inference_mode()
-    def import_kv(self, cache: Any, layers: list[tuple[int, WireTensor, WireTensor]]) -> None:
+    def _import_kv(self, cache: Any, layers: list[tuple[int, WireTensor, WireTensor]]) -> None:
         with self._lock:
             if self._config is None:
                 raise BackendError("no layers loaded")
-            want = list(range(self.layer_start, self.layer_end))
-            if [g for g, _, _ in layers] != want:
-                raise BackendError(f"KV for layers {[g for g, _, _ in layers]} given; this stage needs {want}")
-            heads = int(getattr(self._config, "num_key_value_heads", None) or self._config.num_attention_heads)
-            tensors = []
-            for g, keys, values in layers:
-                if keys.shape != values.shape or len(keys.shape) != 4 or keys.shape[0] != 1 or keys.shape[1] != heads:
-                    raise BackendError(f"layer {g}: keys {list(keys.shape)} / values {list(values.shape)} do not "
-                                       f"fit [1, {heads}, n, head_dim]")
-                tensors.append((wire_to_tensor(keys).to(self.device, self.dtype),
-                                wire_to_tensor(values).to(self.device, self.dtype)))
-            for i, (k, v) in enumerate(tensors):  # all checked first: a bad layer changes nothing
+            tensors = [(wire_to_tensor(k).to(self.device, self.dtype), wire_to_tensor(v).to(self.device, self.dtype))
+                       for _, k, v in layers]
+            for i, (k, v) in enumerate(tensors):  # all converted first: a bad layer changes nothing
                 cache.update(k, v, i)
 
     @torch.inference_mode()
-    def forward(
+    def _forward(
         self,
         cache: Any,
         *,
@@ -246,31 +223,16 @@ class TorchBackend(Backend):
     ) -> StepOutput:
         with self._lock:
             model = self._model
-            if model is None:
+            if model is None:  # unloaded (or given to an adopting stage) since the checks
                 raise BackendError("no layers loaded")
             kwargs: dict[str, Any] = {self._cache_kw: cache, "use_cache": True}
-            if self.layer_start == 0:
-                if token_ids is None or hidden is not None or not token_ids:
-                    raise BackendError("the first stage takes token ids, not hidden states")
+            if token_ids is not None:
                 n = len(token_ids)
-                vocab = int(self._config.vocab_size)
-                if not all(type(t) is int and 0 <= t < vocab for t in token_ids):
-                    raise BackendError(f"token ids must be integers in [0, {vocab})")
                 kwargs["input_ids"] = torch.tensor([token_ids], dtype=torch.long, device=self.device)
             else:
-                if hidden is None or token_ids is not None:
-                    raise BackendError("a later stage takes hidden states, not token ids")
-                if len(hidden.shape) != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self.hidden_size:
-                    raise BackendError(
-                        f"hidden states must be [1, n, {self.hidden_size}], got {list(hidden.shape)}"
-                    )
+                assert hidden is not None  # Backend.forward gives exactly one of the two
                 n = hidden.shape[1]
-                embeds = wire_to_tensor(hidden).to(self.device, self.dtype)
-                if not bool(torch.isfinite(embeds).all()):
-                    raise BackendError("hidden states hold NaN or infinite values")
-                kwargs["inputs_embeds"] = embeds
-            if start_pos < 0 or start_pos + n > int(getattr(self._config, "max_position_embeddings", 1 << 30)):
-                raise BackendError(f"positions {start_pos}..{start_pos + n - 1} are outside the context window")
+                kwargs["inputs_embeds"] = wire_to_tensor(hidden).to(self.device, self.dtype)
             kwargs["position_ids"] = torch.arange(start_pos, start_pos + n, device=self.device).unsqueeze(0)
             out = model.model(**kwargs).last_hidden_state
             if self.layer_end < self.num_layers:
@@ -306,8 +268,3 @@ def _take_layers(donor: TorchBackend, model: Model, stage: Any, layer_start: int
             donor.layer_start = donor.layer_end = 0
         return len(shared)
 
-
-def _source_has(source: Any, name: str) -> bool:
-    if hasattr(source, "has"):
-        return bool(source.has(name))
-    return name in source.names()

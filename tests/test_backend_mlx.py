@@ -263,8 +263,8 @@ def test_hidden_state_wire_matches_torch(dtype: torch.dtype) -> None:
 @pytest.mark.spec("B10")
 def test_kv_cache_exported_and_imported_continues_the_same_decode(tiny: dict[str, Path]) -> None:
     """As the torch backend's B10 test: KV of two stages [0, 2) + [2, 5) enters fresh caches of
-    the same split and of one stage [0, 5); decoding goes on with the same logits; bad imports
-    and exports are BackendErrors that change nothing."""
+    the same split and of one stage [0, 5); decoding goes on with the same logits. Bad exports
+    and imports are checked for every backend by the conformance kit (check_kv_export_import)."""
     model = Model(resolve_model(str(tiny["llama"])))
     split, (whole,) = _stages(model, [(0, 2), (2, 5)]), _stages(model, [(0, 5)])
     caches = [b.new_cache() for b in split]
@@ -283,17 +283,6 @@ def test_kv_cache_exported_and_imported_continues_the_same_decode(tiny: dict[str
         np.testing.assert_allclose(step(split, copies, [token], pos), a, atol=1e-6, rtol=0)
         np.testing.assert_allclose(step([whole], [one], [token], pos), a, atol=TOL, rtol=0)
         token, pos = int(np.argmax(a)), pos + 1
-    tail = split[0].export_kv(caches[0], start_pos=4, end_pos=pos)
-    assert tail[0][1].shape[2] == pos - 4 != len(IDS)
-    with pytest.raises(BackendError, match="not in the cache"):
-        split[0].export_kv(caches[0], start_pos=0, end_pos=pos + 1)
-    fresh = split[1].new_cache()
-    with pytest.raises(BackendError, match="this stage needs"):
-        split[1].import_kv(fresh, exported[0])
-    with pytest.raises(BackendError, match="do not fit"):
-        # the last layer's values hold fewer positions than its keys: rejected before any layer is appended
-        split[1].import_kv(fresh, [*exported[1][:-1], (4, exported[1][-1][1], tail[0][2])])
-    assert all(c.offset == 0 for c in fresh)  # nothing was half imported
 
 
 @pytest.mark.spec("B10")

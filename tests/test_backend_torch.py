@@ -311,9 +311,8 @@ def test_adopting_an_incompatible_backend_reuses_nothing(default_model: Model, s
 def test_kv_cache_exported_and_imported_continues_the_same_decode(tmp_path: Path) -> None:
     """KV for positions [0, 8) leaves two stages [0, 2) + [2, 5) and enters fresh caches of
     the same split and of one whole stage [0, 5): decoding on goes on with the same logits
-    as the cache that computed it; bad imports change nothing."""
-    from mesh.errors import BackendError
-
+    as the cache that computed it. Bad exports and imports are checked for every backend by
+    the conformance kit (mesh/testing/conformance.py, check_kv_export_import)."""
     model = Model(resolve_model(str(_tiny("llama", tmp_path / "llama"))))
     split = [TorchBackend(device="cpu") for _ in range(2)]
     split[0].load(model, 0, 2)
@@ -338,14 +337,3 @@ def test_kv_cache_exported_and_imported_continues_the_same_decode(tmp_path: Path
         np.testing.assert_allclose(b, a, atol=1e-6, rtol=0)
         np.testing.assert_allclose(c, a, atol=TOL, rtol=0)
         token, pos = int(np.argmax(a)), pos + 1
-    tail = split[0].export_kv(caches[0], start_pos=4, end_pos=pos)
-    assert tail[0][1].shape[2] == pos - 4 != len(ids)
-    with pytest.raises(BackendError, match="not in the cache"):
-        split[0].export_kv(caches[0], start_pos=0, end_pos=pos + 1)
-    fresh = split[1].new_cache()
-    with pytest.raises(BackendError, match="this stage needs"):
-        split[1].import_kv(fresh, exported[0])
-    with pytest.raises(BackendError, match="do not fit"):
-        # the last layer's values hold fewer positions than its keys: rejected before any layer is appended
-        split[1].import_kv(fresh, [*exported[1][:-1], (4, exported[1][-1][1], tail[0][2])])
-    assert len(fresh.layers) == 0 or fresh.get_seq_length() == 0  # nothing was half imported

@@ -195,7 +195,12 @@ def check_bad_input_is_a_backend_error(subject: Subject, fixture: Fixture) -> No
 
 def check_kv_export_import(subject: Subject, fixture: Fixture) -> None:
     """B10: KV exported from a 2-stage split and imported into fresh caches of another split
-    decodes on with transformers' logits; a foreign layer set is refused."""
+    decodes on with transformers' logits. Refused with a BackendError: an export of positions
+    the cache does not hold or of an empty range; an import of another stage's layers, of a
+    part of this stage's layers, or of keys and values that do not fit ``[1, kv_heads, n,
+    head_dim]`` (values shorter than keys, another head count). A refused import appends
+    nothing: the same cache then takes the right layers and decodes on with the reference
+    logits."""
     split = _stages(subject, fixture.model, [(0, 2), (2, 5)])
     caches = [s.new_cache() for s in split]
     _step(split, caches, PROMPT, 0)
@@ -208,13 +213,30 @@ def check_kv_export_import(subject: Subject, fixture: Fixture) -> None:
     for g, keys, values in layers:
         assert keys.shape == values.shape and len(keys.shape) == 4 and keys.shape[0] == 1 \
             and keys.shape[2] == len(PROMPT), f"layer {g}: keys {keys.shape}, values {values.shape}"
+    tail = split[0].export_kv(caches[0], start_pos=4, end_pos=len(PROMPT))
+    assert [k.shape[2] for _, k, _ in tail] == [len(PROMPT) - 4] * 2, "export of positions [4, n): wrong length"
+    _raises(lambda: split[0].export_kv(caches[0], start_pos=0, end_pos=len(PROMPT) + 1),
+            "exporting positions the cache does not hold")
+    _raises(lambda: split[0].export_kv(caches[0], start_pos=3, end_pos=3), "exporting an empty range")
+    _raises(lambda: split[0].export_kv(caches[0], start_pos=-1, end_pos=2), "exporting a negative position")
+
     other = _stages(subject, fixture.model, [(0, 3), (3, 5)])
     fresh = [s.new_cache() for s in other]
+    last = other[1]
+    _raises(lambda: last.import_kv(fresh[1], layers[:2]), "importing another stage's layers")
+    _raises(lambda: last.import_kv(fresh[1], layers[3:4]), "importing part of this stage's layers")
+    g, keys, _ = layers[4]
+    short = tail[1][2]  # values of fewer positions than the keys
+    _raises(lambda: last.import_kv(fresh[1], [layers[3], (g, keys, short)]), "importing values shorter than keys")
+    heads = keys.shape[1]
+    wide = WireTensor(dtype=keys.dtype, shape=(1, heads + 1, *keys.shape[2:]),
+                      data=keys.data + keys.data[: len(keys.data) // heads])
+    _raises(lambda: last.import_kv(fresh[1], [layers[3], (g, wide, wide)]), "importing another head count")
+    # the refusals above appended nothing: the same caches take the right layers and decode on
     other[0].import_kv(fresh[0], layers[:3])
     other[1].import_kv(fresh[1], layers[3:])
     logits = _step(other, fresh, [fixture.tokens[0]], len(PROMPT))
     _close(logits, fixture.logits[1], subject.tolerance, "decode on an imported KV cache")
-    _raises(lambda: other[1].import_kv(other[1].new_cache(), layers[:2]), "importing another stage's layers")
 
 
 def check_mixes_with_torch(subject: Subject, fixture: Fixture) -> None:

@@ -45,7 +45,7 @@ class HistoryBackend(Backend):
         self.steps = 0
         self.tokens_computed = 0  # positions run through this stage (a resume skips the replica's)
 
-    def export_kv(self, cache: Any, *, start_pos: int, end_pos: int) -> list[tuple[int, WireTensor, WireTensor]]:
+    def _export_kv(self, cache: Any, *, start_pos: int, end_pos: int) -> list[tuple[int, WireTensor, WireTensor]]:
         # keys: the token ids; values: the ids + 1000 x the layer, so a block given to the
         # wrong layer is caught on import
         if not 0 <= start_pos < end_pos <= len(cache):
@@ -56,7 +56,7 @@ class HistoryBackend(Backend):
                  WireTensor(dtype="f32", shape=shape, data=(ids + 1000 * g).tobytes()))
                 for g in range(self.layer_start, self.layer_end)]
 
-    def import_kv(self, cache: Any, layers: list[tuple[int, WireTensor, WireTensor]]) -> None:
+    def _import_kv(self, cache: Any, layers: list[tuple[int, WireTensor, WireTensor]]) -> None:
         if [g for g, _, _ in layers] != list(range(self.layer_start, self.layer_end)):
             raise BackendError(f"KV for layers {[g for g, _, _ in layers]}; this stage needs "
                                f"[{self.layer_start}, {self.layer_end})")
@@ -75,7 +75,7 @@ class HistoryBackend(Backend):
     def new_cache(self) -> list[int]:
         return []
 
-    def forward(self, cache: Any, *, start_pos: int, token_ids: list[int] | None = None,
+    def _forward(self, cache: Any, *, start_pos: int, token_ids: list[int] | None = None,
                 hidden: WireTensor | None = None) -> StepOutput:
         import time
 

@@ -3,10 +3,13 @@ default, or the one named in ``MESH_TIMED_INNER``) and keeps how long each prefi
 step took, logging a summary every 100 steps.
 
 It shows the whole contract of ``backends.base.Backend`` a plugin implements: ``load`` a layer
-range, ``new_cache`` per request, ``forward`` a step (token ids on the first stage, hidden
+range, ``new_cache`` per request, ``_forward`` a step (token ids on the first stage, hidden
 states on the others; hidden states out, or logits on the last stage), optionally
-``export_kv`` / ``import_kv`` (KV cache moves) and ``adopt_from`` (layer reuse), and
-``BackendError`` for bad input. The conformance suite (``mesh.testing.conformance``) checks it.
+``_export_kv`` / ``_import_kv`` (KV cache moves) and ``adopt_from`` (layer reuse), and
+``BackendError`` for bad input. The base class checks the input of ``forward``, ``export_kv``
+and ``import_kv`` before it calls the underscore methods; here the inner backend, which knows
+the model's dimensions, checks it again in full. The conformance suite
+(``mesh.testing.conformance``) checks it.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class TimedBackend(Backend):
     def new_cache(self) -> Any:
         return self.inner.new_cache()
 
-    def forward(self, cache: Any, *, start_pos: int, token_ids: list[int] | None = None,
+    def _forward(self, cache: Any, *, start_pos: int, token_ids: list[int] | None = None,
                 hidden: WireTensor | None = None) -> StepOutput:
         started = time.perf_counter()
         out = self.inner.forward(cache, start_pos=start_pos, token_ids=token_ids, hidden=hidden)
@@ -67,10 +70,10 @@ class TimedBackend(Backend):
             log.info("timed backend, layers [%d, %d): %s", self.layer_start, self.layer_end, self.summary())
         return out
 
-    def export_kv(self, cache: Any, *, start_pos: int, end_pos: int) -> list[tuple[int, WireTensor, WireTensor]]:
+    def _export_kv(self, cache: Any, *, start_pos: int, end_pos: int) -> list[tuple[int, WireTensor, WireTensor]]:
         return self.inner.export_kv(cache, start_pos=start_pos, end_pos=end_pos)
 
-    def import_kv(self, cache: Any, layers: list[tuple[int, WireTensor, WireTensor]]) -> None:
+    def _import_kv(self, cache: Any, layers: list[tuple[int, WireTensor, WireTensor]]) -> None:
         self.inner.import_kv(cache, layers)
 
     def unload(self) -> None:
