@@ -279,3 +279,119 @@ def thunderbolt_addresses(table: list[Interface]) -> list[str]:
     self-assigns 169.254/16 and fe80::/10 on Thunderbolt Bridge); IPv4 first, deterministic."""
     return [a.address for i in thunderbolt_interfaces(table)
             for a in sorted((a for a in i.addresses if _usable(a)), key=_address_key)]
+
+
+# -- host:port text ---------------------------------------------------------------------------
+
+MAX_ADDRESS_CHARS = 300  # a DNS name is at most 253; also bounds what a datagram may make us parse
+MAX_PORT = 65535
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
+
+
+class AddressError(ConfigError):
+    """A ``host:port`` text or a port number that is not valid; the message says what was
+    wrong and what would be valid."""
+
+
+def check_port(port: object, what: str = "port", *, allow_zero: bool = True) -> int:
+    """``port`` when it is an integer 0..65535 (1..65535 with ``allow_zero=False``; 0 asks the
+    OS for a free port when listening); raises AddressError naming ``what`` (e.g.
+    ``"--api-port"``) otherwise. A bool is not a port."""
+    low = 0 if allow_zero else 1
+    if type(port) is not int or not low <= port <= MAX_PORT:
+        raise AddressError(f"{what} {port!r} invalid; valid: an integer {low}..{MAX_PORT}")
+    return port
+
+
+def _is_ip(host: str) -> bool:
+    """An IP address; an IPv6 one may carry a ``%zone`` (an interface name or number)."""
+    ip = _ip(host)
+    if ip is None:
+        return False
+    _, sep, zone = host.partition("%")
+    return not sep or (ip.version == 6 and bool(zone) and all(c in _NAME_CHARS for c in zone))
+
+
+def _valid_host(host: str) -> bool:
+    """An IP address (IPv6 with an optional ``%zone``), ``*``, or a host name of ASCII letters,
+    digits, ``-``, ``.`` and ``_``."""
+    return host == "*" or _is_ip(host) or (bool(host) and all(c in _NAME_CHARS for c in host))
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A transport address: ``host`` (an IP, IPv6 possibly with ``%zone``, a host name, or a
+    wildcard ``""`` / ``*`` / ``0.0.0.0`` / ``::``) and ``port`` (0..65535). ``str()`` gives
+    ``host:port``, an IPv6 host in brackets (``[fe80::1%en0]:7600``), which ``parse`` reads
+    back.
+
+    Raises:
+        AddressError: a port outside 0..65535 or not an int, a host that is not a str.
+    """
+
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str):
+            raise AddressError(f"host {self.host!r} is not a string")
+        check_port(self.port)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str, *, default_port: int | None = None, empty_host: str | None = None) -> Address:
+        """Read ``host:port``, ``[ipv6]:port``, or, when ``default_port`` is given, a bare host,
+        ``[ipv6]`` or unbracketed IPv6 address that takes that port.
+
+        One rule set for every caller: at most ``MAX_ADDRESS_CHARS`` characters, surrounding
+        whitespace ignored; the port is ASCII digits, 1..65535; brackets hold an IPv6
+        address only; the host is an IP address, ``*`` or a name of ASCII letters, digits,
+        ``-``, ``.`` and ``_``. Text with several colons and no brackets is a bare IPv6
+        address when it is one as a whole and ``default_port`` is given; otherwise its port
+        is after the last colon (``:::7600`` is ``::`` port 7600, the form some peers
+        send). An empty host (``:7600``) becomes ``empty_host`` (``""`` keeps it: a
+        wildcard; ``"127.0.0.1"`` dials this machine); with ``empty_host=None`` it is an
+        error.
+
+        Raises:
+            AddressError: naming what was wrong and the valid forms.
+        """
+        if not isinstance(text, str):
+            raise AddressError(f"address {text!r} is not a string; valid: host:port, [ipv6]:port")
+        shown = repr(text[:80]) + ("..." if len(text) > 80 else "")
+        if len(text) > MAX_ADDRESS_CHARS:
+            raise AddressError(f"address {shown} is {len(text)} characters long; at most {MAX_ADDRESS_CHARS}")
+        body = text.strip()
+        forms = "host:port, [ipv6]:port" + (", or a bare host (port {default_port})".format(
+            default_port=default_port) if default_port is not None else "")
+        if body.startswith("["):
+            host, sep, rest = body[1:].partition("]")
+            if not sep or (rest and not rest.startswith(":")):
+                raise AddressError(f"address {shown}: unbalanced brackets; valid: {forms}")
+            if ":" not in host or not _is_ip(host):
+                raise AddressError(f"address {shown}: brackets hold an IPv6 address only; valid: {forms}")
+            port_text: str | None = rest[1:] if rest else None
+        elif default_port is not None and (":" not in body or (body.count(":") > 1 and _is_ip(body))):
+            host, port_text = body, None  # a bare host or an unbracketed IPv6 address
+        else:
+            host, sep, port_text = body.rpartition(":")
+            if not sep:
+                raise AddressError(f"address {shown} has no port; valid: {forms}")
+        if port_text is None:
+            if default_port is None:
+                raise AddressError(f"address {shown} has no port; valid: {forms}")
+            port = check_port(default_port, "default port", allow_zero=False)
+        elif port_text.isascii() and port_text.isdigit() and 0 < int(port_text) <= MAX_PORT:
+            port = int(port_text)
+        else:
+            raise AddressError(f"address {shown}: port {port_text[:20]!r} is not 1..{MAX_PORT}; valid: {forms}")
+        if not host:
+            if empty_host is None:
+                raise AddressError(f"address {shown} has no host; valid: {forms}")
+            host = empty_host
+        elif not _valid_host(host):
+            raise AddressError(f"address {shown}: host {host[:80]!r} is neither an IP address nor a host name "
+                               f"(ASCII letters, digits, '-', '.', '_'); valid: {forms}")
+        return cls(host, port)

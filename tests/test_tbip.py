@@ -14,8 +14,7 @@ import random
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -28,6 +27,7 @@ from mesh import netif
 from mesh.errors import ConfigError, TransportError
 from mesh.netif import (
     KINDS,
+    Address,
     IfAddress,
     Interface,
     advertise_address,
@@ -37,9 +37,10 @@ from mesh.netif import (
     thunderbolt_interfaces,
 )
 from mesh.security import LinkSecurity
+from mesh.testing.transport_harness import free_port, serving
 from mesh.wire import Message
 from transports.base import Connection
-from transports.tbip import TbipTransport, split_host_port
+from transports.tbip import TbipTransport
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -307,27 +308,6 @@ TB_LOOPBACK = [iface("thunderbolt0", "127.0.0.1/8", kind="thunderbolt"), iface("
 NO_TB_LOOPBACK = [iface("eth0", "127.0.0.1/8", kind="ethernet")]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-async def echo(conn: Connection) -> None:
-    while True:
-        msg = await conn.recv(timeout_s=T)
-        await conn.send(msg, timeout_s=T)
-
-
-@asynccontextmanager
-async def serving(transport: TbipTransport) -> AsyncIterator[int]:
-    listener = await transport.listen(HOST, 0, echo)
-    try:
-        yield listener.port
-    finally:
-        await listener.close()
-
-
 async def round_trip(conn: Connection) -> None:
     msg = Message(type="ping", body={"n": 1})
     await conn.send(msg, timeout_s=T, lane="data")
@@ -485,10 +465,10 @@ async def test_tls_on_both_paths_and_a_stalled_thunderbolt_peer_costs_only_its_s
 
 @pytest.mark.spec("TB2")
 def test_learn_routes_parses_addresses() -> None:
-    assert split_host_port("10.0.5.2:7000") == ("10.0.5.2", 7000)
-    assert split_host_port("[fe80::2]:7001") == ("fe80::2", 7001)
-    assert split_host_port("fe80::2%bridge0", default_port=7000) == ("fe80::2%bridge0", 7000)
-    assert split_host_port("169.254.1.2", default_port=7000) == ("169.254.1.2", 7000)
+    assert Address.parse("10.0.5.2:7000") == Address("10.0.5.2", 7000)
+    assert Address.parse("[fe80::2]:7001") == Address("fe80::2", 7001)
+    assert Address.parse("fe80::2%bridge0", default_port=7000) == Address("fe80::2%bridge0", 7000)
+    assert Address.parse("169.254.1.2", default_port=7000) == Address("169.254.1.2", 7000)
     transport = TbipTransport(interfaces=table(LINUX))
     for bad in ("10.0.5.2", "10.0.5.2:x", "10.0.5.2:0", "[fe80::2", ":7000"):
         with pytest.raises(ConfigError, match="valid"):

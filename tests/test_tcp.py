@@ -24,8 +24,9 @@ import torch
 
 from mesh import PROTOCOL_MAJOR
 from mesh.errors import ConfigError, FrameError, PeerTimeout, TransportError
+from mesh.testing.transport_harness import echo, free_port, serving
 from mesh.wire import Message, WireTensor
-from transports.base import Backoff, Connection, ConnectionHandler, connect_with_backoff
+from transports.base import Backoff, Connection, connect_with_backoff
 from transports.framing import WIRE_VERSION, FrameEncoder
 from transports.tcp import TcpConnection, TcpTransport
 
@@ -52,27 +53,6 @@ def from_wire(w: WireTensor) -> torch.Tensor:
     else:
         flat = torch.frombuffer(bytearray(w.data), dtype=TORCH_DTYPES[w.dtype])
     return flat.reshape(w.shape)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-async def echo(conn: Connection) -> None:
-    while True:
-        msg = await conn.recv(timeout_s=T)
-        await conn.send(msg, timeout_s=T)
-
-
-@asynccontextmanager
-async def serving(transport: TcpTransport, handler: ConnectionHandler) -> AsyncIterator[int]:
-    listener = await transport.listen(HOST, 0, handler)
-    try:
-        yield listener.port
-    finally:
-        await listener.close()
 
 
 @pytest.mark.spec("T1", "T3")

@@ -19,9 +19,11 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from mesh.errors import ConfigError, PeerTimeout, TransportError
+from mesh.errors import PeerTimeout, TransportError
 from mesh.netif import (
+    Address,
     Interface,
+    check_port,
     local_interfaces,
     route_to_peer,
     shares_subnet,
@@ -29,7 +31,7 @@ from mesh.netif import (
     thunderbolt_interfaces,
 )
 from mesh.security import LinkSecurity
-from transports.tcp import TcpConnection, TcpTransport, _check_port
+from transports.tcp import TcpConnection, TcpTransport
 
 logger = logging.getLogger(__name__)
 
@@ -48,28 +50,7 @@ def _host_key(host: str) -> str:
 
 
 def _format(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def split_host_port(text: str, *, default_port: int | None = None) -> tuple[str, int]:
-    """``"host:port"``, ``"[v6]:port"``, or (with ``default_port``) a bare host or IPv6
-    address, as ``(host, port)``. Raises ConfigError naming what would be valid."""
-    text = text.strip()
-    host, port_text = text, ""
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ConfigError(f"address {text!r} invalid; valid: host:port, [ipv6]:port")
-        port_text = rest[1:]
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-    if not port_text:
-        if default_port is None:
-            raise ConfigError(f"address {text!r} has no port; valid: host:port, [ipv6]:port")
-        port_text = str(default_port)
-    if not host or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
-        raise ConfigError(f"address {text!r} invalid; valid: host:port with port 1..65535")
-    return host, int(port_text)
+    return str(Address(host, port))
 
 
 class TbipTransport(TcpTransport):
@@ -97,11 +78,11 @@ class TbipTransport(TcpTransport):
         ``addresses`` (hosts, on the same port unless given as ``"host:port"``). Replaces
         what was learned before for that peer; an empty list forgets it.
 
-        Raises ConfigError for a malformed address.
+        Raises AddressError (a ConfigError) for a malformed address (``Address.parse``).
         """
-        host, port = split_host_port(lan_address)
-        routes = [split_host_port(a, default_port=port) for a in addresses]
-        key = _format(_host_key(host), port)
+        lan = Address.parse(lan_address)
+        routes = [(a.host, a.port) for a in (Address.parse(text, default_port=lan.port) for text in addresses)]
+        key = _format(_host_key(lan.host), lan.port)
         if routes:
             self._routes[key] = routes
         else:
@@ -156,7 +137,7 @@ class TbipTransport(TcpTransport):
         a learned Thunderbolt address first when one shares a local Thunderbolt subnet
         (within ``THUNDERBOLT_TIMEOUT_SHARE`` of the timeout), else or on failure over
         ``host:port``. Raises as ``TcpTransport.connect`` does for the LAN attempt."""
-        _check_port(port)
+        check_port(port)
         key = _format(_host_key(host), port)
         loop = asyncio.get_running_loop()
         start = loop.time()

@@ -14,6 +14,7 @@ from typing import Any
 from mesh import registry
 from mesh.errors import ConfigError, MeshError
 from mesh.kernel.records import ROLES
+from mesh.netif import check_port
 from mesh.node.links import split_address
 from mesh.placement.planner import OBJECTIVES, PLACEMENTS
 from mesh.runtime.request_core import Timeouts
@@ -75,8 +76,7 @@ class NodeConfig:
     def __post_init__(self) -> None:
         for flag, port in (("--port", self.port), ("--api-port", self.api_port),
                            ("--discovery-port", self.discovery_port)):
-            if not 0 <= port < 65536:
-                raise ConfigError(f"{flag} {port} is not a port (0..65535)")
+            check_port(port, flag)
         for address in self.peers:
             try:
                 split_address(address)

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes, hmac
 
 from mesh import PROTOCOL_MAJOR
 from mesh.errors import ConfigError, FrameError
-from mesh.netif import Interface, local_interfaces
+from mesh.netif import Address, AddressError, Interface, local_interfaces
 from transports.framing import check_cbor_safe
 
 log = logging.getLogger(__name__)
@@ -58,29 +58,23 @@ class AnnouncementError(FrameError):
         self.reason = reason
 
 
-def split_host_port(text: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> (host, port); raises AnnouncementError."""
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if len(text) > 300 or not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-        raise AnnouncementError("fields", f"address {text[:80]!r} is not host:port with port 1-65535")
-    if host not in WILDCARD_HOSTS:
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            if not host.replace("-", "").replace(".", "").isalnum() or not host.isascii():
-                raise AnnouncementError("fields", f"address {text[:80]!r}: host is neither an IP nor a name") from None
-    return host, int(port)
+def parse_address(text: str) -> Address:
+    """An announced ``host:port`` or ``[v6]:port`` (``Address.parse``: at most 300
+    characters, the host an IP, a name or a wildcard, an empty host kept as the wildcard);
+    raises AnnouncementError (reason ``fields``)."""
+    try:
+        return Address.parse(text, empty_host="")
+    except AddressError as exc:
+        raise AnnouncementError("fields", str(exc)) from None
 
 
 def resolve_address(address: str, source_ip: str) -> str:
     """``address`` with a wildcard host (``0.0.0.0``, ``::``, ``*`` or empty) replaced by the
     IP the datagram came from (spec D6)."""
-    host, port = split_host_port(address)
-    if host not in WILDCARD_HOSTS:
+    parsed = parse_address(address)
+    if parsed.host not in WILDCARD_HOSTS:
         return address
-    return f"[{source_ip}]:{port}" if ":" in source_ip else f"{source_ip}:{port}"
+    return str(Address(source_ip, parsed.port))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,9 +94,9 @@ class Announcement:
                 raise AnnouncementError("fields", f"{name} must be a {kind.__name__}")
         if len(self.node_id) != 32 or any(c not in "0123456789abcdef" for c in self.node_id):
             raise AnnouncementError("fields", f"node_id {self.node_id[:40]!r} is not 32 lowercase hex digits")
-        split_host_port(self.address)
+        parse_address(self.address)
         if self.api_address:
-            split_host_port(self.api_address)
+            parse_address(self.api_address)
         if not 0 < len(self.incarnation) <= 64 or not self.incarnation.isascii() \
                 or not self.incarnation.isprintable():
             raise AnnouncementError("fields", "incarnation must be 1-64 printable ASCII characters")

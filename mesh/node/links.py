@@ -27,6 +27,7 @@ from mesh.errors import (
     TransportError,
 )
 from mesh.kernel.records import MemberInfo
+from mesh.netif import Address, AddressError
 from mesh.node.linkstats import PROBE_BYTES, LinkMeter
 from mesh.wire import Message, WireTensor
 from transports.base import Connection, Transport, connect_with_backoff
@@ -42,12 +43,22 @@ class IdentityCollision(ConfigError):
     """Another live process already uses this node's id (e.g. a copied data dir)."""
 
 
+def member_address(address: str) -> Address:
+    """A member's ``host:port`` (``Address.parse``; an empty host means this machine,
+    127.0.0.1). Raises AddressError (a MeshError)."""
+    return Address.parse(address, empty_host="127.0.0.1")
+
+
 def split_address(address: str) -> tuple[str, int]:
-    """``host:port`` -> (host, port); IPv6 hosts may be bracketed. Raises MeshError."""
-    host, sep, port = address.strip().rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise MeshError(f"address {address!r} is not HOST:PORT with a port in 1..65535")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    """``member_address`` as a (host, port) tuple, for the callers that unpack one
+    (mesh/node/addresses.py, NodeConfig's --peer check). Raises AddressError (a MeshError)."""
+    parsed = member_address(address)
+    return parsed.host, parsed.port
+
+
+def _peer_host(peer: str) -> str:
+    """The host of a connection's ``peer`` label (``host:port`` or ``[v6]:port``)."""
+    return peer.rpartition(":")[0].strip("[]")
 
 
 class Links:
@@ -152,12 +163,15 @@ class Links:
     # -- handshake and reader ----------------------------------------------------------
     def _hello(self, conn: Connection) -> Message:
         record = self.me().to_wire()
-        host, _, port = record["address"].rpartition(":")
-        if host.strip("[]") in WILDCARDS and self.advertise is not None:
+        try:
+            own: Address | None = Address.parse(record["address"], empty_host="")
+        except AddressError:
+            own = None
+        if own is not None and own.host in WILDCARDS and self.advertise is not None:
             # spec TB1: tell this peer an address on a subnet we share with it
-            mine = self.advertise(conn.peer.rpartition(":")[0].strip("[]"))
+            mine = self.advertise(_peer_host(conn.peer))
             if mine is not None:
-                record["address"] = f"[{mine}]:{port}" if ":" in mine else f"{mine}:{port}"
+                record["address"] = str(Address(mine, own.port))
         return Message(type="hello", body={"member": record, "model": self.model_id, "started_ms": self.started_ms})
 
     async def _handshake(self, conn: Connection) -> MemberInfo | None:
@@ -207,10 +221,10 @@ class Links:
             await conn.close()
             return None
         self._learn_routes(info)
-        host, port = split_address(info.address)
-        if host in WILDCARDS:  # the peer listens everywhere: use the address we see it on
+        listen = member_address(info.address)
+        if listen.host in WILDCARDS:  # the peer listens everywhere: use the address we see it on
             fields = {k: getattr(info, k) for k in info.__dataclass_fields__}
-            info = MemberInfo(**{**fields, "address": f"{conn.peer.rpartition(':')[0]}:{port}"})
+            info = MemberInfo(**{**fields, "address": str(Address(_peer_host(conn.peer), listen.port))})
         self.conns.setdefault(info.member_id, set()).add(conn)
         self.infos[info.member_id] = info
         log.info("link up: %s at %s (%s)", info.member_id, info.address, conn.peer)
@@ -292,7 +306,8 @@ class Links:
     # -- dialing -----------------------------------------------------------------------
     async def dial_forever(self, address: str, stop: asyncio.Event) -> None:
         """Keep a link to a ``--peer`` address for the life of the node (re-dial with backoff)."""
-        host, port = split_address(address)
+        peer = member_address(address)
+        host, port = peer.host, peer.port
         last_warned = -AUTH_RETRY_S
         while not stop.is_set():
             pause_s = 1.0  # a pause between rounds; each round backs off itself

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,6 @@ from mesh.security import CLUSTER_KEY_BYTES, LinkSecurity
 from mesh.wire import Message, WireTensor
 from transports.base import Connection, ConnectionHandler, Listener, Transport
 from transports.framing import DEFAULT_MAX_FRAME_BYTES
-
 
 HOST = "127.0.0.1"
 T = 10.0  # bound on a wait that should succeed quickly (TLS handshakes on a busy 2-core CI)
@@ -285,3 +285,35 @@ async def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) 
         while not condition():
             await asyncio.sleep(0.01)
     assert condition(), what
+
+
+# --------------------------------------------------------------------------- helpers for transport tests
+
+ECHO_TIMEOUT_S = 5.0  # an echo handler gives up on a silent peer after this
+
+
+def free_port(host: str = HOST) -> int:
+    """A TCP port on ``host`` the OS just handed out and nothing listens on: an address that
+    refuses connections, or one to listen on (another process may take it in between)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+async def echo(conn: Connection, *, timeout_s: float = ECHO_TIMEOUT_S) -> None:
+    """A connection handler that sends every message back as it came, until ``recv`` raises
+    (the peer closed, or sent nothing for ``timeout_s`` seconds: ``TransportError``)."""
+    while True:
+        msg = await conn.recv(timeout_s=timeout_s)
+        await conn.send(msg, timeout_s=timeout_s)
+
+
+@contextlib.asynccontextmanager
+async def serving(transport: Transport, handler: ConnectionHandler = echo, host: str = HOST) -> AsyncIterator[int]:
+    """Listen on ``host`` (a port the OS picks) with ``handler`` (default: ``echo``) for the
+    body of the ``async with``, which gets the port; the listener is closed on the way out."""
+    listener = await transport.listen(host, 0, handler)
+    try:
+        yield listener.port
+    finally:
+        await listener.close()
