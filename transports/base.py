@@ -13,10 +13,10 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from mesh.errors import AuthenticationError, ConfigError, TransportError
 from mesh.security import PeerIdentity
@@ -171,6 +171,68 @@ class Listener(abc.ABC):
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.close()
+
+
+L = TypeVar("L", bound=Connection)
+
+
+class ListenerState(Listener, Generic[L]):
+    """The state every listener keeps and the skeleton of its ``close`` (spec T7).
+
+    It answers ``host`` and ``port`` (``_port`` is set once bound), tracks the accepted
+    links (``_links``; a link removes itself when it closes) and the handler tasks
+    (``_spawn``), and closes in one order for every transport: mark closing (a handshake
+    that ends later hands nothing on), stop accepting (``_stop_accepting``), close every
+    accepted link at once (``_drop_link``), wait at most ``close_timeout_s`` for the handlers
+    to end and then cancel them (``end_tasks``), then ``_finish_close``. ``close`` is
+    idempotent.
+    """
+
+    def __init__(self, host: str, port: int = 0, *, close_timeout_s: float) -> None:
+        self._host = host
+        self._port = port
+        self._close_timeout_s = close_timeout_s
+        self._links: set[L] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run a handler (or handshake) task that ``close`` waits for, or cancels."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)  # tracked from the start: close() ends handshakes too
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._stop_accepting()
+        links = list(self._links)
+        for link in links:
+            self._drop_link(link)
+        await end_tasks(self._tasks, self._close_timeout_s)  # handlers see their recv fail and end
+        await self._finish_close(links)
+
+    def _stop_accepting(self) -> None:
+        """Refuse new connections (close the server socket, leave a registry); the default
+        does nothing."""
+
+    @abc.abstractmethod
+    def _drop_link(self, link: L) -> None:
+        """Close an accepted link at once, without waiting (its handler's recv then fails)."""
+
+    async def _finish_close(self, links: list[L]) -> None:
+        """After the handlers ended: the default closes each link once more, all together,
+        so the wait is bounded once and not per peer."""
+        await asyncio.gather(*(link.close() for link in links))
 
 
 class Transport(abc.ABC):

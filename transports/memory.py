@@ -31,16 +31,16 @@ from mesh.errors import (
     PeerTimeout,
     TransportError,
 )
+from mesh.netif import check_port
 from mesh.security import LinkSecurity, PeerIdentity
 from mesh.wire import Message
 from transports.base import (
     LANES,
     ConnectionHandler,
     LinkState,
-    Listener,
+    ListenerState,
     Transport,
     check_lane,
-    end_tasks,
     serve_connection,
 )
 from transports.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameEncoder
@@ -57,11 +57,6 @@ _port_counter = itertools.count()
 
 def _next_port() -> int:
     return _FIRST_FAKE_PORT + next(_port_counter) % (65536 - _FIRST_FAKE_PORT)
-
-
-def _check_port(port: int) -> None:
-    if not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ConfigError(f"port {port!r} invalid; valid: an integer 0..65535")
 
 
 def _lookup(address: str) -> MemoryListener | None:
@@ -316,28 +311,16 @@ class MemoryConnection(LinkState):
         await asyncio.sleep(0)  # a checkpoint, as every real close has one
 
 
-class MemoryListener(Listener):
+class MemoryListener(ListenerState["MemoryConnection"]):
     """An in-process listener; see ``Listener`` for the contract."""
 
     def __init__(self, transport: MemoryTransport, host: str, port: int,
                  on_connection: ConnectionHandler) -> None:
+        super().__init__(host, port, close_timeout_s=transport.close_timeout_s)
         self._transport = transport
-        self._host = host
-        self._port = port
         self._address = f"{host}:{port}"
         self._on_connection = on_connection
-        self._loop = asyncio.get_running_loop()
-        self._connections: set[MemoryConnection] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._closing = False
-
-    @property
-    def host(self) -> str:
-        return self._host
-
-    @property
-    def port(self) -> int:
-        return self._port
+        self._loop = asyncio.get_running_loop()  # a listener left by a finished loop is stale
 
     def _accept(self, client: MemoryTransport, client_address: str) -> MemoryConnection:
         """Authenticate a connecting transport and return its end of a new link.
@@ -353,29 +336,26 @@ class MemoryListener(Listener):
         server_end = MemoryConnection(
             peer=client_address, max_frame_bytes=self._transport.max_frame_bytes,
             max_buffered_bytes=self._transport.max_buffered_bytes,
-            peer_identity=client_identity, on_closed=self._connections.discard)
+            peer_identity=client_identity, on_closed=self._links.discard)
         client_end = MemoryConnection(
             peer=self._address, max_frame_bytes=client.max_frame_bytes,
             max_buffered_bytes=client.max_buffered_bytes, peer_identity=server_identity)
         MemoryConnection._join(server_end, client_end)
-        self._connections.add(server_end)
-        task = self._loop.create_task(self._serve(server_end))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._links.add(server_end)
+        self._spawn(self._serve(server_end), f"memory link {client_address}")
         return client_end
 
     async def _serve(self, conn: MemoryConnection) -> None:
         await serve_connection(self._on_connection, conn, where=f"memory listener {self._address}", logger=logger)
 
-    async def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
+    def _stop_accepting(self) -> None:
         if _listeners.get(self._address) is self:
             del _listeners[self._address]
-        for conn in list(self._connections):  # spec T7: closing a listener closes its links
-            conn._close_now("listener closed")
-        await end_tasks(self._tasks, self._transport.close_timeout_s)
+
+    def _drop_link(self, link: MemoryConnection) -> None:
+        link._close_now("listener closed")
+
+    async def _finish_close(self, links: list[MemoryConnection]) -> None:
         await asyncio.sleep(0)  # a checkpoint, as every real close has one
 
 
@@ -429,7 +409,7 @@ class MemoryTransport(Transport):
         self.close_timeout_s = close_timeout_s
 
     async def listen(self, host: str, port: int, on_connection: ConnectionHandler) -> MemoryListener:
-        _check_port(port)
+        check_port(port)
         if port == 0:
             for _ in range(65536 - _FIRST_FAKE_PORT):
                 port = _next_port()
@@ -444,7 +424,7 @@ class MemoryTransport(Transport):
         return listener
 
     async def connect(self, host: str, port: int, *, timeout_s: float) -> MemoryConnection:
-        _check_port(port)
+        check_port(port)
         address = f"{host}:{port}"
         try:
             async with asyncio.timeout(timeout_s):

@@ -47,17 +47,17 @@ from mesh.errors import (
     PeerTimeout,
     TransportError,
 )
+from mesh.netif import Address, check_port
 from mesh.security import TLS_SERVER_NAME, LinkSecurity, PeerIdentity
 from mesh.wire import Message
 from transports.base import (
     LANES,
     ConnectionHandler,
     LinkState,
-    Listener,
+    ListenerState,
     RejectLog,
     Transport,
     check_lane,
-    end_tasks,
     serve_connection,
 )
 from transports.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameEncoder
@@ -313,27 +313,15 @@ class QuicLink(LinkState):
             self._udp.close()
 
 
-class QuicListener(Listener):
+class QuicListener(ListenerState["QuicLink"]):
     """A QUIC server; see ``Listener`` for the contract."""
 
     def __init__(self, transport: QuicTransport, host: str, on_connection: ConnectionHandler) -> None:
+        super().__init__(host, close_timeout_s=transport.close_timeout_s)
         self._transport = transport
-        self._host = host
-        self._port = 0
         self._on_connection = on_connection
         self._server: QuicServer | None = None
-        self._links: set[QuicLink] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._closing = False
         self._rejects = RejectLog(logger)
-
-    @property
-    def host(self) -> str:
-        return self._host
-
-    @property
-    def port(self) -> int:
-        return self._port
 
     async def start(self, port: int) -> None:
         t = self._transport
@@ -369,31 +357,23 @@ class QuicListener(Listener):
                         max_inbox_bytes=t.max_inbox_bytes, close_timeout_s=t.close_timeout_s)
         self._links.add(link)
         link.on_closed = self._links.discard
-        task = asyncio.get_running_loop().create_task(self._serve(link), name=f"quic link {peer}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._serve(link), f"quic link {peer}")
 
     async def _serve(self, link: QuicLink) -> None:
         await serve_connection(self._on_connection, link, where=f"quic listener {self._host}:{self._port}",
                                logger=logger)
 
-    async def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        links = list(self._links)
-        for link in links:
-            link._close_now("listener closed")
-        await end_tasks(self._tasks, self._transport.close_timeout_s)
-        await asyncio.gather(*(link.close() for link in links))
-        if self._server is not None:
+    def _drop_link(self, link: QuicLink) -> None:
+        link._close_now("listener closed")
+
+    async def _finish_close(self, links: list[QuicLink]) -> None:
+        await super()._finish_close(links)
+        if self._server is not None:  # last: every link shares the server's UDP socket
             self._server.close()
 
 
 def _format(addr: Any) -> str:
-    host, port = str(addr[0]), addr[1]
-    host = host.removeprefix("::ffff:")
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(Address(str(addr[0]).removeprefix("::ffff:"), int(addr[1])))
 
 
 class QuicTransport(Transport):
@@ -424,13 +404,13 @@ class QuicTransport(Transport):
         self.idle_timeout_s = idle_timeout_s
 
     async def listen(self, host: str, port: int, on_connection: ConnectionHandler) -> QuicListener:
-        _check_port(port)
+        check_port(port)
         listener = QuicListener(self, host, on_connection)
         await listener.start(port)
         return listener
 
     async def connect(self, host: str, port: int, *, timeout_s: float) -> QuicLink:
-        _check_port(port)
+        check_port(port)
         address = f"{host}:{port}"
         loop = asyncio.get_running_loop()
         config = _configuration(self.security, is_client=True, idle_timeout_s=self.idle_timeout_s)
@@ -467,8 +447,3 @@ class QuicTransport(Transport):
         return QuicLink(protocol, peer=address, identity=identity, is_client=True,
                         max_frame_bytes=self.max_frame_bytes, max_inbox_bytes=self.max_inbox_bytes,
                         close_timeout_s=self.close_timeout_s, udp=udp)
-
-
-def _check_port(port: int) -> None:
-    if not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ConfigError(f"port {port!r} invalid; valid: an integer 0..65535")

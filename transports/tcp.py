@@ -26,16 +26,16 @@ from mesh.errors import (
     PeerTimeout,
     TransportError,
 )
+from mesh.netif import Address, check_port
 from mesh.security import LinkSecurity, PeerIdentity
 from mesh.wire import Message
 from transports.base import (
     ConnectionHandler,
     LinkState,
-    Listener,
+    ListenerState,
     RejectLog,
     Transport,
     check_lane,
-    end_tasks,
     serve_connection,
 )
 from transports.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameEncoder
@@ -54,8 +54,7 @@ MAX_HANDSHAKES_PER_HOST = 16
 
 def _format_peer(peername: Any, fallback: str) -> str:
     if isinstance(peername, tuple) and len(peername) >= 2:
-        host = str(peername[0])
-        return f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}"
+        return str(Address(str(peername[0]), int(peername[1])))
     return fallback
 
 
@@ -387,33 +386,20 @@ def _explain_tls(exc: ssl.SSLError, security: LinkSecurity) -> str:
     return reason
 
 
-class TcpListener(Listener):
+class TcpListener(ListenerState[TcpConnection]):
     """A TCP server; see ``Listener`` for the contract."""
 
     def __init__(self, host: str, on_connection: ConnectionHandler, *, max_frame_bytes: int,
                  close_timeout_s: float, security: LinkSecurity | None = None,
                  handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S) -> None:
+        super().__init__(host, close_timeout_s=close_timeout_s)
         self._security = security
         self._handshake_timeout_s = handshake_timeout_s
-        self._host = host
-        self._port = 0
         self._on_connection = on_connection
         self._max_frame_bytes = max_frame_bytes
-        self._close_timeout_s = close_timeout_s
         self._server: asyncio.Server | None = None
-        self._connections: set[TcpConnection] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._closing = False
         self._handshakes: dict[str, int] = {}  # source host -> handshakes in flight
         self._rejects = RejectLog(logger)
-
-    @property
-    def host(self) -> str:
-        return self._host
-
-    @property
-    def port(self) -> int:
-        return self._port
 
     async def start(self, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -427,9 +413,7 @@ class TcpListener(Listener):
         return _LinkProtocol(on_made=self._accepted)
 
     def _accepted(self, protocol: _LinkProtocol) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(protocol), name="tcp accept")
-        self._tasks.add(task)  # tracked from the start: close() waits for (or cancels) handshakes too
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._serve(protocol), "tcp accept")
 
     async def _serve(self, protocol: _LinkProtocol) -> None:
         assert protocol.transport is not None
@@ -460,24 +444,22 @@ class TcpListener(Listener):
                 protocol.transport.abort()
                 return
         conn = TcpConnection(protocol, peer=peer, max_frame_bytes=self._max_frame_bytes,
-                             close_timeout_s=self._close_timeout_s, on_closed=self._connections.discard,
+                             close_timeout_s=self._close_timeout_s, on_closed=self._links.discard,
                              peer_identity=identity)
         if not conn.closed:
-            self._connections.add(conn)
+            self._links.add(conn)
         await serve_connection(self._on_connection, conn, where=f"tcp listener {self._host}:{self._port}",
                                logger=logger)
 
-    async def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
+    def _stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()
-        connections = list(self._connections)
-        for conn in connections:
-            conn._close_now("listener closed", local=True)
-        await end_tasks(self._tasks, self._close_timeout_s)  # handlers see their recv fail and end
-        await asyncio.gather(*(conn.close() for conn in connections))  # bounded once, not per peer
+
+    def _drop_link(self, link: TcpConnection) -> None:
+        link._close_now("listener closed", local=True)
+
+    async def _finish_close(self, links: list[TcpConnection]) -> None:
+        await super()._finish_close(links)
         if self._server is not None:
             try:
                 async with asyncio.timeout(self._close_timeout_s):
@@ -512,7 +494,7 @@ class TcpTransport(Transport):
         self.handshake_timeout_s = handshake_timeout_s
 
     async def listen(self, host: str, port: int, on_connection: ConnectionHandler) -> TcpListener:
-        _check_port(port)
+        check_port(port)
         listener = TcpListener(host, on_connection, max_frame_bytes=self.max_frame_bytes,
                                close_timeout_s=self.close_timeout_s, security=self.security,
                                handshake_timeout_s=self.handshake_timeout_s)
@@ -520,7 +502,7 @@ class TcpTransport(Transport):
         return listener
 
     async def connect(self, host: str, port: int, *, timeout_s: float) -> TcpConnection:
-        _check_port(port)
+        check_port(port)
         address = f"{host}:{port}"
         loop = asyncio.get_running_loop()
         protocol = _LinkProtocol()
@@ -542,8 +524,3 @@ class TcpTransport(Transport):
                 raise
         return TcpConnection(protocol, peer=address, max_frame_bytes=self.max_frame_bytes,
                              close_timeout_s=self.close_timeout_s, peer_identity=identity)
-
-
-def _check_port(port: int) -> None:
-    if not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ConfigError(f"port {port!r} invalid; valid: an integer 0..65535")
