@@ -51,7 +51,7 @@ from typing import Any
 
 import cbor2
 
-from mesh import PROTOCOL_MAJOR, PROTOCOL_MINOR
+from mesh import PROTOCOL_MAJOR, PROTOCOL_MINOR, wire
 from mesh.errors import FrameError
 from mesh.wire import DTYPE_BY_CODE, DTYPES, MAX_TENSOR_DIMS, Message, WireTensor
 
@@ -92,67 +92,21 @@ def _rejecter(tag: int) -> Any:
 _REJECT_SEMANTIC = {tag: _rejecter(tag) for tag in _BUILTIN_TAGS}
 
 
-_SCALARS = frozenset({str, int, float, bool, bytes, type(None)})
-
-
-def _is_safe(value: Any, allow_tuples: bool, depth: int) -> bool:
-    """The fast path of ``check_cbor_safe``: no path strings are built unless it fails
-    (plain loops, not ``all()`` over generators: this runs for every message)."""
-    kind = type(value)
-    if kind in _SCALARS:
-        return True
-    if depth >= MAX_BODY_DEPTH:
-        return False
-    if kind is dict:
-        for key, item in value.items():
-            if type(key) is not str or (type(item) not in _SCALARS and not _is_safe(item, allow_tuples, depth + 1)):
-                return False
-        return True
-    if kind is list or (allow_tuples and kind is tuple):
-        for item in value:
-            if type(item) not in _SCALARS and not _is_safe(item, allow_tuples, depth + 1):
-                return False
-        return True
-    return False
-
-
 def check_cbor_safe(value: Any, *, where: str = "body", allow_tuples: bool = False,
                     depth: int = 0) -> None:
-    """Check ``value`` holds only CBOR-safe values, nested at most ``MAX_BODY_DEPTH`` deep.
-
-    Safe: str, int, float, bool, None, bytes, lists (and tuples when ``allow_tuples``; they
-    decode as lists) and maps with str keys.
+    """Check ``value`` is CBOR-safe by ``mesh.wire.check_cbor_safe``'s rules as a link carries
+    them: bignums, NaN and infinities pass (a message may hold any int or float), nested at
+    most ``MAX_BODY_DEPTH`` deep; tuples pass when ``allow_tuples`` (an encoder's input: they
+    decode as lists).
 
     Raises:
         FrameError: naming the path (``where``) of the first unsafe value.
     """
-    if _is_safe(value, allow_tuples, depth):
-        return
-    _explain_unsafe(value, where=where, allow_tuples=allow_tuples, depth=depth)
-
-
-def _explain_unsafe(value: Any, *, where: str, allow_tuples: bool, depth: int) -> None:
-    """Raise the FrameError naming the first unsafe value (the slow path)."""
-    if value is None or isinstance(value, (str, int, float, bytes)):
-        return
-    if depth >= MAX_BODY_DEPTH:
-        raise FrameError(f"{where} nests deeper than {MAX_BODY_DEPTH} levels")
-    if isinstance(value, list) or (allow_tuples and isinstance(value, tuple)):
-        for i, item in enumerate(value):
-            _explain_unsafe(item, where=f"{where}[{i}]", allow_tuples=allow_tuples,
-                            depth=depth + 1)
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise FrameError(f"{where} has key {key!r}; map keys must be strings")
-            _explain_unsafe(item, where=f"{where}[{key!r}]", allow_tuples=allow_tuples,
-                            depth=depth + 1)
-        return
-    raise FrameError(
-        f"{where} holds a {type(value).__name__}; valid: str, int, float, bool, None, "
-        "bytes, list, str-keyed map"
-    )
+    try:
+        wire.check_cbor_safe(value, max_depth=MAX_BODY_DEPTH, where=where, allow_tuples=allow_tuples,
+                             allow_bignums=True, allow_non_finite=True, depth=depth)
+    except wire.UnsafeValueError as exc:
+        raise FrameError(str(exc)) from None
 
 
 class FrameEncoder:

@@ -18,13 +18,13 @@ specs K2 (causal past) and K4 (absurd timestamps are refused).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import cbor2
 
+from mesh import wire
 from mesh.errors import KernelError
 from mesh.kernel.hlc import Timestamp, check_int
 
@@ -34,7 +34,6 @@ MAX_VV_ENTRIES = 10_000  # origins in one version vector
 MAX_TYPE_LEN = 64  # characters of an event type such as "member.join"
 MAX_VERSION = 2**31 - 1  # payload schema version
 MAX_PAYLOAD_DEPTH = 32  # nesting of lists/maps inside a payload
-MIN_PAYLOAD_INT, MAX_PAYLOAD_INT = -(2**63), 2**64 - 1  # CBOR major types 0/1 without bignums
 WIRE_KEYS = frozenset({"origin", "seq", "hlc", "deps", "type", "version", "payload"})
 
 
@@ -45,40 +44,17 @@ def _check_origin(origin: object) -> str:
 
 
 def check_cbor_safe(value: object, where: str = "payload") -> None:
-    """Raise KernelError unless ``value`` is CBOR-safe: None, bool, int in 64-bit range, finite
-    float, str, bytes, list, or str-keyed dict, nested at most ``MAX_PAYLOAD_DEPTH`` deep.
+    """Raise KernelError unless ``value`` is CBOR-safe by ``mesh.wire.check_cbor_safe``'s rules,
+    strict: no tuples, no bignums (ints in [-2**63, 2**64 - 1]), finite floats only, nested at
+    most ``MAX_PAYLOAD_DEPTH`` deep.
 
-    Tuples, sets, NaN/inf and bignums are refused so that a value survives a CBOR round trip
-    unchanged and compares equal to itself (state hashes depend on it).
+    The kernel is stricter than framing so that a value survives a CBOR round trip unchanged
+    and compares equal to itself (state hashes depend on it).
     """
-    stack: list[tuple[object, str, int]] = [(value, where, 0)]
-    while stack:
-        item, path, depth = stack.pop()
-        if item is None or isinstance(item, (bool, str, bytes)):
-            continue
-        if isinstance(item, int):
-            if not MIN_PAYLOAD_INT <= item <= MAX_PAYLOAD_INT:
-                raise KernelError(f"{path}: integer out of the 64-bit CBOR range")
-            continue
-        if isinstance(item, float):
-            if not math.isfinite(item):
-                raise KernelError(f"{path}: float {item!r} is not finite")
-            continue
-        if isinstance(item, (list, dict)):
-            if depth >= MAX_PAYLOAD_DEPTH:
-                raise KernelError(f"{path}: nested deeper than {MAX_PAYLOAD_DEPTH} levels")
-            if isinstance(item, list):
-                stack.extend((x, f"{path}[{i}]", depth + 1) for i, x in enumerate(item))
-            else:
-                for key, x in item.items():
-                    if not isinstance(key, str):
-                        raise KernelError(f"{path}: map keys must be strings, got {type(key).__name__}")
-                    stack.append((x, f"{path}.{key:.40}", depth + 1))
-            continue
-        raise KernelError(
-            f"{path}: {type(item).__name__} is not CBOR-safe; "
-            "use None, bool, int, float, str, bytes, list or a str-keyed dict"
-        )
+    try:
+        wire.check_cbor_safe(value, max_depth=MAX_PAYLOAD_DEPTH, where=where)
+    except wire.UnsafeValueError as exc:
+        raise KernelError(str(exc)) from None
 
 
 class VersionVector:
