@@ -71,20 +71,35 @@ def discover(kind: str | None = None) -> list[PluginInfo]:
     return found
 
 
-def load(kind: str, name: str) -> Any:
+def load(kind: str, name: str, *, expected: type | None = None) -> Any:
     """The class registered as ``name`` under ``kind``.
 
+    ``expected``: the base class the plugin must subclass (``transports.base.Transport`` for
+    a transport, ``backends.base.Backend`` for a backend). The caller passes it because this
+    module is ground and must not import transports/ or backends/; None checks nothing.
+
     Raises:
-        PluginError: when no such plugin is registered (listing the valid names) or it
-            fails to import (with its error).
+        PluginError: when no such plugin is registered (listing the valid names), it fails
+            to import (with its error), or it is not a subclass of ``expected`` (naming the
+            distribution and the entry point).
     """
     eps = {ep.name: ep for ep in _entry_points(kind)}
     if name not in eps:
         raise PluginError(f"no {kind} named {name!r}; installed: {sorted(eps) or 'none'}")
+    ep = eps[name]
     try:
-        return eps[name].load()
+        cls = ep.load()
     except Exception as exc:
-        raise PluginError(f"{kind} {name!r} ({eps[name].value}) failed to load: {type(exc).__name__}: {exc}") from exc
+        raise PluginError(f"{kind} {name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}") from exc
+    if expected is not None and not (isinstance(cls, type) and issubclass(cls, expected)):
+        # validated at load (pluggy-style): a wrong class would fail later, far from its cause
+        info = _describe(kind, ep, None)
+        got = cls.__qualname__ if isinstance(cls, type) else f"a {type(cls).__name__}, not a class"
+        raise PluginError(
+            f"{kind} {name!r} (entry point {ep.value} in group {GROUPS[kind]}, distribution "
+            f"{info.distribution} {info.version}) is {got}; a {kind} must subclass "
+            f"{expected.__module__}.{expected.__qualname__}")
+    return cls
 
 
 def names(kind: str) -> list[str]:

@@ -8,9 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from backends.base import Backend
 from mesh import registry
 from mesh.errors import BackendError, PluginError
-from mesh.testing.conformance import CHECKS, Fixture, NotSupported, Subject, make_fixture
+from mesh.testing.conformance import (
+    CHECKS,
+    Fixture,
+    NotSupported,
+    Subject,
+    make_fixture,
+)
 
 BACKENDS = sorted(registry.names("backend"))
 
@@ -22,7 +29,7 @@ def fixture(tmp_path_factory: pytest.TempPathFactory) -> Fixture:
 
 def _subject(name: str) -> Subject:
     try:
-        cls = registry.load("backend", name)
+        cls = registry.load("backend", name, expected=Backend)
         cls(device="cpu", dtype="f32")  # a missing optional dependency shows here
     except (PluginError, BackendError, ImportError) as exc:
         pytest.skip(f"backend {name!r} is not usable here: {exc}")

@@ -389,9 +389,10 @@ def test_bad_input_raises_backend_error(tiny: dict[str, Path]) -> None:
 def test_missing_mlx_names_the_extra(monkeypatch: pytest.MonkeyPatch, tiny: dict[str, Path], tmp_path: Path) -> None:
     """Without mlx the plugin still imports; building it (as ``mesh node --backend mlx``
     does at start) is a one-line error naming the extra to install."""
+    from backends.base import Backend
     from mesh import registry
 
-    assert registry.load("backend", "mlx") is MlxBackend
+    assert registry.load("backend", "mlx", expected=Backend) is MlxBackend
     monkeypatch.setitem(sys.modules, "mlx", None)
     monkeypatch.setitem(sys.modules, "mlx.core", None)
     with pytest.raises(BackendError, match=r"pip install 'mesh-cluster\[mlx\]'"):

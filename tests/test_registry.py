@@ -65,3 +65,31 @@ def test_unknown_plugin_names_the_installed_ones() -> None:
     assert "'mlx'" in str(raised.value)  # every registered name, sorted
     with pytest.raises(PluginError, match="unknown plugin kind"):
         registry.load("compiler", "x")
+
+
+@pytest.fixture
+def wrong_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    _fake_distribution(tmp_path, "mesh-wrong-plugin",
+                       "[mesh.backends]\nnot-a-backend = collections:OrderedDict\n"
+                       "not-a-class = os.path:join\n"
+                       "[mesh.transports]\ntorch-as-transport = backends.torch:TorchBackend\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.spec("R3")
+def test_a_plugin_of_the_wrong_class_names_its_distribution_and_entry_point(wrong_plugins: Path) -> None:
+    from backends.base import Backend
+    from transports.base import Transport
+
+    with pytest.raises(PluginError, match=r"backend 'not-a-backend' \(entry point collections:OrderedDict in group "
+                                          r"mesh\.backends, distribution mesh-wrong-plugin 0\.3\) is OrderedDict; "
+                                          r"a backend must subclass backends\.base\.Backend"):
+        registry.load("backend", "not-a-backend", expected=Backend)
+    with pytest.raises(PluginError, match=r"'not-a-class' .* is a function, not a class"):
+        registry.load("backend", "not-a-class", expected=Backend)
+    with pytest.raises(PluginError, match=r"mesh-wrong-plugin .* must subclass transports\.base\.Transport"):
+        registry.load("transport", "torch-as-transport", expected=Transport)
+    assert registry.load("backend", "not-a-backend").__name__ == "OrderedDict"  # nothing expected: no check
+    assert registry.load("backend", "torch", expected=Backend).name == "torch"
+    assert registry.load("transport", "tcp", expected=Transport).name == "tcp"

@@ -29,7 +29,7 @@ from mesh.security import CLUSTER_KEY_BYTES, LinkSecurity
 from mesh.testing.transport_conformance import *  # noqa: F403  (the suite's tests, fixture, pytestmark)
 from mesh.testing.transport_conformance import TransportFactory
 from mesh.wire import Message, WireTensor
-from transports.base import Connection, Listener
+from transports.base import Connection, Listener, Transport
 from transports.memory import MemoryConnection, MemoryTransport
 
 HOST = "127.0.0.1"
@@ -42,7 +42,7 @@ def _factory_params() -> list[Any]:
     classes: list[tuple[str, type | None, str]] = [("memory", MemoryTransport, "")]
     for name in registry.names("transport"):
         try:
-            classes.append((name, registry.load("transport", name), ""))
+            classes.append((name, registry.load("transport", name, expected=Transport), ""))
         except PluginError as exc:
             classes.append((name, None, str(exc)))
     for name, cls, error in classes:
@@ -74,7 +74,7 @@ async def test_suite_covers_memory_and_every_registered_transport() -> None:
     assert "memory" not in registry.names("transport")  # a test tool, not a plugin
     for name in registry.names("transport"):
         try:
-            registry.load("transport", name)
+            registry.load("transport", name, expected=Transport)
         except PluginError:
             continue
         assert {f"{name}-secure", f"{name}-insecure"} <= ids

@@ -43,7 +43,7 @@ class TimedBackend(Backend):
         if inner_name == self.name:
             raise BackendError("MESH_TIMED_INNER cannot name the timed backend itself")
         options = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        self.inner: Backend = registry.load("backend", inner_name)(**options)
+        self.inner: Backend = registry.load("backend", inner_name, expected=Backend)(**options)
         self.logit_tolerance = self.inner.logit_tolerance
         self.timings: dict[str, list[float]] = {"prefill": [], "decode": []}
 
