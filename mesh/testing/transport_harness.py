@@ -287,7 +287,7 @@ async def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) 
     assert condition(), what
 
 
-# --------------------------------------------------------------------------- helpers for transport tests
+# --------------------------------------------------------------------------- shared by the transport tests
 
 ECHO_TIMEOUT_S = 5.0  # an echo handler gives up on a silent peer after this
 
