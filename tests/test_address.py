@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from mesh.errors import ConfigError, MeshError
 from mesh.netif import MAX_ADDRESS_CHARS, Address, AddressError, check_port
 from mesh.node.discovery import AnnouncementError, parse_address, resolve_address
-from mesh.node.links import member_address, split_address
+from mesh.node.links import member_address
 
 
 @pytest.mark.parametrize(("text", "kwargs", "want"), [
@@ -102,7 +102,7 @@ def test_check_port() -> None:
 def test_each_layer_keeps_its_meaning_of_an_empty_host_and_its_error_type() -> None:
     # links dial this machine for ":port"; discovery keeps it as the wildcard it resolves
     assert member_address(":7600") == Address("127.0.0.1", 7600)
-    assert split_address("[::1]:7600") == ("::1", 7600)
+    assert member_address("[::1]:7600") == Address("::1", 7600)
     assert parse_address(":7600") == Address("", 7600)
     assert resolve_address(":7600", "fe80::1%en0") == "[fe80::1%en0]:7600"
     with pytest.raises(AnnouncementError, match="has no port") as info:

@@ -201,7 +201,7 @@ def test_the_node_is_a_composition_root() -> None:
     node_class = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Node")
     assert not node_class.bases, f"Node has base classes {[ast.unparse(b) for b in node_class.bases]}: no mixins"
     lines = len(path.read_text(encoding="utf-8").splitlines())
-    assert lines <= 260, f"mesh/node/node.py has {lines} lines; a composition root is about 250 at most"
+    assert lines <= 255, f"mesh/node/node.py has {lines} lines; a composition root is about 250 at most"
     # no other class of the node's folder takes the node: its parts get narrow ports
     for path in (ROOT / "mesh" / "node").glob("*.py"):
         for fn in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

@@ -220,7 +220,7 @@ def test_insecure_warns_and_an_insecure_transport_is_refused(tmp_path: Path, cap
         secure = False
 
     real_load = registry.load
-    monkeypatch.setattr(registry, "load", lambda kind, name: Plain if name == "plain" else real_load(kind, name))
+    monkeypatch.setattr(registry, "load", lambda kind, name, **kw: Plain if name == "plain" else real_load(kind, name, **kw))
     with pytest.raises(ConfigError, match="does not authenticate"):
         Node(NodeConfig(data_dir=tmp_path / "b", transport="plain", discovery=False))
 

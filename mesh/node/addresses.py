@@ -10,9 +10,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from mesh.netif import advertise_address, local_interfaces
+from mesh.netif import Address, advertise_address, local_interfaces
 from mesh.node.discovery import Discovery, DiscoveryService
-from mesh.node.links import split_address
+from mesh.node.links import member_address
 from mesh.security import LinkSecurity, discovery_key
 
 log = logging.getLogger(__name__)
@@ -20,24 +20,19 @@ log = logging.getLogger(__name__)
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
-def host_port(host: str, port: int) -> str:
-    """``host:port``, with an IPv6 host in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 async def advertised_address(host: str, port: int, interface: str | None) -> tuple[str, Callable[[str], str | None] | None]:
     """(host:port others should dial, a per-peer chooser for the hello or None). The listen
     host, or when it is a wildcard an address on the best interface (``--interface`` pins
     it; spec TB1); the chooser then names, per peer host, one on a subnet shared with it."""
     if host not in WILDCARD_HOSTS:
-        return host_port(host, port), None
+        return str(Address(host, port)), None
     table = await asyncio.to_thread(local_interfaces)
     chosen = advertise_address(table, None, pinned_interface=interface)
 
     def per_peer(peer: str) -> str | None:
         return advertise_address(table, peer, pinned_interface=interface)
 
-    return host_port(chosen if chosen is not None else host or "0.0.0.0", port), per_peer
+    return str(Address(chosen if chosen is not None else host or "0.0.0.0", port)), per_peer
 
 
 async def alt_addresses(transport: Any, host: str) -> tuple[str, ...]:
@@ -65,7 +60,7 @@ async def start_discovery(*, enabled: bool, host: str, discovery_port: int, memb
         log.info("discovery off: the mesh link listens on %s only (use --host 0.0.0.0 to join a LAN)", host)
         return None
     key = security.discovery_key if security is not None else discovery_key(bytes(32))
-    _, port = split_address(address)
+    port = member_address(address).port
     core = Discovery(member_id, key)
     service = DiscoveryService(
         core, port=discovery_port, on_peer=dial,

@@ -15,7 +15,7 @@ from mesh import registry
 from mesh.errors import ConfigError, MeshError
 from mesh.kernel.records import ROLES
 from mesh.netif import check_port
-from mesh.node.links import split_address
+from mesh.node.links import member_address
 from mesh.placement.planner import OBJECTIVES, PLACEMENTS
 from mesh.runtime.request_core import Timeouts
 from mesh.security import LinkSecurity
@@ -79,7 +79,7 @@ class NodeConfig:
             check_port(port, flag)
         for address in self.peers:
             try:
-                split_address(address)
+                member_address(address)
             except MeshError as exc:
                 raise ConfigError(f"--peer: {exc}") from exc
         if not 0.0 < self.memory_fraction <= 1.0:
@@ -132,7 +132,7 @@ def build_transport(config: NodeConfig, security: LinkSecurity | None, label: st
     """The ``--transport`` plugin, built with ``security``; wrapped for fault injection when
     ``--fault-plan`` is given (tests only). Raises ConfigError for a transport that does not
     authenticate links unless ``--insecure``, or one that cannot be built."""
-    transport_cls = registry.load("transport", config.transport)
+    transport_cls = registry.load("transport", config.transport, expected=Transport)
     if security is not None and not getattr(transport_cls, "secure", False):
         raise ConfigError(f"--transport {config.transport} does not authenticate or encrypt links; "
                           f"use one that does ({', '.join(_secure_transports())}) or --insecure")

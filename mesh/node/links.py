@@ -49,13 +49,6 @@ def member_address(address: str) -> Address:
     return Address.parse(address, empty_host="127.0.0.1")
 
 
-def split_address(address: str) -> tuple[str, int]:
-    """``member_address`` as a (host, port) tuple, for the callers that unpack one
-    (mesh/node/addresses.py, NodeConfig's --peer check). Raises AddressError (a MeshError)."""
-    parsed = member_address(address)
-    return parsed.host, parsed.port
-
-
 def _peer_host(peer: str) -> str:
     """The host of a connection's ``peer`` label (``host:port`` or ``[v6]:port``)."""
     return peer.rpartition(":")[0].strip("[]")
@@ -350,7 +343,8 @@ class Links:
         if member_id in self.conns or address in self._dialing or member_id == self.me().member_id:
             return
         try:
-            host, port = split_address(address)
+            parsed = member_address(address)
+            host, port = parsed.host, parsed.port
         except MeshError:
             return
         if host in WILDCARDS:

@@ -90,9 +90,11 @@ class StageLoader:
             self.publish(profile_record(self.profile.flops, self.profile.memory_bandwidth_bytes_per_s,
                                         self.profile.device, calibration=self.calibration))
 
-    async def run(self) -> None:
-        """Load stages as plans change, until cancelled; recalibrations run beside."""
+    async def run(self, joined: asyncio.Event) -> None:
+        """Load stages as plans change, until cancelled; recalibrations run beside, and the
+        profile is published once this node has joined (``joined``, spec P16)."""
         async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._publish_when(joined), name="profile")
             while True:
                 await self._wanted.wait()
                 await asyncio.sleep(SETTLE_S)
@@ -100,6 +102,10 @@ class StageLoader:
                 calibrated = await self._load(self._plan)
                 if calibrated is not None:
                     tasks.create_task(self._recalibrate(calibrated), name="recalibrate")
+
+    async def _publish_when(self, joined: asyncio.Event) -> None:
+        await joined.wait()
+        self.publish_profile()
 
     async def _load(self, plan: Plan | None) -> Backend | None:
         """Bring the held stage to what ``plan`` asks; the newly loaded backend when it could

@@ -1,14 +1,12 @@
 """The node: the composition root. It builds the pieces, hands each the narrow ports it needs,
 runs them in one task group, and reacts to changes of the replicated cluster state.
 
-Cluster state is a CRDT replicated by the kernel: this node writes its own records
-(``mesh/node/records.py``); anti-entropy brings every node the same events, so every node
-folds the same state and computes the same plan from it (``mesh/placement/planner.py``, no
-master). A member whose links are gone (or that stays unreachable) is removed by whoever
-notices (``mesh/node/liveness.py``); a member that finds itself removed while alive writes
-itself back. Requests run on the request plane (``mesh/runtime/plane.py``); the stage this
-node computes is loaded by ``mesh/node/loader.py``.
-Spec: specs/node.md (N1-N5, N9-N14), specs/kernel.md (K9, K10), specs/architecture.md AR4.
+Every node writes its own records (``records.py``) to the kernel's CRDT state; anti-entropy
+brings every node the same events, so all compute the same plan (``placement/planner.py``,
+no master). A member whose links are gone is removed by whoever notices (``liveness.py``); a
+member removed while alive writes itself back. Requests run on ``runtime/plane.py``; this
+node's stage is loaded by ``loader.py``. Spec: specs/node.md (N1-N5, N9-N15), specs/kernel.md
+(K9, K10), specs/architecture.md AR4.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from backends.base import Backend
 from mesh import registry
 from mesh.api.app import create_app
 from mesh.errors import MeshError
@@ -60,7 +59,7 @@ class Node:
         self._data_dir_lock = lock_data_dir(self.data_dir)
         self.member_id = load_or_create_node_id(self.data_dir)
         self.model = Model(resolve_model(config.model))
-        self.backend_cls = registry.load("backend", config.backend)
+        self.backend_cls = registry.load("backend", config.backend, expected=Backend)
         self.backend_cls(**backend_options(config))  # a bad --device or --dtype fails now, not after loading
         self.security = link_security(config, self.data_dir, self.member_id)
         self._stop = asyncio.Event()
@@ -149,7 +148,7 @@ class Node:
             async with asyncio.TaskGroup() as tasks:
                 parts = [tasks.create_task(part, name=name) for part, name in (
                     (self.replication.run(), "kernel"), (plane.run(), "request plane"), (self.monitor.run(), "liveness"),
-                    (self.loader.run(), "loader"), (self._publish_profile(), "profile"),
+                    (self.loader.run(joined=self.records.joined), "loader"),
                     *((self.links.dial_forever(a, self._stop), f"peer {a}") for a in cfg.peers))]
                 if cfg.fault_plan is not None:  # fault injection, for tests only
                     from mesh.node.fault_hooks import watch
@@ -192,11 +191,6 @@ class Node:
     def _fatal(self, error: MeshError) -> None:
         self._fatal_error = error
         self._stop.set()
-
-    async def _publish_profile(self) -> None:
-        await self.records.joined.wait()  # spec P16: published once this node has joined
-        if self.loader is not None:
-            self.loader.publish_profile()
 
     # -- cluster state, placement and readiness ------------------------------------------
     def view(self) -> ClusterView:
