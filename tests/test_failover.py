@@ -157,6 +157,6 @@ def test_a_lost_member_fails_only_the_attempts_through_it_and_frees_what_it_coor
     results, cluster = asyncio.run(go())
     assert results[0] == _reference(GREEDY)  # survived the loss of its middle stage
     for member in cluster.alive:  # nothing of m1's request is left on the survivors
-        assert not any(req.startswith(tuple(cluster.nodes["m1"].coordinator._pending)) for req in
+        assert not any(req.startswith(tuple(cluster.nodes["m1"].coordinator._live)) for req in
                        cluster.nodes[member].worker.caches)
         assert cluster.nodes[member].worker.caches == {}

@@ -12,7 +12,17 @@ from hypothesis import strategies as st
 
 from mesh.errors import FrameError
 from mesh.runtime import messages
-from mesh.runtime.messages import Forward, KvLoad, KvLoaded, KvPush, KvReplica, Release, Released, StepError, Token
+from mesh.runtime.messages import (
+    Forward,
+    KvLoad,
+    KvLoaded,
+    KvPush,
+    KvReplica,
+    Release,
+    Released,
+    StepError,
+    Token,
+)
 from mesh.runtime.stage_core import COMPUTE, DROP, Replay, StageLedger
 from mesh.wire import Message, WireTensor
 

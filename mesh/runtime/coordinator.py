@@ -28,7 +28,16 @@ from mesh.models import Model
 from mesh.placement.perf import Measured
 from mesh.runtime.engine import SamplingParams
 from mesh.runtime.kvreplica import ReplicaStore
-from mesh.runtime.messages import Forward, KvLoad, KvLoaded, KvReplica, Release, Released, StepError, Token
+from mesh.runtime.messages import (
+    Forward,
+    KvLoad,
+    KvLoaded,
+    KvReplica,
+    Release,
+    Released,
+    StepError,
+    Token,
+)
 from mesh.runtime.metrics import NodeMetrics
 from mesh.runtime.reqstats import RequestLog, RequestStats
 from mesh.runtime.request_core import (

@@ -20,7 +20,17 @@ from mesh.errors import FrameError, MeshError
 from mesh.models import Model
 from mesh.runtime import messages
 from mesh.runtime.coordinator import Coordinator
-from mesh.runtime.messages import Forward, KvLoad, KvLoaded, KvPush, KvReplica, Release, Released, StepError, Token
+from mesh.runtime.messages import (
+    Forward,
+    KvLoad,
+    KvLoaded,
+    KvPush,
+    KvReplica,
+    Release,
+    Released,
+    StepError,
+    Token,
+)
 from mesh.runtime.metrics import NodeMetrics
 from mesh.runtime.request_core import PlanState, Timeouts
 from mesh.runtime.stage import StageWorker

@@ -20,7 +20,15 @@ from backends.base import Backend
 from mesh.errors import MeshError, RequestFailed, TransportError
 from mesh.runtime.engine import SamplingParams
 from mesh.runtime.kvreplica import pack_kv, unpack_kv
-from mesh.runtime.messages import Forward, KvLoad, KvLoaded, KvPush, KvReplica, StepError, Token
+from mesh.runtime.messages import (
+    Forward,
+    KvLoad,
+    KvLoaded,
+    KvPush,
+    KvReplica,
+    StepError,
+    Token,
+)
 from mesh.runtime.sampling import sample
 from mesh.runtime.stage_core import COMPUTE, Replay, StageLedger
 from mesh.wire import Message
@@ -84,16 +92,11 @@ class StageWorker:
         return req in self.caches or self.ledger.started(req)
 
     async def on_forward(self, fwd: Forward) -> None:
-        """Handle one ``forward`` step; any failure goes back to the coordinator as ``error``."""
+        """Handle one ``forward`` step; any failure, sending its output included, goes back to
+        the coordinator as ``error`` (never out of this handler: it would end the plane)."""
         req = fwd.req
-        decision = self.ledger.step(req, fwd.step)
-        if isinstance(decision, Replay):
-            await self.send(decision.member, decision.message)
-            return
-        if decision != COMPUTE:
-            return
         try:
-            out = await self._compute(fwd)
+            sent = await self._step(fwd)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # every failure of a step must reach the waiting request
@@ -110,9 +113,8 @@ class StageWorker:
             except MeshError as send_exc:
                 log.warning("cannot report failure of req=%s to %s: %s", req, fwd.coord, send_exc)
             return
-        member, message = out if out is not None else (None, None)
-        if self.ledger.computed(req, fwd.step, member, message):
-            await self.send(member, message)  # type: ignore[arg-type]
+        if not sent:
+            return
         push = self._push_due.pop(req, None)
         if push is not None and not self.ledger.is_released(req):  # after the step's own output
             await self._push_kv(req, fwd.coord, *push)
@@ -120,12 +122,25 @@ class StageWorker:
         if due is not None and not self.ledger.is_released(req):
             await self._send_replica(req, fwd.coord, *due)
 
+    async def _step(self, fwd: Forward) -> bool:
+        """Compute, replay or drop one step and send its output; True when it was computed."""
+        decision = self.ledger.step(fwd.req, fwd.step)
+        if isinstance(decision, Replay):
+            await self.send(decision.member, decision.message)
+            return False
+        if decision != COMPUTE:
+            return False
+        out = await self._compute(fwd)
+        member, message = out if out is not None else (None, None)
+        if self.ledger.computed(fwd.req, fwd.step, member, message):
+            await self.send(member, message)  # type: ignore[arg-type]
+        return True
+
     async def on_kv_load(self, sender: str, load: KvLoad) -> None:
         """Handle a ``kv.load``: start request ``req``'s KV cache from a replica block (spec
         FO8) and answer ``kv.loaded`` (``ok``, or why not) to the sender. A request that has
         started computing here, or was released, is not loaded again."""
         req = load.req
-        reply = KvLoaded(req=req, member=self.member_id, end=load.end, ok=True)
         try:
             backend = self.backend
             if backend is None:
@@ -140,11 +155,20 @@ class StageWorker:
             self.caches[req] = cache
             self.ledger.touch(req, load.coord, self.clock())
         except MeshError as exc:
-            reply = KvLoaded(req=req, member=self.member_id, end=load.end, ok=False, message=f"{self.member_id}: {exc}")
+            await self._answer_kv(sender, req, load.end, exc)
+            return
+        await self._answer_kv(sender, req, load.end, None)
+
+    async def _answer_kv(self, member: str, req: str, end: int, error: MeshError | None) -> None:
+        """Answer ``kv.loaded`` to ``member``: ``req``'s KV cache for positions [0, ``end``) is
+        in place, or why not (``error``). A send that fails is only logged: the waiting
+        coordinator's deadline covers it (spec FO8, N13)."""
+        reply = KvLoaded(req=req, member=self.member_id, end=end, ok=error is None,
+                         message="" if error is None else f"{self.member_id}: {error}")
         try:
-            await self.send(sender, reply.to_message())
+            await self.send(member, reply.to_message())
         except MeshError as exc:
-            log.info("cannot answer kv.load of req=%s: %s", req, exc)
+            log.info("cannot answer kv.loaded of req=%s to %s: %s", req, member, exc)
 
     async def _push_kv(self, req: str, coordinator: str, backend: Backend, cache: Any, n: int,
                        decode_route: list[Any]) -> None:
@@ -176,7 +200,6 @@ class StageWorker:
         req, end = push.req, push.end
         if self._taken(req):
             return  # decode started without it (the prefill was recomputed here), or it ended
-        reply = KvLoaded(req=req, member=self.member_id, end=end, ok=True)
         try:
             backend = self.backend
             if backend is None or (backend.layer_start, backend.layer_end) != push.layer_range:
@@ -189,7 +212,7 @@ class StageWorker:
                     raise RequestFailed(f"layer {g}: KV for {keys.shape[2]} positions, {end} announced")
                 pending[g] = (g, keys, values)
             if set(pending) != set(range(backend.layer_start, backend.layer_end)):
-                return
+                return  # more layers to come
             del self._pushes[req]
             layers = [pending[g] for g in range(backend.layer_start, backend.layer_end)]
             cache = backend.new_cache()
@@ -199,11 +222,9 @@ class StageWorker:
             self.caches[req] = cache
         except MeshError as exc:
             self._pushes.pop(req, None)
-            reply = KvLoaded(req=req, member=self.member_id, end=end, ok=False, message=f"{self.member_id}: {exc}")
-        try:
-            await self.send(push.coord, reply.to_message())
-        except MeshError as exc:
-            log.info("cannot tell %s the KV of req=%s arrived: %s", push.coord, req, exc)
+            await self._answer_kv(push.coord, req, end, exc)
+            return
+        await self._answer_kv(push.coord, req, end, None)
 
     async def _send_replica(self, req: str, coordinator: str, backend: Backend, cache: Any, pos: int, n: int) -> None:
         """Send the KV entries a step appended, positions [pos, pos + n), to the request's

@@ -245,6 +245,8 @@ class MiniCluster:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
+        """Stop delivering, cancel every message in flight and every member's plane, and wait
+        for them. Raises ExceptionGroup when a plane had ended on an unexpected handler error."""
         self.alive.clear()  # nothing is delivered from now on
         while self._tasks:
             for task in list(self._tasks):
@@ -252,9 +254,13 @@ class MiniCluster:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for node in self.nodes.values():
             node.task.cancel()
-        await asyncio.gather(*(node.task for node in self.nodes.values()), return_exceptions=True)
+        ended = await asyncio.gather(*(node.task for node in self.nodes.values()), return_exceptions=True)
         for node in self.nodes.values():
             node.executor.shutdown(wait=False, cancel_futures=True)
+        # a plane that ended on its own had an unexpected handler error: the test must see it
+        errors = [e for e in ended if isinstance(e, Exception)]
+        if errors:
+            raise ExceptionGroup("a member's request plane failed", errors)
 
 
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]  # the prompt the failover tests send
