@@ -24,6 +24,7 @@ from openai import AsyncOpenAI
 from mesh.api.app import create_app
 from mesh.errors import ApiError, MeshError, RequestFailed
 from mesh.testing import FakeEngine, ToyTokenizer
+from mesh.testing.fake_engine import FakeStatus
 from mesh.testing.tokenizers import smollm2_dir, smollm2_tokenizer
 
 MODEL = "fake/model"
@@ -83,8 +84,13 @@ def engine() -> FakeEngine:
 
 
 @pytest.fixture
-async def client(engine: FakeEngine) -> AsyncIterator[httpx.AsyncClient]:
-    async with client_for(create_app(engine)) as c:
+def cluster_status() -> FakeStatus:
+    return FakeStatus(cluster={"model": MODEL, "num_layers": 1, "members": []})
+
+
+@pytest.fixture
+async def client(engine: FakeEngine, cluster_status: FakeStatus) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(create_app(engine, cluster_status)) as c:
         yield c
 
 
@@ -372,7 +378,7 @@ FIELDS = [
 def test_random_bodies_never_5xx(changes: dict[str, Any], message: dict[str, Any]) -> None:
     async def go() -> httpx.Response:
         engine = FakeEngine(script=toy_ids("ok"), model_id=MODEL, context_length=256)
-        async with client_for(create_app(engine)) as c:
+        async with client_for(create_app(engine, FakeStatus())) as c:
             request = body(messages=[message] if message else [{"role": "user", "content": "x"}])
             request.update(changes)
             return await c.post("/v1/chat/completions", json=request)
@@ -388,7 +394,7 @@ async def test_unexpected_exception_is_503_without_traceback() -> None:
     engine = FakeEngine(
         script=toy_ids("x"), model_id=MODEL, encode_error=ZeroDivisionError("secret internals")
     )
-    async with client_for(create_app(engine)) as c:
+    async with client_for(create_app(engine, FakeStatus())) as c:
         r = await c.post("/v1/chat/completions", json=body())
     error = assert_error_shape(r, 503)
     assert error["type"] == "server_error" and error["code"] == "internal_error"
@@ -397,11 +403,11 @@ async def test_unexpected_exception_is_503_without_traceback() -> None:
 
 @pytest.mark.spec("A2", "A9")
 async def test_health_that_raises_is_503() -> None:
-    class Broken(FakeEngine):
+    class Broken(FakeStatus):
         def health(self) -> tuple[bool, str]:
             raise RuntimeError("boom")
 
-    async with client_for(create_app(Broken(model_id=MODEL))) as c:
+    async with client_for(create_app(FakeEngine(model_id=MODEL), Broken())) as c:
         r = await c.get("/health")
     assert_error_shape(r, 503)
 
@@ -519,7 +525,7 @@ async def test_finish_reason_stop_string(engine: FakeEngine, client: httpx.Async
 @pytest.mark.spec("A8")
 async def test_finish_reason_length_when_eos_is_the_last_allowed_token() -> None:
     engine = FakeEngine(script=toy_ids("ab"), model_id=MODEL)  # "a", "b", EOS
-    async with client_for(create_app(engine)) as c:
+    async with client_for(create_app(engine, FakeStatus())) as c:
         r = await c.post("/v1/chat/completions", json=body(max_tokens=3))
     assert r.json()["choices"][0]["finish_reason"] == "stop"
 
@@ -615,7 +621,7 @@ async def test_include_usage_chunk(engine: FakeEngine, client: httpx.AsyncClient
 async def test_stop_string_split_across_tokens_never_leaks_in_sse() -> None:
     # One byte per token: "STOP" arrives as four tokens; "ST" alone appears earlier.
     engine = FakeEngine(script=toy_ids("a ST b STOP after"), model_id=MODEL)
-    async with client_for(create_app(engine)) as c:
+    async with client_for(create_app(engine, FakeStatus())) as c:
         events = await stream_events(c, stop="STOP")
     pieces = contents(events)
     assert "".join(pieces) == "a ST b "
@@ -628,7 +634,7 @@ async def test_stop_string_split_across_tokens_never_leaks_in_sse() -> None:
 async def test_split_utf8_is_never_streamed_broken() -> None:
     text = "é😀世界👨‍👩‍👧!"
     engine = FakeEngine(script=toy_ids(text), model_id=MODEL)  # one byte per token
-    async with client_for(create_app(engine)) as c:
+    async with client_for(create_app(engine, FakeStatus())) as c:
         events = await stream_events(c)
     pieces = contents(events)
     assert "".join(pieces) == text
@@ -649,7 +655,7 @@ async def test_real_tokenizer_stream_with_stop() -> None:
         model_id=MODEL,
         eos_token_ids=frozenset({tok.eos_token_id}),
     )
-    async with client_for(create_app(engine)) as c:
+    async with client_for(create_app(engine, FakeStatus())) as c:
         events = await stream_events(c, stop=["\nUser:"])
         plain = await stream_events(c)
     assert "".join(contents(events)) == "Bonjour 😀 世界! The answer is 42."
@@ -665,7 +671,7 @@ async def test_failure_mid_stream_is_an_error_event_then_done() -> None:
         fail_after=3,
         error=RequestFailed("stage 2 timed out"),
     )
-    async with client_for(create_app(engine)) as c:
+    async with client_for(create_app(engine, FakeStatus())) as c:
         events = await stream_events(c, stream_options={"include_usage": True})
     assert events[-1] == "[DONE]"
     error_event = events[-2]
@@ -681,7 +687,7 @@ async def test_unexpected_exception_mid_stream_is_an_error_event() -> None:
     engine = FakeEngine(
         script=toy_ids("Hello"), model_id=MODEL, fail_after=2, error=KeyError("internal detail")
     )
-    async with client_for(create_app(engine)) as c:
+    async with client_for(create_app(engine, FakeStatus())) as c:
         r = await c.post("/v1/chat/completions", json=body(stream=True))
     events = parse_sse(r.text)
     assert events[-1] == "[DONE]"
@@ -701,7 +707,7 @@ async def test_failure_before_first_token_is_503(stream: bool) -> None:
         fail_after=0,
         error=RequestFailed("no stage answered"),
     )
-    async with client_for(create_app(engine)) as c:
+    async with client_for(create_app(engine, FakeStatus())) as c:
         r = await c.post("/v1/chat/completions", json=body(stream=stream))
     error = assert_error_shape(r, 503)
     assert (error["type"], error["code"]) == ("server_error", "request_failed")
@@ -714,7 +720,7 @@ async def test_api_error_from_engine_keeps_its_status() -> None:
     engine = FakeEngine(
         model_id=MODEL, encode_error=ApiError("Conversation roles must alternate", param="messages")
     )
-    async with client_for(create_app(engine)) as c:
+    async with client_for(create_app(engine, FakeStatus())) as c:
         r = await c.post("/v1/chat/completions", json=body())
     error = assert_error_shape(r, 400)
     assert error["param"] == "messages"
@@ -723,7 +729,7 @@ async def test_api_error_from_engine_keeps_its_status() -> None:
 @pytest.mark.spec("A16")
 async def test_other_mesh_error_is_503() -> None:
     engine = FakeEngine(model_id=MODEL, encode_error=MeshError("tokenizer not loaded"))
-    async with client_for(create_app(engine)) as c:
+    async with client_for(create_app(engine, FakeStatus())) as c:
         r = await c.post("/v1/chat/completions", json=body())
     assert assert_error_shape(r, 503)["type"] == "server_error"
 
@@ -793,7 +799,7 @@ def first_content_sent(message: dict[str, Any]) -> bool:
 async def test_disconnect_mid_stream_cancels_generation(spec_version: str) -> None:
     engine = FakeEngine(script=toy_ids("Hello world"), model_id=MODEL, hang_after=3)
     sent = await drive_asgi(
-        create_app(engine),
+        create_app(engine, FakeStatus()),
         body(stream=True),
         disconnect_when=first_content_sent,
         spec_version=spec_version,
@@ -806,7 +812,7 @@ async def test_disconnect_mid_stream_cancels_generation(spec_version: str) -> No
 @pytest.mark.spec("A7")
 async def test_disconnect_while_waiting_for_a_slow_non_stream_answer_cancels() -> None:
     engine = FakeEngine(script=toy_ids("Hello world"), model_id=MODEL, hang_after=3)
-    app = create_app(engine)
+    app = create_app(engine, FakeStatus())
 
     async def disconnect_later() -> list[dict[str, Any]]:
         return await drive_asgi(app, body(), disconnect_when=lambda m: False)
@@ -826,7 +832,7 @@ async def test_disconnect_while_waiting_for_a_slow_non_stream_answer_cancels() -
 async def test_non_stream_disconnect_message_cancels() -> None:
     # The client is gone as soon as the body is read; the engine hangs after 3 tokens.
     engine = FakeEngine(script=toy_ids("Hello world"), model_id=MODEL, hang_after=3)
-    sent = await drive_asgi(create_app(engine), body(), disconnect_when=lambda m: m == {})
+    sent = await drive_asgi(create_app(engine, FakeStatus()), body(), disconnect_when=lambda m: m == {})
     await engine.wait_cancelled(timeout_s=5)
     assert engine.requests[0].state == "cancelled"
     assert sent[0]["status"] == 499
@@ -835,7 +841,7 @@ async def test_non_stream_disconnect_message_cancels() -> None:
 @pytest.mark.spec("A7")
 async def test_client_gone_before_headers_still_closes_the_engine() -> None:
     engine = FakeEngine(script=toy_ids("Hello world"), model_id=MODEL, hang_after=3)
-    app = create_app(engine)
+    app = create_app(engine, FakeStatus())
     sent_starts: list[dict[str, Any]] = []
 
     async def failing_send(message: dict[str, Any]) -> None:
@@ -863,7 +869,7 @@ async def test_disconnect_over_a_real_socket_cancels_generation() -> None:
     port = sock.getsockname()[1]
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(engine), log_level="warning", lifespan="off", timeout_graceful_shutdown=2
+            create_app(engine, FakeStatus()), log_level="warning", lifespan="off", timeout_graceful_shutdown=2
         )
     )
     serving = asyncio.ensure_future(server.serve(sockets=[sock]))
@@ -891,10 +897,11 @@ async def test_disconnect_over_a_real_socket_cancels_generation() -> None:
 
 
 @pytest.mark.spec("A9")
-async def test_health_ready_and_not_ready(engine: FakeEngine, client: httpx.AsyncClient) -> None:
+async def test_health_ready_and_not_ready(engine: FakeEngine, cluster_status: FakeStatus,
+                                          client: httpx.AsyncClient) -> None:
     r = await client.get("/health")
     assert (r.status_code, r.json()) == (200, {"status": "ok"})
-    engine.ready = (False, "stage 1 (layers 15-29) has no node")
+    cluster_status.ready = (False, "stage 1 (layers 15-29) has no node")
     r = await client.get("/health")
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert r.json()["status"] == "unavailable"
@@ -919,8 +926,8 @@ async def test_models_list_and_retrieve(client: httpx.AsyncClient) -> None:
 
 
 @pytest.mark.spec("A9")
-async def test_cluster_info(engine: FakeEngine, client: httpx.AsyncClient) -> None:
-    engine.cluster = {
+async def test_cluster_info(cluster_status: FakeStatus, client: httpx.AsyncClient) -> None:
+    cluster_status.cluster = {
         "model": MODEL,
         "num_layers": 30,
         "members": [
@@ -935,7 +942,7 @@ async def test_cluster_info(engine: FakeEngine, client: httpx.AsyncClient) -> No
         ],
     }
     r = await client.get("/v1/cluster")
-    assert r.status_code == 200 and r.json() == engine.cluster
+    assert r.status_code == 200 and r.json() == cluster_status.cluster
 
 
 # -- A12: API key ---------------------------------------------------------------------------
@@ -943,7 +950,7 @@ async def test_cluster_info(engine: FakeEngine, client: httpx.AsyncClient) -> No
 
 @pytest.mark.spec("A12")
 async def test_api_key(engine: FakeEngine) -> None:
-    async with client_for(create_app(engine, api_key="s3cret")) as c:
+    async with client_for(create_app(engine, FakeStatus(), api_key="s3cret")) as c:
         for headers in (
             {},
             {"Authorization": "Bearer wrong"},
@@ -965,10 +972,10 @@ async def test_api_key(engine: FakeEngine) -> None:
         )
         assert ok.status_code == 200
     assert len(engine.requests) == 1
-    client = openai_for(create_app(engine, api_key="s3cret"), api_key="s3cret")
+    client = openai_for(create_app(engine, FakeStatus(), api_key="s3cret"), api_key="s3cret")
     assert (await client.models.list()).data[0].id == MODEL
     with pytest.raises(openai.AuthenticationError):
-        await openai_for(create_app(engine, api_key="s3cret"), api_key="bad").models.list()
+        await openai_for(create_app(engine, FakeStatus(), api_key="s3cret"), api_key="bad").models.list()
 
 
 # -- the official openai client -------------------------------------------------------------
@@ -976,7 +983,7 @@ async def test_api_key(engine: FakeEngine) -> None:
 
 @pytest.mark.spec("A3", "A4", "A8")
 async def test_openai_client_non_stream(engine: FakeEngine) -> None:
-    client = openai_for(create_app(engine))
+    client = openai_for(create_app(engine, FakeStatus()))
     completion = await client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5, seed=1
     )
@@ -987,7 +994,7 @@ async def test_openai_client_non_stream(engine: FakeEngine) -> None:
 
 @pytest.mark.spec("A3", "A4", "A5")
 async def test_openai_client_stream(engine: FakeEngine) -> None:
-    client = openai_for(create_app(engine))
+    client = openai_for(create_app(engine, FakeStatus()))
     stream = await client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "hi"}],
@@ -1008,7 +1015,7 @@ async def test_openai_client_stream(engine: FakeEngine) -> None:
 
 @pytest.mark.spec("A1", "A10", "A15")
 async def test_openai_client_errors(engine: FakeEngine) -> None:
-    client = openai_for(create_app(engine))
+    client = openai_for(create_app(engine, FakeStatus()))
     with pytest.raises(openai.BadRequestError) as bad:
         await client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2
@@ -1030,7 +1037,7 @@ async def test_openai_client_sees_mid_stream_error() -> None:
         fail_after=3,
         error=RequestFailed("stage lost"),
     )
-    client = openai_for(create_app(engine))
+    client = openai_for(create_app(engine, FakeStatus()))
     stream = await client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
     )
@@ -1044,7 +1051,7 @@ async def test_ignore_eos_generates_exactly_max_tokens() -> None:
     """vLLM's ``ignore_eos`` extension: end-of-sequence does not end generation."""
     eos = ToyTokenizer.eos_token_id
     engine = FakeEngine(script=toy_ids("Hi") + [eos] + toy_ids("there"), model_id=MODEL, append_eos=False)
-    app = create_app(engine)
+    app = create_app(engine, FakeStatus())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
         r = await client.post("/v1/chat/completions", json=body(max_tokens=6, ignore_eos=True))
         data = r.json()

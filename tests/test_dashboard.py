@@ -14,6 +14,7 @@ import pytest
 
 from mesh.api.app import create_app
 from mesh.testing import FakeEngine, ToyTokenizer
+from mesh.testing.fake_engine import FakeStatus
 
 MODEL = "fake/model"
 KEY = "s3cret"
@@ -37,7 +38,7 @@ class _Refs(HTMLParser):
 
 def _app(api_key: str | None = KEY) -> object:
     engine = FakeEngine(script=ToyTokenizer().encode("Hello"), model_id=MODEL, context_length=64)
-    return create_app(engine, api_key=api_key)
+    return create_app(engine, FakeStatus(), api_key=api_key)
 
 
 def _client(app: object) -> httpx.AsyncClient:

@@ -25,6 +25,7 @@ from mesh.api.app import create_app
 from mesh.errors import RequestFailed
 from mesh.testing import FakeEngine, ToyTokenizer
 from mesh.testing.cluster import LocalCluster, http_json
+from mesh.testing.fake_engine import FakeStatus
 
 pytestmark = pytest.mark.slow
 
@@ -147,9 +148,10 @@ def test_dashboard_asks_for_the_key_escapes_text_and_shows_stream_errors() -> No
         "links": [], "local": {"id": "a" * 64}, "events": [{"type": "status.set", "key": HOSTILE,
                                                           "origin": "a" * 64, "seq": 1, "time_ms": 0}],
     }
-    engine = FakeEngine(script=ToyTokenizer().encode("Hello world"), cluster=cluster, fail_after=3,
+    engine = FakeEngine(script=ToyTokenizer().encode("Hello world"), fail_after=3,
                         error=RequestFailed("stage 1 went away"))
-    with _serve(create_app(engine, api_key="k3y")) as url, sync_playwright() as p:
+    status = FakeStatus(cluster=cluster)
+    with _serve(create_app(engine, status, api_key="k3y")) as url, sync_playwright() as p:
         browser = _launch(p, chromium)
         try:
             page = browser.new_page()
@@ -177,7 +179,7 @@ def test_dashboard_asks_for_the_key_escapes_text_and_shows_stream_errors() -> No
             expect(answer.locator(".error")).to_contain_text("stage 1 went away")
             assert engine.requests[0].params.max_tokens == 128
             # an HTTP error (OpenAI's error JSON) is shown with its status and message
-            engine.ready = (False, "loading layers")
+            status.ready = (False, "loading layers")
             page.fill("#chat-input", "again")
             page.click("#chat-send")
             expect(answer).to_have_count(2, timeout=10_000)

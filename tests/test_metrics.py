@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mesh.api.app import create_app
 from mesh.runtime.engine import SamplingParams
 from mesh.runtime.metrics import NodeMetrics
-from mesh.testing.fake_engine import FakeEngine
+from mesh.testing.fake_engine import FakeEngine, FakeStatus
 from mesh.testing.minicluster import MiniCluster
 
 
@@ -66,13 +66,14 @@ def test_a_coordinator_counts_its_requests_and_failovers() -> None:
 
 @pytest.mark.spec("A17")
 async def test_the_route_serves_the_engine_metrics_or_404() -> None:
-    engine = FakeEngine(script=[5, 6])
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(engine)), base_url="http://t") as c:
+    engine, status = FakeEngine(script=[5, 6]), FakeStatus()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(engine, status)),
+                                 base_url="http://t") as c:
         r = await c.get("/metrics")
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     metrics = NodeMetrics(lambda: {"kv_caches": 0})
-    engine.metrics_text = metrics.text  # type: ignore[attr-defined]
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(engine, api_key="k")),
+    status.metrics = metrics.text
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(engine, status, api_key="k")),
                                  base_url="http://t") as c:
         assert (await c.get("/metrics")).status_code == 401
         r = await c.get("/metrics", headers={"Authorization": "Bearer k"})

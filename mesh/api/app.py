@@ -1,7 +1,8 @@
-"""The OpenAI-compatible HTTP API of a node: ``create_app(engine)`` returns a FastAPI app.
+"""The OpenAI-compatible HTTP API of a node: ``create_app(engine, status)`` returns a FastAPI app.
 
-Depends only on the ``Engine`` protocol (mesh/runtime/engine.py), never on the runtime, transports
-or backends, so it is tested against ``mesh.testing.FakeEngine``. Spec: specs/api.md (A1-A18).
+Depends only on the ``Engine`` and ``ClusterStatus`` protocols (mesh/runtime/engine.py), never on
+the runtime, transports or backends, so it is tested against ``mesh.testing.FakeEngine`` and
+``FakeStatus``. Spec: specs/api.md (A1-A18).
 
 Status codes (spec A1, A2): bad input is always 4xx with OpenAI's error JSON -- malformed
 JSON, wrong types and out-of-range values 400 (OpenAI answers 400, not FastAPI's 422), a bad
@@ -239,24 +240,19 @@ def _sse(data: dict[str, Any] | str) -> bytes:
 
 def create_app(
     engine: Engine,
-    status: ClusterStatus | None = None,
+    status: ClusterStatus,
     *,
     api_key: str | None = None,
     clock: Callable[[], float] = time.time,
 ) -> FastAPI:
-    """The node's OpenAI-compatible API over ``engine``, reporting ``status`` (``/health``,
-    ``/v1/cluster``, ``/metrics``); without ``status`` the engine must report its own
-    (TypeError otherwise).
+    """The node's OpenAI-compatible API: requests run on ``engine``; ``status`` reports
+    ``/health``, ``/v1/cluster`` and ``/metrics``.
 
     ``api_key``: when set, every path but ``/health`` and the dashboard page ``/`` needs
     ``Authorization: Bearer <api_key>`` (spec A12, A18). ``clock``: seconds since the epoch,
     for ``created`` fields. Routes: POST /v1/chat/completions, GET /v1/models,
     GET /v1/models/{model}, GET /v1/cluster, GET /metrics, GET /health, GET / (dashboard).
     """
-    if status is None:
-        if not isinstance(engine, ClusterStatus):
-            raise TypeError("create_app needs a ClusterStatus: the engine does not report health and cluster info")
-        status = engine
     app = FastAPI(
         title="mesh",
         docs_url=None,
@@ -288,7 +284,7 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        # spec A17: Prometheus text format, from the engine when it keeps metrics
+        # spec A17: Prometheus text format, from the status when the node keeps metrics
         text = status.metrics_text()
         if text is None:
             raise ApiError("This node keeps no metrics.", status=404, code="not_found")

@@ -3,8 +3,10 @@
 It plays a fixed list of token ids (or asks a callable for them), can pause, hang or fail at
 a chosen token, and records how every request ended -- in particular whether the consumer
 closed it early (``cancelled``), which is how tests check spec A7 (disconnect cancels).
-Knows nothing of HTTP. ``ToyTokenizer`` is a byte-level tokenizer (id = byte value) with
-special tokens, so tests can split UTF-8 characters across tokens without loading a model.
+``FakeStatus`` is the ``ClusterStatus`` beside it (health, cluster info, metrics), which a
+test may change at any time. Knows nothing of HTTP. ``ToyTokenizer`` is a byte-level
+tokenizer (id = byte value) with special tokens, so tests can split UTF-8 characters across
+tokens without loading a model.
 """
 
 from __future__ import annotations
@@ -52,6 +54,26 @@ class ToyTokenizer:
 
 
 @dataclass(slots=True, kw_only=True)
+class FakeStatus:
+    """A ``ClusterStatus`` for tests of the API: ``/health`` reports ``ready`` (ready, reason),
+    ``/v1/cluster`` returns ``cluster``, ``/metrics`` the bytes ``metrics()`` returns (404
+    while it is None). Fields may be changed while the app runs."""
+
+    ready: tuple[bool, str] = (True, "ready")
+    cluster: dict[str, Any] = field(default_factory=lambda: {"model": "fake/model", "num_layers": 1, "members": []})
+    metrics: Callable[[], bytes] | None = None
+
+    def health(self) -> tuple[bool, str]:
+        return self.ready
+
+    def cluster_info(self) -> dict[str, Any]:
+        return self.cluster
+
+    def metrics_text(self) -> bytes | None:
+        return self.metrics() if self.metrics is not None else None
+
+
+@dataclass(slots=True, kw_only=True)
 class FakeRequest:
     """What the fake engine saw of one ``generate`` call (mutable: it is a live record)."""
 
@@ -88,8 +110,6 @@ class FakeEngine:
         fail_after: int | None = None,
         error: BaseException | None = None,
         encode_error: BaseException | None = None,
-        ready: tuple[bool, str] = (True, "ready"),
-        cluster: dict[str, Any] | None = None,
     ) -> None:
         self.tokenizer: Tokenizer = tokenizer if tokenizer is not None else ToyTokenizer()
         self.model_id = model_id
@@ -104,16 +124,6 @@ class FakeEngine:
         self.fail_after = fail_after
         self.error = error if error is not None else MeshError("fake engine failure")
         self.encode_error = encode_error
-        self.ready = ready
-        self.cluster = (
-            cluster
-            if cluster is not None
-            else {
-                "model": model_id,
-                "num_layers": 1,
-                "members": [],
-            }
-        )
         self.requests: list[FakeRequest] = []
         self._cancelled = asyncio.Event()
 
@@ -129,16 +139,6 @@ class FakeEngine:
         record = FakeRequest(prompt_ids=list(prompt_ids), params=params)
         self.requests.append(record)
         return self._play(record)
-
-    def health(self) -> tuple[bool, str]:
-        return self.ready
-
-    def cluster_info(self) -> dict[str, Any]:
-        return self.cluster
-
-    def metrics_text(self) -> bytes | None:
-        """Reports its own status (``ClusterStatus``): no metrics unless a test sets them."""
-        return None
 
     # -- what tests look at ---------------------------------------------------------------
 
