@@ -48,7 +48,7 @@ def forwards(draw: Any) -> Forward:
                    temperature=draw(st.floats(min_value=0, max_value=2)), top_p=draw(st.floats(0.01, 1.0)),
                    seed=draw(st.integers(min_value=-(2**63), max_value=2**63 - 1)),
                    kv_to=draw(st.none() | routes()), replica=draw(st.booleans()),
-                   timing=draw(st.lists(st.tuples(members, st.floats(0, 10)).map(list), max_size=4)),
+                   timing=draw(st.none() | st.lists(st.tuples(members, st.floats(0, 10)).map(list), max_size=4)),
                    hidden=None if first else WireTensor(dtype="f32", shape=(1, 2, 3), data=bytes(24)))
 
 

@@ -21,7 +21,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from mesh.errors import ApiError, MeshError, ModelError, RequestFailed
 from mesh.models import Model
@@ -62,6 +62,14 @@ RELEASE_ACK_S = 0.5  # how long each waits for its ``released``
 IDLE_WAIT_S = 60.0  # the longest a request's shell waits with no deadline of the core's
 
 
+class PlanSource(Protocol):
+    """The placement a request reads (``mesh.runtime.plane.PlanBoard`` implements it)."""
+
+    def state(self) -> PlanState: ...
+
+    async def wait_ready(self, timeout_s: float) -> PlanState: ...
+
+
 class _Live:
     """A request in flight: its core, its inbox of replies and its statistics."""
 
@@ -79,7 +87,7 @@ class Coordinator:
     """
 
     def __init__(self, member_id: str, model: Model, timeouts: Timeouts, *,
-                 send: Callable[[str, Message], Awaitable[None]], plans: Any,
+                 send: Callable[[str, Message], Awaitable[None]], plans: PlanSource,
                  on_request_event: Callable[[str, str, list[str] | None], None], kv_replica_bytes: int = 0,
                  metrics: NodeMetrics | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.member_id = member_id
@@ -156,6 +164,8 @@ class Coordinator:
 
     async def drained(self, timeout_s: float) -> bool:
         """Wait until no request is in flight; False after ``timeout_s`` seconds."""
+        if self._idle.is_set():  # wait_for with no time left fails even an event that is set
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
             return True

@@ -140,7 +140,7 @@ class Forward:
                    route=route, idx=idx, step=_int(body, "step"), pos=_int(body, "pos"), tokens=tokens,
                    temperature=_float(sp, "t"), top_p=_float(sp, "p"), seed=_int(sp, "seed", -(2**63)),
                    kv_to=_route(kv_to, "kv_to") if kv_to is not None else None, replica=body.get("replica") is True,
-                   timing=_timing(body.get("t")), hidden=msg.tensor)
+                   timing=_timing(body["t"]) if "t" in body else None, hidden=msg.tensor)
 
     @property
     def n_positions(self) -> int:
