@@ -109,6 +109,53 @@ def test_other_malformed_messages_are_refused() -> None:
     assert messages.decode(Message(type="token", body={"req": "r", "step": 0, "token": 1, "t": [[0]] * 99})).timing == []
 
 
+KV = {"tensor": BLOCK}
+REJECTED = [  # (type, body, extra Message fields, what the error names)
+    ("token", {"req": "r", "step": -1, "token": 1}, {}, "step"),
+    ("token", {"req": "r" * 65, "step": 0, "token": 1}, {}, "req"),
+    ("token", {"req": "r", "step": 0, "token": True}, {}, "token"),
+    ("error", {"message": "boom", "fatal": True}, {}, "req"),
+    ("release", {"req": ""}, {}, "req"),
+    ("released", {"req": ["r"]}, {}, "req"),
+    ("kv.replica", {"req": "r", "start": 0, "layers": [0]}, {}, "tensor"),
+    ("kv.replica", {"req": "r", "start": -1, "layers": [0]}, KV, "start"),
+    ("kv.replica", {"req": "r", "start": 0, "layers": [-1]}, KV, "layers"),
+    ("kv.load", {"req": "r", "coord": "c" * 129, "layers": [0], "end": 3}, KV, "coord"),
+    ("kv.load", {"req": "r", "coord": "c", "layers": [0], "end": 0}, KV, "end"),
+    ("kv.load", {"req": "r", "coord": "c", "layers": "0", "end": 3}, KV, "layers"),
+    ("kv.loaded", {"req": "r", "member": "", "end": 3, "ok": True}, {}, "member"),
+    ("kv.loaded", {"req": "r", "member": "m", "end": "3", "ok": True}, {}, "end"),
+    ("kv.push", {"req": "r", "coord": "c", "layer": 0, "end": 1, "range": [0, 1]}, {}, "tensor"),
+    ("kv.push", {"req": "r", "coord": "c", "layer": -2, "end": 1, "range": [0, 1]}, KV, "layer"),
+    ("kv.push", {"req": "r", "coord": "c", "layer": 0, "end": 1, "range": [0, True]}, KV, "range"),
+    ("forward", forward_body(route=[["m" * 129, 0, 4]]), {}, "route"),
+    ("forward", forward_body(route=[["a", -1, 4]]), {}, "route"),
+    ("forward", forward_body(tokens=[1, False]), {}, "tokens"),
+    ("forward", forward_body(sp={"t": 0.0, "p": "1", "seed": 1}), {}, "'p'"),
+    ("forward", forward_body(sp={"t": 0.0, "p": 1.0, "seed": 1.5}), {}, "seed"),
+]
+
+
+@pytest.mark.spec("N15")
+@pytest.mark.parametrize(("kind", "body", "extra", "field"), REJECTED,
+                         ids=[f"{k}-{f}-{i}" for i, (k, _, _, f) in enumerate(REJECTED)])
+def test_each_malformed_field_is_refused_naming_it(kind: str, body: dict[str, Any], extra: dict[str, Any],
+                                                   field: str) -> None:
+    with pytest.raises(FrameError, match=field):
+        messages.decode(Message(type=kind, body=body, **extra))
+
+
+@pytest.mark.spec("N15")
+@given(records, st.sampled_from(["req", "coord", "member", "step", "layers", "end", "route", "sp"]))
+def test_a_message_missing_a_required_field_is_refused(record: Any, key: str) -> None:
+    msg = record.to_message()
+    if key not in msg.body or key == "sp" and msg.type != "forward":
+        return
+    body = {k: v for k, v in msg.body.items() if k != key}
+    with pytest.raises(FrameError):
+        messages.decode(Message(type=msg.type, body=body, tensor=msg.tensor))
+
+
 @pytest.mark.spec("FO2")
 def test_the_ledger_replays_a_repeated_step_and_drops_a_step_in_flight() -> None:
     ledger = StageLedger()
