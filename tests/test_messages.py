@@ -183,3 +183,22 @@ def test_released_requests_drop_late_steps_and_lost_coordinators_free_caches() -
     ledger.release("r.1")
     ledger.release("r.2")
     assert not ledger.is_released("r.0")  # only the last released_memory ids are remembered
+
+
+cbor_values = st.recursive(st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.floats() | st.text(max_size=80),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                        max_size=4), max_leaves=12)
+keys = st.sampled_from(["req", "coord", "plan", "route", "idx", "step", "pos", "tokens", "sp", "kv_to", "replica",
+                        "t", "token", "message", "fatal", "start", "layers", "end", "member", "ok", "layer", "range"])
+
+
+@pytest.mark.spec("N15")
+@given(st.sampled_from(sorted(messages.DECODERS)), st.dictionaries(keys, cbor_values, max_size=12),
+       st.none() | st.just(BLOCK))
+def test_any_body_decodes_or_is_refused_with_a_frame_error(kind: str, body: dict[str, Any],
+                                                            tensor: WireTensor | None) -> None:
+    try:
+        record = messages.decode(Message(type=kind, body=body, tensor=tensor))
+    except FrameError:
+        return
+    assert messages.decode(record.to_message()) == record  # what is accepted is canonical

@@ -4,7 +4,7 @@ handlers of steps and KV transfers. The node and the in-process test cluster bot
 
 Ports (never the node itself): ``send_remote(member, msg)`` sends on a link; ``plans`` is the
 ``PlanBoard`` the owner keeps up to date; ``on_request_event(req, state, stages)`` records a
-request's lifecycle. Spec: specs/node.md N5-N13, specs/faults.md FO1-FO8.
+request's lifecycle. Spec: specs/node.md N5-N13, N15, N16, specs/faults.md FO1-FO8.
 """
 
 from __future__ import annotations
@@ -87,7 +87,20 @@ class PlaneStatistics:
 
 
 class RequestPlane:
-    """See the module docstring. ``run()`` must be running while messages are received."""
+    """This member's request plane; see the module docstring.
+
+    ``member_id``: this member; ``model``: what the coordinator reads (id, context length, EOS
+    ids, chat template); ``timeouts``: every wait of a request (s); ``executor``: where the
+    stage computes (one worker, off the event loop, spec N5); ``send_remote(member, msg)``:
+    sends on a link, raising MeshError when it cannot; ``plans``: the owner's ``PlanBoard``;
+    ``on_request_event(req, state, stages)``: a request's lifecycle for the cluster state;
+    ``kv_replica_bytes``: the KV replica's budget (0: off, spec FO8); ``metrics``: counters
+    to feed, if any; ``loopback=False`` sends this member's own messages through
+    ``send_remote`` too (a test network that counts or delays them).
+
+    ``coordinator`` is the ``Engine`` the API serves; ``worker`` runs this member's stage.
+    ``run()`` must be running while messages are received (spec N16).
+    """
 
     MESSAGE_TYPES = frozenset(messages.DECODERS)
 
@@ -165,6 +178,7 @@ class RequestPlane:
         self.worker.release_coordinated_by(member_id)
 
     def expire(self, idle_s: float) -> None:
+        """Free KV caches unused for ``idle_s`` seconds (a coordinator that never released)."""
         self.worker.expire(idle_s)
 
     def held(self) -> tuple[int, int] | None:
@@ -185,6 +199,7 @@ class RequestPlane:
         return await self.coordinator.drained(timeout_s)
 
     def statistics(self) -> PlaneStatistics:
+        """A frozen record of what the plane holds now (see ``PlaneStatistics``)."""
         c = self.coordinator
         return PlaneStatistics(active=c.active, recovering=c.recovering, failed_attempts=c.failed_attempts,
                                recovery_s=tuple(c.recovery_times)[-32:], kv_caches=len(self.worker.caches),
