@@ -370,3 +370,20 @@ async def test_statistics_is_a_frozen_record_of_the_plane(plane: RequestPlane) -
     assert stats.measured is not None and len(stats.requests["recent"]) == 1
     with pytest.raises(dataclasses.FrozenInstanceError):
         stats.active = 3  # type: ignore[misc]
+
+
+@pytest.mark.spec("N10", "FO8")
+async def test_a_plugin_that_breaks_its_kv_contract_costs_a_not_ok_answer_not_the_node(
+        plane: RequestPlane, wire: Wire, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = plane.worker.backend
+
+    def broken(cache: Any, layers: Any) -> None:
+        raise ZeroDivisionError("a plugin bug")
+
+    monkeypatch.setattr(backend, "import_kv", broken)
+    block = WireTensor(dtype="f32", shape=(1, 2, 1, 3, 1), data=bytes(24))
+    await plane.receive("m1", KvLoad(req="r.5", coord="c", layers=[0], end=3, block=block).to_message())
+    member, loaded = await wire.next(KvLoaded)
+    assert member == "m1" and not loaded.ok and "ZeroDivisionError" in loaded.message
+    await plane.receive("c", forward().to_message())  # the plane still serves
+    await wire.next(Token)

@@ -17,7 +17,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 from backends.base import Backend
-from mesh.errors import MeshError, RequestFailed, TransportError
+from mesh.errors import BackendError, MeshError, RequestFailed, TransportError
 from mesh.runtime.engine import SamplingParams
 from mesh.runtime.kvreplica import pack_kv, unpack_kv
 from mesh.runtime.messages import (
@@ -154,8 +154,8 @@ class StageWorker:
                 raise RequestFailed(f"req={req} started or was released while its KV loaded")
             self.caches[req] = cache
             self.ledger.touch(req, load.coord, self.clock())
-        except MeshError as exc:
-            await self._answer_kv(sender, req, load.end, exc)
+        except Exception as exc:  # a plugin may raise anything: the coordinator re-prefills (FO8)
+            await self._answer_kv(sender, req, load.end, _as_mesh_error(exc, f"req={req}: importing the KV replica"))
             return
         await self._answer_kv(sender, req, load.end, None)
 
@@ -220,9 +220,9 @@ class StageWorker:
             if self._taken(req) or backend is not self.backend:
                 return
             self.caches[req] = cache
-        except MeshError as exc:
+        except Exception as exc:  # a plugin may raise anything: the decode side recomputes (N13)
             self._pushes.pop(req, None)
-            await self._answer_kv(push.coord, req, end, exc)
+            await self._answer_kv(push.coord, req, end, _as_mesh_error(exc, f"req={req}: importing pushed KV"))
             return
         await self._answer_kv(push.coord, req, end, None)
 
@@ -282,3 +282,12 @@ class StageWorker:
         params = SamplingParams(max_tokens=1, temperature=fwd.temperature, top_p=fwd.top_p)
         token = sample(out.logits, params, step=fwd.step, request_seed=fwd.seed)
         return fwd.coord, Token(req=req, step=fwd.step, token=token, timing=timing).to_message()
+
+
+def _as_mesh_error(exc: Exception, what: str) -> MeshError:
+    """``exc`` as the MeshError a peer is told; a backend plugin that broke its contract
+    (any other exception) is logged with its traceback here, and the node keeps serving."""
+    if isinstance(exc, MeshError):
+        return exc
+    log.exception("%s failed", what)
+    return BackendError(f"{what} failed: {exc!r}")
