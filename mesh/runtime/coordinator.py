@@ -69,6 +69,8 @@ class PlanSource(Protocol):
 
     async def wait_ready(self, timeout_s: float) -> PlanState: ...
 
+    async def wait_changed(self, timeout_s: float) -> PlanState: ...
+
 
 class _Live:
     """A request in flight: its core, its inbox of replies and its statistics."""
@@ -306,7 +308,7 @@ class Coordinator:
         wait_s = max(0.0, timer - now) if timer is not None else IDLE_WAIT_S
         if core.waiting_for_plan() and not core.settling(now):
             getter = asyncio.ensure_future(live.inbox.get())
-            board = asyncio.ensure_future(self.plans.wait_ready(wait_s))
+            board = asyncio.ensure_future(self.plans.wait_changed(wait_s))  # a failed placement ends it (FO4)
             try:
                 await asyncio.wait([getter, board], timeout=wait_s + 1.0, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -314,11 +316,14 @@ class Coordinator:
                 board.cancel()
             core.timer(self.clock(), self.plans.state())
             return
-        try:
-            msg = await asyncio.wait_for(live.inbox.get(), wait_s)
-        except TimeoutError:
-            core.timer(self.clock(), self.plans.state())
-            return
+        if not live.inbox.empty():  # replies that came first go before a due timer
+            msg = live.inbox.get_nowait()
+        else:
+            try:
+                msg = await asyncio.wait_for(live.inbox.get(), wait_s)
+            except TimeoutError:
+                core.timer(self.clock(), self.plans.state())
+                return
         now = self.clock()
         if isinstance(msg, Token):
             core.token(msg.req, msg.step, msg.token, msg.timing, now)

@@ -46,8 +46,11 @@ class PlanBoard:
     def __init__(self) -> None:
         self._state = PlanState(plan=None, ready=False, reason="no placement yet")
         self._ready = asyncio.Event()
+        self._changed = asyncio.Event()
 
     def update(self, state: PlanState) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()  # wakes every waiter of wait_changed, once
         self._state = state
         if state.ready:
             self._ready.set()
@@ -55,6 +58,15 @@ class PlanBoard:
             self._ready.clear()
 
     def state(self) -> PlanState:
+        return self._state
+
+    async def wait_changed(self, timeout_s: float) -> PlanState:
+        """The state after the next ``update``, or the latest one after ``timeout_s`` seconds
+        (never raises TimeoutError)."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), max(0.0, timeout_s))
+        except TimeoutError:
+            pass
         return self._state
 
     async def wait_ready(self, timeout_s: float) -> PlanState:
