@@ -311,3 +311,17 @@ def test_any_sequence_of_faults_keeps_the_token_stream_a_prefix_of_the_fault_fre
             core.timer(now + TIMEOUTS.prefill_s)
     emitted += [a.token for a in drain(core) if isinstance(a, Emit)]
     assert emitted == [100 + i for i in range(len(emitted))]
+
+
+@pytest.mark.spec("FO2")
+def test_a_step_is_resent_only_after_its_send_returned_and_a_repeated_reply_is_ignored() -> None:
+    core = core_for()
+    core.start(plan("a"), 0.0)
+    (fwd,) = forwards(drain(core))
+    core.sent(fwd, now=2.0)  # the send waited 2 s on a busy link
+    assert core.get_timer() == pytest.approx(2.5)
+    core.timer(1.0)
+    assert not forwards(drain(core))
+    core.token("r.0", 0, 5, None, 2.1)
+    core.token("r.0", 0, 5, None, 2.1)  # the same reply twice before the consumer took the token
+    assert [a for a in drain(core) if isinstance(a, Emit)] == [Emit(token=5)] and core.generated == [5]

@@ -193,8 +193,8 @@ class Coordinator:
         self._idle.clear()
         first_token_at, recoveries, outcome = 0.0, [], "cancelled"  # unless it finishes or fails
         log.info("req=%s start: %d prompt tokens, plan %s", rid, len(prompt_ids), state.plan.plan_id)
-        core.start(state.plan, started)
         try:
+            core.start(state.plan, started)
             while True:
                 while (action := core.next_action()) is not None:
                     if isinstance(action, Emit):
@@ -255,6 +255,8 @@ class Coordinator:
                 await self.send(action.member, fwd.to_message())
             except MeshError as exc:
                 core.send_failed(action, exc, False, self.clock())
+            else:
+                core.sent(action, self.clock())
         elif isinstance(action, SendKvLoad):
             if not core.wants(action):
                 return

@@ -245,8 +245,8 @@ class RequestCore:
 
     def token(self, req: str, step: int, token: int, timing: Any, now: float) -> None:
         a = self.attempt
-        if self.done or a is None or req != a.req or a.phase != "step" or step != a.step:
-            return  # a reply to another attempt or step: stale
+        if self.done or a is None or req != a.req or a.phase != "step" or step != a.step or self._paused:
+            return  # a reply to another attempt or step, or a repeat of the one just taken: stale
         took = now - a.sent_at
         prefill = self._is_prefill(a)
         self._out(Observe(kind="step", value=took, timing=timing, prefill=prefill))
@@ -275,6 +275,13 @@ class RequestCore:
             return
         a.pos += len(a.tokens)
         a.tokens = [token]
+
+    def sent(self, action: SendForward, now: float) -> None:
+        """A step's send returned at ``now``: its resend is timed from here (a send that waited
+        on a busy link must not count against the reply, spec FO2)."""
+        a = self.attempt
+        if a is not None and a.phase == "step" and a.forward is action and not self.done:
+            a.resend_at = min(a.deadline, now + a.retry_s)
 
     def token_taken(self, now: float) -> None:
         """The consumer took the last ``Emit``: start the next step (decoding paces itself by
