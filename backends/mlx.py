@@ -24,6 +24,7 @@ that built it. Errors: ``BackendError`` (bad device, dtype, range or input), ``M
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -31,9 +32,9 @@ from typing import Any, cast
 
 import numpy as np
 
-from backends.base import Backend, Progress, StepOutput, check_range, source_has
+from backends.base import Backend, Progress, StepOutput, check_range
 from mesh.errors import BackendError, ModelError
-from mesh.models import Model, layer_of, sliced_config
+from mesh.models import Model, layer_of, range_names, sliced_config
 from mesh.wire import WireTensor
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,20 @@ def wire_to_array(w: WireTensor, dtype: Any, what: str = "hidden states") -> Any
     return arr.astype(dtype)
 
 
+def config_dict(config: Any) -> dict[str, Any]:
+    """A transformers config as the dict its config.json would be: ``to_dict()`` plus the
+    names transformers maps onto its own (``attribute_map``, e.g. qwen3_moe's ``num_experts``
+    for ``num_local_experts``), which mlx-lm's ``ModelArgs`` read, and ``head_dim`` where the
+    config leaves it to be derived (hidden_size / num_attention_heads)."""
+    out = config.to_dict()
+    for alias in getattr(type(config), "attribute_map", {}) or {}:
+        if out.get(alias) is None and getattr(config, alias, None) is not None:
+            out[alias] = getattr(config, alias)
+    if out.get("head_dim") is None and out.get("hidden_size") and out.get("num_attention_heads"):
+        out["head_dim"] = int(out["hidden_size"]) // int(out["num_attention_heads"])
+    return out
+
+
 def mlx_args(config: dict[str, Any]) -> dict[str, Any]:
     """A config dict as mlx-lm's ``ModelArgs.from_dict`` reads it.
 
@@ -89,12 +104,46 @@ def mlx_args(config: dict[str, Any]) -> dict[str, Any]:
     """
     out = dict(config)
     params = out.get("rope_parameters")
+    if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
+        # per layer type (gemma3): mlx-lm reads the global base and the sliding layers' local one
+        local = params.get("sliding_attention") or {}
+        if "rope_local_base_freq" not in out and "rope_theta" in local:
+            out["rope_local_base_freq"] = local["rope_theta"]
+        params = params["full_attention"]
     if isinstance(params, dict) and "rope_theta" in params:
         if out.get("rope_theta") is None:
             out["rope_theta"] = params["rope_theta"]
         if params.get("rope_type", "default") != "default" and out.get("rope_scaling") is None:
             out["rope_scaling"] = dict(params)
+    types = out.get("layer_types")
+    if isinstance(types, list) and "full_attention" in types and "sliding_attention" in types:
+        # mlx-lm's gemma3 takes the period of its full-attention layers, not the list
+        out.setdefault("sliding_window_pattern", types.index("full_attention") + 1)
     return out
+
+
+# mlx-lm classes whose forward picks a layer's kind by its stage-local index (gemma3_text's
+# full-attention layers are every ``sliding_window_pattern``-th): a stage of them must start on
+# that period and hold at least one period, or its layers would take the wrong masks
+_PERIODIC = {"gemma3_text": "sliding_window_pattern"}
+
+
+# mlx-lm classes that multiply ``input_embeddings`` by the embedding scale as they do token
+# embeddings (gemma3_text: sqrt(hidden_size) rounded to bf16); transformers scales in the
+# embedding module, so hidden states from another stage are already past it
+_EMBED_SCALE: dict[str, Any] = {
+    "gemma3_text": lambda mx, config: mx.array(int(config.hidden_size) ** 0.5, mx.bfloat16),
+}
+
+
+def _check_periodic(model_type: str, args: dict[str, Any], layer_start: int, layer_end: int) -> None:
+    field = _PERIODIC.get(model_type)
+    period = int(args.get(field, 1) or 1) if field else 1
+    if period > 1 and (layer_start % period or layer_end - layer_start < period):
+        raise ModelError(f"mlx-lm's {model_type} picks full-attention layers by stage-local index "
+                         f"({field}={period}): an MLX stage must start at a multiple of {period} layers and "
+                         f"hold at least {period}; [{layer_start}, {layer_end}) does not (the torch backend "
+                         f"runs any split)")
 
 
 def architecture(model_type: str) -> Any:
@@ -117,11 +166,144 @@ def _flat(tree: Any) -> list[tuple[str, Any]]:
     return cast(list[tuple[str, Any]], tree_flatten(tree))
 
 
-def _torch_to_numpy(t: Any) -> np.ndarray:
-    import torch
+def _safetensors_index(folder: Any) -> dict[str, Any]:
+    """``{tensor name: file}`` over a directory's ``*.safetensors`` (headers only)."""
+    from safetensors import safe_open
 
-    t = t.detach().to("cpu")
-    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+    where: dict[str, Any] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="numpy") as handle:
+            for key in handle.keys():
+                where[key] = file
+    return where
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_index(file: str, num_layers: int) -> tuple[str, Any, dict[str, str]]:
+    """A GGUF file's architecture name, gguf-py's name table for it (``gguf.get_tensor_name_map``,
+    the table llama.cpp's converter writes with: Hugging Face module name -> GGUF name) and
+    ``{GGUF tensor name: GGUF type name}``. Kept: parsing a GGUF index takes seconds."""
+    import gguf
+
+    reader = gguf.GGUFReader(file)
+    field = reader.fields["general.architecture"]
+    arch_name = bytes(field.parts[field.data[0]]).decode()
+    arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name), None)
+    if arch is None:
+        raise ModelError(f"GGUF architecture {arch_name!r} is not known to the gguf library")
+    return arch_name, gguf.get_tensor_name_map(arch, num_layers), {t.name: t.tensor_type.name for t in reader.tensors}
+
+
+def gguf_names(model: Model, hf_names: Any) -> dict[str, str]:
+    """``{Hugging Face name: GGUF array name}`` for those of ``hf_names`` (parameter names such as
+    ``model.layers.0.mlp.down_proj.weight``) the GGUF file holds; a tensor MLX reads quantized
+    (Q4_0 / Q4_1 / Q8_0) adds its ``scales`` and ``biases`` arrays under the module's name."""
+    file = str(model.ref.path / str(model.ref.gguf_file))
+    _, table, types = _gguf_index(file, int(model.config.num_hidden_layers))
+    out: dict[str, str] = {}
+    for hf in hf_names:
+        module, _, suffix = hf.rpartition(".")
+        base = table.get_name(module)
+        if base is None or f"{base}.{suffix}" not in types:
+            continue
+        out[hf] = f"{base}.{suffix}"
+        if types[f"{base}.{suffix}"] in ("Q4_0", "Q4_1", "Q8_0"):
+            out[f"{module}.scales"] = f"{base}.scales"
+            out[f"{module}.biases"] = f"{base}.biases"
+    return out
+
+
+def read_arrays(model: Model, wanted: dict[str, str], progress: Progress | None = None) -> dict[str, Any]:
+    """``{stage name: mx.array}`` for ``wanted`` (``{stage name: file name}``), loaded with
+    ``mx.load`` (lazy: read when evaluated). GGUF Q4_0 / Q4_1 / Q8_0 tensors come back
+    quantized (MLX reads them natively: 32-element groups, ``weight`` / ``scales`` /
+    ``biases``), Llama-family Q and K rows un-permuted from llama.cpp's RoPE layout; other
+    GGUF types come back as float16 (MLX casts them)."""
+    mx = _mlx()
+    out: dict[str, Any] = {}
+    total = len(wanted)
+    if model.ref.gguf_file:
+        file = str(model.ref.path / str(model.ref.gguf_file))
+        arrays = mx.load(file)
+        config = model.config
+        arch_name = _gguf_index(file, int(config.num_hidden_layers))[0]
+        to_gguf = gguf_names(model, set(wanted.values()))
+        for i, (local, name) in enumerate(sorted(wanted.items())):
+            value = arrays[to_gguf[name]]
+            # llama.cpp permutes Llama's Q/K rows for its RoPE (transformers' LlamaTensorProcessor undoes it)
+            if arch_name == "llama" and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
+                heads = config.num_attention_heads if ".q_proj." in name else (
+                    config.num_key_value_heads or config.num_attention_heads)
+                value = _unpermute_rows(mx, value, int(heads))
+            out[local] = value
+            if progress:
+                progress(i + 1, total)
+        return out
+    where = _safetensors_index(model.ref.path)
+    by_file: dict[Any, list[tuple[str, str]]] = {}
+    for local, name in wanted.items():
+        by_file.setdefault(where[name], []).append((local, name))
+    done = 0
+    for file, pairs in by_file.items():
+        arrays = mx.load(str(file))
+        for local, name in pairs:
+            out[local] = arrays[name]
+            done += 1
+            if progress:
+                progress(done, total)
+    return out
+
+
+def _unpermute_rows(mx: Any, value: Any, heads: int) -> Any:
+    """Undo llama.cpp's Q/K row permutation (``LlamaModel.permute`` in its converter) on the
+    rows of a weight (float or packed quantized) or of its scales/biases: within each head, rows
+    ``[0, 2, 4, ..., 1, 3, 5, ...]`` go back to ``[0, 1, 2, ...]`` (transformers'
+    ``reverse_permute_weights`` is the same map)."""
+    rows = value.shape[0]
+    rest = value.shape[1:]
+    return value.reshape(heads, rows // heads // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+
+
+def _global(name: str, layer_start: int) -> str:
+    """A stage-local ``model.layers.N...`` name as the model's global one."""
+    idx = layer_of(name + ".")
+    return name if idx is None else name.replace(f"model.layers.{idx}.", f"model.layers.{idx + layer_start}.", 1)
+
+
+def quantize_like(stage: Any, weights: dict[str, Any], quantization: Any, layer_start: int) -> None:
+    """Make the modules of ``stage`` whose weights come quantized (a ``.scales`` beside the
+    ``.weight``) quantized modules, with mlx-lm's own ``nn.quantize`` and the predicate of its
+    ``load_model``: a per-module override in ``quantization`` (mlx-community config.json,
+    keyed by global module path) wins, else the group size, bits and mode are read off the
+    packed shapes (``mlx_lm.utils.infer_quant_config``)."""
+    import mlx.nn as nn
+
+    if not any(k.endswith(".scales") for k in weights):
+        return
+    from mlx_lm.utils import infer_quant_config
+
+    quantization = dict(quantization) if isinstance(quantization, dict) else {}
+
+    def predicate(path: str, module: Any) -> Any:
+        override = quantization.get(_global(path, layer_start))
+        if isinstance(override, (dict, bool)):
+            return override
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return infer_quant_config(path, module, weights)
+
+    nn.quantize(stage, group_size=int(quantization.get("group_size", 64)), bits=int(quantization.get("bits", 4)),
+                mode=str(quantization.get("mode", "affine")), class_predicate=predicate)
+
+
+class _Given:
+    """Stands in for a stage's embedding lookup: returns the hidden states it was given."""
+
+    def __init__(self, hidden: Any) -> None:
+        self._hidden = hidden
+
+    def __call__(self, _ids: Any) -> Any:
+        return self._hidden
 
 
 class MlxBackend(Backend):
@@ -159,14 +341,22 @@ class MlxBackend(Backend):
         self._model: Any = None
         self._config: Any = None
         self._takes_embeddings = False
+        self._embed_scale: Any = None  # what the class multiplies given hidden states by (_EMBED_SCALE)
+        self.quantized = False  # the loaded stage holds quantized modules
 
     # -- loading -----------------------------------------------------------------------
     def load(self, model: Model, layer_start: int, layer_end: int, progress: Progress | None = None) -> None:
         """Load layers [layer_start, layer_end) (plus embeddings / final norm / head where
-        they belong), reading only those tensors. Raises BackendError (bad range, unknown
-        model type) or ModelError (tensors missing from the files)."""
+        they belong), reading only those tensors, the way mlx-lm's own ``load_model`` does:
+        the files' tensors (renumbered to stage-local layers) go through the architecture's
+        ``sanitize`` (e.g. per-expert tensors stacked into one ``switch_mlp``), quantized ones
+        (an mlx-community directory with ``quantization`` in config.json, or a GGUF's Q4_0 /
+        Q4_1 / Q8_0 tensors) make their modules quantized with ``nn.quantize`` (group size and
+        bits per module, per-layer overrides honoured), and float ones take the compute dtype.
+
+        Raises BackendError (bad range, unknown model type) or ModelError (tensors missing
+        from the files, or a range mlx-lm's class cannot build)."""
         import mlx.nn as nn
-        from mlx.utils import tree_unflatten
 
         mx = self._mx
         config = model.config
@@ -174,48 +364,61 @@ class MlxBackend(Backend):
         check_range(layer_start, layer_end, num_layers)
         first, last = layer_start == 0, layer_end == num_layers
         sub = sliced_config(config, layer_start, layer_end)
-        source = model.tensor_source()
+        gguf = bool(model.ref.gguf_file)
+        names = set() if gguf else set(_safetensors_index(model.ref.path))
+        has_head = bool(gguf_names(model, ["lm_head.weight"])) if gguf else "lm_head.weight" in names
         tied = bool(getattr(config, "tie_word_embeddings", False))
-        head_is_embeddings = last and (tied or not source_has(source, "lm_head.weight"))
-        args_dict = mlx_args(sub.to_dict())
+        head_is_embeddings = last and (tied or not has_head)
+        args_dict = mlx_args(config_dict(sub))
         args_dict["tie_word_embeddings"] = head_is_embeddings or not last  # no lm_head unless read
         arch = architecture(str(config.model_type))
-        stage = arch.Model(arch.ModelArgs.from_dict(args_dict))  # parameters stay lazy: never evaluated
+        field = _PERIODIC.get(str(config.model_type))
+        if field:  # the period is the whole model's, whatever the slice's first layer
+            args_dict[field] = mlx_args(config_dict(config)).get(field, args_dict.get(field))
+            if layer_start or not last:  # the whole model is always one mlx-lm model
+                _check_periodic(str(config.model_type), args_dict, layer_start, layer_end)
+        try:
+            stage = arch.Model(arch.ModelArgs.from_dict(args_dict))  # parameters stay lazy: never evaluated
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise ModelError(f"mlx-lm's {config.model_type!r} cannot build layers [{layer_start}, {layer_end}) "
+                             f"as one stage: {exc!r}") from exc
         inner = getattr(stage, "model", None)
         if inner is None or not hasattr(inner, "layers") or len(inner.layers) != layer_end - layer_start:
             raise BackendError(f"mlx-lm's {config.model_type!r} model has no model.layers of this range")
-        if not first and not head_is_embeddings:
-            inner.pop("embed_tokens", None)
-        if not last:
-            stage.pop("lm_head", None)
-            inner.norm = nn.Identity()
-        wanted: dict[str, str] = {}  # local name -> global (file) name
-        for local, _ in _flat(stage.parameters()):
-            idx = layer_of(local)
-            wanted[local] = local if idx is None else local.replace(
-                f"model.layers.{idx}.", f"model.layers.{idx + layer_start}.", 1)
-        if head_is_embeddings and "lm_head.weight" in wanted:  # a class that keeps its own head
-            wanted["lm_head.weight"] = "model.embed_tokens.weight"
-        total = len(set(wanted.values()))
-        done = 0
-
-        def step(_name: str) -> None:
-            nonlocal done
-            done += 1
-            if progress:
-                progress(done, total)
-
-        tensors = source.load(sorted(set(wanted.values())), on_tensor=step)
+        # the edges this stage holds: embeddings (first stage, or a head tied to them), final norm and head
+        edges = ({"model.embed_tokens"} if first or head_is_embeddings else set()) | (
+            {"model.norm", "lm_head"} if last else set())
+        if gguf:  # the stage's own parameter names, mapped forward by gguf-py's table
+            own = [_global(k, layer_start) for k, _ in _flat(stage.parameters())
+                   if layer_of(k) is not None or k.rpartition(".")[0] in edges]
+            if head_is_embeddings:
+                own = [n for n in own if not n.startswith("lm_head.")] + ["model.embed_tokens.weight"]
+            names = set(gguf_names(model, own))
+        wanted = {local: name for local, name in range_names(names, layer_start, layer_end).items()
+                  if layer_of(local) is not None or local.rpartition(".")[0] in edges}
         with mx.stream(self._device):
-            weights = {local: mx.array(_torch_to_numpy(tensors[src])).astype(self.dtype)
-                       for local, src in wanted.items()}
-            del tensors
-            if hasattr(stage, "sanitize"):
+            weights = read_arrays(model, wanted, progress)
+            if hasattr(stage, "sanitize"):  # on the whole stage class, as mlx-lm's load_model calls it
                 weights = stage.sanitize(weights)
-            missing = sorted(set(wanted) - set(weights))
+            if not first and not head_is_embeddings:
+                inner.pop("embed_tokens", None)
+            if not last:
+                stage.pop("lm_head", None)
+                inner.norm = nn.Identity()
+            quantize_like(stage, weights, getattr(config, "quantization", None), layer_start)
+            params = dict(_flat(stage.parameters()))
+            if head_is_embeddings and "lm_head.weight" in params:  # a class that keeps its own head
+                for part in ("weight", "scales", "biases"):
+                    if f"model.embed_tokens.{part}" in weights:
+                        weights[f"lm_head.{part}"] = weights[f"model.embed_tokens.{part}"]
+            weights = {k: v for k, v in weights.items() if k in params}  # e.g. embeddings on a later stage
+            missing = sorted(set(params) - set(weights))
             if missing:
                 raise ModelError(f"tensors missing from the model files: {missing[:5]}")
-            stage.update(tree_unflatten(list(weights.items())))
+            for key, value in weights.items():
+                if mx.issubdtype(value.dtype, mx.floating) and value.dtype != self.dtype:
+                    weights[key] = value.astype(self.dtype)  # quantized weights stay packed
+            stage.load_weights(list(weights.items()), strict=False)
             stage.eval()  # inference mode, as mlx-lm's own loader sets it
             # every array the stage holds, private ones (RoPE tables) included, evaluated here
             mx.eval([v for _, v in _flat(stage) if isinstance(v, mx.array)])
@@ -225,9 +428,13 @@ class MlxBackend(Backend):
             self.layer_start, self.layer_end, self.num_layers = layer_start, layer_end, num_layers
             self.set_dimensions(config)
             self._takes_embeddings = "input_embeddings" in call
+            scale = _EMBED_SCALE.get(str(config.model_type))
+            self._embed_scale = None if scale is None else scale(mx, config)
+            self.quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+                                 or type(m).__name__.startswith("Quantized") for m in stage.modules())
         self._warm_up()
-        log.info("mlx backend: loaded layers [%d, %d) of %d on %s (%s)", layer_start, layer_end, num_layers,
-                 self.device, self.dtype_name)
+        log.info("mlx backend: loaded layers [%d, %d) of %d on %s (%s%s)", layer_start, layer_end, num_layers,
+                 self.device, self.dtype_name, ", quantized weights" if self.quantized else "")
 
     def _drop_layers(self) -> None:
         self._model = self._config = None
@@ -336,13 +543,19 @@ class MlxBackend(Backend):
         if embeds is None:
             return inner(inputs, cache)
         if self._takes_embeddings:
+            if self._embed_scale is not None:  # the class scales what it is given: undo it first
+                embeds = embeds / self._embed_scale.astype(embeds.dtype)
             return inner(None, cache, input_embeddings=embeds)
-        from mlx_lm.models.base import create_attention_mask
-
-        # a class whose __call__ takes no input_embeddings: the loop mlx-lm's models run
-        mask = create_attention_mask(embeds, cache[0])
-        h = embeds
-        for layer, c in zip(inner.layers, cache, strict=True):
-            h = layer(h, mask, c)
-        return inner.norm(h)
+        # a class whose __call__ takes no input_embeddings (deepseek_v3, phi3): run its own
+        # __call__ with an embedding lookup that hands back the given hidden states, so its
+        # own masks and layer loop apply
+        own = inner.get("embed_tokens") if hasattr(inner, "get") else None
+        inner.embed_tokens = _Given(embeds)
+        try:
+            return inner(self._mx.zeros(embeds.shape[:2], dtype=self._mx.int32), cache)
+        finally:
+            if own is None:
+                inner.pop("embed_tokens", None)
+            else:
+                inner.embed_tokens = own
 

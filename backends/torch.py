@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -20,7 +22,7 @@ from torch import nn
 
 from backends.base import Backend, Progress, StepOutput, check_range, source_has
 from mesh.errors import BackendError, ModelError
-from mesh.models import Model, layer_of, sliced_config
+from mesh.models import Model, SafetensorsSource, layer_of, range_names, sliced_config
 from mesh.wire import WireTensor
 
 log = logging.getLogger(__name__)
@@ -119,49 +121,14 @@ class TorchBackend(Backend):
             reused = _take_layers(donor, model, stage, layer_start, layer_end) if donor is not None else 0
         finally:
             donor = None  # pin none of the donor's memory, loaded or not
-        wanted: dict[str, str] = {}  # local name -> global (file) name, for what is still on meta
-        for local, tensor in stage.state_dict().items():
-            if not tensor.is_meta:
-                continue  # reused from the donor
-            idx = layer_of(local)
-            if idx is not None:
-                wanted[local] = local.replace(f"model.layers.{idx}.", f"model.layers.{idx + layer_start}.", 1)
-            elif local.startswith("model.embed_tokens.") and first:
-                wanted[local] = local
-            elif (local.startswith("model.norm.") or local.startswith("lm_head.")) and last:
-                wanted[local] = local
-        source = model.tensor_source() if wanted else None  # opening the files is not free
-        tied = bool(getattr(config, "tie_word_embeddings", False))
-        if last and source is not None and (tied or not source_has(source, "lm_head.weight")):
-            # the head is the embeddings: one tensor for both
-            if "lm_head.weight" in wanted and first and "model.embed_tokens.weight" not in wanted:
-                stage.lm_head.weight = stage.model.embed_tokens.weight  # embeddings reused
-                del wanted["lm_head.weight"]
-            elif "lm_head.weight" in wanted:
-                wanted["lm_head.weight"] = "model.embed_tokens.weight"
-            elif "model.embed_tokens.weight" in wanted:  # head reused
-                stage.model.embed_tokens.weight = stage.lm_head.weight
-                del wanted["model.embed_tokens.weight"]
-        total = len(set(wanted.values()))
-        done = 0
-
-        def step(_name: str) -> None:
-            nonlocal done
-            done += 1
-            if progress:
-                progress(done, total)
-
-        tensors = source.load(sorted(set(wanted.values())), on_tensor=step) if source is not None else {}
-        state = {local: tensors[src].to(self.dtype) for local, src in wanted.items()}
         if not first:
             stage.model.embed_tokens = None
         if not last:
             stage.model.norm = nn.Identity()
             stage.lm_head = None
-        stage.load_state_dict(state, strict=False, assign=True)
-        # RoPE inverse frequencies are computed at init, so rebuild them off the meta device.
-        stage.model.rotary_emb = type(stage.model.rotary_emb)(config=sub)
-        still_meta = [n for n, t in list(stage.named_parameters()) + list(stage.named_buffers()) if t.is_meta]
+        _fill(stage, model, layer_start, first=first, last=last, dtype=self.dtype, progress=progress)
+        _rebuild_buffers(stage, sub)
+        still_meta = sorted(_meta(stage))
         if still_meta:
             raise ModelError(f"tensors missing from the model files: {still_meta[:5]}")
         stage.to(self.device).eval()
@@ -268,3 +235,102 @@ def _take_layers(donor: TorchBackend, model: Model, stage: Any, layer_start: int
             donor.layer_start = donor.layer_end = 0
         return len(shared)
 
+
+
+def _meta(module: Any) -> set[str]:
+    """Names of the parameters and buffers of ``module`` still on the meta device."""
+    return {n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta}
+
+
+def _fill(stage: Any, model: Model, layer_start: int, *, first: bool, last: bool, dtype: torch.dtype,
+          progress: Progress | None) -> None:
+    """Read the tensors ``stage`` (a meta-device model of the stage's layers) still lacks from
+    the model's files, through transformers' own loader: ``convert_and_load_state_dict_in_model``
+    with the architecture's registered weight conversions (``get_model_conversion_mapping``:
+    per-expert tensors fused into one, renamed keys), the code ``from_pretrained`` runs. File
+    names are renumbered to stage-local layers first (``range_names``). A GGUF file is read
+    dequantized under the names transformers' GGUF loader gives it (``GGUFSource``).
+
+    Raises ModelError naming tensors the files lack or whose shapes differ from the config's.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    config = model.config
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if tied and first and last:  # one tensor for both; one of them may come from the donor
+        embed, head = stage.model.embed_tokens, stage.lm_head
+        if embed.weight.is_meta and not head.weight.is_meta:
+            embed.weight = head.weight
+        elif head.weight.is_meta and not embed.weight.is_meta:
+            head.weight = embed.weight
+    buffers = {n for n, _ in stage.named_buffers()}
+    missing = _meta(stage) - buffers
+    if not missing:
+        return  # every module reused from the donor
+    source = model.tensor_source()
+    global_layers = [i + layer_start for n in missing if (i := layer_of(n)) is not None]
+    head_from_embeddings = last and "lm_head.weight" in missing and (tied or not source_has(source, "lm_head.weight"))
+    edges = any(layer_of(n) is None for n in missing)
+    if isinstance(source, SafetensorsSource):
+        names = range_names(source.names(), layer_start, layer_start + len(stage.model.layers), layers=global_layers,
+                            edges=edges)
+    else:  # GGUF: names are mapped on demand, so ask for the stage's own (dense layouts only)
+        names = {n: (n.replace(f"model.layers.{i}.", f"model.layers.{i + layer_start}.", 1) if (i := layer_of(n))
+                     is not None else n) for n in missing if not (n == "lm_head.weight" and head_from_embeddings)}
+    if head_from_embeddings and not first:  # the head is the embeddings (a first stage ties them below)
+        names["lm_head.weight"] = "model.embed_tokens.weight"
+    total, done = len(names), 0
+
+    def step(_name: str) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total)
+
+    load = LoadStateDictConfig(dtype=dtype, dtype_plan=stage._get_dtype_plan(dtype),
+                               weight_mapping=get_model_conversion_mapping(stage))
+    with (source.lazy(set(names.values()), on_tensor=step) if isinstance(source, SafetensorsSource)
+          else nullcontext(source.load(set(names.values()), on_tensor=step))) as tensors:
+        state = {local: tensors[file] for local, file in names.items()}
+        with _quiet_transformers():
+            info, _ = convert_and_load_state_dict_in_model(stage, state, load)
+    if progress and done < total:
+        progress(total, total)  # names the loader had no module for were never read
+    if info.mismatched_keys or info.conversion_errors:
+        bad = sorted(info.mismatched_keys)[:3] or sorted(info.conversion_errors.items())[:3]
+        raise ModelError(f"the model files do not fit its config: {bad}")
+    if first and last and stage.lm_head.weight.is_meta and (tied or not source_has(source, "lm_head.weight")):
+        stage.lm_head.weight = stage.model.embed_tokens.weight  # one tensor for both
+    buffers = {n for n, _ in stage.named_buffers()}
+    still = sorted(n for n in _meta(stage) if n not in buffers)
+    if still:
+        raise ModelError(f"tensors missing from the model files: {still[:5]}")
+
+
+def _rebuild_buffers(stage: Any, config: Any) -> None:
+    """Compute the buffers no checkpoint holds (RoPE inverse frequencies, embedding scales:
+    non-persistent, computed at init from the config) off the meta device, the way
+    ``from_pretrained`` does: empty tensors, then transformers' ``initialize_weights``, which
+    initializes only what no load marked initialized (``_is_hf_initialized``)."""
+    meta = [(name, b) for name, b in stage.named_non_persistent_buffers() if b.is_meta]
+    for name, buffer in meta:
+        parent, _, attr = name.rpartition(".")
+        (stage.get_submodule(parent) if parent else stage)._buffers[attr] = torch.empty_like(buffer, device="cpu")
+    if meta:
+        stage.initialize_weights()
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' loader draws a progress bar per load; a node reports its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()

@@ -14,7 +14,8 @@ import importlib.util
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -120,6 +121,24 @@ class SafetensorsSource(TensorSource):
     def names(self) -> set[str]:
         return set(self._where)
 
+    @contextmanager
+    def lazy(self, names: Iterable[str], on_tensor: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
+        """``{name: slice}`` of safetensors' lazy slices (``safe_open(...).get_slice``), valid
+        inside the ``with``: a tensor is read when its slice is indexed (``slice[...]``),
+        which calls ``on_tensor(name)``. This is what transformers' loader takes as a state
+        dict (``from_pretrained`` does the same), so only the tensors it converts are read.
+        Raises ModelError naming a missing tensor."""
+        from safetensors import safe_open
+
+        wanted = list(names)
+        for name in wanted:
+            if name not in self._where:
+                raise ModelError(f"tensor {name!r} is not in the model's safetensors files")
+        with ExitStack() as stack:
+            handles = {file: stack.enter_context(safe_open(str(file), framework="pt"))
+                       for file in {self._where[n] for n in wanted}}
+            yield {name: _Lazy(handles[self._where[name]].get_slice(name), name, on_tensor) for name in wanted}
+
     def load(self, names: Iterable[str], on_tensor: Callable[[str], None] | None = None) -> dict[str, Any]:
         from safetensors import safe_open
 
@@ -137,6 +156,22 @@ class SafetensorsSource(TensorSource):
                     if on_tensor:
                         on_tensor(key)
         return out
+
+
+class _Lazy:
+    """A safetensors slice that reports when it is read (``slice[...]``)."""
+
+    def __init__(self, handle: Any, name: str, on_tensor: Callable[[str], None] | None) -> None:
+        self._handle, self._name, self._on_tensor = handle, name, on_tensor
+
+    def __getitem__(self, index: Any) -> Any:
+        tensor = self._handle[index]
+        if self._on_tensor:
+            self._on_tensor(self._name)
+        return tensor
+
+    def __getattr__(self, name: str) -> Any:  # get_shape, get_dtype, ...
+        return getattr(self._handle, name)
 
 
 class GGUFSource(TensorSource):
@@ -309,15 +344,69 @@ def layer_of(hf_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def range_names(names: Iterable[str], layer_start: int, layer_end: int, *, layers: Iterable[int] | None = None,
+                edges: bool = True) -> dict[str, str]:
+    """Which file tensors a stage of layers [layer_start, layer_end) reads, as ``{stage name:
+    file name}``: every ``model.layers.N.`` tensor with N in the range (or in ``layers``, global
+    indices, when given), renamed to the stage-local index N - layer_start, and with ``edges``
+    every tensor outside the decoder layers (embeddings, final norm, head) under its own name.
+
+    The names are the files' own; the library's loader (transformers' weight conversions,
+    mlx-lm's ``sanitize``) turns them into its modules' names, so no architecture's tensor
+    layout is written here.
+    """
+    keep = set(range(layer_start, layer_end) if layers is None else layers)
+    out: dict[str, str] = {}
+    for name in names:
+        idx = layer_of(name)
+        if idx is None:
+            if edges:
+                out[name] = name
+        elif idx in keep:
+            out[name.replace(f"model.layers.{idx}.", f"model.layers.{idx - layer_start}.", 1)] = name
+    return out
+
+
+# Config fields that name layers by their global index (a small table of exceptions; the
+# per-layer lists ``layer_types`` and friends are sliced generically below). Each entry maps
+# (value, layer_start, layer_end) to the value a stage of [layer_start, layer_end) must carry
+# so that its local layer i behaves as global layer layer_start + i.
+_INDEX_FIELDS: dict[str, Callable[[Any, int, int], Any]] = {
+    # deepseek_v2/v3, kimi_k2: layers below it are dense
+    "first_k_dense_replace": lambda v, start, end: max(0, int(v) - start),
+    # qwen2_moe/qwen3_moe: layers that keep a dense MLP
+    "mlp_only_layers": lambda v, start, end: [int(i) - start for i in v if start <= int(i) < end],
+}
+# Config fields whose rule is ``global index % step``: a stage must start on a multiple of
+# step for its local indices to follow the same rule.
+_STEP_FIELDS = ("decoder_sparse_step", "moe_layer_freq")
+
+
 def sliced_config(config: Any, layer_start: int, layer_end: int) -> Any:
     """A copy of ``config`` describing only layers [layer_start, layer_end).
 
-    Per-layer lists (``layer_types``, e.g. Qwen sliding-window layouts) are sliced too, so
-    each local layer keeps its global type.
+    Per-layer lists (``layer_types``, e.g. sliding-window layouts) are sliced, so each local
+    layer keeps its global type; fields that name global layer indices (``_INDEX_FIELDS``:
+    deepseek's dense first layers, qwen-moe's MLP-only layers) are shifted to stage-local
+    ones. Architectures read both from ``layer_idx`` at construction, in transformers and
+    mlx-lm alike.
+
+    Raises:
+        ModelError: a periodic layer rule (``decoder_sparse_step``, ``moe_layer_freq``) that
+            the range does not start in phase with, so its layers would get the wrong kind.
     """
     sub = copy.deepcopy(config)
     sub.num_hidden_layers = layer_end - layer_start
-    layer_types = getattr(config, "layer_types", None)
-    if isinstance(layer_types, (list, tuple)) and len(layer_types) == config.num_hidden_layers:
-        sub.layer_types = list(layer_types[layer_start:layer_end])
+    for name, value in config.to_dict().items():
+        if isinstance(value, (list, tuple)) and len(value) == config.num_hidden_layers and name.startswith("layer"):
+            setattr(sub, name, list(value[layer_start:layer_end]))
+    for name, shift in _INDEX_FIELDS.items():
+        value = getattr(config, name, None)
+        if value is not None:
+            setattr(sub, name, shift(value, layer_start, layer_end))
+    for name in _STEP_FIELDS:
+        step = getattr(config, name, None)
+        if isinstance(step, int) and step > 1 and layer_start % step:
+            raise ModelError(f"{config.model_type}: {name}={step} picks layers by index; a stage must start "
+                             f"at a multiple of {step}, not {layer_start}")
     return sub
