@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from mesh.errors import PlacementError
 from mesh.kernel import records
 from mesh.kernel.records import ClusterView, MemberInfo, MemberStatus
 from mesh.node.liveness import CLOCK_TELL_EVERY_S, FREEZE_GAP_S, Liveness, Monitor, clock_fault
@@ -272,3 +273,50 @@ def test_a_clock_refusal_sets_the_nodes_fault() -> None:
     assert mon.clock_fault is None
     mon.clock_refused("b", Message(type="clock.refused", body={"ahead_ms": 3_600_000}))
     assert mon.clock_fault is not None and "1.0 h ahead" in mon.clock_fault and calls["changed"]
+
+
+@pytest.mark.spec("N17")
+def test_members_whose_load_failed_are_placed_around() -> None:
+    inputs = planner.PlanInputs(size=SIZE, context_tokens=2048, placement="memory")
+    failed = MemberStatus(plan_id="p1", layer_start=2, layer_end=4, state="failed",
+                          error="mlx-lm has no model type 'new_moe'")
+    both = [member("a"), member("b")]
+    assert [s.member_id for s in planner.plan(view_of(*both), inputs).stages] == ["a", "b"]
+    around = planner.plan(view_of(*both, statuses={"b": failed}), inputs)
+    assert [(s.member_id, s.layer_start, s.layer_end) for s in around.stages] == [("a", 0, SIZE.num_layers)]
+    assert planner.failed_members(view_of(*both, statuses={"b": failed})) == {"b": failed.error}
+    # nobody left: the error names who was left out and why
+    with pytest.raises(PlacementError, match="no member can load the model.*b failed to load: mlx-lm has no model"):
+        planner.plan(view_of(member("b"), statuses={"b": failed}), inputs)
+    # a member left too small once the failed one is out: the reason carries the load error
+    with pytest.raises(PlacementError, match="left out: b failed to load"):
+        planner.plan(view_of(member("a", 1024), member("b"), statuses={"b": failed}), inputs)
+
+
+@pytest.mark.spec("N17")
+def test_a_failed_load_stays_reported_while_the_member_holds_no_stage() -> None:
+    import asyncio
+
+    from mesh.errors import ModelError
+    from mesh.node.loader import StageLoader
+
+    class Refuses:
+        name = "refuses"
+
+        def adopt_from(self, other: object) -> None:
+            return None
+
+        def load(self, model: object, start: int, end: int, progress: object = None) -> None:
+            raise ModelError("unsupported architecture 'new_moe'; supported: llama, qwen3_moe")
+
+    statuses: list[MemberStatus] = []
+    loader = StageLoader("b", object(), new_backend=Refuses, held=lambda: None,  # type: ignore[arg-type]
+                         install=lambda backend: None, set_status=statuses.append, publish=lambda record: None,
+                         idle=lambda: True, loaded=lambda layers, reused: None, profile=None, spec=None, dtype="f32")
+    with_b = Plan(num_layers=8, stages=(Stage(member_id="a", layer_start=0, layer_end=4),
+                                        Stage(member_id="b", layer_start=4, layer_end=8)))
+    without_b = Plan(num_layers=8, stages=(Stage(member_id="a", layer_start=0, layer_end=8),))
+    asyncio.run(loader._load(with_b))
+    assert [s.state for s in statuses] == ["loading", "failed"] and "new_moe" in (statuses[-1].error or "")
+    asyncio.run(loader._load(without_b))  # placed around: no stage, still failed (not idle)
+    assert [s.state for s in statuses] == ["loading", "failed"]

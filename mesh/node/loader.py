@@ -79,6 +79,7 @@ class StageLoader:
         self._plan: Plan | None = None
         self._stage_times: Any = None  # the fastest timings of the loaded stage so far
         self._calibrating: Backend | None = None  # the backend those timings are of
+        self._failed: MemberStatus | None = None  # the status of this process's last load, if it failed
 
     def want(self, plan: Plan | None) -> None:
         """The plan changed (or failed: None): load what it asks of this node, soon."""
@@ -114,7 +115,10 @@ class StageLoader:
         plan_id = plan.plan_id if plan else ""
         if stage is None:
             self.install(None)
-            self.set_status(MemberStatus(plan_id=plan_id, state="idle"))
+            # a failed load stays reported (the planner leaves this member out, spec N17)
+            # until this process loads a stage again: else it would be placed, fail, and so on
+            if self._failed is None:
+                self.set_status(MemberStatus(plan_id=plan_id, state="idle"))
             return None
         status = MemberStatus(plan_id=plan_id, layer_start=stage.layer_start, layer_end=stage.layer_end,
                               state="ready")
@@ -134,7 +138,8 @@ class StageLoader:
             if not isinstance(exc, MeshError):
                 log.exception("backend %s failed to load layers", backend.name)
             log.error("loading layers [%d, %d) failed: %s", stage.layer_start, stage.layer_end, exc)
-            self.set_status(MemberStatus(**{**status.to_wire(), "state": "failed", "error": str(exc)}))
+            self._failed = MemberStatus(**{**status.to_wire(), "state": "failed", "error": str(exc)})
+            self.set_status(self._failed)
             return None
         finally:
             progress.close()
@@ -144,6 +149,7 @@ class StageLoader:
         self._stage_times, self._calibrating = None, backend
         timed = await self._time_stage(backend)  # calibrated before the stage is offered to requests
         self.install(backend)
+        self._failed = None
         self.set_status(status)
         return backend if timed else None
 

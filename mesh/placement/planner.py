@@ -64,35 +64,60 @@ def model_spec(config: Any, model_id: str, dtype: str) -> ModelSpec:
                                  size=model_size_from_config(config, dtype_bytes))
 
 
+def failed_members(view: ClusterView) -> dict[str, str]:
+    """``{member id: error}`` of the members whose last load failed (status ``failed``): left
+    out of placement (spec N17), so the rest re-place around them instead of waiting."""
+    out = {}
+    for member in view.members():
+        status = view.status(member.member_id)
+        if status.state == "failed":
+            out[member.member_id] = status.error or "loading failed"
+    return out
+
+
 def plan(view: ClusterView, inputs: PlanInputs) -> Plan:
-    """The plan for the members ``view`` holds. Raises PlacementError when the model does not
-    fit them."""
-    members = view.members()
+    """The plan for the members ``view`` holds, leaving out those whose load failed
+    (``failed_members``). Raises PlacementError when the model does not fit them, naming the
+    members left out and why."""
+    failed = failed_members(view)
+    members = [m for m in view.members() if m.member_id not in failed]
+    try:
+        return _plan(view, inputs, members, set(failed))
+    except PlacementError as exc:
+        if not failed:
+            raise
+        why = "; ".join(f"{member[:8]} failed to load: {error}" for member, error in sorted(failed.items()))
+        raise PlacementError(f"{exc} (left out: {why})") from exc
+
+
+def _plan(view: ClusterView, inputs: PlanInputs, members: list[Any], failed: set[str]) -> Plan:
+    if not members:
+        raise PlacementError("no member can load the model")
     found = place_by_roles(members, inputs.size, context_tokens=inputs.context_tokens)
     if found is None and inputs.placement == "solver" and inputs.spec is not None:
-        found = solver_plan(view, inputs)
+        found = solver_plan(view, inputs, exclude=failed)
     if found is None:
         capacities = [Capacity(member_id=m.member_id, usable_bytes=m.memory_bytes) for m in members]
         found = place_pipeline(capacities, inputs.size, context_tokens=inputs.context_tokens)
     return found
 
 
-def solver_plan(view: ClusterView, inputs: PlanInputs) -> Plan | None:
+def solver_plan(view: ClusterView, inputs: PlanInputs, exclude: set[str] = frozenset()) -> Plan | None:  # type: ignore[assignment]
     """The placement solver's plan (spec P17) from the members' published profiles and
     offered memory. A member that has not published a profile yet (it just joined) is left
     out rather than placed by memory and then moved once its profile lands (every move reloads
     layers); None (memory-proportional placement over every member) when no member has a
     profile, or when the profiled ones cannot hold the model but all could. Links are taken as
     a nominal 1 GbE between every pair: live link figures move all the time, and a plan must
-    not follow them without hysteresis.
+    not follow them without hysteresis. Members in ``exclude`` (their load failed) are left out.
 
     Raises PlacementError when the solver finds no plan that fits every member.
     """
     spec = inputs.spec
     if spec is None:
         return None
-    devices = topology(view, inputs.dtype).devices
-    missing = len(view.members()) - len(devices)
+    devices = tuple(d for d in topology(view, inputs.dtype).devices if d.id not in exclude)
+    missing = len([m for m in view.members() if m.member_id not in exclude]) - len(devices)
     if not devices:
         return None
     links = tuple(Link(a=a.id, b=b.id, latency_s=NOMINAL_LINK_LATENCY_S, bandwidth_bytes_per_s=NOMINAL_LINK_BYTES_PER_S)

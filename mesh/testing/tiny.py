@@ -28,7 +28,7 @@ _FIELDS: dict[str, dict[str, Any]] = {
     "llama": {},
     "qwen2": {},
     "qwen3": {},
-    "phi3": {"pad_token_id": 0},
+    "phi3": {},
     # layers 1 and 3 full attention, the rest sliding (window 8): a split at 2 or 3 crosses it
     "gemma3_text": {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16,
                     "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 31337.0},
@@ -62,6 +62,7 @@ def tiny_config(kind: str, **overrides: object) -> Any:
         num_key_value_heads=2, vocab_size=300, max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": 31337.0}, tie_word_embeddings=False,
         initializer_range=0.2,  # larger activations, so a wrong RoPE theta shows plainly
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,  # the ids of tiny_tokenizer's special tokens
     )
     fields.update(_FIELDS[kind])
     fields.update(overrides)
