@@ -40,6 +40,9 @@ from mesh.wire import WireTensor
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'mesh-cluster[mlx]'"
+QUANTIZE = (None, "none", "int8", "int4")  # --quantize: None keeps the files' format
+BITS = {"int8": 8, "int4": 4}
+GROUP_SIZE = 64  # mlx-lm convert's default group size
 DEVICES = ("cpu", "gpu")
 DTYPE_NAMES = ("bf16", "f16", "f32")
 _NUMPY: dict[str, np.dtype[Any]] = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2")}
@@ -321,8 +324,11 @@ class MlxBackend(Backend):
 
     name = "mlx"
 
-    def __init__(self, device: str | None = None, dtype: str | None = None) -> None:
+    def __init__(self, device: str | None = None, dtype: str | None = None, quantize: str | None = None) -> None:
         super().__init__()
+        if quantize not in QUANTIZE:
+            raise BackendError(f"--quantize {quantize!r} is not known; valid: {[q for q in QUANTIZE if q]}")
+        self.quantize = quantize
         if device is not None and device not in DEVICES:
             raise BackendError(f"--device {device!r} is not an mlx device; valid: {list(DEVICES)}")
         if dtype is not None and dtype not in DTYPE_NAMES:
@@ -343,6 +349,7 @@ class MlxBackend(Backend):
         self._takes_embeddings = False
         self._embed_scale: Any = None  # what the class multiplies given hidden states by (_EMBED_SCALE)
         self.quantized = False  # the loaded stage holds quantized modules
+        self.weight_bytes = 0  # bytes the loaded stage's arrays take (packed weights, scales and biases)
 
     # -- loading -----------------------------------------------------------------------
     def load(self, model: Model, layer_start: int, layer_end: int, progress: Progress | None = None) -> None:
@@ -357,6 +364,7 @@ class MlxBackend(Backend):
         Raises BackendError (bad range, unknown model type) or ModelError (tensors missing
         from the files, or a range mlx-lm's class cannot build)."""
         import mlx.nn as nn
+        from mlx.utils import tree_map
 
         mx = self._mx
         config = model.config
@@ -419,6 +427,16 @@ class MlxBackend(Backend):
                 if mx.issubdtype(value.dtype, mx.floating) and value.dtype != self.dtype:
                     weights[key] = value.astype(self.dtype)  # quantized weights stay packed
             stage.load_weights(list(weights.items()), strict=False)
+            if self.quantize == "none" and any(k.endswith(".scales") for k in weights):
+                from mlx_lm.utils import dequantize_model
+
+                stage = dequantize_model(stage)  # float weights asked for: unpack what the files hold
+                stage.update(tree_map(lambda a: a.astype(self.dtype) if mx.issubdtype(a.dtype, mx.floating) else a,
+                                      stage.parameters()))
+            if self.quantize in BITS and not any(k.endswith(".scales") for k in weights):
+                # a float model quantized as it loads, as mlx-lm's convert does (its predicate)
+                nn.quantize(stage, group_size=GROUP_SIZE, bits=BITS[self.quantize], class_predicate=lambda _p, m: (
+                    hasattr(m, "to_quantized") and m.weight.shape[-1] % GROUP_SIZE == 0))
             stage.eval()  # inference mode, as mlx-lm's own loader sets it
             # every array the stage holds, private ones (RoPE tables) included, evaluated here
             mx.eval([v for _, v in _flat(stage) if isinstance(v, mx.array)])
@@ -430,11 +448,13 @@ class MlxBackend(Backend):
             self._takes_embeddings = "input_embeddings" in call
             scale = _EMBED_SCALE.get(str(config.model_type))
             self._embed_scale = None if scale is None else scale(mx, config)
+            self.weight_bytes = sum(v.nbytes for _, v in _flat(stage.parameters()))
             self.quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
                                  or type(m).__name__.startswith("Quantized") for m in stage.modules())
         self._warm_up()
-        log.info("mlx backend: loaded layers [%d, %d) of %d on %s (%s%s)", layer_start, layer_end, num_layers,
-                 self.device, self.dtype_name, ", quantized weights" if self.quantized else "")
+        log.info("mlx backend: loaded layers [%d, %d) of %d on %s (%s%s; weights %.1f MiB)", layer_start, layer_end,
+                 num_layers, self.device, self.dtype_name, ", quantized weights" if self.quantized else "",
+                 self.weight_bytes / 2**20)
 
     def _drop_layers(self) -> None:
         self._model = self._config = None

@@ -22,12 +22,13 @@ from torch import nn
 
 from backends.base import Backend, Progress, StepOutput, check_range, source_has
 from mesh.errors import BackendError, ModelError
-from mesh.models import Model, SafetensorsSource, layer_of, range_names, sliced_config
+from mesh.models import GGUFSource, Model, SafetensorsSource, layer_of, range_names, sliced_config
 from mesh.wire import WireTensor
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+QUANTIZE = (None, "none", "int8", "int4")  # --quantize: None keeps the files' format (dequantized on torch)
 WIRE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
@@ -59,7 +60,7 @@ class TorchBackend(Backend):
     name = "torch"
     logit_tolerance = 1e-4  # transformers' own modules: only the stage split differs
 
-    def __init__(self, device: str | None = None, dtype: str | None = None) -> None:
+    def __init__(self, device: str | None = None, dtype: str | None = None, quantize: str | None = None) -> None:
         super().__init__()
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,6 +79,19 @@ class TorchBackend(Backend):
             raise BackendError(f"unknown dtype {dtype!r}; valid: {sorted(TORCH_DTYPES)}")
         self.dtype = TORCH_DTYPES[dtype]
         self.compute_dtype = dtype
+        if quantize not in QUANTIZE:
+            raise BackendError(f"--quantize {quantize!r} is not known; valid: {[q for q in QUANTIZE if q]}")
+        if quantize == "int4" and self.device.type != "cuda":
+            raise BackendError("--quantize int4 on the torch backend needs CUDA: torchao's int4 weight-only kernels "
+                               "(tile-packed) have no CPU path in this torchao; on a CPU use --quantize int8, or "
+                               "--backend mlx, which runs 4-bit weights on CPUs")
+        if quantize in ("int8", "int4"):
+            try:
+                import torchao  # noqa: F401
+            except ImportError as exc:
+                raise BackendError(f"--quantize {quantize} needs torchao: pip install 'mesh-cluster[quant]'") from exc
+        self.quantize = quantize if quantize != "none" else None
+        self.weight_bytes = 0  # bytes the loaded stage's weights take in memory (quantized ones as stored)
         self._model: Any = None
         self._config: Any = None
         self._donor: TorchBackend | None = None  # offered by adopt_from, taken by the next load
@@ -102,7 +116,7 @@ class TorchBackend(Backend):
         """
         self._donor = None
         if (isinstance(other, TorchBackend) and other is not self and other.loaded
-                and other.device == self.device and other.dtype == self.dtype):
+                and other.device == self.device and other.dtype == self.dtype and other.quantize == self.quantize):
             self._donor = other
 
     # -- loading -----------------------------------------------------------------------
@@ -132,6 +146,8 @@ class TorchBackend(Backend):
         if still_meta:
             raise ModelError(f"tensors missing from the model files: {still_meta[:5]}")
         stage.to(self.device).eval()
+        if self.quantize:
+            _quantize(stage, self.quantize)
         with self._lock:
             self._model, self._config = stage, sub
             self.layer_start, self.layer_end, self.num_layers = layer_start, layer_end, num_layers
@@ -139,9 +155,11 @@ class TorchBackend(Backend):
             self._cache_kw = "cache" if "cache" in inspect.signature(stage.model.forward).parameters else "past_key_values"
             self._model_config, self._model_id = config, model.model_id
             self.reused_layers = reused
+            self.weight_bytes = resident_bytes(stage)
         self._warm_up()
-        log.info("torch backend: loaded layers [%d, %d) of %d on %s (%d reused, %d read)", layer_start, layer_end,
-                 num_layers, self.device, reused, layer_end - layer_start - reused)
+        log.info("torch backend: loaded layers [%d, %d) of %d on %s (%d reused, %d read; weights %.1f MiB%s)",
+                 layer_start, layer_end, num_layers, self.device, reused, layer_end - layer_start - reused,
+                 self.weight_bytes / 2**20, f", {self.quantize} weight-only" if self.quantize else "")
 
     def _drop_layers(self) -> None:
         self._model = self._config = None
@@ -298,6 +316,12 @@ def _fill(stage: Any, model: Model, layer_start: int, *, first: bool, last: bool
             info, _ = convert_and_load_state_dict_in_model(stage, state, load)
     if progress and done < total:
         progress(total, total)  # names the loader had no module for were never read
+    if isinstance(source, GGUFSource):
+        types, stored, elements = source.quantized(set(names.values()))
+        if types:
+            log.info("GGUF %s tensors dequantized to %s: %.1f MiB in memory for %.1f MiB in the file (torch has no "
+                     "kernel for them; --backend mlx keeps Q4_0/Q4_1/Q8_0 quantized)", "/".join(sorted(types)),
+                     WIRE_NAMES[dtype], elements * torch.empty((), dtype=dtype).element_size() / 2**20, stored / 2**20)
     if info.mismatched_keys or info.conversion_errors:
         bad = sorted(info.mismatched_keys)[:3] or sorted(info.conversion_errors.items())[:3]
         raise ModelError(f"the model files do not fit its config: {bad}")
@@ -334,3 +358,40 @@ def _quiet_transformers() -> Iterator[None]:
     finally:
         if was:
             hf_logging.enable_progress_bar()
+
+
+def _quantize(stage: Any, how: str) -> None:
+    """Weight-only quantization of the stage's ``nn.Linear`` layers with torchao's own configs
+    (``quantize_``): int8 per-channel (``Int8WeightOnlyConfig``: CPU and CUDA), or int4 in groups
+    of 128 (``Int4WeightOnlyConfig``, tile-packed: CUDA). Activations, hidden states on the
+    wire and the KV cache stay in the compute dtype. Fused expert tensors of MoE layers are not
+    ``nn.Linear`` and stay in the compute dtype (torchao's weight-only configs quantize
+    linear layers)."""
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    config = Int8WeightOnlyConfig() if how == "int8" else Int4WeightOnlyConfig(
+        group_size=128, int4_packing_format="tile_packed_to_4d")
+    quantize_(stage, config)
+
+
+def resident_bytes(module: Any) -> int:
+    """Bytes the parameters and buffers of ``module`` take, a tensor shared by two names (a
+    tied head) once; a quantized tensor subclass (torchao) counts its inner tensors (packed
+    weights, scales), not its nominal dtype."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if id(tensor) in seen or tensor.is_meta:
+            continue
+        seen.add(id(tensor))
+        total += _tensor_bytes(tensor)
+    return total
+
+
+def _tensor_bytes(tensor: Any) -> int:
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is not None and type(tensor) not in (torch.Tensor, nn.Parameter):
+        names, _ = flatten()
+        return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
+    data = tensor.data if isinstance(tensor, nn.Parameter) else tensor
+    return int(data.numel() * data.element_size())

@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(node, "--api-key", help="if set, HTTP requests need 'Authorization: Bearer KEY'")
     _add(node, "--device", help="backend device, e.g. cpu, cuda, mps (default: the backend's choice)")
     _add(node, "--dtype", choices=("f32", "f16", "bf16"), help="compute dtype (default: f32 on CPU, f16 on GPU)")
+    _add(node, "--quantize", choices=("none", "int8", "int4"),
+         help="weight-only quantization of a float model's linear layers as the stage loads (torch: torchao; "
+         "mlx: mlx's own); none: dequantize what the files hold (default: keep the files' format where the "
+         "backend runs it)")
     _add(node, "--cluster-key", help="the cluster's key (from `python -m mesh key` on the first node); "
          "links are authenticated with it (default: the key stored in --data-dir, made on first start)")
     _add_switch(node, "--insecure", help="plaintext, unauthenticated links: for debugging only, never on a shared network")
@@ -262,7 +266,8 @@ def _run_node(args: argparse.Namespace) -> int:
         peers=tuple(args.peer if args.peer is not None else args.peer_env or ()), model=args.model, backend=args.backend, transport=args.transport,
         data_dir=args.data_dir, memory_bytes=args.memory_bytes, memory_fraction=args.memory_fraction,
         context=args.context, heartbeat_s=args.heartbeat_s, dead_after_s=args.dead_after_s,
-        api_key=args.api_key, device=args.device, dtype=args.dtype, cluster_key=args.cluster_key,
+        api_key=args.api_key, device=args.device, dtype=args.dtype, quantize=args.quantize,
+        cluster_key=args.cluster_key,
         insecure=args.insecure, discovery=args.discovery == "on", discovery_port=args.discovery_port,
         interface=args.interface, placement=args.placement, objective=args.objective,
         timeouts=Timeouts(recovery_s=args.recovery_s), fault_plan=args.fault_plan, fault_label=args.fault_label,

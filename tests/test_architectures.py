@@ -215,3 +215,55 @@ def test_mlx_gemma3_refuses_a_split_out_of_its_period(models: dict[str, Path]) -
     for start, end in [(1, 3), (4, 5)]:  # out of phase; shorter than one period
         with pytest.raises(ModelError, match="must start at a multiple of 2 layers and hold at least 2"):
             MlxBackend(device="cpu").load(model, start, end)
+
+
+def _backend(name: str, **options: object):  # type: ignore[no-untyped-def]
+    if name == "torch":
+        from backends.torch import TorchBackend
+
+        return lambda: TorchBackend(device="cpu", **options)
+    from backends.mlx import MlxBackend
+
+    return lambda: MlxBackend(device="cpu", **options)
+
+
+@pytest.mark.spec("B15")
+@pytest.mark.parametrize("backend", ["torch", pytest.param("mlx", marks=pytest.mark.skipif(not HAS_MLX, reason="no mlx"))])
+@pytest.mark.parametrize("kind", ["llama", "qwen3_moe"])
+def test_quantize_int8_as_the_stage_loads(backend: str, kind: str, models: dict[str, Path]) -> None:
+    """--quantize int8 (torchao on torch, mlx's own on MLX): less memory, the same tokens whole
+    and split, logits near the float model's."""
+    model = Model(resolve_model(str(models[kind])))
+    float_stage = _stages(_backend(backend), model, [(0, 5)])[0]
+    whole = _stages(_backend(backend, quantize="int8"), model, [(0, 5)])
+    # torchao's weight-only configs quantize nn.Linear layers: transformers' fused expert tensors
+    # stay float, so a torch MoE model shrinks less (README "Models")
+    limit = 0.8 if (backend, kind) == ("torch", "qwen3_moe") else 0.6
+    assert whole[0].weight_bytes < limit * float_stage.weight_bytes
+    tokens = greedy_generate(whole, IDS, 8)
+    split = _stages(_backend(backend, quantize="int8"), model, [(0, 2), (2, 5)])
+    assert greedy_generate(split, IDS, 8) == tokens
+    ours = step(split, [s.new_cache() for s in split], IDS, 0)
+    ref = _reference_logits(_reference(models[kind]), IDS)
+    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= QUANT_TOL
+
+
+@pytest.mark.spec("B15")
+def test_quantize_choices_are_checked_when_the_backend_is_built() -> None:
+    from backends.torch import TorchBackend
+    from mesh.errors import BackendError
+
+    with pytest.raises(BackendError, match="int4 on the torch backend needs CUDA.*--backend mlx"):
+        TorchBackend(device="cpu", quantize="int4")
+    with pytest.raises(BackendError, match="valid: \\['none', 'int8', 'int4'\\]"):
+        TorchBackend(device="cpu", quantize="int3")
+
+
+@pytest.mark.skipif(not HAS_MLX, reason="mlx and mlx-lm are not installed")
+@pytest.mark.spec("B15")
+def test_mlx_quantize_none_unpacks_a_quantized_directory(quantized: dict[str, Path]) -> None:
+    model = Model(resolve_model(str(quantized["qwen3-8"])))
+    packed = _stages(_backend("mlx"), model, [(0, 5)])[0]
+    unpacked = _stages(_backend("mlx", quantize="none"), model, [(0, 5)])
+    assert packed.quantized and not unpacked[0].quantized and unpacked[0].weight_bytes > 2 * packed.weight_bytes
+    assert greedy_generate(unpacked, IDS, 8) == greedy_generate([packed], IDS, 8)

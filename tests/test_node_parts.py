@@ -320,3 +320,16 @@ def test_a_failed_load_stays_reported_while_the_member_holds_no_stage() -> None:
     assert [s.state for s in statuses] == ["loading", "failed"] and "new_moe" in (statuses[-1].error or "")
     asyncio.run(loader._load(without_b))  # placed around: no stage, still failed (not idle)
     assert [s.state for s in statuses] == ["loading", "failed"]
+
+
+@pytest.mark.spec("B15")
+def test_quantize_reaches_the_backend_only_when_given() -> None:
+    from mesh.cli import build_parser
+    from mesh.node.config import NodeConfig, backend_options
+
+    assert "quantize" not in backend_options(NodeConfig(dtype="bf16"))
+    assert backend_options(NodeConfig(quantize="int8")) == {"quantize": "int8"}
+    args = build_parser().parse_args(["node", "--quantize", "int8"])
+    assert args.quantize == "int8"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["node", "--quantize", "int3"])

@@ -58,6 +58,7 @@ class NodeConfig:
     api_key: str | None = None
     device: str | None = None
     dtype: str | None = None
+    quantize: str | None = None  # none, int8, int4; None: keep what the model files hold
     cluster_key: str | None = None
     insecure: bool = False
     discovery: bool = True
@@ -106,6 +107,8 @@ def backend_options(config: NodeConfig) -> dict[str, Any]:
         options["device"] = config.device
     if config.dtype:
         options["dtype"] = config.dtype
+    if config.quantize:  # only when asked: a plugin backend need not know the option
+        options["quantize"] = config.quantize
     return options
 
 
