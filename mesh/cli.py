@@ -252,6 +252,9 @@ def _setup_logging(level: str) -> _NodeIdFilter:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     if level != "debug":  # aioquic logs every connection's negotiation at INFO
         logging.getLogger("quic").setLevel(logging.WARNING)
+        # torchao (imported by transformers for some architectures) warns at import about its
+        # optional CUDA kernels, which a CPU build lacks by design
+        logging.getLogger("torchao").setLevel(logging.ERROR)
     return node_filter
 
 

@@ -61,11 +61,12 @@ class ModelRef:
     gguf_file: str | None = None
 
 
-def resolve_model(name_or_path: str) -> ModelRef:
+def resolve_model(name_or_path: str, *, config_only: bool = False) -> ModelRef:
     """Turn ``--model`` into a ModelRef.
 
     Accepts a built-in short name (``smollm2-135m``), a directory with ``config.json`` and
-    ``*.safetensors``, a directory holding exactly one ``.gguf`` file, or a ``.gguf`` path.
+    ``*.safetensors`` (with ``config_only``, config.json alone: for planning, which reads no
+    weights), a directory holding exactly one ``.gguf`` file, or a ``.gguf`` path.
 
     Raises:
         ModelError: naming what was looked for and the valid short names.
@@ -79,7 +80,7 @@ def resolve_model(name_or_path: str) -> ModelRef:
         return ModelRef(model_id=path.stem, path=path.parent, gguf_file=path.name)
     if path.is_dir():
         if (path / "config.json").is_file():
-            if not any(path.glob("*.safetensors")):
+            if not config_only and not any(path.glob("*.safetensors")):
                 raise ModelError(f"{path} has config.json but no *.safetensors weights")
             return ModelRef(model_id=path.name, path=path)
         ggufs = sorted(p.name for p in path.glob("*.gguf"))

@@ -136,3 +136,59 @@ def test_a_size_of_another_model_or_dtype_is_refused() -> None:
                            kv_bytes_per_token_per_layer=size.kv_bytes_per_token_per_layer)
     with pytest.raises(PlacementError, match="embedding table"):
         ModelSpec.from_config(cfg, name="m@f32", dtype_bytes=4, size=tiny_edges)
+
+
+# Qwen3-30B-A3B's config.json as published (the fields that size it): 30.5 B parameters,
+# 3.3 B active per token
+QWEN3_30B_A3B = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+                 "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+                 "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+                 "num_experts_per_tok": 8, "vocab_size": 151936, "tie_word_embeddings": False,
+                 "decoder_sparse_step": 1, "mlp_only_layers": [], "max_position_embeddings": 40960,
+                 "rope_theta": 1000000.0, "norm_topk_prob": True}
+
+
+@pytest.mark.spec("P20")
+def test_a_moe_model_is_sized_from_its_config_alone(tmp_path: Any) -> None:
+    import json
+
+    from mesh.placement.pipeline import layer_counts
+    from mesh.tools.plan_cmd import model_spec
+
+    folder = tmp_path / "Qwen3-30B-A3B"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(QWEN3_30B_A3B))  # no weights at all
+    spec = model_spec(str(folder), "bf16")
+    total = spec.num_layers * spec.layer_bytes + spec.embed_bytes + spec.head_bytes
+    assert 30.4e9 < total / 2 < 30.7e9  # bf16: 2 bytes per parameter
+    active = spec.num_layers * spec.layer_flops_per_token / 2 + 2 * 151936 * 2048
+    assert 3.2e9 < active < 3.4e9
+    assert spec.read_bytes < spec.layer_bytes / 8  # a decode token reads 8 of 128 experts
+    assert spec.kv_bytes_per_token_per_layer == 2 * 4 * 128 * 2
+    four = model_spec(str(folder), "bf16", bits=4.5)  # 4-bit, groups of 64
+    assert 0.27 < four.layer_bytes / spec.layer_bytes < 0.29
+    # an MLX-quantized directory's config declares its bits
+    (folder / "config.json").write_text(json.dumps({**QWEN3_30B_A3B, "quantization": {"group_size": 64, "bits": 4}}))
+    assert model_spec(str(folder), "bf16").layer_bytes == four.layer_bytes
+    counts = layer_counts(config_of(QWEN3_30B_A3B))
+    assert counts.num_layers == 48 and counts.resident_matrices > 10 * counts.active / 2
+
+
+@pytest.mark.spec("P20")
+def test_dense_first_layers_and_latent_attention_are_counted_as_they_are() -> None:
+    from mesh.placement.pipeline import kv_bytes_per_token, layer_counts, model_size_from_config
+    from mesh.testing.tiny import tiny_config
+
+    config = tiny_config("deepseek_v3")  # layer 0 dense, layers 1-4 routed over 4 experts (2 per token)
+    counts = layer_counts(config)
+    size = model_size_from_config(config, 4)
+    assert size.layer_bytes == 4 * (counts.resident_matrices + counts.resident_other)  # the largest (a MoE) layer
+    assert kv_bytes_per_token(config, 2) == (16 + 8) * 2  # kv_lora_rank + qk_rope_head_dim, not 2 x heads x dim
+    assert counts.active < counts.resident_matrices  # half the experts per token
+    assert model_size_from_config(config, 4, weight_bits=8).layer_bytes < size.layer_bytes / 3
+
+
+def config_of(fields: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(fields["model_type"], **{k: v for k, v in fields.items() if k != "model_type"})

@@ -224,7 +224,7 @@ def test_hard_cases(case: str) -> None:
             solve(topo, SMALL, Request(context_tokens=fits + 64, prompt_tokens=512))
 
 
-@pytest.mark.spec("P15")
+@pytest.mark.spec("P15", "P20")
 def test_plan_cli_contract(tmp_path: Path) -> None:
     topo = {"devices": [{"id": "spark", "memory_bytes": 100 * GIB, "flops": 1e14, "memory_bandwidth_bytes_per_s": 2.73e11,
                          "backend": "torch"},
@@ -256,6 +256,20 @@ def test_plan_cli_contract(tmp_path: Path) -> None:
     assert code == 2 and "devices[0].memory_bytes" in err and "Traceback" not in err
     code, _, err = run("--topology", str(path), "--objective", "fastest")
     assert code == 2 and "ttft" in err and "goodput" in err
+    # spec P20: a directory with config.json only (a MoE model), quantized or not
+    from tests.test_model_sizes import QWEN3_30B_A3B
+
+    folder = tmp_path / "Qwen3-30B-A3B"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
+    used = {}
+    for quantize in ("none", "int4"):
+        code, out, err = run("--topology", str(path), "--model", str(folder), "--quantize", quantize, "--json")
+        assert code == 0, err
+        used[quantize] = sum(json.loads(out)["memory_bytes"].values())
+    assert used["int4"] < 0.4 * used["none"]
+    code, _, err = run("--topology", str(path), "--model", str(folder), "--quantize", "int4", "--bits", "3")
+    assert code == 2 and "--bits or --quantize" in err
 
 
 @pytest.mark.spec("P18")

@@ -118,8 +118,9 @@ class Node:
         profile = await measure_profile(self.data_dir, backend=cfg.backend, device=backend_options(cfg).get("device"),
                                         memory_fraction=cfg.memory_fraction)
         await asyncio.to_thread(lambda: (self.model.config, self.model.tokenizer))
-        size = await asyncio.to_thread(model_size, self.model)
-        spec = await asyncio.to_thread(planner.model_spec, self.model.config, self.model.model_id, self.dtype)
+        bits = planner.weight_bits(self.model.config, cfg.quantize)
+        size = await asyncio.to_thread(lambda: model_size(self.model, weight_bits=bits))
+        spec = await asyncio.to_thread(planner.model_spec, self.model.config, self.model.model_id, self.dtype, bits)
         self.inputs = planner.PlanInputs(size=size, context_tokens=cfg.context or self.model.context_length,
                                          placement=cfg.placement, objective=cfg.objective, spec=spec, dtype=self.dtype)
         plane = self.plane = RequestPlane(self.member_id, model=self.model, timeouts=cfg.timeouts, executor=self.compute,

@@ -60,6 +60,14 @@ class ModelSpec:
     layer_flops_per_token: float
     attn_flops_per_position: float
     head_flops_per_token: float
+    # bytes of weights one decode token reads per layer (a MoE layer: shared weights plus the
+    # routed experts it picks); 0: all of ``layer_bytes``
+    layer_read_bytes: int = 0
+
+    @property
+    def read_bytes(self) -> int:
+        """Weight bytes a decode token reads per layer."""
+        return self.layer_read_bytes or self.layer_bytes
 
     def __post_init__(self) -> None:
         if self.num_layers < 1 or self.layer_bytes < 1 or self.hidden_bytes < 1:
@@ -85,6 +93,27 @@ class ModelSpec:
                    head_flops_per_token=2.0 * vocab_size * hidden_size)
 
     @classmethod
+    def from_counts(cls, config: Any, *, name: str, dtype_bytes: int, weight_bits: float | None = None) -> ModelSpec:
+        """From a transformers config counted on its own class (``pipeline.layer_counts``):
+        the bytes ``model_size_from_config`` gives (largest layer resident, MoE experts all
+        resident; ``weight_bits`` for quantized matrices), the KV bytes of its attention
+        (``kv_bytes_per_token``: MLA's latent too), and per token the FLOPs (2 x parameters
+        read) and weight bytes of what a token reads (``num_experts_per_tok`` routed experts).
+        Raises what transformers raises for a config it cannot build."""
+        from mesh.placement.pipeline import layer_counts, model_size_from_config
+
+        counts = layer_counts(config)
+        size = model_size_from_config(config, dtype_bytes, weight_bits=weight_bits)
+        spec = cls.from_config(config, name=name, dtype_bytes=dtype_bytes)
+        per_param = dtype_bytes if weight_bits is None else weight_bits / 8
+        embed = int(config.vocab_size) * int(config.hidden_size)
+        embed_bytes = int(embed * per_param)
+        return replace(spec, layer_bytes=size.layer_bytes, embed_bytes=embed_bytes,
+                       head_bytes=max(1, size.edge_bytes - embed_bytes),
+                       kv_bytes_per_token_per_layer=size.kv_bytes_per_token_per_layer,
+                       layer_flops_per_token=2.0 * counts.active, layer_read_bytes=max(1, int(counts.active * per_param)))
+
+    @classmethod
     def from_config(cls, config: Any, *, name: str, dtype_bytes: int, size: ModelSize | None = None) -> ModelSpec:
         """From a transformers config (``num_hidden_layers``, ``hidden_size``, ...), with
         ``dtype_bytes`` bytes per parameter. With ``size`` (``model_size`` of the same model in
@@ -98,6 +127,9 @@ class ModelSpec:
             vocab_size=int(config.vocab_size), dtype_bytes=dtype_bytes,
             head_dim=getattr(config, "head_dim", None),
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
+        from mesh.placement.pipeline import kv_bytes_per_token
+
+        spec = replace(spec, kv_bytes_per_token_per_layer=kv_bytes_per_token(config, dtype_bytes))  # MLA's latent
         return spec if size is None else spec.with_size(size)
 
     def with_size(self, size: ModelSize) -> ModelSpec:
@@ -323,7 +355,7 @@ def decode_stage_s(topology: Topology, model: ModelSpec, stage: StagePlan, conte
     if cal is not None:  # measured weights' part, plus reading the KV cache (spec P19)
         return stage.layers * (cal.decode_layer_s + model.kv_bytes_per_token_per_layer * c / bandwidth)
     layer_flops = model.layer_flops_per_token + model.attn_flops_per_position * c
-    layer_bytes = model.layer_bytes + model.kv_bytes_per_token_per_layer * c
+    layer_bytes = model.read_bytes + model.kv_bytes_per_token_per_layer * c
     per_layer = max(layer_flops / flops, layer_bytes / bandwidth)
     per_layer += 2 * _allreduce_s(len(stage.devices), model.hidden_bytes, ar_bw, ar_lat)
     return stage.layers * per_layer

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from mesh.errors import PlacementError
-from mesh.models import Model, sliced_config
+from mesh.models import Model
 
 GIB = 1 << 30
 
@@ -210,33 +211,120 @@ def place_by_roles(members: list[Any], size: ModelSize, *, context_tokens: int) 
     return Plan(num_layers=size.num_layers, stages=sides[1].stages, prefill_stages=sides[0].stages)
 
 
-def model_size(model: Model, dtype_bytes: int = 4) -> ModelSize:
-    """Bytes per layer and for embeddings/head of ``model`` at ``dtype_bytes`` bytes per
-    parameter (``model_size_from_config`` of its config)."""
-    return model_size_from_config(model.config, dtype_bytes)
+def model_size(model: Model, dtype_bytes: int = 4, *, weight_bits: float | None = None) -> ModelSize:
+    """Bytes per layer and for embeddings/head of ``model`` as a stage loads it
+    (``model_size_from_config`` of its config; ``weight_bits`` defaults to what an MLX-quantized
+    directory declares, ``quantization_bits``)."""
+    if weight_bits is None:
+        weight_bits = quantization_bits(model.config)
+    return model_size_from_config(model.config, dtype_bytes, weight_bits=weight_bits)
 
 
-def model_size_from_config(config: Any, dtype_bytes: int = 4) -> ModelSize:
-    """Bytes per layer and for embeddings/head, counted from a meta-device instance of the
-    transformers class ``config`` describes (no weights are read or downloaded; biases,
-    non-gated MLPs and extra norms are counted as they are), plus GQA-aware KV bytes, at
-    ``dtype_bytes`` bytes per parameter. Raises what transformers raises for a config it
-    cannot build (ValueError for an unknown architecture)."""
+def quantization_bits(config: Any) -> float | None:
+    """Bits per weight of an mlx-community style quantized model (``quantization`` in its
+    config.json: ``bits`` and ``group_size``, affine: a float16 scale and bias per group, so
+    ``bits + 32 / group_size``), or None for a float model. Per-module overrides are not
+    counted (they are a few layers)."""
+    quantization = getattr(config, "quantization", None)
+    if not isinstance(quantization, dict) or not isinstance(quantization.get("bits"), int):
+        return None
+    group = quantization.get("group_size", 64)
+    return quantization["bits"] + 32 / group if isinstance(group, int) and group > 0 else float(quantization["bits"])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayerCounts:
+    """Parameters of a model's decoder layers, counted on its own transformers class.
+
+    ``resident``: the largest layer's parameters (all experts of a MoE layer), split into
+    ``matrices`` (tensors of 2 or more dimensions: what weight quantization packs) and the rest;
+    ``active``: parameters one token reads per layer on average over the layers (a MoE layer's
+    shared weights plus ``num_experts_per_tok`` of its routed experts); ``edge_matrices`` /
+    ``edge_other``: embeddings, final norm and LM head."""
+
+    num_layers: int
+    resident_matrices: int
+    resident_other: int
+    active: float
+    edge_matrices: int
+    edge_other: int
+
+
+def layer_counts(config: Any) -> LayerCounts:
+    """Count ``config``'s parameters on a meta-device instance of its transformers class with
+    every layer (dense first layers, MLP-only layers and expert layers each as they are). A
+    routed-expert tensor is one under ``.experts.`` whose first dimension is the expert count;
+    a token reads ``num_experts_per_tok`` of them. Raises what transformers raises for a config
+    it cannot build (ValueError for an unknown architecture)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        one = AutoModelForCausalLM.from_config(sliced_config(config, 0, 1))
-    layer = sum(p.numel() for p in one.model.layers[0].parameters())
-    edge = sum(p.numel() for n, p in one.named_parameters() if not n.startswith("model.layers."))
+        model = AutoModelForCausalLM.from_config(config)
+    experts = next((int(v) for v in (getattr(config, n, None) for n in ("num_local_experts", "num_experts",
+                                                                        "n_routed_experts")) if isinstance(v, int)), 0)
+    per_token = int(getattr(config, "num_experts_per_tok", 0) or 0)
+    resident: list[tuple[int, int]] = []
+    active: list[float] = []
+    for layer in model.model.layers:
+        matrices = other = 0
+        read = 0.0
+        for name, param in layer.named_parameters():
+            n = param.numel()
+            if param.dim() >= 2:
+                matrices += n
+            else:
+                other += n
+            routed = ".experts." in f".{name}" and experts > 1 and param.dim() >= 2 and param.shape[0] == experts
+            read += n * per_token / experts if routed and per_token else n
+        resident.append((matrices, other))
+        active.append(read)
+    edge_matrices = edge_other = 0
+    for name, param in model.named_parameters():
+        if not name.startswith("model.layers."):
+            edge_matrices, edge_other = (edge_matrices + param.numel(), edge_other) if param.dim() >= 2 else \
+                (edge_matrices, edge_other + param.numel())
     if getattr(config, "tie_word_embeddings", False):
-        edge += one.model.embed_tokens.weight.numel()  # the last stage holds its own copy
+        edge_matrices += model.model.embed_tokens.weight.numel()  # the last stage holds its own copy
+    biggest = max(resident, key=sum)
+    return LayerCounts(num_layers=len(resident), resident_matrices=biggest[0], resident_other=biggest[1],
+                       active=sum(active) / len(active), edge_matrices=edge_matrices, edge_other=edge_other)
+
+
+def kv_bytes_per_token(config: Any, dtype_bytes: int) -> int:
+    """KV cache bytes one token adds to one layer: 2 (keys and values) x KV heads x head dim x
+    ``dtype_bytes`` (GQA-aware), or for multi-head latent attention (deepseek_v2/v3: a
+    ``kv_lora_rank``) the compressed latent plus the RoPE key, (kv_lora_rank +
+    qk_rope_head_dim) x ``dtype_bytes``, as mlx-lm caches it (DeepSeek-V2 paper, section 2.1.2;
+    transformers' cache keeps the expanded keys and values, more)."""
+    latent = getattr(config, "kv_lora_rank", None)
+    if isinstance(latent, int) and latent > 0:
+        return (latent + int(getattr(config, "qk_rope_head_dim", 0) or 0)) * dtype_bytes
     heads = int(config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    return 2 * kv_heads * head_dim * dtype_bytes
+
+
+def model_size_from_config(config: Any, dtype_bytes: int = 4, *, weight_bits: float | None = None) -> ModelSize:
+    """Bytes per layer (the largest: all experts of a MoE layer resident) and for
+    embeddings/head, counted from a meta-device instance of the transformers class ``config``
+    describes (``layer_counts``: no weights are read or downloaded; biases, non-gated MLPs,
+    extra norms and dense first layers are counted as they are), plus the KV bytes per token
+    (``kv_bytes_per_token``). Weights take ``dtype_bytes`` bytes per parameter, or, with
+    ``weight_bits``, the matrices take that many bits each (quantized: include the scales'
+    share, e.g. 4.5 for 4 bits in groups of 64 with float16 scales and biases) and the rest
+    (norms, biases) ``dtype_bytes``. Raises what transformers raises for a config it cannot
+    build (ValueError for an unknown architecture)."""
+    counts = layer_counts(config)
+
+    def weights(matrices: int, other: int) -> int:
+        matrix_bytes = matrices * dtype_bytes if weight_bits is None else math.ceil(matrices * weight_bits / 8)
+        return int(matrix_bytes + other * dtype_bytes)
+
     return ModelSize(
         num_layers=int(config.num_hidden_layers),
-        layer_bytes=layer * dtype_bytes,
-        edge_bytes=edge * dtype_bytes,
-        kv_bytes_per_token_per_layer=2 * kv_heads * head_dim * dtype_bytes,
+        layer_bytes=weights(counts.resident_matrices, counts.resident_other),
+        edge_bytes=weights(counts.edge_matrices, counts.edge_other),
+        kv_bytes_per_token_per_layer=kv_bytes_per_token(config, dtype_bytes),
     )

@@ -21,9 +21,9 @@ from mesh.placement.pipeline import (
     ModelSize,
     Plan,
     Stage,
-    model_size_from_config,
     place_by_roles,
     place_pipeline,
+    quantization_bits,
 )
 from mesh.placement.solver import Request, solve
 
@@ -54,14 +54,28 @@ def compute_dtype(dtype: str | None, device: str | None) -> str:
     return dtype or ("f32" if (device or "cpu").startswith("cpu") else "f16")
 
 
-def model_spec(config: Any, model_id: str, dtype: str) -> ModelSpec:
-    """The cost model's view of a model in ``dtype``, with the weight, KV and edge bytes
-    counted from the model's own transformers class (``model_size_from_config``), so the
-    solver and the memory-proportional split agree on what a layer weighs; its name carries
+# bits per weight of --quantize (torchao int8 per channel: a scale per row, negligible; int4
+# and MLX's own in groups of 64 with a float16 scale and bias: + 0.5)
+QUANTIZE_BITS = {"int8": 8.5, "int4": 4.5}
+
+
+def weight_bits(config: Any, quantize: str | None) -> float | None:
+    """Bits per weight matrix parameter a stage holds: ``--quantize``'s, else what an
+    MLX-quantized directory declares (``quantization_bits``), else None (the compute dtype)."""
+    if quantize == "none":
+        return None
+    return QUANTIZE_BITS.get(quantize or "") or quantization_bits(config)
+
+
+def model_spec(config: Any, model_id: str, dtype: str, bits: float | None = None) -> ModelSpec:
+    """The cost model's view of a model in ``dtype`` (matrices at ``bits`` per weight when
+    quantized), with the weight, KV and edge bytes counted from the model's own transformers
+    class (``ModelSpec.from_counts``, the bytes ``model_size_from_config`` gives), so the
+    solver and the memory-proportional split agree on what a layer weighs, and a MoE layer's
+    FLOPs and bytes per token are those of the experts a token is routed to; its name carries
     the dtype, since a calibration is only valid for both."""
-    dtype_bytes = DTYPE_BYTES[dtype]
-    return ModelSpec.from_config(config, name=f"{model_id}@{dtype}", dtype_bytes=dtype_bytes,
-                                 size=model_size_from_config(config, dtype_bytes))
+    name = f"{model_id}@{dtype}" if bits is None else f"{model_id}@{dtype}/{bits:g}b"
+    return ModelSpec.from_counts(config, name=name, dtype_bytes=DTYPE_BYTES[dtype], weight_bits=bits)
 
 
 def failed_members(view: ClusterView) -> dict[str, str]:

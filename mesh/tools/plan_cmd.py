@@ -3,7 +3,7 @@
 Contract (kept stable; used from outside)::
 
     python -m mesh plan --topology FILE.json --model NAME_OR_DIR [--objective ttft|decode|goodput]
-                        [--context N] [--json]
+                        [--context N] [--bits B | --quantize none|int8|int4] [--json]
 
 The topology file: ``{"devices": [{"id": str, "memory_bytes": int, "flops": float,
 "memory_bandwidth_bytes_per_s": float, "backend": str}], "links": [{"a": id, "b": id,
@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +42,32 @@ KNOWN_MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-def model_spec(name: str, dtype: str) -> ModelSpec:
-    """A known model by name, or any model ``mesh.models.resolve_model`` understands (its
-    config only is read). Raises ConfigError naming ``--model``."""
+QUANTIZE_BITS = {"none": None, "int8": 8.5, "int4": 4.5}  # as a node loads them (planner.QUANTIZE_BITS)
+
+
+def model_spec(name: str, dtype: str, bits: float | None = None) -> ModelSpec:
+    """A known model by name, or any model ``mesh.models.resolve_model`` understands; a
+    directory needs only its config.json (no weights are read). Matrices take ``bits`` per
+    weight when given, else what an MLX-quantized config declares, else the dtype's bytes;
+    a mixture-of-experts model keeps every expert resident and reads per token the experts it
+    is routed to (``ModelSpec.from_counts``). Raises ConfigError naming ``--model``."""
     dtype_bytes = DTYPE_BYTES[dtype]
     if name in KNOWN_MODELS:
-        return ModelSpec.from_dimensions(name=name, dtype_bytes=dtype_bytes, **KNOWN_MODELS[name])
+        spec = ModelSpec.from_dimensions(name=name, dtype_bytes=dtype_bytes, **KNOWN_MODELS[name])
+        if bits is not None:  # a dense layer: its matrices are almost all of it
+            spec = replace(spec, layer_bytes=int(spec.layer_bytes * bits / 8 / dtype_bytes),
+                           embed_bytes=int(spec.embed_bytes * bits / 8 / dtype_bytes),
+                           head_bytes=int(spec.head_bytes * bits / 8 / dtype_bytes))
+        return spec
     from mesh.models import Model, resolve_model
+    from mesh.placement.pipeline import quantization_bits
 
     try:
-        model = Model(resolve_model(name))
-        return ModelSpec.from_config(model.config, name=model.model_id, dtype_bytes=dtype_bytes)
-    except MeshError as exc:
+        model = Model(resolve_model(name, config_only=True))
+        config = model.config
+        return ModelSpec.from_counts(config, name=model.model_id, dtype_bytes=dtype_bytes,
+                                     weight_bits=bits if bits is not None else quantization_bits(config))
+    except (MeshError, ValueError) as exc:
         raise ConfigError(f"--model {name!r}: {exc}; known names for planning: {', '.join(KNOWN_MODELS)}") from exc
 
 
@@ -114,7 +129,10 @@ def result_json(solution: Solution | None, error: str | None) -> dict[str, Any]:
 
 def run_plan(args: argparse.Namespace) -> int:
     topology = load_topology(args.topology)
-    model = model_spec(args.model, args.dtype)
+    if args.bits is not None and args.quantize is not None:
+        raise ConfigError("give --bits or --quantize, not both")
+    bits = args.bits if args.bits is not None else QUANTIZE_BITS.get(args.quantize or "none")
+    model = model_spec(args.model, args.dtype, bits)
     context = args.context
     prompt = args.prompt_tokens if args.prompt_tokens is not None else max(1, min(context, context // 2))
     request = Request(context_tokens=context, prompt_tokens=min(prompt, context), new_tokens=args.new_tokens)
@@ -159,4 +177,8 @@ def add_parser(sub: Any, add: Any, positive_int: Any) -> None:
     add(plan, "--prompt-tokens", type=positive_int, help="prompt length the plan is judged on (default: context / 2)")
     add(plan, "--new-tokens", type=positive_int, default=256, help="tokens generated per request")
     add(plan, "--dtype", default="f16", choices=tuple(DTYPE_BYTES), help="compute dtype of the weights")
+    add(plan, "--bits", type=float, help="bits per weight the layers' matrices are stored in, scales included "
+        "(e.g. 4.5 for 4-bit groups of 64; default: what the model's config declares, else the dtype's)")
+    add(plan, "--quantize", choices=tuple(QUANTIZE_BITS),
+        help="what `mesh node --quantize` would load: int8 (8.5 bits), int4 (4.5 bits), none (the dtype)")
     plan.add_argument("--json", action="store_true", help="print one JSON object (the stable contract)")
