@@ -4,7 +4,7 @@
 #
 #   benchmarks/run-all.sh              every benchmark (about an hour on 2 cores)
 #   benchmarks/run-all.sh kernel       one of: bench-matrix kv-replica backends kernel transports
-#                                      placement placement-measured faults
+#                                      placement placement-measured faults formats
 #
 # Each command appends JSON lines to benchmarks/NAME.jsonl, failed and partial runs included;
 # `python -m mesh publish` shows the records of the newest commit measured on a clean tree.
@@ -30,4 +30,7 @@ want kv-replica && step "$py" -m mesh bench --quiet --nodes 3 --prefill-nodes 0,
 want backends && step "$py" -m mesh bench-backends --json benchmarks/backends.jsonl
 want placement-measured && step "$py" -m mesh bench-placement --measured --json benchmarks/placement-measured.jsonl
 want faults && step "$py" -m mesh faults --out benchmarks/faults.jsonl
+want formats && step "$py" -m mesh bench --quiet --nodes 1 --backend torch,mlx --dtype default,bf16 \
+  --quantize default,none,int8,int4 --prompt-tokens 64 --new-tokens 32 --concurrency 1 --repeats 3 \
+  --out benchmarks/formats.jsonl
 "$py" -m mesh publish

@@ -158,8 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run a matrix of configurations on loopback clusters (or --url) and "
                            "append every run, failures included, to a JSON-lines file")
-    _add(bench, "--model", default=DEFAULT_MODEL, help="built-in model name or a model directory / .gguf path")
+    _add(bench, "--model", default=DEFAULT_MODEL, help="comma-separated built-in model names or model directories / "
+         ".gguf paths")
     _add(bench, "--backend", default="torch", help="comma-separated backends, e.g. torch,mlx")
+    _add(bench, "--dtype", default="default", help="comma-separated node --dtype values (f32, f16, bf16; default: "
+         "the node's choice)")
+    _add(bench, "--quantize", default="default", help="comma-separated node --quantize values (none, int8, int4; "
+         "default: keep the files' format)")
     _add(bench, "--transport", default="tcp", help="comma-separated transports, e.g. tcp,quic")
     _add(bench, "--nodes", default="1,2,3", help="comma-separated cluster sizes")
     _add(bench, "--placement", default="memory", help="comma-separated placements: memory, solver")
@@ -175,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(bench, "--url", help="bench a running cluster at this API URL instead of starting local ones")
     _add(bench, "--api-key", help="API key for --url")
     _add(bench, "--out", type=Path, default=Path("bench-results.jsonl"), help="JSON-lines file to append to")
-    _add_switch(bench, "--no-baselines", help="skip the baselines (transformers, mlx-lm, raw socket)")
+    _add_switch(bench, "--no-baselines", help="skip the baselines (transformers, mlx-lm, llama.cpp, raw socket)")
     _add_switch(bench, "--quiet", help="no progress bar")
     _add(bench, "--log-level", default="warning", choices=LOG_LEVELS, help="log verbosity")
 

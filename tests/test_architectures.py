@@ -127,17 +127,17 @@ def test_torch_and_mlx_stages_mix_in_one_pipeline(kind: str, models: dict[str, P
 
 @pytest.fixture(scope="module")
 def quantized(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """mlx-community style directories made by mlx-lm's own convert (group size 32): 4-bit
-    qwen3, mixed 4/6-bit qwen3_moe (mlx-lm's mixed_4_6 recipe: per-layer overrides in
-    config.json), and 8-bit versions of both."""
+    """mlx-community style directories made by mlx-lm's own convert (group size 32): every
+    architecture MLX runs at 4 bits (qwen3_moe mixed 4/6-bit: mlx-lm's mixed_4_6 recipe, per-layer
+    overrides in config.json), and 8-bit qwen3 and qwen3_moe."""
     if not HAS_MLX:
         pytest.skip("mlx and mlx-lm are not installed")
     from mlx_lm import convert
 
     root = tmp_path_factory.mktemp("q")
     out = {}
-    for kind, bits, recipe in (("qwen3", 4, None), ("qwen3_moe", 4, "mixed_4_6"), ("qwen3", 8, None),
-                               ("qwen3_moe", 8, None)):
+    plan = [(kind, 4, "mixed_4_6" if kind == "qwen3_moe" else None) for kind in MLX_KINDS]
+    for kind, bits, recipe in [*plan, ("qwen3", 8, None), ("qwen3_moe", 8, None)]:
         source = root / kind
         if not source.exists():  # the same weights as models[kind], with the release-style config
             tiny_model(kind, source, release_names=True)
@@ -149,7 +149,7 @@ def quantized(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.mark.skipif(not HAS_MLX, reason="mlx and mlx-lm are not installed")
 @pytest.mark.spec("B13")
-@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("kind", MLX_KINDS)
 def test_mlx_quantized_directory_stays_quantized_and_splits(kind: str, quantized: dict[str, Path]) -> None:
     import json
 
@@ -164,7 +164,7 @@ def test_mlx_quantized_directory_stays_quantized_and_splits(kind: str, quantized
     whole = _stages(lambda: MlxBackend(device="cpu"), model, [(0, 5)])
     assert whole[0].quantized
     tokens = greedy_generate(whole, IDS, 8)
-    for split in SPLITS[1:]:
+    for split in MLX_SPLITS.get(kind, SPLITS)[1:]:
         stages = _stages(lambda: MlxBackend(device="cpu"), model, split)
         assert all(s.quantized for s in stages)
         assert greedy_generate(stages, IDS, 8) == tokens, split

@@ -92,12 +92,14 @@ def test_a_cluster_that_does_not_start_fails_each_of_its_runs_as_a_record(tmp_pa
     model = type("M", (), {"model_id": "m"})()
     (tmp_path / "profile").mkdir()
     (tmp_path / "profile" / "profile.json").write_text("{}")
-    records = bench._run_cluster(args, ("torch", "tcp", 2, "memory", "goodput", 0, 512.0), [(16, 4, 1), (64, 4, 2)], model,  # type: ignore[arg-type]
-                                 {16: ("x", 16), 64: ("y", 64)}, {"commit": "c"}, out, tmp_path, Bar())
+    records = bench._run_cluster(args, ("torch", "tcp", 2, "memory", "goodput", 0, 512.0, "default", "int8"),  # type: ignore[arg-type]
+                                 [(16, 4, 1), (64, 4, 2)], model, "smollm2-135m", {16: ("x", 16), 64: ("y", 64)},
+                                 {"commit": "c"}, out, tmp_path, Bar())
     assert [r["status"] for r in records] == ["failed", "failed"]
     assert all("no room for a node" in r["error"] and r["results"] is None for r in records)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["kind"], r["config"]["nodes"], r["config"]["concurrency"]) for r in lines] == [("run", 2, 1), ("run", 2, 2)]
+    assert all(r["config"]["quantize"] == "int8" and "dtype" not in r["config"] for r in lines)
 
 
 @pytest.mark.slow

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import itertools
 import socket
 import statistics
@@ -98,6 +99,39 @@ def transformers_baseline(model: Model, prompt_tokens: int, new_tokens: int, rep
         ttfts.append(ttft)
         rates.append((new_tokens - 1) / max(total - ttft, 1e-9))
     return {"ttft_s": _stats(ttfts), "decode_tok_s": _stats(rates)}
+
+
+def llama_cpp_baseline(model: Model, prompt_tokens: int, new_tokens: int, repeats: int) -> dict[str, Any]:
+    """llama.cpp (``llama-cpp-python``) on the same GGUF file, the same prompt token ids and as
+    many threads as torch uses, greedy: TTFT (evaluating the prompt and sampling one token) and
+    decode tokens/s, ``repeats`` runs after a warm-up. Raises ImportError when llama-cpp-python
+    is not installed and ModelError for a model that is not a GGUF file."""
+    import torch
+    from llama_cpp import Llama
+
+    from mesh.errors import ModelError
+
+    if not model.ref.gguf_file:
+        raise ModelError(f"{model.model_id} is not a GGUF file; llama.cpp reads GGUF")
+    threads = torch.get_num_threads()
+    llm = Llama(model_path=str(model.ref.path / model.ref.gguf_file), n_ctx=max(512, prompt_tokens + new_tokens + 8),
+                n_threads=threads, n_threads_batch=threads, verbose=False)
+    ids = exact_prompt(model, prompt_tokens)
+
+    def run(n: int) -> tuple[float, float]:
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(ids)
+        token = llm.sample(temp=0.0)
+        first = time.perf_counter()
+        for _ in range(n - 1):
+            llm.eval([token])
+            token = llm.sample(temp=0.0)
+        return first - start, (n - 1) / max(time.perf_counter() - first, 1e-9)
+
+    run(2)  # warm-up
+    ttfts, rates = zip(*(run(new_tokens) for _ in range(repeats)), strict=True)
+    return {"ttft_s": _stats(list(ttfts)), "decode_tok_s": _stats(list(rates)), "threads": threads}
 
 
 def mlx_lm_baseline(model: Model, prompt_tokens: int, new_tokens: int, repeats: int) -> dict[str, Any]:
@@ -262,11 +296,21 @@ def _axis(text: str, kind: type, name: str, valid: tuple[str, ...] | None = None
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    status = 0
+    for name in [m.strip() for m in args.model.split(",") if m.strip()]:
+        status |= _run_model(args, name)
+    return status
+
+
+def _run_model(args: argparse.Namespace, model_arg: str) -> int:
+    """The whole matrix (and its baselines) for one ``--model``."""
     from tqdm import tqdm
 
     from mesh import registry
 
     backends = _axis(args.backend, str, "backend", tuple(registry.names("backend")))
+    dtypes = _axis(args.dtype, str, "dtype", ("default", "f32", "f16", "bf16"))
+    quantizes = _axis(args.quantize, str, "quantize", ("default", "none", "int8", "int4"))
     transports = _axis(args.transport, str, "transport", tuple(registry.names("transport")))
     nodes = _axis(args.nodes, int, "nodes")
     placements = _axis(args.placement, str, "placement", ("memory", "solver"))
@@ -276,7 +320,7 @@ def run_bench(args: argparse.Namespace) -> int:
     prompts = _axis(args.prompt_tokens, int, "prompt-tokens")
     news = [max(2, n) for n in _axis(args.new_tokens, int, "new-tokens")]
     concurrencies = _axis(args.concurrency, int, "concurrency")
-    model = Model(resolve_model(args.model))
+    model = Model(resolve_model(model_arg))
     machine = machine_profile()
     if args.url:  # the figures are the cluster's; this machine only sends the requests
         machine["role"] = "client"
@@ -302,11 +346,14 @@ def run_bench(args: argparse.Namespace) -> int:
             baseline("transformers_generate", cfg, lambda p=p: transformers_baseline(model, p, news[0], args.repeats))
             if "mlx" in backends:
                 baseline("mlx_lm_generate", cfg, lambda p=p: mlx_lm_baseline(model, p, news[0], args.repeats))
+            if model.ref.gguf_file and importlib.util.find_spec("llama_cpp") is not None:
+                baseline("llama_cpp", cfg, lambda p=p: llama_cpp_baseline(model, p, news[0], args.repeats))
         hidden_bytes = int(model.config.hidden_size) * 4
         baseline("raw_socket", {"bytes": hidden_bytes}, lambda: raw_socket_baseline(hidden_bytes))
 
     clusters = [None] if args.url else [c for c in itertools.product(backends, transports, nodes, placements, objectives,
-                                                                      prefill_nodes, replicas) if c[5] < c[2]]
+                                                                      prefill_nodes, replicas, dtypes, quantizes)
+                                         if c[5] < c[2]]
     runs = list(itertools.product(prompts, news, concurrencies))
     bar = tqdm(total=len(clusters) * len(runs), desc="bench", unit="run", disable=args.quiet)
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
@@ -315,14 +362,14 @@ def run_bench(args: argparse.Namespace) -> int:
 
             load_or_measure_profile(Path(tmp) / "profile", budget_s=1.0)
         for cluster_cfg in clusters:
-            summary += _run_cluster(args, cluster_cfg, runs, model, contents, machine, out, Path(tmp), bar)
+            summary += _run_cluster(args, cluster_cfg, runs, model, model_arg, contents, machine, out, Path(tmp), bar)
     bar.close()
     _print_summary(summary)
     return 0 if all(r["status"] == "ok" for r in summary) else 1
 
 
 def _run_cluster(args: argparse.Namespace, cluster_cfg: tuple[Any, ...] | None, runs: list[tuple[int, int, int]],
-                 model: Model, contents: dict[int, tuple[str, int]], machine: dict[str, Any], out: Path,
+                 model: Model, model_arg: str, contents: dict[int, tuple[str, int]], machine: dict[str, Any], out: Path,
                  tmp: Path, bar: Any) -> list[dict[str, Any]]:
     """Every run on one cluster configuration (started here unless ``--url``); failures are records."""
     from mesh.testing.cluster import LocalCluster
@@ -341,14 +388,19 @@ def _run_cluster(args: argparse.Namespace, cluster_cfg: tuple[Any, ...] | None, 
                     "members": [{k: m.get(k) for k in ("id", "backend", "role", "layer_start", "layer_end",
                                                        "memory_bytes", "address")} for m in info["members"]]}
         else:
-            backend, transport, n, placement, objective, prefill, replica_mb = cluster_cfg
+            backend, transport, n, placement, objective, prefill, replica_mb, dtype, quantize = cluster_cfg
             base = {"backend": backend, "transport": transport, "nodes": n, "placement": placement,
                     "objective": objective, "prefill_nodes": prefill, "kv_replica_mb": replica_mb, "target": "local"}
-            name = f"{backend}-{transport}-{n}-{placement}-{objective}-{prefill}-{replica_mb:g}"
-            cluster = LocalCluster(n, tmp / name, model=args.model, placement=placement,
+            flags = []
+            if dtype != "default":
+                base["dtype"], flags = dtype, [*flags, "--dtype", dtype]
+            if quantize != "default":
+                base["quantize"], flags = quantize, [*flags, "--quantize", quantize]
+            name = f"{backend}-{transport}-{n}-{placement}-{objective}-{prefill}-{replica_mb:g}-{dtype}-{quantize}"
+            cluster = LocalCluster(n, tmp / name / model.model_id, model=model_arg, placement=placement,
                                    profile=tmp / "profile" / "profile.json",
                                    extra_args=["--backend", backend, "--transport", transport, "--objective", objective,
-                                               "--kv-replica-mb", f"{replica_mb:g}"],
+                                               "--kv-replica-mb", f"{replica_mb:g}", *flags],
                                    node_args=[["--role", "prefill"] if i < prefill else [] for i in range(n)])
             cluster.start()
             cluster.wait_ready(timeout_s=300)
@@ -365,6 +417,8 @@ def _run_cluster(args: argparse.Namespace, cluster_cfg: tuple[Any, ...] | None, 
                 content, exact = contents[prompt]
                 results = run_once(url, model.model_id, content, new, concurrency, args.repeats, args.api_key)
                 results["prompt_tokens_exact"] = exact == prompt
+                if cluster is not None:  # each node process's peak resident memory so far
+                    results["node_peak_rss_bytes"] = [peak_rss_bytes(node.process.pid) for node in cluster.nodes]
                 status = run_status(results)
                 record = _record("run", machine, config, status,
                                  "; ".join(results["errors"]) if status != "ok" else None, results)
@@ -375,6 +429,18 @@ def _run_cluster(args: argparse.Namespace, cluster_cfg: tuple[Any, ...] | None, 
         if cluster is not None:
             cluster.stop()
     return records
+
+
+def peak_rss_bytes(pid: int) -> int | None:
+    """A process's peak resident set size (``VmHWM`` of ``/proc/PID/status``, Linux), in bytes;
+    None where it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _print_summary(records: list[dict[str, Any]]) -> None:
@@ -391,6 +457,8 @@ def _print_summary(records: list[dict[str, Any]]) -> None:
         else:
             pd = f" pd{c['prefill_nodes']}" if c.get("prefill_nodes") else ""
             pd += " norep" if c.get("kv_replica_mb") == 0 else ""
+            pd += f" {c['dtype']}" if c.get("dtype") else ""
+            pd += f" q={c['quantize']}" if c.get("quantize") else ""
             label = (f"{c.get('backend')}/{c.get('transport')} x{c.get('nodes')}{pd} {c.get('placement')} "
                      f"p={c.get('prompt_tokens')} n={c.get('new_tokens')} c={c.get('concurrency')}")
             ttft = (res.get("ttft_s") or {}).get("p50")

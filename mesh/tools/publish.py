@@ -178,6 +178,53 @@ def render_bench_matrix(sel: Selection, path: str) -> str:
             ".\n\n" + table + "\n")
 
 
+def _named_baseline(recs: Sequence[dict[str, Any]], name: str, prompt: Any) -> dict[str, Any] | None:
+    return next((r for r in recs if r.get("kind") == "baseline" and r.get("name") == name and r.get("status") == "ok"
+                 and _get(r, "config", "prompt_tokens") == prompt), None)
+
+
+def _format_label(config: dict[str, Any]) -> str:
+    """How a bench run held the weights: ``--quantize``, else ``--dtype``, else the backend's
+    choice for the files (on the default GGUF: dequantized to f32 on torch, kept on MLX)."""
+    quantize, dtype = config.get("quantize"), config.get("dtype")
+    compute = dtype or "f32"
+    if quantize in ("int8", "int4"):
+        return f"{quantize} weights, {compute} compute"
+    if quantize == "none" or config.get("backend") == "torch":
+        return f"{compute} (files dequantized)" if not dtype else compute
+    return f"files' format, {compute} compute"
+
+
+def render_formats(sel: Selection, path: str) -> str:
+    """The default model held in each weight format (``mesh bench --dtype ... --quantize ...``
+    on one node): TTFT, decode tokens/s, the node's peak resident memory, and decode against
+    transformers' ``generate()`` (f32) and llama.cpp on the same GGUF, all from one run."""
+    recs = sel.records
+    rows = []
+    for run in sorted((r for r in recs if r.get("kind") == "run"),
+                      key=lambda r: (str(_get(r, "config", "backend")), _format_label(r.get("config") or {}))):
+        c = run.get("config") or {}
+        ttft, rate = from_block(_get(run, "results", "ttft_s")), from_block(_get(run, "results", "decode_tok_s"))
+        cells = []
+        for name in ("transformers_generate", "llama_cpp"):
+            base = _named_baseline(recs, name, c.get("prompt_tokens"))
+            versus = compare(rate, from_block(_get(base, "results", "decode_tok_s"))) if base else None
+            cells.append(versus.fmt() if versus else "-")
+        rss = [v for v in (_get(run, "results", "node_peak_rss_bytes") or []) if isinstance(v, int)]
+        rows.append([str(c.get("backend")), _format_label(c), _n_cell(ttft, rate), _cell(ttft, 1000, 0), _cell(rate),
+                     *cells, f"{sum(rss) / 2**20:.0f}" if rss else "-", _status(run)])
+    table = _table(("backend", "weights", "n", "TTFT ms", "decode tok/s", "vs generate() f32", "vs llama.cpp",
+                    "node peak RSS MiB", "status"), rows, "llrrrrrrl")
+    lines = []
+    for r in recs:
+        if r.get("kind") == "baseline" and r.get("name") != "raw_socket":
+            ttft, rate = from_block(_get(r, "results", "ttft_s")), from_block(_get(r, "results", "decode_tok_s"))
+            lines.append(f"{r.get('name')}: decode {_cell(rate)} tok/s, TTFT {_cell(ttft, 1000, 0)} ms"
+                         if r.get("status") == "ok" else f"{r.get('name')} FAILED: {r.get('error')}")
+    return (caption(sel, path, "Measured") + "\n\nBaselines in the same run: " + "; ".join(lines) +
+            ".\n\n" + table + "\n")
+
+
 def render_kv_replica(sel: Selection, path: str) -> str:
     """The KV replica's cost: each configuration with the replica on against off."""
     runs = [r for r in sel.records if r.get("kind") == "run"]
@@ -433,6 +480,7 @@ RENDERERS: dict[str, Callable[[Selection, str], str]] = {
     "placement": render_placement,
     "placement-measured": render_placement_measured,
     "faults": render_faults,
+    "formats": render_formats,
 }
 
 
