@@ -15,7 +15,7 @@ import torch
 from backends.base import Backend
 from mesh.models import Model, resolve_model
 from mesh.testing.pipeline import greedy_generate, step
-from mesh.testing.tiny import KINDS, tiny_model
+from mesh.testing.tiny import KINDS, reference, reference_logits, tiny_model
 
 IDS = [5, 17, 42, 99, 7, 250, 3, 64, 11, 180, 23, 77]
 # one node; a split that crosses the MoE models' dense layers (deepseek's first, qwen3_moe's
@@ -54,60 +54,36 @@ def _stages(factory, model: Model, split: list[tuple[int, int]]) -> list[Backend
     return out
 
 
-def _reference(folder: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-
-
-def _reference_logits(ref: torch.nn.Module, ids: list[int]) -> np.ndarray:
-    with torch.inference_mode():
-        return ref(torch.tensor([ids])).logits[0, -1].float().numpy()
-
-
 def _check(stages: list[Backend], ref: torch.nn.Module, tol: float) -> None:
     """Prefill and three decode steps, each against a full forward of transformers."""
     caches = [s.new_cache() for s in stages]
     seq = list(IDS)
     logits = step(stages, caches, seq, 0)
-    np.testing.assert_allclose(logits, _reference_logits(ref, seq), atol=tol, rtol=0)
+    np.testing.assert_allclose(logits, reference_logits(ref, seq), atol=tol, rtol=0)
     for _ in range(3):
         token = int(np.argmax(logits))
         logits = step(stages, caches, [token], len(seq))
         seq.append(token)
-        np.testing.assert_allclose(logits, _reference_logits(ref, seq), atol=tol, rtol=0)
+        np.testing.assert_allclose(logits, reference_logits(ref, seq), atol=tol, rtol=0)
+
+
+CASES = [("torch", kind) for kind in KINDS] + [
+    pytest.param("mlx", kind, marks=pytest.mark.skipif(not HAS_MLX, reason="mlx and mlx-lm are not installed"))
+    for kind in MLX_KINDS]
 
 
 @pytest.mark.spec("B4", "B12", "B14")
-@pytest.mark.parametrize("kind", KINDS)
-def test_torch_runs_every_architecture_split_or_not(kind: str, models: dict[str, Path]) -> None:
-    from backends.torch import TorchBackend
-
-    ref = _reference(models[kind])
+@pytest.mark.parametrize(("backend", "kind"), CASES)
+def test_every_architecture_split_or_not(backend: str, kind: str, models: dict[str, Path]) -> None:
+    ref = reference(models[kind])
     model = Model(resolve_model(str(models[kind])))
+    factory = _backend(backend)
     tokens = None
-    for split in SPLITS:
-        stages = _stages(lambda: TorchBackend(device="cpu"), model, split)
-        _check(stages, ref, TorchBackend.logit_tolerance)
+    for split in (MLX_SPLITS.get(kind, SPLITS) if backend == "mlx" else SPLITS):
+        stages = _stages(factory, model, split)
+        _check(stages, ref, type(stages[0]).logit_tolerance)
         got = greedy_generate(stages, IDS, 8)
-        assert tokens is None or got == tokens, f"{kind} {split}: {got} != {tokens}"
-        tokens = got
-
-
-@pytest.mark.skipif(not HAS_MLX, reason="mlx and mlx-lm are not installed")
-@pytest.mark.spec("B4", "B12", "B14")
-@pytest.mark.parametrize("kind", MLX_KINDS)
-def test_mlx_runs_every_architecture_split_or_not(kind: str, models: dict[str, Path]) -> None:
-    from backends.mlx import MlxBackend
-
-    ref = _reference(models[kind])
-    model = Model(resolve_model(str(models[kind])))
-    tokens = None
-    for split in MLX_SPLITS.get(kind, SPLITS):
-        stages = _stages(lambda: MlxBackend(device="cpu"), model, split)
-        _check(stages, ref, MlxBackend.logit_tolerance)
-        got = greedy_generate(stages, IDS, 8)
-        assert tokens is None or got == tokens, f"{kind} {split}: {got} != {tokens}"
+        assert tokens is None or got == tokens, f"{backend} {kind} {split}: {got} != {tokens}"
         tokens = got
 
 
@@ -180,7 +156,7 @@ def test_mlx_8bit_logits_stay_near_the_float_model(kind: str, models: dict[str, 
     model = Model(resolve_model(str(quantized[f"{kind}-8"])))
     stages = _stages(lambda: MlxBackend(device="cpu"), model, [(0, 2), (2, 5)])
     ours = step(stages, [s.new_cache() for s in stages], IDS, 0)
-    ref = _reference_logits(_reference(models[kind]), IDS)
+    ref = reference_logits(reference(models[kind]), IDS)
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= QUANT_TOL
 
 
@@ -244,7 +220,7 @@ def test_quantize_int8_as_the_stage_loads(backend: str, kind: str, models: dict[
     split = _stages(_backend(backend, quantize="int8"), model, [(0, 2), (2, 5)])
     assert greedy_generate(split, IDS, 8) == tokens
     ours = step(split, [s.new_cache() for s in split], IDS, 0)
-    ref = _reference_logits(_reference(models[kind]), IDS)
+    ref = reference_logits(reference(models[kind]), IDS)
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= QUANT_TOL
 
 

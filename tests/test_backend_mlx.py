@@ -37,7 +37,7 @@ from backends.torch import TorchBackend, tensor_to_wire, wire_to_tensor
 from mesh.errors import BackendError, ModelError
 from mesh.models import Model, resolve_model
 from mesh.testing.pipeline import step
-from mesh.testing.tiny import tiny_model
+from mesh.testing.tiny import reference, reference_logits, tiny_model
 from mesh.wire import WireTensor
 from tests.conftest import PROMPTS
 
@@ -63,17 +63,6 @@ def _stages(model: Model, splits: list[tuple[int, int]], kinds: str | list[str] 
     return out
 
 
-def _reference(folder: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-
-
-def _reference_logits(ref: torch.nn.Module, ids: list[int]) -> np.ndarray:
-    with torch.inference_mode():
-        return ref(torch.tensor([ids])).logits[0, -1].float().numpy()
-
-
 def _decode(stages: list[Any], ids: list[int], n: int = 3, caches: list[Any] | None = None,
             pos: int = 0) -> tuple[list[int], list[np.ndarray]]:
     """Prefill ``ids`` (at ``pos``) and ``n`` greedy steps; the sequence and each step's logits."""
@@ -91,7 +80,7 @@ def _decode(stages: list[Any], ids: list[int], n: int = 3, caches: list[Any] | N
 def _check_parity(model: Model, ref: torch.nn.Module, splits: list[tuple[int, int]], tol: float = TOL) -> None:
     seq, logits = _decode(_stages(model, splits), IDS)
     for k, got in enumerate(logits):
-        np.testing.assert_allclose(got, _reference_logits(ref, seq[:len(IDS) + k]), atol=tol, rtol=0)
+        np.testing.assert_allclose(got, reference_logits(ref, seq[:len(IDS) + k]), atol=tol, rtol=0)
 
 
 @pytest.mark.spec("B3", "B4")
@@ -99,7 +88,7 @@ def _check_parity(model: Model, ref: torch.nn.Module, splits: list[tuple[int, in
 def test_tiny_model_logits_match_transformers(kind: str, tiny: dict[str, Path]) -> None:
     saved = json.loads((tiny[kind] / "config.json").read_text())
     assert "rope_theta" not in saved and saved["rope_parameters"]["rope_theta"] == 31337.0
-    model, ref = Model(resolve_model(str(tiny[kind]))), _reference(tiny[kind])
+    model, ref = Model(resolve_model(str(tiny[kind]))), reference(tiny[kind])
     for splits in SPLITS:
         _check_parity(model, ref, splits)
 
@@ -113,7 +102,7 @@ def test_rope_theta_is_honoured(tiny: dict[str, Path]) -> None:
     scaled = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
     assert mlx_args({"rope_parameters": scaled})["rope_scaling"] == scaled
     assert "rope_scaling" not in mlx_args({"rope_parameters": {"rope_type": "default", "rope_theta": 1.0}})
-    model, ref = Model(resolve_model(str(tiny["llama"]))), _reference(tiny["llama"])
+    model, ref = Model(resolve_model(str(tiny["llama"]))), reference(tiny["llama"])
     wrong = Model(model.ref)
     config = copy.deepcopy(model.config)
     config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
@@ -122,8 +111,8 @@ def test_rope_theta_is_honoured(tiny: dict[str, Path]) -> None:
     ids = list(range(1, 40))
     right_logits = step(*_fresh(_stages(model, [(0, 2), (2, 5)])), ids, 0)
     wrong_logits = step(*_fresh(_stages(wrong, [(0, 2), (2, 5)])), ids, 0)
-    np.testing.assert_allclose(right_logits, _reference_logits(ref, ids), atol=TOL, rtol=0)
-    assert np.abs(wrong_logits - _reference_logits(ref, ids)).max() > 100 * TOL
+    np.testing.assert_allclose(right_logits, reference_logits(ref, ids), atol=TOL, rtol=0)
+    assert np.abs(wrong_logits - reference_logits(ref, ids)).max() > 100 * TOL
 
 
 def _fresh(stages: list[Any]) -> tuple[list[Any], list[Any]]:
@@ -169,7 +158,7 @@ def test_stage_reads_only_its_tensors(tmp_path: Path) -> None:
     last the final norm and the head (the embeddings when tied); progress counts the reads."""
     for tied in (False, True):
         folder = tiny_model("llama", tmp_path / f"tied-{tied}", tie_word_embeddings=tied)
-        model, ref = Model(resolve_model(str(folder))), _reference(folder)
+        model, ref = Model(resolve_model(str(folder))), reference(folder)
         _check_parity(model, ref, [(0, 2), (2, 5)])
         head = "model.embed_tokens.weight" if tied else "lm_head.weight"
         for (start, end), edges in [((0, 1), {"model.embed_tokens.weight"}), ((1, 3), set()),

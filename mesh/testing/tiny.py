@@ -135,3 +135,17 @@ def tiny_tokenizer(folder: Path, *, vocab_size: int = 300) -> Any:
                                    pad_token="<|endoftext|>", unk_token=None, chat_template=CHATML)
     fast.save_pretrained(folder)
     return fast
+
+
+def reference(folder: Path) -> Any:
+    """transformers' own model of a saved directory, float32, in eval mode (the reference the
+    backends are held to)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def reference_logits(model: Any, ids: list[int]) -> Any:
+    """The reference model's float32 logits at the last position of ``ids`` (numpy ``[vocab]``)."""
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0, -1].float().numpy()
