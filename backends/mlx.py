@@ -433,7 +433,9 @@ class MlxBackend(Backend):
                 stage = dequantize_model(stage)  # float weights asked for: unpack what the files hold
                 stage.update(tree_map(lambda a: a.astype(self.dtype) if mx.issubdtype(a.dtype, mx.floating) else a,
                                       stage.parameters()))
-            if self.quantize in BITS and not any(k.endswith(".scales") for k in weights):
+            if self.quantize in BITS and any(k.endswith(".scales") for k in weights):
+                log.info("--quantize %s: the model files are quantized already; their format is kept", self.quantize)
+            elif self.quantize in BITS:
                 # a float model quantized as it loads, as mlx-lm's convert does (its predicate)
                 nn.quantize(stage, group_size=GROUP_SIZE, bits=BITS[self.quantize], class_predicate=lambda _p, m: (
                     hasattr(m, "to_quantized") and m.weight.shape[-1] % GROUP_SIZE == 0))

@@ -333,3 +333,17 @@ def test_quantize_reaches_the_backend_only_when_given() -> None:
     assert args.quantize == "int8"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["node", "--quantize", "int3"])
+
+
+@pytest.mark.spec("B15")
+def test_a_backend_without_the_quantize_option_refuses_it_at_start() -> None:
+    from mesh.errors import ConfigError
+    from mesh.node.config import NodeConfig, check_backend_options
+
+    class Plain:
+        def __init__(self, device: str | None = None, dtype: str | None = None) -> None:
+            self.device, self.dtype = device, dtype
+
+    check_backend_options(Plain, NodeConfig(dtype="f32"))
+    with pytest.raises(ConfigError, match="--quantize: the 'timed' backend takes no quantize option"):
+        check_backend_options(Plain, NodeConfig(backend="timed", quantize="int8"))

@@ -101,6 +101,21 @@ class NodeConfig:
             raise ConfigError(f"--dead-after-s ({self.dead_after_s}) must exceed --heartbeat-s ({self.heartbeat_s})")
 
 
+def check_backend_options(backend_cls: Any, config: NodeConfig) -> None:
+    """Build ``backend_cls`` once with the node's options, so a bad ``--device``, ``--dtype`` or
+    ``--quantize`` fails at start (the backend's BackendError names the valid values). Raises
+    ConfigError when the backend takes no such option at all (a plugin without ``quantize``)."""
+    import inspect
+
+    options = backend_options(config)
+    accepted = inspect.signature(backend_cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        for name in options:
+            if name not in accepted:
+                raise ConfigError(f"--{name}: the {config.backend!r} backend takes no {name} option")
+    backend_cls(**options)
+
+
 def backend_options(config: NodeConfig) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if config.device:

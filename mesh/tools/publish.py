@@ -129,7 +129,7 @@ def _status(record: dict[str, Any]) -> str:
     if status == "partial":
         kinds = ", ".join(f"{k} {v}" for k, v in sorted((res.get("failures") or {}).items()))
         return f"partial: {res.get('failed_requests')} of {res.get('requests')} failed ({kinds})"
-    return f"FAILED: {str(record.get('error') or '')[:80]}"
+    return f"FAILED: {' '.join(str(record.get('error') or '').split())[:120]}"
 
 
 # -- python -m mesh bench ----------------------------------------------------------------------
@@ -184,15 +184,10 @@ def _named_baseline(recs: Sequence[dict[str, Any]], name: str, prompt: Any) -> d
 
 
 def _format_label(config: dict[str, Any]) -> str:
-    """How a bench run held the weights: ``--quantize``, else ``--dtype``, else the backend's
-    choice for the files (on the default GGUF: dequantized to f32 on torch, kept on MLX)."""
-    quantize, dtype = config.get("quantize"), config.get("dtype")
-    compute = dtype or "f32"
-    if quantize in ("int8", "int4"):
-        return f"{quantize} weights, {compute} compute"
-    if quantize == "none" or config.get("backend") == "torch":
-        return f"{compute} (files dequantized)" if not dtype else compute
-    return f"files' format, {compute} compute"
+    """The node flags a bench run set for its weights (``--dtype``, ``--quantize``), or
+    ``defaults``."""
+    flags = [f"--{k} {config[k]}" for k in ("dtype", "quantize") if config.get(k)]
+    return " ".join(flags) or "defaults"
 
 
 def render_formats(sel: Selection, path: str) -> str:
@@ -213,7 +208,7 @@ def render_formats(sel: Selection, path: str) -> str:
         rss = [v for v in (_get(run, "results", "node_peak_rss_bytes") or []) if isinstance(v, int)]
         rows.append([str(c.get("backend")), _format_label(c), _n_cell(ttft, rate), _cell(ttft, 1000, 0), _cell(rate),
                      *cells, f"{sum(rss) / 2**20:.0f}" if rss else "-", _status(run)])
-    table = _table(("backend", "weights", "n", "TTFT ms", "decode tok/s", "vs generate() f32", "vs llama.cpp",
+    table = _table(("backend", "node flags", "n", "TTFT ms", "decode tok/s", "vs generate() f32", "vs llama.cpp",
                     "node peak RSS MiB", "status"), rows, "llrrrrrrl")
     lines = []
     for r in recs:
