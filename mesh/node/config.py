@@ -74,6 +74,10 @@ class NodeConfig:
     fault_label: str | None = None
     clock_offset_s: float = 0.0  # fault injection: the kernel's wall clock runs this far ahead
 
+    def check_backend(self, backend_cls: Any) -> None:
+        """``check_backend_options`` for this configuration."""
+        check_backend_options(backend_cls, self)
+
     def __post_init__(self) -> None:
         for flag, port in (("--port", self.port), ("--api-port", self.api_port),
                            ("--discovery-port", self.discovery_port)):

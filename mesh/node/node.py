@@ -28,8 +28,7 @@ from mesh.kernel.replication import Replication
 from mesh.models import Model, resolve_model
 from mesh.netif import advertise_address, local_interfaces
 from mesh.node import addresses, report
-from mesh.node.config import (NodeConfig, backend_options, bind_tcp, build_transport, check_backend_options,
-                              link_security)
+from mesh.node.config import NodeConfig, backend_options, bind_tcp, build_transport, link_security
 from mesh.node.links import Links
 from mesh.node.liveness import Liveness, Monitor
 from mesh.node.loader import StageLoader, measure_profile
@@ -61,7 +60,7 @@ class Node:
         self.member_id = load_or_create_node_id(self.data_dir)
         self.model = Model(resolve_model(config.model))
         self.backend_cls = registry.load("backend", config.backend, expected=Backend)
-        check_backend_options(self.backend_cls, config)  # a bad --device, --dtype or --quantize fails now
+        config.check_backend(self.backend_cls)  # a bad --device, --dtype or --quantize fails now
         self.security = link_security(config, self.data_dir, self.member_id)
         self._stop = asyncio.Event()
         self._first_link = asyncio.Event()
