@@ -157,7 +157,7 @@ class TorchBackend(Backend):
             self.reused_layers = reused
             self.weight_bytes = resident_bytes(stage)
         self._warm_up()
-        log.info("torch backend: loaded layers [%d, %d) of %d on %s (%d reused, %d read; weights %.1f MiB%s)",
+        log.info("torch backend: loaded layers [%d, %d) of %d on %s (%d reused, %d read), weights %.1f MiB%s",
                  layer_start, layer_end, num_layers, self.device, reused, layer_end - layer_start - reused,
                  self.weight_bytes / 2**20, f", {self.quantize} weight-only" if self.quantize else "")
 
