@@ -28,6 +28,7 @@ from mesh.wire import WireTensor
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+INT4_GROUP = 32  # weights per int4 scale/zero pair: the block of GGUF Q4_0/Q4_1, whose grid it then holds exactly
 QUANTIZE = (None, "none", "int8", "int4")  # --quantize: None keeps the files' format (dequantized on torch)
 WIRE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
@@ -81,10 +82,10 @@ class TorchBackend(Backend):
         self.compute_dtype = dtype
         if quantize not in QUANTIZE:
             raise BackendError(f"--quantize {quantize!r} is not known; valid: {[q for q in QUANTIZE if q]}")
-        if quantize == "int4" and self.device.type != "cuda":
-            raise BackendError("--quantize int4 on the torch backend needs CUDA: torchao's int4 weight-only kernels "
-                               "(tile-packed) have no CPU path in this torchao; on a CPU use --quantize int8, or "
-                               "--backend mlx, which runs 4-bit weights on CPUs")
+        if quantize == "int4" and self.device.type not in ("cuda", "cpu"):
+            raise BackendError(f"--quantize int4 on the torch backend runs on cuda and cpu (torchao's int4 "
+                               f"weight-only kernels), not on {self.device.type}; use --quantize int8 there, or "
+                               "--backend mlx, which runs 4-bit weights on Apple silicon")
         if quantize in ("int8", "int4"):
             try:
                 import torchao  # noqa: F401
@@ -363,15 +364,34 @@ def _quiet_transformers() -> Iterator[None]:
 def _quantize(stage: Any, how: str) -> None:
     """Weight-only quantization of the stage's ``nn.Linear`` layers with torchao's own configs
     (``quantize_``): int8 per-channel (``Int8WeightOnlyConfig``: CPU and CUDA), or int4 in groups
-    of 128 (``Int4WeightOnlyConfig``, tile-packed: CUDA). Activations, hidden states on the
-    wire and the KV cache stay in the compute dtype. Fused expert tensors of MoE layers are not
-    ``nn.Linear`` and stay in the compute dtype (torchao's weight-only configs quantize
-    linear layers)."""
+    of ``INT4_GROUP`` weights with a bf16 scale and zero point each (4.5 bits per weight): on CUDA
+    ``Int4WeightOnlyConfig`` tile-packed, on a CPU torchao's ``PrototypeInt4WeightOnlyConfig``
+    (``Int4OpaqueTensor``: aten's ``_weight_int4pack_mm_for_cpu``; torchao 0.18's stable int4
+    config has no CPU packing). A linear whose input width is not a multiple of the group stays
+    in the compute dtype (torchao logs it). Activations, hidden states on the wire and the KV
+    cache stay in the compute dtype. Fused expert tensors of MoE layers are not ``nn.Linear``
+    and stay in the compute dtype (torchao's weight-only configs quantize linear layers)."""
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
-    config = Int8WeightOnlyConfig() if how == "int8" else Int4WeightOnlyConfig(
-        group_size=128, int4_packing_format="tile_packed_to_4d")
-    quantize_(stage, config)
+    device = next(iter(stage.parameters())).device
+    if how == "int8":
+        config: Any = Int8WeightOnlyConfig()
+    elif device.type == "cpu":
+        from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+        config = PrototypeInt4WeightOnlyConfig(group_size=INT4_GROUP)
+    else:
+        config = Int4WeightOnlyConfig(group_size=INT4_GROUP, int4_packing_format="tile_packed_to_4d")
+    quantize_(stage, config, filter_fn=None if how == "int8" else _int4_packable)
+
+
+def _int4_packable(module: Any, name: str) -> bool:
+    """The linear layers of the decoder layers that torchao's int4 packings take:
+    ``in_features`` a multiple of ``INT4_GROUP`` and ``out_features`` of 16 (aten's
+    ``_convert_weight_to_int4pack``). The output head stays in the compute dtype, as GGUF
+    quantizers keep it at 6-8 bits (it is often tied to the embedding, which would then be held
+    twice)."""
+    return (isinstance(module, nn.Linear) and not name.endswith("lm_head")
+            and module.in_features % INT4_GROUP == 0 and module.out_features % 16 == 0)
 
 
 def resident_bytes(module: Any) -> int:

@@ -95,6 +95,24 @@ def test_default_model_logits_match_transformers(default_model: Model, gguf_refe
     _check_parity(default_model, gguf_reference, [(0, 13), (13, 30)], ids)
 
 
+@pytest.mark.slow
+@pytest.mark.spec("B15")
+@pytest.mark.parametrize(("dtype", "tol", "size"), [("f32", 1e-4, 0.4), ("bf16", 0.1, 0.25)])
+def test_int4_on_the_cpu_holds_the_gguf_grid(default_model: Model, stage_cache, dtype: str, tol: float,
+                                             size: float) -> None:
+    """--quantize int4 runs on a CPU (torchao's CPU int4 packing) and, in groups of 32, holds the
+    default GGUF's Q4_1 grid exactly: f32 logits equal the dequantized f32 stage's; bf16 compute
+    adds only bf16's own error (README "Models") at under a quarter of the f32 weight bytes."""
+    ids = default_model.encode_chat([{"role": "user", "content": PROMPTS[0]}])
+    float_stage = stage_cache(0, 30)
+    ref = step([float_stage], [float_stage.new_cache()], ids, 0)
+    backend = TorchBackend(device="cpu", dtype=dtype, quantize="int4")
+    backend.load(default_model, 0, 30)
+    assert backend.weight_bytes < size * float_stage.weight_bytes
+    ours = step([backend], [backend.new_cache()], ids, 0).astype(np.float32)
+    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= tol
+
+
 SPLITS = [
     [(0, 30)],
     [(0, 15), (15, 30)],

@@ -54,9 +54,10 @@ def compute_dtype(dtype: str | None, device: str | None) -> str:
     return dtype or ("f32" if (device or "cpu").startswith("cpu") else "f16")
 
 
-# bits per weight of --quantize (torchao int8 per channel: a scale per row, negligible; int4
-# and MLX's own in groups of 64 with a float16 scale and bias: + 0.5)
-QUANTIZE_BITS = {"int8": 8.5, "int4": 4.5}
+# bits per weight of --quantize, the larger of the two backends: torchao int8 per channel (a
+# scale per row, negligible; MLX's groups of 64 with a float16 scale and bias: 8.5); int4 torch
+# in groups of 32 with a 16-bit scale and zero (5.0; MLX's groups of 64: 4.5)
+QUANTIZE_BITS = {"int8": 8.5, "int4": 5.0}
 
 
 def weight_bits(config: Any, quantize: str | None) -> float | None:

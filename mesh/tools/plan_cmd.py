@@ -42,7 +42,7 @@ KNOWN_MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-QUANTIZE_BITS = {"none": None, "int8": 8.5, "int4": 4.5}  # as a node loads them (planner.QUANTIZE_BITS)
+QUANTIZE_BITS = {"none": None, "int8": 8.5, "int4": 5.0}  # as a node loads them (planner.QUANTIZE_BITS)
 
 
 def model_spec(name: str, dtype: str, bits: float | None = None) -> ModelSpec:
@@ -180,5 +180,5 @@ def add_parser(sub: Any, add: Any, positive_int: Any) -> None:
     add(plan, "--bits", type=float, help="bits per weight the layers' matrices are stored in, scales included "
         "(e.g. 4.5 for 4-bit groups of 64; default: what the model's config declares, else the dtype's)")
     add(plan, "--quantize", choices=tuple(QUANTIZE_BITS),
-        help="what `mesh node --quantize` would load: int8 (8.5 bits), int4 (4.5 bits), none (the dtype)")
+        help="what `mesh node --quantize` would load: int8 (8.5 bits), int4 (5 bits), none (the dtype)")
     plan.add_argument("--json", action="store_true", help="print one JSON object (the stable contract)")
