@@ -364,11 +364,10 @@ def _quiet_transformers() -> Iterator[None]:
 def _quantize(stage: Any, how: str) -> None:
     """Weight-only quantization of the stage's ``nn.Linear`` layers with torchao's own configs
     (``quantize_``): int8 per-channel (``Int8WeightOnlyConfig``: CPU and CUDA), or int4 in groups
-    of ``INT4_GROUP`` weights with a bf16 scale and zero point each (4.5 bits per weight): on CUDA
+    of ``INT4_GROUP`` weights with a 16-bit scale and zero point each (5 bits per weight): on CUDA
     ``Int4WeightOnlyConfig`` tile-packed, on a CPU torchao's ``PrototypeInt4WeightOnlyConfig``
     (``Int4OpaqueTensor``: aten's ``_weight_int4pack_mm_for_cpu``; torchao 0.18's stable int4
-    config has no CPU packing). A linear whose input width is not a multiple of the group stays
-    in the compute dtype (torchao logs it). Activations, hidden states on the wire and the KV
+    config has no CPU packing); int4 takes only the linears ``_int4_packable`` names. Activations, hidden states on the wire and the KV
     cache stay in the compute dtype. Fused expert tensors of MoE layers are not ``nn.Linear``
     and stay in the compute dtype (torchao's weight-only configs quantize linear layers)."""
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_

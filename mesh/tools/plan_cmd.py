@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.errors import ConfigError, MeshError, PlacementError
+from mesh.placement import planner
 from mesh.placement.costmodel import Device, Link, ModelSpec, Topology
 from mesh.placement.solver import OBJECTIVES, Request, Solution, solve
 
@@ -42,7 +43,7 @@ KNOWN_MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-QUANTIZE_BITS = {"none": None, "int8": 8.5, "int4": 5.0}  # as a node loads them (planner.QUANTIZE_BITS)
+QUANTIZE_BITS = {"none": None, **planner.QUANTIZE_BITS}  # as a node loads them
 
 
 def model_spec(name: str, dtype: str, bits: float | None = None) -> ModelSpec:
