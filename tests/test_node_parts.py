@@ -3,6 +3,8 @@ readiness, placement reactions and the pure planner."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -307,12 +309,16 @@ def test_a_failed_load_stays_reported_while_the_member_holds_no_stage() -> None:
             return None
 
         def load(self, model: object, start: int, end: int, progress: object = None) -> None:
+            threads.append(threading.current_thread().name)
             raise ModelError("unsupported architecture 'new_moe'; supported: llama, qwen3_moe")
 
     statuses: list[MemberStatus] = []
+    threads: list[str] = []
+    compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
     loader = StageLoader("b", object(), new_backend=Refuses, held=lambda: None,  # type: ignore[arg-type]
                          install=lambda backend: None, set_status=statuses.append, publish=lambda record: None,
-                         idle=lambda: True, loaded=lambda layers, reused: None, profile=None, spec=None, dtype="f32")
+                         idle=lambda: True, loaded=lambda layers, reused: None, profile=None, spec=None, dtype="f32",
+                         executor=compute)
     with_b = Plan(num_layers=8, stages=(Stage(member_id="a", layer_start=0, layer_end=4),
                                         Stage(member_id="b", layer_start=4, layer_end=8)))
     without_b = Plan(num_layers=8, stages=(Stage(member_id="a", layer_start=0, layer_end=8),))
@@ -320,6 +326,9 @@ def test_a_failed_load_stays_reported_while_the_member_holds_no_stage() -> None:
     assert [s.state for s in statuses] == ["loading", "failed"] and "new_moe" in (statuses[-1].error or "")
     asyncio.run(loader._load(without_b))  # placed around: no stage, still failed (not idle)
     assert [s.state for s in statuses] == ["loading", "failed"]
+    # the load ran on the node's compute thread, where its steps run (one thread pool team)
+    assert threads and all(name.startswith("compute") for name in threads)
+    compute.shutdown()
 
 
 @pytest.mark.spec("B15")

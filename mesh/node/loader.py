@@ -10,6 +10,8 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable
+from concurrent.futures import Executor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +33,17 @@ RECALIBRATE_AFTER_S = 5.0  # the stage is timed again every 5-10 s after it load
 RECALIBRATIONS = 3  # ... this many times
 
 
-async def measure_profile(data_dir: Path, *, backend: str, device: str | None, memory_fraction: float) -> Any:
+async def measure_profile(data_dir: Path, *, backend: str, device: str | None, memory_fraction: float,
+                          executor: Executor) -> Any:
     """This device's profile (FLOP/s per dtype, memory bandwidth), measured or read from the
-    cache in ``data_dir``; None when it cannot be measured (a profile is an aid to placement:
-    its failure costs only predictions). Measured before the model loads: measured while this
-    process loads weights, the figures would be of a busy CPU (spec P7)."""
+    cache in ``data_dir`` on ``executor`` (the node's compute thread); None when it cannot be
+    measured (a profile is an aid to placement: its failure costs only predictions). Measured
+    before the model loads: measured while this process loads weights, the figures would be of
+    a busy CPU (spec P7)."""
     try:
-        profile = await asyncio.to_thread(load_or_measure_profile, data_dir, backend=backend, device=device,
-                                          memory_fraction=memory_fraction, budget_s=1.0)
+        profile = await asyncio.get_running_loop().run_in_executor(executor, partial(
+            load_or_measure_profile, data_dir, backend=backend, device=device, memory_fraction=memory_fraction,
+            budget_s=1.0))
     except Exception as exc:
         log.warning("could not measure this device's profile: %s", exc)
         return None
@@ -54,15 +59,20 @@ class StageLoader:
     and swap the stage the request plane computes with (None: nothing); ``set_status`` writes
     this node's load status; ``publish(record)`` writes its profile record; ``idle()`` tells
     whether no request holds a KV cache here (recalibration waits for that);
-    ``loaded(layers, reused)`` counts a finished load (spec N14).
+    ``loaded(layers, reused)`` counts a finished load (spec N14); ``executor`` is the one thread
+    that runs every backend call of this node, loads and timings as well as steps: a CPU
+    library's thread pool (torch's OpenMP) keeps a team of spinning workers per calling thread,
+    and two teams on the cores halve decode speed (measured: 21 against 44-56 ms per token,
+    README "Models").
     """
 
     def __init__(self, member_id: str, model: Model, *, new_backend: Callable[[], Backend],
                  held: Callable[[], Backend | None], install: Callable[[Backend | None], None],
                  set_status: Callable[[MemberStatus], None], publish: Callable[[dict[str, Any]], None],
                  idle: Callable[[], bool], loaded: Callable[[int, int], None], profile: Any, spec: ModelSpec | None,
-                 dtype: str) -> None:
+                 dtype: str, executor: Executor) -> None:
         self.member_id = member_id
+        self.executor = executor
         self.model = model
         self.new_backend = new_backend
         self.held = held
@@ -133,7 +143,8 @@ class StageLoader:
             self.install(None)  # is unusable from here, and its requests fail anyway
             backend.adopt_from(current)
         try:
-            await asyncio.to_thread(backend.load, self.model, stage.layer_start, stage.layer_end, progress)
+            await asyncio.get_running_loop().run_in_executor(
+                self.executor, backend.load, self.model, stage.layer_start, stage.layer_end, progress)
         except Exception as exc:  # a backend plugin may raise anything: report it, keep serving
             if not isinstance(exc, MeshError):
                 log.exception("backend %s failed to load layers", backend.name)
@@ -173,7 +184,8 @@ class StageLoader:
         if flops is None or spec is None:
             return False
         try:
-            times = await asyncio.to_thread(time_stage, backend, hidden_size=int(self.model.config.hidden_size))
+            times = await asyncio.get_running_loop().run_in_executor(
+                self.executor, partial(time_stage, backend, hidden_size=int(self.model.config.hidden_size)))
             if self._calibrating is not backend:
                 return False  # replaced while timing
             self._stage_times = times = fastest(self._stage_times, times)

@@ -116,7 +116,7 @@ class Node:
             bind_tcp(cfg.host, cfg.port, "--port").close()  # only a check: the transport binds it below
         log.info("node %s starting: model %s, backend %s", self.member_id, cfg.model, cfg.backend)
         profile = await measure_profile(self.data_dir, backend=cfg.backend, device=backend_options(cfg).get("device"),
-                                        memory_fraction=cfg.memory_fraction)
+                                        memory_fraction=cfg.memory_fraction, executor=self.compute)
         await asyncio.to_thread(lambda: (self.model.config, self.model.tokenizer))
         bits = planner.weight_bits(self.model.config, cfg.quantize)
         size = await asyncio.to_thread(lambda: model_size(self.model, weight_bits=bits))
@@ -131,7 +131,7 @@ class Node:
                                   held=lambda: plane.worker.backend, install=lambda backend: (plane.install(backend), self._refresh()), set_status=self.records.set_status,
                                   publish=self.records.profile, idle=lambda: not plane.worker.caches,
                                   loaded=lambda layers, reused: self.metrics.stage_loaded(layers=layers, reused=reused),
-                                  profile=profile, spec=spec, dtype=self.dtype)
+                                  profile=profile, spec=spec, dtype=self.dtype, executor=self.compute)
         listener = await self.links.transport.listen(cfg.host, cfg.port, self.links.accept)
         address, self.links.advertise = await addresses.advertised_address(cfg.host, listener.port, cfg.interface)
         memory = cfg.memory_bytes if cfg.memory_bytes is not None else usable_memory_bytes(cfg.memory_fraction)
