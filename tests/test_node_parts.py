@@ -295,7 +295,7 @@ def test_members_whose_load_failed_are_placed_around() -> None:
         planner.plan(view_of(member("a", 1024), member("b"), statuses={"b": failed}), inputs)
 
 
-@pytest.mark.spec("N17")
+@pytest.mark.spec("N17", "N18")
 def test_a_failed_load_stays_reported_while_the_member_holds_no_stage() -> None:
     import asyncio
 
@@ -356,3 +356,47 @@ def test_a_backend_without_the_quantize_option_refuses_it_at_start() -> None:
     check_backend_options(Plain, NodeConfig(dtype="f32"))
     with pytest.raises(ConfigError, match="--quantize: the 'timed' backend takes no quantize option"):
         check_backend_options(Plain, NodeConfig(backend="timed", quantize="int8"))
+
+
+@pytest.mark.spec("N18")
+def test_nodes_on_one_host_find_each_other_and_wait_passively(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from mesh.identity import register_on_host
+
+    host = tmp_path / "host"
+    (host).mkdir()
+    (host / "999999.node").write_bytes(b"")  # a dead node's file: nobody holds its lock
+    code = ("import os, sys; from pathlib import Path; from mesh.identity import register_on_host; "
+            "entry, others = register_on_host(Path(sys.argv[1])); "
+            "print(len(others), os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules, flush=True); "
+            "sys.stdin.read()")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+
+    def start(extra: dict[str, str]) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-c", code, str(host)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, env={**env, **extra})
+
+    first = start({})
+    try:
+        assert first.stdout is not None and first.stdout.readline().split() == ["0", "None", "False"]
+        assert not (host / "999999.node").exists()  # the stale registration was removed
+        second = start({})
+        try:
+            assert second.stdout is not None and second.stdout.readline().split() == ["1", "PASSIVE", "False"]
+        finally:
+            second.communicate("", timeout=30)
+        chooser = start({"GOMP_SPINCOUNT": "1000"})  # a policy the user chose stays theirs
+        try:
+            assert chooser.stdout is not None and chooser.stdout.readline().split() == ["1", "None", "False"]
+        finally:
+            chooser.communicate("", timeout=30)
+    finally:
+        first.communicate("", timeout=30)
+    # all gone: a new registration finds nobody, and this process (torch loaded) changes nothing
+    entry, others = register_on_host(host)
+    assert entry is not None and others == []
+    assert os.environ.get("OMP_WAIT_POLICY") == env.get("OMP_WAIT_POLICY")
+    entry.close()

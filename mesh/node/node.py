@@ -22,7 +22,7 @@ from backends.base import Backend
 from mesh import registry
 from mesh.api.app import create_app
 from mesh.errors import MeshError
-from mesh.identity import load_or_create_node_id, lock_data_dir, usable_memory_bytes
+from mesh.identity import load_or_create_node_id, lock_data_dir, register_on_host, usable_memory_bytes
 from mesh.kernel.records import ClusterView, MemberInfo, member_key
 from mesh.kernel.replication import Replication
 from mesh.models import Model, resolve_model
@@ -57,6 +57,7 @@ class Node:
             advertise_address(local_interfaces(), None, pinned_interface=config.interface)
         self.data_dir = config.data_dir.expanduser()
         self._data_dir_lock = lock_data_dir(self.data_dir)
+        self._host_entry, _ = register_on_host()  # before the backend loads torch (spec N18)
         self.member_id = load_or_create_node_id(self.data_dir)
         self.model = Model(resolve_model(config.model))
         self.backend_cls = registry.load("backend", config.backend, expected=Backend)

@@ -90,7 +90,9 @@ class LocalCluster:
             default, so that n nodes run an n-stage pipeline: what tests and benchmarks of
             pipelines need (the solver would give a model that fits one node to one node).
 
-    Discovery is off (``--discovery off``): tests never announce on the host's networks.
+    Discovery is off (``--discovery off``): tests never announce on the host's networks. With
+    two or more nodes, each gets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment chose a
+    wait policy: the nodes share this host's cores (spec N18).
     """
 
     def __init__(self, n: int, workdir: Path, *, model: str = "smollm2-135m",
@@ -130,6 +132,8 @@ class LocalCluster:
             first_port = first_port or port
             env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
             env["MESH_CLUSTER_KEY"] = self.cluster_key  # not on the command line, where `ps` shows it
+            if self.n > 1 and "GOMP_SPINCOUNT" not in env:  # n nodes share this host's cores (spec N18)
+                env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
             env.update(self.env)
             process = _spawn(args, env, log_path, "wb")
             self.nodes.append(NodeProcess(i, port, api_port, data_dir, log_path, process, args, env))
