@@ -72,13 +72,16 @@ def register_on_host(directory: Path | None = None) -> tuple[BinaryIO | None, li
     against 23 ms with passive waits (spec N18).
     """
     directory = directory or host_dir()
+    handle: BinaryIO | None = None
     try:
         directory.mkdir(mode=0o700, exist_ok=True)
         tmp = directory / f".{os.getpid()}.tmp"
         handle = open(tmp, "wb")
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.replace(tmp, directory / f"{os.getpid()}.node")
-    except OSError as exc:
+    except OSError as exc:  # a registration is an aid: without one, this node keeps the default policy
+        if handle is not None:
+            handle.close()
         log.debug("cannot register on this host in %s: %s", directory, exc)
         return None, []
     others = []
