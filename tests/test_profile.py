@@ -192,3 +192,47 @@ def test_profile_from_spec() -> None:
         kwargs: dict[str, Any] = {"memory_bytes": GIB, "flops": 1e12, "memory_bandwidth_bytes_per_s": 1e11} | bad
         with pytest.raises(ConfigError, match=field):
             profile_from_spec(**kwargs)
+
+
+@pytest.mark.spec("P7")
+def test_nodes_on_one_host_measure_once_and_share_the_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              fake_measure: list[dict[str, Any]]) -> None:
+    """Nodes without a cache of their own take the host's; they measure one at a time (a slow
+    measurement holds the others back), so four started at once measure once and agree."""
+    import threading
+    import time
+
+    host = tmp_path / "host"
+    slow = profile_mod.measure_profile
+
+    def measure_slowly(**kwargs: Any) -> DeviceProfile:
+        time.sleep(0.3)  # while this runs, the other threads find the lock held
+        return slow(**kwargs)
+
+    monkeypatch.setattr(profile_mod, "measure_profile", measure_slowly)
+    results: dict[int, DeviceProfile] = {}
+
+    def start(i: int) -> None:
+        results[i] = load_or_measure_profile(tmp_path / f"node{i}", device="cpu", shared_dir=host)
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(fake_measure) == 1 and len(results) == 4
+    assert len({p.measured_at_ms for p in results.values()}) == 1
+    assert all((tmp_path / f"node{i}" / PROFILE_FILE).is_file() for i in range(4))  # each keeps its own copy
+    assert json.loads((host / "profile-torch-cpu.json").read_text())["measured_at_ms"] == 1_700_000_000_001
+    # a refresh measures and updates the host's copy
+    load_or_measure_profile(tmp_path / "node5", refresh=True, device="cpu", shared_dir=host)
+    assert len(fake_measure) == 2
+    assert json.loads((host / "profile-torch-cpu.json").read_text())["measured_at_ms"] == 1_700_000_000_002
+    # a node whose own cache is usable keeps it
+    assert load_or_measure_profile(tmp_path / "node0", device="cpu", shared_dir=host).measured_at_ms == \
+        1_700_000_000_001
+    # an unwritable host directory costs only the sharing
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    load_or_measure_profile(tmp_path / "node6", device="cpu", shared_dir=blocked / "host")
+    assert len(fake_measure) == 3 and (tmp_path / "node6" / PROFILE_FILE).is_file()

@@ -25,7 +25,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, NoReturn
@@ -242,39 +243,103 @@ def measure_profile(
     )
 
 
-def load_or_measure_profile(data_dir: Path, *, refresh: bool = False, **measure_kwargs: Any) -> DeviceProfile:
+def load_or_measure_profile(data_dir: Path, *, refresh: bool = False, shared_dir: Path | None = None,
+                            **measure_kwargs: Any) -> DeviceProfile:
     """The profile cached in ``data_dir/profile.json`` with memory re-read now; or a fresh
     measurement, then cached, when the file is missing, corrupt (logs a warning), of another
-    version, backend or device, or ``refresh`` is set. ``measure_kwargs``: measure_profile's."""
+    version, backend or device, or ``refresh`` is set. ``measure_kwargs``: measure_profile's.
+
+    With ``shared_dir`` (the host directory of this user's nodes, ``mesh.identity.host_dir``),
+    a node without a usable cache of its own takes the host's (``profile-<backend>-<device>.json``
+    there) and measures only when there is none, holding a lock on that directory while it
+    reads or measures (``SHARED_LOCK_TIMEOUT_S``), so the nodes started together on one machine
+    measure one at a time and once, and get one profile: measured at the same time, each
+    would time the others' load (spec P7)."""
     unknown = set(measure_kwargs) - {"backend", "device", "memory_fraction", "budget_s"}
     if unknown:
         raise TypeError(f"load_or_measure_profile() got unknown arguments {sorted(unknown)}")
     backend = measure_kwargs.get("backend", "torch")
     device = _resolve_device(backend, measure_kwargs.get("device"))
     path = data_dir / PROFILE_FILE
-    cached: DeviceProfile | None = None
-    if not refresh and path.exists():
-        try:
-            raw = json.loads(path.read_text())
-            if isinstance(raw, dict) and type(raw.get("version")) is int and raw["version"] != PROFILE_VERSION:
-                log.info("profile: %s has format version %r, not %d; re-measuring",
-                         path, raw.get("version"), PROFILE_VERSION)
+    cached = None if refresh else _cached(path, backend, device)
+    if cached is None and shared_dir is not None:
+        shared = shared_dir / f"profile-{backend}-{device.replace(':', '-')}.json"
+        with _locked(shared_dir / "profile.lock"):
+            cached = None if refresh else _cached(shared, backend, device)
+            if cached is None:
+                measured = measure_profile(**{**measure_kwargs, "device": device})
+                _store(shared, measured)
             else:
-                cached = DeviceProfile.from_wire(raw)
-        except (OSError, UnicodeDecodeError, ValueError, ConfigError) as exc:
-            log.warning("profile: %s is unreadable or corrupt (%s); re-measuring", path, exc)
-    if cached is not None and (cached.backend, cached.device) == (backend, device):
-        total, usable = _memory(device, measure_kwargs.get("memory_fraction", 0.8))
-        return replace(cached, memory_total_bytes=total, memory_usable_bytes=usable)
-    profile = measure_profile(**{**measure_kwargs, "device": device})
+                log.info("profile: this host's, measured by another node (%s)", shared)
+        _store(path, cached or measured)
+    elif cached is None:
+        measured = measure_profile(**{**measure_kwargs, "device": device})
+        _store(path, measured)
+    if cached is None:
+        return measured
+    total, usable = _memory(device, measure_kwargs.get("memory_fraction", 0.8))
+    return replace(cached, memory_total_bytes=total, memory_usable_bytes=usable)
+
+
+SHARED_LOCK_TIMEOUT_S = 30.0  # another node measures in about budget_s; past this, measure anyway
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created) while the block runs, waiting at most
+    ``SHARED_LOCK_TIMEOUT_S``; without a lock (an unwritable directory, or the wait timed out,
+    with a log line) the block runs anyway: sharing a profile is an aid, not a need."""
+    import fcntl
+
+    handle = None
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        handle = open(path, "ab")
+        deadline = time.monotonic() + SHARED_LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    log.warning("profile: %s stayed locked for %.0f s; measuring without it", path,
+                                SHARED_LOCK_TIMEOUT_S)
+                    break
+                time.sleep(0.05)
+    except OSError as exc:
+        log.debug("profile: cannot lock %s: %s", path, exc)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock
+
+
+def _cached(path: Path, backend: str, device: str) -> DeviceProfile | None:
+    """The profile in ``path`` when it is readable, of this format version, backend and device."""
+    if not path.exists():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        if isinstance(raw, dict) and type(raw.get("version")) is int and raw["version"] != PROFILE_VERSION:
+            log.info("profile: %s has format version %r, not %d; re-measuring", path, raw.get("version"),
+                     PROFILE_VERSION)
+            return None
+        cached = DeviceProfile.from_wire(raw)
+    except (OSError, UnicodeDecodeError, ValueError, ConfigError) as exc:
+        log.warning("profile: %s is unreadable or corrupt (%s); re-measuring", path, exc)
+        return None
+    return cached if (cached.backend, cached.device) == (backend, device) else None
+
+
+def _store(path: Path, profile: DeviceProfile) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(profile.to_wire(), indent=1, sort_keys=True) + "\n")
         os.replace(tmp, path)  # atomic: a crash never leaves half a file
     except OSError as exc:
         log.warning("profile: cannot cache the profile in %s: %s", path, exc)
-    return profile
 
 
 def profile_from_spec(
