@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 INT4_GROUP = 32  # weights per int4 scale/zero pair: the block of GGUF Q4_0/Q4_1, whose grid it then holds exactly
-QUANTIZE = (None, "none", "int8", "int4")  # --quantize: None keeps the files' format (dequantized on torch)
+QUANTIZE = (None, "none", "int8", "int4")  # --quantize: None keeps the files' format where torch runs it
+GGUF_INT4 = ("Q4_0", "Q4_1")  # GGUF types int4 in groups of INT4_GROUP holds (block of 32, one scale and min)
 WIRE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
@@ -92,6 +93,8 @@ class TorchBackend(Backend):
             except ImportError as exc:
                 raise BackendError(f"--quantize {quantize} needs torchao: pip install 'mesh-cluster[quant]'") from exc
         self.quantize = quantize if quantize != "none" else None
+        self._keep_files = quantize is None  # GGUF Q4_0/Q4_1 weights stay int4 where that runs fast (load)
+        self.weight_format = ""  # what the last load quantized: "", "int8" or "int4" (all or the files' Q4 tensors)
         self.weight_bytes = 0  # bytes the loaded stage's weights take in memory (quantized ones as stored)
         self._model: Any = None
         self._config: Any = None
@@ -141,14 +144,20 @@ class TorchBackend(Backend):
         if not last:
             stage.model.norm = nn.Identity()
             stage.lm_head = None
-        _fill(stage, model, layer_start, first=first, last=last, dtype=self.dtype, progress=progress)
+        read = _fill(stage, model, layer_start, first=first, last=last, dtype=self.dtype, progress=progress)
         _rebuild_buffers(stage, sub)
         still_meta = sorted(_meta(stage))
         if still_meta:
             raise ModelError(f"tensors missing from the model files: {still_meta[:5]}")
         stage.to(self.device).eval()
+        kept = {n for n, (kind, _, _) in read.items() if kind in GGUF_INT4} if self._int4_keeps_files() else set()
         if self.quantize:
             _quantize(stage, self.quantize)
+        elif kept:
+            _quantize(stage, "int4", only=kept)
+        _log_dequantized(read, stage, self.dtype)
+        held = any(_quantized(m.weight) for m in stage.modules() if isinstance(m, nn.Linear))  # reused ones too
+        self.weight_format = self.quantize or ("int4" if held else "")
         with self._lock:
             self._model, self._config = stage, sub
             self.layer_start, self.layer_end, self.num_layers = layer_start, layer_end, num_layers
@@ -160,7 +169,17 @@ class TorchBackend(Backend):
         self._warm_up()
         log.info("torch backend: loaded layers [%d, %d) of %d on %s (%d reused, %d read), weights %.1f MiB%s",
                  layer_start, layer_end, num_layers, self.device, reused, layer_end - layer_start - reused,
-                 self.weight_bytes / 2**20, f", {self.quantize} weight-only" if self.quantize else "")
+                 self.weight_bytes / 2**20, f", {self.weight_format} weight-only" if self.weight_format else "")
+
+    def _int4_keeps_files(self) -> bool:
+        """Whether a load with the default ``--quantize`` keeps a GGUF's Q4_0/Q4_1 matrices as
+        int4: torchao installed and bf16 compute on a CPU. With f32 activations the CPU int4
+        kernel is slower than f32 itself (7.8 against 18.7 tok/s, README "Models"), so an f32
+        stage dequantizes; on CUDA the int4 path has not been measured here."""
+        import importlib.util
+
+        return (self._keep_files and self.device.type == "cpu" and self.dtype == torch.bfloat16
+                and importlib.util.find_spec("torchao") is not None)
 
     def _drop_layers(self) -> None:
         self._model = self._config = None
@@ -262,7 +281,7 @@ def _meta(module: Any) -> set[str]:
 
 
 def _fill(stage: Any, model: Model, layer_start: int, *, first: bool, last: bool, dtype: torch.dtype,
-          progress: Progress | None) -> None:
+          progress: Progress | None) -> dict[str, tuple[str, int, int]]:
     """Read the tensors ``stage`` (a meta-device model of the stage's layers) still lacks from
     the model's files, through transformers' own loader: ``convert_and_load_state_dict_in_model``
     with the architecture's registered weight conversions (``get_model_conversion_mapping``:
@@ -270,7 +289,9 @@ def _fill(stage: Any, model: Model, layer_start: int, *, first: bool, last: bool
     names are renumbered to stage-local layers first (``range_names``). A GGUF file is read
     dequantized under the names transformers' GGUF loader gives it (``GGUFSource``).
 
-    Raises ModelError naming tensors the files lack or whose shapes differ from the config's.
+    Returns, for a GGUF file, ``{stage tensor name: (GGUF type, bytes in the file, elements)}``
+    of the quantized tensors it read (empty otherwise). Raises ModelError naming tensors the
+    files lack or whose shapes differ from the config's.
     """
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
@@ -287,7 +308,7 @@ def _fill(stage: Any, model: Model, layer_start: int, *, first: bool, last: bool
     buffers = {n for n, _ in stage.named_buffers()}
     missing = _meta(stage) - buffers
     if not missing:
-        return  # every module reused from the donor
+        return {}  # every module reused from the donor
     source = model.tensor_source()
     global_layers = [i + layer_start for n in missing if (i := layer_of(n)) is not None]
     head_from_embeddings = last and "lm_head.weight" in missing and (tied or not source_has(source, "lm_head.weight"))
@@ -317,12 +338,6 @@ def _fill(stage: Any, model: Model, layer_start: int, *, first: bool, last: bool
             info, _ = convert_and_load_state_dict_in_model(stage, state, load)
     if progress and done < total:
         progress(total, total)  # names the loader had no module for were never read
-    if isinstance(source, GGUFSource):
-        types, stored, elements = source.quantized(set(names.values()))
-        if types:
-            log.info("GGUF %s tensors dequantized to %s: %.1f MiB in memory for %.1f MiB in the file (torch has no "
-                     "kernel for them; --backend mlx keeps Q4_0/Q4_1/Q8_0 quantized)", "/".join(sorted(types)),
-                     WIRE_NAMES[dtype], elements * torch.empty((), dtype=dtype).element_size() / 2**20, stored / 2**20)
     if info.mismatched_keys or info.conversion_errors:
         bad = sorted(info.mismatched_keys)[:3] or sorted(info.conversion_errors.items())[:3]
         raise ModelError(f"the model files do not fit its config: {bad}")
@@ -332,6 +347,29 @@ def _fill(stage: Any, model: Model, layer_start: int, *, first: bool, last: bool
     still = sorted(n for n in _meta(stage) if n not in buffers)
     if still:
         raise ModelError(f"tensors missing from the model files: {still[:5]}")
+    if not isinstance(source, GGUFSource):
+        return {}
+    quantized = source.quantized(set(names.values()))
+    return {local: quantized[file] for local, file in names.items() if file in quantized}
+
+
+def _log_dequantized(read: dict[str, tuple[str, int, int]], stage: Any, dtype: torch.dtype) -> None:
+    """One log line for the GGUF tensors of ``read`` (``_fill``'s) that ``stage`` holds in
+    float: their types, what they take in memory now (elements in ``dtype``) and what they
+    took in the file."""
+    def floating(name: str) -> bool:
+        try:
+            return not _quantized(stage.get_parameter(name))
+        except AttributeError:
+            return True
+
+    rest = [read[n] for n in read if floating(n)]
+    if rest:
+        log.info("GGUF %s tensors dequantized to %s: %.1f MiB in memory for %.1f MiB in the file (torch keeps "
+                 "Q4_0/Q4_1 as int4 only with --dtype bf16 on a CPU and torchao; --backend mlx keeps Q4_0/Q4_1/Q8_0 "
+                 "quantized)", "/".join(sorted({kind for kind, _, _ in rest})), WIRE_NAMES[dtype],
+                 sum(e for _, _, e in rest) * torch.empty((), dtype=dtype).element_size() / 2**20,
+                 sum(b for _, b, _ in rest) / 2**20)
 
 
 def _rebuild_buffers(stage: Any, config: Any) -> None:
@@ -361,7 +399,7 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _quantize(stage: Any, how: str) -> None:
+def _quantize(stage: Any, how: str, only: set[str] | None = None) -> None:
     """Weight-only quantization of the stage's ``nn.Linear`` layers with torchao's own configs
     (``quantize_``): int8 per-channel (``Int8WeightOnlyConfig``: CPU and CUDA), or int4 in groups
     of ``INT4_GROUP`` weights with a 16-bit scale and zero point each (5 bits per weight): on CUDA
@@ -369,7 +407,9 @@ def _quantize(stage: Any, how: str) -> None:
     (``Int4OpaqueTensor``: aten's ``_weight_int4pack_mm_for_cpu``; torchao 0.18's stable int4
     config has no CPU packing); int4 takes only the linears ``_int4_packable`` names. Activations, hidden states on the wire and the KV
     cache stay in the compute dtype. Fused expert tensors of MoE layers are not ``nn.Linear``
-    and stay in the compute dtype (torchao's weight-only configs quantize linear layers)."""
+    and stay in the compute dtype (torchao's weight-only configs quantize linear layers). With
+    ``only`` (parameter names, e.g. ``model.layers.0.mlp.up_proj.weight``), only the linears
+    whose weight is named there; a linear quantized already (reused from a donor) is skipped."""
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
     device = next(iter(stage.parameters())).device
@@ -380,7 +420,18 @@ def _quantize(stage: Any, how: str) -> None:
         config = PrototypeInt4WeightOnlyConfig(group_size=INT4_GROUP)
     else:
         config = Int4WeightOnlyConfig(group_size=INT4_GROUP, int4_packing_format="tile_packed_to_4d")
-    quantize_(stage, config, filter_fn=None if how == "int8" else _int4_packable)
+    packable = (lambda _m, _n: True) if how == "int8" else _int4_packable
+
+    def chosen(module: Any, name: str) -> bool:
+        return (isinstance(module, nn.Linear) and packable(module, name) and not _quantized(module.weight)
+                and (only is None or f"{name}.weight" in only))
+
+    quantize_(stage, config, filter_fn=chosen)
+
+
+def _quantized(tensor: Any) -> bool:
+    """Whether ``tensor`` is a quantized tensor subclass (torchao's) rather than a plain one."""
+    return type(tensor) not in (torch.Tensor, nn.Parameter) or type(tensor.data) is not torch.Tensor
 
 
 def _int4_packable(module: Any, name: str) -> bool:

@@ -30,7 +30,7 @@ want kv-replica && step "$py" -m mesh bench --quiet --nodes 3 --prefill-nodes 0,
 want backends && step "$py" -m mesh bench-backends --json benchmarks/backends.jsonl
 want placement-measured && step "$py" -m mesh bench-placement --measured --json benchmarks/placement-measured.jsonl
 want faults && step "$py" -m mesh faults --out benchmarks/faults.jsonl
-want formats && step "$py" -m mesh bench --quiet --nodes 1 --backend torch,mlx --dtype default,bf16 \
+want formats && step "$py" -m mesh bench --quiet --nodes 1 --backend torch,mlx --dtype default,f32 \
   --quantize default,none,int8,int4 --prompt-tokens 64 --new-tokens 32 --concurrency 1 --repeats 3 \
   --out benchmarks/formats.jsonl
 "$py" -m mesh publish

@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
          "that loses a stage resumes instead of re-prefilling (0: off)")
     _add(node, "--api-key", help="if set, HTTP requests need 'Authorization: Bearer KEY'")
     _add(node, "--device", help="backend device, e.g. cpu, cuda, mps (default: the backend's choice)")
-    _add(node, "--dtype", choices=("f32", "f16", "bf16"), help="compute dtype (default: f32 on CPU, f16 on GPU)")
+    _add(node, "--dtype", choices=("f32", "f16", "bf16"),
+         help="compute dtype (default: f16 on GPU; on CPU bf16 where the device profile measured bf16 "
+         "matmuls >= 1.5x f32 and the backend is torch, else f32)")
     _add(node, "--quantize", choices=("none", "int8", "int4"),
          help="weight-only quantization of a float model's linear layers as the stage loads (torch: torchao; "
          "mlx: mlx's own); none: dequantize what the files hold (default: keep the files' format where the "

@@ -213,18 +213,15 @@ class GGUFSource(TensorSource):
         gname = self._gguf_name(hf_name)
         return gname is not None and gname in self._tensors
 
-    def quantized(self, hf_names: Iterable[str]) -> tuple[set[str], int, int]:
-        """Of ``hf_names``, the GGUF types of the quantized ones (e.g. ``{"Q4_1"}``), their bytes
-        in the file and their element count (what ``load`` turns into float32)."""
-        types: set[str] = set()
-        stored = elements = 0
+    def quantized(self, hf_names: Iterable[str]) -> dict[str, tuple[str, int, int]]:
+        """Of ``hf_names``, the quantized ones: ``{name: (GGUF type, e.g. "Q4_1"; bytes in the
+        file; element count, what ``load`` turns into float32)}``."""
+        out: dict[str, tuple[str, int, int]] = {}
         for hf_name in hf_names:
             tensor = self._tensors.get(self._gguf_name(hf_name) or "")
             if tensor is not None and tensor.tensor_type.name not in ("F32", "F16", "BF16"):
-                types.add(tensor.tensor_type.name)
-                stored += int(tensor.n_bytes)
-                elements += int(tensor.n_elements)
-        return types, stored, elements
+                out[hf_name] = (tensor.tensor_type.name, int(tensor.n_bytes), int(tensor.n_elements))
+        return out
 
     def load(self, names: Iterable[str], on_tensor: Callable[[str], None] | None = None) -> dict[str, Any]:
         import numpy as np

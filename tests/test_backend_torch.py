@@ -113,6 +113,40 @@ def test_int4_on_the_cpu_holds_the_gguf_grid(default_model: Model, stage_cache, 
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= tol
 
 
+@pytest.mark.slow
+@pytest.mark.spec("B15")
+def test_default_quantize_keeps_the_gguf_q4_weights_as_int4_in_bf16_only(default_model: Model, stage_cache,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Left unset, --quantize keeps what the GGUF holds where torch runs it fast: its Q4_1
+    matrices become int4 (the same stage as --quantize int4) when computing in bf16 on a CPU;
+    in f32 they are dequantized, as the int4 kernel is slower than f32 there, and the log
+    says what that costs. A stage that reuses int4 layers from its donor does not quantize
+    them again."""
+    ids = default_model.encode_chat([{"role": "user", "content": PROMPTS[0]}])
+    assert stage_cache(0, 30).weight_format == ""  # f32: dequantized
+    explicit = TorchBackend(device="cpu", dtype="bf16", quantize="int4")
+    explicit.load(default_model, 0, 30)
+    with caplog.at_level(logging.INFO, logger="backends.torch"):
+        kept = TorchBackend(device="cpu", dtype="bf16")
+        kept.load(default_model, 0, 30)
+    assert kept.weight_format == "int4" and kept.weight_bytes == explicit.weight_bytes
+    assert "GGUF Q8_0 tensors dequantized to bf16" in caplog.text  # the embeddings: no Q4_1 tensor left float
+    want = step([explicit], [explicit.new_cache()], ids, 0)
+    assert np.array_equal(step([kept], [kept.new_cache()], ids, 0), want)
+    unpacked = TorchBackend(device="cpu", dtype="bf16", quantize="none")
+    unpacked.load(default_model, 0, 30)
+    assert unpacked.weight_format == "" and unpacked.weight_bytes > 2 * kept.weight_bytes
+    first = TorchBackend(device="cpu", dtype="bf16")
+    first.adopt_from(kept)
+    first.load(default_model, 0, 12)
+    assert first.reused_layers == 12 and first.weight_format == "int4"
+    rest = TorchBackend(device="cpu", dtype="bf16")
+    rest.load(default_model, 12, 30)
+    split = step([first, rest], [first.new_cache(), rest.new_cache()], ids, 0)
+    ref = want.astype(np.float32)
+    assert np.linalg.norm(split.astype(np.float32) - ref) / np.linalg.norm(ref) <= 1e-2
+
+
 SPLITS = [
     [(0, 30)],
     [(0, 15), (15, 30)],

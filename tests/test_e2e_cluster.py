@@ -263,3 +263,32 @@ def test_solver_placement_leaves_out_a_member_that_would_only_slow_the_pipeline(
         prompt = PROMPTS[0]
         for node in cluster.nodes:  # the idle member coordinates through the placed one
             assert _chat(_client(node), prompt, stream=True) == single_node_texts[prompt]
+
+
+@pytest.mark.spec("N19", "B15")
+def test_a_node_computes_in_bf16_with_int4_weights_where_its_profile_measured_bf16_fast(
+        tmp_path: Path, default_model) -> None:
+    """No --dtype, and a profile whose bf16 matmuls are twice f32's: the node computes in bf16,
+    says so in /v1/cluster, keeps the GGUF's Q4_1 matrices as int4 (the default --quantize),
+    and answers with the greedy text of that stage run in this process."""
+    from backends.torch import TorchBackend
+    from mesh.placement.profile import load_or_measure_profile
+    from mesh.testing.pipeline import greedy_generate
+
+    load_or_measure_profile(tmp_path / "profile", budget_s=0.5)
+    path = tmp_path / "profile" / "profile.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "flops": {"f32": 1.0e11, "bf16": 2.0e11}}))
+    prompt = PROMPTS[0]
+    stage = TorchBackend(device="cpu", dtype="bf16")
+    stage.load(default_model, 0, 30)
+    tokens = greedy_generate([stage], default_model.encode_chat([{"role": "user", "content": prompt}]), 12)
+    special = set(default_model.tokenizer.all_special_ids)
+    tokens = tokens[:next((i for i, t in enumerate(tokens) if t in special), len(tokens))]
+    with LocalCluster(1, tmp_path / "node", profile=path) as cluster:
+        cluster.wait_ready()
+        node = cluster.nodes[0]
+        _, info = http_json(node.api_url + "/v1/cluster")
+        assert info["local"]["dtype"] == "bf16"
+        assert "int4 weight-only" in node.log_text()
+        text = _chat(_client(node), prompt, stream=False, max_tokens=12)
+    assert text == default_model.tokenizer.decode(tokens, skip_special_tokens=True) and len(text) > 5

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m"
 TOKENS = 16
+F32 = ["--dtype", "f32"]  # torch nodes: a CPU with fast bf16 would pick bf16 (spec N19); MLX computes in f32
 
 
 def _chat(url: str, prompt: str) -> str:
@@ -36,7 +37,7 @@ def _chat(url: str, prompt: str) -> str:
 
 @pytest.fixture(scope="module")
 def torch_texts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    with LocalCluster(1, tmp_path_factory.mktemp("torch")) as cluster:
+    with LocalCluster(1, tmp_path_factory.mktemp("torch"), extra_args=F32) as cluster:
         cluster.wait_ready()
         return {p: _chat(cluster.nodes[0].api_url, p) for p in PROMPTS[:2]}
 
@@ -53,7 +54,7 @@ def test_an_mlx_node_alone_gives_the_torch_text(tmp_path: Path, torch_texts: dic
 
 @pytest.mark.spec("B12")
 def test_an_mlx_node_and_a_torch_node_serve_one_model_together(tmp_path: Path, torch_texts: dict[str, str]) -> None:
-    with LocalCluster(2, tmp_path, node_args=[["--backend", "mlx"], []]) as cluster:
+    with LocalCluster(2, tmp_path, node_args=[["--backend", "mlx"], F32]) as cluster:
         cluster.wait_ready()
         _, info = http_json(cluster.nodes[1].api_url + "/v1/cluster")
         placed = sorted((m["backend"], m["layer_start"], m["layer_end"]) for m in info["members"])
@@ -69,7 +70,7 @@ def test_an_mlx_node_prefills_and_a_torch_node_decodes_with_the_kv_cache_moved(
     stage (the wire format of specs/backend.md), and the text is the torch node's."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with LocalCluster(2, tmp_path, node_args=[["--backend", "mlx", "--role", "prefill"], []]) as cluster:
+    with LocalCluster(2, tmp_path, node_args=[["--backend", "mlx", "--role", "prefill"], F32]) as cluster:
         cluster.wait_ready()
         url = cluster.nodes[1].api_url
         for prompt, text in torch_texts.items():

@@ -198,8 +198,29 @@ def test_the_planner_is_a_pure_function_of_the_view() -> None:
     assert first == again and [s.member_id for s in first.stages] == ["a", "b"]
     roles = planner.plan(view_of(member("a", role="prefill"), member("b", role="decode")), inputs)
     assert [s.member_id for s in roles.prefill_stages] == ["a"] and [s.member_id for s in roles.stages] == ["b"]
+
+
+@pytest.mark.spec("N19")
+def test_the_cpu_dtype_is_bf16_where_the_profile_measured_it_fast() -> None:
+    from types import SimpleNamespace
+
+    from mesh.node.config import NodeConfig, backend_options
+
     assert planner.compute_dtype(None, None) == "f32" and planner.compute_dtype(None, "cuda") == "f16"
     assert planner.compute_dtype("bf16", "cpu") == "bf16"
+    fast = SimpleNamespace(device="cpu", flops={"f32": 1.84e11, "f16": 0.5e11, "bf16": 4.09e11})
+    slow = SimpleNamespace(device="cpu", flops={"f32": 1.84e11, "bf16": 2.6e11})  # 1.41x: not enough
+    assert planner.compute_dtype(None, None, fast) == "bf16"
+    assert planner.compute_dtype(None, "cpu", slow) == "f32"
+    assert planner.compute_dtype(None, None, fast, backend="mlx") == "f32"  # the profile measures torch
+    assert planner.compute_dtype("f32", None, fast) == "f32"  # --dtype wins
+    assert planner.compute_dtype(None, None, SimpleNamespace(device="cpu", flops={"f32": 1e11})) == "f32"
+    gpu = SimpleNamespace(device="cuda:0", flops={"f32": 1e13, "bf16": 1e14})
+    assert planner.compute_dtype(None, None, gpu) == "f16"  # the profile's device, resolved
+    # the backend is built with a measured choice; a plugin only with what the user set
+    assert backend_options(NodeConfig(), dtype="bf16") == {"dtype": "bf16"}
+    assert backend_options(NodeConfig(dtype="f32"), dtype="bf16") == {"dtype": "f32"}
+    assert backend_options(NodeConfig()) == {}
 
 
 def test_placement_tells_the_loader_once_per_new_plan_and_reports_failures() -> None:

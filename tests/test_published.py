@@ -188,3 +188,12 @@ def test_the_report_renders_every_committed_benchmark() -> None:
     assert "cannot render" not in page and sum(len(v) for v in skipped.values()) == 0
     for block in SUITE_BLOCKS.values():
         assert f"<h3>{block} (commit " in page
+
+
+def test_a_formats_row_says_which_dtype_a_node_chose() -> None:
+    from mesh.tools.publish import _format_label
+
+    assert _format_label({}) == "defaults"
+    assert _format_label({"node_dtype": "bf16"}) == "defaults (computes in bf16)"
+    assert _format_label({"quantize": "int4", "node_dtype": "f32"}) == "--quantize int4 (computes in f32)"
+    assert _format_label({"dtype": "f32", "node_dtype": "f32"}) == "--dtype f32"

@@ -120,12 +120,15 @@ def check_backend_options(backend_cls: Any, config: NodeConfig) -> None:
     backend_cls(**options)
 
 
-def backend_options(config: NodeConfig) -> dict[str, Any]:
+def backend_options(config: NodeConfig, dtype: str | None = None) -> dict[str, Any]:
+    """The keyword arguments a node builds its backend with: what the user set, and ``dtype``
+    when the node chose one by measurement (``planner.compute_dtype``); a plugin backend is
+    given only the options the user set, so it need not know the others."""
     options: dict[str, Any] = {}
     if config.device:
         options["device"] = config.device
-    if config.dtype:
-        options["dtype"] = config.dtype
+    if config.dtype or dtype:
+        options["dtype"] = config.dtype or dtype
     if config.quantize:  # only when asked: a plugin backend need not know the option
         options["quantize"] = config.quantize
     return options

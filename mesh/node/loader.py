@@ -17,6 +17,7 @@ from typing import Any
 
 from backends.base import Backend
 from mesh.errors import MeshError
+from mesh.identity import host_dir
 from mesh.kernel.records import MemberStatus
 from mesh.loading import LoadProgress
 from mesh.models import Model
@@ -33,17 +34,18 @@ RECALIBRATE_AFTER_S = 5.0  # the stage is timed again every 5-10 s after it load
 RECALIBRATIONS = 3  # ... this many times
 
 
-async def measure_profile(data_dir: Path, *, backend: str, device: str | None, memory_fraction: float,
-                          executor: Executor) -> Any:
-    """This device's profile (FLOP/s per dtype, memory bandwidth), measured or read from the
-    cache in ``data_dir`` on ``executor`` (the node's compute thread); None when it cannot be
+async def measure_profile(data_dir: Path, config: Any, *, executor: Executor) -> Any:
+    """This device's profile (FLOP/s per dtype, memory bandwidth) for the backend, device and
+    memory fraction of ``config`` (a ``NodeConfig``), read from the cache in ``data_dir`` or
+    the one this user's nodes share on this host (``host_dir``), else measured, on
+    ``executor`` (the node's compute thread); None when it cannot be
     measured (a profile is an aid to placement: its failure costs only predictions). Measured
     before the model loads: measured while this process loads weights, the figures would be of
     a busy CPU (spec P7)."""
     try:
         profile = await asyncio.get_running_loop().run_in_executor(executor, partial(
-            load_or_measure_profile, data_dir, backend=backend, device=device, memory_fraction=memory_fraction,
-            budget_s=1.0))
+            load_or_measure_profile, data_dir, backend=config.backend, device=config.device,
+            memory_fraction=config.memory_fraction, budget_s=1.0, shared_dir=host_dir()))
     except Exception as exc:
         log.warning("could not measure this device's profile: %s", exc)
         return None

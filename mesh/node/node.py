@@ -116,8 +116,9 @@ class Node:
         if cfg.port:
             bind_tcp(cfg.host, cfg.port, "--port").close()  # only a check: the transport binds it below
         log.info("node %s starting: model %s, backend %s", self.member_id, cfg.model, cfg.backend)
-        profile = await measure_profile(self.data_dir, backend=cfg.backend, device=backend_options(cfg).get("device"),
-                                        memory_fraction=cfg.memory_fraction, executor=self.compute)
+        profile = await measure_profile(self.data_dir, cfg, executor=self.compute)
+        self.dtype = self.status.dtype = planner.compute_dtype(cfg.dtype, cfg.device, profile, cfg.backend)
+        options = backend_options(cfg, dtype=self.dtype if self.dtype == "bf16" else None)  # bf16: chosen or measured
         await asyncio.to_thread(lambda: (self.model.config, self.model.tokenizer))
         bits = planner.weight_bits(self.model.config, cfg.quantize)
         size = await asyncio.to_thread(lambda: model_size(self.model, weight_bits=bits))
@@ -128,7 +129,7 @@ class Node:
                                           send_remote=lambda member, msg: self.links.send(member, msg, lane="data"),
                                           plans=self.plans, on_request_event=self.records.request_event,
                                           kv_replica_bytes=cfg.kv_replica_bytes, metrics=self.metrics)
-        self.loader = StageLoader(self.member_id, self.model, new_backend=lambda: self.backend_cls(**backend_options(cfg)),
+        self.loader = StageLoader(self.member_id, self.model, new_backend=lambda: self.backend_cls(**options),
                                   held=lambda: plane.worker.backend, install=lambda backend: (plane.install(backend), self._refresh()), set_status=self.records.set_status,
                                   publish=self.records.profile, idle=lambda: not plane.worker.caches,
                                   loaded=lambda layers, reused: self.metrics.stage_loaded(layers=layers, reused=reused),
@@ -249,7 +250,6 @@ class Node:
     def _heartbeat_round(self) -> None:
         self.records.link_figures(self.links.meters, asyncio.get_running_loop().time())
         if self.plane is not None:
-            timeouts = self.config.timeouts
-            self.plane.expire(idle_s=2 * max(timeouts.prefill_s, timeouts.decode_s))
+            self.plane.expire(idle_s=2 * max(self.config.timeouts.prefill_s, self.config.timeouts.decode_s))
         self._refresh()
 

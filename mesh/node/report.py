@@ -145,6 +145,7 @@ class NodeStatus:
         stats = self.stats()
         local = {"kv_caches": stats.kv_caches, "coordinating": stats.active, "failed_attempts": stats.failed_attempts,
                  "recovery_s": list(stats.recovery_s), **stats.requests} if stats is not None else {}
+        local["dtype"] = self.dtype  # the compute dtype (spec N19)
         view = self.view()
         return cluster_info(
             model_id=self.model_id, num_layers=self.num_layers, plan=plan, ready=self.health(), view=view,

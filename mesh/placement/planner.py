@@ -49,9 +49,27 @@ class PlanInputs:
     dtype: str = "f32"
 
 
-def compute_dtype(dtype: str | None, device: str | None) -> str:
-    """The dtype a stage computes in: ``--dtype``, else f32 on a CPU and f16 elsewhere."""
-    return dtype or ("f32" if (device or "cpu").startswith("cpu") else "f16")
+# bf16 matmul FLOP/s over f32 from which a CPU computes in bf16 by default. Matmul gains turn
+# into smaller decode gains (the rest of a step does not speed up): on this project's AMD EPYC,
+# bf16 matmuls measure 2.2x f32 and the default model decodes 1.4x faster (README "Models").
+# A CPU without bf16 instructions emulates them at well under 1x, so 1.5x tells the two apart.
+BF16_CPU_SPEEDUP = 1.5
+
+
+def compute_dtype(dtype: str | None, device: str | None, profile: Any = None, backend: str = "torch") -> str:
+    """The dtype a stage computes in: ``--dtype``; else f16 on a GPU; else on a CPU bf16 when
+    the torch backend runs there and the device profile (``DeviceProfile.flops``, FLOP/s per
+    dtype) measured bf16 matmuls at least ``BF16_CPU_SPEEDUP`` times f32's, else f32. The
+    device is the profile's (resolved) when there is one, else ``device`` (None: cpu). Only
+    the torch backend's CPU dtype is chosen by measurement: the profile measures torch's
+    matmuls, and MLX's CPU kernels are slower in bf16 (README "Models")."""
+    if dtype:
+        return dtype
+    if not str(getattr(profile, "device", None) or device or "cpu").startswith("cpu"):
+        return "f16"
+    flops = getattr(profile, "flops", None) or {}
+    fast = backend == "torch" and flops.get("bf16", 0.0) >= BF16_CPU_SPEEDUP * flops.get("f32", float("inf"))
+    return "bf16" if fast else "f32"
 
 
 # bits per weight of --quantize, the larger of the two backends: torchao int8 per channel (a

@@ -405,6 +405,7 @@ def _run_cluster(args: argparse.Namespace, cluster_cfg: tuple[Any, ...] | None, 
             cluster.start()
             cluster.wait_ready(timeout_s=300)
             url = cluster.nodes[-1].api_url
+            base["node_dtype"] = (_cluster_view(url, None).get("local") or {}).get("dtype")  # the node's choice
     except Exception as exc:  # noqa: BLE001 - a cluster that does not start fails its runs
         error = f"{type(exc).__name__}: {exc}"
     try:

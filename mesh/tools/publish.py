@@ -185,9 +185,10 @@ def _named_baseline(recs: Sequence[dict[str, Any]], name: str, prompt: Any) -> d
 
 def _format_label(config: dict[str, Any]) -> str:
     """The node flags a bench run set for its weights (``--dtype``, ``--quantize``), or
-    ``defaults``."""
+    ``defaults``; without ``--dtype``, the dtype the node chose (spec N19)."""
     flags = [f"--{k} {config[k]}" for k in ("dtype", "quantize") if config.get(k)]
-    return " ".join(flags) or "defaults"
+    chosen = f" (computes in {config['node_dtype']})" if config.get("node_dtype") and not config.get("dtype") else ""
+    return (" ".join(flags) or "defaults") + chosen
 
 
 def render_formats(sel: Selection, path: str) -> str:
