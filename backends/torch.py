@@ -30,7 +30,10 @@ log = logging.getLogger(__name__)
 TORCH_DTYPES: dict[str, torch.dtype] = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 INT4_GROUP = 32  # weights per int4 scale/zero pair: the block of GGUF Q4_0/Q4_1, whose grid it then holds exactly
 QUANTIZE = (None, "none", "int8", "int4")  # --quantize: None keeps the files' format where torch runs it
-GGUF_INT4 = ("Q4_0", "Q4_1")  # GGUF types int4 in groups of INT4_GROUP holds (block of 32, one scale and min)
+# GGUF types a default load keeps quantized where torch runs them fast (``TorchBackend._kept_formats``):
+# int4 in groups of INT4_GROUP holds Q4_0/Q4_1 exactly (block of 32, one scale and min); per-row int8 is
+# the nearest format to Q8_0 (blocks of 32 with one scale each) that a CPU kernel runs
+GGUF_KEPT = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}
 WIRE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
@@ -145,19 +148,27 @@ class TorchBackend(Backend):
             stage.model.norm = nn.Identity()
             stage.lm_head = None
         read = _fill(stage, model, layer_start, first=first, last=last, dtype=self.dtype, progress=progress)
+        if last:
+            read.update(_head_kind(model, stage, read))
         _rebuild_buffers(stage, sub)
         still_meta = sorted(_meta(stage))
         if still_meta:
             raise ModelError(f"tensors missing from the model files: {still_meta[:5]}")
         stage.to(self.device).eval()
-        kept = {n for n, (kind, _, _) in read.items() if kind in GGUF_INT4} if self._int4_keeps_files() else set()
-        if self.quantize:
+        if self.quantize == "int4":
+            _quantize(stage, "int4")
+            if self._cpu_bf16():  # the head at 8 bits, as GGUF quantizers keep it at 6-8, where that is fast
+                _quantize(stage, "int8", only={"lm_head.weight"})
+        elif self.quantize:
             _quantize(stage, self.quantize)
-        elif kept:
-            _quantize(stage, "int4", only=kept)
+        elif self._kept_formats():
+            for how in ("int4", "int8"):
+                only = {n for n, (kind, _, _) in read.items() if GGUF_KEPT.get(kind) == how}
+                if only:
+                    _quantize(stage, how, only=only)
         _log_dequantized(read, stage, self.dtype)
-        held = any(_quantized(m.weight) for m in stage.modules() if isinstance(m, nn.Linear))  # reused ones too
-        self.weight_format = self.quantize or ("int4" if held else "")
+        held = sorted({_format(m.weight) for m in stage.modules() if isinstance(m, nn.Linear)} - {""})  # reused too
+        self.weight_format = "+".join(held)
         with self._lock:
             self._model, self._config = stage, sub
             self.layer_start, self.layer_end, self.num_layers = layer_start, layer_end, num_layers
@@ -171,15 +182,22 @@ class TorchBackend(Backend):
                  layer_start, layer_end, num_layers, self.device, reused, layer_end - layer_start - reused,
                  self.weight_bytes / 2**20, f", {self.weight_format} weight-only" if self.weight_format else "")
 
-    def _int4_keeps_files(self) -> bool:
-        """Whether a load with the default ``--quantize`` keeps a GGUF's Q4_0/Q4_1 matrices as
-        int4: torchao installed and bf16 compute on a CPU. With f32 activations the CPU int4
-        kernel is slower than f32 itself (7.8 against 18.7 tok/s, README "Models"), so an f32
-        stage dequantizes; on CUDA the int4 path has not been measured here."""
+    def _cpu_bf16(self) -> bool:
+        """Whether the stage computes in bf16 on a CPU, the one place here where the CPU's
+        quantized kernels beat float: with f32 activations int4 decodes at 7.3 against 17.5
+        tok/s for f32 (README "Models") and int8 takes 11.9 against 9.7 ms for SmolLM2's
+        49152x576 head, where in bf16 it takes 1.5 against 3.2 ms (AMD EPYC, 2026-12-05); on
+        CUDA these paths have not been measured."""
+        return self.device.type == "cpu" and self.dtype == torch.bfloat16
+
+    def _kept_formats(self) -> bool:
+        """Whether a load with the default ``--quantize`` keeps a GGUF's Q4_0/Q4_1 linear weights as
+        int4 and its Q8_0 ones as per-row int8 (``GGUF_KEPT``; a tied head counts as its
+        embeddings' type, which stay float for the lookup): where that is fast (``_cpu_bf16``)
+        and torchao is installed; elsewhere they are dequantized."""
         import importlib.util
 
-        return (self._keep_files and self.device.type == "cpu" and self.dtype == torch.bfloat16
-                and importlib.util.find_spec("torchao") is not None)
+        return self._keep_files and self._cpu_bf16() and importlib.util.find_spec("torchao") is not None
 
     def _drop_layers(self) -> None:
         self._model = self._config = None
@@ -301,8 +319,8 @@ def _fill(stage: Any, model: Model, layer_start: int, *, first: bool, last: bool
     tied = bool(getattr(config, "tie_word_embeddings", False))
     if tied and first and last:  # one tensor for both; one of them may come from the donor
         embed, head = stage.model.embed_tokens, stage.lm_head
-        if embed.weight.is_meta and not head.weight.is_meta:
-            embed.weight = head.weight
+        if embed.weight.is_meta and not head.weight.is_meta and not _quantized(head.weight):
+            embed.weight = head.weight  # (a quantized head cannot serve the lookup: the file's is read)
         elif head.weight.is_meta and not embed.weight.is_meta:
             head.weight = embed.weight
     buffers = {n for n, _ in stage.named_buffers()}
@@ -357,19 +375,28 @@ def _log_dequantized(read: dict[str, tuple[str, int, int]], stage: Any, dtype: t
     """One log line for the GGUF tensors of ``read`` (``_fill``'s) that ``stage`` holds in
     float: their types, what they take in memory now (elements in ``dtype``) and what they
     took in the file."""
-    def floating(name: str) -> bool:
-        try:
-            return not _quantized(stage.get_parameter(name))
-        except AttributeError:
-            return True
-
-    rest = [read[n] for n in read if floating(n)]
+    seen: set[int] = set()  # a tied head is the embeddings' tensor: counted once
+    rest = []
+    for name in read:
+        param = _param(stage, name)
+        if param is None or (not _quantized(param) and id(param) not in seen):
+            seen.add(id(param))
+            rest.append(read[name])
     if rest:
         log.info("GGUF %s tensors dequantized to %s: %.1f MiB in memory for %.1f MiB in the file (torch keeps "
-                 "Q4_0/Q4_1 as int4 only with --dtype bf16 on a CPU and torchao; --backend mlx keeps Q4_0/Q4_1/Q8_0 "
-                 "quantized)", "/".join(sorted({kind for kind, _, _ in rest})), WIRE_NAMES[dtype],
+                 "Q4_0/Q4_1 as int4 and Q8_0 linears as int8 only with --dtype bf16 on a CPU and torchao; embeddings "
+                 "stay float for the lookup; --backend mlx keeps Q4_0/Q4_1/Q8_0 quantized)",
+                 "/".join(sorted({kind for kind, _, _ in rest})), WIRE_NAMES[dtype],
                  sum(e for _, _, e in rest) * torch.empty((), dtype=dtype).element_size() / 2**20,
                  sum(b for _, b, _ in rest) / 2**20)
+
+
+def _param(stage: Any, name: str) -> Any:
+    """The stage's parameter ``name``, or None where the stage has none by that name."""
+    try:
+        return stage.get_parameter(name)
+    except AttributeError:
+        return None
 
 
 def _rebuild_buffers(stage: Any, config: Any) -> None:
@@ -401,15 +428,17 @@ def _quiet_transformers() -> Iterator[None]:
 
 def _quantize(stage: Any, how: str, only: set[str] | None = None) -> None:
     """Weight-only quantization of the stage's ``nn.Linear`` layers with torchao's own configs
-    (``quantize_``): int8 per-channel (``Int8WeightOnlyConfig``: CPU and CUDA), or int4 in groups
-    of ``INT4_GROUP`` weights with a 16-bit scale and zero point each (5 bits per weight): on CUDA
-    ``Int4WeightOnlyConfig`` tile-packed, on a CPU torchao's ``PrototypeInt4WeightOnlyConfig``
-    (``Int4OpaqueTensor``: aten's ``_weight_int4pack_mm_for_cpu``; torchao 0.18's stable int4
-    config has no CPU packing); int4 takes only the linears ``_int4_packable`` names. Activations, hidden states on the wire and the KV
-    cache stay in the compute dtype. Fused expert tensors of MoE layers are not ``nn.Linear``
-    and stay in the compute dtype (torchao's weight-only configs quantize linear layers). With
-    ``only`` (parameter names, e.g. ``model.layers.0.mlp.up_proj.weight``), only the linears
-    whose weight is named there; a linear quantized already (reused from a donor) is skipped."""
+    (``quantize_``): int8 per output channel, symmetric (``Int8WeightOnlyConfig``: CPU and CUDA),
+    or int4 in groups of ``INT4_GROUP`` weights with a 16-bit scale and zero point each (5 bits
+    per weight): on CUDA ``Int4WeightOnlyConfig`` tile-packed, on a CPU torchao's
+    ``PrototypeInt4WeightOnlyConfig`` (``Int4OpaqueTensor``; torchao 0.18's stable int4 config
+    has no CPU packing); int4 takes only the linears ``_int4_packable`` names. On a CPU the
+    quantized linears then call aten's kernels directly (``_direct_cpu_kernels``). Activations,
+    hidden states on the wire and the KV cache stay in the compute dtype. Fused expert tensors
+    of MoE layers are not ``nn.Linear`` and stay in the compute dtype (torchao's weight-only
+    configs quantize linear layers). With ``only`` (parameter names, e.g.
+    ``model.layers.0.mlp.up_proj.weight``), only the linears whose weight is named there; a
+    linear quantized already (reused from a donor) is skipped."""
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
     device = next(iter(stage.parameters())).device
@@ -427,6 +456,72 @@ def _quantize(stage: Any, how: str, only: set[str] | None = None) -> None:
                 and (only is None or f"{name}.weight" in only))
 
     quantize_(stage, config, filter_fn=chosen)
+    if device.type == "cpu":
+        _direct_cpu_kernels(stage)
+
+
+class _Int4CpuLinear(nn.Linear):
+    """A linear layer holding torchao's CPU int4 weight (``Int4OpaqueTensor``: packed int4
+    ``qdata``, ``scale_and_zero`` of shape ``(in/group, out, 2)``) that calls aten's
+    ``_weight_int4pack_mm_for_cpu`` itself, with the arguments torchao's own linear passes.
+
+    Why not torchao's dispatch: it reaches the same kernel through a tensor-subclass
+    ``__torch_function__`` (so does reading the weight's attributes, hence ``packed``, read
+    once) that measured 22 us of Python per call (AMD EPYC, torch 2.13,
+    torchao 0.18, 2026-12-05), 4.7 ms of a 21 ms SmolLM2-135M decode step with 210 such calls.
+    The format, packing and kernel stay torchao's and aten's."""
+
+    packed: tuple[torch.Tensor, int, torch.Tensor]  # the weight's qdata, group size, scale_and_zero
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qdata, group, scale_and_zero = self.packed
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), qdata, group,
+                                                        scale_and_zero)
+        y = y[:, :self.out_features].reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class _Int8CpuLinear(nn.Linear):
+    """A linear layer holding torchao's weight-only int8 weight (``Int8Tensor``: int8 ``qdata``
+    of shape ``(out, in)``, one f32 ``scale`` per output row, zero points 0) that runs aten's CPU
+    weight-only int8 kernel ``_weight_int8pack_mm`` with the scales in the activations' dtype
+    (``int8_scales``, a buffer of ``out`` elements).
+
+    Why not torchao's dispatch: torchao 0.18 dequantizes the whole matrix on every call on a
+    CPU: 22 ms against 3.2 ms in bf16 for SmolLM2's 49152x576 head, where aten's kernel takes
+    1.0-1.5 ms (AMD EPYC, torch 2.13, 2026-12-05)."""
+
+    qdata: torch.Tensor  # the weight's
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scales = self.int8_scales if self.int8_scales.dtype == x.dtype else self.int8_scales.to(x.dtype)
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), self.qdata, scales)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def _direct_cpu_kernels(stage: Any) -> None:
+    """Turn the CPU linears whose weight torchao quantized (weight-only, per-row symmetric int8
+    or int4 without activation scaling) into ``_Int8CpuLinear`` / ``_Int4CpuLinear``, which call
+    aten's kernels directly; anything else keeps torchao's dispatch."""
+    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+    from torchao.quantization import Int8Tensor
+
+    for module in stage.modules():
+        if type(module) is not nn.Linear or module.weight.device.type != "cpu":
+            continue
+        weight = module.weight
+        if (isinstance(weight, Int4OpaqueTensor) and weight.act_mapping_type is None
+                and weight.act_pre_scale is None and weight.block_size[0] == 1):
+            module.packed = (weight.qdata, int(weight.block_size[1]), weight.scale_and_zero)  # read once: a
+            module.__class__ = _Int4CpuLinear  # subclass's attributes go through __torch_function__
+        elif (isinstance(weight, Int8Tensor) and weight.act_quant_kwargs is None and weight.act_pre_scale is None
+              and list(weight.block_size) == [1, module.in_features]
+              and (weight.zero_point is None or not bool(weight.zero_point.any()))):
+            module.register_buffer("int8_scales", weight.scale.reshape(-1).to(module.weight.dtype).contiguous(),
+                                   persistent=False)
+            module.qdata = weight.qdata
+            module.__class__ = _Int8CpuLinear
 
 
 def _quantized(tensor: Any) -> bool:
@@ -434,12 +529,33 @@ def _quantized(tensor: Any) -> bool:
     return type(tensor) not in (torch.Tensor, nn.Parameter) or type(tensor.data) is not torch.Tensor
 
 
+def _format(tensor: Any) -> str:
+    """``int8``, ``int4`` or ``""`` (float) for a linear layer's weight (torchao's tensor types)."""
+    if not _quantized(tensor):
+        return ""
+    from torchao.quantization import Int8Tensor
+
+    return "int8" if isinstance(tensor, Int8Tensor) else "int4"
+
+
+def _head_kind(model: Model, stage: Any, read: dict[str, tuple[str, int, int]]) -> dict[str, tuple[str, int, int]]:
+    """``{"lm_head.weight": (GGUF type, bytes, elements)}`` for a last stage's output head still
+    in float whose file tensor (its own, or the embeddings' it is tied to) is quantized in a
+    GGUF, even where the head was not read (tied to embeddings read or reused); else ``{}``."""
+    source = model.tensor_source()
+    if not isinstance(source, GGUFSource) or "lm_head.weight" in read or _quantized(stage.lm_head.weight):
+        return {}
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    file = "lm_head.weight" if not tied and source_has(source, "lm_head.weight") else "model.embed_tokens.weight"
+    kind = source.quantized({file}).get(file)
+    return {"lm_head.weight": kind} if kind else {}
+
+
 def _int4_packable(module: Any, name: str) -> bool:
     """The linear layers of the decoder layers that torchao's int4 packings take:
     ``in_features`` a multiple of ``INT4_GROUP`` and ``out_features`` of 16 (aten's
-    ``_convert_weight_to_int4pack``). The output head stays in the compute dtype, as GGUF
-    quantizers keep it at 6-8 bits (it is often tied to the embedding, which would then be held
-    twice)."""
+    ``_convert_weight_to_int4pack``). The output head is not: GGUF quantizers keep it at 6-8
+    bits, and ``--quantize int4`` makes it int8 where that is fast (``TorchBackend._cpu_bf16``)."""
     return (isinstance(module, nn.Linear) and not name.endswith("lm_head")
             and module.in_features % INT4_GROUP == 0 and module.out_features % 16 == 0)
 

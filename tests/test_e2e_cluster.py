@@ -201,7 +201,7 @@ def test_losing_a_stage_mid_stream_the_stream_goes_on_with_the_same_text(
                         events.append(line[6:])
                     if len(events) == 5:
                         cluster.kill(0)
-        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events)
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), [e for e in events if "error" in e]
         text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or ""
                        for e in events[:-1] if json.loads(e).get("choices"))
         assert text == single_node_texts[prompt]
@@ -269,8 +269,8 @@ def test_solver_placement_leaves_out_a_member_that_would_only_slow_the_pipeline(
 def test_a_node_computes_in_bf16_with_int4_weights_where_its_profile_measured_bf16_fast(
         tmp_path: Path, default_model) -> None:
     """No --dtype, and a profile whose bf16 matmuls are twice f32's: the node computes in bf16,
-    says so in /v1/cluster, keeps the GGUF's Q4_1 matrices as int4 (the default --quantize),
-    and answers with the greedy text of that stage run in this process."""
+    says so in /v1/cluster, keeps the GGUF's Q4_1 matrices as int4 and its Q8_0 head as int8 (the default
+    --quantize), and answers with the greedy text of that stage run in this process."""
     from backends.torch import TorchBackend
     from mesh.placement.profile import load_or_measure_profile
     from mesh.testing.pipeline import greedy_generate
@@ -289,6 +289,6 @@ def test_a_node_computes_in_bf16_with_int4_weights_where_its_profile_measured_bf
         node = cluster.nodes[0]
         _, info = http_json(node.api_url + "/v1/cluster")
         assert info["local"]["dtype"] == "bf16"
-        assert "int4 weight-only" in node.log_text()
+        assert "int4+int8 weight-only" in node.log_text()
         text = _chat(_client(node), prompt, stream=False, max_tokens=12)
     assert text == default_model.tokenizer.decode(tokens, skip_special_tokens=True) and len(text) > 5
