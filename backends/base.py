@@ -66,6 +66,15 @@ class Backend(ABC):
     # allows (specs/backend.md B11); another library's kernels sum in another order
     logit_tolerance: float = 1e-3
 
+    @classmethod
+    def gguf_kept_bits(cls, *, dtype: str, device: str | None) -> dict[str, float]:
+        """Bits per weight (scales included) at which a stage of this backend, built with
+        ``dtype`` and ``device`` and the default ``--quantize``, holds a GGUF file's matrices of
+        each GGUF type it keeps quantized, e.g. ``{"Q4_1": 5.0}``; types not named are
+        dequantized to ``dtype``. Placement sizes a GGUF model with it
+        (``mesh.placement.planner.loaded_weight_bits``, spec P20). Default: none kept."""
+        return {}
+
     def __init__(self) -> None:
         self.layer_start = 0
         self.layer_end = 0

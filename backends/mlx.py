@@ -324,6 +324,12 @@ class MlxBackend(Backend):
 
     name = "mlx"
 
+    @classmethod
+    def gguf_kept_bits(cls, *, dtype: str, device: str | None) -> dict[str, float]:
+        """MLX reads GGUF Q4_0 / Q4_1 / Q8_0 natively, as affine groups of 32 with a float16
+        scale and bias each (+1 bit per weight), whatever the compute dtype."""
+        return {"Q4_0": 5.0, "Q4_1": 5.0, "Q8_0": 9.0}
+
     def __init__(self, device: str | None = None, dtype: str | None = None, quantize: str | None = None) -> None:
         super().__init__()
         if quantize not in QUANTIZE:

@@ -34,6 +34,7 @@ QUANTIZE = (None, "none", "int8", "int4")  # --quantize: None keeps the files' f
 # int4 in groups of INT4_GROUP holds Q4_0/Q4_1 exactly (block of 32, one scale and min); per-row int8 is
 # the nearest format to Q8_0 (blocks of 32 with one scale each) that a CPU kernel runs
 GGUF_KEPT = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}
+FORMAT_BITS = {"int4": 5.0, "int8": 8.0}  # bits per weight held: a 16-bit scale and zero per 32; one scale per row
 WIRE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
@@ -157,7 +158,7 @@ class TorchBackend(Backend):
         stage.to(self.device).eval()
         if self.quantize == "int4":
             _quantize(stage, "int4")
-            if self._cpu_bf16():  # the head at 8 bits, as GGUF quantizers keep it at 6-8, where that is fast
+            if _fast_quantized(self.device.type, self.dtype):  # the head at 8 bits, as GGUF quantizers keep it at 6-8, where that is fast
                 _quantize(stage, "int8", only={"lm_head.weight"})
         elif self.quantize:
             _quantize(stage, self.quantize)
@@ -182,22 +183,20 @@ class TorchBackend(Backend):
                  layer_start, layer_end, num_layers, self.device, reused, layer_end - layer_start - reused,
                  self.weight_bytes / 2**20, f", {self.weight_format} weight-only" if self.weight_format else "")
 
-    def _cpu_bf16(self) -> bool:
-        """Whether the stage computes in bf16 on a CPU, the one place here where the CPU's
-        quantized kernels beat float: with f32 activations int4 decodes at 7.3 against 17.5
-        tok/s for f32 (README "Models") and int8 takes 11.9 against 9.7 ms for SmolLM2's
-        49152x576 head, where in bf16 it takes 1.5 against 3.2 ms (AMD EPYC, 2026-12-05); on
-        CUDA these paths have not been measured."""
-        return self.device.type == "cpu" and self.dtype == torch.bfloat16
-
     def _kept_formats(self) -> bool:
         """Whether a load with the default ``--quantize`` keeps a GGUF's Q4_0/Q4_1 linear weights as
         int4 and its Q8_0 ones as per-row int8 (``GGUF_KEPT``; a tied head counts as its
-        embeddings' type, which stay float for the lookup): where that is fast (``_cpu_bf16``)
-        and torchao is installed; elsewhere they are dequantized."""
-        import importlib.util
+        embeddings' type, which stay float for the lookup): where that is fast
+        (``_fast_quantized``) and torchao is installed; elsewhere they are dequantized."""
+        return self._keep_files and _keeps_gguf(self.device.type, self.dtype)
 
-        return self._keep_files and self._cpu_bf16() and importlib.util.find_spec("torchao") is not None
+    @classmethod
+    def gguf_kept_bits(cls, *, dtype: str, device: str | None) -> dict[str, float]:
+        """``GGUF_KEPT`` at ``FORMAT_BITS`` where a default load keeps them (``_kept_formats``)."""
+        kind = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
+        if not _keeps_gguf(kind, TORCH_DTYPES.get(dtype)):
+            return {}
+        return {gguf_type: FORMAT_BITS[fmt] for gguf_type, fmt in GGUF_KEPT.items()}
 
     def _drop_layers(self) -> None:
         self._model = self._config = None
@@ -262,6 +261,21 @@ class TorchBackend(Backend):
                 return StepOutput(hidden=tensor_to_wire(out))
             logits = model.lm_head(out[:, -1, :]).float()
             return StepOutput(logits=logits[0].cpu().numpy().astype(np.float32, copy=False))
+
+
+def _fast_quantized(device_type: str, dtype: torch.dtype | None) -> bool:
+    """Whether a stage computes in bf16 on a CPU, the one place here where the CPU's quantized
+    kernels beat float: with f32 activations int4 decodes at 7.3 against 17.5 tok/s for f32
+    (README "Models") and int8 takes 11.9 against 9.7 ms for SmolLM2's 49152x576 head, where
+    in bf16 it takes 1.5 against 3.2 ms (AMD EPYC, 2026-12-05); on CUDA these paths have not
+    been measured."""
+    return device_type == "cpu" and dtype == torch.bfloat16
+
+
+def _keeps_gguf(device_type: str, dtype: torch.dtype | None) -> bool:
+    import importlib.util
+
+    return _fast_quantized(device_type, dtype) and importlib.util.find_spec("torchao") is not None
 
 
 def _take_layers(donor: TorchBackend, model: Model, stage: Any, layer_start: int, layer_end: int) -> int:
@@ -489,7 +503,9 @@ class _Int8CpuLinear(nn.Linear):
 
     Why not torchao's dispatch: torchao 0.18 dequantizes the whole matrix on every call on a
     CPU: 22 ms against 3.2 ms in bf16 for SmolLM2's 49152x576 head, where aten's kernel takes
-    1.0-1.5 ms (AMD EPYC, torch 2.13, 2026-12-05)."""
+    1.0-1.5 ms (AMD EPYC, torch 2.13, 2026-12-05). Used in bf16 only: with f32 activations
+    aten's kernel took the default model's 64-token prefill from 0.2 to 3.1 s (formats
+    benchmark at bed64ba), so an f32 int8 stage keeps torchao's dispatch."""
 
     qdata: torch.Tensor  # the weight's
 
@@ -502,7 +518,7 @@ class _Int8CpuLinear(nn.Linear):
 
 def _direct_cpu_kernels(stage: Any) -> None:
     """Turn the CPU linears whose weight torchao quantized (weight-only, per-row symmetric int8
-    or int4 without activation scaling) into ``_Int8CpuLinear`` / ``_Int4CpuLinear``, which call
+    in bf16, or int4 without activation scaling) into ``_Int8CpuLinear`` / ``_Int4CpuLinear``, which call
     aten's kernels directly; anything else keeps torchao's dispatch."""
     from torchao.prototype.quantization.int4 import Int4OpaqueTensor
     from torchao.quantization import Int8Tensor
@@ -515,7 +531,8 @@ def _direct_cpu_kernels(stage: Any) -> None:
                 and weight.act_pre_scale is None and weight.block_size[0] == 1):
             module.packed = (weight.qdata, int(weight.block_size[1]), weight.scale_and_zero)  # read once: a
             module.__class__ = _Int4CpuLinear  # subclass's attributes go through __torch_function__
-        elif (isinstance(weight, Int8Tensor) and weight.act_quant_kwargs is None and weight.act_pre_scale is None
+        elif (isinstance(weight, Int8Tensor) and weight.dtype == torch.bfloat16  # f32: aten's kernel prefills
+              and weight.act_quant_kwargs is None and weight.act_pre_scale is None  # 15x slower than torchao's
               and list(weight.block_size) == [1, module.in_features]
               and (weight.zero_point is None or not bool(weight.zero_point.any()))):
             module.register_buffer("int8_scales", weight.scale.reshape(-1).to(module.weight.dtype).contiguous(),
@@ -555,7 +572,7 @@ def _int4_packable(module: Any, name: str) -> bool:
     """The linear layers of the decoder layers that torchao's int4 packings take:
     ``in_features`` a multiple of ``INT4_GROUP`` and ``out_features`` of 16 (aten's
     ``_convert_weight_to_int4pack``). The output head is not: GGUF quantizers keep it at 6-8
-    bits, and ``--quantize int4`` makes it int8 where that is fast (``TorchBackend._cpu_bf16``)."""
+    bits, and ``--quantize int4`` makes it int8 where that is fast (``_fast_quantized``)."""
     return (isinstance(module, nn.Linear) and not name.endswith("lm_head")
             and module.in_features % INT4_GROUP == 0 and module.out_features % 16 == 0)
 

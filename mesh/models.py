@@ -223,6 +223,15 @@ class GGUFSource(TensorSource):
                 out[hf_name] = (tensor.tensor_type.name, int(tensor.n_bytes), int(tensor.n_elements))
         return out
 
+    def layer_matrix_types(self) -> dict[str, int]:
+        """Elements of the decoder layers' matrices (tensors of two or more dimensions named
+        ``blk.<n>.``), summed by GGUF type name, e.g. ``{"Q4_1": 106168320, "Q8_0": ...}``."""
+        out: dict[str, int] = {}
+        for tensor in self._tensors.values():
+            if tensor.name.startswith("blk.") and len(tensor.shape) >= 2:
+                out[tensor.tensor_type.name] = out.get(tensor.tensor_type.name, 0) + int(tensor.n_elements)
+        return out
+
     def load(self, names: Iterable[str], on_tensor: Callable[[str], None] | None = None) -> dict[str, Any]:
         import numpy as np
         import torch

@@ -118,8 +118,8 @@ def test_int4_on_the_cpu_holds_the_gguf_grid(default_model: Model, stage_cache, 
 @pytest.mark.parametrize("how", ["int8", "int4"])
 def test_the_cpu_quantized_linears_compute_what_torchaos_own_dispatch_computes(how: str, dtype: torch.dtype) -> None:
     """On a CPU the quantized linears call aten's kernels directly (torchao's dispatch costs
-    22 us of Python per call; its int8 linear dequantizes the whole matrix): same weights,
-    same results as torchao's own path, for 2-D and 3-D inputs, with a bias."""
+    22 us of Python per call; its int8 linear dequantizes the whole matrix), int8 in bf16 only:
+    same weights, same results as torchao's own path, for 2-D and 3-D inputs, with a bias."""
     from torchao.quantization import quantize_
 
     from backends.torch import _Int4CpuLinear, _Int8CpuLinear, _quantize
@@ -129,7 +129,8 @@ def test_the_cpu_quantized_linears_compute_what_torchaos_own_dispatch_computes(h
     theirs = torch.nn.Sequential(torch.nn.Linear(128, 96, bias=True)).to(dtype)
     theirs.load_state_dict(ours.state_dict())
     _quantize(ours, how)
-    assert type(ours[0]) is (_Int8CpuLinear if how == "int8" else _Int4CpuLinear)
+    direct = _Int4CpuLinear if how == "int4" else _Int8CpuLinear if dtype == torch.bfloat16 else torch.nn.Linear
+    assert type(ours[0]) is direct  # f32 int8 keeps torchao's dispatch: aten's kernel is slow to prefill
     config = _torchao_config(how)
     quantize_(theirs, config)
     assert type(theirs[0]) is torch.nn.Linear  # torchao's dispatch, for reference

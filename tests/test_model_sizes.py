@@ -192,3 +192,29 @@ def config_of(fields: dict[str, Any]) -> Any:
     from transformers import AutoConfig
 
     return AutoConfig.for_model(fields["model_type"], **{k: v for k, v in fields.items() if k != "model_type"})
+
+
+@pytest.mark.spec("P20")
+def test_a_gguf_is_sized_at_the_bits_the_backend_keeps_it_at(default_model: Any) -> None:
+    """The default model is a Q4_1 GGUF: MLX reads Q4_1 natively (groups of 32 with a float16
+    scale and bias: 5 bits), torch keeps it as int4 in groups of 32 where it computes in bf16
+    on a CPU (5 bits) and dequantizes it in f32; a plugin backend keeps nothing; --quantize
+    overrides the file. The node sizes its memory split with these bits in its compute dtype."""
+    from backends.base import Backend
+    from backends.mlx import MlxBackend
+    from backends.torch import TorchBackend
+    from mesh.placement.pipeline import model_size
+    from mesh.placement.planner import DTYPE_BYTES, loaded_weight_bits
+
+    assert default_model.tensor_source().layer_matrix_types() == {"Q4_1": 30 * (3 * 576 * 1536 + 2 * 576 * 576
+                                                                               + 2 * 576 * 192)}
+    assert loaded_weight_bits(default_model, None, TorchBackend, "bf16", "cpu") == 5.0
+    assert loaded_weight_bits(default_model, None, TorchBackend, "f32", "cpu") is None
+    assert loaded_weight_bits(default_model, None, MlxBackend, "f32", "cpu") == 5.0
+    assert loaded_weight_bits(default_model, None, Backend, "f32", None) is None  # a plugin: float
+    assert loaded_weight_bits(default_model, "int8", TorchBackend, "bf16", "cpu") == 8.5
+    assert loaded_weight_bits(default_model, "none", MlxBackend, "f32", "cpu") is None
+    kept = model_size(default_model, DTYPE_BYTES["bf16"], weight_bits=5.0)
+    f32 = model_size(default_model, DTYPE_BYTES["f32"])
+    assert 0.15 < kept.layer_bytes / f32.layer_bytes < 0.17  # 5 of 32 bits, norms in bf16
+    assert kept.kv_bytes_per_token_per_layer * 2 == f32.kv_bytes_per_token_per_layer

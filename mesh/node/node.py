@@ -120,8 +120,8 @@ class Node:
         self.dtype = self.status.dtype = planner.compute_dtype(cfg.dtype, cfg.device, profile, cfg.backend)
         options = backend_options(cfg, dtype=self.dtype if self.dtype == "bf16" else None)  # bf16: chosen or measured
         await asyncio.to_thread(lambda: (self.model.config, self.model.tokenizer))
-        bits = planner.weight_bits(self.model.config, cfg.quantize)
-        size = await asyncio.to_thread(lambda: model_size(self.model, weight_bits=bits))
+        bits = await asyncio.to_thread(planner.loaded_weight_bits, self.model, cfg.quantize, self.backend_cls, self.dtype, cfg.device)
+        size = await asyncio.to_thread(lambda: model_size(self.model, planner.DTYPE_BYTES[self.dtype], weight_bits=bits))
         spec = await asyncio.to_thread(planner.model_spec, self.model.config, self.model.model_id, self.dtype, bits)
         self.inputs = planner.PlanInputs(size=size, context_tokens=cfg.context or self.model.context_length,
                                          placement=cfg.placement, objective=cfg.objective, spec=spec, dtype=self.dtype)

@@ -14,6 +14,7 @@ from typing import Any
 
 from mesh.errors import PlacementError
 from mesh.kernel.records import ClusterView
+from mesh.models import GGUFSource, Model
 from mesh.placement.costmodel import Link, ModelSpec, Topology
 from mesh.placement.perf import topology
 from mesh.placement.pipeline import (
@@ -84,6 +85,25 @@ def weight_bits(config: Any, quantize: str | None) -> float | None:
     if quantize == "none":
         return None
     return QUANTIZE_BITS.get(quantize or "") or quantization_bits(config)
+
+
+def loaded_weight_bits(model: Model, quantize: str | None, backend_cls: Any, dtype: str,
+                       device: str | None) -> float | None:
+    """Bits per weight matrix parameter a stage of ``model`` holds on a ``backend_cls`` backend
+    (a ``Backend`` subclass) computing in ``dtype`` (spec P20): ``weight_bits`` (``--quantize``,
+    an MLX-quantized config) where it gives one; else, for a GGUF file and the default
+    ``--quantize``, the average over the decoder layers' matrices of the bits the backend holds
+    each GGUF type at (``backend_cls.gguf_kept_bits``), ``dtype``'s own for the types it
+    dequantizes; None (the compute dtype) when it keeps none."""
+    bits = weight_bits(model.config, quantize)
+    if bits is not None or quantize is not None or not model.ref.gguf_file:
+        return bits
+    kept = backend_cls.gguf_kept_bits(dtype=dtype, device=device)
+    source = model.tensor_source()
+    types = source.layer_matrix_types() if kept and isinstance(source, GGUFSource) else {}
+    if not set(types) & set(kept):
+        return None
+    return sum(n * kept.get(kind, 8.0 * DTYPE_BYTES[dtype]) for kind, n in types.items()) / sum(types.values())
 
 
 def model_spec(config: Any, model_id: str, dtype: str, bits: float | None = None) -> ModelSpec:
