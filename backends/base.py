@@ -67,6 +67,13 @@ class Backend(ABC):
     logit_tolerance: float = 1e-3
 
     @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this backend cannot run on this machine (a library it needs is not installed,
+        with the command that installs it), or None. ``python -m mesh plugins`` shows it
+        (spec R5); building the backend raises BackendError with the same reason."""
+        return None
+
+    @classmethod
     def gguf_kept_bits(cls, *, dtype: str, device: str | None) -> dict[str, float]:
         """Bits per weight (scales included) at which a stage of this backend, built with
         ``dtype`` and ``device`` and the default ``--quantize``, holds a GGUF file's matrices of

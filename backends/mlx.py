@@ -325,6 +325,13 @@ class MlxBackend(Backend):
     name = "mlx"
 
     @classmethod
+    def unavailable(cls) -> str | None:
+        import importlib.util
+
+        missing = [name for name in ("mlx", "mlx_lm") if importlib.util.find_spec(name) is None]
+        return f"needs {' and '.join(missing)}: {INSTALL_HINT}" if missing else None
+
+    @classmethod
     def gguf_kept_bits(cls, *, dtype: str, device: str | None) -> dict[str, float]:
         """MLX reads GGUF Q4_0 / Q4_1 / Q8_0 natively, as affine groups of 32 with a float16
         scale and bias each (+1 bit per weight), whatever the compute dtype."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -28,8 +29,9 @@ def _env_name(flag: str) -> str:
 
 def _add(parser: argparse.ArgumentParser, flag: str, *, help: str, type: Callable[[str], Any] = str,
          default: Any = None, repeat: bool = False, choices: Sequence[str] | None = None,
-         short: str | None = None) -> None:
-    """Add ``flag`` whose default comes from ``MESH_<FLAG>`` when that is set."""
+         short: str | None = None, hidden: bool = False) -> None:
+    """Add ``flag`` whose default comes from ``MESH_<FLAG>`` when that is set; ``hidden``: a
+    test-only flag, accepted but left out of ``--help`` (README "Flags" lists it)."""
     env = _env_name(flag)
     raw = os.environ.get(env)
     value = default
@@ -50,7 +52,7 @@ def _add(parser: argparse.ArgumentParser, flag: str, *, help: str, type: Callabl
         default=value,
         action="append" if repeat else "store",
         choices=choices,
-        help=f"{help} [env {env}; default: {default if default not in (None, []) else 'none'}]",
+        help=argparse.SUPPRESS if hidden else f"{help} [env {env}; default: {'none' if default in (None, []) else default}]",
     )
 
 
@@ -117,10 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(node, "--dead-after-s", type=_positive_float, default=3.0,
          help="seconds of silence before a link, and a member with no other link, is declared dead")
     _add(node, "--fault-plan", type=Path, help="fault injection for tests: links follow this JSON control file "
-         "(mesh/node/fault_hooks.py); never on a real cluster")
-    _add(node, "--fault-label", help="this node's name in --fault-plan partitions (default: its id)")
+         "(mesh/node/fault_hooks.py); never on a real cluster", hidden=True)
+    _add(node, "--fault-label", help="this node's name in --fault-plan partitions (default: its id)", hidden=True)
     _add(node, "--clock-offset-s", type=float, default=0.0, help="fault injection for tests: run this node's "
-         "event clock this many seconds ahead of the wall clock")
+         "event clock this many seconds ahead of the wall clock", hidden=True)
     _add(node, "--recovery-s", type=_positive_float, default=60.0,
          help="seconds a request may take, from a stage failure to its next token, to find a working plan")
     _add(node, "--role", default="any", choices=("any", "prefill", "decode"),
@@ -311,7 +313,7 @@ def _run_plugins() -> int:
     rows = registry.discover()
     print(f"{'kind':<10} {'name':<12} {'distribution':<20} {'version':<10} status")
     for p in rows:
-        status = "ok" if p.error is None else f"FAILED: {p.error}"
+        status = f"FAILED: {p.error}" if p.error else f"unavailable: {p.unavailable}" if p.unavailable else "ok"
         print(f"{p.kind:<10} {p.name:<12} {p.distribution:<20} {p.version:<10} {status}")
     return 0
 
@@ -326,11 +328,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "key":
             return _run_key(args)
         if args.command == "plan":
-            from mesh.tools.plan_cmd import run_plan
+            from mesh.tools.plan_cmd import result_json, run_plan
 
-            if args.topology is None:
-                raise ConfigError("plan needs --topology FILE.json (devices and links; see `mesh/tools/plan_cmd.py`)")
-            return run_plan(args)
+            try:
+                if args.topology is None:
+                    raise ConfigError("plan needs --topology FILE.json (devices and links; see `mesh/tools/plan_cmd.py`)")
+                return run_plan(args)
+            except MeshError as exc:
+                if args.json:  # the contract: one object on stdout, bad input included
+                    print(json.dumps(result_json(None, str(exc))))
+                raise
         if args.command.startswith("bench-"):
             from mesh.tools.benchutil import run_recorded
         if args.command == "bench-backends":

@@ -4,7 +4,7 @@ Groups ``mesh.transports`` and ``mesh.backends``. Built-ins register through the
 entry points as third-party plugins (see pyproject.toml). A plugin that fails to import is
 reported with its error and skipped; it never stops the node. Names from peers are looked up
 here only among installed entry points; nothing is imported by a name a peer sent.
-Spec: specs/registry.md (R1-R4).
+Spec: specs/registry.md (R1-R5).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ GROUPS = {"transport": "mesh.transports", "backend": "mesh.backends"}
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PluginInfo:
     """One entry point: ``kind`` (transport/backend), ``name``, ``target`` (module:attr),
-    the distribution that ships it and its version, and ``error`` if it failed to import."""
+    the distribution that ships it and its version, ``error`` if it failed to import, and
+    ``unavailable``: why it imports but cannot run here (the plugin's own ``unavailable()``)."""
 
     kind: str
     name: str
@@ -32,6 +33,7 @@ class PluginInfo:
     distribution: str
     version: str
     error: str | None = None
+    unavailable: str | None = None
 
 
 def _entry_points(kind: str) -> list[EntryPoint]:
@@ -40,7 +42,7 @@ def _entry_points(kind: str) -> list[EntryPoint]:
     return sorted(entry_points(group=GROUPS[kind]), key=lambda ep: ep.name)
 
 
-def _describe(kind: str, ep: EntryPoint, error: str | None) -> PluginInfo:
+def _describe(kind: str, ep: EntryPoint, error: str | None, unavailable: str | None = None) -> PluginInfo:
     dist = ep.dist
     return PluginInfo(
         kind=kind,
@@ -49,25 +51,29 @@ def _describe(kind: str, ep: EntryPoint, error: str | None) -> PluginInfo:
         distribution=dist.metadata["Name"] if dist is not None else "?",
         version=dist.version if dist is not None else "?",
         error=error,
+        unavailable=unavailable,
     )
 
 
 def discover(kind: str | None = None) -> list[PluginInfo]:
     """Every registered plugin of ``kind`` (or of every kind), importing each to check it.
 
-    A plugin whose import raises is returned with ``error`` set (and logged), not raised.
+    A plugin whose import raises is returned with ``error`` set (and logged), not raised; one
+    whose class has an ``unavailable()`` classmethod returning a reason (a library it needs is
+    not installed) is returned with ``unavailable`` set.
     """
     kinds = [kind] if kind else sorted(GROUPS)
     found: list[PluginInfo] = []
     for k in kinds:
         for ep in _entry_points(k):
-            error = None
+            error = unavailable = None
             try:
-                ep.load()
+                check = getattr(ep.load(), "unavailable", None)
+                unavailable = check() if callable(check) else None
             except Exception as exc:  # any import-time failure of a third-party plugin
                 error = f"{type(exc).__name__}: {exc}"
                 log.warning("plugin %s %r (%s) failed to load: %s", k, ep.name, ep.value, error)
-            found.append(_describe(k, ep, error))
+            found.append(_describe(k, ep, error, unavailable))
     return found
 
 

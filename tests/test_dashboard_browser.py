@@ -97,7 +97,7 @@ def test_dashboard_shows_the_cluster_and_chats(tmp_path: Path) -> None:
         assert sorted(ranges.values()) == ["[0, 15)", "[15, 30)"]
         with sync_playwright() as p:
             browser = _launch(p, chromium)
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             try:
@@ -110,6 +110,8 @@ def test_dashboard_shows_the_cluster_and_chats(tmp_path: Path) -> None:
                 expect(members).to_contain_text("this node")
                 expect(page.locator("#h-ready")).to_have_text("ready", timeout=30_000)
 
+                box = page.locator("#chat-send").bounding_box()  # the chat is above the fold
+                assert box is not None and box["y"] + box["height"] <= 1000, box
                 page.fill("#chat-input", QUESTION)
                 page.click("#chat-send")
                 answer = page.locator('.assistant[data-done="true"]')
@@ -138,15 +140,20 @@ HOSTILE = '<img src=x onerror="window.pwned=1">'
 @pytest.mark.spec("A18", "A12")
 def test_dashboard_asks_for_the_key_escapes_text_and_shows_stream_errors() -> None:
     """Against the API over a FakeEngine (no model): a 401 asks for the key, the typed key is
-    sent (and kept in localStorage), API strings stay text, a mid-stream error is shown."""
+    sent (and kept in localStorage), API strings stay text, a member without layers and the
+    routine events are shown as such, a mid-stream error is shown."""
     chromium, sync_playwright, expect = _browser_tools()
     cluster = {
         "model": "fake/model", "num_layers": 4, "plan_id": "p1", "ready": False, "reason": HOSTILE,
         "members": [{"id": "a" * 64, "address": HOSTILE, "api_address": "", "backend": "torch",
                      "memory_bytes": 1 << 30, "layer_start": 0, "layer_end": 4, "role": "both",
-                     "state": "ready", "self": True}],
-        "links": [], "local": {"id": "a" * 64}, "events": [{"type": "status.set", "key": HOSTILE,
-                                                          "origin": "a" * 64, "seq": 1, "time_ms": 0}],
+                     "state": "ready", "self": True},
+                    {"id": "b" * 64, "address": "127.0.0.1:2", "api_address": "", "backend": "torch",
+                     "memory_bytes": 1 << 30, "layer_start": 0, "layer_end": 0, "role": "both", "state": "idle"}],
+        "links": [], "local": {"id": "a" * 64},
+        "events": [{"type": "status.set", "key": HOSTILE, "origin": "a" * 64, "seq": 1, "time_ms": 0}]
+        + [{"type": kind, "key": f"kv/{i}", "origin": "a" * 64, "seq": 2 + i, "time_ms": 1}
+           for i, kind in enumerate(["kv.placed", "kv.freed", "link.measured"] * 5)],
     }
     engine = FakeEngine(script=ToyTokenizer().encode("Hello world"), fail_after=3,
                         error=RequestFailed("stage 1 went away"))
@@ -169,6 +176,14 @@ def test_dashboard_asks_for_the_key_escapes_text_and_shows_stream_errors() -> No
             expect(page.locator("#members")).to_contain_text(HOSTILE)
             expect(page.locator("#h-ready")).to_contain_text(HOSTILE)
             assert page.locator("img").count() == 0 and page.evaluate("window.pwned") is None
+            # a member with no layers serves the API: said plainly, not as a warning
+            expect(page.locator(f'tr[data-member="{"b" * 64}"]')).to_contain_text("no layers (serves the API)")
+            # routine events (KV placements, link measurements) are hidden until asked for
+            expect(page.locator("#events-count")).to_have_text("1 of 16")
+            assert page.locator("#events tbody tr").count() == 1
+            page.check("#events-all")
+            expect(page.locator("#events tbody tr")).to_have_count(16)
+            assert page.get_attribute("#api-key", "placeholder") != "none"
 
             page.fill("#chat-input", "hi")
             page.click("#chat-send")

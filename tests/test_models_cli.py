@@ -64,12 +64,17 @@ def test_env_vars_set_every_flag_and_the_command_line_wins(monkeypatch: pytest.M
     assert args.peer is None and args.peer_env == ["127.0.0.1:1", "127.0.0.1:2"]
     args = build_parser().parse_args(["node", "--api-port", "9999", "--peer", "127.0.0.1:3"])
     assert args.api_port == 9999 and args.peer == ["127.0.0.1:3"]
-    # every flag of `node` names its env var in --help
+    # every flag of `node` names its env var in --help, but the test-only ones stay out of it
     node = build_parser()._subparsers._group_actions[0].choices["node"]  # type: ignore[union-attr]
+    hidden = {"--fault-plan", "--fault-label", "--clock-offset-s"}
     for action in node._actions:
         for flag in action.option_strings:
-            if flag.startswith("--") and flag != "--help":
+            if flag.startswith("--") and flag != "--help" and flag not in hidden:
                 assert f"MESH_{flag[2:].replace('-', '_').upper()}" in action.help
+    shown = node.format_help()
+    assert "--dead-after-s" in shown and not any(flag in shown for flag in hidden)
+    args = build_parser().parse_args(["node", "--fault-label", "a", "--clock-offset-s", "2"])
+    assert args.fault_label == "a" and args.clock_offset_s == 2.0
 
 
 @pytest.mark.spec("N11")

@@ -93,3 +93,24 @@ def test_a_plugin_of_the_wrong_class_names_its_distribution_and_entry_point(wron
     assert registry.load("backend", "not-a-backend").__name__ == "OrderedDict"  # nothing expected: no check
     assert registry.load("backend", "torch", expected=Backend).name == "torch"
     assert registry.load("transport", "tcp", expected=Transport).name == "tcp"
+
+
+@pytest.mark.spec("R5")
+def test_a_backend_whose_library_is_missing_is_listed_unavailable(monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The mlx backend imports without mlx (it imports mlx when built): `plugins` must not call
+    it ok where mlx or mlx-lm is missing, and says what installs them."""
+    import importlib.util
+
+    from mesh.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlx_lm" else real(name, *a))
+    found = {p.name: p for p in registry.discover("backend")}
+    assert found["mlx"].error is None and found["mlx"].unavailable is not None
+    assert "mlx_lm" in found["mlx"].unavailable and "pip install 'mesh-cluster[mlx]'" in found["mlx"].unavailable
+    assert found["torch"].unavailable is None
+    assert main(["plugins"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.split()[1] == "mlx" and "unavailable: needs mlx_lm" in line for line in lines[1:])
+    assert any(line.split()[1] == "torch" and line.endswith("ok") for line in lines[1:])

@@ -254,6 +254,8 @@ def test_plan_cli_contract(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"devices": [{"id": "x", "memory_bytes": -5, "flops": 1, "memory_bandwidth_bytes_per_s": 1}]}))
     code, out, err = run("--topology", str(bad), "--model", "llama-3.1-8b")
     assert code == 2 and "devices[0].memory_bytes" in err and "Traceback" not in err
+    code, out, err = run("--topology", str(bad), "--model", "llama-3.1-8b", "--json")  # stdout: the contract's object
+    assert code == 2 and not json.loads(out)["feasible"] and "devices[0].memory_bytes" in json.loads(out)["error"]
     code, _, err = run("--topology", str(path), "--objective", "fastest")
     assert code == 2 and "ttft" in err and "goodput" in err
     # spec P20: a directory with config.json only (a MoE model), quantized or not
