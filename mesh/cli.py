@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
          "backend runs it)")
     _add(node, "--cluster-key", help="the cluster's key (from `python -m mesh key` on the first node); "
          "links are authenticated with it (default: the key stored in --data-dir, made on first start)")
+    _add_switch(node, "--remeasure", help="measure this device's profile again instead of using the cached one "
+                "(after a hardware change, or when it was measured on a busy machine)")
     _add_switch(node, "--insecure", help="plaintext, unauthenticated links: for debugging only, never on a shared network")
     _add(node, "--discovery", default="on", choices=("on", "off"),
          help="announce this node and find peers by UDP multicast on every non-loopback interface")
@@ -284,7 +286,7 @@ def _run_node(args: argparse.Namespace) -> int:
         interface=args.interface, placement=args.placement, objective=args.objective,
         timeouts=Timeouts(recovery_s=args.recovery_s), fault_plan=args.fault_plan, fault_label=args.fault_label,
         clock_offset_s=args.clock_offset_s, kv_replica_bytes=int(args.kv_replica_mb * 2**20),
-        role=args.role,
+        role=args.role, remeasure=args.remeasure,
     )
     node = Node(config)
     node_filter.node = node.member_id[:8]

@@ -36,7 +36,7 @@ def fake_measure(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         return DeviceProfile(
             memory_total_bytes=8 * GIB, memory_usable_bytes=4 * GIB, flops={"f32": 1e11},
             memory_bandwidth_bytes_per_s=2e10, backend="torch", device="cpu",
-            measured_at_ms=1_700_000_000_000 + len(calls),
+            measured_at_ms=1_700_000_000_000 + len(calls), software=profile_mod.software("torch"),
         )
 
     monkeypatch.setattr(profile_mod, "measure_profile", fake)
@@ -99,7 +99,7 @@ def test_refresh_remeasures(tmp_path: Path, fake_measure: list[dict[str, Any]]) 
 @pytest.mark.spec("P7")
 @pytest.mark.parametrize(
     "content",
-    [b"{not json", b"\xff\xfe", b"[]", b'{"version": 2}', b"", json.dumps({"flops": "fast"}).encode()],
+    [b"{not json", b"\xff\xfe", b"[]", b'{"version": 3}', b"", json.dumps({"flops": "fast"}).encode()],
 )
 def test_corrupt_cache_remeasures_with_warning(
     tmp_path: Path, fake_measure: list[dict[str, Any]], caplog: pytest.LogCaptureFixture, content: bytes
@@ -236,3 +236,52 @@ def test_nodes_on_one_host_measure_once_and_share_the_profile(tmp_path: Path, mo
     blocked.write_text("")
     load_or_measure_profile(tmp_path / "node6", device="cpu", shared_dir=blocked / "host")
     assert len(fake_measure) == 3 and (tmp_path / "node6" / PROFILE_FILE).is_file()
+
+
+@pytest.mark.spec("P7")
+def test_a_profile_measured_on_a_busy_cpu_or_by_another_library_is_not_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Figures timed while other processes took over BUSY_LIMIT of the CPU serve that run only:
+    nothing is cached, here or for the host, and the next start measures again; a profile
+    measured with another torch is measured again; --remeasure replaces a good one."""
+    busy = [0.6]
+
+    def fake(**kwargs: Any) -> DeviceProfile:
+        return DeviceProfile(memory_total_bytes=8 * GIB, memory_usable_bytes=4 * GIB, flops={"f32": 1e11},
+                             memory_bandwidth_bytes_per_s=2e10, backend="torch", device="cpu",
+                             measured_at_ms=1_700_000_000_000, software=profile_mod.software("torch"), busy=busy[0])
+
+    monkeypatch.setattr(profile_mod, "measure_profile", fake)
+    host = tmp_path / "host"
+    with caplog.at_level(logging.WARNING, logger="mesh.placement.profile"):
+        first = load_or_measure_profile(tmp_path / "node", device="cpu", shared_dir=host)
+    assert first.busy == 0.6 and "not caching it" in caplog.text
+    assert not (tmp_path / "node" / "profile.json").exists() and not (host / "profile-torch-cpu.json").exists()
+    busy[0] = 0.1
+    assert load_or_measure_profile(tmp_path / "node", device="cpu", shared_dir=host).busy == 0.1
+    cached = json.loads((tmp_path / "node" / "profile.json").read_text())
+    assert cached["busy"] == 0.1 and (host / "profile-torch-cpu.json").exists()
+    busy[0] = 0.0
+    assert load_or_measure_profile(tmp_path / "node", device="cpu", shared_dir=host).busy == 0.1  # the cache
+    assert load_or_measure_profile(tmp_path / "node", device="cpu", shared_dir=host, refresh=True).busy == 0.0
+    (tmp_path / "node" / "profile.json").write_text(json.dumps(cached | {"software": "torch 0.1"}))
+    (host / "profile-torch-cpu.json").unlink()
+    busy[0] = 0.05
+    assert load_or_measure_profile(tmp_path / "node", device="cpu", shared_dir=host).busy == 0.05  # re-measured
+
+
+@pytest.mark.spec("P7")
+def test_the_share_of_other_processes_is_read_from_proc_stat() -> None:
+    """This process alone busy: the others' share stays near 0; readings that went nowhere give 0."""
+    import time as _time
+
+    before = profile_mod._cpu_times()
+    if before is None:
+        pytest.skip("no /proc/stat here")
+    end = _time.monotonic() + 0.3
+    while _time.monotonic() < end:
+        pass
+    after = profile_mod._cpu_times()
+    assert 0.0 <= profile_mod._others_share(before, after) <= 1.0
+    assert profile_mod._others_share(before, before) == 0.0 and profile_mod._others_share(None, after) == 0.0
+    assert measure_profile(device="cpu", budget_s=0.3).software.startswith("torch ")

@@ -73,6 +73,7 @@ class NodeConfig:
     fault_plan: Path | None = None  # fault injection, for tests only (mesh/node/fault_hooks.py)
     fault_label: str | None = None
     clock_offset_s: float = 0.0  # fault injection: the kernel's wall clock runs this far ahead
+    remeasure: bool = False  # measure the device profile again, replacing the cached one (spec P7)
 
     def check_backend(self, backend_cls: Any) -> None:
         """``check_backend_options`` for this configuration."""

@@ -45,7 +45,7 @@ async def measure_profile(data_dir: Path, config: Any, *, executor: Executor) ->
     try:
         profile = await asyncio.get_running_loop().run_in_executor(executor, partial(
             load_or_measure_profile, data_dir, backend=config.backend, device=config.device,
-            memory_fraction=config.memory_fraction, budget_s=1.0, shared_dir=host_dir()))
+            memory_fraction=config.memory_fraction, budget_s=1.0, shared_dir=host_dir(), refresh=config.remeasure))
     except Exception as exc:
         log.warning("could not measure this device's profile: %s", exc)
         return None

@@ -36,7 +36,7 @@ from mesh.identity import MEMORY_GRANULE, usable_memory_bytes
 
 log = logging.getLogger(__name__)
 
-PROFILE_VERSION = 2  # 2: bandwidth from a GEMV (1: from a copy kernel)
+PROFILE_VERSION = 3  # 3: software and busy recorded; 2: bandwidth from a GEMV (1: from a copy kernel)
 PROFILE_FILE = "profile.json"
 DTYPES = ("f32", "f16", "bf16")
 BACKENDS = ("torch",)
@@ -44,6 +44,10 @@ MIN_RUN_S = 0.01  # grow the matmul until one run takes >= 10 ms, so timer noise
 MAX_MATMUL_N = 8192
 MAX_RUNS = 5
 COPY_BYTES = 256 << 20  # far larger than any CPU's last-level cache
+# Share of the machine's CPU time other processes may take while a CPU is measured for the
+# figures to be kept: 3 nodes measuring at once gave bf16/f32 ratios of 0.01 to 696 on a
+# 2-core machine (2.05-2.11 alone); a quarter of the cores is a light desktop's background.
+BUSY_LIMIT = 0.25
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,6 +61,8 @@ class DeviceProfile:
     backend: str
     device: str
     measured_at_ms: int
+    software: str = ""  # the backend library that measured it, e.g. "torch 2.13.0+cpu"
+    busy: float = 0.0  # share of the CPU other processes used while it was measured (0-1; CPU only)
     version: int = PROFILE_VERSION
 
     def __post_init__(self) -> None:
@@ -77,6 +83,10 @@ class DeviceProfile:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 _bad(name, value, "a non-empty string")
+        if not isinstance(self.software, str):
+            _bad("software", self.software, "a string")
+        if not (isinstance(self.busy, float) and 0.0 <= self.busy <= 1.0):
+            _bad("busy", self.busy, "a float in [0, 1]")
         if type(self.version) is not int or self.version != PROFILE_VERSION:
             _bad("version", self.version, f"{PROFILE_VERSION} (the format this build reads)")
 
@@ -98,7 +108,8 @@ class DeviceProfile:
         flops = d["flops"]
         if isinstance(flops, dict):
             flops = {k: _as_float(v) for k, v in flops.items()}
-        return cls(**dict(d, flops=flops, memory_bandwidth_bytes_per_s=_as_float(d["memory_bandwidth_bytes_per_s"])))
+        return cls(**dict(d, flops=flops, memory_bandwidth_bytes_per_s=_as_float(d["memory_bandwidth_bytes_per_s"]),
+                          busy=_as_float(d["busy"])))
 
 
 def _as_float(x: Any) -> Any:
@@ -222,6 +233,7 @@ def measure_profile(
     if not budget_s > 0:
         raise ConfigError(f"budget_s must be > 0 seconds, got {budget_s}")
     start = time.perf_counter()
+    cpu_before = _cpu_times() if resolved == "cpu" else None
     flops: dict[str, float] = {}
     for i, dtype in enumerate(DTYPES):  # spec P7: 3/4 of the budget for matmuls, shared out
         deadline = start + budget_s * 0.75 * (i + 1) / len(DTYPES)
@@ -235,19 +247,54 @@ def measure_profile(
     if not flops:
         raise ConfigError(f"--device {resolved!r}: no dtype in {list(DTYPES)} can run a matmul there")
     bandwidth = _gemv_bandwidth(resolved, usable, max(time.perf_counter(), start + budget_s))
-    log.info("profile of %s: %s GFLOP/s, %.1f GB/s", resolved, {k: round(v / 1e9, 1) for k, v in flops.items()},
-             bandwidth / 1e9)
+    busy = _others_share(cpu_before, _cpu_times()) if cpu_before is not None else 0.0
+    log.info("profile of %s: %s GFLOP/s, %.1f GB/s%s", resolved, {k: round(v / 1e9, 1) for k, v in flops.items()},
+             bandwidth / 1e9, f" (other processes used {busy:.0%} of the CPU meanwhile)" if busy else "")
     return DeviceProfile(
         memory_total_bytes=total, memory_usable_bytes=usable, flops=flops, memory_bandwidth_bytes_per_s=bandwidth,
-        backend=backend, device=resolved, measured_at_ms=time.time_ns() // 1_000_000,
+        backend=backend, device=resolved, measured_at_ms=time.time_ns() // 1_000_000, software=software(backend),
+        busy=busy,
     )
+
+
+def software(backend: str) -> str:
+    """The library a profile of ``backend`` is measured with (it times torch's matmul and GEMV
+    kernels), as ``"torch <version>"``: a profile measured with another version is re-measured."""
+    import torch
+
+    return f"torch {torch.__version__}"
+
+
+def _cpu_times() -> tuple[float, float, float] | None:
+    """(monotonic seconds, CPU seconds all processes spent busy (Linux ``/proc/stat``: every
+    state but idle and iowait, in ``SC_CLK_TCK`` ticks), CPU seconds of this process), or None
+    where ``/proc/stat`` cannot be read (the share of others is then not known: 0)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    busy = sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)
+    return time.monotonic(), busy / hz, time.process_time()
+
+
+def _others_share(before: tuple[float, float, float] | None, after: tuple[float, float, float] | None) -> float:
+    """Share of the machine's CPU time (0-1) that processes other than this one used between
+    two ``_cpu_times`` readings."""
+    if before is None or after is None or after[0] <= before[0]:
+        return 0.0
+    others = (after[1] - before[1]) - (after[2] - before[2])
+    return float(min(1.0, max(0.0, others / ((after[0] - before[0]) * (os.cpu_count() or 1)))))
 
 
 def load_or_measure_profile(data_dir: Path, *, refresh: bool = False, shared_dir: Path | None = None,
                             **measure_kwargs: Any) -> DeviceProfile:
     """The profile cached in ``data_dir/profile.json`` with memory re-read now; or a fresh
     measurement, then cached, when the file is missing, corrupt (logs a warning), of another
-    version, backend or device, or ``refresh`` is set. ``measure_kwargs``: measure_profile's.
+    version, backend, device or backend library version (``software``), or ``refresh`` is set
+    (``--remeasure``). A measurement taken while other processes used more than ``BUSY_LIMIT``
+    of the CPU is returned but never cached. ``measure_kwargs``: measure_profile's.
 
     With ``shared_dir`` (the host directory of this user's nodes, ``mesh.identity.host_dir``),
     a node without a usable cache of its own takes the host's (``profile-<backend>-<device>.json``
@@ -268,13 +315,13 @@ def load_or_measure_profile(data_dir: Path, *, refresh: bool = False, shared_dir
             cached = None if refresh else _cached(shared, backend, device)
             if cached is None:
                 measured = measure_profile(**{**measure_kwargs, "device": device})
-                _store(shared, measured)
+                _store_unless_busy(shared, measured)
             else:
                 log.info("profile: this host's, measured by another node (%s)", shared)
-        _store(path, cached or measured)
+        _store_unless_busy(path, cached or measured)
     elif cached is None:
         measured = measure_profile(**{**measure_kwargs, "device": device})
-        _store(path, measured)
+        _store_unless_busy(path, measured)
     if cached is None:
         return measured
     total, usable = _memory(device, measure_kwargs.get("memory_fraction", 0.8))
@@ -329,7 +376,24 @@ def _cached(path: Path, backend: str, device: str) -> DeviceProfile | None:
     except (OSError, UnicodeDecodeError, ValueError, ConfigError) as exc:
         log.warning("profile: %s is unreadable or corrupt (%s); re-measuring", path, exc)
         return None
-    return cached if (cached.backend, cached.device) == (backend, device) else None
+    if (cached.backend, cached.device) != (backend, device):
+        return None
+    now = software(backend)
+    if cached.software != now:
+        log.info("profile: %s was measured with %s, this is %s; re-measuring", path, cached.software or "?", now)
+        return None
+    return cached
+
+
+def _store_unless_busy(path: Path, profile: DeviceProfile) -> None:
+    """Cache ``profile`` in ``path`` unless other processes took more than ``BUSY_LIMIT`` of
+    the CPU while it was measured: such figures serve this run only (logged), and the next
+    start measures again."""
+    if profile.busy > BUSY_LIMIT:
+        log.warning("profile: other processes used %.0f%% of the CPU while it was measured; using it for this run "
+                    "but not caching it (restart when the machine is quieter, or pass --remeasure)", profile.busy * 100)
+        return
+    _store(path, profile)
 
 
 def _store(path: Path, profile: DeviceProfile) -> None:
