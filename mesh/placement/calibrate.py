@@ -40,7 +40,8 @@ def fit_calibration(*, model: ModelSpec, layers: int, prefill_s: dict[int, float
         layers: decoder layers in the stage (>= 1).
         prefill_s: prompt length (tokens) -> seconds to prefill it, for two lengths.
         decode_s: seconds per decode step at a short context.
-        head_s: the cost model's seconds for the LM head in one step (0 unless the stage is last).
+        head_s: the cost model's seconds for the LM head in one step (0 unless the stage is last),
+            taken as at most half of a measured step, so no per-layer figure is ever zero.
         flops: the device's FLOP/s, for attention's quadratic part of prefill.
 
     Raises PlacementError for fewer than two prompt lengths or a non-positive count.
@@ -49,16 +50,22 @@ def fit_calibration(*, model: ModelSpec, layers: int, prefill_s: dict[int, float
         raise PlacementError("a calibration needs >= 1 layer, two prefill lengths, a decode time and FLOP/s > 0")
     (p1, t1), (p2, t2) = sorted(prefill_s.items())[:2]
 
+    def head(t: float) -> float:
+        # the head's time is the cost model's estimate, not measured: where it claims more than
+        # half of a measured step it is wrong (decode clamped to 0 ms/layer, and /v1/cluster
+        # predicted 6.2 tok/s where 11-18 were measured), so it gets at most half
+        return min(head_s, t / 2)
+
     def per_layer(p: int, t: float) -> float:
         attention = model.attn_flops_per_position * p * p / 2 / flops
-        return max(0.0, (t - head_s) / layers - attention)
+        return max(0.0, (t - head(t)) / layers - attention)
 
     y1, y2 = per_layer(p1, t1), per_layer(p2, t2)
     slope = max(0.0, (y2 - y1) / (p2 - p1))
     intercept = max(0.0, y1 - slope * p1)
     if intercept + slope <= 0:  # measurement noise larger than the step: keep something positive
         slope = max(y1 / p1, y2 / p2, 1e-9)
-    decode = max((decode_s - head_s) / layers, 1e-9)
+    decode = (decode_s - head(decode_s)) / layers  # > 0: the layers keep at least half the step
     return Calibration(model=model.name, decode_layer_s=decode, prefill_layer_s=intercept,
                        prefill_token_layer_s=slope)
 
