@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(node, "--fault-label", help="this node's name in --fault-plan partitions (default: its id)", hidden=True)
     _add(node, "--clock-offset-s", type=float, default=0.0, help="fault injection for tests: run this node's "
          "event clock this many seconds ahead of the wall clock", hidden=True)
+    _add(node, "--drain-s", type=float, default=30.0, help="on SIGTERM or the first Ctrl-C, seconds the requests "
+         "in flight may take to finish before the node exits (new ones are refused; a second signal exits at once)")
     _add(node, "--recovery-s", type=_positive_float, default=60.0,
          help="seconds a request may take, from a stage failure to its next token, to find a working plan")
     _add(node, "--role", default="any", choices=("any", "prefill", "decode"),
@@ -286,7 +288,7 @@ def _run_node(args: argparse.Namespace) -> int:
         interface=args.interface, placement=args.placement, objective=args.objective,
         timeouts=Timeouts(recovery_s=args.recovery_s), fault_plan=args.fault_plan, fault_label=args.fault_label,
         clock_offset_s=args.clock_offset_s, kv_replica_bytes=int(args.kv_replica_mb * 2**20),
-        role=args.role, remeasure=args.remeasure,
+        role=args.role, remeasure=args.remeasure, drain_s=args.drain_s,
     )
     node = Node(config)
     node_filter.node = node.member_id[:8]

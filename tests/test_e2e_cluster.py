@@ -292,3 +292,38 @@ def test_a_node_computes_in_bf16_with_int4_weights_where_its_profile_measured_bf
         assert "int4+int8 weight-only" in node.log_text()
         text = _chat(_client(node), prompt, stream=False, max_tokens=12)
     assert text == default_model.tokenizer.decode(tokens, skip_special_tokens=True) and len(text) > 5
+
+
+@pytest.mark.spec("N20")
+def test_a_stopping_node_lets_its_running_stream_finish_and_refuses_new_requests(tmp_path: Path) -> None:
+    """SIGTERM mid-stream: the stream ends with all its tokens and [DONE], not an error; a new
+    request meanwhile gets a 503 that says the node is leaving; then the node exits."""
+    import signal
+
+    with LocalCluster(1, tmp_path) as cluster:
+        cluster.wait_ready()
+        node = cluster.nodes[0]
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a very long story."}],
+                "temperature": 0, "max_tokens": 48, "stream": True, "stream_options": {"include_usage": True}}
+        events: list[str] = []
+        refused = None
+        with httpx.Client(timeout=120) as client:
+            with client.stream("POST", node.api_url + "/v1/chat/completions", json=body) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                    if len(events) == 3 and refused is None:
+                        cluster.send_signal(0, signal.SIGTERM)
+                        for _ in range(50):  # the signal is handled asynchronously
+                            refused = client.post(node.api_url + "/v1/chat/completions", json={
+                                "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+                            if refused.status_code != 200:
+                                break
+                            time.sleep(0.05)
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events[-3:]
+        usage = next(json.loads(e)["usage"] for e in events[:-1] if json.loads(e).get("usage"))
+        assert usage["completion_tokens"] == 48 or any(json.loads(e)["choices"][0].get("finish_reason") == "stop"
+                                                      for e in events[:-1] if json.loads(e).get("choices"))
+        assert refused is not None and refused.status_code == 503 and "leaving" in refused.text
+        node.process.wait(timeout=30)
+        assert "stopping: running requests may finish" in node.log_text()

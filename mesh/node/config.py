@@ -73,6 +73,7 @@ class NodeConfig:
     fault_plan: Path | None = None  # fault injection, for tests only (mesh/node/fault_hooks.py)
     fault_label: str | None = None
     clock_offset_s: float = 0.0  # fault injection: the kernel's wall clock runs this far ahead
+    drain_s: float = 30.0  # a graceful stop lets running requests finish for this long (spec N20)
     remeasure: bool = False  # measure the device profile again, replacing the cached one (spec P7)
 
     def check_backend(self, backend_cls: Any) -> None:
@@ -102,6 +103,8 @@ class NodeConfig:
             raise ConfigError(f"--placement {self.placement!r} unknown; valid: {', '.join(PLACEMENTS)}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"--objective {self.objective!r} unknown; valid: {', '.join(OBJECTIVES)}")
+        if not self.drain_s >= 0:
+            raise ConfigError(f"--drain-s must be >= 0 seconds, got {self.drain_s}")
         if self.dead_after_s <= self.heartbeat_s:
             raise ConfigError(f"--dead-after-s ({self.dead_after_s}) must exceed --heartbeat-s ({self.heartbeat_s})")
 

@@ -47,8 +47,8 @@ async def serve_api(server: ApiServer, sock: socket.socket, where: str, stop: Ca
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:
-    """SIGINT/SIGTERM set ``stop`` (a graceful stop ends streams in flight first); a second
-    signal exits the process at once."""
+    """SIGINT/SIGTERM set ``stop`` (a graceful stop lets the streams in flight finish, up to
+    ``--drain-s``, spec N20); a second signal exits the process at once."""
     signalled = False
 
     def on_signal() -> None:
@@ -57,7 +57,7 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
             log.warning("second interrupt: exiting at once")
             os._exit(130)
         signalled = True
-        log.info("stopping (press Ctrl-C again to exit at once)")
+        log.info("stopping: running requests may finish, new ones are refused (press Ctrl-C again to exit at once)")
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):

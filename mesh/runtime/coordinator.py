@@ -147,6 +147,11 @@ class Coordinator:
             if live is not None:
                 live.inbox.put_nowait(msg)
 
+    def refuse_new(self, reason: str) -> None:
+        """Refuse requests from now on with ``reason`` (RequestFailed: HTTP 503); the ones in
+        flight go on (a graceful leave drains them, spec N20)."""
+        self._closing = reason
+
     def shutdown(self, reason: str) -> None:
         """Fail every request in flight with ``reason`` (their streams end with an error event)."""
         self._closing = reason

@@ -206,6 +206,16 @@ class RequestPlane:
         """End every request in flight with ``reason`` (their streams end with an error event)."""
         self.coordinator.shutdown(reason)
 
+    async def leave(self, drain_s: float) -> bool:
+        """A graceful leave (spec N20): refuse new requests, let the ones this node coordinates
+        finish for up to ``drain_s`` seconds, then end what is left with an error event (their
+        streams are never cut). True when every request finished in time."""
+        self.coordinator.refuse_new("this node is leaving the cluster: send requests to another node")
+        finished = await self.coordinator.drained(drain_s)
+        self.coordinator.shutdown("the node is shutting down")
+        await self.coordinator.drained(2.0)
+        return finished
+
     async def drained(self, timeout_s: float) -> bool:
         """Wait until no request is in flight on this coordinator; False after ``timeout_s``."""
         return await self.coordinator.drained(timeout_s)
