@@ -315,7 +315,9 @@ def no_fit(ctx: Context, tally: Tally) -> None:
     from mesh.testing.cluster import http_json
 
     memory = _half_fit_memory(ctx.model)
-    with ctx.cluster("no-fit-after-loss", n=2, memory_bytes=memory) as cluster:
+    # f32 and float weights: what _half_fit_memory sizes (a node sizes the model as it loads it, P20)
+    with ctx.cluster("no-fit-after-loss", n=2, memory_bytes=memory, extra_args=["--dtype", "f32", "--quantize",
+                                                                              "none"]) as cluster:
         cluster.wait_ready()
         url = cluster.nodes[0].api_url
         tally.add(stream_chat(url, PROMPTS[0], model=ctx.model, on_chunk=_once(lambda: cluster.kill(1), tally)),
@@ -329,7 +331,7 @@ def no_fit(ctx: Context, tally: Tally) -> None:
 
 def _half_fit_memory(model: str) -> int:
     """Memory per node such that two nodes hold ``model`` (layers + KV at its context) and
-    one does not."""
+    one does not, in f32 with float weights (nodes given ``--dtype f32 --quantize none``)."""
     from mesh.errors import PlacementError
     from mesh.models import Model, resolve_model
     from mesh.placement.pipeline import Capacity, model_size, place_pipeline
