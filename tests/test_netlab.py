@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -34,25 +36,44 @@ def _wait(lab: netlab.NetLab, hosts: list[str], members: int, timeout_s: float =
     raise AssertionError(f"not {members} ready members within {timeout_s} s: {seen}")
 
 
-@pytest.mark.spec("D15")
-def test_nodes_in_separate_namespaces_find_each_other_by_multicast(tmp_path: Path) -> None:
-    """Two hosts on one LAN, each node started with the defaults a user types (every
-    interface, discovery on) and no --peer: they discover each other by multicast, link up,
-    place the model and serve it from both APIs."""
+@contextmanager
+def _nodes(lab: netlab.NetLab, workdir: Path, hosts: list[str], extra: list[str] | None = None) -> Iterator[None]:
+    """A node on each of ``hosts`` with the user's defaults (every interface, discovery on, no
+    --peer) and one cluster key from the environment; stopped (SIGTERM, then SIGKILL) after."""
     from mesh.security import format_cluster_key
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     env |= {"MESH_CLUSTER_KEY": format_cluster_key(os.urandom(32)), "OMP_WAIT_POLICY": "PASSIVE"}
     processes = []
+    try:
+        for name in hosts:
+            with open(workdir / f"{name}.log", "wb") as log:
+                processes.append(lab.popen(name, netlab.node_argv(workdir, name, extra=["--placement", "memory",
+                                                                                          *(extra or [])]),
+                                           env=env, stdout=log, stderr=subprocess.STDOUT))
+        yield
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in processes:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+
+
+@pytest.mark.spec("D15")
+def test_nodes_in_separate_namespaces_find_each_other_by_multicast(tmp_path: Path) -> None:
+    """Two hosts on one LAN, each node started with the defaults a user types (every
+    interface, discovery on) and no --peer: they discover each other by multicast, link up,
+    place the model and serve it from both APIs."""
     with netlab.NetLab() as lab:
         lab.network("lan", "10.77.1")
         for name in ("a", "b"):
             lab.host(name, "lan")
-        try:
-            for name in ("a", "b"):
-                with open(tmp_path / f"{name}.log", "wb") as log:
-                    processes.append(lab.popen(name, netlab.node_argv(tmp_path, name, extra=["--placement", "memory"]),
-                                               env=env, stdout=log, stderr=subprocess.STDOUT))
+        with _nodes(lab, tmp_path, ["a", "b"]):
             seen = _wait(lab, ["a", "b"], 2)
             addresses = {m["address"].rpartition(":")[0] for m in seen["a"]["members"]}
             assert addresses == {lab.hosts["a"].address("lan"), lab.hosts["b"].address("lan")}
@@ -62,13 +83,29 @@ def test_nodes_in_separate_namespaces_find_each_other_by_multicast(tmp_path: Pat
                 "model": "smollm2-135m", "messages": [{"role": "user", "content": "Say hello."}],
                 "temperature": 0, "max_tokens": 8}, timeout_s=120)
             assert status == 200 and reply["choices"][0]["message"]["content"], reply
-        finally:
-            for p in processes:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGTERM)
-            for p in processes:
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait(timeout=10)
+
+
+@pytest.mark.spec("D15", "L1")
+def test_the_measured_links_follow_a_rate_limited_cable(tmp_path: Path) -> None:
+    """Three hosts on one LAN, c's cable limited to 40 Mbit/s each way (tc tbf): the links the
+    nodes measure (bulk-lane probes) put a-c and b-c near 5 MB/s and a-b, unlimited, far above."""
+    with netlab.NetLab() as lab:
+        lab.network("lan", "10.77.2")
+        for name in ("a", "b"):
+            lab.host(name, "lan")
+        lab.host("c", "lan", rate_mbit={"lan": 40})
+        with _nodes(lab, tmp_path, ["a", "b", "c"]):
+            seen = _wait(lab, ["a", "b", "c"], 3)
+            ids = {m["address"].rpartition(":")[0]: m["id"] for m in seen["a"]["members"]}
+            a, b, c = (ids[lab.hosts[h].address("lan")] for h in ("a", "b", "c"))
+            deadline, rates = time.monotonic() + 120, {}
+            while time.monotonic() < deadline:
+                _, info = lab.http_json("a", "http://127.0.0.1:8000/v1/cluster")
+                rates = {frozenset((link["from"], link["to"])): link.get("throughput_bytes_per_s")
+                         for link in info.get("links", []) if link.get("throughput_bytes_per_s")}
+                if {frozenset((a, b)), frozenset((a, c))} <= set(rates):
+                    break
+                time.sleep(1.0)
+            slow, fast = rates.get(frozenset((a, c))), rates.get(frozenset((a, b)))
+            assert slow is not None and fast is not None, rates
+            assert slow < 40e6 / 8 * 1.3 and fast > 3 * slow, (slow, fast)

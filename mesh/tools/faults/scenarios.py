@@ -58,7 +58,9 @@ class Scenario:
 
 
 SCENARIOS: dict[str, Scenario] = {}
-QUICK = ("kill-middle-stage", "kill-first-stage", "loss-10pct", "no-fit-after-loss", "client-disconnect-x20")
+# loss-10pct (45 s) left the CI set for the network lab; message loss stays in CI through tests/test_failover.py
+# and tests/test_kvreplica.py (lost, duplicated and delayed messages change no token), and in the full set
+QUICK = ("kill-middle-stage", "kill-first-stage", "no-fit-after-loss", "client-disconnect-x20")
 
 
 def scenario(name: str, description: str, *, expect_failed_clean: int = 0,
