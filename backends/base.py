@@ -130,12 +130,14 @@ class Backend(ABC):
         """
 
     def adopt_from(self, other: Backend) -> None:
-        """Offer the layers of ``other`` (a loaded backend of the same class, device and dtype,
-        about to be replaced) to the next ``load``: layers both ranges share are reused instead
-        of read again.
+        """Offer the layers of ``other`` (a loaded backend of the same class, device and dtype)
+        to the next ``load``: layers both ranges share are reused instead of read again, their
+        weights held once by both stages.
 
         The default does nothing (a backend that cannot share reloads everything). Call before
-        ``load``; ``other`` must not be used for compute afterwards.
+        ``load``. ``other`` keeps computing, also while ``load`` runs on another thread: a node
+        changing plans serves the old stage until the new one is ready (make-before-break,
+        spec B9, N21).
         """
 
     @abstractmethod

@@ -10,6 +10,7 @@ the layer modules both ranges share (``adopt_from``). Spec: specs/backend.md (B1
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from collections.abc import Iterator
@@ -115,12 +116,11 @@ class TorchBackend(Backend):
         the offer otherwise. Nothing of ``other`` is touched here.
 
         Thread safety: ``load`` may run while ``other`` still serves a step on another thread.
-        It takes ``other``'s lock to take the shared modules and renumber their ``layer_idx``
-        (which indexes the KV cache, so it must become the layer's index in the new stage),
-        and then marks ``other`` unloaded: a later ``forward`` on it raises
-        BackendError("no layers loaded") instead of computing with renumbered layers. The
-        reused modules are only read afterwards. ``load`` drops the reference to ``other``
-        whether it succeeds or fails.
+        It takes ``other``'s lock while it clones the shared decoder layers (their weights
+        shared, ``layer_idx`` renumbered to the layer's index in the new stage, which indexes
+        the KV cache); ``other`` keeps serving with its own modules, and the shared weights
+        are only read by both. ``load`` drops the reference to ``other`` whether it succeeds
+        or fails.
         """
         self._donor = None
         if (isinstance(other, TorchBackend) and other is not self and other.loaded
@@ -279,8 +279,11 @@ def _keeps_gguf(device_type: str, dtype: torch.dtype | None) -> bool:
 
 
 def _take_layers(donor: TorchBackend, model: Model, stage: Any, layer_start: int, layer_end: int) -> int:
-    """Move the modules ``donor`` shares with the meta ``stage`` into ``stage`` and mark
-    ``donor`` unloaded if it gave any; returns how many decoder layers it gave."""
+    """Put the modules ``donor`` shares with the meta ``stage`` into ``stage``, sharing their
+    weights; returns how many decoder layers it shared. ``donor`` keeps computing (a plan
+    change loads the new stage beside the old one, spec B9): its decoder layers are cloned
+    (``_share``) because the clone's ``layer_idx`` must be the layer's index in the new stage;
+    the embeddings, final norm and head hold no index and are the donor's own modules."""
     num_layers = int(model.config.num_hidden_layers)
     with donor._lock:
         old = donor._model
@@ -290,21 +293,38 @@ def _take_layers(donor: TorchBackend, model: Model, stage: Any, layer_start: int
             return 0
         shared = range(max(layer_start, donor.layer_start), min(layer_end, donor.layer_end))
         for g in shared:
-            layer = old.model.layers[g - donor.layer_start]
+            layer = _share(old.model.layers[g - donor.layer_start])
             for module in layer.modules():  # the KV cache is indexed by the stage-local index
                 if isinstance(getattr(module, "layer_idx", None), int):
                     module.layer_idx = g - layer_start
             stage.model.layers[g - layer_start] = layer
-        edges = False
         if layer_start == 0 and donor.layer_start == 0:
-            stage.model.embed_tokens, edges = old.model.embed_tokens, True
+            stage.model.embed_tokens = old.model.embed_tokens
         if layer_end == num_layers and donor.layer_end == num_layers:
-            stage.model.norm, stage.lm_head, edges = old.model.norm, old.lm_head, True
-        if shared or edges:  # the donor's modules are the new stage's now: it must not compute
-            donor._model = donor._config = None
-            donor.layer_start = donor.layer_end = 0
+            stage.model.norm, stage.lm_head = old.model.norm, old.lm_head
         return len(shared)
 
+
+def _share(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s module tree that holds the very same tensors (parameters, buffers
+    and tensors kept as plain attributes, e.g. ``_Int4CpuLinear.packed``): no weight is copied.
+    ``copy.deepcopy`` with every reachable tensor pre-seeded in its memo (its documented way to
+    keep objects shared) does the walk, so any module class copies the way it pickles."""
+    memo: dict[int, Any] = {}
+
+    def seed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            memo[id(value)] = value
+        elif isinstance(value, dict):
+            for item in value.values():
+                seed(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                seed(item)
+
+    for sub in module.modules():
+        seed(vars(sub))
+    return copy.deepcopy(module, memo)
 
 
 def _meta(module: Any) -> set[str]:

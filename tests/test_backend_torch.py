@@ -363,12 +363,6 @@ def test_adopted_layers_are_reused_not_read(default_model: Model, stage_cache, c
     assert {int(n.split(".")[2]) for n in read if n.startswith("model.layers.")} == new_layers
     assert {n for n in read if not n.startswith("model.layers.")} == edges_read
     assert len(calls) == len(read) and all(total == len(read) for _, total in calls)  # progress: reads only
-    # the donor gave its modules away: it refuses to compute rather than use renumbered layers
-    assert not donor.loaded
-    with pytest.raises(BackendError, match="no layers loaded"):
-        donor.forward(None, start_pos=0, token_ids=[1, 2])
-    with pytest.raises(BackendError, match="no layers loaded"):
-        donor.new_cache()
     ids = default_model.encode_chat([{"role": "user", "content": PROMPTS[0]}])
     tokens, logits = _greedy_with_logits(_pipeline(stage_cache, backend, *new_range), ids, 8)
     want_tokens, want_logits = _greedy_with_logits(
@@ -376,6 +370,18 @@ def test_adopted_layers_are_reused_not_read(default_model: Model, stage_cache, c
     assert tokens == want_tokens and len(set(tokens)) > 2
     for got, want in zip(logits, want_logits):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    # make-before-break: the donor keeps serving with its own numbering, the weights held once
+    assert donor.loaded
+    donor_tokens, donor_logits = _greedy_with_logits(_pipeline(stage_cache, donor, *donor_range), ids, 8)
+    fresh_tokens, fresh_logits = _greedy_with_logits(
+        _pipeline(stage_cache, stage_cache(*donor_range), *donor_range), ids, 8)
+    assert donor_tokens == fresh_tokens
+    for got, want in zip(donor_logits, fresh_logits):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    g = max(donor_range[0], new_range[0])  # a layer both hold: one weight tensor, two modules
+    mine, theirs = backend._model.model.layers[g - new_range[0]], donor._model.model.layers[g - donor_range[0]]
+    assert mine is not theirs
+    assert all(a is b for a, b in zip(mine.parameters(), theirs.parameters()))
 
 
 @pytest.mark.slow
