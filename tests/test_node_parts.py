@@ -9,15 +9,16 @@ from typing import Any
 
 import pytest
 
-from mesh.errors import PlacementError
+from mesh.errors import FrameError, PlacementError
 from mesh.kernel import records
 from mesh.kernel.records import ClusterView, MemberInfo, MemberStatus
 from mesh.node.liveness import CLOCK_TELL_EVERY_S, FREEZE_GAP_S, Liveness, Monitor, clock_fault
 from mesh.node.placing import Placement
 from mesh.node.records import RETAINED_REQUESTS, SelfRecords
-from mesh.node.report import readiness
+from mesh.node.serving import Serving, servable
 from mesh.placement import planner
 from mesh.placement.pipeline import ModelSize, Plan, Stage
+from mesh.runtime.request_core import PlanState
 from mesh.wire import Message
 
 GIB = 2**30
@@ -160,30 +161,79 @@ def test_leaving_removes_the_member_and_its_links_figures() -> None:
 def test_only_the_lowest_member_records_the_plan_once() -> None:
     fake = FakeState()
     mine = SelfRecords(fake.emit, lambda: fake, lambda: member("a"))
-    mine.placement("p1", [["a", 0, 4]], [], first_member="b")
+    plan = Plan(num_layers=4, stages=(Stage(member_id="a", layer_start=0, layer_end=4),))
+    mine.placement(plan, first_member="b")
     assert fake.events == []
-    mine.placement("p1", [["a", 0, 4]], [], first_member="a")
-    mine.placement("p1", [["a", 0, 4]], [], first_member="a")
-    assert fake.events == [("placement.set", "placement", {"plan_id": "p1", "stages": [["a", 0, 4]]})]
+    mine.placement(plan, first_member="a")
+    mine.placement(plan, first_member="a")
+    assert fake.events == [("placement.set", "placement", {"plan_id": plan.plan_id, "stages": [["a", 0, 4]]})]
 
 
 # -- readiness -----------------------------------------------------------------------------
 @pytest.mark.spec("N4")
-def test_ready_only_when_every_stage_is_loaded_linked_and_held() -> None:
+def test_ready_only_when_every_stage_is_held_and_linked() -> None:
     plan = Plan(num_layers=8, stages=(Stage(member_id="a", layer_start=0, layer_end=4),
                                       Stage(member_id="b", layer_start=4, layer_end=8)))
-    loaded = {m: MemberStatus(plan_id=plan.plan_id, layer_start=s, layer_end=e, state="ready")
+    loaded = {m: MemberStatus(plan_id=plan.plan_id, layer_start=s, layer_end=e, state="ready", held=((s, e),))
               for m, s, e in (("a", 0, 4), ("b", 4, 8))}
     view = view_of(member("a"), member("b"), statuses=loaded)
-    args: dict[str, Any] = {"plan": plan, "plan_error": "", "clock_fault": None, "view": view, "member_id": "a"}
-    assert readiness(**args, linked={"b"}, held=(0, 4)) == (True, "ok")
-    assert readiness(**args, linked=set(), held=(0, 4)) == (False, "no link to member b yet")
-    assert "this node has not loaded" in readiness(**args, linked={"b"}, held=None)[1]
-    assert readiness(**{**args, "clock_fault": "clock!"}, linked={"b"}, held=(0, 4)) == (False, "clock!")
-    assert readiness(**{**args, "plan": None, "plan_error": "no placement yet"}, linked={"b"},
-                     held=(0, 4)) == (False, "no placement yet")
+    args: dict[str, Any] = {"view": view, "member_id": "a"}
+    assert servable(plan, **args, linked={"b"}, held=[(0, 4)]) == (True, "ok")
+    assert servable(plan, **args, linked=set(), held=[(0, 4)]) == (False, "no link to member b yet")
+    assert "this node has not loaded" in servable(plan, **args, linked={"b"}, held=[])[1]
+    serving = Serving("a")
+    choose = {"view": view, "linked": {"b"}, "held": [(0, 4)], "num_layers": 8}
+    assert serving.choose(plan, "", **choose, clock_fault="clock!") == PlanState(plan=plan, ready=False,
+                                                                                reason="clock!")
+    assert serving.choose(None, "no placement yet", **choose, clock_fault=None) == PlanState(
+        plan=None, ready=False, reason="no placement yet")
     switching = view_of(member("a"), member("b"), statuses={**loaded, "b": MemberStatus(state="loading")})
-    assert "switching to plan" in readiness(**{**args, "view": switching}, linked={"b"}, held=(0, 4))[1]
+    assert "switching to plan" in servable(plan, view=switching, member_id="a", linked={"b"}, held=[(0, 4)])[1]
+    # a status of an older version (no ``held``): what it reports ready is what it holds
+    old = MemberStatus.from_wire({k: v for k, v in loaded["b"].to_wire().items() if k != "held"})
+    assert old.held == ((4, 8),)
+    with pytest.raises(FrameError):
+        MemberStatus.from_wire({**loaded["b"].to_wire(), "held": [[0, "x"]]})
+
+
+@pytest.mark.spec("N21")
+def test_the_old_plan_serves_until_every_stage_of_the_new_one_is_held() -> None:
+    """Make-before-break: b joins a cluster where a serves all 8 layers; a loads [0, 4) beside
+    [0, 8), b loads [4, 8); requests start on a's old plan until both hold their new stages,
+    then on the new one. A node that never served (b) starts on the plan the state records."""
+    old = Plan(num_layers=8, stages=(Stage(member_id="a", layer_start=0, layer_end=8),))
+    new = Plan(num_layers=8, stages=(Stage(member_id="a", layer_start=0, layer_end=4),
+                                     Stage(member_id="b", layer_start=4, layer_end=8)))
+    a_loading = MemberStatus(plan_id=new.plan_id, layer_start=0, layer_end=4, state="loading", held=((0, 8),))
+    b_loading = MemberStatus(plan_id=new.plan_id, layer_start=4, layer_end=8, state="loading")
+    view = view_of(member("a"), member("b"), statuses={"a": a_loading, "b": b_loading})
+    at_a, at_b = Serving("a"), Serving("b")
+    assert at_a.choose(old, "", view=view, linked={"b"}, held=[(0, 8)], clock_fault=None, num_layers=8).ready
+    assert at_a.plan == old
+    state = at_a.choose(new, "", view=view, linked={"b"}, held=[(0, 8)], clock_fault=None, num_layers=8)
+    assert state == PlanState(plan=old, ready=True, reason="ok")  # the old plan goes on serving
+    fresh = at_b.choose(new, "", view=view, linked={"a"}, held=[], clock_fault=None, num_layers=8)
+    assert not fresh.ready and "has not loaded" in fresh.reason  # nothing recorded yet
+    fake = FakeState()
+    for m in ("a", "b"):
+        for record in records.join(member(m)):
+            fake.emit(*record)
+        fake.emit(*records.status(m, {"a": a_loading, "b": b_loading}[m]))
+    fake.emit(*records.placement(old.plan_id, [["a", 0, 8]], []))
+    recorded = ClusterView(fake)  # type: ignore[arg-type]
+    assert at_b.choose(new, "", view=recorded, linked={"a"}, held=[], clock_fault=None, num_layers=8).plan == old
+    a_ready = MemberStatus(plan_id=new.plan_id, layer_start=0, layer_end=4, state="ready", held=((0, 8), (0, 4)))
+    b_ready = MemberStatus(plan_id=new.plan_id, layer_start=4, layer_end=8, state="ready", held=((4, 8),))
+    both = view_of(member("a"), member("b"), statuses={"a": a_ready, "b": b_loading})
+    assert at_a.choose(new, "", view=both, linked={"b"}, held=[(0, 8), (0, 4)], clock_fault=None,
+                       num_layers=8).plan == old  # b still loading
+    both = view_of(member("a"), member("b"), statuses={"a": a_ready, "b": b_ready})
+    assert at_a.choose(new, "", view=both, linked={"b"}, held=[(0, 8), (0, 4)], clock_fault=None,
+                       num_layers=8) == PlanState(plan=new, ready=True, reason="ok")
+    gone = view_of(member("b"), statuses={"b": b_ready})  # a left: neither plan serves
+    state = at_b.choose(None, "placement failed: x", view=gone, linked=set(), held=[(4, 8)], clock_fault=None,
+                        num_layers=8)
+    assert not state.ready and state.reason == "placement failed: x"
 
 
 # -- placement -----------------------------------------------------------------------------
@@ -225,21 +275,19 @@ def test_the_cpu_dtype_is_bf16_where_the_profile_measured_it_fast() -> None:
 
 def test_placement_tells_the_loader_once_per_new_plan_and_reports_failures() -> None:
     wanted: list[Plan | None] = []
-    recorded: list[str] = []
     changes: list[int] = []
     members = [member("a", 2 * GIB)]
     inputs = planner.PlanInputs(size=SIZE, context_tokens=2048, placement="memory")
     placing = Placement(view=lambda: view_of(*members), inputs=lambda: inputs, want=wanted.append,
-                        changed=lambda: changes.append(1), record=lambda plan_id, *_: recorded.append(plan_id))
+                        changed=lambda: changes.append(1))
     placing.replan()
     placing.replan()
     assert placing.plan is not None and wanted == [placing.plan] and len(changes) == 1
-    assert recorded == [placing.plan.plan_id] * 2  # the records writer decides whether to write
     members[:] = [member("a", 1024)]
     placing.replan()
     assert placing.plan is None and placing.error.startswith("placement failed") and wanted[-1] is None
     quiet = Placement(view=lambda: view_of(*members), inputs=lambda: None, want=wanted.append,
-                      changed=lambda: None, record=lambda *_: None)
+                      changed=lambda: None)
     quiet.replan()  # the model's size is not known yet: nothing to do
     assert quiet.plan is None and quiet.error == "no placement yet"
 
@@ -322,6 +370,7 @@ def test_a_failed_load_stays_reported_while_the_member_holds_no_stage() -> None:
 
     from mesh.errors import ModelError
     from mesh.node.loader import StageLoader
+    from mesh.runtime.stage import StageWorker
 
     class Refuses:
         name = "refuses"
@@ -336,10 +385,10 @@ def test_a_failed_load_stays_reported_while_the_member_holds_no_stage() -> None:
     statuses: list[MemberStatus] = []
     threads: list[str] = []
     compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
-    loader = StageLoader("b", object(), new_backend=Refuses, held=lambda: None,  # type: ignore[arg-type]
-                         install=lambda backend: None, set_status=statuses.append, publish=lambda record: None,
-                         idle=lambda: True, loaded=lambda layers, reused: None, profile=None, spec=None, dtype="f32",
-                         executor=compute)
+    loader = StageLoader("b", object(), new_backend=Refuses, holder=StageWorker("b", None, compute),  # type: ignore[arg-type]
+                         changed=lambda: None, serving=lambda: None, fits=lambda ranges: True,
+                         set_status=statuses.append, publish=lambda record: None,
+                         loaded=lambda layers, reused: None, profile=None, spec=None, dtype="f32", executor=compute)
     with_b = Plan(num_layers=8, stages=(Stage(member_id="a", layer_start=0, layer_end=4),
                                         Stage(member_id="b", layer_start=4, layer_end=8)))
     without_b = Plan(num_layers=8, stages=(Stage(member_id="a", layer_start=0, layer_end=8),))
@@ -421,3 +470,105 @@ def test_nodes_on_one_host_find_each_other_and_wait_passively(tmp_path) -> None:
     assert entry is not None and others == []
     assert [p.name for p in host.iterdir()] == [f"{os.getpid()}.node"]
     entry.close()
+
+
+class _Stage:
+    """A backend stand-in for the loader: ``load`` takes the range (after ``wait``, if set)."""
+
+    name = "stand-in"
+
+    def __init__(self) -> None:
+        self.layer_start = self.layer_end = 0
+        self.donor: object = None
+
+    def adopt_from(self, other: object) -> None:
+        self.donor = other
+
+    def load(self, model: object, start: int, end: int, progress: object = None) -> None:
+        self.layer_start, self.layer_end = start, end
+
+
+def _loader(fits: bool = True, serving: list[Plan | None] | None = None) -> tuple[Any, Any, list[MemberStatus]]:
+    from mesh.node.loader import StageLoader
+    from mesh.runtime.stage import StageWorker
+
+    statuses: list[MemberStatus] = []
+    worker = StageWorker("a", None, ThreadPoolExecutor(max_workers=1))  # type: ignore[arg-type]
+    serving = serving if serving is not None else [None]
+    loader = StageLoader("a", object(), new_backend=_Stage, holder=worker, changed=lambda: None,  # type: ignore[arg-type]
+                         serving=lambda: serving[0], fits=lambda ranges: fits, set_status=statuses.append,
+                         publish=lambda record: None, loaded=lambda layers, reused: None, profile=None, spec=None,
+                         dtype="f32", executor=worker.executor, drain_s=30.0)
+    return loader, worker, statuses
+
+
+def _plan(*stages: tuple[str, int, int]) -> Plan:
+    return Plan(num_layers=8, stages=tuple(Stage(member_id=m, layer_start=a, layer_end=b) for m, a, b in stages))
+
+
+@pytest.mark.spec("N21")
+def test_the_loader_loads_the_new_stage_beside_the_old_and_retires_the_old_when_unused() -> None:
+    import asyncio
+
+    from mesh.node.loader import RETIRE_GRACE_S
+
+    alone, joined = _plan(("a", 0, 8)), _plan(("a", 0, 4), ("b", 4, 8))
+    serving: list[Plan | None] = [alone]
+    loader, worker, statuses = _loader(serving=serving)
+    asyncio.run(loader._load(alone))
+    loader.want(joined)
+    asyncio.run(loader._load(joined))
+    assert worker.held() == [(0, 8), (0, 4)] and worker.stages[(0, 4)].donor is worker.stages[(0, 8)]
+    assert statuses[-1].state == "ready" and statuses[-1].held == ((0, 8), (0, 4))
+    assert loader.retire_unused(0.0) == []  # the old plan still serves here
+    serving[0] = joined  # the switch
+    worker.caches["r.0"], worker._cache_stage["r.0"] = [], (0, 8)  # a request still on the old stage
+    assert loader.retire_unused(10.0) == []  # unused from now, kept for its request
+    assert loader.retire_unused(10.0 + RETIRE_GRACE_S) == []
+    worker.release("r.0")
+    assert loader.retire_unused(10.0 + RETIRE_GRACE_S) == [(0, 8)]
+    assert worker.held() == [(0, 4)] and statuses[-1].held == ((0, 4),)
+    # a request that never ends does not pin a stage past --drain-s
+    loader.want(alone)
+    asyncio.run(loader._load(alone))
+    serving[0] = alone
+    worker.caches["r.1"], worker._cache_stage["r.1"] = [], (0, 4)
+    assert loader.retire_unused(100.0) == [] and loader.retire_unused(100.0 + 30.0) == [(0, 4)]
+    assert "r.1" not in worker.caches and worker.ledger.is_released("r.1")
+    # the leave is announced: the state says leaving, whatever is loaded
+    loader.leave()
+    assert statuses[-1].state == "leaving" and statuses[-1].held == ((0, 8),)
+    worker.executor.shutdown()
+
+
+@pytest.mark.spec("N21")
+def test_a_stage_that_does_not_fit_beside_the_old_one_replaces_it() -> None:
+    import asyncio
+
+    from mesh.node.loader import fits_beside
+
+    loader, worker, statuses = _loader(fits=False)
+    asyncio.run(loader._load(_plan(("a", 0, 8))))
+    asyncio.run(loader._load(_plan(("a", 0, 4), ("b", 4, 8))))
+    assert worker.held() == [(0, 4)] and worker.stages[(0, 4)].donor is not None  # shared layers still taken
+    assert [s.held for s in statuses] == [(), ((0, 8),), ((0, 8),), (), ((0, 4),)]
+    sizes = {"layer_bytes": 100, "edge_bytes": 50, "kv_bytes_per_layer": 10}
+    assert fits_beside([(0, 8), (0, 4)], **sizes, memory_bytes=8 * 110 + 50, shares=True)
+    assert not fits_beside([(0, 8), (0, 4)], **sizes, memory_bytes=8 * 110 + 50, shares=False)
+    assert fits_beside([(0, 8), (0, 4)], **sizes, memory_bytes=12 * 110 + 50, shares=False)
+    worker.executor.shutdown()
+
+
+@pytest.mark.spec("N20")
+def test_a_leaving_member_is_placed_around_and_goes_once_the_plan_without_it_serves() -> None:
+    inputs = planner.PlanInputs(size=SIZE, context_tokens=2048, placement="memory")
+    leaving = MemberStatus(plan_id="p", layer_start=4, layer_end=8, state="leaving", held=((4, 8),))
+    plan = planner.plan(view_of(member("a"), member("b"), statuses={"b": leaving}), inputs)
+    assert [(s.member_id, s.layer_start, s.layer_end) for s in plan.stages] == [("a", 0, SIZE.num_layers)]
+    with pytest.raises(PlacementError, match="left out: b is leaving"):
+        planner.plan(view_of(member("b"), statuses={"b": leaving}), inputs)
+    at_b = Serving("b")
+    assert not at_b.handed_over(plan, busy=False)  # the plan without b does not serve yet
+    at_b.plan = plan
+    assert at_b.handed_over(plan, busy=False) and not at_b.handed_over(plan, busy=True)
+    assert at_b.handed_over(None, busy=False)  # nobody can take over: nothing to wait for

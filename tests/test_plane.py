@@ -200,7 +200,7 @@ async def test_a_kv_load_or_push_this_stage_cannot_take_is_answered_not_ok(plane
     await plane.receive("c", KvPush(req="r.1", coord="c", layer=0, end=3, layer_range=(0, 2),
                                     block=BLOCK).to_message())
     member, loaded = await wire.next(KvLoaded)
-    assert member == "c" and not loaded.ok and "holds [0, 6]" in loaded.message
+    assert member == "c" and not loaded.ok and "holds [[0, 6]]" in loaded.message
     plane.install(None)
     await plane.receive("m1", KvLoad(req="r.2", coord="c", layers=[0], end=3, block=BLOCK).to_message())
     async with asyncio.timeout(5):
@@ -387,3 +387,25 @@ async def test_a_plugin_that_breaks_its_kv_contract_costs_a_not_ok_answer_not_th
     assert member == "m1" and not loaded.ok and "ZeroDivisionError" in loaded.message
     await plane.receive("c", forward().to_message())  # the plane still serves
     await wire.next(Token)
+
+
+@pytest.mark.spec("N21")
+async def test_a_worker_holding_two_stages_computes_each_request_on_its_routes_range(plane: RequestPlane,
+                                                                                      wire: Wire) -> None:
+    """Make-before-break: the new stage [0, 3) is held beside the old [0, 6); a request routed
+    through either computes on that one; retiring the old stage frees only its caches."""
+    plane.worker.add_stage(HistoryBackend(0, 3, LAYERS))
+    assert plane.worker.held() == [(0, LAYERS), (0, 3)]
+    await plane.receive("c", forward(req="old.0").to_message())
+    await wire.next(Token)  # the old route's last stage: a token
+    await plane.receive("c", forward(req="new.0", route=[[ME, 0, 3], ["m1", 3, LAYERS]]).to_message())
+    member, hidden = await wire.next(Forward)  # the new route's first stage: on to m1
+    assert member == "m1" and hidden.req == "new.0" and hidden.idx == 1
+    assert plane.worker.caches_on((0, LAYERS)) == 1 and plane.worker.caches_on((0, 3)) == 1
+    plane.worker.retire((0, LAYERS))
+    assert plane.worker.held() == [(0, 3)] and set(plane.worker.caches) == {"new.0"}
+    assert plane.worker.ledger.is_released("old.0")
+    wire.sent.clear()
+    await plane.receive("c", forward(req="late.0").to_message())  # a late request on the retired range
+    _, error = await wire.next(StepError)
+    assert not error.fatal and "needs [0, 6)" in error.message  # not fatal: it fails over (FO3)

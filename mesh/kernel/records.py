@@ -3,7 +3,7 @@ read-only view over the replicated cluster state (sans-IO).
 
 Keys in the state (spec kernel.md): ``member/<id>`` (address, API address, incarnation;
 removed when the member leaves or is declared dead), ``resources/<id>`` (backend, memory),
-``status/<id>`` (what it has loaded), ``placement`` (the plan last recorded), and
+``status/<id>`` (what it has loaded), ``placement`` (the serving plan last recorded, spec N21), and
 ``request/<id>`` / ``kv/<id>`` (request lifecycle and where its KV caches live). Values were
 written by peers, so every record is validated when read; a bad one is skipped.
 Spec: specs/node.md (N1-N4).
@@ -21,7 +21,8 @@ from mesh.kernel.crdt import ClusterState
 log = logging.getLogger(__name__)
 REQUEST_STATES = ("running", "finished", "cancelled", "failed")  # monotone order (lifecycle view)
 
-STATES = ("idle", "loading", "ready", "failed")
+STATES = ("idle", "loading", "ready", "failed", "leaving")
+MAX_HELD = 8  # layer ranges one status may list (two while a plan changes)
 
 
 def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
@@ -97,17 +98,24 @@ class MemberInfo:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MemberStatus:
-    """What a member has loaded: layers [layer_start, layer_end) for plan ``plan_id``."""
+    """What a member loads for plan ``plan_id``: layers [layer_start, layer_end), ``state``
+    (one of ``STATES``: ``leaving`` is a member stopping gracefully, left out of placement,
+    spec N20); and ``held``, the layer ranges it holds loaded and computes now: the current
+    plan's, and the previous plan's while a plan change is under way (spec N21)."""
 
     plan_id: str = ""
     layer_start: int = 0
     layer_end: int = 0
     state: str = "idle"
     error: str | None = None
+    held: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.state not in STATES:
             raise FrameError(f"unknown member state {self.state!r}; valid: {STATES}")
+
+    def holds(self, layer_start: int, layer_end: int) -> bool:
+        return (layer_start, layer_end) in self.held
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -116,18 +124,23 @@ class MemberStatus:
             "layer_end": self.layer_end,
             "state": self.state,
             "error": self.error,
+            "held": [list(r) for r in self.held],
         }
 
     @classmethod
     def from_wire(cls, body: dict[str, Any]) -> MemberStatus:
         error = body.get("error")
-        return cls(
-            plan_id=_field(body, "plan_id", str),
-            layer_start=_field(body, "layer_start", int),
-            layer_end=_field(body, "layer_end", int),
-            state=_field(body, "state", str),
-            error=error if isinstance(error, str) else None,
-        )
+        state = _field(body, "state", str)
+        start, end = _field(body, "layer_start", int), _field(body, "layer_end", int)
+        held = body.get("held")
+        if held is None:  # a member of an older version: what it reports ready is what it holds
+            held = [[start, end]] if state == "ready" else []
+        if not isinstance(held, list) or len(held) > MAX_HELD or not all(
+                isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+                for r in held):
+            raise FrameError("field 'held' of a status record is not a short list of [start, end] ranges")
+        return cls(plan_id=_field(body, "plan_id", str), layer_start=start, layer_end=end, state=state,
+                   error=error if isinstance(error, str) else None, held=tuple((a, b) for a, b in held))
 
 
 # -- the state's keys and event types: one table (every writer and reader uses these) ----------

@@ -1,7 +1,9 @@
-"""The stage loader: loads the layer range the current plan gives this node (reusing the
-layers the old range shares, spec B9), reports its load status, measures the device profile
-and calibrates each loaded stage (spec P7, P16, P19). Loading runs in a worker thread, so the
-node keeps serving heartbeats and HTTP meanwhile (spec N5).
+"""The stage loader: loads the layer range the target plan gives this node beside the stage
+it holds (make-before-break, spec N21: the old stage serves until the new plan does, the
+layers both share held once, spec B9), retires a stage no plan uses once its requests are
+done, reports its load status, measures the device profile and calibrates each loaded stage
+after it serves (spec P7, P16, P19). Loading runs on the node's compute thread, so the node
+keeps serving heartbeats and HTTP meanwhile (spec N5).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from functools import partial
@@ -32,6 +35,22 @@ log = logging.getLogger(__name__)
 SETTLE_S = 0.3  # a burst of joins settles before a load starts
 RECALIBRATE_AFTER_S = 5.0  # the stage is timed again every 5-10 s after it loaded, if idle ...
 RECALIBRATIONS = 3  # ... this many times
+RETIRE_CHECK_S = 0.5  # how often stages no plan uses are looked for
+RETIRE_GRACE_S = 2.0  # an unused stage stays this long, for nodes that switch plans a little later
+
+
+def fits_beside(ranges: list[tuple[int, int]], *, layer_bytes: int, edge_bytes: int, kv_bytes_per_layer: int,
+                memory_bytes: int, shares: bool) -> bool:
+    """Whether stages of ``ranges`` (layer ranges) fit ``memory_bytes`` together: each layer
+    ``layer_bytes`` plus ``kv_bytes_per_layer`` of KV cache (the context the plan reserves),
+    the embeddings and head once (``edge_bytes``); layers in two ranges count once when the
+    backend shares them (``shares``, spec B9), else once per range. The planner's own account
+    of a stage (``mesh.placement.pipeline.place_pipeline``), over the union."""
+    if shares:
+        layers = len(set().union(*(range(a, b) for a, b in ranges)))
+    else:
+        layers = sum(b - a for a, b in ranges)
+    return layers * (layer_bytes + kv_bytes_per_layer) + edge_bytes <= memory_bytes
 
 
 async def measure_profile(data_dir: Path, config: Any, *, executor: Executor) -> Any:
@@ -54,49 +73,71 @@ async def measure_profile(data_dir: Path, config: Any, *, executor: Executor) ->
     return profile
 
 
-class StageLoader:
-    """Keeps this node's loaded stage equal to what the plan asks of it.
+def fits_in(size: Any, context_tokens: int, memory_bytes: int, backend_cls: type[Backend]
+            ) -> Callable[[list[tuple[int, int]]], bool]:
+    """``fits_beside`` for a model of ``size`` (``ModelSize``) with ``context_tokens`` of KV per
+    layer, on a node offering ``memory_bytes`` with backends of ``backend_cls`` (sharing
+    layers when it overrides ``Backend.adopt_from``)."""
+    shares = backend_cls.adopt_from is not Backend.adopt_from
+    return partial(fits_beside, layer_bytes=size.layer_bytes, edge_bytes=size.edge_bytes, memory_bytes=memory_bytes,
+                   kv_bytes_per_layer=size.kv_bytes_per_token_per_layer * context_tokens, shares=shares)
 
-    Ports: ``new_backend()`` builds an unloaded backend; ``held()`` / ``install(backend)`` read
-    and swap the stage the request plane computes with (None: nothing); ``set_status`` writes
-    this node's load status; ``publish(record)`` writes its profile record; ``idle()`` tells
-    whether no request holds a KV cache here (recalibration waits for that);
-    ``loaded(layers, reused)`` counts a finished load (spec N14); ``executor`` is the one thread
-    that runs every backend call of this node, loads and timings as well as steps: a CPU
-    library's thread pool (torch's OpenMP) keeps a team of spinning workers per calling thread,
-    and two teams on the cores halve decode speed (measured: 21 against 44-56 ms per token,
-    README "Models").
+
+class StageLoader:
+    """Keeps this node's loaded stages what the plans ask of it (spec N21).
+
+    Ports: ``new_backend()`` builds an unloaded backend; ``holder`` holds the stages (the
+    request plane's ``StageWorker``: ``stages`` by layer range, ``add_stage``, ``retire``,
+    ``caches_on``, ``caches``), and ``changed()`` is called after it changed; ``serving()`` the
+    plan requests start on now (None: none); ``fits(ranges)`` whether stages of these ranges
+    fit this node's memory together (``fits_beside``); ``set_status`` writes this node's load
+    status; ``publish(record)`` its profile record (recalibration waits for no request to hold
+    a KV cache here); ``loaded(layers, reused)`` counts a finished
+    load (spec N14); ``drain_s``: the longest an unused stage is kept for the requests still
+    on it (they fail over after, spec FO3); ``executor`` is the one thread that runs every
+    backend call of this node, loads and timings as well as steps: a CPU library's thread pool
+    (torch's OpenMP) keeps a team of spinning workers per calling thread, and two teams on the
+    cores halve decode speed (measured: 21 against 44-56 ms per token, README "Models").
     """
 
     def __init__(self, member_id: str, model: Model, *, new_backend: Callable[[], Backend],
-                 held: Callable[[], Backend | None], install: Callable[[Backend | None], None],
-                 set_status: Callable[[MemberStatus], None], publish: Callable[[dict[str, Any]], None],
-                 idle: Callable[[], bool], loaded: Callable[[int, int], None], profile: Any, spec: ModelSpec | None,
-                 dtype: str, executor: Executor) -> None:
+                 holder: Any, changed: Callable[[], None], serving: Callable[[], Plan | None],
+                 fits: Callable[[list[tuple[int, int]]], bool], set_status: Callable[[MemberStatus], None],
+                 publish: Callable[[dict[str, Any]], None], loaded: Callable[[int, int], None], profile: Any,
+                 spec: ModelSpec | None, dtype: str, executor: Executor, drain_s: float = 30.0) -> None:
         self.member_id = member_id
         self.executor = executor
         self.model = model
         self.new_backend = new_backend
-        self.held = held
-        self.install = install
+        self.holder, self.changed = holder, changed
+        self.serving, self.fits = serving, fits
         self.set_status = set_status
         self.publish = publish
-        self.idle = idle
         self.loaded = loaded
         self.profile = profile
         self.spec = spec
         self.dtype = dtype
+        self.drain_s = drain_s
         self.calibration: Any = None  # per-layer step times of the loaded stage (spec P19)
         self._wanted = asyncio.Event()
         self._plan: Plan | None = None
         self._stage_times: Any = None  # the fastest timings of the loaded stage so far
         self._calibrating: Backend | None = None  # the backend those timings are of
         self._failed: MemberStatus | None = None  # the status of this process's last load, if it failed
+        self._status = MemberStatus()  # the last status written, less ``held``
+        self._unused_since: dict[tuple[int, int], float] = {}  # stage -> when no plan used it (monotonic s)
+        self.leaving = False  # a graceful stop: state ``leaving``, placed around (spec N20)
 
     def want(self, plan: Plan | None) -> None:
         """The plan changed (or failed: None): load what it asks of this node, soon."""
         self._plan = plan
         self._wanted.set()
+
+    def leave(self) -> None:
+        """Announce a graceful stop: the status says ``leaving`` (the planner places around
+        this member, spec N20); the stages held go on serving until no plan uses them."""
+        self.leaving = True
+        self._write(self._status)
 
     def publish_profile(self) -> None:
         if self.profile is not None:
@@ -104,10 +145,12 @@ class StageLoader:
                                         self.profile.device, calibration=self.calibration))
 
     async def run(self, joined: asyncio.Event) -> None:
-        """Load stages as plans change, until cancelled; recalibrations run beside, and the
-        profile is published once this node has joined (``joined``, spec P16)."""
+        """Load stages as plans change, until cancelled; recalibrations and the retiring of
+        unused stages run beside, and the profile is published once this node has joined
+        (``joined``, spec P16)."""
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._publish_when(joined), name="profile")
+            tasks.create_task(self._retire_forever(), name="retire")
             while True:
                 await self._wanted.wait()
                 await asyncio.sleep(SETTLE_S)
@@ -120,52 +163,109 @@ class StageLoader:
         await joined.wait()
         self.publish_profile()
 
+    def _write(self, status: MemberStatus) -> None:
+        """Write ``status`` with what is held now (and ``leaving`` once stopping)."""
+        self._status = status
+        state = "leaving" if self.leaving else status.state
+        self.set_status(MemberStatus(plan_id=status.plan_id, layer_start=status.layer_start,
+                                     layer_end=status.layer_end, state=state, error=status.error,
+                                     held=tuple(self.holder.stages)))
+
+    def _in_use(self) -> set[tuple[int, int]]:
+        """The layer ranges of this node in the target plan and in the plan serving now."""
+        used = set()
+        for plan in (self._plan, self.serving()):
+            stage = plan.stage_of(self.member_id) if plan is not None else None
+            if stage is not None:
+                used.add((stage.layer_start, stage.layer_end))
+        return used
+
+    def retire_unused(self, now: float) -> list[tuple[int, int]]:
+        """Retire the stages neither the target nor the serving plan uses, once no request
+        holds a KV cache on them and ``RETIRE_GRACE_S`` passed (other nodes may switch plans
+        a little later), or ``drain_s`` passed whatever runs there; the ranges retired."""
+        used, retired = self._in_use(), []
+        for layers in list(self.holder.stages):
+            if layers in used:
+                self._unused_since.pop(layers, None)
+                continue
+            since = self._unused_since.setdefault(layers, now)
+            if (self.holder.caches_on(layers) == 0 and now - since >= RETIRE_GRACE_S) or now - since >= self.drain_s:
+                if self.holder.caches_on(layers):
+                    log.warning("retiring layers [%d, %d) with %d request(s) still on them after %.0f s",
+                                *layers, self.holder.caches_on(layers), self.drain_s)
+                self._retire(layers)
+                self._unused_since.pop(layers, None)
+                retired.append(layers)
+                log.info("layers [%d, %d) retired: no plan uses them", *layers)
+        if retired:
+            self._write(self._status)
+        return retired
+
+    def _retire(self, layers: tuple[int, int]) -> None:
+        self.holder.retire(layers)
+        self.changed()
+
+    async def _retire_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RETIRE_CHECK_S)
+            self.retire_unused(time.monotonic())
+
     async def _load(self, plan: Plan | None) -> Backend | None:
-        """Bring the held stage to what ``plan`` asks; the newly loaded backend when it could
+        """Bring the held stages to what ``plan`` asks: its stage loaded beside the ones held
+        when they fit together, else in their place; the newly loaded backend when it could
         be calibrated (to be timed again later), else None."""
         stage = plan.stage_of(self.member_id) if plan else None
         plan_id = plan.plan_id if plan else ""
         if stage is None:
-            self.install(None)
             # a failed load stays reported (the planner leaves this member out, spec N17)
             # until this process loads a stage again: else it would be placed, fail, and so on
             if self._failed is None:
-                self.set_status(MemberStatus(plan_id=plan_id, state="idle"))
+                self._write(MemberStatus(plan_id=plan_id, state="idle"))
             return None
-        status = MemberStatus(plan_id=plan_id, layer_start=stage.layer_start, layer_end=stage.layer_end,
-                              state="ready")
-        current = self.held()
-        if current is not None and (current.layer_start, current.layer_end) == (stage.layer_start, stage.layer_end):
-            self.set_status(status)
+        want = (stage.layer_start, stage.layer_end)
+        status = MemberStatus(plan_id=plan_id, layer_start=want[0], layer_end=want[1], state="ready")
+        held = dict(self.holder.stages)
+        if want in held:
+            self._write(status)
             return None
-        self.set_status(MemberStatus(**{**status.to_wire(), "state": "loading"}))
+        self._write(MemberStatus(plan_id=plan_id, layer_start=want[0], layer_end=want[1], state="loading"))
         backend = self.new_backend()
-        progress = LoadProgress(f"layers [{stage.layer_start},{stage.layer_end})", tty=sys.stderr.isatty())
-        if current is not None:  # reuse the layers both ranges share (spec B9); the old range
-            self.install(None)  # is unusable from here, and its requests fail anyway
-            backend.adopt_from(current)
+        donor = max(held.values(), key=lambda b: _overlap(want, (b.layer_start, b.layer_end)), default=None)
+        if held and not self.fits([*held, want]):
+            # both do not fit: the old stages go first; requests wait for the new plan (bounded)
+            # rather than fail, and the layers both share are still taken from the donor
+            log.warning("layers [%d, %d) do not fit beside %s: replacing them", *want, sorted(held))
+            for layers in held:
+                self._retire(layers)
+            self._write(self._status)
+        if donor is not None:
+            backend.adopt_from(donor)  # the layers both ranges share are held once (spec B9)
+        progress = LoadProgress(f"layers [{want[0]},{want[1]})", tty=sys.stderr.isatty())
         try:
             await asyncio.get_running_loop().run_in_executor(
-                self.executor, backend.load, self.model, stage.layer_start, stage.layer_end, progress)
+                self.executor, backend.load, self.model, want[0], want[1], progress)
         except Exception as exc:  # a backend plugin may raise anything: report it, keep serving
             if not isinstance(exc, MeshError):
                 log.exception("backend %s failed to load layers", backend.name)
-            log.error("loading layers [%d, %d) failed: %s", stage.layer_start, stage.layer_end, exc)
-            self._failed = MemberStatus(**{**status.to_wire(), "state": "failed", "error": str(exc)})
-            self.set_status(self._failed)
+            log.error("loading layers [%d, %d) failed: %s", want[0], want[1], exc)
+            self._failed = MemberStatus(plan_id=plan_id, layer_start=want[0], layer_end=want[1], state="failed",
+                                        error=str(exc))
+            self._write(self._failed)
             return None
         finally:
             progress.close()
+            donor = None
         # spec N14: what the load took from the stage it replaced; a backend that does not say
         # (no ``reused_layers``) read every layer
-        self.loaded(stage.layer_end - stage.layer_start, int(getattr(backend, "reused_layers", 0) or 0))
+        self.loaded(want[1] - want[0], int(getattr(backend, "reused_layers", 0) or 0))
         self._stage_times, self._calibrating = None, backend
-        timed = await self._time_stage(backend)  # calibrated before the stage is offered to requests
-        self.install(backend)
+        self.holder.add_stage(backend)  # serves at once; calibrated after, off the readiness path (spec N21)
+        self.changed()
         self._failed = None
-        self.set_status(status)
+        self._write(status)
+        timed = await self._time_stage(backend)
         return backend if timed else None
-
     async def _recalibrate(self, backend: Backend) -> None:
         """Members of one host load at once and time each other's load, so the stage is timed
         again a few times later while idle, keeping the fastest time of each step; spread by
@@ -175,7 +275,7 @@ class StageLoader:
             await asyncio.sleep(RECALIBRATE_AFTER_S * (1 + spread))
             if self._calibrating is not backend:
                 return  # replaced: its own calibration runs
-            if self.idle():  # serving: try again later
+            if not self.holder.caches:  # serving: try again later
                 await self._time_stage(backend)
 
     async def _time_stage(self, backend: Backend) -> bool:
@@ -205,3 +305,7 @@ class StageLoader:
             self.calibration = calibration
             self.publish_profile()
         return True
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> int:
+    return max(0, min(a[1], b[1]) - max(a[0], b[0]))

@@ -31,15 +31,15 @@ from mesh.node import addresses, report
 from mesh.node.config import NodeConfig, backend_options, bind_tcp, build_transport, link_security
 from mesh.node.links import Links
 from mesh.node.liveness import Liveness, Monitor
-from mesh.node.loader import StageLoader, measure_profile
+from mesh.node.loader import StageLoader, fits_in, measure_profile
 from mesh.node.placing import Placement
 from mesh.node.records import SelfRecords
 from mesh.node.server import api_server, first_of, install_signal_handlers, serve_api
+from mesh.node.serving import Serving
 from mesh.placement import planner
 from mesh.placement.pipeline import model_size
 from mesh.runtime.metrics import NodeMetrics
 from mesh.runtime.plane import PlanBoard, RequestPlane
-from mesh.runtime.request_core import PlanState
 from mesh.wire import Message
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,8 @@ class Node:
         self.backend_cls = registry.load("backend", config.backend, expected=Backend)
         config.check_backend(self.backend_cls)  # a bad --device, --dtype or --quantize fails now
         self.security = link_security(config, self.data_dir, self.member_id)
-        self._stop = asyncio.Event()
-        self._first_link = asyncio.Event()
+        self._stop, self._first_link = asyncio.Event(), asyncio.Event()
+        self.plans, self.serving = PlanBoard(), Serving(self.member_id)
         self.dtype = planner.compute_dtype(config.dtype, config.device)
         self.me = MemberInfo(member_id=self.member_id, address="", api_address="", backend=config.backend,
                              memory_bytes=0, incarnation=secrets.token_hex(8))
@@ -88,22 +88,20 @@ class Node:
         self.status = report.NodeStatus(
             member_id=self.member_id, model_id=self.model.model_id, num_layers=self.model.num_layers,
             replication=self.replication, linked=self.links.linked, placement=lambda: (self.placement.plan, self.placement.error),
-            clock_fault=lambda: self.monitor.clock_fault, held=lambda: self.plane.held() if self.plane is not None else None, stats=lambda: self.plane and self.plane.statistics(),
+            serving=self.plans.state, stats=lambda: self.plane and self.plane.statistics(),
             metrics_text=lambda: self.metrics.text(), spec=lambda: self.inputs and self.inputs.spec, dtype=self.dtype,
             security={"authenticated": self.security is not None, "transport": config.transport,
                       "cluster": self.security.cluster_fingerprint if self.security is not None else None})
         self.metrics = NodeMetrics(self.status.metrics_sample)
-        self.plans = PlanBoard()
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-compute")
         self.placement = Placement(view=self.view, inputs=lambda: self.inputs,
                                    want=lambda plan: self.loader.want(plan) if self.loader is not None else None,
-                                   changed=lambda: self.metrics.placement_changes.inc(), record=self.records.placement)
+                                   changed=lambda: self.metrics.placement_changes.inc())
         self.plane: RequestPlane | None = None  # built once the model's config and tokenizer are read
         self.loader: StageLoader | None = None
         self.inputs: planner.PlanInputs | None = None
         self._fatal_error: MeshError | None = None
         self._reaction_pending = False
-        self._last_health: tuple[bool, str] = (False, "")
 
     # -- lifecycle ---------------------------------------------------------------------
     async def run(self) -> None:
@@ -129,14 +127,15 @@ class Node:
                                           send_remote=lambda member, msg: self.links.send(member, msg, lane="data"),
                                           plans=self.plans, on_request_event=self.records.request_event,
                                           kv_replica_bytes=cfg.kv_replica_bytes, metrics=self.metrics)
+        memory = cfg.memory_bytes if cfg.memory_bytes is not None else usable_memory_bytes(cfg.memory_fraction)
         self.loader = StageLoader(self.member_id, self.model, new_backend=lambda: self.backend_cls(**options),
-                                  held=lambda: plane.worker.backend, install=lambda backend: (plane.install(backend), self._refresh()), set_status=self.records.set_status,
-                                  publish=self.records.profile, idle=lambda: not plane.worker.caches,
+                                  holder=plane.worker, changed=self._refresh, serving=lambda: self.serving.plan,
+                                  fits=fits_in(size, self.inputs.context_tokens, memory, self.backend_cls),
+                                  set_status=self.records.set_status, publish=self.records.profile, drain_s=cfg.drain_s,
                                   loaded=lambda layers, reused: self.metrics.stage_loaded(layers=layers, reused=reused),
                                   profile=profile, spec=spec, dtype=self.dtype, executor=self.compute)
         listener = await self.links.transport.listen(cfg.host, cfg.port, self.links.accept)
         address, self.links.advertise = await addresses.advertised_address(cfg.host, listener.port, cfg.interface)
-        memory = cfg.memory_bytes if cfg.memory_bytes is not None else usable_memory_bytes(cfg.memory_fraction)
         self.me = MemberInfo(member_id=self.member_id, address=address, api_address=f"{cfg.api_host}:{cfg.api_port}",
                              backend=cfg.backend, memory_bytes=memory, incarnation=self.me.incarnation,
                              alt_addresses=await addresses.alt_addresses(self.links.transport, cfg.host), role=cfg.role)
@@ -164,7 +163,9 @@ class Node:
                 if not self._stop.is_set():
                     self.records.join()
                 await self._stop.wait()
-                if not await plane.leave(cfg.drain_s):  # streams finish (--drain-s), then HTTP stops (N20)
+                self.loader.leave()  # the others place around this node while its streams finish (N20)
+                if not await plane.leave(cfg.drain_s, handed_over=lambda: self.serving.handed_over(  # then HTTP stops
+                        self.placement.plan, busy=bool(plane.worker.caches))):
                     log.warning("stopped with requests still running after --drain-s %g s", cfg.drain_s)
                 server.should_exit = True
                 with contextlib.suppress(TimeoutError):
@@ -219,15 +220,15 @@ class Node:
         self._refresh()
 
     def _refresh(self) -> None:
-        """Tell the request plane what placement says now (spec FO3: a recovering request
-        waits for a plan whose stages are all loaded and linked); log when that changed."""
-        ready, reason = health = self.status.health()
-        self.plans.update(PlanState(plan=self.placement.plan, ready=ready, reason=reason))
-        if health != self._last_health:
-            stages = len(self.placement.plan.all_stages) if self.placement.plan else 0
-            log.info("ready: the model is placed and loaded on %d member(s)", stages) if ready \
-                else log.info("not ready: %s", reason)
-            self._last_health = health
+        """Tell the request plane the plan requests start on now (spec N21: the old plan while
+        the target loads; FO3: a recovering request waits for one whose stages are all held
+        and linked), recorded by the lowest member (``SelfRecords.placement``)."""
+        state = self.serving.choose(self.placement.plan, self.placement.error, view=self.view(),
+                                    linked=set(self.links.linked()), clock_fault=self.monitor.clock_fault,
+                                    held=self.plane.worker.held() if self.plane else [], num_layers=self.model.num_layers)
+        self.plans.update(state)
+        if state.ready and state.plan is not None:
+            self.records.placement(state.plan)
 
     # -- links and liveness ------------------------------------------------------------
     async def _on_message(self, sender: str, msg: Message) -> None:

@@ -1,6 +1,6 @@
 """The node's current plan: recomputed by the pure planner after every change of the cluster
-state, and what follows a new plan (the loader is told, the placement metric counts it, the
-member with the lowest id records it in the state). Spec: specs/node.md N2-N4, N13;
+state, and what follows a new plan (the loader is told, the placement metric counts it; the plan
+that serves meanwhile is ``mesh.node.serving``'s). Spec: specs/node.md N2-N4, N13, N21;
 specs/placement.md P17.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from mesh.errors import PlacementError
 from mesh.kernel.records import ClusterView
@@ -21,13 +20,11 @@ log = logging.getLogger(__name__)
 class Placement:
     """``plan`` (None while there is none) and ``error`` (why not). Ports: ``view()`` the
     state now; ``inputs()`` the planner's inputs (None until the model's size is known);
-    ``want(plan)`` tells the loader; ``changed()`` counts a new plan; ``record(plan_id,
-    stages, prefill_stages, first_member)`` records it (``SelfRecords.placement``)."""
+    ``want(plan)`` tells the loader; ``changed()`` counts a new plan."""
 
     def __init__(self, *, view: Callable[[], ClusterView], inputs: Callable[[], planner.PlanInputs | None],
-                 want: Callable[[Plan | None], None], changed: Callable[[], None],
-                 record: Callable[[str, list[list[Any]], list[list[Any]], str | None], None]) -> None:
-        self.view, self.inputs, self.want, self.changed, self.record = view, inputs, want, changed, record
+                 want: Callable[[Plan | None], None], changed: Callable[[], None]) -> None:
+        self.view, self.inputs, self.want, self.changed = view, inputs, want, changed
         self.plan: Plan | None = None
         self.error = "no placement yet"
 
@@ -49,7 +46,3 @@ class Placement:
             self.changed()
             log.info("plan %s: %s", plan.plan_id, planner.describe(plan))
             self.want(plan)
-        members = view.members()
-        self.record(plan.plan_id, [[s.member_id, s.layer_start, s.layer_end] for s in plan.stages],
-                    [[s.member_id, s.layer_start, s.layer_end] for s in plan.prefill_stages],
-                    members[0].member_id if members else None)

@@ -1,6 +1,6 @@
 """What this node writes to the replicated cluster state, and when: its membership and
 resources, its load status, the lifecycle of the requests it coordinates (and where their KV
-caches live), the plan (when it is the member that records it), link figures, its profile,
+caches live), the serving plan (when it is the member that records it), link figures, its profile,
 and the removal of members it declared dead. Records are built by ``mesh.kernel.records``;
 this class keeps the little state that decides when to write them.
 Spec: specs/node.md N1-N4, N9, N13; specs/kernel.md K5; specs/linkstats.md L2-L3.
@@ -88,13 +88,18 @@ class SelfRecords:
             while len(self._finished) > RETAINED_REQUESTS:
                 self._emit(records.request_retired(self._finished.popleft()))
 
-    def placement(self, plan_id: str, stages: list[list[Any]], prefill_stages: list[list[Any]],
-                  first_member: str | None) -> None:
-        """Record the plan when this node is the member with the lowest id (every node computes
-        the same plan; one records it) and the state holds another."""
+    def placement(self, plan: Any, first_member: str | None = None) -> None:
+        """Record the serving plan (a ``Plan``, spec N21) when this node is the member with the
+        lowest id (``first_member``, else read from the state; the others serve the same plan,
+        one records it) and the state holds another."""
         recorded = self.state().get(records.PLACEMENT_KEY)
-        if first_member == self.member_id and (not isinstance(recorded, dict) or recorded.get("plan_id") != plan_id):
-            self._emit(records.placement(plan_id, stages, prefill_stages))
+        if first_member is None:
+            members = sorted(key[len("member/"):] for key in self.state().keys("member/"))
+            first_member = members[0] if members else None
+        if first_member == self.member_id and (not isinstance(recorded, dict)
+                                               or recorded.get("plan_id") != plan.plan_id):
+            self._emit(records.placement(plan.plan_id, [[s.member_id, s.layer_start, s.layer_end] for s in plan.stages],
+                                         [[s.member_id, s.layer_start, s.layer_end] for s in plan.prefill_stages]))
 
     def link_figures(self, meters: dict[str, Any], now: float) -> None:
         """Publish each link's RTT and throughput when they moved (spec L2, L3): ``meters`` are

@@ -14,35 +14,7 @@ from mesh.kernel.replication import Replication
 from mesh.placement.costmodel import ModelSpec
 from mesh.placement.perf import predicted
 from mesh.placement.pipeline import Plan
-
-
-def readiness(*, plan: Plan | None, plan_error: str, clock_fault: str | None, view: ClusterView | None,
-              linked: set[str], member_id: str, held: tuple[int, int] | None) -> tuple[bool, str]:
-    """(True, "ok") only when every stage of ``plan`` reports its layers loaded for this plan
-    and is linked (``linked``: members with a live link), and this node holds its own stage's
-    layers (``held``: the loaded range, or None); else (False, why not)."""
-    if clock_fault is not None:
-        return False, clock_fault
-    if plan is None or view is None:
-        return False, plan_error
-    linked = linked | {member_id}
-    for stage in plan.all_stages:
-        status = view.status(stage.member_id)
-        want = (plan.plan_id, stage.layer_start, stage.layer_end, "ready")
-        if (status.plan_id, status.layer_start, status.layer_end, status.state) != want:
-            if status.plan_id != plan.plan_id:
-                return False, (f"member {stage.member_id} is switching to plan {plan.plan_id} "
-                               f"(layers [{stage.layer_start}, {stage.layer_end})); it reports plan "
-                               f"{status.plan_id or 'none'}, state {status.state}")
-            detail = f": {status.error}" if status.error else ""
-            return False, (f"member {stage.member_id} has not loaded layers "
-                           f"[{stage.layer_start}, {stage.layer_end}) yet (state {status.state}{detail})")
-        if stage.member_id not in linked:
-            return False, f"no link to member {stage.member_id} yet"
-        if stage.member_id == member_id and held != (stage.layer_start, stage.layer_end):
-            # its status may be a record restored from before a restart: trust only what is loaded
-            return False, f"this node has not loaded layers [{stage.layer_start}, {stage.layer_end}) yet"
-    return True, "ok"
+from mesh.runtime.request_core import PlanState
 
 
 def performance(view: ClusterView, plan: Plan | None, spec: ModelSpec | None, dtype: str,
@@ -73,6 +45,7 @@ def kernel_figures(replication: Replication) -> dict[str, Any]:
 
 
 def cluster_info(*, model_id: str, num_layers: int, plan: Plan | None, ready: tuple[bool, str], view: ClusterView,
+                 serving_plan_id: str | None,
                  member_id: str, kernel: dict[str, Any], recent_events: list[Any], performance: dict[str, Any],
                  security: dict[str, Any], local: dict[str, Any]) -> dict[str, Any]:
     """The body of ``GET /v1/cluster`` (spec A10)."""
@@ -89,12 +62,14 @@ def cluster_info(*, model_id: str, num_layers: int, plan: Plan | None, ready: tu
             "layer_end": stage.layer_end if stage else None,
             "role": plan.role_of(m.member_id) if plan else None,
             "state": view.status(m.member_id).state,
+            "held": [list(r) for r in view.status(m.member_id).held],
             "self": m.member_id == member_id,
         })
     return {
         "model": model_id,
         "num_layers": num_layers,
         "plan_id": plan.plan_id if plan else None,
+        "serving_plan_id": serving_plan_id,
         "ready": ready[0],
         "reason": ready[1],
         "members": members,
@@ -118,30 +93,31 @@ def event_row(event: Any) -> dict[str, Any]:
 class NodeStatus:
     """``mesh.runtime.engine.ClusterStatus`` of a node: ``/health``, ``/v1/cluster`` and the
     gauges of ``/metrics``, read from narrow ports at request time. ``placement()`` is
-    (plan, why there is none); ``held()`` the layer range this node has loaded; ``stats()`` the
+    (the target plan, why there is none); ``serving()`` the ``PlanState`` requests start on
+    (spec N21: the plan serving while the target loads); ``stats()`` the
     request plane's statistics (None before it exists); ``spec`` the cost model's view of the
     model in ``dtype``."""
 
     def __init__(self, *, member_id: str, model_id: str, num_layers: int, replication: Replication,
                  linked: Callable[[], list[str]], placement: Callable[[], tuple[Plan | None, str]],
-                 clock_fault: Callable[[], str | None], held: Callable[[], tuple[int, int] | None],
+                 serving: Callable[[], PlanState],
                  stats: Callable[[], Any], metrics_text: Callable[[], bytes | None], security: dict[str, Any],
                  spec: Callable[[], ModelSpec | None], dtype: str) -> None:
         self.member_id, self.model_id, self.num_layers = member_id, model_id, num_layers
         self.replication = replication
-        self.linked, self.placement, self.clock_fault, self.held = linked, placement, clock_fault, held
+        self.linked, self.placement, self.serving = linked, placement, serving
         self.stats, self._metrics_text, self.security, self.spec, self.dtype = stats, metrics_text, security, spec, dtype
 
     def view(self) -> ClusterView:
         return ClusterView(self.replication.state)
 
     def health(self) -> tuple[bool, str]:
-        plan, plan_error = self.placement()
-        return readiness(plan=plan, plan_error=plan_error, clock_fault=self.clock_fault(), view=self.view(),
-                         linked=set(self.linked()), member_id=self.member_id, held=self.held())
+        state = self.serving()
+        return state.ready, state.reason
 
     def cluster_info(self) -> dict[str, Any]:
         plan, _ = self.placement()
+        serving = self.serving()
         stats = self.stats()
         local = {"kv_caches": stats.kv_caches, "coordinating": stats.active, "failed_attempts": stats.failed_attempts,
                  "recovery_s": list(stats.recovery_s), **stats.requests} if stats is not None else {}
@@ -149,6 +125,7 @@ class NodeStatus:
         view = self.view()
         return cluster_info(
             model_id=self.model_id, num_layers=self.num_layers, plan=plan, ready=self.health(), view=view,
+            serving_plan_id=serving.plan.plan_id if serving.ready and serving.plan else None,
             member_id=self.member_id, kernel=kernel_figures(self.replication),
             recent_events=list(self.replication.replica.recent), security=self.security, local=local,
             performance=performance(view, plan, self.spec(), self.dtype, stats.measured if stats is not None else None))

@@ -130,16 +130,18 @@ def failed_members(view: ClusterView) -> dict[str, str]:
 
 def plan(view: ClusterView, inputs: PlanInputs) -> Plan:
     """The plan for the members ``view`` holds, leaving out those whose load failed
-    (``failed_members``). Raises PlacementError when the model does not fit them, naming the
+    (``failed_members``) and those stopping gracefully (status ``leaving``, spec N20). Raises PlacementError when the model does not fit them, naming the
     members left out and why."""
     failed = failed_members(view)
-    members = [m for m in view.members() if m.member_id not in failed]
+    leaving = {m.member_id for m in view.members() if view.status(m.member_id).state == "leaving"}
+    members = [m for m in view.members() if m.member_id not in failed and m.member_id not in leaving]
     try:
-        return _plan(view, inputs, members, set(failed))
+        return _plan(view, inputs, members, set(failed) | leaving)
     except PlacementError as exc:
-        if not failed:
+        if not failed and not leaving:
             raise
-        why = "; ".join(f"{member[:8]} failed to load: {error}" for member, error in sorted(failed.items()))
+        why = "; ".join([*(f"{member[:8]} failed to load: {error}" for member, error in sorted(failed.items())),
+                         *(f"{member[:8]} is leaving" for member in sorted(leaving))])
         raise PlacementError(f"{exc} (left out: {why})") from exc
 
 

@@ -180,11 +180,15 @@ class Coordinator:
             return False
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
-        state: PlanState = self.plans.state()
-        if not state.ready or state.plan is None:
-            raise RequestFailed(f"the model is not ready: {state.reason}")
         if not prompt_ids:
             raise ApiError("the prompt is empty", param="messages")
+        if self._closing is not None:
+            raise RequestFailed(self._closing)
+        state: PlanState = self.plans.state()
+        if not state.ready and state.plan is not None:  # placed and loading: wait a while (spec N21)
+            state = await self.plans.wait_ready(self.timeouts.admit_s)
+        if not state.ready or state.plan is None:
+            raise RequestFailed(f"the model is not ready: {state.reason}")
         if self._closing is not None:
             raise RequestFailed(self._closing)
         rid = secrets.token_hex(8)

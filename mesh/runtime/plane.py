@@ -193,11 +193,6 @@ class RequestPlane:
         """Free KV caches unused for ``idle_s`` seconds (a coordinator that never released)."""
         self.worker.expire(idle_s)
 
-    def held(self) -> tuple[int, int] | None:
-        """The layer range the stage worker computes, or None."""
-        backend = self.worker.backend
-        return (backend.layer_start, backend.layer_end) if backend is not None else None
-
     def install(self, backend: Any) -> None:
         """Compute with ``backend`` from now on (None: no stage); caches of the old one go."""
         self.worker.swap_backend(backend)
@@ -206,12 +201,20 @@ class RequestPlane:
         """End every request in flight with ``reason`` (their streams end with an error event)."""
         self.coordinator.shutdown(reason)
 
-    async def leave(self, drain_s: float) -> bool:
+    async def leave(self, drain_s: float, handed_over: Callable[[], bool] = lambda: True) -> bool:
         """A graceful leave (spec N20): refuse new requests, let the ones this node coordinates
-        finish for up to ``drain_s`` seconds, then end what is left with an error event (their
-        streams are never cut). True when every request finished in time."""
+        finish and wait until ``handed_over()`` (the owner's test that the others serve
+        without this node), for up to ``drain_s`` seconds in all; then end what is left with
+        an error event (their streams are never cut). True when all that happened in time."""
         self.coordinator.refuse_new("this node is leaving the cluster: send requests to another node")
+        deadline = asyncio.get_running_loop().time() + drain_s
         finished = await self.coordinator.drained(drain_s)
+        while finished and not handed_over():
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                finished = False
+                break
+            await asyncio.sleep(min(0.1, left))
         self.coordinator.shutdown("the node is shutting down")
         await self.coordinator.drained(2.0)
         return finished

@@ -42,13 +42,17 @@ class Timeouts:
     """Seconds to wait: for the first token (prefill through every stage), for each later
     token, and for a control send on a link; ``recovery_s``: how long a request may take,
     from a stage failure to its next token, to get a working plan again (spec FO3);
-    ``retry_s``: the shortest wait before a step whose reply has not come is sent again."""
+    ``retry_s``: the shortest wait before a step whose reply has not come is sent again;
+    ``admit_s``: how long a new request waits for a plan to serve while one is placed but not
+    ready (a plan change that could not keep the old plan serving, spec N21, or a first load)
+    before it is refused (HTTP 503)."""
 
     prefill_s: float = 120.0
     decode_s: float = 30.0
     send_s: float = 5.0
     recovery_s: float = 60.0
     retry_s: float = 0.5
+    admit_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -50,8 +50,12 @@ class StageWorker:
         self.send = send
         self.executor = executor
         self.clock = clock
-        self.backend: Backend | None = None
+        # the stages this node holds, by layer range: one, or two while a plan change loads the
+        # new one beside the old (make-before-break, spec N21); requests pick theirs by route
+        self.stages: dict[tuple[int, int], Backend] = {}
+        self.backend: Backend | None = None  # the newest stage (the current plan's)
         self.caches: dict[str, Any] = {}
+        self._cache_stage: dict[str, tuple[int, int]] = {}  # req -> the range its cache is of
         self.ledger = StageLedger()
         self._replica_due: dict[str, tuple[Backend, Any, int, int]] = {}  # req -> KV to send the coordinator
         # spec N13: a prefill stage's KV to hand to the decode stages; a decode stage's KV arriving
@@ -59,14 +63,55 @@ class StageWorker:
         self._pushes: dict[str, dict[int, tuple[int, Any, Any]]] = {}  # req -> layer -> (layer, keys, values)
 
     def swap_backend(self, backend: Backend | None) -> None:
-        """Install a newly loaded backend; caches of the old one are dropped."""
+        """Hold only ``backend`` (None: nothing); every cache of the stages it replaces goes."""
+        self.stages = {} if backend is None else {(backend.layer_start, backend.layer_end): backend}
         self.backend = backend
         self.caches.clear()
+        self._cache_stage.clear()
         self.ledger.reset()
         self._pushes.clear()
 
+    def add_stage(self, backend: Backend) -> None:
+        """Hold ``backend`` beside the stages held already (spec N21): requests whose route
+        names its range compute on it, the others go on with theirs. A stage of the same range
+        is replaced (its caches go)."""
+        key = (backend.layer_start, backend.layer_end)
+        if key in self.stages:
+            self.retire(key)
+        self.stages[key] = self.backend = backend
+
+    def retire(self, layers: tuple[int, int]) -> None:
+        """Stop holding the stage of ``layers`` (if held); the requests with a cache on it are
+        released here (their coordinators' next step fails over, spec FO3)."""
+        if self.stages.pop(layers, None) is None:
+            return
+        for req in [r for r, key in self._cache_stage.items() if key == layers]:
+            self.release(req)
+        if self.backend is not None and (self.backend.layer_start, self.backend.layer_end) == layers:
+            self.backend = next(reversed(self.stages.values()), None)
+
+    def held(self) -> list[tuple[int, int]]:
+        """The layer ranges of the stages held, oldest first."""
+        return list(self.stages)
+
+    def caches_on(self, layers: tuple[int, int]) -> int:
+        """How many requests hold a KV cache on the stage of ``layers``."""
+        return sum(1 for key in self._cache_stage.values() if key == layers)
+
+    def _stage(self, start: int, end: int) -> Backend:
+        backend = self.stages.get((start, end))
+        if backend is None:
+            held = [list(k) for k in self.stages] or None
+            raise RequestFailed(f"stage holds layers {held}, the request's plan needs [{start}, {end})")
+        return backend
+
+    def _keep(self, req: str, backend: Backend, cache: Any) -> None:
+        self.caches[req] = cache
+        self._cache_stage[req] = (backend.layer_start, backend.layer_end)
+
     def _drop(self, req: str) -> None:
         self.caches.pop(req, None)
+        self._cache_stage.pop(req, None)
         self._replica_due.pop(req, None)
         self._push_due.pop(req, None)
         self._pushes.pop(req, None)
@@ -142,17 +187,20 @@ class StageWorker:
         started computing here, or was released, is not loaded again."""
         req = load.req
         try:
-            backend = self.backend
-            if backend is None:
+            if not self.stages:
                 raise RequestFailed("no layers loaded here")
+            backend = next((b for (a, z), b in reversed(self.stages.items())
+                            if all(a <= g < z for g in load.layers)), None)
+            if backend is None:
+                raise RequestFailed(f"KV of layers {load.layers} sent here; this node holds {self.held()}")
             if self._taken(req):
                 raise RequestFailed(f"req={req} has started here already")
             kv = unpack_kv(load.layers, load.block)
             cache = backend.new_cache()
             await asyncio.get_running_loop().run_in_executor(self.executor, lambda: backend.import_kv(cache, kv))
-            if self._taken(req) or backend is not self.backend:
+            if self._taken(req) or self.stages.get((backend.layer_start, backend.layer_end)) is not backend:
                 raise RequestFailed(f"req={req} started or was released while its KV loaded")
-            self.caches[req] = cache
+            self._keep(req, backend, cache)
             self.ledger.touch(req, load.coord, self.clock())
         except Exception as exc:  # a plugin may raise anything: the coordinator re-prefills (FO8)
             await self._answer_kv(sender, req, load.end, _as_mesh_error(exc, f"req={req}: importing the KV replica"))
@@ -192,6 +240,7 @@ class StageWorker:
             log.exception("req=%s: exporting the KV cache for the decode stages failed", req)
         finally:
             self.caches.pop(req, None)  # this request decodes elsewhere
+            self._cache_stage.pop(req, None)
 
     async def on_kv_push(self, sender: str, push: KvPush) -> None:
         """A decode stage of a disaggregated plan takes one layer's KV of a request's prefill
@@ -201,9 +250,9 @@ class StageWorker:
         if self._taken(req):
             return  # decode started without it (the prefill was recomputed here), or it ended
         try:
-            backend = self.backend
-            if backend is None or (backend.layer_start, backend.layer_end) != push.layer_range:
-                held = None if backend is None else [backend.layer_start, backend.layer_end]
+            backend = self.stages.get(push.layer_range)
+            if backend is None:
+                held = [list(k) for k in self.stages] or None
                 raise RequestFailed(f"KV for layers {list(push.layer_range)} pushed here; this stage holds {held}")
             pending = self._pushes.setdefault(req, {})
             self.ledger.touch(req, push.coord, self.clock())
@@ -217,9 +266,9 @@ class StageWorker:
             layers = [pending[g] for g in range(backend.layer_start, backend.layer_end)]
             cache = backend.new_cache()
             await asyncio.get_running_loop().run_in_executor(self.executor, lambda: backend.import_kv(cache, layers))
-            if self._taken(req) or backend is not self.backend:
+            if self._taken(req) or self.stages.get(push.layer_range) is not backend:
                 return
-            self.caches[req] = cache
+            self._keep(req, backend, cache)
         except Exception as exc:  # a plugin may raise anything: the decode side recomputes (N13)
             self._pushes.pop(req, None)
             await self._answer_kv(push.coord, req, end, _as_mesh_error(exc, f"req={req}: importing pushed KV"))
@@ -246,15 +295,14 @@ class StageWorker:
     async def _compute(self, fwd: Forward) -> tuple[str, Message] | None:
         """Run one step on this stage: (where its output goes, the message), or None when the
         request was released meanwhile."""
-        backend, req, pos = self.backend, fwd.req, fwd.pos
+        req, pos = fwd.req, fwd.pos
         _, start, end = fwd.route[fwd.idx]
-        if backend is None or (backend.layer_start, backend.layer_end) != (start, end):
-            held = None if backend is None else [backend.layer_start, backend.layer_end]
-            raise RequestFailed(f"stage holds layers {held}, the request's plan needs [{start}, {end})")
+        backend = self._stage(int(start), int(end))
         cache = self.caches.get(req)
         if pos == 0:  # a prefill from the start: a cache a failed resume left is dropped
-            cache = self.caches[req] = backend.new_cache()
-        elif cache is None:
+            cache = backend.new_cache()
+            self._keep(req, backend, cache)
+        elif cache is None or self._cache_stage.get(req) != (start, end):
             raise RequestFailed(f"no KV cache for req={req} at position {pos}")
         self.ledger.touch(req, fwd.coord, self.clock())
 
