@@ -99,7 +99,7 @@ class LocalCluster:
                  memory_bytes: int | list[int] = 4 << 30, extra_args: list[str] | None = None,
                  env: dict[str, str] | None = None, cluster_key: str | None = None,
                  profile: Path | None = None, placement: str = "memory",
-                 node_args: list[list[str]] | None = None) -> None:
+                 node_args: list[list[str]] | None = None, initial: int | None = None) -> None:
         from mesh.security import format_cluster_key
 
         self.cluster_key = cluster_key or format_cluster_key(os.urandom(32))
@@ -112,32 +112,41 @@ class LocalCluster:
         self.env = env or {}
         self.node_args = node_args or [[] for _ in range(n)]
         self.nodes: list[NodeProcess] = []
+        self.initial = initial  # how many nodes ``with`` starts (all by default; ``add()`` the rest)
 
-    def start(self) -> LocalCluster:
+    def start(self, count: int | None = None) -> LocalCluster:
+        """Start the first ``count`` nodes (all by default); ``add()`` starts the next one."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        first_port = None
-        for i in range(self.n):
-            port, api_port = free_port(), free_port()
-            data_dir = self.workdir / f"node{i}"
-            if self.profile is not None:  # nodes on one machine share its profile (measured once, alone)
-                data_dir.mkdir(parents=True, exist_ok=True)
-                (data_dir / "profile.json").write_bytes(self.profile.read_bytes())
-            log_path = self.workdir / f"node{i}.log"
-            args = [sys.executable, "-m", "mesh", "node", "--host", "127.0.0.1", "--port", str(port),
-                    "--api-port", str(api_port), "--data-dir", str(data_dir), "--model", self.model,
-                    "--memory-bytes", str(self.memory[i]), "--discovery", "off", *self.extra_args,
-                    *self.node_args[i]]
-            if first_port is not None:
-                args += ["--peer", f"127.0.0.1:{first_port}"]
-            first_port = first_port or port
-            env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-            env["MESH_CLUSTER_KEY"] = self.cluster_key  # not on the command line, where `ps` shows it
-            if self.n > 1 and "GOMP_SPINCOUNT" not in env:  # n nodes share this host's cores (spec N18)
-                env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-            env.update(self.env)
-            process = _spawn(args, env, log_path, "wb")
-            self.nodes.append(NodeProcess(i, port, api_port, data_dir, log_path, process, args, env))
+        for _ in range(self.n if count is None else count):
+            self.add()
         return self
+
+    def add(self) -> NodeProcess:
+        """Start the next node of the ``n``, with ``--peer`` the first one (a node joining)."""
+        i = len(self.nodes)
+        if i >= self.n:
+            raise MeshError(f"all {self.n} nodes are started")
+        first_port = self.nodes[0].port if self.nodes else None
+        port, api_port = free_port(), free_port()
+        data_dir = self.workdir / f"node{i}"
+        if self.profile is not None:  # nodes on one machine share its profile (measured once, alone)
+            data_dir.mkdir(parents=True, exist_ok=True)
+            (data_dir / "profile.json").write_bytes(self.profile.read_bytes())
+        log_path = self.workdir / f"node{i}.log"
+        args = [sys.executable, "-m", "mesh", "node", "--host", "127.0.0.1", "--port", str(port),
+                "--api-port", str(api_port), "--data-dir", str(data_dir), "--model", self.model,
+                "--memory-bytes", str(self.memory[i]), "--discovery", "off", *self.extra_args,
+                *self.node_args[i]]
+        if first_port is not None:
+            args += ["--peer", f"127.0.0.1:{first_port}"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+        env["MESH_CLUSTER_KEY"] = self.cluster_key  # not on the command line, where `ps` shows it
+        if self.n > 1 and "GOMP_SPINCOUNT" not in env:  # n nodes share this host's cores (spec N18)
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        env.update(self.env)
+        process = _spawn(args, env, log_path, "wb")
+        self.nodes.append(NodeProcess(i, port, api_port, data_dir, log_path, process, args, env))
+        return self.nodes[-1]
 
     def restart(self, index: int) -> None:
         """Start node ``index`` again with the same flags, ports and data dir (log appended)."""
@@ -182,7 +191,7 @@ class LocalCluster:
             if all(self._ready(node, want) for node in self.nodes if node.process.poll() is None):
                 if any(node.process.poll() is None for node in self.nodes):
                     return
-            dead = [n for n in self.nodes if n.process.poll() is not None and n.process.returncode not in (-9, -15)]
+            dead = [n for n in self.nodes if n.process.poll() is not None and n.process.returncode not in (0, -9, -15)]
             if dead:
                 raise MeshError(f"node {dead[0].index} exited with {dead[0].process.returncode}:\n{dead[0].log_text()[-3000:]}")
             time.sleep(0.2)
@@ -232,7 +241,7 @@ class LocalCluster:
                 node.process.wait(timeout=10)
 
     def __enter__(self) -> LocalCluster:
-        return self.start()
+        return self.start(self.initial)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -454,6 +454,7 @@ def render_faults(sel: Selection, path: str) -> str:
         result = "pass" if s.get("passed") else "FAIL" + (" (crashed)" if s.get("crashed") else "")
         rows.append([s.get("name"), *(str(s.get(k, "-")) for k in ("sent", "attempts", "refused", "completed",
                                                                      "abandoned", "failed_clean", "lost", "mismatches")),
+                     f"{s['longest_gap_s']:.2f}" if isinstance(s.get("longest_gap_s"), int | float) else "-",
                      sec(s.get("recovery_s_p50"), s.get("recovery_s_max")),
                      sec(s.get("ttft_after_fault_s_p50"), s.get("ttft_after_fault_s_max")), target_cell, result])
     failed = [s.get("name") for s in rec.get("scenarios", []) if not s.get("passed")]
@@ -463,8 +464,9 @@ def render_faults(sel: Selection, path: str) -> str:
         which, "Measured, selected scenarios only")) +
             " " + summary + "\n\n" +
             _table(("scenario", "sent", "attempts", "refused (503)", "completed", "abandoned", "failed clean", "lost",
-                    "mismatches", "recovery p50 / max s", "first token after the fault p50 / max s",
-                    "recovery target", "result"), rows, "lrrrrrrrrrrll") + "\n")
+                    "mismatches", "longest gap s", "recovery p50 / max s",
+                    "first token after the fault p50 / max s", "recovery target", "result"), rows,
+                   "lrrrrrrrrrrrll") + "\n")
 
 
 RENDERERS: dict[str, Callable[[Selection, str], str]] = {

@@ -114,6 +114,7 @@ class ScenarioResult:
     ttft_after_fault_s_p50: float | None = None
     ttft_after_fault_s_max: float | None = None
     recovery_target_s: float | None = None
+    longest_gap_s: float | None = None  # the longest wait between two chunks of any completed stream
     target_met: bool | None = None
     crashed: bool = False
     notes: list[str] = field(default_factory=list)
@@ -223,8 +224,10 @@ class Context:
                 self.reference[(prompt, n)] = out.text
 
     def cluster(self, name: str, n: int = 3, *, memory_bytes: int | list[int] = 4 << 30,
-                extra_args: list[str] | None = None, node_args: dict[int, list[str]] | None = None) -> Any:
-        """An n-node cluster (start it with ``with``) whose node i follows ``<dir>/faults-<i>.json``."""
+                extra_args: list[str] | None = None, node_args: dict[int, list[str]] | None = None,
+                initial: int | None = None) -> Any:
+        """An n-node cluster (start it with ``with``: ``initial`` nodes, all by default; ``add()``
+        starts the next) whose node i follows ``<dir>/faults-<i>.json``."""
         from mesh.testing.cluster import LocalCluster
 
         root = self.workdir / name
@@ -232,7 +235,7 @@ class Context:
         args = [["--fault-plan", str(root / f"faults-{i}.json"), "--fault-label", f"n{i}",
                  *(node_args or {}).get(i, [])] for i in range(n)]
         cluster = LocalCluster(n, root, model=self.model, profile=self.profile, memory_bytes=memory_bytes,
-                               node_args=args, extra_args=extra_args)
+                               node_args=args, extra_args=extra_args, initial=initial)
         cluster.fault_files = [root / f"faults-{i}.json" for i in range(n)]  # type: ignore[attr-defined]
         return cluster
 
@@ -250,10 +253,11 @@ class Tally:
     scenario runs, so what was counted survives the scenario raising (spec F17)."""
 
     def __init__(self, ctx: Context, name: str, *, expect_failed_clean: int = 0,
-                 recovery_target_s: float | None = None) -> None:
+                 recovery_target_s: float | None = None, refusals_fail: bool = False) -> None:
         self.ctx = ctx
         self.result = ScenarioResult(name=name, recovery_target_s=recovery_target_s)
         self.expect_failed_clean = expect_failed_clean
+        self.refusals_fail = refusals_fail  # a 503 fails the row (membership changes, spec N21)
         self.fault_at: float | None = None  # monotonic time the fault was injected
         self._lock = threading.Lock()
         self._recoveries: list[float] = []
@@ -285,6 +289,7 @@ class Tally:
             if kind in ("completed", "abandoned"):
                 if kind == "completed":
                     r.completed += 1
+                    r.longest_gap_s = max(r.longest_gap_s or 0.0, outcome.longest_gap_s)
                     if hit:
                         self._recoveries.append(outcome.longest_gap_s)
                 else:
@@ -356,18 +361,23 @@ class Tally:
                     r.notes.append(f"recovery target {r.recovery_target_s:.1f} s not measured: no stream "
                                    "got a token after the fault")
             r.passed = (r.lost == 0 and r.mismatches == 0 and r.failed_clean == expected and not r.crashed
-                        and (r.recovery_target_s is None or r.target_met is True))
+                        and (r.recovery_target_s is None or r.target_met is True)
+                        and not (self.refusals_fail and r.refused))
+            if self.refusals_fail and r.refused:
+                r.notes.append(f"{r.refused} request(s) refused with 503: a membership change must open no 503 window")
             if r.failed_clean != expected:
                 r.notes.append(f"expected {expected} clean failure(s), got {r.failed_clean}")
         return r
 
 
 def run_scenario(ctx: Context, name: str, body: Callable[[Context, Tally], None], *,
-                 expect_failed_clean: int = 0, recovery_target_s: float | None = None) -> ScenarioResult:
+                 expect_failed_clean: int = 0, recovery_target_s: float | None = None,
+                 refusals_fail: bool = False) -> ScenarioResult:
     """Run ``body(ctx, tally)`` with a tally made here, so a scenario that raises keeps what it
     counted: its row records the crash (1 lost, ``crashed``) and fails (spec F17)."""
     started = time.monotonic()
-    tally = Tally(ctx, name, expect_failed_clean=expect_failed_clean, recovery_target_s=recovery_target_s)
+    tally = Tally(ctx, name, expect_failed_clean=expect_failed_clean, recovery_target_s=recovery_target_s,
+                  refusals_fail=refusals_fail)
     try:
         body(ctx, tally)
     except Exception as exc:  # a scenario that breaks is a failed row, not a crashed suite

@@ -65,7 +65,7 @@ def _keep_logs(root: Path, name: str, log: Callable[[str], None]) -> None:
 
 
 HEADER = (f"{'scenario':<34} {'sent':>4} {'att':>4} {'ref':>4} {'done':>4} {'aband':>5} {'clean':>5} "
-          f"{'lost':>4} {'mism':>4} {'rec p50/max':>11} {'ttft-af p50/max':>15} {'target':>10} {'s':>5}  result")
+          f"{'lost':>4} {'mism':>4} {'gap':>5} {'rec p50/max':>11} {'ttft-af p50/max':>15} {'target':>10} {'s':>5}  result")
 
 
 def _sec(x: float | None) -> str:
@@ -85,7 +85,7 @@ def format_row(r: ScenarioResult) -> str:
     ttft = f"{_sec(r.ttft_after_fault_s_p50)}/{_sec(r.ttft_after_fault_s_max)}"
     failure = ("CRASHED; " if r.crashed else "") + "; ".join(r.notes[-2:])
     return (f"{r.name:<34} {r.sent:>4} {r.attempts:>4} {r.refused:>4} {r.completed:>4} {r.abandoned:>5} "
-            f"{r.failed_clean:>5} {r.lost:>4} {r.mismatches:>4} {rec:>11} {ttft:>15} {format_target(r):>10} "
+            f"{r.failed_clean:>5} {r.lost:>4} {r.mismatches:>4} {_sec(r.longest_gap_s):>5} {rec:>11} {ttft:>15} {format_target(r):>10} "
             f"{r.seconds:>5.0f}  {'pass' if r.passed else 'FAIL: ' + failure}")
 
 

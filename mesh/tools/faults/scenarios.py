@@ -50,23 +50,24 @@ class Scenario:
     body: Body
     expect_failed_clean: int = 0
     recovery_target_s: float | None = None  # spec F18; None: no target
+    refusals_fail: bool = False  # a 503 fails the row (membership changes, spec N21)
 
     def run(self, ctx: Context) -> ScenarioResult:
         """Run it on a fresh cluster; never raises (a crash is a failed row that keeps its tally)."""
         return run_scenario(ctx, self.name, self.body, expect_failed_clean=self.expect_failed_clean,
-                            recovery_target_s=self.recovery_target_s)
+                            recovery_target_s=self.recovery_target_s, refusals_fail=self.refusals_fail)
 
 
 SCENARIOS: dict[str, Scenario] = {}
 # loss-10pct (45 s) left the CI set for the network lab; message loss stays in CI through tests/test_failover.py
 # and tests/test_kvreplica.py (lost, duplicated and delayed messages change no token), and in the full set
-QUICK = ("kill-middle-stage", "kill-first-stage", "no-fit-after-loss", "client-disconnect-x20")
+QUICK = ("kill-middle-stage", "kill-first-stage", "no-fit-after-loss", "client-disconnect-x20", "join-under-load")
 
 
 def scenario(name: str, description: str, *, expect_failed_clean: int = 0,
-             recovery_target_s: float | None = None) -> Callable[[Body], Body]:
+             recovery_target_s: float | None = None, refusals_fail: bool = False) -> Callable[[Body], Body]:
     def register(fn: Body) -> Body:
-        SCENARIOS[name] = Scenario(name, description, fn, expect_failed_clean, recovery_target_s)
+        SCENARIOS[name] = Scenario(name, description, fn, expect_failed_clean, recovery_target_s, refusals_fail)
         return fn
     return register
 
@@ -445,3 +446,89 @@ def _counter(url: str, sample: str, label: str) -> dict[str, float]:
         text = client.get(url + "/metrics").text
     return {s.labels.get(label, ""): s.value for family in text_string_to_metric_families(text)
             for s in family.samples if s.name == sample}
+
+
+# -- membership changes under a steady stream of requests (spec N20, N21) ---------------------
+STEADY_AFTER_S = 3.0  # the stream goes on this long after a change settled
+
+
+class _Steady:
+    """A steady stream of requests: ``clients`` threads each sending greedy streaming chats
+    to ``url`` one after another (a 503 is retried and counted, ``request``) until ``stop``."""
+
+    def __init__(self, ctx: Context, tally: Tally, url: str, clients: int = 2) -> None:
+        self.ctx, self.tally, self.url = ctx, tally, url
+        self.done = threading.Event()
+        self.pool = ThreadPoolExecutor(max_workers=clients)
+        self.futures = [self.pool.submit(self._client, i) for i in range(clients)]
+
+    def _client(self, i: int) -> None:
+        n = i
+        while not self.done.is_set():
+            prompt = PROMPTS[n % len(PROMPTS)]
+            self.tally.add(request(self.url, prompt, model=self.ctx.model), prompt, hit=self.tally.fault_at is not None)
+            n += 1
+
+    def stop(self) -> None:
+        self.done.set()
+        for future in self.futures:
+            future.result(timeout=300)
+        self.pool.shutdown()
+
+
+def _membership(ctx: Context, tally: Tally, *, n: int, start: int, change: Callable[[Any], None],
+                members_after: int) -> None:
+    """``start`` of ``n`` nodes serve; a steady stream through node 0 runs while ``change``
+    happens (marked as the fault), until ``members_after`` members serve and
+    ``STEADY_AFTER_S`` more; every text must equal the fault-free run's, with no 503."""
+    with ctx.cluster(tally.result.name, n=n, initial=start) as cluster:
+        cluster.wait_ready(members=start)
+        steady = _Steady(ctx, tally, cluster.nodes[0].api_url)
+        try:
+            time.sleep(2.0)
+            tally.mark_fault()
+            change(cluster)
+            cluster.wait_ready(timeout_s=SETTLE_S, members=members_after)
+            time.sleep(STEADY_AFTER_S)
+        finally:
+            steady.stop()
+        tally.result.notes.append(f"{tally.result.sent} requests during the change")
+        _check_no_leaks(tally, cluster)
+
+
+def _graceful_stop(cluster: Any, index: int, timeout_s: float = 60.0) -> None:
+    """SIGTERM node ``index`` and wait for it to exit (it hands its layers over first)."""
+    cluster.send_signal(index, signal.SIGTERM)
+    cluster.nodes[index].process.wait(timeout=timeout_s)
+
+
+@scenario("join-under-load", "a second node joins a serving node under a steady stream", refusals_fail=True)
+def join_under_load(ctx: Context, tally: Tally) -> None:
+    _membership(ctx, tally, n=2, start=1, change=lambda cluster: cluster.add(), members_after=2)
+
+
+@scenario("two-joins-under-load", "two nodes join a serving node at once under a steady stream",
+          refusals_fail=True)
+def two_joins_under_load(ctx: Context, tally: Tally) -> None:
+    _membership(ctx, tally, n=3, start=1, change=lambda cluster: (cluster.add(), cluster.add()), members_after=3)
+
+
+@scenario("leave-under-load", "one of two nodes stops gracefully (SIGTERM) under a steady stream",
+          refusals_fail=True)
+def leave_under_load(ctx: Context, tally: Tally) -> None:
+    def leave(cluster: Any) -> None:
+        _graceful_stop(cluster, 1)
+        cluster.restarted = (1,)
+
+    _membership(ctx, tally, n=2, start=2, change=leave, members_after=1)
+
+
+@scenario("restart-under-load", "one of two nodes restarts for an upgrade (SIGTERM, start again) under a "
+          "steady stream", refusals_fail=True)
+def restart_under_load(ctx: Context, tally: Tally) -> None:
+    def restart(cluster: Any) -> None:
+        _graceful_stop(cluster, 1)
+        cluster.restart(1)
+        cluster.restarted = (1,)
+
+    _membership(ctx, tally, n=2, start=2, change=restart, members_after=2)
