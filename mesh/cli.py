@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
               "would only slow the pipeline); memory: layers in proportion to memory")
     _add(node, "--objective", default="goodput", choices=("ttft", "decode", "goodput"),
          help="what the placement solver optimises")
+    _add(node, "--replan-margin", type=float, default=0.15,
+         help="a new solver plan for the same members replaces the serving one only when predicted at least "
+              "this much better (a fraction), plus the cost of loading the layers that move")
 
     key = sub.add_parser("key", help="print this node's cluster key (made on first use) to give to other nodes")
     _add(key, "--data-dir", type=Path, default=Path("~/.mesh"), help="the node's data dir")
@@ -288,7 +291,7 @@ def _run_node(args: argparse.Namespace) -> int:
         interface=args.interface, placement=args.placement, objective=args.objective,
         timeouts=Timeouts(recovery_s=args.recovery_s), fault_plan=args.fault_plan, fault_label=args.fault_label,
         clock_offset_s=args.clock_offset_s, kv_replica_bytes=int(args.kv_replica_mb * 2**20),
-        role=args.role, remeasure=args.remeasure, drain_s=args.drain_s,
+        role=args.role, remeasure=args.remeasure, drain_s=args.drain_s, replan_margin=args.replan_margin,
     )
     node = Node(config)
     node_filter.node = node.member_id[:8]

@@ -230,12 +230,15 @@ def kv_freed(req: str) -> Record:
     return ("kv.freed", kv_key(req), None)
 
 
-def placement(plan_id: str, stages: list[list[Any]], prefill_stages: list[list[Any]]) -> Record:
-    """The plan every node computed, recorded by one of them: ``[member, layer_start, layer_end]``
-    per stage."""
+def placement(plan_id: str, stages: list[list[Any]], prefill_stages: list[list[Any]],
+              members: list[str] | None = None) -> Record:
+    """The serving plan, recorded by one member: ``[member, layer_start, layer_end]`` per stage,
+    and the members it was made for (spec P21)."""
     value: dict[str, Any] = {"plan_id": plan_id, "stages": stages}
     if prefill_stages:
         value["prefill_stages"] = prefill_stages
+    if members:
+        value["members"] = members
     return ("placement.set", PLACEMENT_KEY, value)
 
 

@@ -67,6 +67,7 @@ class NodeConfig:
     probe_interval_s: float = 30.0
     placement: str = "solver"
     objective: str = "goodput"
+    replan_margin: float = 0.15  # placement hysteresis (spec P21; mesh.placement.planner.REPLAN_MARGIN)
     timeouts: Timeouts = field(default_factory=Timeouts)
     kv_replica_bytes: int = 512 * 2**20  # spec FO8; 0 turns the KV replica off
     role: str = "any"  # prefill, decode or any (spec N13)
@@ -103,6 +104,8 @@ class NodeConfig:
             raise ConfigError(f"--placement {self.placement!r} unknown; valid: {', '.join(PLACEMENTS)}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"--objective {self.objective!r} unknown; valid: {', '.join(OBJECTIVES)}")
+        if not 0 <= self.replan_margin <= 10:
+            raise ConfigError(f"--replan-margin must be a fraction between 0 and 10, got {self.replan_margin}")
         if not self.drain_s >= 0:
             raise ConfigError(f"--drain-s must be >= 0 seconds, got {self.drain_s}")
         if self.dead_after_s <= self.heartbeat_s:

@@ -121,8 +121,8 @@ class Node:
         bits = await asyncio.to_thread(planner.loaded_weight_bits, self.model, cfg.quantize, self.backend_cls, self.dtype, cfg.device)
         size = await asyncio.to_thread(lambda: model_size(self.model, planner.DTYPE_BYTES[self.dtype], weight_bits=bits))
         spec = await asyncio.to_thread(planner.model_spec, self.model.config, self.model.model_id, self.dtype, bits)
-        self.inputs = planner.PlanInputs(size=size, context_tokens=cfg.context or self.model.context_length,
-                                         placement=cfg.placement, objective=cfg.objective, spec=spec, dtype=self.dtype)
+        self.inputs = planner.PlanInputs(size=size, context_tokens=cfg.context or self.model.context_length, spec=spec,
+                                         placement=cfg.placement, objective=cfg.objective, dtype=self.dtype, margin=cfg.replan_margin)
         plane = self.plane = RequestPlane(self.member_id, model=self.model, timeouts=cfg.timeouts, executor=self.compute,
                                           send_remote=lambda member, msg: self.links.send(member, msg, lane="data"),
                                           plans=self.plans, on_request_event=self.records.request_event,

@@ -91,15 +91,17 @@ class SelfRecords:
     def placement(self, plan: Any, first_member: str | None = None) -> None:
         """Record the serving plan (a ``Plan``, spec N21) when this node is the member with the
         lowest id (``first_member``, else read from the state; the others serve the same plan,
-        one records it) and the state holds another."""
+        one records it) and the state holds another, or the same for other members (spec P21)."""
         recorded = self.state().get(records.PLACEMENT_KEY)
         if first_member is None:
             members = sorted(key[len("member/"):] for key in self.state().keys("member/"))
             first_member = members[0] if members else None
-        if first_member == self.member_id and (not isinstance(recorded, dict)
-                                               or recorded.get("plan_id") != plan.plan_id):
+        members = sorted(plan.considered)
+        if first_member == self.member_id and (not isinstance(recorded, dict) or recorded.get("plan_id") != plan.plan_id
+                                               or recorded.get("members", []) != members):
             self._emit(records.placement(plan.plan_id, [[s.member_id, s.layer_start, s.layer_end] for s in plan.stages],
-                                         [[s.member_id, s.layer_start, s.layer_end] for s in plan.prefill_stages]))
+                                         [[s.member_id, s.layer_start, s.layer_end] for s in plan.prefill_stages],
+                                         members))
 
     def link_figures(self, meters: dict[str, Any], now: float) -> None:
         """Publish each link's RTT and throughput when they moved (spec L2, L3): ``meters`` are

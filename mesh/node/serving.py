@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from mesh.errors import MeshError
-from mesh.kernel.records import PLACEMENT_KEY, ClusterView
-from mesh.placement.pipeline import Plan, Stage
+from mesh.kernel.records import ClusterView
+from mesh.placement.pipeline import Plan
+from mesh.placement.planner import recorded_plan
 from mesh.runtime.request_core import PlanState
 
 log = logging.getLogger(__name__)
@@ -52,23 +52,6 @@ def servable(plan: Plan, *, view: ClusterView, linked: set[str], member_id: str,
         if stage.member_id not in linked:
             return False, f"no link to member {stage.member_id} yet"
     return True, "ok"
-
-
-def recorded_plan(view: ClusterView, num_layers: int) -> Plan | None:
-    """The serving plan the state records (``placement``), or None (none, malformed, or for
-    another number of layers)."""
-    value = view.state.get(PLACEMENT_KEY)
-    if not isinstance(value, dict):
-        return None
-
-    def stages(rows: Any) -> tuple[Stage, ...]:
-        return tuple(Stage(member_id=str(m), layer_start=int(a), layer_end=int(b)) for m, a, b in rows)
-
-    try:
-        return Plan(num_layers=num_layers, stages=stages(value.get("stages", [])),
-                    prefill_stages=stages(value.get("prefill_stages", [])))
-    except (TypeError, ValueError, MeshError):
-        return None
 
 
 class Serving:

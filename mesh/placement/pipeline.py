@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mesh.errors import PlacementError
@@ -68,6 +68,9 @@ class Plan:
     num_layers: int
     stages: tuple[Stage, ...]
     prefill_stages: tuple[Stage, ...] = ()
+    # the members the planner could place when it made this plan (spec P21: a change of this
+    # set re-places at once; otherwise the plan moves only for a large enough predicted gain)
+    considered: frozenset[str] = field(default=frozenset(), compare=False)
 
     def __post_init__(self) -> None:
         for role, stages in (("", self.stages), ("prefill ", self.prefill_stages)):

@@ -9,13 +9,13 @@ the memory-proportional split. Must not know: the node, the kernel's events, IO.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from mesh.errors import PlacementError
-from mesh.kernel.records import ClusterView
+from mesh.errors import MeshError, PlacementError
+from mesh.kernel.records import PLACEMENT_KEY, ClusterView
 from mesh.models import GGUFSource, Model
-from mesh.placement.costmodel import Link, ModelSpec, Topology
+from mesh.placement.costmodel import Link, ModelSpec, PlacementPlan, StagePlan, Topology, predict
 from mesh.placement.perf import topology
 from mesh.placement.pipeline import (
     Capacity,
@@ -35,12 +35,27 @@ NOMINAL_LINK_LATENCY_S = 1e-3  # the links --placement solver assumes (1 GbE)
 NOMINAL_LINK_BYTES_PER_S = 1.25e8
 
 
+# Placement hysteresis (spec P21). A plan made for the same members moves only when the cost
+# model predicts the new one at least REPLAN_MARGIN better, plus what the move costs: the seconds
+# the busiest member spends loading layers it does not hold (at LOAD_BYTES_PER_S) spread over
+# MOVE_HORIZON_S of serving. 15 %: above the spread of repeated measurements of one plan (decode
+# tok/s of the default model over runs of one day: 39.7-42.0, and the per-layer calibrations of
+# members on one host differ by about as much, README "Models"), below the gains worth having.
+REPLAN_MARGIN = 0.15
+MOVE_HORIZON_S = 600.0
+# bytes of a stage in its compute dtype loaded per second: the default model on this project's
+# 2-core AMD EPYC took 4.6 s in f32 (140 MB/s) and 18.5 s in bf16 with int4 quantization
+# (18 MB/s) for all 30 layers (2026-12-06); the slower figure, so that a move is never cheap on paper
+LOAD_BYTES_PER_S = 18e6
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PlanInputs:
     """What the planner needs besides the state: the model's measured size, the context it
     must hold (tokens), ``placement`` (one of ``PLACEMENTS``), the solver's ``objective``
     (one of ``OBJECTIVES``) and ``spec``, the cost model's view of the model in the compute
-    dtype (only read by the solver)."""
+    dtype (only read by the solver); ``margin``: the predicted gain (a fraction) a plan for the
+    same members must promise, besides the cost of moving, to replace the one serving (P21)."""
 
     size: ModelSize
     context_tokens: int
@@ -48,6 +63,7 @@ class PlanInputs:
     objective: str = "goodput"
     spec: ModelSpec | None = None
     dtype: str = "f32"
+    margin: float = REPLAN_MARGIN
 
 
 # bf16 matmul FLOP/s over f32 from which a CPU computes in bf16 by default. Matmul gains turn
@@ -136,13 +152,91 @@ def plan(view: ClusterView, inputs: PlanInputs) -> Plan:
     leaving = {m.member_id for m in view.members() if view.status(m.member_id).state == "leaving"}
     members = [m for m in view.members() if m.member_id not in failed and m.member_id not in leaving]
     try:
-        return _plan(view, inputs, members, set(failed) | leaving)
+        found = _plan(view, inputs, members, set(failed) | leaving)
+        return keep_or_move(view, inputs, replace(found, considered=frozenset(m.member_id for m in members)))
     except PlacementError as exc:
         if not failed and not leaving:
             raise
         why = "; ".join([*(f"{member[:8]} failed to load: {error}" for member, error in sorted(failed.items())),
                          *(f"{member[:8]} is leaving" for member in sorted(leaving))])
         raise PlacementError(f"{exc} (left out: {why})") from exc
+
+
+def recorded_plan(view: ClusterView, num_layers: int) -> Plan | None:
+    """The serving plan the state records (``placement``, spec N21), with the members it was
+    made for; None when there is none, or it is malformed or for another number of layers."""
+    value = view.state.get(PLACEMENT_KEY)
+    if not isinstance(value, dict):
+        return None
+
+    def stages(rows: Any) -> tuple[Stage, ...]:
+        return tuple(Stage(member_id=str(m), layer_start=int(a), layer_end=int(b)) for m, a, b in rows)
+
+    try:
+        members = value.get("members", [])
+        return Plan(num_layers=num_layers, stages=stages(value.get("stages", [])),
+                    prefill_stages=stages(value.get("prefill_stages", [])),
+                    considered=frozenset(str(m) for m in members) if isinstance(members, list) else frozenset())
+    except (TypeError, ValueError, MeshError):
+        return None
+
+
+def keep_or_move(view: ClusterView, inputs: PlanInputs, candidate: Plan) -> Plan:
+    """Placement hysteresis (spec P21): the plan serving now (``recorded_plan``) when it was
+    made for the members ``candidate`` considers and the cost model does not predict
+    ``candidate`` better by ``inputs.margin`` plus the cost of moving
+    (``move_s`` / ``MOVE_HORIZON_S``); else ``candidate``. Only the solver's plans move for
+    predictions (the memory split changes with membership and memory only)."""
+    current = recorded_plan(view, inputs.size.num_layers)
+    if (current is None or current.plan_id == candidate.plan_id or current.considered != candidate.considered
+            or inputs.placement != "solver" or inputs.spec is None):
+        return candidate
+    now, new = score(view, inputs, current), score(view, inputs, candidate)
+    if now is None or new is None:
+        return candidate
+    need = inputs.margin + move_s(current, candidate, inputs.size) / MOVE_HORIZON_S
+    return candidate if new >= now * (1 + need) else current
+
+
+def score(view: ClusterView, inputs: PlanInputs, found: Plan) -> float | None:
+    """What the solver's objective predicts for ``found`` on the topology it plans on
+    (``solver_topology``), higher is better: decode tokens/s (``decode``, ``goodput``) or
+    1 / TTFT (``ttft``); None when it cannot be predicted (a member without a profile)."""
+    spec = inputs.spec
+    if spec is None:
+        return None
+    topo = solver_topology(view, inputs)
+    ids = {d.id for d in topo.devices}
+    if any(s.member_id not in ids for s in found.all_stages):
+        return None
+    decode_role = "decode" if found.prefill_stages else "both"
+    placement = PlacementPlan(stages=tuple(
+        StagePlan(devices=(s.member_id,), layer_start=s.layer_start, layer_end=s.layer_end,
+                  role="prefill" if i < len(found.prefill_stages) else decode_role)
+        for i, s in enumerate(found.all_stages)))
+    request = _request(inputs)
+    try:
+        p = predict(placement, topo, spec, prompt_tokens=request.prompt_tokens, new_tokens=request.new_tokens)
+    except PlacementError:
+        return None
+    value = 1.0 / p.ttft_s if inputs.objective == "ttft" else p.decode_tokens_per_s
+    return value if value > 0 and value != float("inf") else None
+
+
+def move_s(current: Plan, candidate: Plan, size: ModelSize) -> float:
+    """Seconds a move from ``current`` to ``candidate`` costs: the layers (and embeddings and
+    head) each member must load that its current stage does not hold, at ``LOAD_BYTES_PER_S``;
+    members load at once, so the busiest one's."""
+    held = {s.member_id: s for s in current.all_stages}
+    worst = 0.0
+    for stage in candidate.all_stages:
+        old = held.get(stage.member_id)
+        have = range(old.layer_start, old.layer_end) if old is not None else range(0)
+        layers = sum(1 for g in range(stage.layer_start, stage.layer_end) if g not in have)
+        edges = size.edge_bytes if old is None or (stage.layer_start == 0) != (old.layer_start == 0) \
+            or (stage.layer_end == size.num_layers) != (old.layer_end == size.num_layers) else 0
+        worst = max(worst, (layers * size.layer_bytes + edges) / LOAD_BYTES_PER_S)
+    return worst
 
 
 def _plan(view: ClusterView, inputs: PlanInputs, members: list[Any], failed: set[str]) -> Plan:
@@ -162,31 +256,46 @@ def solver_plan(view: ClusterView, inputs: PlanInputs, exclude: set[str] = froze
     offered memory. A member that has not published a profile yet (it just joined) is left
     out rather than placed by memory and then moved once its profile lands (every move reloads
     layers); None (memory-proportional placement over every member) when no member has a
-    profile, or when the profiled ones cannot hold the model but all could. Links are taken as
-    a nominal 1 GbE between every pair: live link figures move all the time, and a plan must
-    not follow them without hysteresis. Members in ``exclude`` (their load failed) are left out.
+    profile, or when the profiled ones cannot hold the model but all could. Links are the
+    measured ones where published (``solver_topology``). Members in ``exclude`` (their load
+    failed, or leaving) are left out.
 
     Raises PlacementError when the solver finds no plan that fits every member.
     """
     spec = inputs.spec
     if spec is None:
         return None
-    devices = tuple(d for d in topology(view, inputs.dtype).devices if d.id not in exclude)
-    missing = len([m for m in view.members() if m.member_id not in exclude]) - len(devices)
-    if not devices:
+    topo = solver_topology(view, inputs, exclude)
+    missing = len([m for m in view.members() if m.member_id not in exclude]) - len(topo.devices)
+    if not topo.devices:
         return None
-    links = tuple(Link(a=a.id, b=b.id, latency_s=NOMINAL_LINK_LATENCY_S, bandwidth_bytes_per_s=NOMINAL_LINK_BYTES_PER_S)
-                  for i, a in enumerate(devices) for b in devices[i + 1:])
-    context = inputs.context_tokens
-    request = Request(context_tokens=context, prompt_tokens=min(context, 512), new_tokens=128)
     try:  # tensor-parallel groups: the runtime cannot run them yet
-        solution = solve(Topology(devices=devices, links=links), spec, request, objective=inputs.objective,
+        solution = solve(topo, spec, _request(inputs), objective=inputs.objective,
                          disaggregation=True, tensor_parallel=False)
     except PlacementError:
         if missing:
             return None
         raise
     return runtime_plan(spec.num_layers, solution.plan)
+
+
+def _request(inputs: PlanInputs) -> Request:
+    context = inputs.context_tokens
+    return Request(context_tokens=context, prompt_tokens=min(context, 512), new_tokens=128)
+
+
+def solver_topology(view: ClusterView, inputs: PlanInputs, exclude: set[str] = frozenset()) -> Topology:  # type: ignore[assignment]
+    """The devices with a published profile (less ``exclude``) and the links between them the
+    solver plans on: each pair's measured link (``perf.topology``: median RTT / 2, probe
+    throughput, spec L2) where both ends published one, else a nominal 1 GbE. The live figures
+    move all the time; the plan follows them only through the hysteresis (``keep_or_move``)."""
+    measured = topology(view, inputs.dtype)
+    devices = tuple(d for d in measured.devices if d.id not in exclude)
+    known = {(link.a, link.b): link for link in measured.links}
+    links = tuple(known.get(tuple(sorted((a.id, b.id))), Link(  # type: ignore[call-overload]
+        a=a.id, b=b.id, latency_s=NOMINAL_LINK_LATENCY_S, bandwidth_bytes_per_s=NOMINAL_LINK_BYTES_PER_S))
+        for i, a in enumerate(devices) for b in devices[i + 1:])
+    return Topology(devices=devices, links=links)
 
 
 def runtime_plan(num_layers: int, placement: Any) -> Plan:
