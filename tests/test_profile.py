@@ -99,7 +99,7 @@ def test_refresh_remeasures(tmp_path: Path, fake_measure: list[dict[str, Any]]) 
 @pytest.mark.spec("P7")
 @pytest.mark.parametrize(
     "content",
-    [b"{not json", b"\xff\xfe", b"[]", b'{"version": 3}', b"", json.dumps({"flops": "fast"}).encode()],
+    [b"{not json", b"\xff\xfe", b"[]", b'{"version": 4}', b"", json.dumps({"flops": "fast"}).encode()],
 )
 def test_corrupt_cache_remeasures_with_warning(
     tmp_path: Path, fake_measure: list[dict[str, Any]], caplog: pytest.LogCaptureFixture, content: bytes
@@ -285,3 +285,27 @@ def test_the_share_of_other_processes_is_read_from_proc_stat() -> None:
     assert 0.0 <= profile_mod._others_share(before, after) <= 1.0
     assert profile_mod._others_share(before, before) == 0.0 and profile_mod._others_share(None, after) == 0.0
     assert measure_profile(device="cpu", budget_s=0.3).software.startswith("torch ")
+
+
+@pytest.mark.spec("P7")
+def test_runs_are_summarised_by_the_median_without_interrupted_ones_and_wrong_figures_are_remeasured(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from mesh.placement.profile import insane, robust_seconds
+
+    assert robust_seconds([1.0, 1.1, 1.2, 9.0]) == 1.1  # the run another process interrupted is dropped
+    assert robust_seconds([2.0]) == 2.0 and robust_seconds([1.0, 1.4, 1.45]) == 1.4  # not the lucky minimum
+    assert insane({"f32": 1e11}, 2e10) == []
+    assert insane({"f32": 2.6e8, "bf16": 5e7}, 2e10) == ["bf16 0.05 GFLOP/s"]
+    measured = iter([5e7, 5e7, 5e7, 1e11])  # f32 FLOP/s of successive measurements
+
+    def once(**kwargs: Any) -> DeviceProfile:
+        return DeviceProfile(memory_total_bytes=8 * GIB, memory_usable_bytes=4 * GIB, flops={"f32": next(measured)},
+                             memory_bandwidth_bytes_per_s=2e10, backend="torch", device="cpu",
+                             measured_at_ms=1_700_000_000_000, software=profile_mod.software("torch"))
+
+    monkeypatch.setattr(profile_mod, "_measure_once", once)
+    with caplog.at_level(logging.WARNING, logger="mesh.placement.profile"):
+        wrong = measure_profile(device="cpu")  # wrong twice: this run only
+        right = measure_profile(device="cpu")  # wrong once, then right
+    assert wrong.busy == 1.0 and right.busy == 0.0 and right.flops == {"f32": 1e11}
+    assert caplog.text.count("measuring again") == 2 and "this run only" in caplog.text

@@ -7,9 +7,9 @@ A ``DeviceProfile`` holds, for one backend device ("cpu", "cuda:0", "mps"):
   to 64 MiB as in ``mesh.identity.usable_memory_bytes``.
 - ``flops``: dtype name -> dense matmul FLOP/s. An n x n by n x n matmul does n^3
   multiply-adds = 2 n^3 floating-point operations (the convention of LINPACK/HPL and
-  BLAS benchmarks); best of a few runs, after a warm-up.
+  BLAS benchmarks); ``robust_seconds`` of a few runs, after a warm-up.
 - ``memory_bandwidth_bytes_per_s``: the bytes/s a matrix-vector product (f32, a matrix far
-  larger than the caches) reads, best of a few runs: decode is a GEMV per weight matrix per
+  larger than the caches) reads, ``robust_seconds`` of a few runs: decode is a GEMV per weight matrix per
   token, so this, not a copy kernel, bounds it. (STREAM "Copy" (McCalpin, IEEE TCCA
   newsletter, 1995) measures 2.6x more on the CI machine; decode never sees that.)
 
@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ from mesh.identity import MEMORY_GRANULE, usable_memory_bytes
 
 log = logging.getLogger(__name__)
 
-PROFILE_VERSION = 3  # 3: software and busy recorded; 2: bandwidth from a GEMV (1: from a copy kernel)
+PROFILE_VERSION = 4  # 4: median of runs, outliers dropped; 3: software and busy recorded; 2: bandwidth from a GEMV (1: from a copy kernel)
 PROFILE_FILE = "profile.json"
 DTYPES = ("f32", "f16", "bf16")
 BACKENDS = ("torch",)
@@ -48,6 +49,30 @@ COPY_BYTES = 256 << 20  # far larger than any CPU's last-level cache
 # figures to be kept: 3 nodes measuring at once gave bf16/f32 ratios of 0.01 to 696 on a
 # 2-core machine (2.05-2.11 alone); a quarter of the cores is a light desktop's background.
 BUSY_LIMIT = 0.25
+OUTLIER_RATIO = 1.5  # a run this much slower than the fastest was interrupted: dropped
+# Figures outside these bounds are measurement failures, not devices (a phone CPU does about 1e10
+# FLOP/s, an 8-GPU node's one device 1e15; memory from about 1e9 to 1e13 bytes/s): measured
+# again once, and never cached (spec P7)
+SANE_FLOPS = (1e8, 1e16)
+SANE_BANDWIDTH = (1e8, 3e13)
+
+
+def robust_seconds(times: list[float]) -> float:
+    """The time of a kernel from repeated runs: the runs more than ``OUTLIER_RATIO`` times the
+    fastest are dropped (another process took the core meanwhile; noise only ever adds time),
+    and the median of the rest is taken (not the minimum: one lucky run is not the device)."""
+    fastest = min(times)
+    kept = sorted(t for t in times if t <= OUTLIER_RATIO * fastest)
+    return float(statistics.median(kept))
+
+
+def insane(flops: dict[str, float], bandwidth: float) -> list[str]:
+    """The figures of a profile outside ``SANE_FLOPS`` / ``SANE_BANDWIDTH``, named."""
+    out = [f"{dtype} {value / 1e9:.3g} GFLOP/s" for dtype, value in flops.items()
+           if not SANE_FLOPS[0] <= value <= SANE_FLOPS[1]]
+    if not SANE_BANDWIDTH[0] <= bandwidth <= SANE_BANDWIDTH[1]:
+        out.append(f"memory bandwidth {bandwidth / 1e9:.3g} GB/s")
+    return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -196,12 +221,12 @@ def _matmul_flops(dtype: str, device: str, deadline: float) -> float:
         if elapsed >= MIN_RUN_S or n >= MAX_MATMUL_N or time.perf_counter() + 16 * elapsed > deadline:
             break
         n *= 2
-    best = elapsed
+    runs = [elapsed]
     for _ in range(MAX_RUNS - 1):
-        if time.perf_counter() + best > deadline:
+        if time.perf_counter() + min(runs) > deadline:
             break
-        best = min(best, _timed(device, torch.matmul, a, b))
-    return 2.0 * n**3 / best  # n^3 multiply-adds
+        runs.append(_timed(device, torch.matmul, a, b))
+    return 2.0 * n**3 / robust_seconds(runs)  # n^3 multiply-adds
 
 
 def _gemv_bandwidth(device: str, free_bytes: int, deadline: float) -> float:
@@ -215,19 +240,37 @@ def _gemv_bandwidth(device: str, free_bytes: int, deadline: float) -> float:
     cols = 4096
     matrix = torch.ones(size // 4 // cols, cols, dtype=torch.float32, device=device)  # written: pages touched
     vector = torch.ones(cols, dtype=torch.float32, device=device)
-    best = _timed(device, torch.mv, matrix, vector)  # warm-up
+    first = _timed(device, torch.mv, matrix, vector)  # warm-up
+    runs: list[float] = []
     for i in range(MAX_RUNS):  # at least one run after the warm-up, even past the deadline
-        if i and time.perf_counter() + best > deadline:
+        if i and time.perf_counter() + min(runs) > deadline:
             break
-        best = min(best, _timed(device, torch.mv, matrix, vector))
-    return matrix.numel() * 4 / best
+        runs.append(_timed(device, torch.mv, matrix, vector))
+    del first
+    return matrix.numel() * 4 / robust_seconds(runs)
 
 
 def measure_profile(
     *, backend: str = "torch", device: str | None = None, memory_fraction: float = 0.8, budget_s: float = 3.0
 ) -> DeviceProfile:
     """Measure ``device`` now, in about ``budget_s`` seconds (a slow dtype may overrun it by a
-    run); dtypes the device cannot multiply in are left out. ConfigError for a bad argument."""
+    run); dtypes the device cannot multiply in are left out. A figure outside the sanity
+    bounds (``insane``) is measured again once; if it still is, the profile is returned marked
+    ``busy`` 1.0, so that it serves this run and is never cached. ConfigError for a bad
+    argument."""
+    profile = _measure_once(backend=backend, device=device, memory_fraction=memory_fraction, budget_s=budget_s)
+    wrong = insane(profile.flops, profile.memory_bandwidth_bytes_per_s)
+    if wrong:
+        log.warning("profile: %s out of bounds; measuring again", ", ".join(wrong))
+        profile = _measure_once(backend=backend, device=device, memory_fraction=memory_fraction, budget_s=budget_s)
+        wrong = insane(profile.flops, profile.memory_bandwidth_bytes_per_s)
+        if wrong:
+            log.warning("profile: %s out of bounds again; using it for this run only", ", ".join(wrong))
+            profile = replace(profile, busy=1.0)
+    return profile
+
+
+def _measure_once(*, backend: str, device: str | None, memory_fraction: float, budget_s: float) -> DeviceProfile:
     resolved = _resolve_device(backend, device)
     total, usable = _memory(resolved, memory_fraction)
     if not budget_s > 0:
