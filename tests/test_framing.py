@@ -344,6 +344,13 @@ def test_other_protocol_major_rejected() -> None:
     data = frame(envelope={"v": [PROTOCOL_MAJOR + 1, 0], "t": "hello", "b": {}})
     with pytest.raises(FrameError, match=f"protocol {PROTOCOL_MAJOR + 1}.0"):
         FrameDecoder().feed(data)
+    # a hello of another major names both package versions
+    from mesh import __version__
+
+    data = frame(envelope={"v": [PROTOCOL_MAJOR + 1, 0], "t": "hello", "b": {"version": "9.0.0"}})
+    with pytest.raises(FrameError, match=rf"peer \(mesh 9\.0\.0\) speaks protocol {PROTOCOL_MAJOR + 1}\.0; "
+                                         rf"this node \(mesh {__version__}\)"):
+        FrameDecoder().feed(data)
 
 
 @pytest.mark.spec("T10")

@@ -51,7 +51,7 @@ from typing import Any
 
 import cbor2
 
-from mesh import PROTOCOL_MAJOR, PROTOCOL_MINOR, wire
+from mesh import PROTOCOL_MAJOR, PROTOCOL_MINOR, __version__, wire
 from mesh.errors import FrameError
 from mesh.wire import DTYPE_BY_CODE, DTYPES, MAX_TENSOR_DIMS, Message, WireTensor
 
@@ -425,9 +425,13 @@ class FrameDecoder:
                 or not all(type(x) is int and x >= 0 for x in version)):
             raise FrameError(f"envelope 'v' is {version!r}; it must be [major, minor]")
         if version[0] != PROTOCOL_MAJOR:  # spec T10
+            body = envelope.get("b")  # a hello names the peer's package version: say it
+            theirs = body.get("version") if isinstance(body, dict) else None
+            peer = f"peer (mesh {theirs[:32]})" if isinstance(theirs, str) else "peer"
             raise FrameError(
-                f"peer speaks protocol {version[0]}.{version[1]}; this node speaks "
-                f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR} and needs major {PROTOCOL_MAJOR}"
+                f"{peer} speaks protocol {version[0]}.{version[1]}; this node (mesh {__version__}) speaks "
+                f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR} and needs major {PROTOCOL_MAJOR}: run the same major "
+                "version of mesh on every node"
             )
         if not isinstance(type_, str) or not type_:
             raise FrameError(f"envelope 't' is {type_!r}; it must be a non-empty string")

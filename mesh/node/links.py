@@ -16,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from mesh import __version__
 from mesh.errors import (
     AuthenticationError,
     ConfigError,
@@ -165,7 +166,8 @@ class Links:
             mine = self.advertise(_peer_host(conn.peer))
             if mine is not None:
                 record["address"] = str(Address(mine, own.port))
-        return Message(type="hello", body={"member": record, "model": self.model_id, "started_ms": self.started_ms})
+        return Message(type="hello", body={"member": record, "model": self.model_id, "started_ms": self.started_ms,
+                                           "version": __version__})  # named when the protocols differ (T10)
 
     async def _handshake(self, conn: Connection) -> MemberInfo | None:
         me = self.me()
