@@ -109,3 +109,43 @@ def test_the_measured_links_follow_a_rate_limited_cable(tmp_path: Path) -> None:
             slow, fast = rates.get(frozenset((a, c))), rates.get(frozenset((a, b)))
             assert slow is not None and fast is not None, rates
             assert slow < 40e6 / 8 * 1.3 and fast > 3 * slow, (slow, fast)
+
+
+def _chat(lab: netlab.NetLab, host: str, prompt: str, max_tokens: int = 48) -> str:
+    status, reply = lab.http_json(host, "http://127.0.0.1:8000/v1/chat/completions", body={
+        "model": "smollm2-135m", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+        "max_tokens": max_tokens}, timeout_s=120)
+    assert status == 200, reply
+    return reply["choices"][0]["message"]["content"]
+
+
+@pytest.mark.spec("D15", "FO3", "N21")
+def test_a_cable_pulled_mid_request_and_plugged_back(tmp_path: Path) -> None:
+    """Two hosts serve a 2-stage pipeline; b's cable is pulled while a request runs through
+    both: a declares b dead, serves every layer itself, and the request ends with the text
+    the intact pipeline gave; plugged back, b rejoins and the two serve together again with
+    the same text."""
+    import threading
+
+    prompt = "Count from one to twenty in words."
+    with netlab.NetLab() as lab:
+        lab.network("lan", "10.77.3")
+        for name in ("a", "b"):
+            lab.host(name, "lan")
+        with _nodes(lab, tmp_path, ["a", "b"]):
+            _wait(lab, ["a", "b"], 2)
+            reference = _chat(lab, "a", prompt)
+            pull = threading.Timer(0.5, lambda: lab.set_link("b", "lan", up=False))
+            pull.start()
+            try:
+                assert _chat(lab, "a", prompt) == reference  # the failover gives the same text
+            finally:
+                pull.join()
+            _, info = lab.http_json("a", "http://127.0.0.1:8000/v1/cluster")
+            assert info["local"]["recovery_s"], "the cable was pulled after the request ended"
+            seen = _wait(lab, ["a"], 1)
+            assert [(m["layer_start"], m["layer_end"]) for m in seen["a"]["members"]] == [(0, 30)]
+            lab.set_link("b", "lan", up=True)
+            seen = _wait(lab, ["a", "b"], 2)
+            assert sorted((m["layer_start"], m["layer_end"]) for m in seen["a"]["members"]) == [(0, 15), (15, 30)]
+            assert _chat(lab, "a", prompt) == reference
