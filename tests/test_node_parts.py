@@ -119,6 +119,15 @@ def test_a_removed_node_writes_itself_back() -> None:
     assert mine.rejoin_if_removed() and fake.get(records.member_key("a"))["incarnation"] == "i-a"
 
 
+@pytest.mark.spec("N21")
+def test_a_restarted_node_replaces_the_status_its_last_process_left() -> None:
+    fake = FakeState()
+    stale = MemberStatus(plan_id="p", layer_start=0, layer_end=4, state="ready", held=((0, 4),))
+    fake.emit(*records.status("a", stale))  # written before the restart: nothing is loaded now
+    SelfRecords(fake.emit, lambda: fake, lambda: member("a")).join()
+    assert MemberStatus.from_wire(fake.get(records.status_key("a"))).held == ()
+
+
 def test_status_is_written_only_when_it_changes() -> None:
     fake = FakeState()
     mine = SelfRecords(fake.emit, lambda: fake, lambda: member("a"))

@@ -51,9 +51,13 @@ class SelfRecords:
         self.emit(*record)
 
     def join(self) -> None:
-        """Write this node's resources and membership record (again after being removed)."""
+        """Write this node's resources and membership record (again after being removed), and
+        its load status as this process has it: a status left by an earlier process under
+        this id (a restart) would claim layers nobody holds now (spec N21)."""
         for record in records.join(self.me()):
             self._emit(record)
+        if self.state().get(records.status_key(self.member_id)) != self._status.to_wire():
+            self._emit(records.status(self.member_id, self._status))
         self.joined.set()
 
     def rejoin_if_removed(self) -> bool:
