@@ -646,3 +646,46 @@ def test_the_solver_plans_on_the_links_the_members_measured() -> None:
     links = {(link.a, link.b): link for link in topo.links}
     assert links[("a", "b")].bandwidth_bytes_per_s == 1.25e6 and links[("a", "b")].latency_s == 0.01
     assert links[("a", "c")].bandwidth_bytes_per_s == planner.NOMINAL_LINK_BYTES_PER_S  # none measured yet
+
+
+@pytest.mark.spec("P7")
+def test_a_profile_far_below_its_peers_on_the_same_hardware_is_measured_again() -> None:
+    """The report's case: one node's CPU timed at 0.26 GFLOP/s while another process loaded it,
+    its peer on the same CPU at 178: it measures again and publishes the new figures, unless
+    they are still off or taken on a busy CPU."""
+    import asyncio
+
+    from mesh.node.loader import StageLoader
+    from mesh.placement.profile import DeviceProfile, software
+    from mesh.runtime.stage import StageWorker
+
+    def profile(f32: float, busy: float = 0.0) -> DeviceProfile:
+        return DeviceProfile(memory_total_bytes=8 * GIB, memory_usable_bytes=4 * GIB, flops={"f32": f32},
+                             memory_bandwidth_bytes_per_s=2e10, backend="torch", device="cpu",
+                             measured_at_ms=1, software=software("torch"), busy=busy)
+
+    published: list[dict[str, Any]] = []
+    peers = [{"hardware": "EPYC x2", "device": "cpu", "flops": {"f32": 1.78e11}, "memory_bandwidth_bytes_per_s": 2e10},
+             {"hardware": "M2 x8", "device": "cpu", "flops": {"f32": 1e9}, "memory_bandwidth_bytes_per_s": 1e10}]
+    again = [profile(1.7e11, busy=0.6), profile(1.2e9), profile(1.7e11)]
+
+    async def remeasure() -> DeviceProfile:
+        return again.pop(0)
+
+    compute = ThreadPoolExecutor(max_workers=1)
+    loader = StageLoader("a", object(), new_backend=_Stage, holder=StageWorker("a", None, compute),  # type: ignore[arg-type]
+                         changed=lambda: None, serving=lambda: None, fits=lambda ranges: True,
+                         set_status=lambda status: None, publish=published.append, loaded=lambda layers, reused: None,
+                         profile=profile(2.6e8), spec=None, dtype="f32", executor=compute, peers=lambda: peers,
+                         remeasure=remeasure)
+    loader.hardware = "EPYC x2"
+    assert not asyncio.run(loader.check_profile())  # measured again on a busy CPU: kept
+    assert not asyncio.run(loader.check_profile())  # measured again, still far below: kept
+    assert published == [] and loader.profile.flops["f32"] == 2.6e8
+    assert asyncio.run(loader.check_profile()) and loader.profile.flops["f32"] == 1.7e11
+    assert published[-1]["flops"] == {"f32": 1.7e11} and published[-1]["hardware"] == "EPYC x2"
+    assert not asyncio.run(loader.check_profile()) and again == []  # in line with its peer: nothing to do
+    loader.hardware = "Xeon x4"  # no peer on this hardware: nothing to compare with
+    loader.profile = profile(2.6e8)
+    assert not asyncio.run(loader.check_profile())
+    compute.shutdown()

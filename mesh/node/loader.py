@@ -12,7 +12,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from functools import partial
 from pathlib import Path
@@ -26,9 +26,9 @@ from mesh.loading import LoadProgress
 from mesh.models import Model
 from mesh.placement.calibrate import fastest, fit_calibration, time_stage
 from mesh.placement.costmodel import ModelSpec, head_s
-from mesh.placement.perf import profile_record
+from mesh.placement.perf import below_peers, profile_record
 from mesh.placement.pipeline import Plan
-from mesh.placement.profile import load_or_measure_profile
+from mesh.placement.profile import BUSY_LIMIT, hardware, load_or_measure_profile
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ SETTLE_S = 0.3  # a burst of joins settles before a load starts
 RECALIBRATE_AFTER_S = 5.0  # the stage is timed again every 5-10 s after it loaded, if idle ...
 RECALIBRATIONS = 3  # ... this many times
 RETIRE_CHECK_S = 0.5  # how often stages no plan uses are looked for
+PEER_CHECK_AFTER_S = 15.0  # the others' profiles have arrived by then (spec P7)
 RETIRE_GRACE_S = 2.0  # an unused stage stays this long, for nodes that switch plans a little later
 
 
@@ -53,7 +54,7 @@ def fits_beside(ranges: list[tuple[int, int]], *, layer_bytes: int, edge_bytes: 
     return layers * (layer_bytes + kv_bytes_per_layer) + edge_bytes <= memory_bytes
 
 
-async def measure_profile(data_dir: Path, config: Any, *, executor: Executor) -> Any:
+async def measure_profile(data_dir: Path, config: Any, *, executor: Executor, refresh: bool = False) -> Any:
     """This device's profile (FLOP/s per dtype, memory bandwidth) for the backend, device and
     memory fraction of ``config`` (a ``NodeConfig``), read from the cache in ``data_dir`` or
     the one this user's nodes share on this host (``host_dir``), else measured, on
@@ -64,7 +65,7 @@ async def measure_profile(data_dir: Path, config: Any, *, executor: Executor) ->
     try:
         profile = await asyncio.get_running_loop().run_in_executor(executor, partial(
             load_or_measure_profile, data_dir, backend=config.backend, device=config.device,
-            memory_fraction=config.memory_fraction, budget_s=1.0, shared_dir=host_dir(), refresh=config.remeasure))
+            memory_fraction=config.memory_fraction, budget_s=1.0, shared_dir=host_dir(), refresh=refresh or config.remeasure))
     except Exception as exc:
         log.warning("could not measure this device's profile: %s", exc)
         return None
@@ -92,7 +93,9 @@ class StageLoader:
     plan requests start on now (None: none); ``fits(ranges)`` whether stages of these ranges
     fit this node's memory together (``fits_beside``); ``set_status`` writes this node's load
     status; ``publish(record)`` its profile record (recalibration waits for no request to hold
-    a KV cache here); ``loaded(layers, reused)`` counts a finished
+    a KV cache here); ``peers()`` the profile records other members published and
+    ``remeasure()`` measures this device again (``check_profile``); ``loaded(layers, reused)``
+    counts a finished
     load (spec N14); ``drain_s``: the longest an unused stage is kept for the requests still
     on it (they fail over after, spec FO3); ``executor`` is the one thread that runs every
     backend call of this node, loads and timings as well as steps: a CPU library's thread pool
@@ -104,7 +107,9 @@ class StageLoader:
                  holder: Any, changed: Callable[[], None], serving: Callable[[], Plan | None],
                  fits: Callable[[list[tuple[int, int]]], bool], set_status: Callable[[MemberStatus], None],
                  publish: Callable[[dict[str, Any]], None], loaded: Callable[[int, int], None], profile: Any,
-                 spec: ModelSpec | None, dtype: str, executor: Executor, drain_s: float = 30.0) -> None:
+                 spec: ModelSpec | None, dtype: str, executor: Executor, drain_s: float = 30.0,
+                 peers: Callable[[], list[dict[str, Any]]] = list,
+                 remeasure: Callable[[], Awaitable[Any]] | None = None) -> None:
         self.member_id = member_id
         self.executor = executor
         self.model = model
@@ -115,6 +120,8 @@ class StageLoader:
         self.publish = publish
         self.loaded = loaded
         self.profile = profile
+        self.hardware = hardware(profile.device) if profile is not None else ""
+        self.peers, self.remeasure = peers, remeasure
         self.spec = spec
         self.dtype = dtype
         self.drain_s = drain_s
@@ -142,7 +149,7 @@ class StageLoader:
     def publish_profile(self) -> None:
         if self.profile is not None:
             self.publish(profile_record(self.profile.flops, self.profile.memory_bandwidth_bytes_per_s,
-                                        self.profile.device, calibration=self.calibration))
+                                        self.profile.device, calibration=self.calibration, hardware=self.hardware))
 
     async def run(self, joined: asyncio.Event) -> None:
         """Load stages as plans change, until cancelled; recalibrations and the retiring of
@@ -162,6 +169,29 @@ class StageLoader:
     async def _publish_when(self, joined: asyncio.Event) -> None:
         await joined.wait()
         self.publish_profile()
+        await asyncio.sleep(PEER_CHECK_AFTER_S)
+        await self.check_profile()
+
+    async def check_profile(self) -> bool:
+        """Spec P7: compare this device's profile with those members on the same hardware
+        published (``perf.below_peers``); a figure far below theirs is measured again, and the
+        new profile replaces it (and is published) when it is no longer below them and was not
+        taken on a busy CPU. True when it was replaced."""
+        mine = self.profile
+        if mine is None or self.remeasure is None or not self.hardware:
+            return False
+        same = [r for r in self.peers() if r.get("hardware") == self.hardware and r.get("device") == mine.device]
+        wrong = below_peers(mine.flops, mine.memory_bandwidth_bytes_per_s, same)
+        if not wrong:
+            return False
+        log.warning("profile: %s of %d member(s) on the same hardware; measuring again", "; ".join(wrong), len(same))
+        new = await self.remeasure()
+        if new is None or new.busy > BUSY_LIMIT or below_peers(new.flops, new.memory_bandwidth_bytes_per_s, same):
+            log.warning("profile: measured again, still off (or on a busy CPU); keeping the first figures")
+            return False
+        self.profile = new
+        self.publish_profile()
+        return True
 
     def _write(self, status: MemberStatus) -> None:
         """Write ``status`` with what is held now (and ``leaving`` once stopping)."""

@@ -37,7 +37,6 @@ from mesh.node.records import SelfRecords
 from mesh.node.server import api_server, first_of, install_signal_handlers, serve_api
 from mesh.node.serving import Serving
 from mesh.placement import planner
-from mesh.placement.pipeline import model_size
 from mesh.runtime.metrics import NodeMetrics
 from mesh.runtime.plane import PlanBoard, RequestPlane
 from mesh.wire import Message
@@ -118,9 +117,7 @@ class Node:
         self.dtype = self.status.dtype = planner.compute_dtype(cfg.dtype, cfg.device, profile, cfg.backend)
         options = backend_options(cfg, dtype=self.dtype if self.dtype == "bf16" else None)  # bf16: chosen or measured
         await asyncio.to_thread(lambda: (self.model.config, self.model.tokenizer))
-        bits = await asyncio.to_thread(planner.loaded_weight_bits, self.model, cfg.quantize, self.backend_cls, self.dtype, cfg.device)
-        size = await asyncio.to_thread(lambda: model_size(self.model, planner.DTYPE_BYTES[self.dtype], weight_bits=bits))
-        spec = await asyncio.to_thread(planner.model_spec, self.model.config, self.model.model_id, self.dtype, bits)
+        size, spec = await asyncio.to_thread(planner.sizes, self.model, cfg.quantize, self.backend_cls, self.dtype, cfg.device)
         self.inputs = planner.PlanInputs(size=size, context_tokens=cfg.context or self.model.context_length, spec=spec,
                                          placement=cfg.placement, objective=cfg.objective, dtype=self.dtype, margin=cfg.replan_margin)
         plane = self.plane = RequestPlane(self.member_id, model=self.model, timeouts=cfg.timeouts, executor=self.compute,
@@ -133,7 +130,9 @@ class Node:
                                   fits=fits_in(size, self.inputs.context_tokens, memory, self.backend_cls),
                                   set_status=self.records.set_status, publish=self.records.profile, drain_s=cfg.drain_s,
                                   loaded=lambda layers, reused: self.metrics.stage_loaded(layers=layers, reused=reused),
-                                  profile=profile, spec=spec, dtype=self.dtype, executor=self.compute)
+                                  profile=profile, spec=spec, dtype=self.dtype, executor=self.compute,
+                                  peers=self.records.peer_profiles, remeasure=lambda: measure_profile(
+                                      self.data_dir, cfg, executor=self.compute, refresh=True))
         listener = await self.links.transport.listen(cfg.host, cfg.port, self.links.accept)
         address, self.links.advertise = await addresses.advertised_address(cfg.host, listener.port, cfg.interface)
         self.me = MemberInfo(member_id=self.member_id, address=address, api_address=f"{cfg.api_host}:{cfg.api_port}",

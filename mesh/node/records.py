@@ -119,6 +119,15 @@ class SelfRecords:
         if self.joined.is_set():
             self._emit(records.profile(self.member_id, record))
 
+    def peer_profiles(self) -> list[dict[str, Any]]:
+        """The profile records the other members published (spec P7: checked against)."""
+        out = []
+        for key in self.state().keys("profile/"):
+            value = self.state().get(key)
+            if key != records.profile_key(self.member_id) and isinstance(value, dict):
+                out.append(value)
+        return out
+
     def leave(self, member_id: str) -> bool:
         """Remove a member declared dead (and its links' figures); False when the state does
         not hold it."""

@@ -33,14 +33,40 @@ MEASURED_WINDOW = 64  # requests kept for the measured figures
 
 
 def profile_record(flops: dict[str, float], bandwidth_bytes_per_s: float, device: str,
-                   calibration: Calibration | None = None) -> dict[str, Any]:
-    """The published value of a member's profile (FLOP/s per dtype, bytes/s) and, once its
-    stage is loaded, the stage's calibration (spec P19)."""
-    record = {"flops": dict(sorted(flops.items())), "memory_bandwidth_bytes_per_s": bandwidth_bytes_per_s,
-              "device": device}
+                   calibration: Calibration | None = None, hardware: str = "") -> dict[str, Any]:
+    """The published value of a member's profile (FLOP/s per dtype, bytes/s), the hardware it
+    was measured on (``profile.hardware``: members on the same hardware check each other's
+    figures, spec P7) and, once its stage is loaded, the stage's calibration (spec P19)."""
+    record: dict[str, Any] = {"flops": dict(sorted(flops.items())),
+                              "memory_bandwidth_bytes_per_s": bandwidth_bytes_per_s, "device": device}
+    if hardware:
+        record["hardware"] = hardware
     if calibration is not None:
         record["calibration"] = calibration.to_wire()
     return record
+
+
+PEER_RATIO = 3.0  # a figure this many times below the same hardware's median is a measurement gone wrong
+
+
+def below_peers(flops: dict[str, float], bandwidth: float, peers: list[dict[str, Any]]) -> list[str]:
+    """The figures of a profile (FLOP/s per dtype, bytes/s) more than ``PEER_RATIO`` times
+    below the median of the same figure in ``peers`` (published profile records of other
+    members on the same hardware), named; empty without peers. Noise is not the concern:
+    the issue this catches is a profile timed while the CPU was busy (0.26 against 178
+    GFLOP/s for one CPU, spec P7)."""
+    out = []
+    figures = {**{f"{dtype} FLOP/s": value for dtype, value in flops.items()}, "memory bandwidth": bandwidth}
+    for name, mine in figures.items():
+        theirs = []
+        for record in peers:
+            value = (record.get("flops") or {}).get(name.split()[0]) if name.endswith("FLOP/s") \
+                else record.get("memory_bandwidth_bytes_per_s")
+            if _positive(value):
+                theirs.append(float(value))
+        if theirs and mine * PEER_RATIO < statistics.median(theirs):
+            out.append(f"{name} {mine:.3g} against {statistics.median(theirs):.3g}")
+    return out
 
 
 def _calibration(record: dict[str, Any], model: str | None) -> Calibration | None:

@@ -22,6 +22,7 @@ from mesh.placement.pipeline import (
     ModelSize,
     Plan,
     Stage,
+    model_size,
     place_by_roles,
     place_pipeline,
     quantization_bits,
@@ -120,6 +121,16 @@ def loaded_weight_bits(model: Model, quantize: str | None, backend_cls: Any, dty
     if not set(types) & set(kept):
         return None
     return sum(n * kept.get(kind, 8.0 * DTYPE_BYTES[dtype]) for kind, n in types.items()) / sum(types.values())
+
+
+def sizes(model: Model, quantize: str | None, backend_cls: Any, dtype: str, device: str | None
+          ) -> tuple[ModelSize, ModelSpec]:
+    """What a node of ``backend_cls`` computing in ``dtype`` plans with: the model's size (the
+    memory split's) and its cost-model spec, both at the bits the backend keeps the weights at
+    (``loaded_weight_bits``, spec P20). Reads the model's config and files (a worker thread)."""
+    bits = loaded_weight_bits(model, quantize, backend_cls, dtype, device)
+    return (model_size(model, DTYPE_BYTES[dtype], weight_bits=bits),
+            model_spec(model.config, model.model_id, dtype, bits))
 
 
 def model_spec(config: Any, model_id: str, dtype: str, bits: float | None = None) -> ModelSpec:

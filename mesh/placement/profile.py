@@ -300,6 +300,31 @@ def _measure_once(*, backend: str, device: str | None, memory_fraction: float, b
     )
 
 
+def hardware(device: str) -> str:
+    """What a device is, for comparing profiles of members on the same hardware: a CPU's model
+    name (Linux ``/proc/cpuinfo``, else ``platform.processor()``) and core count, or a CUDA
+    device's name; "" when unknown."""
+    import platform
+
+    if device.startswith("cuda"):
+        try:
+            import torch
+
+            return str(torch.cuda.get_device_name(torch.device(device)))
+        except Exception:  # no driver, a bad index: unknown, not a failure
+            return ""
+    if device != "cpu":
+        return ""
+    name = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    name = name or platform.processor()
+    return f"{name} x{os.cpu_count()}" if name else ""
+
+
 def software(backend: str) -> str:
     """The library a profile of ``backend`` is measured with (it times torch's matmul and GEMV
     kernels), as ``"torch <version>"``: a profile measured with another version is re-measured."""
