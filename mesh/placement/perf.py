@@ -115,6 +115,16 @@ def _positive(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
+def solver_form(plan: Plan) -> PlacementPlan:
+    """The cost model's ``PlacementPlan`` of a runtime ``Plan``: one device per stage, prefill
+    stages in role ``prefill`` and the others ``decode`` (a disaggregated plan) or ``both``."""
+    decode_role = "decode" if plan.prefill_stages else "both"
+    return PlacementPlan(stages=tuple(
+        StagePlan(devices=(s.member_id,), layer_start=s.layer_start, layer_end=s.layer_end,
+                  role="prefill" if i < len(plan.prefill_stages) else decode_role)
+        for i, s in enumerate(plan.all_stages)))
+
+
 def predicted(view: ClusterView, plan: Plan | None, model: ModelSpec, dtype: str, *, prompt_tokens: int,
               new_tokens: int) -> dict[str, Any] | None:
     """The cost model's TTFT (s) and decode tokens/s for ``plan``; None until every stage's
@@ -125,13 +135,8 @@ def predicted(view: ClusterView, plan: Plan | None, model: ModelSpec, dtype: str
     ids = {d.id for d in topo.devices}
     if any(s.member_id not in ids for s in plan.all_stages):
         return None
-    decode_role = "decode" if plan.prefill_stages else "both"
-    placement = PlacementPlan(stages=tuple(
-        StagePlan(devices=(s.member_id,), layer_start=s.layer_start, layer_end=s.layer_end,
-                  role="prefill" if i < len(plan.prefill_stages) else decode_role)
-        for i, s in enumerate(plan.all_stages)))
     try:
-        p = predict(placement, topo, model, prompt_tokens=max(1, prompt_tokens), new_tokens=max(1, new_tokens))
+        p = predict(solver_form(plan), topo, model, prompt_tokens=max(1, prompt_tokens), new_tokens=max(1, new_tokens))
     except PlacementError:
         return None
     if p.ttft_s == float("inf"):

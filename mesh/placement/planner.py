@@ -15,8 +15,8 @@ from typing import Any
 from mesh.errors import MeshError, PlacementError
 from mesh.kernel.records import PLACEMENT_KEY, ClusterView
 from mesh.models import GGUFSource, Model
-from mesh.placement.costmodel import Link, ModelSpec, PlacementPlan, StagePlan, Topology, predict
-from mesh.placement.perf import topology
+from mesh.placement.costmodel import Link, ModelSpec, Topology, predict
+from mesh.placement.perf import solver_form, topology
 from mesh.placement.pipeline import (
     Capacity,
     ModelSize,
@@ -220,14 +220,9 @@ def score(view: ClusterView, inputs: PlanInputs, found: Plan) -> float | None:
     ids = {d.id for d in topo.devices}
     if any(s.member_id not in ids for s in found.all_stages):
         return None
-    decode_role = "decode" if found.prefill_stages else "both"
-    placement = PlacementPlan(stages=tuple(
-        StagePlan(devices=(s.member_id,), layer_start=s.layer_start, layer_end=s.layer_end,
-                  role="prefill" if i < len(found.prefill_stages) else decode_role)
-        for i, s in enumerate(found.all_stages)))
     request = _request(inputs)
     try:
-        p = predict(placement, topo, spec, prompt_tokens=request.prompt_tokens, new_tokens=request.new_tokens)
+        p = predict(solver_form(found), topo, spec, prompt_tokens=request.prompt_tokens, new_tokens=request.new_tokens)
     except PlacementError:
         return None
     value = 1.0 / p.ttft_s if inputs.objective == "ttft" else p.decode_tokens_per_s
