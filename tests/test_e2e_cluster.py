@@ -297,7 +297,8 @@ def test_a_node_computes_in_bf16_with_int4_weights_where_its_profile_measured_bf
 @pytest.mark.spec("N20")
 def test_a_stopping_node_lets_its_running_stream_finish_and_refuses_new_requests(tmp_path: Path) -> None:
     """SIGTERM mid-stream: the stream ends with all its tokens and [DONE], not an error; a new
-    request meanwhile gets a 503 that says the node is leaving; then the node exits."""
+    request meanwhile gets a 503 that says the node is leaving, and so does /health; then the
+    node exits."""
     import signal
 
     with LocalCluster(1, tmp_path) as cluster:
@@ -320,10 +321,12 @@ def test_a_stopping_node_lets_its_running_stream_finish_and_refuses_new_requests
                             if refused.status_code != 200:
                                 break
                             time.sleep(0.05)
+                        health = client.get(node.api_url + "/health")  # a load balancer stops sending here
         assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events[-3:]
         usage = next(json.loads(e)["usage"] for e in events[:-1] if json.loads(e).get("usage"))
         assert usage["completion_tokens"] == 48 or any(json.loads(e)["choices"][0].get("finish_reason") == "stop"
                                                       for e in events[:-1] if json.loads(e).get("choices"))
         assert refused is not None and refused.status_code == 503 and "leaving" in refused.text
+        assert health.status_code == 503 and "leaving" in health.text
         node.process.wait(timeout=30)
         assert "stopping: running requests may finish" in node.log_text()

@@ -576,6 +576,15 @@ def test_a_leaving_member_is_placed_around_and_goes_once_the_plan_without_it_ser
     assert [(s.member_id, s.layer_start, s.layer_end) for s in plan.stages] == [("a", 0, SIZE.num_layers)]
     with pytest.raises(PlacementError, match="left out: b is leaving"):
         planner.plan(view_of(member("b"), statuses={"b": leaving}), inputs)
+    moved: list[str] = []
+    at_a = Serving("a", move_off=moved.append)
+    a_ready = MemberStatus(plan_id=plan.plan_id, layer_start=0, layer_end=SIZE.num_layers, state="ready",
+                           held=((0, 4), (0, SIZE.num_layers)))
+    now = view_of(member("a"), member("b"), statuses={"a": a_ready, "b": leaving})
+    for _ in range(2):  # the requests through b move once, when the plan without it serves
+        assert at_a.choose(plan, "", view=now, linked={"b"}, held=[(0, 4), (0, SIZE.num_layers)], clock_fault=None,
+                           num_layers=SIZE.num_layers).plan == plan
+    assert moved == ["b"]
     at_b = Serving("b")
     assert not at_b.handed_over(plan, busy=False)  # the plan without b does not serve yet
     at_b.plan = plan

@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 SETTLE_S = 0.3  # a burst of joins settles before a load starts
 RECALIBRATE_AFTER_S = 5.0  # the stage is timed again every 5-10 s after it loaded, if idle ...
 RECALIBRATIONS = 3  # ... this many times
+CALIBRATE_WAIT_S = 60.0  # a new stage is first timed when idle, or after this long
 RETIRE_CHECK_S = 0.5  # how often stages no plan uses are looked for
 PEER_CHECK_AFTER_S = 15.0  # the others' profiles have arrived by then (spec P7)
 RETIRE_GRACE_S = 2.0  # an unused stage stays this long, for nodes that switch plans a little later
@@ -125,6 +126,10 @@ class StageLoader:
         self.spec = spec
         self.dtype = dtype
         self.drain_s = drain_s
+        # a stage loaded beside one that serves loads on a thread of its own: on the compute
+        # thread every step would wait for the whole load (4-18 s for the default model here),
+        # where two threads' OpenMP teams only slow the steps meanwhile (spec N21)
+        self._beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-load")
         self.calibration: Any = None  # per-layer step times of the loaded stage (spec P19)
         self._wanted = asyncio.Event()
         self._plan: Plan | None = None
@@ -162,9 +167,9 @@ class StageLoader:
                 await self._wanted.wait()
                 await asyncio.sleep(SETTLE_S)
                 self._wanted.clear()
-                calibrated = await self._load(self._plan)
-                if calibrated is not None:
-                    tasks.create_task(self._recalibrate(calibrated), name="recalibrate")
+                loaded = await self._load(self._plan)
+                if loaded is not None:
+                    tasks.create_task(self._recalibrate(loaded), name="calibrate")
 
     async def _publish_when(self, joined: asyncio.Event) -> None:
         await joined.wait()
@@ -243,8 +248,8 @@ class StageLoader:
 
     async def _load(self, plan: Plan | None) -> Backend | None:
         """Bring the held stages to what ``plan`` asks: its stage loaded beside the ones held
-        when they fit together, else in their place; the newly loaded backend when it could
-        be calibrated (to be timed again later), else None."""
+        when they fit together, else in their place; the newly loaded backend (to be
+        calibrated, ``_recalibrate``), else None."""
         stage = plan.stage_of(self.member_id) if plan else None
         plan_id = plan.plan_id if plan else ""
         if stage is None:
@@ -274,7 +279,8 @@ class StageLoader:
         progress = LoadProgress(f"layers [{want[0]},{want[1]})", tty=sys.stderr.isatty())
         try:
             await asyncio.get_running_loop().run_in_executor(
-                self.executor, backend.load, self.model, want[0], want[1], progress)
+                self._beside if self.holder.stages else self.executor, backend.load, self.model, want[0], want[1],
+                progress)
         except Exception as exc:  # a backend plugin may raise anything: report it, keep serving
             if not isinstance(exc, MeshError):
                 log.exception("backend %s failed to load layers", backend.name)
@@ -294,12 +300,20 @@ class StageLoader:
         self.changed()
         self._failed = None
         self._write(status)
-        timed = await self._time_stage(backend)
-        return backend if timed else None
+        return backend  # calibrated by ``_recalibrate`` once idle: requests may be moving onto it now
     async def _recalibrate(self, backend: Backend) -> None:
-        """Members of one host load at once and time each other's load, so the stage is timed
-        again a few times later while idle, keeping the fastest time of each step; spread by
-        member id, so members of one host do not time each other again."""
+        """Time a newly loaded stage once no request holds a KV cache here (or after
+        ``CALIBRATE_WAIT_S`` whatever runs: a step then waits for the timing on the compute
+        thread), so that the requests a plan switch moves onto it are not held up; then,
+        since members of one host load at once and time each other's load, a few times more
+        while idle, keeping the fastest time of each step, spread by member id so members of
+        one host do not time each other again."""
+        waited = 0.0
+        while self.holder.caches and waited < CALIBRATE_WAIT_S:
+            await asyncio.sleep(0.5)
+            waited += 0.5
+        if self._calibrating is not backend or not await self._time_stage(backend):
+            return
         spread = int(self.member_id[:4], 16) % 1000 / 1000
         for _ in range(RECALIBRATIONS):
             await asyncio.sleep(RECALIBRATE_AFTER_S * (1 + spread))

@@ -63,7 +63,8 @@ class Node:
         config.check_backend(self.backend_cls)  # a bad --device, --dtype or --quantize fails now
         self.security = link_security(config, self.data_dir, self.member_id)
         self._stop, self._first_link = asyncio.Event(), asyncio.Event()
-        self.plans, self.serving = PlanBoard(), Serving(self.member_id)
+        self.plans = PlanBoard()  # requests through a leaving member move once the plan without it serves (N20)
+        self.serving = Serving(self.member_id, move_off=lambda m: self.plane and self.plane.coordinator.member_lost(m))
         self.dtype = planner.compute_dtype(config.dtype, config.device)
         self.me = MemberInfo(member_id=self.member_id, address="", api_address="", backend=config.backend,
                              memory_bytes=0, incarnation=secrets.token_hex(8))
@@ -87,7 +88,7 @@ class Node:
         self.status = report.NodeStatus(
             member_id=self.member_id, model_id=self.model.model_id, num_layers=self.model.num_layers,
             replication=self.replication, linked=self.links.linked, placement=lambda: (self.placement.plan, self.placement.error),
-            serving=self.plans.state, stats=lambda: self.plane and self.plane.statistics(),
+            serving=self.plans.state, stats=lambda: self.plane and self.plane.statistics(), leaving=self._stop.is_set,
             metrics_text=lambda: self.metrics.text(), spec=lambda: self.inputs and self.inputs.spec, dtype=self.dtype,
             security={"authenticated": self.security is not None, "transport": config.transport,
                       "cluster": self.security.cluster_fingerprint if self.security is not None else None})

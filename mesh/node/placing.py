@@ -37,7 +37,9 @@ class Placement:
             plan = planner.plan(view, inputs)
         except PlacementError as exc:
             if self.plan is not None or self.error != f"placement failed: {exc}":
-                log.error("placement failed: %s", exc)
+                # the last members stopping on purpose is no error (spec N20)
+                quiet = all(view.status(m.member_id).state == "leaving" for m in view.members())
+                (log.info if quiet else log.error)("placement failed: %s", exc)
             self.plan, self.error = None, f"placement failed: {exc}"
             self.want(None)
             return

@@ -94,24 +94,27 @@ class NodeStatus:
     """``mesh.runtime.engine.ClusterStatus`` of a node: ``/health``, ``/v1/cluster`` and the
     gauges of ``/metrics``, read from narrow ports at request time. ``placement()`` is
     (the target plan, why there is none); ``serving()`` the ``PlanState`` requests start on
-    (spec N21: the plan serving while the target loads); ``stats()`` the
+    (spec N21: the plan serving while the target loads); ``leaving()`` whether this node is
+    stopping (``/health`` then says so, spec N20); ``stats()`` the
     request plane's statistics (None before it exists); ``spec`` the cost model's view of the
     model in ``dtype``."""
 
     def __init__(self, *, member_id: str, model_id: str, num_layers: int, replication: Replication,
                  linked: Callable[[], list[str]], placement: Callable[[], tuple[Plan | None, str]],
-                 serving: Callable[[], PlanState],
+                 serving: Callable[[], PlanState], leaving: Callable[[], bool] = lambda: False,
                  stats: Callable[[], Any], metrics_text: Callable[[], bytes | None], security: dict[str, Any],
                  spec: Callable[[], ModelSpec | None], dtype: str) -> None:
         self.member_id, self.model_id, self.num_layers = member_id, model_id, num_layers
         self.replication = replication
-        self.linked, self.placement, self.serving = linked, placement, serving
+        self.linked, self.placement, self.serving, self.leaving = linked, placement, serving, leaving
         self.stats, self._metrics_text, self.security, self.spec, self.dtype = stats, metrics_text, security, spec, dtype
 
     def view(self) -> ClusterView:
         return ClusterView(self.replication.state)
 
     def health(self) -> tuple[bool, str]:
+        if self.leaving():  # spec N20: a load balancer stops sending here
+            return False, "this node is leaving the cluster: send requests to another node"
         state = self.serving()
         return state.ready, state.reason
 

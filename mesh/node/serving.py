@@ -15,6 +15,7 @@ Sans-IO: the node feeds the view, its links and what its own worker holds.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from mesh.kernel.records import ClusterView
@@ -61,10 +62,12 @@ class Serving:
     still is (a plan change under way), else the recorded one (a node that just joined); a
     state that is not ready names why the target is not."""
 
-    def __init__(self, member_id: str) -> None:
+    def __init__(self, member_id: str, move_off: Callable[[str], object] = lambda member: None) -> None:
         self.member_id = member_id
         self.plan: Plan | None = None
+        self.move_off = move_off
         self._last: tuple[bool, str] = (False, "")
+        self._moved: set[str] = set()  # leaving members whose requests were moved off
 
     def choose(self, target: Plan | None, error: str, **now: Any) -> PlanState:
         """``_choose``, and one log line when readiness or its reason changed."""
@@ -89,6 +92,7 @@ class Serving:
                 if self.plan is None or self.plan.plan_id != target.plan_id:
                     log.info("serving plan %s", target.plan_id)
                 self.plan = target
+                self._move_off_leavers(target, view)
                 return PlanState(plan=target, ready=True, reason="ok")
         for fallback in (self.plan, recorded_plan(view, num_layers)):
             if fallback is not None and servable(fallback, view=view, linked=linked, member_id=self.member_id,
@@ -96,6 +100,18 @@ class Serving:
                 self.plan = fallback
                 return PlanState(plan=fallback, ready=True, reason="ok")
         return PlanState(plan=target, ready=False, reason=why)
+
+    def _move_off_leavers(self, serving: Plan, view: ClusterView) -> None:
+        """Spec N20: once the plan placed without a leaving member serves, the requests this
+        node coordinates through it move now (``move_off(member)``: their attempt ends and
+        resumes on the serving plan from the KV replica) instead of keeping it for up to
+        ``--drain-s``; once per leave."""
+        placed = {s.member_id for s in serving.all_stages}
+        leaving = {m.member_id for m in view.members() if view.status(m.member_id).state == "leaving"} - placed
+        for member in sorted(leaving - self._moved):
+            log.info("member %s is leaving: moving the requests through it to plan %s", member, serving.plan_id)
+            self.move_off(member)
+        self._moved = leaving
 
     def handed_over(self, target: Plan | None, *, busy: bool) -> bool:
         """Whether a leaving node may go (spec N20): no request holds a KV cache here

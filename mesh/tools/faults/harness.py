@@ -214,7 +214,10 @@ class Context:
         from mesh.placement.profile import load_or_measure_profile
         from mesh.testing.cluster import LocalCluster
 
-        load_or_measure_profile(self.profile.parent, budget_s=1.0)
+        measured = load_or_measure_profile(self.profile.parent, budget_s=1.0)
+        if not self.profile.exists():  # measured on a busy machine: not cached, but the clusters need one
+            self.profile.parent.mkdir(parents=True, exist_ok=True)
+            self.profile.write_text(json.dumps(measured.to_wire()))
         with LocalCluster(1, self.workdir / "reference", model=self.model, profile=self.profile) as cluster:
             cluster.wait_ready()
             for prompt, n in REFERENCE_REQUESTS:
