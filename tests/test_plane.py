@@ -409,3 +409,19 @@ async def test_a_worker_holding_two_stages_computes_each_request_on_its_routes_r
     await plane.receive("c", forward(req="late.0").to_message())  # a late request on the retired range
     _, error = await wire.next(StepError)
     assert not error.fatal and "needs [0, 6)" in error.message  # not fatal: it fails over (FO3)
+
+
+@pytest.mark.spec("N21", "FO8")
+async def test_a_kv_replica_goes_to_the_stage_of_exactly_its_layers(plane: RequestPlane, wire: Wire) -> None:
+    """With the old stage [0, 6) and a new [0, 3) held, a replica of layers 0-2 is imported by
+    the [0, 3) stage, whichever was added last."""
+    from mesh.runtime.kvreplica import pack_kv
+
+    old = plane.worker.stages[(0, LAYERS)]
+    plane.worker.add_stage(HistoryBackend(0, 3, LAYERS))
+    plane.worker.add_stage(old)  # the old stage re-added: now the newest
+    ids, block = pack_kv(HistoryBackend(0, 3, LAYERS).export_kv([1, 2, 3], start_pos=0, end_pos=3))
+    await plane.receive("c", KvLoad(req="r.9", coord="c", layers=ids, end=3, block=block).to_message())
+    _, loaded = await wire.next(KvLoaded)
+    assert loaded.ok, loaded.message
+    assert plane.worker._cache_stage["r.9"] == (0, 3)

@@ -189,8 +189,12 @@ class StageWorker:
         try:
             if not self.stages:
                 raise RequestFailed("no layers loaded here")
-            backend = next((b for (a, z), b in reversed(self.stages.items())
-                            if all(a <= g < z for g in load.layers)), None)
+            # the stage of exactly these layers (an import takes every layer of its stage): with
+            # an old and a new stage held, both may cover them (spec N21); else one covering
+            # them, whose import says what is wrong
+            span = (min(load.layers), max(load.layers) + 1) if load.layers else (0, 0)
+            backend = self.stages.get(span) or next(
+                (b for (a, z), b in reversed(self.stages.items()) if all(a <= g < z for g in load.layers)), None)
             if backend is None:
                 raise RequestFailed(f"KV of layers {load.layers} sent here; this node holds {self.held()}")
             if self._taken(req):
