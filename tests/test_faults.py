@@ -638,5 +638,5 @@ def test_out_appends_one_json_line_per_run_and_json_prints_the_same_record(
         assert set(record["scenarios"][0]) == {
             "name", "sent", "attempts", "refused", "completed", "abandoned", "failed_clean", "lost", "mismatches",
             "recovery_s_p50", "recovery_s_max", "ttft_after_fault_s_p50", "ttft_after_fault_s_max",
-            "recovery_target_s", "target_met", "crashed", "notes", "passed", "seconds"}
+            "recovery_target_s", "longest_gap_s", "target_met", "crashed", "notes", "passed", "seconds"}
     assert {k: v for k, v in printed.items() if k != "date"} == lines[0]
