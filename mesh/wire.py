@@ -59,6 +59,31 @@ class WireTensor:
     def nbytes(self) -> int:
         return len(self.data)
 
+    def rows(self, start: int, stop: int) -> WireTensor:
+        """Positions ``[start, stop)`` of a ``[1, n, ...]`` tensor (hidden states), as bytes.
+
+        Raises:
+            FrameError: when the tensor is not ``[1, n, ...]`` or the range is outside ``[0, n]``.
+        """
+        if len(self.shape) < 2 or self.shape[0] != 1 or not 0 <= start < stop <= self.shape[1]:
+            raise FrameError(f"positions [{start}, {stop}) of a {self.dtype}{list(self.shape)} tensor")
+        row = math.prod(self.shape[2:]) * DTYPES[self.dtype][1]
+        return WireTensor(dtype=self.dtype, shape=(1, stop - start, *self.shape[2:]),
+                          data=self.data[start * row:stop * row])
+
+    @staticmethod
+    def join_rows(parts: list[WireTensor]) -> WireTensor:
+        """``[1, n_i, ...]`` tensors of one dtype and row shape joined along positions.
+
+        Raises:
+            FrameError: on an empty list, or parts that differ in dtype or row shape.
+        """
+        if not parts or any(p.dtype != parts[0].dtype or p.shape[0] != 1 or p.shape[2:] != parts[0].shape[2:]
+                            or len(p.shape) < 2 for p in parts):
+            raise FrameError("only [1, n, ...] tensors of one dtype and row shape join")
+        return WireTensor(dtype=parts[0].dtype, shape=(1, sum(p.shape[1] for p in parts), *parts[0].shape[2:]),
+                          data=b"".join(p.data for p in parts))
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Message:

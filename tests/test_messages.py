@@ -42,14 +42,16 @@ def routes(draw: Any) -> list[list[Any]]:
 def forwards(draw: Any) -> Forward:
     route = draw(routes())
     first = draw(st.booleans())
+    n = draw(st.integers(1, 8)) if first else 2
     return Forward(req=draw(ids), coord=draw(members), plan_id=draw(st.text(max_size=16)), route=route,
                    idx=draw(st.integers(min_value=0, max_value=len(route) - 1)), step=draw(small), pos=draw(small),
-                   tokens=draw(st.lists(small, min_size=1, max_size=8)) if first else None,
+                   tokens=draw(st.lists(small, min_size=n, max_size=n)) if first else None,
                    temperature=draw(st.floats(min_value=0, max_value=2)), top_p=draw(st.floats(0.01, 1.0)),
                    seed=draw(st.integers(min_value=-(2**63), max_value=2**63 - 1)),
                    kv_to=draw(st.none() | routes()), replica=draw(st.booleans()),
                    timing=draw(st.none() | st.lists(st.tuples(members, st.floats(0, 10)).map(list), max_size=4)),
-                   hidden=None if first else WireTensor(dtype="f32", shape=(1, 2, 3), data=bytes(24)))
+                   hidden=None if first else WireTensor(dtype="f32", shape=(1, 2, 3), data=bytes(24)),
+                   split=draw(st.none() | st.just([1] * n)))
 
 
 records = st.one_of(
@@ -79,13 +81,15 @@ def forward_body(**override: Any) -> dict[str, Any]:
     return {k: v for k, v in body.items() if v is not None}
 
 
-@pytest.mark.spec("N15")
+@pytest.mark.spec("N15", "FO9")
 @pytest.mark.parametrize(("body", "field"), [
     (forward_body(req=""), "req"), (forward_body(req="x" * 65), "req"), (forward_body(coord=7), "coord"),
     (forward_body(route=[]), "route"), (forward_body(route=[["a", 4, 4]]), "route"), (forward_body(idx=1), "idx"),
     (forward_body(step=-1), "step"), (forward_body(pos=True), "pos"), (forward_body(sp=[1]), "sp"),
     (forward_body(sp={"t": float("nan"), "p": 1.0, "seed": 1}), "'t'"), (forward_body(tokens=[]), "tokens"),
     (forward_body(tokens=None), "tokens or hidden"), (forward_body(kv_to=[["b"]]), "kv_to"),
+    (forward_body(split=[1, 0]), "split"), (forward_body(split=[True, 1]), "split"),
+    (forward_body(split=[1, 2]), "sums to 3, the step has 2"),
 ])
 def test_a_malformed_forward_is_refused_naming_the_field(body: dict[str, Any], field: str) -> None:
     with pytest.raises(FrameError, match=field):
@@ -202,3 +206,17 @@ def test_any_body_decodes_or_is_refused_with_a_frame_error(kind: str, body: dict
     except FrameError:
         return
     assert messages.decode(record.to_message()) == record  # what is accepted is canonical
+
+
+@pytest.mark.spec("FO9")
+@given(st.integers(1, 6), st.integers(1, 4), st.sampled_from(["f32", "bf16", "u8"]), st.data())
+def test_hidden_states_split_by_position_join_back(n: int, width: int, dtype: str, data: Any) -> None:
+    size = {"f32": 4, "bf16": 2, "u8": 1}[dtype]
+    tensor = WireTensor(dtype=dtype, shape=(1, n, width), data=bytes((i * 7) % 256 for i in range(n * width * size)))
+    cut = data.draw(st.integers(0, n))
+    parts = [tensor.rows(a, b) for a, b in ((0, cut), (cut, n)) if a < b]
+    assert WireTensor.join_rows(parts) == tensor
+    with pytest.raises(FrameError, match="positions"):
+        tensor.rows(0, n + 1)
+    with pytest.raises(FrameError, match="join"):
+        WireTensor.join_rows([tensor, WireTensor(dtype=dtype, shape=(1, 1, width + 1), data=bytes((width + 1) * size))])

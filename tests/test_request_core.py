@@ -130,6 +130,7 @@ def test_after_a_failure_the_next_attempt_continues_at_the_same_step_on_a_new_pl
     out = drain(core)
     (fwd,) = forwards(out)
     assert (fwd.req, fwd.step, fwd.pos, fwd.tokens, fwd.route[1][0]) == ("r.1", 2, 0, [*PROMPT, 5, 6], "c")
+    assert fwd.split == [3, 1, 1]  # spec FO9: the prompt in one, then a token at a time, as the first attempt did
     core.token("r.1", 2, 7, None, 3.5)
     assert Observe(kind="recovered", value=pytest.approx(1.5)) in drain(core)
 
@@ -223,7 +224,7 @@ def test_a_failed_hand_over_makes_the_decode_stages_prefill_themselves() -> None
     core.token_taken(3.1)
     out = drain(core)
     (fwd,) = forwards(out)
-    assert (fwd.member, fwd.step, fwd.pos, fwd.tokens) == ("d1", 1, 0, [*PROMPT, 5])
+    assert (fwd.member, fwd.step, fwd.pos, fwd.tokens, fwd.split) == ("d1", 1, 0, [*PROMPT, 5], [3, 1])
     assert RequestEvent(state="running", stages=["d1"]) in out
 
 
@@ -259,6 +260,33 @@ def test_a_new_attempt_resumes_from_the_kv_replica() -> None:
     assert Observe(kind="resume", detail="resumed", value=pytest.approx(0.2)) in out
     (fwd,) = forwards(out)
     assert (fwd.step, fwd.pos, fwd.tokens) == (2, 4, [6])  # positions [0, 4) came from the replica
+    assert fwd.split is None  # one position: one step
+
+
+@pytest.mark.spec("FO9")
+@pytest.mark.parametrize("covered, pos, tokens, split, why", [
+    (3, 3, [5, 6, 7], [1, 1, 1], ""),  # a lagging replica: the generated tokens re-fed one per sub-step
+    (5, 5, [7], None, ""),
+    (2, 0, [*PROMPT, 5, 6, 7], [3, 1, 1, 1], "the replica covers 2 of the prompt's 3 positions"),
+])
+def test_a_resume_re_feeds_positions_in_the_shapes_of_the_original_steps(
+        covered: int, pos: int, tokens: list[int], split: list[int] | None, why: str) -> None:
+    core = core_for(max_tokens=8, replica=FakeReplica(covered=covered))  # type: ignore[arg-type]
+    core.start(plan("a"), 0.0)
+    for step, token in enumerate((5, 6, 7)):
+        core.token("r.0", step, token, None, 0.1 * (step + 1))
+        core.token_taken(0.1 * (step + 1))
+    drain(core)
+    core.member_lost("a", 1.0)
+    core.plan_changed(PlanState(plan=plan("b"), ready=True, reason="ok"), 2.0)
+    out = drain(core)
+    if pos:
+        core.kv_loaded("r.1", "b", pos, True, "", 2.1)
+        out = drain(core)
+    else:
+        assert Observe(kind="resume", detail="reprefill", why=why) in out
+    (fwd,) = forwards(out)
+    assert (fwd.step, fwd.pos, fwd.tokens, fwd.split) == (3, pos, tokens, split)
 
 
 def test_a_resume_that_cannot_load_prefills_from_the_start() -> None:

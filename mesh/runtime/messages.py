@@ -103,6 +103,7 @@ class Forward:
     replica: bool = False
     timing: list[list[Any]] | None = None
     hidden: WireTensor | None = None
+    split: list[int] | None = None  # spec FO9: sub-steps computed one after the other
 
     def to_message(self) -> Message:
         body: dict[str, Any] = {"req": self.req, "coord": self.coord, "plan": self.plan_id, "route": self.route,
@@ -116,6 +117,8 @@ class Forward:
             body["replica"] = True
         if self.timing is not None:
             body["t"] = self.timing
+        if self.split is not None:
+            body["split"] = self.split
         return Message(type="forward", body=body, tensor=self.hidden)
 
     @classmethod
@@ -136,11 +139,18 @@ class Forward:
             raise FrameError("a forward needs tokens or hidden states")
         kv_to = body.get("kv_to")
         plan_id = body.get("plan", "")
-        return cls(req=_req(body), coord=_req(body, "coord", MAX_MEMBER), plan_id=str(plan_id)[:MAX_MEMBER],
+        split = body.get("split")
+        if split is not None and not (isinstance(split, list) and split and all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in split)):
+            raise FrameError("field 'split' must be a non-empty list of positive sizes")
+        fwd = cls(req=_req(body), coord=_req(body, "coord", MAX_MEMBER), plan_id=str(plan_id)[:MAX_MEMBER],
                    route=route, idx=idx, step=_int(body, "step"), pos=_int(body, "pos"), tokens=tokens,
                    temperature=_float(sp, "t"), top_p=_float(sp, "p"), seed=_int(sp, "seed", -(2**63)),
                    kv_to=_route(kv_to, "kv_to") if kv_to is not None else None, replica=body.get("replica") is True,
-                   timing=_timing(body["t"]) if "t" in body else None, hidden=msg.tensor)
+                   timing=_timing(body["t"]) if "t" in body else None, hidden=msg.tensor, split=split)
+        if split is not None and sum(split) != fwd.n_positions:
+            raise FrameError(f"field 'split' sums to {sum(split)}, the step has {fwd.n_positions} positions")
+        return fwd
 
     @property
     def n_positions(self) -> int:

@@ -79,6 +79,7 @@ class SendForward:
     tokens: list[int]
     kv_to: list[list[Any]] | None
     replica: bool
+    split: list[int] | None = None  # spec FO9: sub-step sizes of a replayed step
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -417,6 +418,9 @@ class RequestCore:
         end = min(replica.covered(), len(a.tokens) - 1)
         if end <= 0:
             return self._resume_done(a, 0, replica.broken or "a layer's replica is missing", now)
+        if end < len(self.prompt):  # spec FO9: resume where an original step began (the prompt was one)
+            return self._resume_done(a, 0, f"the replica covers {end} of the prompt's {len(self.prompt)} positions",
+                                     now)
         try:
             blocks = [(s.member_id, *replica.block(s.layer_start, s.layer_end, end)) for s in a.plan.stages]
         except BackendError as exc:
@@ -474,7 +478,8 @@ class RequestCore:
         route = a.prefill_route if handover else a.route
         a.forward = SendForward(member=str(route[0][0]), req=a.req, plan_id=a.plan.plan_id, route=route, step=step,
                                 pos=a.pos, tokens=list(a.tokens), kv_to=a.route if handover else None,
-                                replica=self.replica is not None and not self.replica.broken)
+                                replica=self.replica is not None and not self.replica.broken,
+                                split=self._split(a.pos, len(a.tokens)))
         a.limit_s = self.timeouts.prefill_s if prefill else self.timeouts.decode_s
         # spec FO2: resend a step whose reply is late: after 4x a typical decode step, or 3x the
         # prefill this coordinator expects (resending a prefill that is still running costs the
@@ -487,6 +492,13 @@ class RequestCore:
         a.deadline = now + a.limit_s
         a.resend_at = min(a.deadline, now + a.retry_s)
         self._out(a.forward)
+
+    def _split(self, pos: int, n: int) -> list[int] | None:
+        """Spec FO9: the sizes of the original steps that covered positions [pos, pos + n) (the
+        prompt in one, then one token each), or None when that is a single step."""
+        prompt_part = min(n, max(0, len(self.prompt) - pos))
+        sizes = ([prompt_part] if prompt_part else []) + [1] * (n - prompt_part)
+        return sizes if len(sizes) > 1 else None
 
     def _end_attempt(self) -> None:
         a = self.attempt

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any
 
-from backends.base import Backend
+from backends.base import Backend, StepOutput
 from mesh.errors import BackendError, MeshError, RequestFailed, TransportError
 from mesh.runtime.engine import SamplingParams
 from mesh.runtime.kvreplica import pack_kv, unpack_kv
@@ -31,7 +31,7 @@ from mesh.runtime.messages import (
 )
 from mesh.runtime.sampling import sample
 from mesh.runtime.stage_core import COMPUTE, Replay, StageLedger
-from mesh.wire import Message
+from mesh.wire import Message, WireTensor
 
 log = logging.getLogger(__name__)
 
@@ -312,8 +312,7 @@ class StageWorker:
 
         def run() -> tuple[Any, float]:
             started = time.perf_counter()
-            out = backend.forward(cache, start_pos=pos, token_ids=fwd.tokens, hidden=fwd.hidden)
-            return out, time.perf_counter() - started
+            return _forward(backend, cache, fwd), time.perf_counter() - started
 
         out, compute_s = await asyncio.get_running_loop().run_in_executor(self.executor, run)
         timing = [*(fwd.timing or []), [self.member_id, round(compute_s, 6)]]  # spec N12
@@ -327,13 +326,32 @@ class StageWorker:
         if fwd.idx + 1 < len(fwd.route):
             nxt = Forward(req=req, coord=fwd.coord, plan_id=fwd.plan_id, route=fwd.route, idx=fwd.idx + 1,
                           step=fwd.step, pos=pos, tokens=None, temperature=fwd.temperature, top_p=fwd.top_p,
-                          seed=fwd.seed, kv_to=fwd.kv_to, replica=fwd.replica, timing=timing, hidden=out.hidden)
+                          seed=fwd.seed, kv_to=fwd.kv_to, replica=fwd.replica, timing=timing, hidden=out.hidden,
+                          split=fwd.split)
             return str(fwd.route[fwd.idx + 1][0]), nxt.to_message()
         if out.logits is None:
             raise RequestFailed("the last stage produced no logits")
         params = SamplingParams(max_tokens=1, temperature=fwd.temperature, top_p=fwd.top_p)
         token = sample(out.logits, params, step=fwd.step, request_seed=fwd.seed)
         return fwd.coord, Token(req=req, step=fwd.step, token=token, timing=timing).to_message()
+
+
+def _forward(backend: Backend, cache: Any, fwd: Forward) -> StepOutput:
+    """One step on ``backend``; with ``fwd.split``, its sub-steps one after the other (spec FO9:
+    a replayed step computes in the shapes of the original steps, so reduced-precision
+    results do not depend on how a failover grouped the tokens). Hidden states of the
+    sub-steps are joined along positions; the logits are the last sub-step's."""
+    if not fwd.split or len(fwd.split) == 1:
+        return backend.forward(cache, start_pos=fwd.pos, token_ids=fwd.tokens, hidden=fwd.hidden)
+    hidden: list[WireTensor] = []
+    out, at = StepOutput(), 0
+    for n in fwd.split:
+        out = backend.forward(cache, start_pos=fwd.pos + at, token_ids=fwd.tokens[at:at + n] if fwd.tokens else None,
+                              hidden=fwd.hidden.rows(at, at + n) if fwd.hidden is not None else None)
+        if out.hidden is not None:
+            hidden.append(out.hidden)
+        at += n
+    return StepOutput(hidden=WireTensor.join_rows(hidden), logits=None) if hidden else out
 
 
 def _as_mesh_error(exc: Exception, what: str) -> MeshError:
