@@ -912,6 +912,9 @@ async def test_health_ready_and_not_ready(engine: FakeEngine, cluster_status: Fa
     error = assert_error_shape(chat, 503)
     assert error["type"] == "server_error" and "layers 15-29" in error["message"]
     assert engine.requests == []
+    cluster_status.admit = (True, "a placed plan is loading")  # the engine holds it until the plan serves
+    chat = await client.post("/v1/chat/completions", json=body())
+    assert chat.status_code == 200 and len(engine.requests) == 1
 
 
 @pytest.mark.spec("A15")

@@ -122,7 +122,7 @@ def test_the_cpu_quantized_linears_compute_what_torchaos_own_dispatch_computes(h
     same weights, same results as torchao's own path, for 2-D and 3-D inputs, with a bias."""
     from torchao.quantization import quantize_
 
-    from backends.torch import _Int4CpuLinear, _Int8CpuLinear, _quantize
+    from backends.torch_quant import _Int4CpuLinear, _Int8CpuLinear, _quantize
 
     torch.manual_seed(0)
     ours = torch.nn.Sequential(torch.nn.Linear(128, 96, bias=True)).to(dtype)

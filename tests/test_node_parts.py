@@ -192,7 +192,7 @@ def test_ready_only_when_every_stage_is_held_and_linked() -> None:
     assert "this node has not loaded" in servable(plan, **args, linked={"b"}, held=[])[1]
     serving = Serving("a")
     choose = {"view": view, "linked": {"b"}, "held": [(0, 4)], "num_layers": 8}
-    assert serving.choose(plan, "", **choose, clock_fault="clock!") == PlanState(plan=plan, ready=False,
+    assert serving.choose(plan, "", **choose, clock_fault="clock!") == PlanState(plan=None, ready=False,
                                                                                 reason="clock!")
     assert serving.choose(None, "no placement yet", **choose, clock_fault=None) == PlanState(
         plan=None, ready=False, reason="no placement yet")
@@ -203,6 +203,28 @@ def test_ready_only_when_every_stage_is_held_and_linked() -> None:
     assert old.held == ((4, 8),)
     with pytest.raises(FrameError):
         MemberStatus.from_wire({**loaded["b"].to_wire(), "held": [[0, "x"]]})
+
+
+@pytest.mark.spec("A9", "N21", "N20")
+@pytest.mark.parametrize("state, leaving, admit", [
+    (PlanState(plan=None, ready=False, reason="placement failed: no member"), False, False),
+    (PlanState(plan=Plan(num_layers=4, stages=(Stage(member_id="a", layer_start=0, layer_end=4),)), ready=False,
+               reason="member a has not loaded layers [0, 4) yet"), False, True),  # held until it serves
+    (PlanState(plan=Plan(num_layers=4, stages=(Stage(member_id="a", layer_start=0, layer_end=4),)), ready=False,
+               reason="loading"), True, False),
+])
+def test_a_new_request_is_admitted_while_a_placed_plan_loads(state: PlanState, leaving: bool, admit: bool) -> None:
+    """Not ready with a plan placed (a member joined, or replaces a lost one): /health is 503
+    but a chat completion is admitted and waits for the plan (admit_s); with nothing placed,
+    or on a leaving node, it is refused with the reason."""
+    from mesh.node.report import NodeStatus
+
+    status = NodeStatus(member_id="a", model_id="m", num_layers=4, replication=None,  # type: ignore[arg-type]
+                        linked=list, placement=lambda: (state.plan, ""), serving=lambda: state,
+                        leaving=lambda: leaving, stats=lambda: None, metrics_text=lambda: None, security={},
+                        spec=lambda: None, dtype="f32")
+    assert status.health()[0] is False
+    assert status.admits()[0] is admit
 
 
 @pytest.mark.spec("N21")

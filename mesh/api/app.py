@@ -327,8 +327,8 @@ def create_app(
         check_supported(req)
         if req.model != engine.model_id:
             raise model_not_found(req.model)
-        ready, reason = status.health()
-        if not ready:
+        admit, reason = status.admits()  # spec A9: a plan that is loading holds the request instead
+        if not admit:
             raise server_error(f"The cluster is not ready: {reason}")
         chars = sum(len(m.content) for m in req.messages)
         if chars > engine.context_length * MAX_CHARS_PER_TOKEN:

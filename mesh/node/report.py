@@ -118,6 +118,10 @@ class NodeStatus:
         state = self.serving()
         return state.ready, state.reason
 
+    def admits(self) -> tuple[bool, str]:
+        ready, reason = self.health()
+        return ready or (not self.leaving() and self.serving().plan is not None), reason
+
     def cluster_info(self) -> dict[str, Any]:
         plan, _ = self.placement()
         serving = self.serving()

@@ -83,7 +83,7 @@ class Serving:
     def _choose(self, target: Plan | None, error: str, *, view: ClusterView, linked: set[str],
                held: list[tuple[int, int]], clock_fault: str | None, num_layers: int) -> PlanState:
         if clock_fault is not None:
-            return PlanState(plan=target, ready=False, reason=clock_fault)
+            return PlanState(plan=None, ready=False, reason=clock_fault)  # nothing to wait for
         linked = linked | {self.member_id}
         why = error
         if target is not None:

@@ -84,6 +84,13 @@ class ClusterStatus(Protocol):
         """(ready, reason): ready only when the model is placed and loaded across the cluster."""
         ...
 
+    def admits(self) -> tuple[bool, str]:
+        """(admit, reason): whether a new chat completion is taken: when ready, and also while
+        a placed plan is loading (a member joined, or replaces one that was lost): the engine
+        then holds the request until that plan serves, up to its admission timeout (spec
+        N21, ``Timeouts.admit_s``). Otherwise the reason of the 503."""
+        ...
+
     def cluster_info(self) -> dict[str, Any]:
         """JSON for ``GET /v1/cluster``: ``members`` (id, address, backend, memory_bytes,
         layer_start, layer_end), ``model``, ``num_layers``."""

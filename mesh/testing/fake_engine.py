@@ -60,11 +60,15 @@ class FakeStatus:
     while it is None). Fields may be changed while the app runs."""
 
     ready: tuple[bool, str] = (True, "ready")
+    admit: tuple[bool, str] | None = None  # admits(): ``ready`` unless set
     cluster: dict[str, Any] = field(default_factory=lambda: {"model": "fake/model", "num_layers": 1, "members": []})
     metrics: Callable[[], bytes] | None = None
 
     def health(self) -> tuple[bool, str]:
         return self.ready
+
+    def admits(self) -> tuple[bool, str]:
+        return self.admit if self.admit is not None else self.ready
 
     def cluster_info(self) -> dict[str, Any]:
         return self.cluster
