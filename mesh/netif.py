@@ -148,6 +148,10 @@ def shares_subnet(a: IfAddress, peer_address: str) -> bool:
 # Rank of a kind when choosing among interfaces; "virtual" and "loopback" are never chosen
 # unless pinned (or, for loopback, unless the peer is loopback itself).
 _KIND_RANK = {"thunderbolt": 0, "ethernet": 1, "wifi": 2, "other": 3}
+# For any peer (the address every member is told): a LAN before a Thunderbolt cable, which
+# reaches only the machine at its other end (its address is offered to that one as the
+# per-peer choice and as a tbip route)
+_ANY_PEER_RANK = {"ethernet": 0, "wifi": 1, "other": 2, "thunderbolt": 3}
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -190,8 +194,9 @@ def advertise_address(table: list[Interface], peer_address: str | None, *,
     ``pinned_interface`` (``--interface``) wins: its first usable address, whatever its kind.
     Otherwise an address of an up interface whose subnet holds the peer, by kind
     (thunderbolt, ethernet, wifi, other), never a virtual or loopback one (127.0.0.1 or
-    ::1 when the peer is loopback itself); else the best address of any up
-    non-virtual non-loopback interface, link-local addresses only when nothing else.
+    ::1 when the peer is loopback itself); else (and for any peer) the best address of any up
+    non-virtual non-loopback interface by how widely it reaches (ethernet, wifi, other,
+    thunderbolt), link-local addresses only when nothing else.
 
     Raises ConfigError when the pinned interface does not exist or has no usable address.
     """
@@ -207,9 +212,9 @@ def advertise_address(table: list[Interface], peer_address: str | None, *,
                   for a in i.addresses if _usable(a) and shares_subnet(a, peer_address)]
         if shared:
             return min(shared)[3]
-    # No shared subnet: the best address of the best interface, link-local ones (reachable
-    # on one link only) last, whatever the interface.
-    fallback = [(int(ipaddress.ip_address(a.address).is_link_local), _KIND_RANK[i.kind], i.name,
+    # No shared subnet, or any peer: the address of the most widely reachable interface
+    # (LAN before Thunderbolt), link-local ones (reachable on one link only) last.
+    fallback = [(int(ipaddress.ip_address(a.address).is_link_local), _ANY_PEER_RANK[i.kind], i.name,
                  _address_key(a), a.address)
                 for i in table if _routable(i) for a in i.addresses if _usable(a)]
     return min(fallback)[4] if fallback else None

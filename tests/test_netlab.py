@@ -111,6 +111,64 @@ def test_the_measured_links_follow_a_rate_limited_cable(tmp_path: Path) -> None:
             assert slow < 40e6 / 8 * 1.3 and fast > 3 * slow, (slow, fast)
 
 
+def _rates(lab: netlab.NetLab, host: str, pairs: list[frozenset[str]], timeout_s: float = 120.0
+           ) -> dict[frozenset[str], float]:
+    """The measured probe throughput (bytes/s) of each link in ``/v1/cluster``, once every pair
+    of ``pairs`` (member ids) has a figure; what there is after ``timeout_s``."""
+    deadline, rates = time.monotonic() + timeout_s, {}
+    while time.monotonic() < deadline:
+        _, info = lab.http_json(host, "http://127.0.0.1:8000/v1/cluster")
+        rates = {frozenset((link["from"], link["to"])): link.get("throughput_bytes_per_s")
+                 for link in info.get("links", []) if link.get("throughput_bytes_per_s")}
+        if set(pairs) <= set(rates):
+            break
+        time.sleep(1.0)
+    return rates
+
+
+def _ids(lab: netlab.NetLab, seen: dict, network: str) -> dict[str, str]:
+    """host name -> member id, from a /v1/cluster answer, by each host's address on ``network``."""
+    by_address = {m["address"].rpartition(":")[0]: m["id"] for m in seen["members"]}
+    return {name: by_address[h.address(network)] for name, h in lab.hosts.items() if h.address(network) in by_address}
+
+
+@pytest.mark.spec("D15", "D7", "TB1", "TB2", "TB4", "L1")
+def test_two_subnets_a_thunderbolt_cable_beside_a_slow_lan(tmp_path: Path) -> None:
+    """a and b sit on the LAN and on a direct cable of their own (a second subnet; its
+    interfaces named ``thunderbolt0``, as Linux's thunderbolt-net names them); c on the LAN
+    only; every LAN port is limited to 100 Mbit/s. Started with ``--transport tbip`` and no
+    --peer, the three find each other by multicast on both subnets, a and b link over the
+    cable (measured far above the LAN's rate), c over the LAN (near 100 Mbit/s), and all
+    three serve; with the cable pulled, a and b stay linked over the LAN and serve the same
+    text."""
+    with netlab.NetLab() as lab:
+        lab.network("lan", "10.77.4")
+        lab.network("tb", "10.77.5")
+        for name in ("a", "b"):
+            lab.host(name, "lan", "tb", rate_mbit={"lan": 100}, ifnames={"tb": "thunderbolt0"})
+        lab.host("c", "lan", rate_mbit={"lan": 100})
+        with _nodes(lab, tmp_path, ["a", "b", "c"], extra=["--transport", "tbip"]):
+            seen = _wait(lab, ["a", "b", "c"], 3)
+            ids = _ids(lab, seen["c"], "lan")
+            assert set(ids) == {"a", "b", "c"}, seen["c"]["members"]  # each announces its LAN address to c
+            a, b, c = ids["a"], ids["b"], ids["c"]
+            rates = _rates(lab, "a", [frozenset((a, b)), frozenset((a, c))])
+            cable, lan = rates.get(frozenset((a, b))), rates.get(frozenset((a, c)))
+            assert cable is not None and lan is not None, rates
+            assert lan < 100e6 / 8 * 1.3 and cable > 2 * lan, (cable, lan)
+            logs = "".join((tmp_path / f"{h}.log").read_text() for h in ("a", "b", "c"))
+            assert "discovery: peer" in logs and "adding the preferred path" in logs
+            text = _chat(lab, "c", "Say hello.", max_tokens=8)
+            assert text
+            # the cable pulled: a and b stay linked over the LAN (the spare), nobody leaves
+            lab.set_link("a", "tb", up=False)
+            time.sleep(6.0)  # twice --dead-after-s: the cable's connection is declared dead
+            assert len(_wait(lab, ["a", "b", "c"], 3)["a"]["members"]) == 3
+            assert _chat(lab, "c", "Say hello.", max_tokens=8) == text
+            assert "left" not in "".join(line for h in ("a", "b") for line in
+                                         (tmp_path / f"{h}.log").read_text().splitlines() if "liveness" in line)
+
+
 def _chat(lab: netlab.NetLab, host: str, prompt: str, max_tokens: int = 48) -> str:
     status, reply = lab.http_json(host, "http://127.0.0.1:8000/v1/chat/completions", body={
         "model": "smollm2-135m", "messages": [{"role": "user", "content": prompt}], "temperature": 0,

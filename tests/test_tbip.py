@@ -180,6 +180,8 @@ def test_the_real_table_reads_as_plain_data() -> None:
 @pytest.mark.spec("TB1")
 def test_advertise_on_the_subnet_shared_with_the_peer() -> None:
     assert advertise_address(LINUX, "10.0.5.2") == "10.0.5.1"  # the Thunderbolt link
+    assert advertise_address(LINUX, None) == "192.168.1.10"  # to every member: the LAN, not the cable
+    assert advertise_address(MAC, None) == "192.168.1.20"
     assert advertise_address(LINUX, "192.168.1.30") == "192.168.1.10"
     assert advertise_address(MAC, "192.168.1.30") == "192.168.1.20"
     assert advertise_address(MAC, "169.254.200.1") == "169.254.10.20"
@@ -208,8 +210,12 @@ def test_virtual_and_vpn_addresses_are_never_advertised_unless_pinned() -> None:
 
 @pytest.mark.spec("TB1")
 def test_without_a_shared_subnet_the_best_interface_and_no_link_local() -> None:
-    assert advertise_address(LINUX, None) == "10.0.5.1"  # kind order: thunderbolt first
-    assert advertise_address(LINUX, "203.0.113.9") == "10.0.5.1"
+    # the LAN before the Thunderbolt cable, which reaches one machine (the lab's two-subnet test
+    # found a third node told a cable address it could not reach)
+    assert advertise_address(LINUX, None) == "192.168.1.10"
+    assert advertise_address(LINUX, "203.0.113.9") == "192.168.1.10"
+    only_cable = [LO, iface("thunderbolt0", "10.0.5.1/30")]
+    assert advertise_address(only_cable, None) == "10.0.5.1"
     # bridge0 holds only link-local addresses: the Wi-Fi address is advertised instead.
     assert advertise_address(MAC, None) == "192.168.1.20"
     assert advertise_address(MULTI, None) == "192.168.1.9"
@@ -510,3 +516,37 @@ def test_links_teach_the_transport_a_members_alternative_addresses() -> None:
                   on_down=lambda m: None, on_fatal=lambda e: None, dead_after_s=5, send_timeout_s=5)
     links._learn_routes(peer)
     assert learned == [("192.168.1.20:7600", ["10.0.5.2"])]
+
+
+@pytest.mark.spec("TB4")
+def test_messages_take_the_connection_that_reaches_a_preferred_address() -> None:
+    """Two connections to one member, the LAN one dialled first: sends go over the one whose
+    peer is a Thunderbolt address the member's hello named, whichever end dialled it; with it
+    closed, over the LAN one."""
+    from mesh.kernel.records import MemberInfo
+    from mesh.node.links import Links
+
+    sent: list[str] = []
+
+    class Conn:
+        def __init__(self, peer: str) -> None:
+            self.peer, self.closed = peer, False
+
+        async def send(self, msg: Message, *, timeout_s: float, lane: str = "control") -> None:
+            sent.append(self.peer)
+
+    async def ignore(*_: Any) -> None:
+        return None
+
+    links = Links(TbipTransport(), me=lambda: MemberInfo(member_id="a", address="10.0.0.1:7600", api_address="", backend="torch",
+                                                           memory_bytes=1), model_id="m",
+                  started_ms=0, on_message=ignore, on_up=ignore, on_down=lambda m: None, on_fatal=lambda e: None,
+                  dead_after_s=3.0, send_timeout_s=1.0)
+    links.infos["b"] = MemberInfo(member_id="b", address="192.168.1.20:7600", api_address="", backend="torch",
+                                   memory_bytes=1, alt_addresses=("10.0.5.2", "fe80::2"))
+    lan, cable = Conn("192.168.1.20:7600"), Conn("10.0.5.2:51234")  # the cable's: accepted, an ephemeral port
+    links.conns["b"] = {lan, cable}
+    asyncio.run(links.send("b", Message(type="ping")))
+    cable.closed = True
+    asyncio.run(links.send("b", Message(type="ping")))
+    assert sent == ["10.0.5.2:51234", "192.168.1.20:7600"]

@@ -12,6 +12,7 @@ link only (spec N10). Spec: specs/node.md (N2, N9, N10).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -55,6 +56,14 @@ def _peer_host(peer: str) -> str:
     return peer.rpartition(":")[0].strip("[]")
 
 
+def _host_key(host: str) -> str:
+    """An IP address in one spelling (zone dropped); another host as given, lower-cased."""
+    try:
+        return str(ipaddress.ip_address(host.strip("[]").split("%", 1)[0]))
+    except ValueError:
+        return host.lower()
+
+
 class Links:
     """The links of one node, keyed by peer member id (a peer may have several at once)."""
 
@@ -88,10 +97,20 @@ class Links:
     async def send(self, member_id: str, msg: Message, lane: str = "control") -> None:
         """Send on a live link, on ``lane`` (see ``transports.base.LANES``). Raises
         RequestFailed (no link) or TransportError/PeerTimeout."""
-        conns = [c for c in self.conns.get(member_id, ()) if not c.closed]
+        conns = sorted((c for c in self.conns.get(member_id, ()) if not c.closed),
+                       key=lambda c: (not self._preferred(member_id, c), c.peer))
         if not conns:
             raise RequestFailed(f"no link to member {member_id}")
         await conns[0].send(msg, timeout_s=self.send_timeout_s, lane=lane)
+
+    def _preferred(self, member_id: str, conn: Connection) -> bool:
+        """Spec TB4: whether ``conn`` reaches the member at one of the hosts its hello named
+        as preferred (``alt_addresses``: its Thunderbolt links), whichever end dialled."""
+        info = self.infos.get(member_id)
+        if info is None or not info.alt_addresses:
+            return False
+        host = _host_key(_peer_host(conn.peer))
+        return any(_host_key(_peer_host(alt) if alt.count(":") == 1 else alt) == host for alt in info.alt_addresses)
 
     def _meter(self, member_id: str) -> LinkMeter:
         meter = self.meters.get(member_id)
@@ -224,7 +243,42 @@ class Links:
         self.infos[info.member_id] = info
         log.info("link up: %s at %s (%s)", info.member_id, info.address, conn.peer)
         await self.on_up(info)
+        self._maybe_upgrade(info)
         return info
+
+    def _maybe_upgrade(self, info: MemberInfo) -> None:
+        """Spec TB4: a link that came up over the LAN (dialled from a discovery announcement or
+        the state before the peer's hello named its Thunderbolt addresses) is joined by one
+        dialled through the transport's preferred path, when the transport has one (tbip) and
+        this node has the lower id (one dial per pair). Sends then go over it; the LAN link
+        stays as the spare."""
+        me = self.me().member_id
+        conns = self.conns.get(info.member_id, set())
+        if (not info.alt_addresses or getattr(self.transport, "learn_routes", None) is None or me > info.member_id
+                or any(self._preferred(info.member_id, c) for c in conns)
+                or f"upgrade {info.member_id}" in self._dialing):
+            return
+        try:
+            listen = member_address(info.address)
+        except MeshError:
+            return
+        self._dialing.add(f"upgrade {info.member_id}")
+
+        async def dial() -> None:
+            try:
+                conn = await self.transport.connect(listen.host, listen.port, timeout_s=HANDSHAKE_TIMEOUT_S)
+            except (MeshError, TimeoutError) as exc:
+                log.info("no preferred path to %s: %s", info.member_id, exc)
+                return
+            finally:
+                self._dialing.discard(f"upgrade {info.member_id}")
+            if not self._preferred(info.member_id, conn):
+                await conn.close()  # the transport found no better path than the LAN link's
+                return
+            log.info("link to %s: adding the preferred path %s", info.member_id, conn.peer)
+            await self.accept(conn)
+
+        self.spawn(dial(), f"upgrade {info.member_id}")
 
     @staticmethod
     def _collision(member_id: object, holder: object, mine: str) -> IdentityCollision:

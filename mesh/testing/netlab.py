@@ -85,6 +85,7 @@ class NetLab:
         self.hosts: dict[str, Host] = {}
         self._namespaces: list[str] = []
         self._veths = 0
+        self._outside: dict[tuple[str, str], str] = {}  # (host, network) -> the bridge's end of its veth
 
     def __enter__(self) -> NetLab:
         return self
@@ -106,15 +107,20 @@ class NetLab:
         _run("ip", "-n", ns, "link", "set", "br0", "up")
         self.networks[name] = (ns, subnet, 2)
 
-    def host(self, name: str, *networks: str, rate_mbit: dict[str, float] | None = None) -> Host:
+    def host(self, name: str, *networks: str, rate_mbit: dict[str, float] | None = None,
+             ifnames: dict[str, str] | None = None) -> Host:
         """A namespace on each of ``networks`` (an address from each subnet in turn), its link to
-        a network rate-limited to ``rate_mbit[network]`` Mbit/s each way where given (``tbf``)."""
+        a network rate-limited to ``rate_mbit[network]`` Mbit/s each way where given (``tbf``),
+        its interface there named ``ifnames[network]`` where given (e.g. ``thunderbolt0``, the
+        name Linux's thunderbolt-net gives, so that a node takes it for a Thunderbolt link;
+        else ``eth<i>``)."""
         host = Host(name, self._namespace(f"h{len(self.hosts)}"))
         for network in networks:
             bridge_ns, subnet, n = self.networks[network]
             self.networks[network] = (bridge_ns, subnet, n + 1)
             self._veths += 1
-            inside, outside = f"eth{len(host.interfaces)}", f"{self.prefix}v{self._veths}"
+            inside = (ifnames or {}).get(network, f"eth{len(host.interfaces)}")
+            outside = f"{self.prefix}v{self._veths}"
             # made inside the bridge's namespace, its peer straight in the host's: the machine's
             # own namespace never holds either end
             _run("ip", "-n", bridge_ns, "link", "add", outside, "type", "veth", "peer", "name", inside,
@@ -125,13 +131,25 @@ class NetLab:
             _run("ip", "-n", host.ns, "addr", "add", f"{address}/24", "dev", inside)
             _run("ip", "-n", host.ns, "link", "set", inside, "up")
             host.interfaces[network] = (inside, address)
-            rate = (rate_mbit or {}).get(network)
-            if rate:
-                for ns, dev in ((host.ns, inside), (bridge_ns, outside)):  # both directions
-                    _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-                         "rate", f"{rate}mbit", "burst", "64kb", "latency", "200ms")
+            self._outside[(name, network)] = outside
         self.hosts[name] = host
+        for network, rate in (rate_mbit or {}).items():
+            self.set_rate(name, network, rate)  # both directions
         return host
+
+    def set_rate(self, host: str, network: str, rate_mbit: float | None) -> None:
+        """Limit ``host``'s link to ``network`` to ``rate_mbit`` Mbit/s each way (``tbf``), or
+        lift the limit (None)."""
+        h = self.hosts[host]
+        bridge_ns = self.networks[network][0]
+        inside = h.interfaces[network][0]
+        outside = self._outside[(host, network)]
+        for ns, dev in ((h.ns, inside), (bridge_ns, outside)):
+            if rate_mbit is None:
+                _run("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root")
+            else:
+                _run("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf",
+                     "rate", f"{rate_mbit}mbit", "burst", "64kb", "latency", "200ms")
 
     def set_link(self, host: str, network: str, up: bool) -> None:
         """Take ``host``'s interface on ``network`` down (a pulled cable) or up again."""
