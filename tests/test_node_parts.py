@@ -668,6 +668,26 @@ def test_a_plan_for_the_same_members_moves_only_for_a_gain_above_the_margin_and_
     assert [s.member_id for s in planner.plan(_profiled({"a": 20e9, "b": 22e9}, [serving]), eager).stages] == ["b"]
 
 
+@pytest.mark.spec("P21")
+def test_a_slow_link_under_the_serving_plan_moves_it_by_the_solvers_own_objective() -> None:
+    """a and c serve over a 10 Mbit/s link (measured); b is as fast as either. Judged on
+    decode tokens/s the hop costs a few per cent and the plan stays; judged as the solver
+    judges by default (goodput: a request end to end, its prompt's hidden states crossing the
+    slow link), the plan moves off it."""
+    import dataclasses
+
+    inputs = _solver_inputs()
+    slow = {"transport": "tcp", "rtt_p50_s": 0.001, "rtt_p99_s": 0.002, "throughput_bytes_per_s": 1.25e6,
+            "samples": 9}
+    serving = records.placement("old", [["a", 0, 15], ["c", 15, 30]], [], ["a", "b", "c"])
+    view = _profiled({"a": 20e9, "b": 20e9, "c": 20e9}, [serving, records.link_measured("a", "c", slow)])
+    assert inputs.objective == "goodput"
+    moved = planner.plan(view, inputs)
+    assert "c" not in {s.member_id for s in moved.all_stages}
+    decode = dataclasses.replace(inputs, objective="decode")
+    assert [(s.member_id, s.layer_start) for s in planner.plan(view, decode).stages] == [("a", 0), ("c", 15)]
+
+
 @pytest.mark.spec("P17", "P21")
 def test_the_solver_plans_on_the_links_the_members_measured() -> None:
     inputs = _solver_inputs()

@@ -211,8 +211,9 @@ def keep_or_move(view: ClusterView, inputs: PlanInputs, candidate: Plan) -> Plan
 
 def score(view: ClusterView, inputs: PlanInputs, found: Plan) -> float | None:
     """What the solver's objective predicts for ``found`` on the topology it plans on
-    (``solver_topology``), higher is better: decode tokens/s (``decode``, ``goodput``) or
-    1 / TTFT (``ttft``); None when it cannot be predicted (a member without a profile)."""
+    (``solver_topology``), higher is better: requests per second end to end (1 / the
+    end-to-end time of a request, ``goodput``), decode tokens/s (``decode``) or 1 / TTFT
+    (``ttft``); None when it cannot be predicted (a member without a profile)."""
     spec = inputs.spec
     if spec is None:
         return None
@@ -225,7 +226,8 @@ def score(view: ClusterView, inputs: PlanInputs, found: Plan) -> float | None:
         p = predict(solver_form(found), topo, spec, prompt_tokens=request.prompt_tokens, new_tokens=request.new_tokens)
     except PlacementError:
         return None
-    value = 1.0 / p.ttft_s if inputs.objective == "ttft" else p.decode_tokens_per_s
+    seconds = {"ttft": p.ttft_s, "goodput": p.e2e_s}.get(inputs.objective)  # the solver's own terms
+    value = p.decode_tokens_per_s if seconds is None else 1.0 / seconds if seconds > 0 else 0.0
     return value if value > 0 and value != float("inf") else None
 
 
