@@ -3,6 +3,7 @@ readiness, placement reactions and the pure planner."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -366,6 +367,19 @@ def test_declaring_dead_fails_requests_at_once_and_removes_the_member_unless_jus
     stopping, stop_calls = monitor([0.0], {"me", "b"}, stopping=True)
     stopping.declare_dead("b", "test")
     assert stop_calls["lost"] == ["b"] and stop_calls["removed"] == []
+
+
+@pytest.mark.spec("N20")
+def test_a_member_that_announced_its_leave_goes_without_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    mon, calls = monitor([100.0], {"me", "b", "c"})
+    mon.leaving = lambda m: m == "b"
+    with caplog.at_level(logging.INFO, logger="mesh.node.liveness"):
+        mon.link_down("b")
+        mon.link_down("c")
+    assert calls["removed"] == ["b", "c"]
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "member b left as announced: its last link closed"),
+        ("WARNING", "member c left: its last link closed")]
 
 
 @pytest.mark.spec("FO7")
@@ -740,3 +754,25 @@ def test_a_profile_far_below_its_peers_on_the_same_hardware_is_measured_again() 
     loader.profile = profile(2.6e8)
     assert not asyncio.run(loader.check_profile())
     compute.shutdown()
+
+
+@pytest.mark.spec("N4")
+def test_the_api_port_is_taken_early_but_refuses_clients_until_it_listens() -> None:
+    import socket
+
+    from mesh.errors import ConfigError
+    from mesh.node.config import bind_tcp
+
+    running = bind_tcp("127.0.0.1", 0, "--api-port")  # another node's API, serving
+    with pytest.raises(ConfigError, match="--api-port"):
+        bind_tcp("127.0.0.1", running.getsockname()[1], "--api-port", listen=False)
+    running.close()
+    early = bind_tcp("127.0.0.1", 0, "--api-port", listen=False)
+    port = early.getsockname()[1]
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2.0)
+        early.listen(8)
+        socket.create_connection(("127.0.0.1", port), timeout=2.0).close()
+    finally:
+        early.close()

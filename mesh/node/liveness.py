@@ -117,6 +117,7 @@ class Monitor:
                  send_timeout_s: float, members: Callable[[], list[str]], on_round: Callable[[], None],
                  lost: Callable[[str], None], present: Callable[[str], bool], remove: Callable[[str], None],
                  changed: Callable[[], None], stopping: Callable[[], bool],
+                 leaving: Callable[[str], bool] = lambda member_id: False,
                  send: Callable[[str, Message], Awaitable[None]], clock: Callable[[], float] = time.monotonic) -> None:
         self.core = core
         self.links = links
@@ -127,6 +128,7 @@ class Monitor:
         self.on_round = on_round
         self.lost, self.present, self.remove, self.changed = lost, present, remove, changed
         self.stopping = stopping
+        self.leaving = leaving
         self.send = send
         self.clock = clock
         self._tasks: asyncio.TaskGroup | None = None
@@ -153,8 +155,10 @@ class Monitor:
                 # This process was frozen (SIGSTOP, a suspended laptop): its peers were not
                 # silent, it was. Removing them would evict healthy members; links redial.
                 log.warning("not declaring member %s dead (%s): this node was just frozen", member_id, why)
-            else:
-                log.warning("member %s left: %s", member_id, why)
+            else:  # a member that announced its leave (N20) going is expected: no warning
+                level = logging.INFO if self.leaving(member_id) else logging.WARNING
+                log.log(level, "member %s left%s: %s", member_id, " as announced" if level == logging.INFO else "",
+                        why)
                 self.remove(member_id)
         self.changed()
 

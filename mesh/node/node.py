@@ -1,12 +1,11 @@
 """The node: the composition root. It builds the pieces, hands each the narrow ports it needs,
 runs them in one task group, and reacts to changes of the replicated cluster state.
 
-Every node writes its own records (``records.py``) to the kernel's CRDT state; anti-entropy
-brings every node the same events, so all compute the same plan (``placement/planner.py``,
-no master). A member whose links are gone is removed by whoever notices (``liveness.py``); a
-member removed while alive writes itself back. Requests run on ``runtime/plane.py``; this
-node's stage is loaded by ``loader.py``. Spec: specs/node.md (N1-N5, N9-N15), specs/kernel.md
-(K9, K10), specs/architecture.md AR4.
+Every node writes its own records (``records.py``) to the kernel's CRDT state; anti-entropy brings
+every node the same events, so all compute the same plan (``placement/planner.py``, no master). A
+member whose links are gone is removed by whoever notices (``liveness.py``); a member removed while
+alive writes itself back. Requests run on ``runtime/plane.py``; this node's stage is loaded by
+``loader.py``. Spec: specs/node.md (N1-N5, N9-N15), specs/kernel.md (K9, K10), specs/architecture.md AR4.
 """
 
 from __future__ import annotations
@@ -84,6 +83,7 @@ class Node:
             members=lambda: [m.member_id for m in self.view().members()], on_round=self._heartbeat_round,
             lost=lambda m: self.plane.member_lost(m) if self.plane is not None else None,
             present=lambda m: self.replication.state.get(member_key(m)) is not None, remove=self.records.leave,
+            leaving=lambda m: self.view().status(m).state == "leaving",
             changed=self._refresh, stopping=self._stop.is_set, send=self.links.send)
         self.status = report.NodeStatus(
             member_id=self.member_id, model_id=self.model.model_id, num_layers=self.model.num_layers,
@@ -110,7 +110,7 @@ class Node:
         part that fails."""
         cfg = self.config
         install_signal_handlers(self._stop)
-        api_socket = bind_tcp(cfg.api_host, cfg.api_port, "--api-port")  # fail early, before the model
+        api_socket = bind_tcp(cfg.api_host, cfg.api_port, "--api-port", listen=False)  # fail early: before the model
         if cfg.port:
             bind_tcp(cfg.host, cfg.port, "--port").close()  # only a check: the transport binds it below
         log.info("node %s starting: model %s, backend %s", self.member_id, cfg.model, cfg.backend)
