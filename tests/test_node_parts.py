@@ -671,6 +671,14 @@ def test_a_plan_for_the_same_members_moves_only_for_a_gain_above_the_margin_and_
     assert 0.03 < gain < inputs.margin  # what the hysteresis held back
     assert planner.move_s(kept, fresh, inputs.size) == pytest.approx(
         (30 * inputs.size.layer_bytes + inputs.size.edge_bytes) / planner.LOAD_BYTES_PER_S)
+    # at the rate b's own last load measured, published in its profile
+    from mesh.placement.perf import load_rates, profile_record
+
+    timed = records.profile("b", profile_record({"f32": 100e9}, 21e9, "cpu", load_bytes_per_s=180e6))
+    view = _profiled({"a": 20e9, "b": 21e9}, [timed])
+    assert load_rates(view) == {"b": 180e6}
+    assert planner.move_s(kept, fresh, inputs.size, load_rates(view)) == pytest.approx(
+        (30 * inputs.size.layer_bytes + inputs.size.edge_bytes) / 180e6)
     # recorded for a alone: b is new, the plan follows the solver at once
     alone = records.placement("old", [["a", 0, 30]], [], ["a"])
     assert [s.member_id for s in planner.plan(_profiled({"a": 20e9, "b": 21e9}, [alone]), inputs).stages] == ["b"]

@@ -38,6 +38,7 @@ RECALIBRATIONS = 3  # ... this many times
 CALIBRATE_WAIT_S = 60.0  # a new stage is first timed when idle, or after this long
 RETIRE_CHECK_S = 0.5  # how often stages no plan uses are looked for
 PEER_CHECK_AFTER_S = 15.0  # the others' profiles have arrived by then (spec P7)
+MIN_TIMED_LOAD_S = 0.5  # a load shorter than this does not set the load rate (spec P21)
 RETIRE_GRACE_S = 2.0  # an unused stage stays this long, for nodes that switch plans a little later
 
 
@@ -122,6 +123,7 @@ class StageLoader:
         self.loaded = loaded
         self.profile = profile
         self.hardware = hardware(profile.device) if profile is not None else ""
+        self.load_bytes_per_s: float | None = None  # the weights the last timed load read per second
         self.peers, self.remeasure = peers, remeasure
         self.spec = spec
         self.dtype = dtype
@@ -154,7 +156,8 @@ class StageLoader:
     def publish_profile(self) -> None:
         if self.profile is not None:
             self.publish(profile_record(self.profile.flops, self.profile.memory_bandwidth_bytes_per_s,
-                                        self.profile.device, calibration=self.calibration, hardware=self.hardware))
+                                        self.profile.device, calibration=self.calibration, hardware=self.hardware,
+                                        load_bytes_per_s=self.load_bytes_per_s))
 
     async def run(self, joined: asyncio.Event) -> None:
         """Load stages as plans change, until cancelled; recalibrations and the retiring of
@@ -277,6 +280,7 @@ class StageLoader:
         if donor is not None:
             backend.adopt_from(donor)  # the layers both ranges share are held once (spec B9)
         progress = LoadProgress(f"layers [{want[0]},{want[1]})", tty=sys.stderr.isatty())
+        started = time.perf_counter()
         try:
             await asyncio.get_running_loop().run_in_executor(
                 self._beside if self.holder.stages else self.executor, backend.load, self.model, want[0], want[1],
@@ -294,7 +298,9 @@ class StageLoader:
             donor = None
         # spec N14: what the load took from the stage it replaced; a backend that does not say
         # (no ``reused_layers``) read every layer
-        self.loaded(want[1] - want[0], int(getattr(backend, "reused_layers", 0) or 0))
+        reused = int(getattr(backend, "reused_layers", 0) or 0)
+        self.loaded(want[1] - want[0], reused)
+        self._load_rate(backend, want[1] - want[0] - reused, want[1] - want[0], time.perf_counter() - started)
         self._stage_times, self._calibrating = None, backend
         self.holder.add_stage(backend)  # serves at once; calibrated after, off the readiness path (spec N21)
         self.changed()
@@ -349,6 +355,19 @@ class StageLoader:
             self.calibration = calibration
             self.publish_profile()
         return True
+
+
+    def _load_rate(self, backend: Backend, read: int, layers: int, took_s: float) -> None:
+        """Spec P21: the weights a load read per second (its share of ``weight_bytes`` for the
+        layers it read, not those it took from a donor), published with the profile for the
+        planner's cost of moving; a load too short to time says nothing."""
+        weight_bytes = getattr(backend, "weight_bytes", 0) or 0
+        if read <= 0 or took_s < MIN_TIMED_LOAD_S or weight_bytes <= 0:
+            return
+        self.load_bytes_per_s = weight_bytes * read / layers / took_s
+        log.info("loaded %.0f MiB of weights at %.1f MB/s", weight_bytes * read / layers / 2**20,
+                 self.load_bytes_per_s / 1e6)
+        self.publish_profile()
 
 
 def _overlap(a: tuple[int, int], b: tuple[int, int]) -> int:

@@ -33,14 +33,18 @@ MEASURED_WINDOW = 64  # requests kept for the measured figures
 
 
 def profile_record(flops: dict[str, float], bandwidth_bytes_per_s: float, device: str,
-                   calibration: Calibration | None = None, hardware: str = "") -> dict[str, Any]:
+                   calibration: Calibration | None = None, hardware: str = "",
+                   load_bytes_per_s: float | None = None) -> dict[str, Any]:
     """The published value of a member's profile (FLOP/s per dtype, bytes/s), the hardware it
     was measured on (``profile.hardware``: members on the same hardware check each other's
-    figures, spec P7) and, once its stage is loaded, the stage's calibration (spec P19)."""
+    figures, spec P7), once its stage is loaded the stage's calibration (spec P19), and the
+    rate its last load read weights at (bytes of loaded weights per second, spec P21)."""
     record: dict[str, Any] = {"flops": dict(sorted(flops.items())),
                               "memory_bandwidth_bytes_per_s": bandwidth_bytes_per_s, "device": device}
     if hardware:
         record["hardware"] = hardware
+    if load_bytes_per_s is not None and _positive(load_bytes_per_s):
+        record["load_bytes_per_s"] = float(load_bytes_per_s)
     if calibration is not None:
         record["calibration"] = calibration.to_wire()
     return record
@@ -109,6 +113,18 @@ def topology(view: ClusterView, dtype: str, model: str | None = None) -> Topolog
         if old is None or link.bandwidth_bytes_per_s > old.bandwidth_bytes_per_s:
             best[(a, b)] = link
     return Topology(devices=tuple(devices), links=tuple(best[k] for k in sorted(best)))
+
+
+def load_rates(view: ClusterView) -> dict[str, float]:
+    """``{member id: bytes/s}``: the rate each member's last load read weights at, where its
+    published profile says (spec P21)."""
+    out = {}
+    for member in view.members():
+        record = view.state.get(profile_key(member.member_id))
+        rate = record.get("load_bytes_per_s") if isinstance(record, dict) else None
+        if _positive(rate):
+            out[member.member_id] = float(rate)
+    return out
 
 
 def _positive(value: Any) -> bool:

@@ -16,7 +16,7 @@ from mesh.errors import MeshError, PlacementError
 from mesh.kernel.records import PLACEMENT_KEY, ClusterView
 from mesh.models import GGUFSource, Model
 from mesh.placement.costmodel import Link, ModelSpec, Topology, predict
-from mesh.placement.perf import solver_form, topology
+from mesh.placement.perf import load_rates, solver_form, topology
 from mesh.placement.pipeline import (
     Capacity,
     ModelSize,
@@ -205,7 +205,7 @@ def keep_or_move(view: ClusterView, inputs: PlanInputs, candidate: Plan) -> Plan
     now, new = score(view, inputs, current), score(view, inputs, candidate)
     if now is None or new is None:
         return candidate
-    need = inputs.margin + move_s(current, candidate, inputs.size) / MOVE_HORIZON_S
+    need = inputs.margin + move_s(current, candidate, inputs.size, load_rates(view)) / MOVE_HORIZON_S
     return candidate if new >= now * (1 + need) else current
 
 
@@ -231,10 +231,11 @@ def score(view: ClusterView, inputs: PlanInputs, found: Plan) -> float | None:
     return value if value > 0 and value != float("inf") else None
 
 
-def move_s(current: Plan, candidate: Plan, size: ModelSize) -> float:
+def move_s(current: Plan, candidate: Plan, size: ModelSize, rates: dict[str, float] | None = None) -> float:
     """Seconds a move from ``current`` to ``candidate`` costs: the layers (and embeddings and
-    head) each member must load that its current stage does not hold, at ``LOAD_BYTES_PER_S``;
-    members load at once, so the busiest one's."""
+    head) each member must load that its current stage does not hold, at the rate the member's
+    last load measured (``rates``: bytes/s by member id, its published profile), else
+    ``LOAD_BYTES_PER_S``; members load at once, so the slowest one's."""
     held = {s.member_id: s for s in current.all_stages}
     worst = 0.0
     for stage in candidate.all_stages:
@@ -243,7 +244,8 @@ def move_s(current: Plan, candidate: Plan, size: ModelSize) -> float:
         layers = sum(1 for g in range(stage.layer_start, stage.layer_end) if g not in have)
         edges = size.edge_bytes if old is None or (stage.layer_start == 0) != (old.layer_start == 0) \
             or (stage.layer_end == size.num_layers) != (old.layer_end == size.num_layers) else 0
-        worst = max(worst, (layers * size.layer_bytes + edges) / LOAD_BYTES_PER_S)
+        rate = (rates or {}).get(stage.member_id, LOAD_BYTES_PER_S)
+        worst = max(worst, (layers * size.layer_bytes + edges) / rate)
     return worst
 
 
