@@ -162,17 +162,20 @@ class StageLoader:
     async def run(self, joined: asyncio.Event) -> None:
         """Load stages as plans change, until cancelled; recalibrations and the retiring of
         unused stages run beside, and the profile is published once this node has joined
-        (``joined``, spec P16)."""
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._publish_when(joined), name="profile")
-            tasks.create_task(self._retire_forever(), name="retire")
-            while True:
-                await self._wanted.wait()
-                await asyncio.sleep(SETTLE_S)
-                self._wanted.clear()
-                loaded = await self._load(self._plan)
-                if loaded is not None:
-                    tasks.create_task(self._recalibrate(loaded), name="calibrate")
+        (``joined``, spec P16). The load thread ends with it."""
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._publish_when(joined), name="profile")
+                tasks.create_task(self._retire_forever(), name="retire")
+                while True:
+                    await self._wanted.wait()
+                    await asyncio.sleep(SETTLE_S)
+                    self._wanted.clear()
+                    loaded = await self._load(self._plan)
+                    if loaded is not None:
+                        tasks.create_task(self._recalibrate(loaded), name="calibrate")
+        finally:
+            self._beside.shutdown(wait=False, cancel_futures=True)
 
     async def _publish_when(self, joined: asyncio.Event) -> None:
         await joined.wait()
