@@ -167,11 +167,18 @@ def test_a_split_step_computes_as_the_original_steps_did_in_bf16(default_model) 
     """A re-fed step (the prompt, then three generated tokens) run through a two-stage bf16
     pipeline with ``split`` gives bit-identical logits to the original one-token steps; the
     same positions in a single call need not (bf16 results depend on the call's shape)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
 
     from backends.torch import TorchBackend
     from mesh.runtime.messages import Forward
-    from mesh.runtime.stage import _forward
+    from mesh.runtime.stage import run_step
+
+    pool = ThreadPoolExecutor(max_workers=1)
+
+    def _forward(backend, cache, fwd):  # type: ignore[no-untyped-def]
+        return asyncio.run(run_step(pool, backend, cache, fwd))[0]
 
     stages = []
     for start, end in ((0, 15), (15, 30)):

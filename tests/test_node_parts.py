@@ -207,25 +207,34 @@ def test_ready_only_when_every_stage_is_held_and_linked() -> None:
 
 
 @pytest.mark.spec("A9", "N21", "N20")
-@pytest.mark.parametrize("state, leaving, admit", [
-    (PlanState(plan=None, ready=False, reason="placement failed: no member"), False, False),
-    (PlanState(plan=Plan(num_layers=4, stages=(Stage(member_id="a", layer_start=0, layer_end=4),)), ready=False,
-               reason="member a has not loaded layers [0, 4) yet"), False, True),  # held until it serves
-    (PlanState(plan=Plan(num_layers=4, stages=(Stage(member_id="a", layer_start=0, layer_end=4),)), ready=False,
-               reason="loading"), True, False),
-])
-def test_a_new_request_is_admitted_while_a_placed_plan_loads(state: PlanState, leaving: bool, admit: bool) -> None:
-    """Not ready with a plan placed (a member joined, or replaces a lost one): /health is 503
-    but a chat completion is admitted and waits for the plan (admit_s); with nothing placed,
-    or on a leaving node, it is refused with the reason."""
+def test_a_new_request_is_admitted_only_while_a_placed_plan_is_loading() -> None:
+    """Not ready with a plan placed whose members are linked and loading (a member joined, or
+    replaces a lost one): /health is 503 but a chat completion is admitted and waits for the
+    plan (admit_s). Nothing placed, a member not linked, a member whose load failed, or a
+    leaving node: refused at once with the reason."""
+    from types import SimpleNamespace
+
     from mesh.node.report import NodeStatus
 
-    status = NodeStatus(member_id="a", model_id="m", num_layers=4, replication=None,  # type: ignore[arg-type]
-                        linked=list, placement=lambda: (state.plan, ""), serving=lambda: state,
-                        leaving=lambda: leaving, stats=lambda: None, metrics_text=lambda: None, security={},
-                        spec=lambda: None, dtype="f32")
-    assert status.health()[0] is False
-    assert status.admits()[0] is admit
+    plan = Plan(num_layers=4, stages=(Stage(member_id="a", layer_start=0, layer_end=2),
+                                      Stage(member_id="b", layer_start=2, layer_end=4)))
+
+    def admits(state: PlanState, *, linked: list[str], b: str = "loading", leaving: bool = False) -> bool:
+        view = view_of(member("a"), member("b"), statuses={"b": MemberStatus(plan_id=plan.plan_id, layer_start=2,
+                                                                              layer_end=4, state=b)})
+        status = NodeStatus(member_id="a", model_id="m", num_layers=4, replication=SimpleNamespace(state=view.state),
+                            linked=lambda: linked, placement=lambda: (state.plan, ""), serving=lambda: state,
+                            leaving=lambda: leaving, stats=lambda: None, metrics_text=lambda: None, security={},
+                            spec=lambda: None, dtype="f32")
+        assert status.health()[0] is False
+        return status.admits()[0]
+
+    loading = PlanState(plan=plan, ready=False, reason="member b has not loaded layers [2, 4) yet")
+    assert admits(loading, linked=["b"])
+    assert not admits(PlanState(plan=None, ready=False, reason="placement failed: no member"), linked=["b"])
+    assert not admits(loading, linked=[])  # b is not reachable
+    assert not admits(loading, linked=["b"], b="failed")
+    assert not admits(loading, linked=["b"], leaving=True)
 
 
 @pytest.mark.spec("N21")
@@ -764,23 +773,24 @@ def test_a_profile_far_below_its_peers_on_the_same_hardware_is_measured_again() 
     compute.shutdown()
 
 
-@pytest.mark.spec("N4")
-def test_the_api_port_is_taken_early_but_refuses_clients_until_it_listens() -> None:
-    import socket
+@pytest.mark.spec("N4", "A9")
+def test_a_starting_node_answers_503_at_once_then_hands_requests_to_the_api() -> None:
+    import asyncio
 
-    from mesh.errors import ConfigError
-    from mesh.node.config import bind_tcp
+    import httpx
+    from starlette.responses import JSONResponse
 
-    running = bind_tcp("127.0.0.1", 0, "--api-port")  # another node's API, serving
-    with pytest.raises(ConfigError, match="--api-port"):
-        bind_tcp("127.0.0.1", running.getsockname()[1], "--api-port", listen=False)
-    running.close()
-    early = bind_tcp("127.0.0.1", 0, "--api-port", listen=False)
-    port = early.getsockname()[1]
-    try:
-        with pytest.raises(ConnectionRefusedError):
-            socket.create_connection(("127.0.0.1", port), timeout=2.0)
-        early.listen(8)
-        socket.create_connection(("127.0.0.1", port), timeout=2.0).close()
-    finally:
-        early.close()
+    from mesh.node.server import Starting
+
+    shell = Starting()
+
+    async def ask() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=shell), base_url="http://node") as client:
+            return await client.post("/v1/chat/completions", json={})
+
+    early = asyncio.run(ask())
+    assert early.status_code == 503 and early.headers["retry-after"] == "1"
+    assert early.json()["status"] == "unavailable" and early.json()["reason"] == "the node is starting"
+    assert early.json()["error"]["type"] == "server_error"
+    shell.app = JSONResponse({"ok": True})
+    assert asyncio.run(ask()).json() == {"ok": True}

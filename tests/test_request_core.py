@@ -287,6 +287,9 @@ def test_a_resume_re_feeds_positions_in_the_shapes_of_the_original_steps(
         assert Observe(kind="resume", detail="reprefill", why=why) in out
     (fwd,) = forwards(out)
     assert (fwd.step, fwd.pos, fwd.tokens, fwd.split) == (3, pos, tokens, split)
+    # the sub-steps beyond the first each add about a decode step (0.1 s here) to the budget
+    assert core.attempt is not None
+    assert core.attempt.limit_s == pytest.approx(TIMEOUTS.prefill_s + 4 * 0.1 * (len(split or [1]) - 1))
 
 
 def test_a_resume_that_cannot_load_prefills_from_the_start() -> None:

@@ -542,10 +542,13 @@ def test_messages_take_the_connection_that_reaches_a_preferred_address() -> None
                                                            memory_bytes=1), model_id="m",
                   started_ms=0, on_message=ignore, on_up=ignore, on_down=lambda m: None, on_fatal=lambda e: None,
                   dead_after_s=3.0, send_timeout_s=1.0)
-    links.infos["b"] = MemberInfo(member_id="b", address="192.168.1.20:7600", api_address="", backend="torch",
-                                   memory_bytes=1, alt_addresses=("10.0.5.2", "fe80::2"))
+    info = MemberInfo(member_id="b", address="192.168.1.20:7600", api_address="", backend="torch",
+                      memory_bytes=1, alt_addresses=("10.0.5.2", "[fd00::2]:7601", "fe80::2"))
     lan, cable = Conn("192.168.1.20:7600"), Conn("10.0.5.2:51234")  # the cable's: accepted, an ephemeral port
-    links.conns["b"] = {lan, cable}
+    assert Links._preferred(info, cable) and not Links._preferred(info, lan)
+    assert Links._preferred(info, Conn("[fd00::2]:40000"))  # an alt address given with its port
+    links.infos["b"], links.conns["b"] = info, {lan, cable}
+    links._preferred_conns = {cable}  # as the handshake records it
     asyncio.run(links.send("b", Message(type="ping")))
     cable.closed = True
     asyncio.run(links.send("b", Message(type="ping")))

@@ -109,9 +109,9 @@ class TbipTransport(TcpTransport):
         others (accepted ones)."""
         return self._paths.get(conn)
 
-    async def _thunderbolt_route(self, host: str, port: int, timeout_s: float) -> tuple[str, int] | None:
-        """The learned address to try first: one sharing a subnet with a local up
-        Thunderbolt interface (spec TB2), or None. The table is read off the event loop
+    async def preferred_route(self, host: str, port: int, *, timeout_s: float) -> tuple[str, int] | None:
+        """The learned address of the peer at ``host:port`` to try first: one sharing a subnet
+        with a local up Thunderbolt interface (spec TB2, TB4), or None. The table is read off the event loop
         (on macOS it runs ``networksetup``), within ``timeout_s``."""
         learned = self._routes.get(_format(_host_key(host), port))
         if not learned:
@@ -142,7 +142,7 @@ class TbipTransport(TcpTransport):
         loop = asyncio.get_running_loop()
         start = loop.time()
         share_s = timeout_s * THUNDERBOLT_TIMEOUT_SHARE
-        route = await self._thunderbolt_route(host, port, share_s) if share_s > 0 else None
+        route = await self.preferred_route(host, port, timeout_s=share_s) if share_s > 0 else None
         if route is not None:
             tb_host, tb_port = route
             try:

@@ -24,17 +24,14 @@ from transports.base import Transport
 log = logging.getLogger(__name__)
 
 
-def bind_tcp(host: str, port: int, flag: str, *, listen: bool = True) -> socket.socket:
-    """A TCP socket bound to (host, port), listening unless ``listen`` is False (the server
-    that takes it listens once it can answer: a client meanwhile is refused at once rather
-    than held in the backlog). Raises ConfigError naming ``flag`` when taken."""
+def bind_tcp(host: str, port: int, flag: str) -> socket.socket:
+    """A listening TCP socket on (host, port). Raises ConfigError naming ``flag`` when taken."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        if listen:
-            sock.listen(128)
+        sock.listen(128)
         return sock
     except OSError as exc:
         raise ConfigError(f"{flag} {port} on {host} cannot be used: {exc.strerror or exc}") from exc

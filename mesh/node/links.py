@@ -37,6 +37,7 @@ from transports.base import Connection, Transport, connect_with_backoff
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 10.0
+UPGRADE_RETRY_S = 10.0  # a link without its preferred path tries it again this often (spec TB4)
 AUTH_RETRY_S = 30.0  # a --peer that fails authentication is retried this often
 WILDCARDS = ("0.0.0.0", "::", "")
 
@@ -85,6 +86,8 @@ class Links:
         self.infos: dict[str, MemberInfo] = {}  # the hello of each linked member
         self.meters: dict[str, LinkMeter] = {}  # RTT and throughput per linked member (spec L1)
         self._dialing: set[str] = set()
+        self._preferred_conns: set[Connection] = set()  # connections reaching a peer's preferred address (TB4)
+        self._upgrade_tried: dict[str, float] = {}  # member -> when a preferred path was last tried
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stopping = False
         # peer host -> the address of ours to put in the hello (None: our listen address)
@@ -98,19 +101,23 @@ class Links:
         """Send on a live link, on ``lane`` (see ``transports.base.LANES``). Raises
         RequestFailed (no link) or TransportError/PeerTimeout."""
         conns = sorted((c for c in self.conns.get(member_id, ()) if not c.closed),
-                       key=lambda c: (not self._preferred(member_id, c), c.peer))
+                       key=lambda c: c not in self._preferred_conns)
         if not conns:
             raise RequestFailed(f"no link to member {member_id}")
         await conns[0].send(msg, timeout_s=self.send_timeout_s, lane=lane)
 
-    def _preferred(self, member_id: str, conn: Connection) -> bool:
+    @staticmethod
+    def _preferred(info: MemberInfo, conn: Connection) -> bool:
         """Spec TB4: whether ``conn`` reaches the member at one of the hosts its hello named
         as preferred (``alt_addresses``: its Thunderbolt links), whichever end dialled."""
-        info = self.infos.get(member_id)
-        if info is None or not info.alt_addresses:
-            return False
         host = _host_key(_peer_host(conn.peer))
-        return any(_host_key(_peer_host(alt) if alt.count(":") == 1 else alt) == host for alt in info.alt_addresses)
+        for alt in info.alt_addresses:
+            try:
+                if _host_key(Address.parse(alt, default_port=1).host) == host:
+                    return True
+            except AddressError:
+                continue
+        return False
 
     def _meter(self, member_id: str) -> LinkMeter:
         meter = self.meters.get(member_id)
@@ -133,6 +140,9 @@ class Links:
                 log.debug("ping to %s skipped: %s", conn.peer, exc)
 
         await asyncio.gather(*(one(m, c) for m, conns in list(self.conns.items()) for c in list(conns)))
+        for member_id in list(self.conns):  # a cable plugged back in (spec TB4)
+            if member_id in self.infos:
+                self._maybe_upgrade(self.infos[member_id])
 
     async def probe_all(self, interval_s: float, timeout_s: float) -> None:
         """Send a throughput probe (``PROBE_BYTES`` on the bulk lane) to each linked member
@@ -241,6 +251,8 @@ class Links:
             info = MemberInfo(**{**fields, "address": str(Address(_peer_host(conn.peer), listen.port))})
         self.conns.setdefault(info.member_id, set()).add(conn)
         self.infos[info.member_id] = info
+        if self._preferred(info, conn):
+            self._preferred_conns.add(conn)
         log.info("link up: %s at %s (%s)", info.member_id, info.address, conn.peer)
         await self.on_up(info)
         self._maybe_upgrade(info)
@@ -249,36 +261,43 @@ class Links:
     def _maybe_upgrade(self, info: MemberInfo) -> None:
         """Spec TB4: a link that came up over the LAN (dialled from a discovery announcement or
         the state before the peer's hello named its Thunderbolt addresses) is joined by one
-        dialled through the transport's preferred path, when the transport has one (tbip) and
-        this node has the lower id (one dial per pair). Sends then go over it; the LAN link
-        stays as the spare."""
-        me = self.me().member_id
+        dialled through the transport's preferred path, when the transport has a route there
+        (tbip: a local Thunderbolt interface shares a subnet with one of them) and this node
+        has the lower id (one dial per pair). Sends then go over it; the LAN link stays as the
+        spare. Tried again at most every ``UPGRADE_RETRY_S`` (the heartbeat round asks), so a
+        cable plugged back in is used again."""
+        key = f"upgrade {info.member_id}"
+        route = getattr(self.transport, "preferred_route", None)
         conns = self.conns.get(info.member_id, set())
-        if (not info.alt_addresses or getattr(self.transport, "learn_routes", None) is None or me > info.member_id
-                or any(self._preferred(info.member_id, c) for c in conns)
-                or f"upgrade {info.member_id}" in self._dialing):
+        now = asyncio.get_running_loop().time()
+        if (not info.alt_addresses or route is None or self.me().member_id > info.member_id or self.stopping
+                or not conns or any(c in self._preferred_conns for c in conns) or key in self._dialing
+                or now - self._upgrade_tried.get(info.member_id, -UPGRADE_RETRY_S) < UPGRADE_RETRY_S):
             return
         try:
             listen = member_address(info.address)
         except MeshError:
             return
-        self._dialing.add(f"upgrade {info.member_id}")
+        self._dialing.add(key)
+        self._upgrade_tried[info.member_id] = now
 
         async def dial() -> None:
             try:
+                if await route(listen.host, listen.port, timeout_s=HANDSHAKE_TIMEOUT_S) is None:
+                    return  # no local interface reaches those addresses
                 conn = await self.transport.connect(listen.host, listen.port, timeout_s=HANDSHAKE_TIMEOUT_S)
+                if not self._preferred(info, conn):
+                    await conn.close()  # the transport found no better path than the LAN link's
+                    return
+                log.info("link to %s: adding the preferred path %s", info.member_id, conn.peer)
             except (MeshError, TimeoutError) as exc:
                 log.info("no preferred path to %s: %s", info.member_id, exc)
                 return
             finally:
-                self._dialing.discard(f"upgrade {info.member_id}")
-            if not self._preferred(info.member_id, conn):
-                await conn.close()  # the transport found no better path than the LAN link's
-                return
-            log.info("link to %s: adding the preferred path %s", info.member_id, conn.peer)
+                self._dialing.discard(key)
             await self.accept(conn)
 
-        self.spawn(dial(), f"upgrade {info.member_id}")
+        self.spawn(dial(), key)
 
     @staticmethod
     def _collision(member_id: object, holder: object, mine: str) -> IdentityCollision:
@@ -328,6 +347,7 @@ class Links:
             self._down(info.member_id, conn)
 
     def _down(self, member_id: str, conn: Connection) -> None:
+        self._preferred_conns.discard(conn)
         conns = self.conns.get(member_id)
         if conns is None:
             return

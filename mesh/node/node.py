@@ -33,7 +33,7 @@ from mesh.node.liveness import Liveness, Monitor
 from mesh.node.loader import StageLoader, fits_in, measure_profile
 from mesh.node.placing import Placement
 from mesh.node.records import SelfRecords
-from mesh.node.server import api_server, first_of, install_signal_handlers, serve_api
+from mesh.node.server import Starting, api_server, first_of, install_signal_handlers, serve_api
 from mesh.node.serving import Serving
 from mesh.placement import planner
 from mesh.runtime.metrics import NodeMetrics
@@ -110,7 +110,9 @@ class Node:
         part that fails."""
         cfg = self.config
         install_signal_handlers(self._stop)
-        api_socket = bind_tcp(cfg.api_host, cfg.api_port, "--api-port", listen=False)  # fail early: before the model
+        api_socket = bind_tcp(cfg.api_host, cfg.api_port, "--api-port")  # fail early; 503 until the model is ready
+        server = api_server(shell := Starting(), cfg.api_host, cfg.api_port)
+        api = asyncio.create_task(serve_api(server, api_socket, f"{cfg.api_host}:{cfg.api_port}", self.stop), name="api")
         if cfg.port:
             bind_tcp(cfg.host, cfg.port, "--port").close()  # only a check: the transport binds it below
         log.info("node %s starting: model %s, backend %s", self.member_id, cfg.model, cfg.backend)
@@ -139,7 +141,7 @@ class Node:
         self.me = MemberInfo(member_id=self.member_id, address=address, api_address=f"{cfg.api_host}:{cfg.api_port}",
                              backend=cfg.backend, memory_bytes=memory, incarnation=self.me.incarnation,
                              alt_addresses=await addresses.alt_addresses(self.links.transport, cfg.host), role=cfg.role)
-        server = api_server(create_app(plane.coordinator, self.status, api_key=cfg.api_key), cfg.api_host, cfg.api_port)
+        shell.app = create_app(plane.coordinator, self.status, api_key=cfg.api_key)
         discovery = await addresses.start_discovery(
             enabled=cfg.discovery, host=cfg.host, discovery_port=cfg.discovery_port, member_id=self.member_id,
             security=self.security, address=address, api_address=self.me.api_address,
@@ -156,7 +158,7 @@ class Node:
                     from mesh.node.fault_hooks import watch
 
                     parts.append(tasks.create_task(watch(self.links.transport, cfg.fault_plan, self._stop)))
-                api = tasks.create_task(serve_api(server, api_socket, self.me.api_address, self.stop), name="api")
+                tasks.create_task(asyncio.wait_for(api, None), name="api")  # its failure stops the node
                 if cfg.peers:  # meet a peer before writing anything under this id: a second process
                     with contextlib.suppress(TimeoutError):  # with a copied identity is refused first (K9)
                         await asyncio.wait_for(first_of(self._first_link, self._stop), JOIN_WAIT_S)
@@ -183,10 +185,8 @@ class Node:
             await listener.close()
             self.compute.shutdown(wait=False, cancel_futures=True)
             log.info("node %s stopped", self.member_id)
-        if self._fatal_error is not None:
-            raise self._fatal_error
-        if failure is not None:
-            raise failure
+        if (error := self._fatal_error or failure) is not None:
+            raise error
 
     def stop(self) -> None:
         self._stop.set()

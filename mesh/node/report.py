@@ -119,8 +119,15 @@ class NodeStatus:
         return state.ready, state.reason
 
     def admits(self) -> tuple[bool, str]:
+        """Ready, or a placed plan is only loading: every member of it linked and none whose
+        load failed (a partition or a failure gets its 503 at once, for a client or load
+        balancer to go elsewhere)."""
         ready, reason = self.health()
-        return ready or (not self.leaving() and self.serving().plan is not None), reason
+        plan = self.serving().plan
+        if ready or self.leaving() or plan is None:
+            return ready, reason
+        view, linked = self.view(), {*self.linked(), self.member_id}
+        return all(s.member_id in linked and view.status(s.member_id).state != "failed" for s in plan.all_stages), reason
 
     def cluster_info(self) -> dict[str, Any]:
         plan, _ = self.placement()

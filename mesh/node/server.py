@@ -15,7 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mesh.api.asgi import AsciiJSONResponse, server_error
 from mesh.errors import MeshError
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,26 @@ class ApiServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Any:
         yield
+
+
+class Starting:
+    """ASGI app of a node whose API port is open before its model is ready (spec N4, A9): every
+    HTTP request is answered 503 with ``/health``'s body (``status``, ``reason`` and the A1
+    error JSON) and ``Retry-After: 1`` until ``app`` is set, then handed to ``app``."""
+
+    def __init__(self, reason: str = "the node is starting") -> None:
+        self.app: ASGIApp | None = None
+        self.reason = reason
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.app is not None:
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        body = server_error(f"Not ready: {self.reason}").to_json()
+        await AsciiJSONResponse({"status": "unavailable", "reason": self.reason, **body}, status_code=503,
+                                headers={"Retry-After": "1"})(scope, receive, send)
 
 
 def api_server(app: Any, host: str, port: int) -> ApiServer:

@@ -31,6 +31,7 @@ from mesh.runtime.engine import SamplingParams
 from mesh.runtime.kvreplica import ReplicaStore, RequestReplica
 
 MAX_ATTEMPTS = 8  # attempts of one request (spec FO3); the recovery budget usually ends it first
+REPLAY_STEP_GUESS_S = 0.25  # a decode step's seconds before this request timed one (a replay's time budget, FO9)
 
 
 class StageFailure(MeshError):
@@ -255,7 +256,7 @@ class RequestCore:
         took = now - a.sent_at
         prefill = self._is_prefill(a)
         self._out(Observe(kind="step", value=took, timing=timing, prefill=prefill))
-        if prefill:
+        if prefill and (a.forward is None or a.forward.split is None):  # a replay's pace is not a prefill's
             self.prefill_s_per_token = took / max(1, len(a.tokens))
         else:
             self.step_times.append(took)
@@ -476,17 +477,21 @@ class RequestCore:
             where = a.prefill_route if handover else a.route
             self._out(RequestEvent(state="running", stages=[m for m, _, _ in where]))  # where the KV cache is
         route = a.prefill_route if handover else a.route
+        split = self._split(a.pos, len(a.tokens))
         a.forward = SendForward(member=str(route[0][0]), req=a.req, plan_id=a.plan.plan_id, route=route, step=step,
                                 pos=a.pos, tokens=list(a.tokens), kv_to=a.route if handover else None,
-                                replica=self.replica is not None and not self.replica.broken,
-                                split=self._split(a.pos, len(a.tokens)))
+                                replica=self.replica is not None and not self.replica.broken, split=split)
         a.limit_s = self.timeouts.prefill_s if prefill else self.timeouts.decode_s
         # spec FO2: resend a step whose reply is late: after 4x a typical decode step, or 3x the
         # prefill this coordinator expects (resending a prefill that is still running costs the
         # first stage nothing, but a finished one re-sends its hidden states); at least 4 times
         # before the limit
-        typical = (4 * statistics.median(self.step_times) if self.step_times else 0.0) if not prefill \
-            else 3 * self.prefill_s_per_token * len(a.tokens)
+        decode_s = statistics.median(self.step_times) if self.step_times else REPLAY_STEP_GUESS_S
+        typical = 4 * decode_s if not prefill else 3 * self.prefill_s_per_token * (split[0] if split else len(a.tokens))
+        if split:  # spec FO9: each one-token sub-step of a replay takes about a decode step
+            replay_s = (len(split) - 1) * decode_s
+            typical += 3 * replay_s
+            a.limit_s += 4 * replay_s
         a.retry_s = min(a.limit_s / 4, max(self.timeouts.retry_s, typical))
         a.sent_at = now
         a.deadline = now + a.limit_s

@@ -310,11 +310,7 @@ class StageWorker:
             raise RequestFailed(f"no KV cache for req={req} at position {pos}")
         self.ledger.touch(req, fwd.coord, self.clock())
 
-        def run() -> tuple[Any, float]:
-            started = time.perf_counter()
-            return _forward(backend, cache, fwd), time.perf_counter() - started
-
-        out, compute_s = await asyncio.get_running_loop().run_in_executor(self.executor, run)
+        out, compute_s = await run_step(self.executor, backend, cache, fwd, stop=lambda: self.ledger.is_released(req))
         timing = [*(fwd.timing or []), [self.member_id, round(compute_s, 6)]]  # spec N12
         if self.ledger.is_released(req):  # cancelled while computing
             self.release(req)
@@ -336,22 +332,34 @@ class StageWorker:
         return fwd.coord, Token(req=req, step=fwd.step, token=token, timing=timing).to_message()
 
 
-def _forward(backend: Backend, cache: Any, fwd: Forward) -> StepOutput:
-    """One step on ``backend``; with ``fwd.split``, its sub-steps one after the other (spec FO9:
-    a replayed step computes in the shapes of the original steps, so reduced-precision
-    results do not depend on how a failover grouped the tokens). Hidden states of the
-    sub-steps are joined along positions; the logits are the last sub-step's."""
+async def run_step(executor: Executor, backend: Backend, cache: Any, fwd: Forward,
+                   stop: Callable[[], bool] = lambda: False) -> tuple[StepOutput, float]:
+    """One step on ``backend`` in ``executor``: (its output, compute seconds). With
+    ``fwd.split``, its sub-steps one after the other, each a job of its own so that other
+    requests' steps run between them, until ``stop()`` (spec FO9: a replayed step computes in
+    the shapes of the original steps, so reduced-precision results do not depend on how a
+    failover grouped the tokens). Hidden states of the sub-steps are joined along positions;
+    the logits are the last sub-step's."""
+    loop = asyncio.get_running_loop()
+
+    def timed(pos: int, tokens: list[int] | None, hidden: WireTensor | None) -> tuple[StepOutput, float]:
+        started = time.perf_counter()
+        return backend.forward(cache, start_pos=pos, token_ids=tokens, hidden=hidden), time.perf_counter() - started
+
     if not fwd.split or len(fwd.split) == 1:
-        return backend.forward(cache, start_pos=fwd.pos, token_ids=fwd.tokens, hidden=fwd.hidden)
-    hidden: list[WireTensor] = []
-    out, at = StepOutput(), 0
+        return await loop.run_in_executor(executor, timed, fwd.pos, fwd.tokens, fwd.hidden)
+    parts: list[WireTensor] = []
+    out, total_s, at = StepOutput(), 0.0, 0
     for n in fwd.split:
-        out = backend.forward(cache, start_pos=fwd.pos + at, token_ids=fwd.tokens[at:at + n] if fwd.tokens else None,
-                              hidden=fwd.hidden.rows(at, at + n) if fwd.hidden is not None else None)
+        out, took = await loop.run_in_executor(
+            executor, timed, fwd.pos + at, fwd.tokens[at:at + n] if fwd.tokens else None,
+            fwd.hidden.rows(at, at + n) if fwd.hidden is not None else None)
+        total_s, at = total_s + took, at + n
         if out.hidden is not None:
-            hidden.append(out.hidden)
-        at += n
-    return StepOutput(hidden=WireTensor.join_rows(hidden), logits=None) if hidden else out
+            parts.append(out.hidden)
+        if stop():
+            break  # released meanwhile: the caller drops the step
+    return (StepOutput(hidden=WireTensor.join_rows(parts)) if parts else out), total_s
 
 
 def _as_mesh_error(exc: Exception, what: str) -> MeshError:
