@@ -16,6 +16,7 @@ from mesh.kernel.records import ClusterView, MemberInfo, link_key
 from mesh.node.links import Links
 from mesh.node.linkstats import (
     PROBE_BYTES,
+    PUBLISH_HOLD_S,
     PUBLISH_MAX_AGE_S,
     RTT_WINDOW,
     LinkMeter,
@@ -75,10 +76,36 @@ def test_publish_only_when_moved_or_stale() -> None:
     meter.pong_received(meter.ping_sent(1.0), 1.011)  # +10 %: not worth an event
     assert meter.publish_due(2.0) is None
     for _ in range(5):
-        meter.pong_received(meter.ping_sent(2.0), 2.050)  # median moves 5x
-    assert meter.publish_due(3.0) is not None
-    assert meter.publish_due(4.0) is None
-    assert meter.publish_due(3.0 + PUBLISH_MAX_AGE_S) is not None
+        meter.pong_received(meter.ping_sent(2.0), 2.050)  # median moves 5x ...
+    assert meter.publish_due(3.0) is None  # ... but has not held yet
+    assert meter.publish_due(3.0 + PUBLISH_HOLD_S - 1) is None
+    moved = meter.publish_due(3.0 + PUBLISH_HOLD_S)
+    assert moved is not None and moved["rtt_p50_s"] == pytest.approx(0.050)
+    assert meter.publish_due(4.0 + PUBLISH_HOLD_S) is None
+    assert meter.publish_due(3.0 + PUBLISH_HOLD_S + PUBLISH_MAX_AGE_S) is not None
+
+
+@pytest.mark.spec("L2", "P21")
+def test_a_wobble_that_does_not_hold_is_never_published() -> None:
+    """The median RTT moves 100x for 20 s, then comes back: nothing is published for it (the
+    60 s republication carries the unmoved figures); a first throughput goes out at once."""
+    meter = LinkMeter("tcp")
+
+    def rtts(n: int, at: float, rtt_s: float) -> None:
+        for _ in range(n):
+            meter.pong_received(meter.ping_sent(at), at + rtt_s)
+
+    rtts(50, 0.0, 0.001)
+    rtts(4, 0.0, 0.3)  # a tail: p99 300 ms throughout
+    assert meter.publish_due(10.0)["rtt_p50_s"] == pytest.approx(0.001)
+    rtts(60, 12.0, 0.1)  # a busy moment: the median goes to 100 ms
+    assert meter.publish_due(15.0) is None and meter.publish_due(15.0 + PUBLISH_HOLD_S - 1) is None
+    rtts(130, 40.0, 0.001)  # back before it held
+    assert meter.publish_due(41.0) is None
+    again = meter.publish_due(10.0 + PUBLISH_MAX_AGE_S)
+    assert again is not None and again["rtt_p50_s"] == pytest.approx(0.001) and again["rtt_p99_s"] == pytest.approx(0.3)
+    meter.probe_acked(meter.probe_sent(PROBE_BYTES, 71.0), 71.1)
+    assert meter.publish_due(71.2)["throughput_bytes_per_s"] is not None
 
 
 @pytest.mark.spec("L2")

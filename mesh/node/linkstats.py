@@ -24,6 +24,8 @@ PROBE_WINDOW = 5  # probes the throughput is the best of
 FIRST_PROBE_S = 10.0  # the first probe of a link waits this long after the link is first seen
 PUBLISH_CHANGE = 0.25  # publish again when a figure moved by more than this fraction
 PUBLISH_MAX_AGE_S = 60.0
+PUBLISH_HOLD_S = 30.0  # a figure that moved is published once it stayed moved this long (placement follows it, P21)
+FIGURES = ("rtt_p50_s", "rtt_p99_s", "throughput_bytes_per_s")
 
 
 
@@ -51,6 +53,7 @@ class LinkMeter:
         self.last_probe_s: float | None = None
         self._published: dict[str, Any] | None = None
         self._published_at_s = -math.inf
+        self._moved_since_s: float | None = None  # when the figures last moved off the published ones
 
     def _next(self) -> int:
         self._seq += 1
@@ -123,18 +126,34 @@ class LinkMeter:
                 "throughput_bytes_per_s": self.throughput_bytes_per_s, "samples": len(self.rtts_s)}
 
     def publish_due(self, now_s: float) -> dict[str, Any] | None:
-        """The summary when it should be published now (first time, a figure moved by more
-        than ``PUBLISH_CHANGE``, or ``PUBLISH_MAX_AGE_S`` passed), else None (spec L2)."""
+        """The summary when it should be published now, else None (spec L2): the first time, a
+        figure measured for the first time, a figure that moved by more than ``PUBLISH_CHANGE``
+        and stayed moved for ``PUBLISH_HOLD_S`` (a moment's wobble never reaches placement), or
+        ``PUBLISH_MAX_AGE_S`` after the last (the figures published before while a move has not
+        held yet)."""
         current = self.summary()
         if current["rtt_p50_s"] is None:
             return None
         old = self._published
-        stale = now_s - self._published_at_s >= PUBLISH_MAX_AGE_S
-        if old is None or stale or old["transport"] != current["transport"] or any(
-                _moved(old[k], current[k]) for k in ("rtt_p50_s", "rtt_p99_s", "throughput_bytes_per_s")):
-            self._published, self._published_at_s = current, now_s
-            return current
+        if old is None or old["transport"] != current["transport"] or any(
+                old[k] is None and current[k] is not None for k in FIGURES):
+            return self._publish(current, now_s)
+        if any(_moved(old[k], current[k]) for k in FIGURES):
+            if self._moved_since_s is None:
+                self._moved_since_s = now_s
+            if now_s - self._moved_since_s >= PUBLISH_HOLD_S:
+                return self._publish(current, now_s)
+        else:
+            self._moved_since_s = None
+        if now_s - self._published_at_s >= PUBLISH_MAX_AGE_S:
+            held = current if self._moved_since_s is None else {**old, "samples": current["samples"]}
+            self._published, self._published_at_s = held, now_s
+            return held
         return None
+
+    def _publish(self, current: dict[str, Any], now_s: float) -> dict[str, Any]:
+        self._published, self._published_at_s, self._moved_since_s = current, now_s, None
+        return current
 
 
 def _moved(old: float | None, new: float | None) -> bool:
