@@ -389,11 +389,12 @@ async def test_a_plugin_that_breaks_its_kv_contract_costs_a_not_ok_answer_not_th
     await wire.next(Token)
 
 
-@pytest.mark.spec("N21")
+@pytest.mark.spec("N21", "FO5")
 async def test_a_worker_holding_two_stages_computes_each_request_on_its_routes_range(plane: RequestPlane,
                                                                                       wire: Wire) -> None:
     """Make-before-break: the new stage [0, 3) is held beside the old [0, 6); a request routed
-    through either computes on that one; retiring the old stage frees only its caches."""
+    through either computes on that one; retiring the old stage frees only its caches and
+    tells their coordinators."""
     plane.worker.add_stage(HistoryBackend(0, 3, LAYERS))
     assert plane.worker.held() == [(0, LAYERS), (0, 3)]
     await plane.receive("c", forward(req="old.0").to_message())
@@ -402,9 +403,12 @@ async def test_a_worker_holding_two_stages_computes_each_request_on_its_routes_r
     member, hidden = await wire.next(Forward)  # the new route's first stage: on to m1
     assert member == "m1" and hidden.req == "new.0" and hidden.idx == 1
     assert plane.worker.caches_on((0, LAYERS)) == 1 and plane.worker.caches_on((0, 3)) == 1
+    wire.sent.clear()
     plane.worker.retire((0, LAYERS))
     assert plane.worker.held() == [(0, 3)] and set(plane.worker.caches) == {"new.0"}
     assert plane.worker.ledger.is_released("old.0")
+    member, told = await wire.next(StepError)  # its coordinator fails over now, not at its step timeout
+    assert member == "c" and told.req == "old.0" and not told.fatal and "unloaded" in told.message
     wire.sent.clear()
     await plane.receive("c", forward(req="late.0").to_message())  # a late request on the retired range
     _, error = await wire.next(StepError)

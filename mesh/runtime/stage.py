@@ -56,6 +56,7 @@ class StageWorker:
         self.backend: Backend | None = None  # the newest stage (the current plan's)
         self.caches: dict[str, Any] = {}
         self._cache_stage: dict[str, tuple[int, int]] = {}  # req -> the range its cache is of
+        self._tells: set[asyncio.Task[None]] = set()  # errors on their way to coordinators (``retire``)
         self.ledger = StageLedger()
         self._replica_due: dict[str, tuple[Backend, Any, int, int]] = {}  # req -> KV to send the coordinator
         # spec N13: a prefill stage's KV to hand to the decode stages; a decode stage's KV arriving
@@ -82,13 +83,36 @@ class StageWorker:
 
     def retire(self, layers: tuple[int, int]) -> None:
         """Stop holding the stage of ``layers`` (if held); the requests with a cache on it are
-        released here (their coordinators' next step fails over, spec FO3)."""
+        released here and their coordinators told at once (a non-fatal ``error``: the attempt
+        fails over, spec FO3), so none waits out its step timeout for a reply that cannot come."""
         if self.stages.pop(layers, None) is None:
             return
         for req in [r for r, key in self._cache_stage.items() if key == layers]:
+            owner = self.ledger.owner.get(req)
             self.release(req)
+            if owner is not None:
+                self._tell(owner[0], StepError(req=req, fatal=False, message=(
+                    f"{self.member_id}: layers [{layers[0]}, {layers[1]}) were unloaded here for a new plan")))
         if self.backend is not None and (self.backend.layer_start, self.backend.layer_end) == layers:
             self.backend = next(reversed(self.stages.values()), None)
+
+    def _tell(self, member: str, error: StepError) -> None:
+        """Send ``error`` to ``member`` in the background; a failure is logged (the request's
+        own timeouts still end it)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (a synchronous test): nobody to tell
+            return
+
+        async def go() -> None:
+            try:
+                await self.send(member, error.to_message())
+            except MeshError as exc:
+                log.info("cannot tell %s that req=%s moves: %s", member, error.req, exc)
+
+        task = loop.create_task(go(), name=f"tell {error.req}")
+        self._tells.add(task)
+        task.add_done_callback(self._tells.discard)
 
     def held(self) -> list[tuple[int, int]]:
         """The layer ranges of the stages held, oldest first."""
