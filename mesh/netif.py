@@ -181,6 +181,15 @@ def _routable(iface: Interface) -> bool:
     return iface.up and iface.kind in _KIND_RANK
 
 
+def host_key(host: str) -> str:
+    """A host in one spelling: an IP address normalised (brackets and zone dropped), a name
+    lower-cased; for comparing the hosts of addresses written in different ways."""
+    try:
+        return str(ipaddress.ip_address(host.strip("[]").split("%", 1)[0]))
+    except ValueError:
+        return host.lower()
+
+
 def _zone(peer_address: str) -> str | None:
     _, sep, zone = peer_address.partition("%")
     return zone if sep and zone else None

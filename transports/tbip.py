@@ -13,7 +13,6 @@ nothing of what messages mean. Registered as the ``tbip`` entry point of
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import weakref
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from mesh.netif import (
     Address,
     Interface,
     check_port,
+    host_key,
     local_interfaces,
     route_to_peer,
     shares_subnet,
@@ -39,14 +39,6 @@ logger = logging.getLogger(__name__)
 # left for the LAN fallback, so a dead Thunderbolt link costs little.
 THUNDERBOLT_TIMEOUT_SHARE = 0.3
 PATHS = ("thunderbolt", "lan")
-
-
-def _host_key(host: str) -> str:
-    """A host in one spelling: IP addresses normalised (zone dropped), names lower-cased."""
-    try:
-        return str(ipaddress.ip_address(host.split("%", 1)[0]))
-    except ValueError:
-        return host.lower()
 
 
 def _format(host: str, port: int) -> str:
@@ -82,7 +74,7 @@ class TbipTransport(TcpTransport):
         """
         lan = Address.parse(lan_address)
         routes = [(a.host, a.port) for a in (Address.parse(text, default_port=lan.port) for text in addresses)]
-        key = _format(_host_key(lan.host), lan.port)
+        key = _format(host_key(lan.host), lan.port)
         if routes:
             self._routes[key] = routes
         else:
@@ -98,7 +90,7 @@ class TbipTransport(TcpTransport):
 
         Raises KeyError when no connection to it was opened.
         """
-        key = _format(_host_key(host), port)
+        key = _format(host_key(host), port)
         try:
             return self._last_path[key]
         except KeyError:
@@ -113,7 +105,7 @@ class TbipTransport(TcpTransport):
         """The learned address of the peer at ``host:port`` to try first: one sharing a subnet
         with a local up Thunderbolt interface (spec TB2, TB4), or None. The table is read off the event loop
         (on macOS it runs ``networksetup``), within ``timeout_s``."""
-        learned = self._routes.get(_format(_host_key(host), port))
+        learned = self._routes.get(_format(host_key(host), port))
         if not learned:
             return None
         try:
@@ -126,9 +118,9 @@ class TbipTransport(TcpTransport):
         chosen = route_to_peer(links, [h for h, _ in learned])
         if chosen is None or not any(shares_subnet(a, chosen) for i in links for a in i.addresses):
             return None  # route_to_peer's fallback is not a Thunderbolt path
-        want = _host_key(chosen)
+        want = host_key(chosen)
         for learned_host, learned_port in learned:
-            if _host_key(learned_host) == want:
+            if host_key(learned_host) == want:
                 return chosen, learned_port
         return None
 
@@ -138,7 +130,7 @@ class TbipTransport(TcpTransport):
         (within ``THUNDERBOLT_TIMEOUT_SHARE`` of the timeout), else or on failure over
         ``host:port``. Raises as ``TcpTransport.connect`` does for the LAN attempt."""
         check_port(port)
-        key = _format(_host_key(host), port)
+        key = _format(host_key(host), port)
         loop = asyncio.get_running_loop()
         start = loop.time()
         share_s = timeout_s * THUNDERBOLT_TIMEOUT_SHARE

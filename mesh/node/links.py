@@ -12,7 +12,6 @@ link only (spec N10). Spec: specs/node.md (N2, N9, N10).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -29,7 +28,7 @@ from mesh.errors import (
     TransportError,
 )
 from mesh.kernel.records import MemberInfo
-from mesh.netif import Address, AddressError
+from mesh.netif import Address, AddressError, host_key
 from mesh.node.linkstats import PROBE_BYTES, LinkMeter
 from mesh.wire import Message, WireTensor
 from transports.base import Connection, Transport, connect_with_backoff
@@ -55,14 +54,6 @@ def member_address(address: str) -> Address:
 def _peer_host(peer: str) -> str:
     """The host of a connection's ``peer`` label (``host:port`` or ``[v6]:port``)."""
     return peer.rpartition(":")[0].strip("[]")
-
-
-def _host_key(host: str) -> str:
-    """An IP address in one spelling (zone dropped); another host as given, lower-cased."""
-    try:
-        return str(ipaddress.ip_address(host.strip("[]").split("%", 1)[0]))
-    except ValueError:
-        return host.lower()
 
 
 class Links:
@@ -110,10 +101,10 @@ class Links:
     def _preferred(info: MemberInfo, conn: Connection) -> bool:
         """Spec TB4: whether ``conn`` reaches the member at one of the hosts its hello named
         as preferred (``alt_addresses``: its Thunderbolt links), whichever end dialled."""
-        host = _host_key(_peer_host(conn.peer))
+        host = host_key(_peer_host(conn.peer))
         for alt in info.alt_addresses:
             try:
-                if _host_key(Address.parse(alt, default_port=1).host) == host:
+                if host_key(Address.parse(alt, default_port=1).host) == host:
                     return True
             except AddressError:
                 continue
