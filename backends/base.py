@@ -49,6 +49,24 @@ class StepOutput:
     logits: np.ndarray | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchItem:
+    """One request's part of a batched step (``Backend.forward_batch``): its KV cache, the
+    first position, and ``token_ids`` (first stage) or ``hidden`` (later stages), as for
+    ``Backend.forward``."""
+
+    cache: Any
+    start_pos: int
+    token_ids: list[int] | None = None
+    hidden: WireTensor | None = None
+
+    @property
+    def n_positions(self) -> int:
+        if self.token_ids is not None:
+            return len(self.token_ids)
+        return self.hidden.shape[1] if self.hidden is not None and len(self.hidden.shape) == 3 else 0
+
+
 class Backend(ABC):
     """One pipeline stage of a model: layers ``[layer_start, layer_end)``.
 
@@ -56,6 +74,8 @@ class Backend(ABC):
     (``layer_end == num_layers``) the final norm and LM head.
 
     A subclass implements ``load``, ``new_cache`` and ``_forward``, and optionally
+    ``_forward_batch`` (several requests' steps in one library call; the default runs them
+    one after another),
     ``_export_kv`` / ``_import_kv`` (KV cache moves), ``_cached_positions`` (so the export
     range is checked against what a cache holds) and ``_drop_layers`` (what ``unload``
     frees). ``load`` sets the dimensions the checks use (``set_dimensions``).
@@ -223,6 +243,11 @@ class Backend(ABC):
         """
         if not self.loaded:
             raise BackendError("no layers loaded")
+        self._check_step(start_pos, token_ids, hidden)
+        return self._forward(cache, start_pos=start_pos, token_ids=token_ids, hidden=hidden)
+
+    def _check_step(self, start_pos: int, token_ids: list[int] | None, hidden: WireTensor | None) -> None:
+        """The checks of ``forward`` (spec B6); raises BackendError."""
         if self.layer_start == 0:
             if token_ids is None or hidden is not None or not token_ids:
                 raise BackendError("the first stage takes token ids, not hidden states")
@@ -243,7 +268,64 @@ class Backend(ABC):
         limit = self.context_length
         if start_pos < 0 or (limit is not None and start_pos + n > limit):
             raise BackendError(f"positions {start_pos}..{start_pos + n - 1} are outside the context window")
-        return self._forward(cache, start_pos=start_pos, token_ids=token_ids, hidden=hidden)
+
+    def forward_batch(self, items: list[BatchItem]) -> list[StepOutput | BackendError]:
+        """Run the steps of several requests at once (continuous batching, spec B16): item
+        ``i`` is what ``forward(items[i].cache, start_pos=..., token_ids=... | hidden=...)``
+        would run, each on its own KV cache and positions; decode steps (one position) and
+        prefill chunks (several) mix in one batch.
+
+        Returns one entry per item, in order: its ``StepOutput`` (hidden ``[1, n_i, hidden]``
+        or float32 logits ``[vocab]`` at its last position), or the ``BackendError`` that
+        refused it; an item refused by the checks of ``forward`` (B6), whose cache appears
+        twice in the batch, or that does not start where its cache ends (where the backend
+        says, ``_cached_positions``), changes nothing and does not stop the others. A request's results
+        are the same alone or batched: greedy tokens identical, logits within the backend's
+        ``logit_tolerance`` (bit-identical on the torch backend in bf16). An error of the
+        batched call itself is every remaining item's error (their caches may have moved on:
+        the requests start over, spec FO3).
+        """
+        results: list[StepOutput | BackendError | None] = [None] * len(items)
+        valid: list[int] = []
+        seen: set[int] = set()
+        for i, item in enumerate(items):
+            try:
+                if not self.loaded:
+                    raise BackendError("no layers loaded")
+                if id(item.cache) in seen:
+                    raise BackendError("one KV cache given twice in one batch")
+                self._check_step(item.start_pos, item.token_ids, item.hidden)
+                held = self._cached_positions(item.cache)
+                if held is not None and held != item.start_pos:
+                    raise BackendError(f"the step starts at position {item.start_pos}; its KV cache holds {held}")
+            except BackendError as exc:
+                results[i] = exc
+                continue
+            seen.add(id(item.cache))
+            valid.append(i)
+        if valid:
+            try:
+                outs = self._forward_batch([items[i] for i in valid])
+                if len(outs) != len(valid):
+                    raise BackendError(f"the batched step gave {len(outs)} results for {len(valid)} requests")
+            except BackendError as exc:
+                outs = [exc] * len(valid)
+            for i, out in zip(valid, outs, strict=True):
+                results[i] = out
+        return results  # type: ignore[return-value]
+
+    def _forward_batch(self, items: list[BatchItem]) -> list[StepOutput | BackendError]:
+        """``forward_batch`` after its checks (every item valid, caches distinct). The default
+        runs ``_forward`` on each item in turn (an item's BackendError is its result); a
+        backend whose library batches overrides it."""
+        out: list[StepOutput | BackendError] = []
+        for item in items:
+            try:
+                out.append(self._forward(item.cache, start_pos=item.start_pos, token_ids=item.token_ids,
+                                         hidden=item.hidden))
+            except BackendError as exc:
+                out.append(exc)
+        return out
 
     @abstractmethod
     def _forward(

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from backends.base import Backend, Progress, StepOutput, check_range, source_has
+from backends.base import Backend, BatchItem, Progress, StepOutput, check_range, source_has
+from backends.torch_batch import can_batch, forward_packed
 from backends.torch_quant import (  # noqa: F401  (INT4_GROUP: part of this backend's surface)
     INT4_GROUP,
     _format,
@@ -114,6 +115,7 @@ class TorchBackend(Backend):
         self._model_config: Any = None  # the loaded model's config object and id (reuse check)
         self._model_id = ""
         self.reused_layers = 0  # decoder layers the last load took from its donor
+        self._packs = False  # whether batched steps run packed in one forward (backends.torch_batch)
 
     def adopt_from(self, other: Backend) -> None:
         """Offer the layers of ``other`` to the next ``load`` (see ``Backend.adopt_from``).
@@ -185,6 +187,7 @@ class TorchBackend(Backend):
             self._model_config, self._model_id = config, model.model_id
             self.reused_layers = reused
             self.weight_bytes = resident_bytes(stage)
+            self._packs = can_batch(stage.config)
         self._warm_up()
         log.info("torch backend: loaded layers [%d, %d) of %d on %s (%d reused, %d read), weights %.1f MiB%s",
                  layer_start, layer_end, num_layers, self.device, reused, layer_end - layer_start - reused,
@@ -268,6 +271,18 @@ class TorchBackend(Backend):
                 return StepOutput(hidden=tensor_to_wire(out))
             logits = model.lm_head(out[:, -1, :]).float()
             return StepOutput(logits=logits[0].cpu().numpy().astype(np.float32, copy=False))
+
+
+    @torch.inference_mode()
+    def _forward_batch(self, items: list[BatchItem]) -> list[StepOutput | BackendError]:
+        """Several requests' steps in one forward, packed end to end (``backends.torch_batch``);
+        a stage whose attention layout does not pack runs them one after another."""
+        if len(items) < 2 or not self._packs:
+            return super()._forward_batch(items)
+        with self._lock:
+            if self._model is None:
+                raise BackendError("no layers loaded")
+            return forward_packed(self, items)
 
 
 def _fast_quantized(device_type: str, dtype: torch.dtype | None) -> bool:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import Backend
+from backends.base import Backend, BatchItem
 from mesh.errors import BackendError
 from mesh.models import Model, resolve_model
 from mesh.wire import WireTensor
@@ -253,6 +253,79 @@ def check_mixes_with_torch(subject: Subject, fixture: Fixture) -> None:
             _close(got, want, max(a.tolerance, b.tolerance), f"{a.name} -> {b.name}, step {i}")
 
 
+def _batched(stages: list[Backend], steps: list[tuple[list[Any], int, list[int]]]) -> list[np.ndarray]:
+    """One batched step through ``stages``: each of ``steps`` is (a request's caches, its first
+    position, its new token ids); returns each request's logits."""
+    hidden: list[WireTensor | None] = [None] * len(steps)
+    for i, stage in enumerate(stages):
+        items = [BatchItem(cache=caches[i], start_pos=pos, token_ids=ids if i == 0 else None,
+                           hidden=hidden[k] if i else None) for k, (caches, pos, ids) in enumerate(steps)]
+        outs = stage.forward_batch(items)
+        assert len(outs) == len(items), f"stage {i}: {len(outs)} results for {len(items)} items"
+        for k, out in enumerate(outs):
+            assert not isinstance(out, Exception), f"stage {i}, request {k}: {out}"
+        hidden = [out.hidden for out in outs]  # type: ignore[union-attr]
+    rows = [out.logits for out in outs]  # type: ignore[union-attr]
+    assert all(isinstance(r, np.ndarray) and r.dtype == np.float32 for r in rows), "batched logits: float32 rows"
+    return rows  # type: ignore[return-value]
+
+
+def check_batched_steps(subject: Subject, fixture: Fixture) -> None:
+    """B16: ``forward_batch`` runs several requests' steps at once, whole and split in two
+    stages: three requests prefill together (prompts of 10, 4 and 7 tokens), then decode
+    together while the third's prompt goes on in a chunk of 3 (a chunk after a cached prefix);
+    every request's greedy tokens equal transformers' (the first) or its run alone, logits
+    within the tolerance. A bad item (a token id outside the vocabulary) and a cache given
+    twice are that item's BackendError; the other items are computed."""
+    prompts = [list(PROMPT), PROMPT[:4], PROMPT[2:9]]
+    for split in ([(0, 5)], [(0, 2), (2, 5)]):
+        stages = _stages(subject, fixture.model, split)
+        alone: list[list[np.ndarray]] = []
+        for prompt in prompts:  # each request alone: prefill (the third in 4 + 3), then 4 decodes
+            caches = [s.new_cache() for s in stages]
+            chunks = [prompt] if prompt is not prompts[2] else [prompt[:4], prompt[4:]]
+            rows, pos = [], 0
+            for chunk in chunks:
+                rows.append(_step(stages, caches, chunk, pos))
+                pos += len(chunk)
+            for _ in range(4):
+                rows.append(_step(stages, caches, [int(np.argmax(rows[-1]))], pos))
+                pos += 1
+            alone.append(rows)
+        caches3 = [[s.new_cache() for s in stages] for _ in prompts]
+        first = _batched(stages, [(caches3[0], 0, prompts[0]), (caches3[1], 0, prompts[1]),
+                                  (caches3[2], 0, prompts[2][:4])])
+        mixed = _batched(stages, [(caches3[0], len(prompts[0]), [int(np.argmax(first[0]))]),
+                                  (caches3[1], len(prompts[1]), [int(np.argmax(first[1]))]),
+                                  (caches3[2], 4, prompts[2][4:])])
+        got = [[first[0], mixed[0]], [first[1], mixed[1]], [mixed[2]]]
+        pos = [len(prompts[0]) + 1, len(prompts[1]) + 1, len(prompts[2])]
+        for _ in range(3):
+            rows = _batched(stages, [(caches3[k], pos[k], [int(np.argmax(got[k][-1]))]) for k in range(3)])
+            for k in range(3):
+                got[k].append(rows[k])
+                pos[k] += 1
+        want = [alone[0][:5], alone[1][:5], alone[2][1:5]]
+        for k in range(3):
+            tokens = [int(np.argmax(r)) for r in got[k]]
+            assert tokens == [int(np.argmax(r)) for r in want[k]], f"split {split}, request {k}: batched tokens differ"
+            for i, (g, w) in enumerate(zip(got[k], want[k], strict=True)):
+                _close(g, w, subject.tolerance, f"split {split}, request {k}, batched step {i}")
+        assert [int(np.argmax(r)) for r in got[0]] == fixture.tokens[:5], "batched greedy tokens != transformers'"
+    (stage,) = _stages(subject, fixture.model, [(0, 5)])
+    good, other = stage.new_cache(), stage.new_cache()
+    vocab = int(fixture.model.config.vocab_size)
+    outs = stage.forward_batch([BatchItem(cache=other, start_pos=0, token_ids=[vocab]),
+                                BatchItem(cache=good, start_pos=0, token_ids=PROMPT),
+                                BatchItem(cache=good, start_pos=0, token_ids=PROMPT)])
+    assert isinstance(outs[0], BackendError), f"a token id outside the vocabulary in a batch: {outs[0]!r}"
+    assert isinstance(outs[2], BackendError), f"a cache given twice in one batch: {outs[2]!r}"
+    assert not isinstance(outs[1], Exception) and outs[1].logits is not None, f"the good item: {outs[1]!r}"
+    _close(outs[1].logits, fixture.logits[0], subject.tolerance, "the good item of a batch with bad ones")
+    nxt = stage.forward(good, start_pos=len(PROMPT), token_ids=[fixture.tokens[0]]).logits
+    _close(nxt, fixture.logits[1], subject.tolerance, "decode after a batch with bad items")
+
+
 CHECKS: tuple[Callable[[Subject, Fixture], None], ...] = (
     check_matches_transformers_whole_and_split,
     check_wire_formats,
@@ -260,4 +333,5 @@ CHECKS: tuple[Callable[[Subject, Fixture], None], ...] = (
     check_bad_input_is_a_backend_error,
     check_kv_export_import,
     check_mixes_with_torch,
+    check_batched_steps,
 )

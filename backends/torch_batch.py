@@ -1,0 +1,156 @@
+"""Batched steps for the torch backend: several requests' new positions in one forward of
+transformers' model, each request on its own ``DynamicCache`` (spec B16).
+
+The positions of all requests in a batch are laid end to end as one sequence ``[1, T]``
+(decode steps and prefill chunks alike), so every linear layer, norm and MLP runs once over
+the T rows; attention, the only place where requests must not see each other, runs per
+request: a ``RaggedCache`` hands each request's slice of the new keys and values to that
+request's own cache (``DynamicCache.update``, as a lone step would) and an attention function
+registered with transformers' ``AttentionInterface`` calls transformers' own
+``sdpa_attention_forward`` once per request, on its query rows and its whole cache, with the
+mask a lone step of that shape gets. This is the layout of transformers' continuous-batching
+engine (sequences packed into one row, attention per sequence), built from the model classes
+the stage already holds; transformers' ``PagedAttentionCache`` owns its memory for one whole
+model and scheduler, which a pipeline stage serving requests that come and go cannot adopt.
+
+Exactness: in bf16 on a CPU each request's logits are bit-identical to its lone step
+(the linears' kernels give a row the same result at any row count); in f32 MKL picks other
+kernels for one row than for several, and logits move within 1e-4.
+
+Only models whose layers all attend fully, with transformers' ``sdpa`` attention, batch this
+way; sliding-window layers (gemma3, gpt-oss) and multi-head latent attention (deepseek, whose
+cache holds latents that the layer expands after it) keep the one-at-a-time default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from backends.base import BatchItem, StepOutput
+from mesh.errors import BackendError
+
+RAGGED = "mesh_ragged"  # the attention implementation's name while a batched forward runs
+
+
+def can_batch(config: Any) -> bool:
+    """Whether a stage of ``config`` batches by packing: sdpa attention and no sliding-window
+    or other non-full attention layer."""
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    if getattr(config, "kv_lora_rank", None):  # MLA (deepseek): the cache holds latents, expanded after it
+        return False
+    kinds = getattr(config, "layer_types", None)
+    if kinds is not None:
+        return all(kind == "full_attention" for kind in kinds)
+    return getattr(config, "sliding_window", None) is None or not getattr(config, "use_sliding_window", True)
+
+
+def _cache_class() -> type:
+    from transformers.cache_utils import Cache
+
+    class RaggedCache(Cache):  # type: ignore[misc]
+        """The caches of a packed batch: ``update`` splits the new keys/values (``[1, kv_heads,
+        T, head_dim]``) by request and appends each slice to that request's cache; the
+        attention function reads each request's whole keys/values from ``kv``."""
+
+        def __init__(self, caches: list[Any], sizes: list[int]) -> None:  # noqa: D107 - no Cache.__init__: no layers of its own
+            self.caches, self.sizes = caches, sizes
+            self.layers: list[Any] = []
+            self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+                   *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            self.kv, at = [], 0
+            for cache, n in zip(self.caches, self.sizes, strict=True):
+                self.kv.append(cache.update(key_states[:, :, at:at + n], value_states[:, :, at:at + n], layer_idx))
+                at += n
+            return key_states, value_states
+
+        def get_seq_length(self, layer_idx: int = 0) -> int:
+            return 0
+
+    return RaggedCache
+
+
+_RAGGED_CACHE: type | None = None
+
+
+def _ragged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention per request of a packed batch: ``query`` ``[1, heads, T, head_dim]``; each
+    request's rows attend to its own cache with the mask its lone step would get (none for
+    one position or a prefill from position 0, causal from its offset otherwise)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    packed = kwargs.pop(RAGGED)
+    outs, at = [], 0
+    for (keys, values), n in zip(packed.kv, packed.sizes, strict=True):
+        past = keys.shape[2] - n
+        mask = None
+        if n > 1 and past > 0:
+            rows = torch.arange(n, device=keys.device).unsqueeze(1) + past
+            mask = (torch.arange(past + n, device=keys.device).unsqueeze(0) <= rows)[None, None]
+        out, _ = sdpa_attention_forward(module, query[:, :, at:at + n], keys, values, mask, **kwargs)
+        outs.append(out)
+        at += n
+    return torch.cat(outs, dim=1), None
+
+
+_registered = False
+
+
+def _register() -> None:
+    global _registered, _RAGGED_CACHE
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(RAGGED, _ragged_attention)
+        _RAGGED_CACHE = _cache_class()
+        _registered = True
+
+
+def forward_packed(backend: Any, items: list[BatchItem]) -> list[StepOutput | BackendError]:
+    """One forward of ``backend``'s stage module over every item's new positions (see the
+    module docstring); called with the backend's lock held, after ``forward_batch``'s checks."""
+    _register()
+    model, device, dtype = backend._model, backend.device, backend.dtype
+    run = list(range(len(items)))
+    chosen = items
+    results: list[StepOutput | BackendError | None] = [None] * len(items)
+    sizes = [item.n_positions for item in chosen]
+    positions = torch.cat([torch.arange(it.start_pos, it.start_pos + n) for it, n in zip(chosen, sizes, strict=True)])
+    packed = _RAGGED_CACHE([it.cache for it in chosen], sizes)  # type: ignore[misc]
+    kwargs: dict[str, Any] = {backend._cache_kw: packed, "use_cache": True, RAGGED: packed,
+                              "position_ids": positions.unsqueeze(0).to(device),
+                              # a prepared 4D mask is taken as it is; the ragged attention makes its own
+                              "attention_mask": torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)}
+    if backend.layer_start == 0:
+        ids = [t for it in chosen for t in it.token_ids]
+        kwargs["input_ids"] = torch.tensor([ids], dtype=torch.long, device=device)
+    else:
+        from backends.torch import wire_to_tensor
+
+        kwargs["inputs_embeds"] = torch.cat([wire_to_tensor(it.hidden).to(device, dtype) for it in chosen], dim=1)
+    config = model.config
+    kept = config._attn_implementation
+    config._attn_implementation = RAGGED
+    try:
+        hidden = model.model(**kwargs).last_hidden_state
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise BackendError(f"the batched step of {len(chosen)} requests failed: {exc}") from exc
+    finally:
+        config._attn_implementation = kept
+    ends = np.cumsum(sizes)
+    if backend.layer_end < backend.num_layers:
+        from backends.torch import tensor_to_wire
+
+        for i, end, n in zip(run, ends, sizes, strict=True):
+            results[i] = StepOutput(hidden=tensor_to_wire(hidden[:, end - n:end]))
+    else:
+        logits = model.lm_head(hidden[0, torch.as_tensor(ends - 1)]).float().cpu().numpy()
+        for row, i in enumerate(run):
+            results[i] = StepOutput(logits=np.ascontiguousarray(logits[row], dtype=np.float32))
+    return results  # type: ignore[return-value]
