@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from backends.base import Backend, BatchItem, Progress, StepOutput, check_range, source_has
-from backends.torch_batch import can_batch, forward_packed
+from backends.torch_batch import can_batch, forward_packed, use_packing
 from backends.torch_quant import (  # noqa: F401  (INT4_GROUP: part of this backend's surface)
     INT4_GROUP,
     _format,
@@ -31,37 +31,19 @@ from backends.torch_quant import (  # noqa: F401  (INT4_GROUP: part of this back
     _quantized,
     resident_bytes,
 )
+from backends.torch_wire import TORCH_DTYPES, WIRE_NAMES, tensor_to_wire, wire_to_tensor  # noqa: F401  (this backend's surface)
 from mesh.errors import BackendError, ModelError
 from mesh.models import GGUFSource, Model, SafetensorsSource, layer_of, range_names, sliced_config
 from mesh.wire import WireTensor
 
 log = logging.getLogger(__name__)
 
-TORCH_DTYPES: dict[str, torch.dtype] = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 QUANTIZE = (None, "none", "int8", "int4")  # --quantize: None keeps the files' format where torch runs it
 # GGUF types a default load keeps quantized where torch runs them fast (``TorchBackend._kept_formats``):
 # int4 in groups of INT4_GROUP holds Q4_0/Q4_1 exactly (block of 32, one scale and min); per-row int8 is
 # the nearest format to Q8_0 (blocks of 32 with one scale each) that a CPU kernel runs
 GGUF_KEPT = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}
 FORMAT_BITS = {"int4": 5.0, "int8": 8.0}  # bits per weight held: a 16-bit scale and zero per 32; one scale per row
-WIRE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
-
-
-def tensor_to_wire(t: torch.Tensor) -> WireTensor:
-    """A float tensor as a WireTensor (little-endian raw bytes, bf16 carried as its bits)."""
-    if t.dtype not in WIRE_NAMES:
-        raise BackendError(f"cannot send dtype {t.dtype}; valid: {sorted(WIRE_NAMES.values())}")
-    t = t.detach().to("cpu").contiguous()
-    raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-    return WireTensor(dtype=WIRE_NAMES[t.dtype], shape=tuple(t.shape), data=raw.numpy().tobytes())
-
-
-def wire_to_tensor(w: WireTensor) -> torch.Tensor:
-    """The inverse of ``tensor_to_wire`` (copies the bytes into a fresh tensor)."""
-    if w.dtype not in TORCH_DTYPES:
-        raise BackendError(f"hidden states must be f32, f16 or bf16, got {w.dtype}")
-    flat = torch.frombuffer(bytearray(w.data), dtype=TORCH_DTYPES[w.dtype])
-    return flat.reshape(w.shape)
 
 
 class TorchBackend(Backend):
@@ -188,6 +170,8 @@ class TorchBackend(Backend):
             self.reused_layers = reused
             self.weight_bytes = resident_bytes(stage)
             self._packs = can_batch(stage.config)
+            if self._packs:
+                use_packing(stage)
         self._warm_up()
         log.info("torch backend: loaded layers [%d, %d) of %d on %s (%d reused, %d read), weights %.1f MiB%s",
                  layer_start, layer_end, num_layers, self.device, reused, layer_end - layer_start - reused,
@@ -257,6 +241,12 @@ class TorchBackend(Backend):
             model = self._model
             if model is None:  # unloaded (or given to an adopting stage) since the checks
                 raise BackendError("no layers loaded")
+            if self._packs:  # the batched path's attention, so a request computes the same in any batch
+                out = forward_packed(self, [BatchItem(cache=cache, start_pos=start_pos, token_ids=token_ids,
+                                                      hidden=hidden)])[0]
+                if isinstance(out, BackendError):
+                    raise out
+                return out
             kwargs: dict[str, Any] = {self._cache_kw: cache, "use_cache": True}
             if token_ids is not None:
                 n = len(token_ids)
@@ -277,7 +267,7 @@ class TorchBackend(Backend):
     def _forward_batch(self, items: list[BatchItem]) -> list[StepOutput | BackendError]:
         """Several requests' steps in one forward, packed end to end (``backends.torch_batch``);
         a stage whose attention layout does not pack runs them one after another."""
-        if len(items) < 2 or not self._packs:
+        if not self._packs:
             return super()._forward_batch(items)
         with self._lock:
             if self._model is None:

@@ -13,9 +13,10 @@ engine (sequences packed into one row, attention per sequence), built from the m
 the stage already holds; transformers' ``PagedAttentionCache`` owns its memory for one whole
 model and scheduler, which a pipeline stage serving requests that come and go cannot adopt.
 
-Exactness: in bf16 on a CPU each request's logits are bit-identical to its lone step
-(the linears' kernels give a row the same result at any row count); in f32 MKL picks other
-kernels for one row than for several, and logits move within 1e-4.
+Every step of a stage that packs runs this way, one request alone included, so a request's
+results do not depend on the batch it lands in: in bf16 on a CPU its logits are bit-identical
+in any batch (the linears' kernels give a row the same result at any row count); in f32 MKL
+picks other kernels for one row than for several, and logits move by about 1e-4.
 
 Only models whose layers all attend fully, with transformers' ``sdpa`` attention, batch this
 way; sliding-window layers (gemma3, gpt-oss) and multi-head latent attention (deepseek, whose
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from backends.base import BatchItem, StepOutput
+from backends.torch_wire import tensor_to_wire, wire_to_tensor
 from mesh.errors import BackendError
 
 RAGGED = "mesh_ragged"  # the attention implementation's name while a batched forward runs
@@ -38,7 +40,7 @@ RAGGED = "mesh_ragged"  # the attention implementation's name while a batched fo
 def can_batch(config: Any) -> bool:
     """Whether a stage of ``config`` batches by packing: sdpa attention and no sliding-window
     or other non-full attention layer."""
-    if getattr(config, "_attn_implementation", None) != "sdpa":
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", RAGGED):
         return False
     if getattr(config, "kv_lora_rank", None):  # MLA (deepseek): the cache holds latents, expanded after it
         return False
@@ -85,7 +87,9 @@ def _ragged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value
     one position or a prefill from position 0, causal from its offset otherwise)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    packed = kwargs.pop(RAGGED)
+    packed = kwargs.pop(RAGGED, None)
+    if packed is None:  # called outside forward_packed: plain sdpa
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     outs, at = [], 0
     for (keys, values), n in zip(packed.kv, packed.sizes, strict=True):
         past = keys.shape[2] - n
@@ -112,6 +116,15 @@ def _register() -> None:
         _registered = True
 
 
+def use_packing(stage: Any) -> None:
+    """Make every attention module of ``stage`` (a transformers model whose config passed
+    ``can_batch``) call the per-request attention: its config, and those of layers adopted from
+    another stage (``Backend.adopt_from``: they keep their donor's config object), name it."""
+    _register()
+    for config in {id(m.config): m.config for m in stage.modules() if hasattr(m, "config")}.values():
+        config._attn_implementation = RAGGED
+
+
 def forward_packed(backend: Any, items: list[BatchItem]) -> list[StepOutput | BackendError]:
     """One forward of ``backend``'s stage module over every item's new positions (see the
     module docstring); called with the backend's lock held, after ``forward_batch``'s checks."""
@@ -131,22 +144,13 @@ def forward_packed(backend: Any, items: list[BatchItem]) -> list[StepOutput | Ba
         ids = [t for it in chosen for t in it.token_ids]
         kwargs["input_ids"] = torch.tensor([ids], dtype=torch.long, device=device)
     else:
-        from backends.torch import wire_to_tensor
-
         kwargs["inputs_embeds"] = torch.cat([wire_to_tensor(it.hidden).to(device, dtype) for it in chosen], dim=1)
-    config = model.config
-    kept = config._attn_implementation
-    config._attn_implementation = RAGGED
     try:
         hidden = model.model(**kwargs).last_hidden_state
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise BackendError(f"the batched step of {len(chosen)} requests failed: {exc}") from exc
-    finally:
-        config._attn_implementation = kept
     ends = np.cumsum(sizes)
     if backend.layer_end < backend.num_layers:
-        from backends.torch import tensor_to_wire
-
         for i, end, n in zip(run, ends, sizes, strict=True):
             results[i] = StepOutput(hidden=tensor_to_wire(hidden[:, end - n:end]))
     else:

@@ -95,6 +95,8 @@ _positive_float.__name__ = "positive number"
 def build_parser() -> argparse.ArgumentParser:
     from mesh import registry
     from mesh.models import DEFAULT_MODEL
+    from mesh.runtime.admission import MAX_QUEUED, MAX_RUNNING
+    from mesh.runtime.batcher import MAX_BATCH, PREFILL_CHUNK
 
     parser = argparse.ArgumentParser(prog="python -m mesh", description="mesh: one AI cluster from the devices you own")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(node, "--kv-replica-mb", type=float, default=512.0,
          help="MiB this node may keep of KV cache replicas of the requests it coordinates, so a request "
          "that loses a stage resumes instead of re-prefilling (0: off)")
+    _add(node, "--max-running", type=int, default=MAX_RUNNING, help="requests this node coordinates at once; "
+         "the next ones wait in order (continuous batching shares each stage among the running ones)")
+    _add(node, "--max-queued", type=int, default=MAX_QUEUED, help="requests that may wait for a turn; beyond "
+         "them a request is refused with HTTP 429 and Retry-After")
+    _add(node, "--max-batch", type=int, default=MAX_BATCH, help="steps of different requests one batch at a "
+         "stage may hold")
+    _add(node, "--prefill-chunk", type=int, default=PREFILL_CHUNK, help="prompt tokens per prefill step: a long "
+         "prompt goes in chunks between the running requests' decode steps, so they stall about one chunk")
     _add(node, "--api-key", help="if set, HTTP requests need 'Authorization: Bearer KEY'")
     _add(node, "--device", help="backend device, e.g. cpu, cuda, mps (default: the backend's choice)")
     _add(node, "--dtype", choices=("f32", "f16", "bf16"),
@@ -277,6 +287,7 @@ def _setup_logging(level: str) -> _NodeIdFilter:
 def _run_node(args: argparse.Namespace) -> int:
     from mesh.node.config import NodeConfig
     from mesh.node.node import Node
+    from mesh.runtime.batcher import Batching
     from mesh.runtime.request_core import Timeouts
 
     node_filter = _setup_logging(args.log_level)
@@ -292,6 +303,8 @@ def _run_node(args: argparse.Namespace) -> int:
         timeouts=Timeouts(recovery_s=args.recovery_s), fault_plan=args.fault_plan, fault_label=args.fault_label,
         clock_offset_s=args.clock_offset_s, kv_replica_bytes=int(args.kv_replica_mb * 2**20),
         role=args.role, remeasure=args.remeasure, drain_s=args.drain_s, replan_margin=args.replan_margin,
+        batching=Batching(max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, max_running=args.max_running,
+                          max_queued=args.max_queued),
     )
     node = Node(config)
     node_filter.node = node.member_id[:8]

@@ -73,6 +73,7 @@ class ApiError(MeshError):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        retry_after_s: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -80,6 +81,7 @@ class ApiError(MeshError):
         self.type = type
         self.param = param
         self.code = code
+        self.retry_after_s = retry_after_s  # the Retry-After header of a 429 or 503, if any
 
     def to_json(self) -> dict[str, object]:
         """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""

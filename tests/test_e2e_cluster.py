@@ -95,8 +95,11 @@ def test_metrics_count_requests_and_show_link_rtt(two_nodes: LocalCluster) -> No
     assert 0 < samples["mesh_link_rtt_seconds"].value < 1.0  # the loopback link to the other node
 
 
-@pytest.mark.spec("N7")
+@pytest.mark.spec("N7", "N22")
 def test_concurrent_requests_keep_separate_caches(two_nodes: LocalCluster, single_node_texts: dict[str, str]) -> None:
+    """Six concurrent greedy requests through a 2-node pipeline, batched at both stages, give
+    each the text a single node gives it alone."""
+    before = [http_json(n.api_url + "/v1/cluster")[1]["local"] for n in two_nodes.nodes]
     async def run() -> list[str]:
         clients = [AsyncOpenAI(base_url=n.api_url + "/v1", api_key="x", timeout=120, max_retries=0) for n in two_nodes.nodes]
 
@@ -113,6 +116,9 @@ def test_concurrent_requests_keep_separate_caches(two_nodes: LocalCluster, singl
 
     texts = asyncio.run(run())
     assert texts == [single_node_texts[p] for p in PROMPTS * 2]
+    after = [http_json(n.api_url + "/v1/cluster")[1]["local"] for n in two_nodes.nodes]
+    for a, b in zip(before, after, strict=True):  # both stages ran batches of several requests' steps
+        assert b["batched_steps"] - a["batched_steps"] > b["batches"] - a["batches"] > 0
 
 
 def _kv_caches(node) -> int:

@@ -172,13 +172,14 @@ def test_a_split_step_computes_as_the_original_steps_did_in_bf16(default_model) 
     import numpy as np
 
     from backends.torch import TorchBackend
+    from mesh.runtime.batcher import StepBatcher
     from mesh.runtime.messages import Forward
     from mesh.runtime.stage import run_step
 
     pool = ThreadPoolExecutor(max_workers=1)
 
     def _forward(backend, cache, fwd):  # type: ignore[no-untyped-def]
-        return asyncio.run(run_step(pool, backend, cache, fwd))[0]
+        return asyncio.run(run_step(StepBatcher(pool, lambda b: 1), backend, cache, fwd))[0]
 
     stages = []
     for start, end in ((0, 15), (15, 30)):

@@ -356,3 +356,27 @@ def test_a_step_is_resent_only_after_its_send_returned_and_a_repeated_reply_is_i
     core.token("r.0", 0, 5, None, 2.1)
     core.token("r.0", 0, 5, None, 2.1)  # the same reply twice before the consumer took the token
     assert [a for a in drain(core) if isinstance(a, Emit)] == [Emit(token=5)] and core.generated == [5]
+
+
+@pytest.mark.spec("N23", "FO9")
+def test_a_prompt_is_prefilled_in_chunks_and_a_replay_uses_the_same_chunks() -> None:
+    prompt = list(range(1, 11))  # 10 tokens in chunks of 4: [4, 4, 2]
+    core = RequestCore("r", prompt, SamplingParams(max_tokens=8), seed=7, timeouts=TIMEOUTS, eos_token_ids={0},
+                       prefill_chunk=4)
+    core.start(plan("a"), 0.0)
+    (fwd,) = forwards(drain(core))
+    assert (fwd.pos, fwd.tokens, fwd.split) == (0, prompt, [4, 4, 2])
+    for step, token in enumerate((50, 51)):
+        core.token("r.0", step, token, None, 0.1 * (step + 1))
+        core.token_taken(0.1 * (step + 1))
+    decode = forwards(drain(core))[-1]
+    assert (decode.pos, decode.tokens, decode.split) == (11, [51], None)
+    assert core.prefill_s_per_token == pytest.approx(0.1 / 10)  # a chunked prefill still sets the pace
+    core.member_lost("a", 1.0)
+    core.plan_changed(PlanState(plan=plan("b"), ready=True, reason="ok"), 2.0)
+    (replay,) = forwards(drain(core))  # no replica: the prompt again in its chunks, then one per token
+    assert (replay.pos, replay.tokens, replay.split) == (0, [*prompt, 50, 51], [4, 4, 2, 1, 1])
+    short = RequestCore("s", prompt[:3], SamplingParams(max_tokens=2), seed=7, timeouts=TIMEOUTS,
+                        eos_token_ids={0}, prefill_chunk=4)
+    short.start(plan("a"), 0.0)
+    assert forwards(drain(short))[0].split is None  # a prompt within one chunk is one step

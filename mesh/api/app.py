@@ -2,7 +2,7 @@
 
 Depends only on the ``Engine`` and ``ClusterStatus`` protocols (mesh/runtime/engine.py), never on
 the runtime, transports or backends, so it is tested against ``mesh.testing.FakeEngine`` and
-``FakeStatus``. Spec: specs/api.md (A1-A18).
+``FakeStatus``. Spec: specs/api.md (A1-A19).
 
 Status codes (spec A1, A2): bad input is always 4xx with OpenAI's error JSON -- malformed
 JSON, wrong types and out-of-range values 400 (OpenAI answers 400, not FastAPI's 422), a bad
@@ -100,6 +100,8 @@ async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     # spec A9: a 503 is a state that passes (loading, re-placing after a failure): say when
     # to try again (RFC 9110, 10.2.3), which OpenAI clients honour
+    if exc.retry_after_s is not None:  # spec A19: a busy node says when to come back
+        return error_response(exc, headers={"Retry-After": str(exc.retry_after_s)})
     return error_response(exc, headers={"Retry-After": RETRY_AFTER_S} if exc.status == 503 else None)
 
 

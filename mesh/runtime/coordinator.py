@@ -21,11 +21,14 @@ import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any, Protocol
 
 from mesh.errors import ApiError, MeshError, ModelError, RequestFailed
 from mesh.models import Model
 from mesh.placement.perf import Measured
+from mesh.runtime.admission import Admission
+from mesh.runtime.batcher import Batching
 from mesh.runtime.engine import SamplingParams
 from mesh.runtime.kvreplica import ReplicaStore
 from mesh.runtime.messages import (
@@ -91,8 +94,11 @@ class Coordinator:
     def __init__(self, member_id: str, model: Model, timeouts: Timeouts, *,
                  send: Callable[[str, Message], Awaitable[None]], plans: PlanSource,
                  on_request_event: Callable[[str, str, list[str] | None], None], kv_replica_bytes: int = 0,
-                 metrics: NodeMetrics | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 metrics: NodeMetrics | None = None, clock: Callable[[], float] = time.monotonic,
+                 batching: Batching | None = None) -> None:
         self.member_id = member_id
+        self.batching = batching or Batching()
+        self.admission = Admission(self.batching.max_running, self.batching.max_queued)
         self.send = send
         self.plans = plans
         self.on_request_event = on_request_event
@@ -182,6 +188,20 @@ class Coordinator:
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
         if not prompt_ids:
             raise ApiError("the prompt is empty", param="messages")
+        await self._ready()
+        # spec A19: a bounded number of requests run, the next ones wait in order, the rest get 429
+        turn = await self.admission.acquire()
+        try:
+            state = await self._ready()
+            async with aclosing(self._run(prompt_ids, params, state)) as tokens:
+                async for token in tokens:
+                    yield token
+        finally:
+            self.admission.release(turn)
+
+    async def _ready(self) -> PlanState:
+        """The plan to start a request on; raises RequestFailed (HTTP 503) when there is none
+        (after waiting up to ``admit_s`` for one that is placed and loading, spec N21)."""
         if self._closing is not None:
             raise RequestFailed(self._closing)
         state: PlanState = self.plans.state()
@@ -191,13 +211,17 @@ class Coordinator:
             raise RequestFailed(f"the model is not ready: {state.reason}")
         if self._closing is not None:
             raise RequestFailed(self._closing)
+        return state
+
+    async def _run(self, prompt_ids: list[int], params: SamplingParams, state: PlanState) -> AsyncIterator[int]:
+        assert state.plan is not None  # _ready's promise
         rid = secrets.token_hex(8)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         started = self.clock()
         replica = self.replicas.open(rid, state.plan.num_layers)
         core = RequestCore(rid, prompt_ids, params, seed=seed, timeouts=self.timeouts,
                            eos_token_ids=set(self.eos_token_ids), replicas=self.replicas, replica=replica,
-                           prefill_s_per_token=self._prefill_s_per_token)
+                           prefill_s_per_token=self._prefill_s_per_token, prefill_chunk=self.batching.prefill_chunk)
         live = self._live[rid] = _Live(core, self.requests.start(rid, len(prompt_ids)))
         self._idle.clear()
         first_token_at, recoveries, outcome = 0.0, [], "cancelled"  # unless it finishes or fails

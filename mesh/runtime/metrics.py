@@ -5,8 +5,9 @@ Counted where things happen: requests by outcome, generated tokens, TTFT and TPO
 output token after the first) histograms, failed attempts (failovers) and recovery times by the
 coordinator; placement changes, and the decoder layers each load took from the backend it
 replaced (reused) or read from the model files (read), by the node. Sampled at scrape time from
-the node: KV caches held, requests in flight, and each link's RTT (p50 of the link's own
-measurements, seconds).
+the node: KV caches held, requests in flight, waiting for a turn and refused (HTTP 429), the
+stage's batches and the steps in them (their ratio: the mean batch size), and each link's RTT
+(p50 of the link's own measurements, seconds).
 Spec: specs/api.md A17, specs/node.md N14.
 """
 
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -82,7 +83,7 @@ class _Sampled(Collector):
     def __init__(self, sample: Callable[[], dict[str, Any]]) -> None:
         self._sample = sample
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         values = self._sample()
         yield GaugeMetricFamily("mesh_kv_caches", "Per-request KV caches this node's stage holds",
                                 value=values.get("kv_caches", 0))
@@ -93,5 +94,13 @@ class _Sampled(Collector):
         for peer, seconds in values.get("links", []):
             rtt.add_metric([peer], seconds)
         yield rtt
+        yield GaugeMetricFamily("mesh_queued_requests", "Requests waiting for a turn to run on this coordinator",
+                                value=values.get("queued_requests", 0))
+        yield CounterMetricFamily("mesh_refused_requests", "Requests refused with HTTP 429: the queue was full",
+                                  value=values.get("refused_requests", 0))
+        yield CounterMetricFamily("mesh_stage_batches", "Batched steps this node's stage ran (continuous batching)",
+                                  value=values.get("batches", 0))
+        yield CounterMetricFamily("mesh_stage_batched_steps", "Request steps in those batches (divided by "
+                                  "mesh_stage_batches_total: the mean batch size)", value=values.get("batched_steps", 0))
         yield GaugeMetricFamily("mesh_kv_replica_bytes", "Bytes of KV cache replicas this node keeps for the "
                                 "requests it coordinates", value=values.get("kv_replica_bytes", 0))

@@ -19,6 +19,7 @@ from typing import Any
 from mesh.errors import FrameError, MeshError
 from mesh.models import Model
 from mesh.runtime import messages
+from mesh.runtime.batcher import Batching
 from mesh.runtime.coordinator import Coordinator
 from mesh.runtime.messages import (
     Forward,
@@ -86,7 +87,9 @@ class PlaneStatistics:
     of which ``recovering`` wait for a plan), attempts failed so far, the last recovery times
     (s, spec FO3), KV caches held by the stage worker, the KV replica's bytes (spec FO8),
     ``requests`` (live and recent request timings) and ``measured`` (TTFT and decode rate of
-    finished requests, spec P16; None before one finished)."""
+    finished requests, spec P16; None before one finished); ``batches`` and ``batched_steps``:
+    batches the stage ran and the steps in them (spec N22); ``queued`` and ``refused``:
+    requests waiting for a turn now and refused so far (HTTP 429, spec A19)."""
 
     active: int
     recovering: int
@@ -96,6 +99,10 @@ class PlaneStatistics:
     kv_replica_bytes: int
     requests: dict[str, Any]
     measured: dict[str, Any] | None
+    batches: int = 0
+    batched_steps: int = 0
+    queued: int = 0
+    refused: int = 0
 
 
 class RequestPlane:
@@ -108,7 +115,8 @@ class RequestPlane:
     ``on_request_event(req, state, stages)``: a request's lifecycle for the cluster state;
     ``kv_replica_bytes``: the KV replica's budget (0: off, spec FO8); ``metrics``: counters
     to feed, if any; ``loopback=False`` sends this member's own messages through
-    ``send_remote`` too (a test network that counts or delays them).
+    ``send_remote`` too (a test network that counts or delays them); ``batching``: batch and
+    admission bounds (``mesh.runtime.batcher.Batching``; default: the defaults).
 
     ``coordinator`` is the ``Engine`` the API serves; ``worker`` runs this member's stage.
     ``run()`` must be running while messages are received (spec N16).
@@ -119,15 +127,17 @@ class RequestPlane:
     def __init__(self, member_id: str, *, model: Model, timeouts: Timeouts, executor: Executor,
                  send_remote: Callable[[str, Message], Awaitable[None]], plans: PlanBoard,
                  on_request_event: Callable[[str, str, list[str] | None], None], kv_replica_bytes: int = 0,
-                 metrics: NodeMetrics | None = None, loopback: bool = True) -> None:
+                 metrics: NodeMetrics | None = None, loopback: bool = True, batching: Batching | None = None) -> None:
         self.member_id = member_id
         self.loopback = loopback  # False: messages to this member go through send_remote too (a test network)
         self.send_remote = send_remote
         self.plans = plans
         self.coordinator = Coordinator(member_id, model, timeouts, send=self.send, plans=plans,
                                        on_request_event=on_request_event, kv_replica_bytes=kv_replica_bytes,
-                                       metrics=metrics)
-        self.worker = StageWorker(member_id, self.send, executor)
+                                       metrics=metrics, batching=batching)
+        batching = self.coordinator.batching
+        self.worker = StageWorker(member_id, self.send, executor, max_batch=batching.max_batch,
+                                  prefill_chunk=batching.prefill_chunk)
         self._tasks: asyncio.TaskGroup | None = None
 
     async def run(self) -> None:
@@ -229,4 +239,6 @@ class RequestPlane:
         return PlaneStatistics(active=c.active, recovering=c.recovering, failed_attempts=c.failed_attempts,
                                recovery_s=tuple(c.recovery_times)[-32:], kv_caches=len(self.worker.caches),
                                kv_replica_bytes=c.replicas.nbytes, requests=c.requests.to_wire(),
-                               measured=c.measured.summary())
+                               measured=c.measured.summary(), batches=self.worker.batcher.batches,
+                               batched_steps=self.worker.batcher.steps, queued=c.admission.queued,
+                               refused=c.admission.refused)

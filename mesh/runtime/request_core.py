@@ -181,8 +181,10 @@ class RequestCore:
 
     def __init__(self, rid: str, prompt: list[int], params: SamplingParams, *, seed: int, timeouts: Timeouts,
                  eos_token_ids: frozenset[int] | set[int], replicas: ReplicaStore | None = None,
-                 replica: RequestReplica | None = None, prefill_s_per_token: float = 0.01) -> None:
+                 replica: RequestReplica | None = None, prefill_s_per_token: float = 0.01,
+                 prefill_chunk: int = 0) -> None:
         self.rid, self.prompt, self.params, self.seed = rid, list(prompt), params, seed
+        self.prefill_chunk = prefill_chunk  # spec N23: prompt positions per sub-step (0: the whole prompt in one)
         self.timeouts = timeouts
         self.eos = frozenset(eos_token_ids)
         self.replicas, self.replica = replicas, replica
@@ -256,7 +258,7 @@ class RequestCore:
         took = now - a.sent_at
         prefill = self._is_prefill(a)
         self._out(Observe(kind="step", value=took, timing=timing, prefill=prefill))
-        if prefill and (a.forward is None or a.forward.split is None):  # a replay's pace is not a prefill's
+        if prefill and self._prompt_part(a.pos, len(a.tokens)) == len(a.tokens):  # a replay's pace is not a prefill's
             self.prefill_s_per_token = took / max(1, len(a.tokens))
         else:
             self.step_times.append(took)
@@ -487,9 +489,12 @@ class RequestCore:
         # first stage nothing, but a finished one re-sends its hidden states); at least 4 times
         # before the limit
         decode_s = statistics.median(self.step_times) if self.step_times else REPLAY_STEP_GUESS_S
-        typical = 4 * decode_s if not prefill else 3 * self.prefill_s_per_token * (split[0] if split else len(a.tokens))
-        if split:  # spec FO9: each one-token sub-step of a replay takes about a decode step
-            replay_s = (len(split) - 1) * decode_s
+        prompt_part = self._prompt_part(a.pos, len(a.tokens))
+        typical = 4 * decode_s if not prefill else 3 * self.prefill_s_per_token * prompt_part
+        # spec FO9: each one-token sub-step of a replay beyond the step's first takes about a decode step
+        extra = len(a.tokens) - prompt_part - (0 if prompt_part else 1)
+        if prefill and extra > 0:
+            replay_s = extra * decode_s
             typical += 3 * replay_s
             a.limit_s += 4 * replay_s
         a.retry_s = min(a.limit_s / 4, max(self.timeouts.retry_s, typical))
@@ -499,11 +504,17 @@ class RequestCore:
         self._out(a.forward)
 
     def _split(self, pos: int, n: int) -> list[int] | None:
-        """Spec FO9: the sizes of the original steps that covered positions [pos, pos + n) (the
-        prompt in one, then one token each), or None when that is a single step."""
-        prompt_part = min(n, max(0, len(self.prompt) - pos))
-        sizes = ([prompt_part] if prompt_part else []) + [1] * (n - prompt_part)
+        """The sub-steps of a step over positions [pos, pos + n), or None for one: the prompt
+        in chunks of ``prefill_chunk`` (spec N23), then one sub-step per generated token, as the
+        original steps were (spec FO9: a replay computes in their shapes)."""
+        prompt_part = self._prompt_part(pos, n)
+        chunk = self.prefill_chunk or prompt_part or 1
+        sizes = [min(chunk, prompt_part - at) for at in range(0, prompt_part, chunk)] + [1] * (n - prompt_part)
         return sizes if len(sizes) > 1 else None
+
+    def _prompt_part(self, pos: int, n: int) -> int:
+        """How many of the positions [pos, pos + n) are the prompt's."""
+        return min(n, max(0, len(self.prompt) - pos))
 
     def _end_attempt(self) -> None:
         a = self.attempt

@@ -16,8 +16,9 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any
 
-from backends.base import Backend, StepOutput
+from backends.base import Backend, BatchItem, StepOutput
 from mesh.errors import BackendError, MeshError, RequestFailed, TransportError
+from mesh.runtime.batcher import MAX_BATCH, PREFILL_CHUNK, StepBatcher
 from mesh.runtime.engine import SamplingParams
 from mesh.runtime.kvreplica import pack_kv, unpack_kv
 from mesh.runtime.messages import (
@@ -40,16 +41,21 @@ class StageWorker:
     """Runs this node's layers for every request that passes through it.
 
     Compute runs on one worker thread, so the event loop keeps serving heartbeats and HTTP
-    (spec N5); steps of different requests interleave there, each with its own KV cache
-    (spec N7). ``send(member, msg)`` reaches any member, this node included.
+    (spec N5); the steps of different requests that are ready together run there as one batch
+    (``mesh.runtime.batcher``, spec N22), each with its own KV cache (spec N7). ``send(member,
+    msg)`` reaches any member, this node included; ``max_batch`` and ``prefill_chunk`` bound a
+    batch's steps and positions.
     """
 
     def __init__(self, member_id: str, send: Callable[[str, Message], Awaitable[None]], executor: Executor,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, max_batch: int = MAX_BATCH,
+                 prefill_chunk: int = PREFILL_CHUNK) -> None:
         self.member_id = member_id
         self.send = send
         self.executor = executor
         self.clock = clock
+        self.batcher = StepBatcher(executor, lambda b: self.caches_on((b.layer_start, b.layer_end)),
+                                   max_batch=max_batch, prefill_chunk=prefill_chunk)
         # the stages this node holds, by layer range: one, or two while a plan change loads the
         # new one beside the old (make-before-break, spec N21); requests pick theirs by route
         self.stages: dict[tuple[int, int], Backend] = {}
@@ -334,7 +340,7 @@ class StageWorker:
             raise RequestFailed(f"no KV cache for req={req} at position {pos}")
         self.ledger.touch(req, fwd.coord, self.clock())
 
-        out, compute_s = await run_step(self.executor, backend, cache, fwd, stop=lambda: self.ledger.is_released(req))
+        out, compute_s = await run_step(self.batcher, backend, cache, fwd, stop=lambda: self.ledger.is_released(req))
         timing = [*(fwd.timing or []), [self.member_id, round(compute_s, 6)]]  # spec N12
         if self.ledger.is_released(req):  # cancelled while computing
             self.release(req)
@@ -356,34 +362,32 @@ class StageWorker:
         return fwd.coord, Token(req=req, step=fwd.step, token=token, timing=timing).to_message()
 
 
-async def run_step(executor: Executor, backend: Backend, cache: Any, fwd: Forward,
+async def run_step(batcher: StepBatcher, backend: Backend, cache: Any, fwd: Forward,
                    stop: Callable[[], bool] = lambda: False) -> tuple[StepOutput, float]:
-    """One step on ``backend`` in ``executor``: (its output, compute seconds). With
-    ``fwd.split``, its sub-steps one after the other, each a job of its own so that other
-    requests' steps run between them, until ``stop()`` (spec FO9: a replayed step computes in
+    """One step on ``backend``, batched with other requests' steps by ``batcher``: (its
+    output, compute seconds). With ``fwd.split``, its sub-steps one after the other, each in a
+    batch of its own, until ``stop()``: a prefill in chunks (spec N23), or a replayed step in
     the shapes of the original steps, so reduced-precision results do not depend on how a
-    failover grouped the tokens). Hidden states of the sub-steps are joined along positions;
-    the logits are the last sub-step's."""
-    loop = asyncio.get_running_loop()
-
-    def timed(pos: int, tokens: list[int] | None, hidden: WireTensor | None) -> tuple[StepOutput, float]:
-        started = time.perf_counter()
-        return backend.forward(cache, start_pos=pos, token_ids=tokens, hidden=hidden), time.perf_counter() - started
-
-    if not fwd.split or len(fwd.split) == 1:
-        return await loop.run_in_executor(executor, timed, fwd.pos, fwd.tokens, fwd.hidden)
+    failover grouped the tokens (spec FO9). Hidden states of the sub-steps are joined along
+    positions; the logits are the last sub-step's."""
+    stages = len(fwd.route)
+    sizes = fwd.split if fwd.split and len(fwd.split) > 1 else [fwd.n_positions]
     parts: list[WireTensor] = []
     out, total_s, at = StepOutput(), 0.0, 0
-    for n in fwd.split:
-        out, took = await loop.run_in_executor(
-            executor, timed, fwd.pos + at, fwd.tokens[at:at + n] if fwd.tokens else None,
-            fwd.hidden.rows(at, at + n) if fwd.hidden is not None else None)
+    for n in sizes:
+        whole = len(sizes) == 1
+        item = BatchItem(cache=cache, start_pos=fwd.pos + at,
+                         token_ids=(fwd.tokens if whole else fwd.tokens[at:at + n]) if fwd.tokens else None,
+                         hidden=(fwd.hidden if whole else fwd.hidden.rows(at, at + n)) if fwd.hidden is not None else None)
+        out, took = await batcher.step(backend, item, stages=stages)
         total_s, at = total_s + took, at + n
         if out.hidden is not None:
             parts.append(out.hidden)
         if stop():
             break  # released meanwhile: the caller drops the step
-    return (StepOutput(hidden=WireTensor.join_rows(parts)) if parts else out), total_s
+    if len(parts) > 1:
+        return StepOutput(hidden=WireTensor.join_rows(parts)), total_s
+    return out, total_s
 
 
 def _as_mesh_error(exc: Exception, what: str) -> MeshError:
