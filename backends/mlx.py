@@ -32,7 +32,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from backends.base import Backend, Progress, StepOutput, check_range
+from backends.base import Backend, BatchItem, Progress, StepOutput, check_range
 from mesh.errors import BackendError, ModelError
 from mesh.models import Model, layer_of, range_names, sliced_config
 from mesh.wire import WireTensor
@@ -570,6 +570,52 @@ class MlxBackend(Backend):
                 logits = head(last).astype(mx.float32)
                 mx.eval(logits, [c.state for c in cache])
                 return StepOutput(logits=np.array(logits[0], dtype=np.float32))
+
+    def _forward_batch(self, items: list[BatchItem]) -> list[StepOutput | BackendError]:
+        """Decode steps (one position each) of several requests in one call of mlx-lm's model
+        with its own batched cache: each layer's ``KVCache`` of the requests merged into a
+        left-padded ``BatchKVCache`` (mlx-lm's ``BatchKVCache.merge``, the layout of its
+        ``BatchGenerator``; the cache's mask hides the padding), and each request's row taken
+        back (``extract``) after the step. Prefill chunks, and caches of other kinds (rotating,
+        hybrid), run one after another. Logits stay within the backend's tolerance of a lone
+        step (the padding changes the attention's summation order)."""
+        from mlx_lm.models.cache import BatchKVCache, KVCache
+
+        decode = [i for i, it in enumerate(items)
+                  if it.n_positions == 1 and all(type(c) is KVCache and c.keys is not None for c in it.cache)]
+        results: list[StepOutput | BackendError | None] = [None] * len(items)
+        if len(decode) >= 2:
+            with self._lock:
+                stage = self._model
+                if stage is None:
+                    raise BackendError("no layers loaded")
+                mx = self._mx
+                with mx.stream(self._device):
+                    rows = [items[i] for i in decode]
+                    inputs = embeds = None
+                    if rows[0].token_ids is not None:
+                        inputs = mx.array([it.token_ids for it in rows], dtype=mx.int32)
+                    else:
+                        embeds = mx.concatenate([wire_to_array(it.hidden, self.dtype) for it in rows], axis=0)
+                    merged = [BatchKVCache.merge([it.cache[layer] for it in rows]) for layer in range(len(rows[0].cache))]
+                    out = self._run(stage, inputs, embeds, merged)
+                    if self.layer_end < self.num_layers:
+                        out = out.astype(self.dtype)
+                    else:
+                        head = stage.lm_head if "lm_head" in stage else stage.model.embed_tokens.as_linear
+                        out = head(out[:, -1, :]).astype(mx.float32)
+                    for row, it in enumerate(rows):
+                        for layer, batched in enumerate(merged):
+                            it.cache[layer] = batched.extract(row)
+                    mx.eval(out, [c.state for it in rows for c in it.cache])
+                    for row, i in enumerate(decode):
+                        results[i] = (StepOutput(hidden=array_to_wire(out[row:row + 1]))
+                                      if self.layer_end < self.num_layers
+                                      else StepOutput(logits=np.array(out[row], dtype=np.float32)))
+        rest = [i for i in range(len(items)) if results[i] is None]
+        for i, out in zip(rest, super()._forward_batch([items[i] for i in rest]), strict=True):
+            results[i] = out
+        return results  # type: ignore[return-value]
 
     def _run(self, stage: Any, inputs: Any, embeds: Any, cache: list[Any]) -> Any:
         """The stage's ``model.model`` on token ids or hidden states (final norm included on

@@ -71,31 +71,42 @@ def _record(kind: str, machine: dict[str, Any], config: dict[str, Any], status: 
 
 
 # -- baselines ---------------------------------------------------------------------------------
-def transformers_baseline(model: Model, prompt_tokens: int, new_tokens: int, repeats: int) -> dict[str, Any]:
-    """transformers' ``generate()`` on the same dequantized weights, greedy: TTFT (a 1-token
-    generate) and decode tokens/s ((N - 1) / (time of N tokens - TTFT)), ``repeats`` of each
-    after a warm-up, as stats blocks."""
+def reference_model(model: Model) -> Any:
+    """transformers' own model of ``model`` in f32 (a GGUF file dequantized), for the baselines."""
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     if model.ref.gguf_file:
         kwargs["gguf_file"] = model.ref.gguf_file
-    reference = AutoModelForCausalLM.from_pretrained(str(model.ref.path), **kwargs).eval()
+    return AutoModelForCausalLM.from_pretrained(str(model.ref.path), **kwargs).eval()
+
+
+def generate_s(reference: Any, model: Model, ids: Any, n: int) -> float:
+    """Seconds of one greedy ``generate()`` of exactly ``n`` new tokens after ``ids`` (a
+    ``[batch, prompt]`` tensor without padding)."""
+    import torch
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=model.config.eos_token_id)
+    return time.perf_counter() - start
+
+
+def transformers_baseline(model: Model, prompt_tokens: int, new_tokens: int, repeats: int) -> dict[str, Any]:
+    """transformers' ``generate()`` on the same dequantized weights, greedy: TTFT (a 1-token
+    generate) and decode tokens/s ((N - 1) / (time of N tokens - TTFT)), ``repeats`` of each
+    after a warm-up, as stats blocks."""
+    import torch
+
+    reference = reference_model(model)
     ids = torch.tensor([exact_prompt(model, prompt_tokens)])
-
-    def generate(n: int) -> float:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                               do_sample=False, pad_token_id=model.config.eos_token_id)
-        return time.perf_counter() - start
-
-    generate(2)  # warm-up
+    generate_s(reference, model, ids, 2)  # warm-up
     ttfts, rates = [], []
     for _ in range(repeats):
-        ttft = generate(1)
-        total = generate(new_tokens)
+        ttft = generate_s(reference, model, ids, 1)
+        total = generate_s(reference, model, ids, new_tokens)
         ttfts.append(ttft)
         rates.append((new_tokens - 1) / max(total - ttft, 1e-9))
     return {"ttft_s": _stats(ttfts), "decode_tok_s": _stats(rates)}

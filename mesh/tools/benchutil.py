@@ -130,7 +130,7 @@ def timed_runs(fn: Callable[[], tuple[float, float]], repeats: int) -> dict[str,
 
 
 def stream_request(url: str, model_id: str, content: str, new_tokens: int, *, timeout_s: float = 300.0,
-                   api_key: str | None = None) -> dict[str, Any]:
+                   api_key: str | None = None, stamps: list[float] | None = None) -> dict[str, Any]:
     """One greedy streamed chat request, ``new_tokens`` long (``ignore_eos``), through the
     shared client (``mesh.tools.sse``). Returns ``{"ok", "failure", "error", "ttft_s",
     "decode_tok_s", "tokens", "prompt_tokens", "wall_s"}`` (times in seconds, rate in tokens
@@ -139,7 +139,8 @@ def stream_request(url: str, model_id: str, content: str, new_tokens: int, *, ti
     ``failure`` says why: ``http`` (a status other than 200), ``error_event`` (an SSE error),
     ``transport`` (the connection failed or timed out, or a ``data:`` line was malformed),
     ``truncated`` (no ``[DONE]``), ``short`` (fewer tokens than asked, or no usage chunk to
-    count them) or ``empty`` (no text at all)."""
+    count them) or ``empty`` (no text at all). ``stamps``, if given, receives the
+    ``time.perf_counter()`` of each text piece as it arrives."""
     import httpx
 
     body = chat_body(model_id, content, new_tokens, include_usage=True)
@@ -151,7 +152,7 @@ def stream_request(url: str, model_id: str, content: str, new_tokens: int, *, ti
         out["failure"], out["error"] = kind, error
         return out
 
-    stamps: list[float] = []
+    stamps = stamps if stamps is not None else []
     done = False
     start = time.perf_counter()
     try:
