@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mesh.models import DEFAULT_MODEL
     from mesh.runtime.admission import MAX_QUEUED, MAX_RUNNING
     from mesh.runtime.batcher import MAX_BATCH, PREFILL_CHUNK
+    from mesh.runtime.prefix import PREFIX_CACHE_MB
 
     parser = argparse.ArgumentParser(prog="python -m mesh", description="mesh: one AI cluster from the devices you own")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
          "the next ones wait in order (continuous batching shares each stage among the running ones)")
     _add(node, "--max-queued", type=int, default=MAX_QUEUED, help="requests that may wait for a turn; beyond "
          "them a request is refused with HTTP 429 and Retry-After")
+    _add(node, "--prefix-cache-mb", type=float, default=float(PREFIX_CACHE_MB), help="MiB of KV cache each stage keeps "
+         "of prompt prefixes after a request ends, so a later request starting with the same tokens (the next "
+         "turn of a chat, a shared system prompt) skips their prefill; counted off the memory placement uses (0: off)")
     _add(node, "--max-batch", type=int, default=MAX_BATCH, help="steps of different requests one batch at a "
          "stage may hold")
     _add(node, "--prefill-chunk", type=int, default=PREFILL_CHUNK, help="prompt tokens per prefill step: a long "
@@ -306,7 +310,7 @@ def _run_node(args: argparse.Namespace) -> int:
         clock_offset_s=args.clock_offset_s, kv_replica_bytes=int(args.kv_replica_mb * 2**20),
         role=args.role, remeasure=args.remeasure, drain_s=args.drain_s, replan_margin=args.replan_margin,
         batching=Batching(max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, max_running=args.max_running,
-                          max_queued=args.max_queued),
+                          max_queued=args.max_queued, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20)),
     )
     node = Node(config)
     node_filter.node = node.member_id[:8]

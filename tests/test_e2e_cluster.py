@@ -36,12 +36,26 @@ def _client(node) -> OpenAI:
     return OpenAI(base_url=node.api_url + "/v1", api_key="unused", timeout=120, max_retries=0)
 
 
+# spec N24: a chat whose system prompt spans whole prefill chunks (128 tokens), and its second turn
+SYSTEM = " ".join(f"Rule {i}: answer briefly, in plain words, and name the unit of every number." for i in range(20))
+TURN1 = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "How far is the Moon?"}]
+TURN2 = [*TURN1, {"role": "assistant", "content": "About 384,400 km."},
+         {"role": "user", "content": "And the Sun?"}]
+
+
+def _chat_messages(client: OpenAI, messages: list[dict[str, str]]) -> str:
+    reply = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=16)
+    return reply.choices[0].message.content or ""
+
+
 @pytest.fixture(scope="module")
 def single_node_texts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     with LocalCluster(1, tmp_path_factory.mktemp("single")) as cluster:
         cluster.wait_ready()
         client = _client(cluster.nodes[0])
-        return {p: _chat(client, p, stream=False) for p in PROMPTS}
+        texts = {p: _chat(client, p, stream=False) for p in PROMPTS}
+        texts["turn2"] = _chat_messages(client, TURN2)  # cold: nothing of it is cached yet
+        return texts
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +77,8 @@ def test_two_nodes_stream_equals_single_node(two_nodes: LocalCluster, single_nod
     assert len(members) == 2
     assert [(m["layer_start"], m["layer_end"]) for m in members] == [(0, 15), (15, 30)]
     assert {m["address"] for m in members} == {f"127.0.0.1:{n.port}" for n in two_nodes.nodes}
-    assert all(m["backend"] == "torch" and m["memory_bytes"] == 4 << 30 for m in members)
+    # the node offers its memory less the prefix cache's budget (spec N24)
+    assert all(m["backend"] == "torch" and m["memory_bytes"] == (4 << 30) - (256 << 20) for m in members)
     # both nodes agree on the plan and each loaded only its own range
     _, other = http_json(two_nodes.nodes[0].api_url + "/v1/cluster")
     assert other["plan_id"] == info["plan_id"]
@@ -119,6 +134,21 @@ def test_concurrent_requests_keep_separate_caches(two_nodes: LocalCluster, singl
     after = [http_json(n.api_url + "/v1/cluster")[1]["local"] for n in two_nodes.nodes]
     for a, b in zip(before, after, strict=True):  # both stages ran batches of several requests' steps
         assert b["batched_steps"] - a["batched_steps"] > b["batches"] - a["batches"] > 0
+
+
+@pytest.mark.spec("N24")
+def test_the_next_turn_of_a_chat_starts_from_the_prefix_cache_with_the_cold_runs_text(
+        two_nodes: LocalCluster, single_node_texts: dict[str, str]) -> None:
+    """Turn 1 through one node, turn 2 through the other: the stages kept turn 1's whole prompt
+    chunks, turn 2 starts from them and gives the text of a cold run."""
+    first, second = two_nodes.nodes
+    _chat_messages(_client(first), TURN1)
+    time.sleep(0.5)  # the releases, with what to keep, reach both stages
+    before = http_json(second.api_url + "/v1/cluster")[1]["local"]["prefix_cache"]
+    assert _chat_messages(_client(second), TURN2) == single_node_texts["turn2"]
+    after = http_json(second.api_url + "/v1/cluster")[1]["local"]["prefix_cache"]
+    assert after["hits"] == before["hits"] + 1 and after["tokens"] - before["tokens"] >= 256
+    assert after["entries"] >= 1 and after["bytes"] > 0
 
 
 def _kv_caches(node) -> int:

@@ -170,7 +170,8 @@ def test_the_solver_moves_the_pipeline_off_a_slow_cable_under_load(tmp_path: Pat
 
     # 750 MB each: two members hold the f32 model with its KV cache at 8192 tokens, one does not
     # (`python -m mesh plan` on three such devices: 0.64 GiB used on the fuller one)
-    extra = ["--placement", "solver", "--dtype", "f32", "--quantize", "none", "--memory-bytes", "750000000"]
+    extra = ["--placement", "solver", "--dtype", "f32", "--quantize", "none", "--memory-bytes", "750000000",
+             "--prefix-cache-mb", "0"]
     with netlab.NetLab() as lab:
         lab.network("lan", "10.77.6")
         lab.host("a", "lan")

@@ -127,7 +127,7 @@ class Node:
                                           send_remote=lambda member, msg: self.links.send(member, msg, lane="data"),
                                           plans=self.plans, on_request_event=self.records.request_event,
                                           kv_replica_bytes=cfg.kv_replica_bytes, metrics=self.metrics, batching=cfg.batching)
-        memory = cfg.memory_bytes if cfg.memory_bytes is not None else usable_memory_bytes(cfg.memory_fraction)
+        memory = max(0, (cfg.memory_bytes if cfg.memory_bytes is not None else usable_memory_bytes(cfg.memory_fraction)) - cfg.batching.prefix_cache_bytes)  # spec N24
         self.loader = StageLoader(self.member_id, self.model, new_backend=lambda: self.backend_cls(**options),
                                   holder=plane.worker, changed=self._refresh, serving=lambda: self.serving.plan,
                                   fits=fits_in(size, self.inputs.context_tokens, memory, self.backend_cls),

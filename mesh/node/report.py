@@ -135,7 +135,8 @@ class NodeStatus:
         stats = self.stats()
         local = {"kv_caches": stats.kv_caches, "coordinating": stats.active, "failed_attempts": stats.failed_attempts,
                  "recovery_s": list(stats.recovery_s), "queued": stats.queued, "refused": stats.refused,
-                 "batches": stats.batches, "batched_steps": stats.batched_steps, **stats.requests} if stats is not None else {}
+                 "batches": stats.batches, "batched_steps": stats.batched_steps, "prefix_cache": stats.prefix,
+                 **stats.requests} if stats is not None else {}
         local["dtype"] = self.dtype  # the compute dtype (spec N19)
         view = self.view()
         return cluster_info(
@@ -157,4 +158,5 @@ class NodeStatus:
             return {"kv_caches": 0, "kv_replica_bytes": 0, "active_requests": 0, "links": links}
         return {"kv_caches": stats.kv_caches, "kv_replica_bytes": stats.kv_replica_bytes,
                 "active_requests": stats.active, "links": links, "queued_requests": stats.queued,
-                "refused_requests": stats.refused, "batches": stats.batches, "batched_steps": stats.batched_steps}
+                "refused_requests": stats.refused, "batches": stats.batches, "batched_steps": stats.batched_steps,
+                "prefix": stats.prefix or {}}

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from backends.base import Backend, BatchItem, StepOutput
 from mesh.errors import ConfigError
 from mesh.runtime.admission import MAX_QUEUED, MAX_RUNNING
+from mesh.runtime.prefix import PREFIX_CACHE_MB
 
 MAX_BATCH = 32  # steps in one batch at a stage (--max-batch)
 # prompt positions per step, and positions per batch (--prefill-chunk): a 4096-token prompt on
@@ -53,19 +54,24 @@ GATHER_SHARE = 0.25  # ... and at most this share of the last batch's time
 class Batching:
     """How a node shares its compute among requests: ``max_batch`` steps and ``prefill_chunk``
     positions per batch at a stage (a prompt is prefilled in chunks of that many positions),
-    ``max_running`` requests coordinated at once and ``max_queued`` waiting. Raises
+    ``max_running`` requests coordinated at once and ``max_queued`` waiting;
+    ``prefix_cache_bytes``: the stage's prefix cache (spec N24; 0: off). Raises
     ConfigError naming the flag for a value below 1 (0 for ``max_queued``)."""
 
     max_batch: int = MAX_BATCH
     prefill_chunk: int = PREFILL_CHUNK
     max_running: int = MAX_RUNNING
     max_queued: int = MAX_QUEUED
+    prefix_cache_bytes: int = PREFIX_CACHE_MB * 2**20  # spec N24; 0 turns the prefix cache off
 
     def __post_init__(self) -> None:
         for flag, value, least in (("--max-batch", self.max_batch, 1), ("--prefill-chunk", self.prefill_chunk, 1),
                                    ("--max-running", self.max_running, 1), ("--max-queued", self.max_queued, 0)):
             if type(value) is not int or value < least:
                 raise ConfigError(f"{flag} must be an integer >= {least}, got {value!r}")
+        if type(self.prefix_cache_bytes) is not int or self.prefix_cache_bytes < 0:
+            raise ConfigError(f"--prefix-cache-mb must be >= 0 (0 turns the prefix cache off), got "
+                              f"{self.prefix_cache_bytes!r} bytes")
 
 
 @dataclass(eq=False)

@@ -42,6 +42,7 @@ from mesh.runtime.messages import (
     Token,
 )
 from mesh.runtime.metrics import NodeMetrics
+from mesh.runtime.prefix import keep_key, prefix_keys
 from mesh.runtime.reqstats import RequestLog, RequestStats
 from mesh.runtime.request_core import (
     Emit,
@@ -78,9 +79,10 @@ class PlanSource(Protocol):
 class _Live:
     """A request in flight: its core, its inbox of replies and its statistics."""
 
-    def __init__(self, core: RequestCore, stats: RequestStats) -> None:
+    def __init__(self, core: RequestCore, stats: RequestStats, keep: list[Any] | None = None) -> None:
         self.core = core
         self.stats = stats
+        self.keep = keep  # spec N24: [n, key] of the prompt's whole chunks, kept by the stages at its end
         self.inbox: asyncio.Queue[Token | StepError | KvLoaded | None] = asyncio.Queue()  # None only wakes
 
 
@@ -99,6 +101,7 @@ class Coordinator:
         self.member_id = member_id
         self.batching = batching or Batching()
         self.admission = Admission(self.batching.max_running, self.batching.max_queued)
+        self.prefix_hits = self.prefix_misses = self.prefix_tokens = 0  # spec N24: requests, reused positions
         self.send = send
         self.plans = plans
         self.on_request_event = on_request_event
@@ -216,13 +219,17 @@ class Coordinator:
     async def _run(self, prompt_ids: list[int], params: SamplingParams, state: PlanState) -> AsyncIterator[int]:
         assert state.plan is not None  # _ready's promise
         rid = secrets.token_hex(8)
+        chunk, caching = self.batching.prefill_chunk, self.batching.prefix_cache_bytes > 0  # spec N24
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         started = self.clock()
         replica = self.replicas.open(rid, state.plan.num_layers)
         core = RequestCore(rid, prompt_ids, params, seed=seed, timeouts=self.timeouts,
                            eos_token_ids=set(self.eos_token_ids), replicas=self.replicas, replica=replica,
-                           prefill_s_per_token=self._prefill_s_per_token, prefill_chunk=self.batching.prefill_chunk)
-        live = self._live[rid] = _Live(core, self.requests.start(rid, len(prompt_ids)))
+                           prefill_s_per_token=self._prefill_s_per_token, prefill_chunk=self.batching.prefill_chunk,
+                           prefix=prefix_keys(prompt_ids, chunk) if caching else None)
+        kept = keep_key(prompt_ids, chunk) if caching else None
+        live = self._live[rid] = _Live(core, self.requests.start(rid, len(prompt_ids)),
+                                       keep=list(kept) if kept is not None else None)
         self._idle.clear()
         first_token_at, recoveries, outcome = 0.0, [], "cancelled"  # unless it finishes or fails
         log.info("req=%s start: %d prompt tokens, plan %s", rid, len(prompt_ids), state.plan.plan_id)
@@ -253,7 +260,7 @@ class Coordinator:
             if core.attempt is not None:
                 ends.append(EndAttempt(req=core.attempt.req, members=core.attempt.members))
             for end in ends:
-                await self._release(end.req, end.members)
+                await self._release(end.req, end.members, live.keep)
             if outcome == "cancelled" and core.done:
                 outcome = core.outcome
             self._prefill_s_per_token = core.prefill_s_per_token
@@ -284,7 +291,7 @@ class Coordinator:
             fwd = Forward(req=action.req, coord=self.member_id, plan_id=action.plan_id, route=action.route, idx=0,
                           step=action.step, pos=action.pos, tokens=action.tokens, temperature=core.params.temperature,
                           top_p=core.params.top_p, seed=core.seed, kv_to=action.kv_to, replica=action.replica,
-                          split=action.split)
+                          split=action.split, prefix=action.prefix)
             try:
                 await self.send(action.member, fwd.to_message())
             except MeshError as exc:
@@ -306,7 +313,7 @@ class Coordinator:
         elif isinstance(action, RequestEvent):
             self.on_request_event(core.rid, action.state, action.stages)
         elif isinstance(action, EndAttempt):
-            await self._release(action.req, action.members)
+            await self._release(action.req, action.members, live.keep)
         elif isinstance(action, Observe):
             self._observe(live, action, recoveries)
 
@@ -330,6 +337,10 @@ class Coordinator:
                 metrics.kv_resumes.labels(outcome=seen.detail).inc()
             log.info("req=%s: resumed from the KV replica in %.2f s", rid, seen.value) if seen.detail == "resumed" \
                 else log.info("req=%s: prefilling from position 0 (%s)", rid, seen.why or "no KV replica")
+        elif seen.kind == "prefix":  # spec N24
+            self.prefix_hits += seen.detail == "hit"
+            self.prefix_misses += seen.detail == "miss"
+            self.prefix_tokens += int(seen.value)
         elif seen.kind == "handover":
             if metrics is not None:
                 metrics.kv_handovers.labels(outcome=seen.detail).inc()
@@ -362,13 +373,13 @@ class Coordinator:
                 return
         now = self.clock()
         if isinstance(msg, Token):
-            core.token(msg.req, msg.step, msg.token, msg.timing, now)
+            core.token(msg.req, msg.step, msg.token, msg.timing, now, msg.cached)
         elif isinstance(msg, StepError):
             core.error(msg.req, msg.message, msg.fatal, now)
         elif isinstance(msg, KvLoaded):
             core.kv_loaded(msg.req, msg.member, msg.end, msg.ok, msg.message, now)
 
-    async def _release(self, req: str, members: frozenset[str]) -> None:
+    async def _release(self, req: str, members: frozenset[str], keep: list[Any] | None = None) -> None:
         """Free ``req``'s KV caches on ``members`` (spec FO5): each stage acknowledges with
         ``released``; a release whose answer does not come is sent again (a lost message
         must not leave a cache behind), up to ``RELEASE_TRIES`` times."""
@@ -377,7 +388,8 @@ class Coordinator:
             try:
                 for _ in range(RELEASE_TRIES):
                     try:
-                        await asyncio.wait_for(self.send(member, Release(req=req).to_message()), self.timeouts.send_s)
+                        await asyncio.wait_for(self.send(member, Release(req=req, keep=keep).to_message()),
+                                               self.timeouts.send_s)
                         await asyncio.wait_for(acked.wait(), RELEASE_ACK_S)
                         return
                     except TimeoutError:

@@ -104,6 +104,9 @@ class Forward:
     timing: list[list[Any]] | None = None
     hidden: WireTensor | None = None
     split: list[int] | None = None  # spec FO9: sub-steps computed one after the other
+    # spec N24: (n, key) of cached prompt prefixes, longest first: the first stage takes the
+    # longest it holds; later stages get the one it took (pos is then n)
+    prefix: list[list[Any]] | None = None
 
     def to_message(self) -> Message:
         body: dict[str, Any] = {"req": self.req, "coord": self.coord, "plan": self.plan_id, "route": self.route,
@@ -119,6 +122,8 @@ class Forward:
             body["t"] = self.timing
         if self.split is not None:
             body["split"] = self.split
+        if self.prefix:
+            body["prefix"] = self.prefix
         return Message(type="forward", body=body, tensor=self.hidden)
 
     @classmethod
@@ -147,7 +152,8 @@ class Forward:
                    route=route, idx=idx, step=_int(body, "step"), pos=_int(body, "pos"), tokens=tokens,
                    temperature=_float(sp, "t"), top_p=_float(sp, "p"), seed=_int(sp, "seed", -(2**63)),
                    kv_to=_route(kv_to, "kv_to") if kv_to is not None else None, replica=body.get("replica") is True,
-                   timing=_timing(body["t"]) if "t" in body else None, hidden=msg.tensor, split=split)
+                   timing=_timing(body["t"]) if "t" in body else None, hidden=msg.tensor, split=split,
+                   prefix=_prefix(body.get("prefix")))
         if split is not None and sum(split) != fwd.n_positions:
             raise FrameError(f"field 'split' sums to {sum(split)}, the step has {fwd.n_positions} positions")
         return fwd
@@ -166,14 +172,19 @@ class Token:
     step: int
     token: int
     timing: list[list[Any]]
+    cached: int = 0  # spec N24: positions the step took from the prefix cache
 
     def to_message(self) -> Message:
-        return Message(type="token", body={"req": self.req, "step": self.step, "token": self.token, "t": self.timing})
+        body = {"req": self.req, "step": self.step, "token": self.token, "t": self.timing}
+        if self.cached:
+            body["cached"] = self.cached
+        return Message(type="token", body=body)
 
     @classmethod
     def decode(cls, msg: Message) -> Token:
         body = msg.body
-        return cls(req=_req(body), step=_int(body, "step"), token=_int(body, "token"), timing=_timing(body.get("t")))
+        return cls(req=_req(body), step=_int(body, "step"), token=_int(body, "token"), timing=_timing(body.get("t")),
+                   cached=_int(body, "cached") if "cached" in body else 0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -194,13 +205,18 @@ class StepError:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Release:
     req: str
+    keep: list[Any] | None = None  # spec N24: (n, key): keep positions [0, n) in the prefix cache
 
     def to_message(self) -> Message:
-        return Message(type="release", body={"req": self.req})
+        body: dict[str, Any] = {"req": self.req}
+        if self.keep is not None:
+            body["keep"] = self.keep
+        return Message(type="release", body=body)
 
     @classmethod
     def decode(cls, msg: Message) -> Release:
-        return cls(req=_req(msg.body))
+        keep = _prefix([msg.body["keep"]]) if "keep" in msg.body else None
+        return cls(req=_req(msg.body), keep=keep[0] if keep else None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -312,3 +328,16 @@ def decode(msg: Message) -> RequestMessage:
         raise FrameError(f"{msg.type!r} is not a request-plane message")
     record: RequestMessage = decoder(msg)
     return record
+
+
+def _prefix(value: Any) -> list[list[Any]] | None:
+    """Spec N24: a list of ``[n, key]`` (n > 0, key 32 hex digits), at most 64; None when absent."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > 64 or not all(
+            isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and not isinstance(p[0], bool) and p[0] > 0
+            and isinstance(p[1], str) and len(p[1]) == 32 and all(c in "0123456789abcdef" for c in p[1])
+            for p in value):
+        raise FrameError("field 'prefix' must be a list of at most 64 [positions, 32 hex digits] pairs")
+    return [list(p) for p in value]
+

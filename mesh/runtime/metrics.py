@@ -6,7 +6,8 @@ output token after the first) histograms, failed attempts (failovers) and recove
 coordinator; placement changes, and the decoder layers each load took from the backend it
 replaced (reused) or read from the model files (read), by the node. Sampled at scrape time from
 the node: KV caches held, requests in flight, waiting for a turn and refused (HTTP 429), the
-stage's batches and the steps in them (their ratio: the mean batch size), and each link's RTT
+stage's batches and the steps in them (their ratio: the mean batch size), the prefix cache's
+hits, misses, reused positions and bytes, and each link's RTT
 (p50 of the link's own measurements, seconds).
 Spec: specs/api.md A17, specs/node.md N14.
 """
@@ -102,5 +103,14 @@ class _Sampled(Collector):
                                   value=values.get("batches", 0))
         yield CounterMetricFamily("mesh_stage_batched_steps", "Request steps in those batches (divided by "
                                   "mesh_stage_batches_total: the mean batch size)", value=values.get("batched_steps", 0))
+        prefix = values.get("prefix") or {}
+        yield CounterMetricFamily("mesh_prefix_cache_hits", "Requests coordinated here whose prompt started from "
+                                  "the prefix cache", value=prefix.get("hits", 0))
+        yield CounterMetricFamily("mesh_prefix_cache_misses", "Requests coordinated here that offered cached "
+                                  "prefixes none of which the stages held", value=prefix.get("misses", 0))
+        yield CounterMetricFamily("mesh_prefix_cache_reused_tokens", "Prompt positions taken from the prefix cache "
+                                  "instead of prefilled", value=prefix.get("tokens", 0))
+        yield GaugeMetricFamily("mesh_prefix_cache_bytes", "Bytes of prompt-prefix KV cache this node's stage keeps",
+                                value=prefix.get("bytes", 0))
         yield GaugeMetricFamily("mesh_kv_replica_bytes", "Bytes of KV cache replicas this node keeps for the "
                                 "requests it coordinates", value=values.get("kv_replica_bytes", 0))

@@ -89,7 +89,10 @@ class PlaneStatistics:
     ``requests`` (live and recent request timings) and ``measured`` (TTFT and decode rate of
     finished requests, spec P16; None before one finished); ``batches`` and ``batched_steps``:
     batches the stage ran and the steps in them (spec N22); ``queued`` and ``refused``:
-    requests waiting for a turn now and refused so far (HTTP 429, spec A19)."""
+    requests waiting for a turn now and refused so far (HTTP 429, spec A19); ``prefix``: the
+    prefix cache (spec N24): this coordinator's requests that started from a cached prefix
+    (``hits``) or offered prefixes none of which was held (``misses``), the positions they
+    reused (``tokens``), and the entries and bytes this stage holds."""
 
     active: int
     recovering: int
@@ -103,6 +106,7 @@ class PlaneStatistics:
     batched_steps: int = 0
     queued: int = 0
     refused: int = 0
+    prefix: dict[str, int] | None = None
 
 
 class RequestPlane:
@@ -137,7 +141,7 @@ class RequestPlane:
                                        metrics=metrics, batching=batching)
         batching = self.coordinator.batching
         self.worker = StageWorker(member_id, self.send, executor, max_batch=batching.max_batch,
-                                  prefill_chunk=batching.prefill_chunk)
+                                  prefill_chunk=batching.prefill_chunk, prefix_cache_bytes=batching.prefix_cache_bytes)
         self._tasks: asyncio.TaskGroup | None = None
 
     async def run(self) -> None:
@@ -170,8 +174,11 @@ class RequestPlane:
         match record:
             case Token() | StepError() | KvLoaded() | KvReplica() | Released():
                 self.coordinator.deliver(record, sender)
-            case Release(req=req):
-                self.worker.release(req)
+            case Release(req=req, keep=keep):
+                if keep is not None:  # spec N24: the prompt's whole chunks go to the prefix cache
+                    self._spawn(self.worker.release_keeping(req, keep), f"keep {req}")
+                else:
+                    self.worker.release(req)
                 self._spawn(self._ack_release(sender, req), "released")
             case Forward():
                 self._spawn(self.worker.on_forward(record), f"forward {record.req}")
@@ -241,4 +248,6 @@ class RequestPlane:
                                kv_replica_bytes=c.replicas.nbytes, requests=c.requests.to_wire(),
                                measured=c.measured.summary(), batches=self.worker.batcher.batches,
                                batched_steps=self.worker.batcher.steps, queued=c.admission.queued,
-                               refused=c.admission.refused)
+                               refused=c.admission.refused,
+                               prefix={"hits": c.prefix_hits, "misses": c.prefix_misses, "tokens": c.prefix_tokens,
+                                       "entries": len(self.worker.prefixes), "bytes": self.worker.prefixes.nbytes})

@@ -81,6 +81,7 @@ class SendForward:
     kv_to: list[list[Any]] | None
     replica: bool
     split: list[int] | None = None  # spec FO9: sub-step sizes of a replayed step
+    prefix: list[list[Any]] | None = None  # spec N24: cached prompt prefixes the first stage may start from
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,7 +124,8 @@ class Observe:
     """A figure for metrics and statistics: ``kind`` is ``step`` (``value``: the step's wall
     seconds; ``timing``: per-stage compute, ``prefill``), ``failover`` (``detail``: why),
     ``recovered`` (``value``: seconds from the failure to the next token), ``resume``
-    (``detail``: resumed/reprefill) or ``handover`` (``detail``: moved/recomputed)."""
+    (``detail``: resumed/reprefill), ``handover`` (``detail``: moved/recomputed) or ``prefix``
+    (``detail``: hit/miss; ``value``: positions taken from the prefix cache, spec N24)."""
 
     kind: str
     value: float = 0.0
@@ -182,8 +184,9 @@ class RequestCore:
     def __init__(self, rid: str, prompt: list[int], params: SamplingParams, *, seed: int, timeouts: Timeouts,
                  eos_token_ids: frozenset[int] | set[int], replicas: ReplicaStore | None = None,
                  replica: RequestReplica | None = None, prefill_s_per_token: float = 0.01,
-                 prefill_chunk: int = 0) -> None:
+                 prefill_chunk: int = 0, prefix: list[tuple[int, str]] | None = None) -> None:
         self.rid, self.prompt, self.params, self.seed = rid, list(prompt), params, seed
+        self.prefix = list(prefix or [])  # spec N24: (n, key) of the prompt's whole chunks, longest first
         self.prefill_chunk = prefill_chunk  # spec N23: prompt positions per sub-step (0: the whole prompt in one)
         self.timeouts = timeouts
         self.eos = frozenset(eos_token_ids)
@@ -251,15 +254,22 @@ class RequestCore:
     def start(self, plan: Plan, now: float) -> None:
         self._start_attempt(plan, now)
 
-    def token(self, req: str, step: int, token: int, timing: Any, now: float) -> None:
+    def token(self, req: str, step: int, token: int, timing: Any, now: float, cached: int = 0) -> None:
+        """The token of step ``step`` of attempt ``req``; ``cached``: positions its first stage
+        took from the prefix cache (spec N24)."""
         a = self.attempt
         if self.done or a is None or req != a.req or a.phase != "step" or step != a.step or self._paused:
             return  # a reply to another attempt or step, or a repeat of the one just taken: stale
         took = now - a.sent_at
         prefill = self._is_prefill(a)
         self._out(Observe(kind="step", value=took, timing=timing, prefill=prefill))
+        if a.forward is not None and a.forward.prefix:
+            self._out(Observe(kind="prefix", detail="hit" if cached else "miss", value=cached))
+            if cached and self.replica is not None and self.replicas is not None:
+                # the stages replicate from the cached prefix on: a replica with a gap is no use
+                self.replicas.drop(self.replica, "the prompt started from the prefix cache")
         if prefill and self._prompt_part(a.pos, len(a.tokens)) == len(a.tokens):  # a replay's pace is not a prefill's
-            self.prefill_s_per_token = took / max(1, len(a.tokens))
+            self.prefill_s_per_token = took / max(1, len(a.tokens) - cached)
         else:
             self.step_times.append(took)
         if self.failed_at:  # spec FO3: recovery = from the failure to the next token
@@ -480,9 +490,11 @@ class RequestCore:
             self._out(RequestEvent(state="running", stages=[m for m, _, _ in where]))  # where the KV cache is
         route = a.prefill_route if handover else a.route
         split = self._split(a.pos, len(a.tokens))
+        offer = [[n, key] for n, key in self.prefix] if a.pos == 0 and not handover and split else None
         a.forward = SendForward(member=str(route[0][0]), req=a.req, plan_id=a.plan.plan_id, route=route, step=step,
                                 pos=a.pos, tokens=list(a.tokens), kv_to=a.route if handover else None,
-                                replica=self.replica is not None and not self.replica.broken, split=split)
+                                replica=self.replica is not None and not self.replica.broken, split=split,
+                                prefix=offer or None)
         a.limit_s = self.timeouts.prefill_s if prefill else self.timeouts.decode_s
         # spec FO2: resend a step whose reply is late: after 4x a typical decode step, or 3x the
         # prefill this coordinator expects (resending a prefill that is still running costs the
@@ -523,6 +535,7 @@ class RequestCore:
             self.attempt = None
 
     def _attempt_failed(self, failure: StageFailure, now: float) -> None:
+        self.prefix = []  # spec N24: a new attempt computes every position (the same values, FO9)
         self._end_attempt()
         self._paused = False
         self.failed_at = self.failed_at or now

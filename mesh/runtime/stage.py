@@ -30,6 +30,7 @@ from mesh.runtime.messages import (
     StepError,
     Token,
 )
+from mesh.runtime.prefix import PREFIX_CACHE_MB, PrefixStore
 from mesh.runtime.sampling import sample
 from mesh.runtime.stage_core import COMPUTE, Replay, StageLedger
 from mesh.wire import Message, WireTensor
@@ -49,7 +50,7 @@ class StageWorker:
 
     def __init__(self, member_id: str, send: Callable[[str, Message], Awaitable[None]], executor: Executor,
                  clock: Callable[[], float] = time.monotonic, *, max_batch: int = MAX_BATCH,
-                 prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 prefill_chunk: int = PREFILL_CHUNK, prefix_cache_bytes: int = PREFIX_CACHE_MB * 2**20) -> None:
         self.member_id = member_id
         self.send = send
         self.executor = executor
@@ -64,6 +65,7 @@ class StageWorker:
         self._cache_stage: dict[str, tuple[int, int]] = {}  # req -> the range its cache is of
         self._tells: set[asyncio.Task[None]] = set()  # errors on their way to coordinators (``retire``)
         self.ledger = StageLedger()
+        self.prefixes = PrefixStore(prefix_cache_bytes)  # spec N24
         self._replica_due: dict[str, tuple[Backend, Any, int, int]] = {}  # req -> KV to send the coordinator
         # spec N13: a prefill stage's KV to hand to the decode stages; a decode stage's KV arriving
         self._push_due: dict[str, tuple[Backend, Any, int, list[Any]]] = {}  # req -> (backend, cache, n, decode route)
@@ -77,6 +79,7 @@ class StageWorker:
         self._cache_stage.clear()
         self.ledger.reset()
         self._pushes.clear()
+        self.prefixes.keep_only(set(self.stages))
 
     def add_stage(self, backend: Backend) -> None:
         """Hold ``backend`` beside the stages held already (spec N21): requests whose route
@@ -93,6 +96,7 @@ class StageWorker:
         fails over, spec FO3), so none waits out its step timeout for a reply that cannot come."""
         if self.stages.pop(layers, None) is None:
             return
+        self.prefixes.keep_only(set(self.stages))
         for req in [r for r, key in self._cache_stage.items() if key == layers]:
             owner = self.ledger.owner.get(req)
             self.release(req)
@@ -150,6 +154,66 @@ class StageWorker:
         """Free a request's KV cache and drop any of its steps still in flight (spec N8)."""
         self._drop(request_id)
         self.ledger.release(request_id)
+
+    async def release_keeping(self, request_id: str, keep: list[Any]) -> None:
+        """``release``, keeping positions ``[0, n)`` of the request's KV cache in the prefix
+        cache under ``key`` (``keep = [n, key]``, spec N24) when the cache holds them. A cache
+        that cannot be exported is only released."""
+        cache, layers = self.caches.get(request_id), self._cache_stage.get(request_id)
+        self.release(request_id)
+        n, key = int(keep[0]), str(keep[1])
+        backend = self.stages.get(layers) if layers is not None else None
+        if cache is None or backend is None or self.prefixes.has(layers, key):  # type: ignore[arg-type]
+            return
+        try:
+            exported = await asyncio.get_running_loop().run_in_executor(
+                self.executor, lambda: backend.export_kv(cache, start_pos=0, end_pos=n))
+        except BackendError as exc:  # fewer positions than n, or a backend that cannot export
+            log.debug("req=%s: prefix not kept: %s", request_id, exc)
+            return
+        except Exception:  # a plugin's export that breaks its contract: nothing kept
+            log.exception("req=%s: exporting a prefix for the prefix cache failed", request_id)
+            return
+        if self.stages.get(layers) is backend:  # type: ignore[arg-type]
+            self.prefixes.put(layers, key, exported, n)  # type: ignore[arg-type]
+
+    async def _from_prefix(self, fwd: Forward, backend: Backend) -> tuple[Forward, Any] | None:
+        """Spec N24: a new request's first step that names cached prefixes starts from the longest
+        this stage holds (the first stage picks; a later one must hold the one picked): the
+        step trimmed to the positions after it, and a new KV cache holding it. None when the
+        first stage holds none (or its chunks do not line up with the step's); RequestFailed
+        when a later stage lacks the prefix the first one took (the attempt starts over)."""
+        layers = (backend.layer_start, backend.layer_end)
+        first = fwd.tokens is not None
+        if not first and fwd.pos == 0:
+            return None  # a later stage of a step that found no prefix
+        chosen = None
+        for n, key in fwd.prefix or []:
+            if (n == fwd.pos or first) and self.prefixes.has(layers, key):
+                chosen = (int(n), str(key))
+                break
+        if chosen is None:
+            if first:
+                return None
+            raise RequestFailed(f"req={fwd.req}: prefix of {fwd.pos} positions is not in this stage's prefix cache")
+        n, key = chosen
+        split = list(fwd.split or [fwd.n_positions])
+        skipped = 0
+        while split and skipped < n - fwd.pos:
+            skipped += split.pop(0)
+        if first and (skipped != n or not split):
+            return None  # chunks that do not end where the prefix does: compute from scratch
+        entry = self.prefixes.get(layers, key)
+        assert entry is not None
+        cache = backend.new_cache()
+        await asyncio.get_running_loop().run_in_executor(self.executor, lambda: backend.import_kv(cache, entry.layers))
+        if not first:
+            return fwd, cache
+        trimmed = Forward(req=fwd.req, coord=fwd.coord, plan_id=fwd.plan_id, route=fwd.route, idx=fwd.idx,
+                          step=fwd.step, pos=n, tokens=fwd.tokens[n:], temperature=fwd.temperature,  # type: ignore[index]
+                          top_p=fwd.top_p, seed=fwd.seed, kv_to=fwd.kv_to, replica=fwd.replica, timing=fwd.timing,
+                          split=split if len(split) > 1 else None, prefix=[[n, key]])
+        return trimmed, cache
 
     def release_coordinated_by(self, member_id: str) -> None:
         """Free the caches of requests whose coordinator was lost: nobody will release them."""
@@ -329,9 +393,13 @@ class StageWorker:
     async def _compute(self, fwd: Forward) -> tuple[str, Message] | None:
         """Run one step on this stage: (where its output goes, the message), or None when the
         request was released meanwhile."""
-        req, pos = fwd.req, fwd.pos
         _, start, end = fwd.route[fwd.idx]
         backend = self._stage(int(start), int(end))
+        started = await self._from_prefix(fwd, backend) if fwd.prefix and not fwd.kv_to else None
+        if started is not None:
+            fwd = started[0]
+            self._keep(fwd.req, backend, started[1])
+        req, pos = fwd.req, fwd.pos
         cache = self.caches.get(req)
         if pos == 0:  # a prefill from the start: a cache a failed resume left is dropped
             cache = backend.new_cache()
@@ -353,13 +421,14 @@ class StageWorker:
             nxt = Forward(req=req, coord=fwd.coord, plan_id=fwd.plan_id, route=fwd.route, idx=fwd.idx + 1,
                           step=fwd.step, pos=pos, tokens=None, temperature=fwd.temperature, top_p=fwd.top_p,
                           seed=fwd.seed, kv_to=fwd.kv_to, replica=fwd.replica, timing=timing, hidden=out.hidden,
-                          split=fwd.split)
+                          split=fwd.split, prefix=fwd.prefix if started is not None or fwd.pos else None)
             return str(fwd.route[fwd.idx + 1][0]), nxt.to_message()
         if out.logits is None:
             raise RequestFailed("the last stage produced no logits")
         params = SamplingParams(max_tokens=1, temperature=fwd.temperature, top_p=fwd.top_p)
         token = sample(out.logits, params, step=fwd.step, request_seed=fwd.seed)
-        return fwd.coord, Token(req=req, step=fwd.step, token=token, timing=timing).to_message()
+        cached = pos if fwd.prefix and pos else 0  # spec N24: the positions the prefix cache gave
+        return fwd.coord, Token(req=req, step=fwd.step, token=token, timing=timing, cached=cached).to_message()
 
 
 async def run_step(batcher: StepBatcher, backend: Backend, cache: Any, fwd: Forward,

@@ -319,8 +319,8 @@ def no_fit(ctx: Context, tally: Tally) -> None:
 
     memory = _half_fit_memory(ctx.model)
     # f32 and float weights: what _half_fit_memory sizes (a node sizes the model as it loads it, P20)
-    with ctx.cluster("no-fit-after-loss", n=2, memory_bytes=memory, extra_args=["--dtype", "f32", "--quantize",
-                                                                              "none"]) as cluster:
+    with ctx.cluster("no-fit-after-loss", n=2, memory_bytes=memory, extra_args=[
+            "--dtype", "f32", "--quantize", "none", "--prefix-cache-mb", "0"]) as cluster:  # memory as sized
         cluster.wait_ready()
         url = cluster.nodes[0].api_url
         tally.add(stream_chat(url, PROMPTS[0], model=ctx.model, on_chunk=_once(lambda: cluster.kill(1), tally)),
