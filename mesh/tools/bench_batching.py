@@ -1,5 +1,6 @@
-"""``python -m mesh bench-batching``: what chunked prefill does for running streams, and the
-batched ``generate()`` baseline that ``python -m mesh bench --concurrency`` compares with.
+"""``python -m mesh bench-batching``: what chunked prefill does for running streams, what the
+prefix cache does for a chat's later turns, and the batched ``generate()`` baseline that
+``python -m mesh bench --concurrency`` compares with.
 
 Records (``suite: "mesh-bench-batching"``, ``schema: 2``), one JSON line each in ``--json``:
 
@@ -10,6 +11,11 @@ Records (``suite: "mesh-bench-batching"``, ``schema: 2``), one JSON line each in
   the long prompt was sent), ``gap_p50_s`` (all), ``gap_max_s`` (the longest) and
   ``gap_ratio`` (longest over the p50 before); ``long_ttft_s`` (the long prompt's time to
   first token). A chunk as large as the prompt is the unchunked baseline of the same run.
+- ``kind: "multi-turn"``, one per (prefix cache on or off, repeat): a one-node cluster with
+  ``--prefix-cache-mb`` 256 or 0; a chat of ``--turns`` turns (a system prompt of about 600
+  tokens, each user message about 60, each answer the model's own ``--answer-tokens`` tokens,
+  greedy) sent turn after turn, each with the whole conversation. ``results.ttft_s``: each
+  turn's time to first token; ``last_ttft_s`` the last turn's.
 - ``kind: "baseline"``, ``name: "transformers_generate_batch"``: transformers' ``generate()`` in
   f32 on the same (dequantized) weights at batch 1 and ``--batch`` (the same prompt in every
   row, no padding): decode tokens/s in all, ``repeats`` of each, and their ratio.
@@ -77,6 +83,47 @@ def long_prompt_run(url: str, model: Model, stream_content: str, long_content: s
             "long_ttft_s": long["ttft_s"], "stream_pieces": len(stamps)}
 
 
+def chat_turn(url: str, model_id: str, messages: list[dict[str, str]], new_tokens: int) -> tuple[float, str]:
+    """One greedy streamed chat request with ``messages``: (its TTFT in seconds, its text).
+    Raises RuntimeError for a failed request."""
+    from mesh.tools.sse import chat_chunks, open_chat_stream
+
+    body = {"model": model_id, "messages": messages, "temperature": 0, "max_tokens": new_tokens, "stream": True}
+    pieces: list[str] = []
+    first = None
+    start = time.perf_counter()
+    with open_chat_stream(url, body, timeout=600) as response:
+        if response.status_code != 200:
+            response.read()
+            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+        for chunk in chat_chunks(response.iter_lines()):
+            if chunk.error is not None:
+                raise RuntimeError(chunk.error)
+            if chunk.done:
+                break
+            if chunk.pieces and first is None:
+                first = time.perf_counter() - start
+            pieces.extend(chunk.pieces)
+    if first is None:
+        raise RuntimeError("no text")
+    return first, "".join(pieces)
+
+
+def multi_turn_run(url: str, model: Model, turns: int, answer_tokens: int) -> dict[str, Any]:
+    """A chat of ``turns`` turns, each sent with the whole conversation (see the module docstring)."""
+    system, _ = exact_chat_content(model, 600)
+    messages = [{"role": "system", "content": system}]
+    ttfts = []
+    for turn in range(turns):
+        question, _ = exact_chat_content(model, 60 + turn)
+        messages.append({"role": "user", "content": question})
+        ttft, text = chat_turn(url, model.model_id, messages, answer_tokens)
+        ttfts.append(ttft)
+        messages.append({"role": "assistant", "content": text})
+    return {"ttft_s": ttfts, "last_ttft_s": ttfts[-1],
+            "prompt_tokens_last": len(model.encode_chat(messages[:-1]))}
+
+
 def generate_batch_baseline(model: Model, prompt_tokens: int, new_tokens: int, batch: int,
                             repeats: int) -> dict[str, Any]:
     """transformers' ``generate()`` (f32) at batch 1 and ``batch``: decode tokens/s in all."""
@@ -136,6 +183,28 @@ def run_batching_bench(args: argparse.Namespace) -> int:
             except Exception as exc:  # noqa: BLE001 - a cluster that does not start fails its runs
                 failures += 1
                 append_jsonl(out, _record("long-prompt", config, "failed", f"{type(exc).__name__}: {exc}", None))
+        for budget in (256, 0):
+            config = {"model": model.model_id, "nodes": 1, "prefix_cache_mb": budget, "turns": args.turns,
+                      "answer_tokens": args.answer_tokens}
+            try:
+                with LocalCluster(1, Path(tmp) / f"prefix-{budget}", model=args.model,
+                                  extra_args=["--prefix-cache-mb", str(budget)]) as cluster:
+                    cluster.wait_ready(timeout_s=300)
+                    url = cluster.nodes[0].api_url
+                    stream_request(url, model.model_id, stream_content, 4)  # warm-up
+                    for _ in range(args.repeats):
+                        try:
+                            results = multi_turn_run(url, model, args.turns, args.answer_tokens)
+                            record = _record("multi-turn", config, "ok", None, results)
+                            print(f"prefix cache {budget} MiB: turn {args.turns} TTFT {results['last_ttft_s']:.2f} s "
+                                  f"({results['prompt_tokens_last']} prompt tokens)")
+                        except Exception as exc:  # noqa: BLE001 - a failed run is a record too
+                            failures += 1
+                            record = _record("multi-turn", config, "failed", f"{type(exc).__name__}: {exc}", None)
+                        append_jsonl(out, record)
+            except Exception as exc:  # noqa: BLE001
+                failures += 1
+                append_jsonl(out, _record("multi-turn", config, "failed", f"{type(exc).__name__}: {exc}", None))
     if not args.no_baselines:
         config = {"model": model.model_id, "prompt_tokens": 64, "new_tokens": 32, "batch": args.batch}
         try:
@@ -153,13 +222,16 @@ def add_parser(sub: Any, add: Any, add_switch: Any, positive_int: Any) -> None:
     """The ``bench-batching`` subcommand (``add``/``add_switch``: the CLI's flag helpers, env names
     included; ``positive_int``: its integer type)."""
     p = sub.add_parser("bench-batching", help="chunked prefill: a running stream's gaps while a long prompt "
-                       "arrives; the batched generate() baseline")
+                       "arrives; a multi-turn chat's TTFT with and without the prefix cache; the batched "
+                       "generate() baseline")
     add(p, "--model", default="smollm2-135m", help="model name or path")
     add(p, "--prefill-chunk", default="128,65536", help="comma-separated node --prefill-chunk values (one as large "
         "as the prompt is the unchunked baseline)")
     add(p, "--long-prompt-tokens", type=positive_int, default=4096, help="the long prompt's tokens (chat template "
         "included)")
     add(p, "--stream-tokens", type=positive_int, default=160, help="tokens of the running stream")
+    add(p, "--turns", type=positive_int, default=5, help="turns of the multi-turn chat")
+    add(p, "--answer-tokens", type=positive_int, default=48, help="tokens of each answer in the chat")
     add(p, "--batch", type=positive_int, default=8, help="the generate() baseline's batch")
     add(p, "--repeats", type=positive_int, default=2, help="runs per chunk size, and of the baseline")
     add(p, "--json", type=Path, default=Path("benchmarks/batching-scenarios.jsonl"), help="append the records here")

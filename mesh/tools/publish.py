@@ -510,6 +510,29 @@ def render_batching_scenarios(sel: Selection, path: str) -> str:
                                    else ""), f"{len(ok)} of {len(recs)}", _cell(cells[0], 1000, 0),
                      _cell(cells[1], 1000, 0), _cell(cells[2], 1, 1), _cell(cells[3], 1, 2),
                      "ok" if len(ok) == len(recs) else _status(next(r for r in recs if r.get("status") != "ok"))])
+    turns: dict[int, list[dict[str, Any]]] = {}
+    for r in sel.records:
+        if r.get("kind") == "multi-turn":
+            turns.setdefault(int(_get(r, "config", "prefix_cache_mb") or 0), []).append(r)
+    chat_rows = []
+    off = sample(_get(r, "results", "last_ttft_s") for r in turns.get(0, []) if r.get("status") == "ok")
+    for budget, recs in sorted(turns.items(), reverse=True):
+        ok = [r for r in recs if r.get("status") == "ok"]
+        last = sample(_get(r, "results", "last_ttft_s") for r in ok)
+        first_turn = sample(_get(r, "results", "ttft_s", 0) for r in ok)
+        versus = compare(last, off, higher_is_better=False) if budget else None
+        chat_rows.append([f"{budget} MiB" if budget else "off", f"{len(ok)} of {len(recs)}",
+                          str(_get(ok[0], "results", "prompt_tokens_last")) if ok else "-", _cell(first_turn, 1, 2),
+                          _cell(last, 1, 2), versus.fmt() if versus else "-",
+                          "ok" if len(ok) == len(recs) else _status(next(r for r in recs if r.get("status") != "ok"))])
+    chat = ""
+    if chat_rows:
+        t = next(iter(turns.values()))[0]
+        chat = (f"\n\nA chat of {_get(t, 'config', 'turns')} turns (a system prompt of about 600 tokens, answers of "
+                f"{_get(t, 'config', 'answer_tokens')} tokens), each turn sent with the whole conversation, on one "
+                "node with the prefix cache on and off (`--prefix-cache-mb`):\n\n" +
+                _table(("prefix cache", "chats ok", "last turn's prompt tokens", "first turn TTFT s",
+                        "last turn TTFT s", "last turn speedup vs off", "status"), chat_rows, "lrrrrrl"))
     first = next(iter(by_chunk.values()), [{}])[0]
     lines = []
     for r in sel.records:
@@ -526,7 +549,7 @@ def render_batching_scenarios(sel: Selection, path: str) -> str:
     return (caption(sel, path, "Measured") + " " + head + ("\n\nBaseline in the same run: " + "; ".join(lines) + "."
                                                           if lines else "") + "\n\n" +
             _table(("--prefill-chunk", "runs ok", "stream's median gap before ms", "longest gap ms",
-                    "longest / median", "long prompt TTFT s", "status"), rows, "lrrrrrl") + "\n")
+                    "longest / median", "long prompt TTFT s", "status"), rows, "lrrrrrl") + chat + "\n")
 
 
 RENDERERS: dict[str, Callable[[Selection, str], str]] = {
