@@ -142,8 +142,7 @@ def test_the_next_turn_of_a_chat_starts_from_the_prefix_cache_with_the_cold_runs
     """Turn 1 through one node, turn 2 through the other: the stages kept turn 1's whole prompt
     chunks, turn 2 starts from them and gives the text of a cold run."""
     first, second = two_nodes.nodes
-    _chat_messages(_client(first), TURN1)
-    time.sleep(0.5)  # the releases, with what to keep, reach both stages
+    _chat_messages(_client(first), TURN1)  # the stages keep its prompt's whole chunks once prefilled
     before = http_json(second.api_url + "/v1/cluster")[1]["local"]["prefix_cache"]
     assert _chat_messages(_client(second), TURN2) == single_node_texts["turn2"]
     after = http_json(second.api_url + "/v1/cluster")[1]["local"]["prefix_cache"]

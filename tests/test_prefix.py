@@ -77,7 +77,7 @@ def test_a_later_request_starts_from_the_cached_prefix_with_the_tokens_of_a_cold
         try:
             m0, m1 = cluster.nodes["m0"], cluster.nodes["m1"]
             await run_request(cluster, GREEDY, prompt=TURN1)
-            await asyncio.sleep(0.1)  # the release (with what to keep) reaches both stages
+            await asyncio.sleep(0.1)  # both stages kept the prompt's whole chunks after its prefill
             assert len(m0.worker.prefixes) == len(m1.worker.prefixes) == 1
             computed = m0.worker.stages[(0, 3)].tokens_computed
             assert await run_request(cluster, GREEDY, prompt=TURN2, coordinator="m1") == cold

@@ -79,10 +79,9 @@ class PlanSource(Protocol):
 class _Live:
     """A request in flight: its core, its inbox of replies and its statistics."""
 
-    def __init__(self, core: RequestCore, stats: RequestStats, keep: list[Any] | None = None) -> None:
+    def __init__(self, core: RequestCore, stats: RequestStats) -> None:
         self.core = core
         self.stats = stats
-        self.keep = keep  # spec N24: [n, key] of the prompt's whole chunks, kept by the stages at its end
         self.inbox: asyncio.Queue[Token | StepError | KvLoaded | None] = asyncio.Queue()  # None only wakes
 
 
@@ -226,10 +225,9 @@ class Coordinator:
         core = RequestCore(rid, prompt_ids, params, seed=seed, timeouts=self.timeouts,
                            eos_token_ids=set(self.eos_token_ids), replicas=self.replicas, replica=replica,
                            prefill_s_per_token=self._prefill_s_per_token, prefill_chunk=self.batching.prefill_chunk,
-                           prefix=prefix_keys(prompt_ids, chunk) if caching else None)
-        kept = keep_key(prompt_ids, chunk) if caching else None
-        live = self._live[rid] = _Live(core, self.requests.start(rid, len(prompt_ids)),
-                                       keep=list(kept) if kept is not None else None)
+                           prefix=prefix_keys(prompt_ids, chunk) if caching else None,
+                           keep=keep_key(prompt_ids, chunk) if caching else None)
+        live = self._live[rid] = _Live(core, self.requests.start(rid, len(prompt_ids)))
         self._idle.clear()
         first_token_at, recoveries, outcome = 0.0, [], "cancelled"  # unless it finishes or fails
         log.info("req=%s start: %d prompt tokens, plan %s", rid, len(prompt_ids), state.plan.plan_id)
@@ -260,7 +258,7 @@ class Coordinator:
             if core.attempt is not None:
                 ends.append(EndAttempt(req=core.attempt.req, members=core.attempt.members))
             for end in ends:
-                await self._release(end.req, end.members, live.keep)
+                await self._release(end.req, end.members)
             if outcome == "cancelled" and core.done:
                 outcome = core.outcome
             self._prefill_s_per_token = core.prefill_s_per_token
@@ -291,7 +289,7 @@ class Coordinator:
             fwd = Forward(req=action.req, coord=self.member_id, plan_id=action.plan_id, route=action.route, idx=0,
                           step=action.step, pos=action.pos, tokens=action.tokens, temperature=core.params.temperature,
                           top_p=core.params.top_p, seed=core.seed, kv_to=action.kv_to, replica=action.replica,
-                          split=action.split, prefix=action.prefix)
+                          split=action.split, prefix=action.prefix, keep=action.keep)
             try:
                 await self.send(action.member, fwd.to_message())
             except MeshError as exc:
@@ -313,7 +311,7 @@ class Coordinator:
         elif isinstance(action, RequestEvent):
             self.on_request_event(core.rid, action.state, action.stages)
         elif isinstance(action, EndAttempt):
-            await self._release(action.req, action.members, live.keep)
+            await self._release(action.req, action.members)
         elif isinstance(action, Observe):
             self._observe(live, action, recoveries)
 
@@ -379,7 +377,7 @@ class Coordinator:
         elif isinstance(msg, KvLoaded):
             core.kv_loaded(msg.req, msg.member, msg.end, msg.ok, msg.message, now)
 
-    async def _release(self, req: str, members: frozenset[str], keep: list[Any] | None = None) -> None:
+    async def _release(self, req: str, members: frozenset[str]) -> None:
         """Free ``req``'s KV caches on ``members`` (spec FO5): each stage acknowledges with
         ``released``; a release whose answer does not come is sent again (a lost message
         must not leave a cache behind), up to ``RELEASE_TRIES`` times."""
@@ -388,8 +386,7 @@ class Coordinator:
             try:
                 for _ in range(RELEASE_TRIES):
                     try:
-                        await asyncio.wait_for(self.send(member, Release(req=req, keep=keep).to_message()),
-                                               self.timeouts.send_s)
+                        await asyncio.wait_for(self.send(member, Release(req=req).to_message()), self.timeouts.send_s)
                         await asyncio.wait_for(acked.wait(), RELEASE_ACK_S)
                         return
                     except TimeoutError:

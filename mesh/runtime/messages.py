@@ -107,6 +107,7 @@ class Forward:
     # spec N24: (n, key) of cached prompt prefixes, longest first: the first stage takes the
     # longest it holds; later stages get the one it took (pos is then n)
     prefix: list[list[Any]] | None = None
+    keep: list[Any] | None = None  # spec N24: (n, key): once computed, keep positions [0, n) in the prefix cache
 
     def to_message(self) -> Message:
         body: dict[str, Any] = {"req": self.req, "coord": self.coord, "plan": self.plan_id, "route": self.route,
@@ -124,6 +125,8 @@ class Forward:
             body["split"] = self.split
         if self.prefix:
             body["prefix"] = self.prefix
+        if self.keep is not None:
+            body["keep"] = self.keep
         return Message(type="forward", body=body, tensor=self.hidden)
 
     @classmethod
@@ -145,6 +148,7 @@ class Forward:
         kv_to = body.get("kv_to")
         plan_id = body.get("plan", "")
         split = body.get("split")
+        keep = _prefix([body["keep"]]) if "keep" in body else None
         if split is not None and not (isinstance(split, list) and split and all(
                 isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in split)):
             raise FrameError("field 'split' must be a non-empty list of positive sizes")
@@ -153,7 +157,7 @@ class Forward:
                    temperature=_float(sp, "t"), top_p=_float(sp, "p"), seed=_int(sp, "seed", -(2**63)),
                    kv_to=_route(kv_to, "kv_to") if kv_to is not None else None, replica=body.get("replica") is True,
                    timing=_timing(body["t"]) if "t" in body else None, hidden=msg.tensor, split=split,
-                   prefix=_prefix(body.get("prefix")))
+                   prefix=_prefix(body.get("prefix")), keep=keep[0] if keep else None)
         if split is not None and sum(split) != fwd.n_positions:
             raise FrameError(f"field 'split' sums to {sum(split)}, the step has {fwd.n_positions} positions")
         return fwd
@@ -205,18 +209,13 @@ class StepError:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Release:
     req: str
-    keep: list[Any] | None = None  # spec N24: (n, key): keep positions [0, n) in the prefix cache
 
     def to_message(self) -> Message:
-        body: dict[str, Any] = {"req": self.req}
-        if self.keep is not None:
-            body["keep"] = self.keep
-        return Message(type="release", body=body)
+        return Message(type="release", body={"req": self.req})
 
     @classmethod
     def decode(cls, msg: Message) -> Release:
-        keep = _prefix([msg.body["keep"]]) if "keep" in msg.body else None
-        return cls(req=_req(msg.body), keep=keep[0] if keep else None)
+        return cls(req=_req(msg.body))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

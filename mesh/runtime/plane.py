@@ -174,11 +174,8 @@ class RequestPlane:
         match record:
             case Token() | StepError() | KvLoaded() | KvReplica() | Released():
                 self.coordinator.deliver(record, sender)
-            case Release(req=req, keep=keep):
-                if keep is not None:  # spec N24: the prompt's whole chunks go to the prefix cache
-                    self._spawn(self.worker.release_keeping(req, keep), f"keep {req}")
-                else:
-                    self.worker.release(req)
+            case Release(req=req):
+                self.worker.release(req)
                 self._spawn(self._ack_release(sender, req), "released")
             case Forward():
                 self._spawn(self.worker.on_forward(record), f"forward {record.req}")

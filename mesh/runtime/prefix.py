@@ -1,5 +1,7 @@
-"""The prefix cache: KV caches of prompt prefixes kept at each stage after a request ends and
-reused by later requests whose prompt starts with the same tokens (specs/node.md N24).
+"""The prefix cache: KV caches of prompt prefixes kept at each stage once a request's prompt is
+prefilled, and reused by later requests whose prompt starts with the same tokens (specs/node.md
+N24). Kept at the prefill, not at the end of the request: the next turn of a chat may arrive
+before the previous request's release does.
 
 Only whole prefill chunks are kept: positions ``[0, k x C)`` of a prompt, ``C`` the prefill
 chunk (``--prefill-chunk``). A chunked prefill computes those positions in exactly the shapes a
@@ -12,7 +14,7 @@ Keys are chained hashes: ``key(k) = blake2b(key(k - 1) || chunk k's token ids)``
 the chunk size, so a key names the exact token prefix. The coordinator offers a first stage
 the keys of its prompt's whole chunks, longest first (``prefix_keys``); the first stage takes
 the longest it holds and names it to the later stages, which must hold the same one (they
-stored it when the same request ended; one evicted it: the attempt fails and the request
+stored it after the same request's prefill; one evicted it: the attempt fails and the request
 starts over without the cache). Nothing cluster-wide is kept: the caches live on the
 pipeline's stages, which every coordinator's requests share, so every node's requests hit
 them (cache-aware routing by construction: the stages a plan routes through are the ones
@@ -54,8 +56,8 @@ def prefix_keys(tokens: list[int], chunk: int, *, limit: int = MAX_KEYS) -> list
 
 
 def keep_key(tokens: list[int], chunk: int) -> tuple[int, str] | None:
-    """The longest whole-chunk prefix of a prompt ``tokens`` that a stage keeps when the request
-    ends: ``(n, key)``, or None for a prompt shorter than one chunk."""
+    """The longest whole-chunk prefix of a prompt ``tokens`` that the stages keep once it is
+    prefilled: ``(n, key)``, or None for a prompt shorter than one chunk."""
     keys = prefix_keys([*tokens, 0], chunk, limit=1)  # a prompt's own last chunk counts too
     return keys[0] if keys else None
 

@@ -82,6 +82,7 @@ class SendForward:
     replica: bool
     split: list[int] | None = None  # spec FO9: sub-step sizes of a replayed step
     prefix: list[list[Any]] | None = None  # spec N24: cached prompt prefixes the first stage may start from
+    keep: list[Any] | None = None  # spec N24: [n, key]: the stages keep the prompt's whole chunks once computed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -184,9 +185,11 @@ class RequestCore:
     def __init__(self, rid: str, prompt: list[int], params: SamplingParams, *, seed: int, timeouts: Timeouts,
                  eos_token_ids: frozenset[int] | set[int], replicas: ReplicaStore | None = None,
                  replica: RequestReplica | None = None, prefill_s_per_token: float = 0.01,
-                 prefill_chunk: int = 0, prefix: list[tuple[int, str]] | None = None) -> None:
+                 prefill_chunk: int = 0, prefix: list[tuple[int, str]] | None = None,
+                 keep: tuple[int, str] | None = None) -> None:
         self.rid, self.prompt, self.params, self.seed = rid, list(prompt), params, seed
         self.prefix = list(prefix or [])  # spec N24: (n, key) of the prompt's whole chunks, longest first
+        self.keep = list(keep) if keep is not None else None  # spec N24: what the stages keep of the prompt
         self.prefill_chunk = prefill_chunk  # spec N23: prompt positions per sub-step (0: the whole prompt in one)
         self.timeouts = timeouts
         self.eos = frozenset(eos_token_ids)
@@ -494,7 +497,9 @@ class RequestCore:
         a.forward = SendForward(member=str(route[0][0]), req=a.req, plan_id=a.plan.plan_id, route=route, step=step,
                                 pos=a.pos, tokens=list(a.tokens), kv_to=a.route if handover else None,
                                 replica=self.replica is not None and not self.replica.broken, split=split,
-                                prefix=offer or None)
+                                prefix=offer or None,
+                                keep=self.keep if a.pos == 0 and not handover and self._prompt_part(0, len(a.tokens))
+                                else None)
         a.limit_s = self.timeouts.prefill_s if prefill else self.timeouts.decode_s
         # spec FO2: resend a step whose reply is late: after 4x a typical decode step, or 3x the
         # prefill this coordinator expects (resending a prefill that is still running costs the

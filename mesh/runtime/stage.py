@@ -67,6 +67,7 @@ class StageWorker:
         self.ledger = StageLedger()
         self.prefixes = PrefixStore(prefix_cache_bytes)  # spec N24
         self._replica_due: dict[str, tuple[Backend, Any, int, int]] = {}  # req -> KV to send the coordinator
+        self._keep_due: dict[str, tuple[Backend, Any, list[Any]]] = {}  # req -> prompt chunks to keep (N24)
         # spec N13: a prefill stage's KV to hand to the decode stages; a decode stage's KV arriving
         self._push_due: dict[str, tuple[Backend, Any, int, list[Any]]] = {}  # req -> (backend, cache, n, decode route)
         self._pushes: dict[str, dict[int, tuple[int, Any, Any]]] = {}  # req -> layer -> (layer, keys, values)
@@ -147,6 +148,7 @@ class StageWorker:
         self.caches.pop(req, None)
         self._cache_stage.pop(req, None)
         self._replica_due.pop(req, None)
+        self._keep_due.pop(req, None)
         self._push_due.pop(req, None)
         self._pushes.pop(req, None)
 
@@ -155,27 +157,26 @@ class StageWorker:
         self._drop(request_id)
         self.ledger.release(request_id)
 
-    async def release_keeping(self, request_id: str, keep: list[Any]) -> None:
-        """``release``, keeping positions ``[0, n)`` of the request's KV cache in the prefix
-        cache under ``key`` (``keep = [n, key]``, spec N24) when the cache holds them. A cache
-        that cannot be exported is only released."""
-        cache, layers = self.caches.get(request_id), self._cache_stage.get(request_id)
-        self.release(request_id)
+    async def _keep_prefix(self, req: str, backend: Backend, cache: Any, keep: list[Any]) -> None:
+        """Spec N24: keep positions ``[0, n)`` of ``req``'s KV cache (the prompt's whole chunks,
+        just computed) in the prefix cache under ``key`` (``keep = [n, key]``), exported after
+        the step's output left. Nothing is kept when the cache does not hold them or the backend
+        cannot export."""
         n, key = int(keep[0]), str(keep[1])
-        backend = self.stages.get(layers) if layers is not None else None
-        if cache is None or backend is None or self.prefixes.has(layers, key):  # type: ignore[arg-type]
+        layers = (backend.layer_start, backend.layer_end)
+        if self.prefixes.has(layers, key) or self.prefixes.budget <= 0:
             return
         try:
             exported = await asyncio.get_running_loop().run_in_executor(
                 self.executor, lambda: backend.export_kv(cache, start_pos=0, end_pos=n))
         except BackendError as exc:  # fewer positions than n, or a backend that cannot export
-            log.debug("req=%s: prefix not kept: %s", request_id, exc)
+            log.debug("req=%s: prefix not kept: %s", req, exc)
             return
         except Exception:  # a plugin's export that breaks its contract: nothing kept
-            log.exception("req=%s: exporting a prefix for the prefix cache failed", request_id)
+            log.exception("req=%s: exporting a prefix for the prefix cache failed", req)
             return
-        if self.stages.get(layers) is backend:  # type: ignore[arg-type]
-            self.prefixes.put(layers, key, exported, n)  # type: ignore[arg-type]
+        if self.stages.get(layers) is backend:
+            self.prefixes.put(layers, key, exported, n)
 
     async def _from_prefix(self, fwd: Forward, backend: Backend) -> tuple[Forward, Any] | None:
         """Spec N24: a new request's first step that names cached prefixes starts from the longest
@@ -212,7 +213,7 @@ class StageWorker:
         trimmed = Forward(req=fwd.req, coord=fwd.coord, plan_id=fwd.plan_id, route=fwd.route, idx=fwd.idx,
                           step=fwd.step, pos=n, tokens=fwd.tokens[n:], temperature=fwd.temperature,  # type: ignore[index]
                           top_p=fwd.top_p, seed=fwd.seed, kv_to=fwd.kv_to, replica=fwd.replica, timing=fwd.timing,
-                          split=split if len(split) > 1 else None, prefix=[[n, key]])
+                          split=split if len(split) > 1 else None, prefix=[[n, key]], keep=fwd.keep)
         return trimmed, cache
 
     def release_coordinated_by(self, member_id: str) -> None:
@@ -260,6 +261,9 @@ class StageWorker:
         due = self._replica_due.pop(req, None)
         if due is not None and not self.ledger.is_released(req):
             await self._send_replica(req, fwd.coord, *due)
+        keep = self._keep_due.pop(req, None)
+        if keep is not None:
+            await self._keep_prefix(req, *keep)
 
     async def _step(self, fwd: Forward) -> bool:
         """Compute, replay or drop one step and send its output; True when it was computed."""
@@ -417,11 +421,14 @@ class StageWorker:
             self._push_due[req] = (backend, cache, fwd.n_positions, fwd.kv_to)
         if fwd.replica:  # spec FO8: sent once the output has left
             self._replica_due[req] = (backend, cache, pos, fwd.n_positions)
+        if fwd.keep is not None:  # spec N24: kept once the output has left
+            self._keep_due[req] = (backend, cache, fwd.keep)
         if fwd.idx + 1 < len(fwd.route):
             nxt = Forward(req=req, coord=fwd.coord, plan_id=fwd.plan_id, route=fwd.route, idx=fwd.idx + 1,
                           step=fwd.step, pos=pos, tokens=None, temperature=fwd.temperature, top_p=fwd.top_p,
                           seed=fwd.seed, kv_to=fwd.kv_to, replica=fwd.replica, timing=timing, hidden=out.hidden,
-                          split=fwd.split, prefix=fwd.prefix if started is not None or fwd.pos else None)
+                          split=fwd.split, prefix=fwd.prefix if started is not None or fwd.pos else None,
+                          keep=fwd.keep)
             return str(fwd.route[fwd.idx + 1][0]), nxt.to_message()
         if out.logits is None:
             raise RequestFailed("the last stage produced no logits")
