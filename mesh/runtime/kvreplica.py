@@ -228,11 +228,6 @@ class ReplicaStore:
             self._by_attempt = {a: r for a, r in self._by_attempt.items() if r is not replica}
             self.nbytes -= replica.nbytes
 
-    def drop(self, replica: RequestReplica, why: str) -> None:
-        """Give up ``replica`` for good (its bytes are freed; a failover re-prefills)."""
-        if not replica.broken:
-            self._break(replica, why)
-
     def _break(self, replica: RequestReplica, why: str) -> None:
         log.info("dropping a KV replica: %s", why)
         replica.broken = why

@@ -268,9 +268,6 @@ class RequestCore:
         self._out(Observe(kind="step", value=took, timing=timing, prefill=prefill))
         if a.forward is not None and a.forward.prefix:
             self._out(Observe(kind="prefix", detail="hit" if cached else "miss", value=cached))
-            if cached and self.replica is not None and self.replicas is not None:
-                # the stages replicate from the cached prefix on: a replica with a gap is no use
-                self.replicas.drop(self.replica, "the prompt started from the prefix cache")
         if prefill and self._prompt_part(a.pos, len(a.tokens)) == len(a.tokens):  # a replay's pace is not a prefill's
             self.prefill_s_per_token = took / max(1, len(a.tokens) - cached)
         else:

@@ -419,8 +419,9 @@ class StageWorker:
             return None
         if pos == 0 and fwd.kv_to:  # spec N13: hand the KV to the decode side
             self._push_due[req] = (backend, cache, fwd.n_positions, fwd.kv_to)
-        if fwd.replica:  # spec FO8: sent once the output has left
-            self._replica_due[req] = (backend, cache, pos, fwd.n_positions)
+        if fwd.replica:  # spec FO8: sent once the output has left (from 0 when the prefix cache gave the start)
+            first = 0 if started is not None else pos
+            self._replica_due[req] = (backend, cache, first, pos + fwd.n_positions - first)
         if fwd.keep is not None:  # spec N24: kept once the output has left
             self._keep_due[req] = (backend, cache, fwd.keep)
         if fwd.idx + 1 < len(fwd.route):
