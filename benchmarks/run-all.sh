@@ -4,7 +4,8 @@
 #
 #   benchmarks/run-all.sh              every benchmark (about an hour on 2 cores)
 #   benchmarks/run-all.sh kernel       one of: bench-matrix kv-replica backends kernel transports
-#                                      placement placement-measured faults formats
+#                                      placement placement-measured faults formats batching
+#                                      batching-scenarios
 #
 # Each command appends JSON lines to benchmarks/NAME.jsonl, failed and partial runs included;
 # `python -m mesh publish` shows the records of the newest commit measured on a clean tree.
@@ -33,4 +34,7 @@ want faults && step "$py" -m mesh faults --out benchmarks/faults.jsonl
 want formats && step "$py" -m mesh bench --quiet --nodes 1 --backend torch,mlx --dtype default,f32 \
   --quantize default,none,int8,int4 --prompt-tokens 64 --new-tokens 32 --concurrency 1 --repeats 3 \
   --out benchmarks/formats.jsonl
+want batching && step "$py" -m mesh bench --quiet --nodes 1,2,3 --prompt-tokens 64 --new-tokens 32 \
+  --concurrency 1,2,4,8,16 --repeats 3 --out benchmarks/batching.jsonl
+want batching-scenarios && step "$py" -m mesh bench-batching --json benchmarks/batching-scenarios.jsonl
 "$py" -m mesh publish
