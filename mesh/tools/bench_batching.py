@@ -109,10 +109,11 @@ def chat_turn(url: str, model_id: str, messages: list[dict[str, str]], new_token
     return first, "".join(pieces)
 
 
-def multi_turn_run(url: str, model: Model, turns: int, answer_tokens: int) -> dict[str, Any]:
-    """A chat of ``turns`` turns, each sent with the whole conversation (see the module docstring)."""
+def multi_turn_run(url: str, model: Model, turns: int, answer_tokens: int, chat: int = 0) -> dict[str, Any]:
+    """A chat of ``turns`` turns, each sent with the whole conversation (see the module docstring);
+    ``chat`` starts its system prompt, so no two chats share a cached prefix."""
     system, _ = exact_chat_content(model, 600)
-    messages = [{"role": "system", "content": system}]
+    messages = [{"role": "system", "content": f"Conversation {chat}. {system}"}]
     ttfts = []
     for turn in range(turns):
         question, _ = exact_chat_content(model, 60 + turn)
@@ -192,9 +193,9 @@ def run_batching_bench(args: argparse.Namespace) -> int:
                     cluster.wait_ready(timeout_s=300)
                     url = cluster.nodes[0].api_url
                     stream_request(url, model.model_id, stream_content, 4)  # warm-up
-                    for _ in range(args.repeats):
+                    for chat in range(args.repeats):
                         try:
-                            results = multi_turn_run(url, model, args.turns, args.answer_tokens)
+                            results = multi_turn_run(url, model, args.turns, args.answer_tokens, chat)
                             record = _record("multi-turn", config, "ok", None, results)
                             print(f"prefix cache {budget} MiB: turn {args.turns} TTFT {results['last_ttft_s']:.2f} s "
                                   f"({results['prompt_tokens_last']} prompt tokens)")
