@@ -160,52 +160,47 @@ def run_batching_bench(args: argparse.Namespace) -> int:
     long_content, exact = exact_chat_content(model, args.long_prompt_tokens)
     failures = 0
     with tempfile.TemporaryDirectory(prefix="mesh-bench-batching-") as tmp:
+        def scenario(kind: str, config: dict[str, Any], flags: list[str], run: Any, say: Any) -> int:
+            """``args.repeats`` runs of ``run(url, repeat)`` on a fresh one-node cluster started with
+            ``flags``: one record each, failures included; returns how many failed."""
+            failed = 0
+            try:
+                with LocalCluster(1, Path(tmp) / f"{kind}-{'-'.join(flags)}", model=args.model,
+                                  extra_args=flags) as cluster:
+                    cluster.wait_ready(timeout_s=300)
+                    url = cluster.nodes[0].api_url
+                    stream_request(url, model.model_id, stream_content, 4)  # warm-up
+                    for repeat in range(args.repeats):
+                        try:
+                            results = run(url, repeat)
+                            record = _record(kind, config, "ok", None, results)
+                            print(say(results))
+                        except Exception as exc:  # noqa: BLE001 - a failed run is a record too
+                            failed += 1
+                            record = _record(kind, config, "failed", f"{type(exc).__name__}: {exc}", None)
+                        append_jsonl(out, record)
+            except Exception as exc:  # noqa: BLE001 - a cluster that does not start fails its runs
+                append_jsonl(out, _record(kind, config, "failed", f"{type(exc).__name__}: {exc}", None))
+                return failed + 1
+            return failed
+
         for chunk in [int(c) for c in str(args.prefill_chunk).split(",")]:
             config = {"model": model.model_id, "nodes": 1, "prefill_chunk": chunk, "stream_tokens": args.stream_tokens,
                       "long_prompt_tokens": args.long_prompt_tokens, "long_prompt_exact": exact == args.long_prompt_tokens}
-            try:
-                with LocalCluster(1, Path(tmp) / f"chunk-{chunk}", model=args.model,
-                                  extra_args=["--prefill-chunk", str(chunk)]) as cluster:
-                    cluster.wait_ready(timeout_s=300)
-                    url = cluster.nodes[0].api_url
-                    stream_request(url, model.model_id, stream_content, 4)  # warm-up
-                    for _ in range(args.repeats):
-                        try:
-                            results = long_prompt_run(url, model, stream_content, long_content, args.stream_tokens)
-                            record = _record("long-prompt", config, "ok", None, results)
-                            print(f"chunk {chunk}: longest gap {results['gap_max_s'] * 1000:.0f} ms = "
-                                  f"{results['gap_ratio']:.1f}x the median before "
-                                  f"({results['gap_p50_before_s'] * 1000:.0f} ms); long prompt TTFT "
-                                  f"{results['long_ttft_s']:.2f} s")
-                        except Exception as exc:  # noqa: BLE001 - a failed run is a record too
-                            failures += 1
-                            record = _record("long-prompt", config, "failed", f"{type(exc).__name__}: {exc}", None)
-                        append_jsonl(out, record)
-            except Exception as exc:  # noqa: BLE001 - a cluster that does not start fails its runs
-                failures += 1
-                append_jsonl(out, _record("long-prompt", config, "failed", f"{type(exc).__name__}: {exc}", None))
+            failures += scenario(
+                "long-prompt", config, ["--prefill-chunk", str(chunk)],
+                lambda url, _: long_prompt_run(url, model, stream_content, long_content, args.stream_tokens),
+                lambda r, chunk=chunk: (f"chunk {chunk}: longest gap {r['gap_max_s'] * 1000:.0f} ms = "
+                                        f"{r['gap_ratio']:.1f}x the median before ({r['gap_p50_before_s'] * 1000:.0f} "
+                                        f"ms); long prompt TTFT {r['long_ttft_s']:.2f} s"))
         for budget in (256, 0):
             config = {"model": model.model_id, "nodes": 1, "prefix_cache_mb": budget, "turns": args.turns,
                       "answer_tokens": args.answer_tokens}
-            try:
-                with LocalCluster(1, Path(tmp) / f"prefix-{budget}", model=args.model,
-                                  extra_args=["--prefix-cache-mb", str(budget)]) as cluster:
-                    cluster.wait_ready(timeout_s=300)
-                    url = cluster.nodes[0].api_url
-                    stream_request(url, model.model_id, stream_content, 4)  # warm-up
-                    for chat in range(args.repeats):
-                        try:
-                            results = multi_turn_run(url, model, args.turns, args.answer_tokens, chat)
-                            record = _record("multi-turn", config, "ok", None, results)
-                            print(f"prefix cache {budget} MiB: turn {args.turns} TTFT {results['last_ttft_s']:.2f} s "
-                                  f"({results['prompt_tokens_last']} prompt tokens)")
-                        except Exception as exc:  # noqa: BLE001 - a failed run is a record too
-                            failures += 1
-                            record = _record("multi-turn", config, "failed", f"{type(exc).__name__}: {exc}", None)
-                        append_jsonl(out, record)
-            except Exception as exc:  # noqa: BLE001
-                failures += 1
-                append_jsonl(out, _record("multi-turn", config, "failed", f"{type(exc).__name__}: {exc}", None))
+            failures += scenario(
+                "multi-turn", config, ["--prefix-cache-mb", str(budget)],
+                lambda url, chat: multi_turn_run(url, model, args.turns, args.answer_tokens, chat),
+                lambda r, budget=budget: (f"prefix cache {budget} MiB: turn {args.turns} TTFT {r['last_ttft_s']:.2f} s "
+                                          f"({r['prompt_tokens_last']} prompt tokens)"))
     if not args.no_baselines:
         config = {"model": model.model_id, "prompt_tokens": 64, "new_tokens": 32, "batch": args.batch}
         try:
