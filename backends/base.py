@@ -277,9 +277,11 @@ class Backend(ABC):
 
         Returns one entry per item, in order: its ``StepOutput`` (hidden ``[1, n_i, hidden]``
         or float32 logits ``[vocab]`` at its last position), or the ``BackendError`` that
-        refused it; an item refused by the checks of ``forward`` (B6), whose cache appears
-        twice in the batch, or that does not start where its cache ends (where the backend
-        says, ``_cached_positions``), changes nothing and does not stop the others. A request's results
+        refused it; an item refused by the checks of ``forward`` (B6), or that does not start
+        where its cache ends (where the backend says, ``_cached_positions``), changes nothing
+        and does not stop the others. One cache may be given several times, in order, each item
+        starting where the one before it ends (consecutive prefill chunks of one prompt); an
+        item after a refused or failed one of its cache is refused too. A request's results
         are the same alone or batched: greedy tokens identical, logits within the backend's
         ``logit_tolerance`` (bit-identical on the torch backend in bf16). An error of the
         batched call itself is every remaining item's error (their caches may have moved on:
@@ -287,21 +289,25 @@ class Backend(ABC):
         """
         results: list[StepOutput | BackendError | None] = [None] * len(items)
         valid: list[int] = []
-        seen: set[int] = set()
+        ends: dict[int, int | None] = {}  # cache -> where its last valid item ends (None: one was refused)
         for i, item in enumerate(items):
             try:
                 if not self.loaded:
                     raise BackendError("no layers loaded")
-                if id(item.cache) in seen:
-                    raise BackendError("one KV cache given twice in one batch")
                 self._check_step(item.start_pos, item.token_ids, item.hidden)
-                held = self._cached_positions(item.cache)
-                if held is not None and held != item.start_pos:
-                    raise BackendError(f"the step starts at position {item.start_pos}; its KV cache holds {held}")
+                if id(item.cache) in ends:  # a later chunk of the same request: it continues the one before
+                    if ends[id(item.cache)] != item.start_pos:
+                        raise BackendError(f"the step starts at position {item.start_pos}; the batch's step before "
+                                           f"it on the same KV cache ends at {ends[id(item.cache)]}")
+                else:
+                    held = self._cached_positions(item.cache)
+                    if held is not None and held != item.start_pos:
+                        raise BackendError(f"the step starts at position {item.start_pos}; its KV cache holds {held}")
             except BackendError as exc:
                 results[i] = exc
+                ends[id(item.cache)] = None  # the cache's later items cannot continue it
                 continue
-            seen.add(id(item.cache))
+            ends[id(item.cache)] = item.start_pos + item.n_positions
             valid.append(i)
         if valid:
             try:
@@ -315,16 +321,22 @@ class Backend(ABC):
         return results  # type: ignore[return-value]
 
     def _forward_batch(self, items: list[BatchItem]) -> list[StepOutput | BackendError]:
-        """``forward_batch`` after its checks (every item valid, caches distinct). The default
+        """``forward_batch`` after its checks (every item valid; a cache's items in order, each
+        continuing the one before). The default
         runs ``_forward`` on each item in turn (an item's BackendError is its result); a
         backend whose library batches overrides it."""
         out: list[StepOutput | BackendError] = []
+        failed: set[int] = set()  # caches whose earlier item failed: their later items cannot run
         for item in items:
+            if id(item.cache) in failed:
+                out.append(BackendError("an earlier step of the batch on the same KV cache failed"))
+                continue
             try:
                 out.append(self._forward(item.cache, start_pos=item.start_pos, token_ids=item.token_ids,
                                          hidden=item.hidden))
             except BackendError as exc:
                 out.append(exc)
+                failed.add(id(item.cache))
         return out
 
     @abstractmethod

@@ -28,6 +28,7 @@ import functools
 import importlib
 import inspect
 import logging
+from collections import Counter
 from typing import Any, cast
 
 import numpy as np
@@ -576,13 +577,15 @@ class MlxBackend(Backend):
         with its own batched cache: each layer's ``KVCache`` of the requests merged into a
         left-padded ``BatchKVCache`` (mlx-lm's ``BatchKVCache.merge``, the layout of its
         ``BatchGenerator``; the cache's mask hides the padding), and each request's row taken
-        back (``extract``) after the step. Prefill chunks, and caches of other kinds (rotating,
-        hybrid), run one after another. Logits stay within the backend's tolerance of a lone
+        back (``extract``) after the step. Prefill chunks, caches given more than once (a
+        prompt's consecutive chunks) and caches of other kinds (rotating, hybrid) run one after
+        another, in order. Logits stay within the backend's tolerance of a lone
         step (the padding changes the attention's summation order)."""
         from mlx_lm.models.cache import BatchKVCache, KVCache
 
-        decode = [i for i, it in enumerate(items)
-                  if it.n_positions == 1 and all(type(c) is KVCache and c.keys is not None for c in it.cache)]
+        uses = Counter(id(it.cache) for it in items)  # a cache given twice runs its items in turn, in order
+        decode = [i for i, it in enumerate(items) if it.n_positions == 1 and uses[id(it.cache)] == 1
+                  and all(type(c) is KVCache and c.keys is not None for c in it.cache)]
         results: list[StepOutput | BackendError | None] = [None] * len(items)
         if len(decode) >= 2:
             with self._lock:

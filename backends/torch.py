@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from backends.base import Backend, BatchItem, Progress, StepOutput, check_range, source_has
-from backends.torch_batch import can_batch, forward_packed, use_packing
+from backends.torch_batch import can_batch, forward_packed, new_packed_cache, use_packing
 from backends.torch_quant import (  # noqa: F401  (INT4_GROUP: part of this backend's surface)
     INT4_GROUP,
     _format,
@@ -201,6 +201,8 @@ class TorchBackend(Backend):
 
         if self._config is None:
             raise BackendError("no layers loaded")
+        if self._packs:
+            return new_packed_cache(self._config)
         return DynamicCache(config=self._config)
 
     def _cached_positions(self, cache: Any) -> int:

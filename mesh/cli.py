@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mesh import registry
     from mesh.models import DEFAULT_MODEL
     from mesh.runtime.admission import MAX_QUEUED, MAX_RUNNING
-    from mesh.runtime.batcher import MAX_BATCH, PREFILL_CHUNK
+    from mesh.runtime.batcher import MAX_BATCH, PREFILL_BATCH, PREFILL_CHUNK
     from mesh.runtime.prefix import PREFIX_CACHE_MB
 
     parser = argparse.ArgumentParser(prog="python -m mesh", description="mesh: one AI cluster from the devices you own")
@@ -145,8 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
          "turn of a chat, a shared system prompt) skips their prefill; counted off the memory placement uses (0: off)")
     _add(node, "--max-batch", type=int, default=MAX_BATCH, help="steps of different requests one batch at a "
          "stage may hold")
-    _add(node, "--prefill-chunk", type=int, default=PREFILL_CHUNK, help="prompt tokens per prefill step: a long "
+    _add(node, "--prefill-chunk", type=int, default=PREFILL_CHUNK, help="prompt tokens per prefill chunk: a long "
          "prompt goes in chunks between the running requests' decode steps, so they stall about one chunk")
+    _add(node, "--prefill-batch", type=int, default=PREFILL_BATCH, help="prompt tokens one batch at a stage may "
+         "hold (several chunks of one prompt run in one forward while nothing else runs; beside running "
+         "requests a stage holds only what keeps their gap under about twice its usual length)")
     _add(node, "--api-key", help="if set, HTTP requests need 'Authorization: Bearer KEY'")
     _add(node, "--device", help="backend device, e.g. cpu, cuda, mps (default: the backend's choice)")
     _add(node, "--dtype", choices=("f32", "f16", "bf16"),
@@ -309,7 +312,8 @@ def _run_node(args: argparse.Namespace) -> int:
         timeouts=Timeouts(recovery_s=args.recovery_s), fault_plan=args.fault_plan, fault_label=args.fault_label,
         clock_offset_s=args.clock_offset_s, kv_replica_bytes=int(args.kv_replica_mb * 2**20),
         role=args.role, remeasure=args.remeasure, drain_s=args.drain_s, replan_margin=args.replan_margin,
-        batching=Batching(max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, max_running=args.max_running,
+        batching=Batching(max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+                          prefill_batch=args.prefill_batch, max_running=args.max_running,
                           max_queued=args.max_queued, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20)),
     )
     node = Node(config)

@@ -10,11 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from backends.base import Backend, BatchItem, StepOutput
 from mesh.errors import ApiError, BackendError, ConfigError
 from mesh.runtime.admission import Admission
-from mesh.runtime.batcher import Batching, StepBatcher
+from mesh.runtime.batcher import Batching, StepBatcher, prefill_chunks
 
 
 class Recorder(Backend):
@@ -89,10 +91,80 @@ def test_a_pipeline_of_k_stages_splits_the_requests_into_k_micro_batches() -> No
 @pytest.mark.spec("N23")
 def test_a_batch_holds_the_decode_steps_and_prefill_positions_up_to_the_chunk() -> None:
     backend = Recorder()
-    batcher = StepBatcher(ThreadPoolExecutor(1), lambda b: 4, prefill_chunk=4)
+    batcher = StepBatcher(ThreadPoolExecutor(1), lambda b: 4, prefill_batch=4)
     asyncio.run(_submit(batcher, backend, [item(10, 4), item(11, 3), item(1), item(2)]))
     # the first chunk fills the budget: the second prompt's waits; the decode steps ride along
     assert backend.batches == [[10, 1, 2], [11]]
+
+
+@given(st.integers(0, 600), st.integers(0, 600), st.integers(1, 64))
+@pytest.mark.spec("N23")
+def test_prefill_chunks_cut_at_the_multiples_of_the_chunk_whatever_the_start(start: int, n: int, chunk: int) -> None:
+    sizes = prefill_chunks(start, start + n, chunk)
+    assert sum(sizes) == n and all(0 < s <= chunk for s in sizes)
+    cuts = {start + sum(sizes[:i]) for i in range(len(sizes) + 1)}
+    assert {m for m in range(start, start + n + 1) if m % chunk == 0} <= cuts  # every multiple is a cut
+    assert len(sizes) == len({m for m in range(start + 1, start + n) if m % chunk == 0}) + (n > 0)  # and no other
+
+
+def chunks(token: int, sizes: list[int]) -> list[BatchItem]:
+    """A prompt's chunks on one cache (token ``token`` + i in chunk i), in order."""
+    cache: list[Any] = []
+    out, at = [], 0
+    for i, n in enumerate(sizes):
+        out.append(BatchItem(cache=cache, start_pos=at, token_ids=[token + i] * n))
+        at += n
+    return out
+
+
+@pytest.mark.spec("N23", "B16")
+def test_a_prompt_alone_packs_its_chunks_up_to_the_batch_budget_and_beside_streams_what_their_time_allows() -> None:
+    backend = Recorder()
+    alone = StepBatcher(ThreadPoolExecutor(1), lambda b: 1, prefill_batch=8)
+
+    async def prompt(batcher: StepBatcher, sizes: list[int]) -> list[Any]:
+        outs, took = await asyncio.wait_for(batcher.submit(backend, chunks(100, sizes)), 10)
+        assert took > 0
+        return [[int(v) for v in o.logits] for o in outs]  # type: ignore[union-attr]
+
+    got = asyncio.run(prompt(alone, [4, 4, 4, 2]))
+    assert backend.batches == [[100, 101], [102, 103]]  # 8 positions per batch, in order, on one cache
+    assert got == [[100, 4], [101, 4], [102, 4], [103, 2]]  # every chunk's own output
+    backend.batches.clear()
+    beside = StepBatcher(ThreadPoolExecutor(1), lambda b: 2, prefill_batch=8)  # one stream runs beside it
+
+    async def mixed() -> None:
+        await asyncio.wait_for(asyncio.gather(prompt(beside, [4, 4, 4]), _submit(beside, backend, [item(1)])), 10)
+
+    asyncio.run(mixed())  # nothing measured yet: one chunk per batch beside the decode step
+    assert backend.batches[0] == [100, 1] and all(len(b) == 1 for b in backend.batches[1:])
+    beside._decode_s.clear()
+    beside._position_s.clear()
+    beside._decode_s.extend([0.02] * 3)  # decode batches take 20 ms, a prompt position 5 ms:
+    beside._position_s.extend([0.005] * 3)  # (2 - 1) x 20 ms holds 4 positions
+    assert beside._budget(backend) == 4  # active 2, no prompt queued: a stream runs
+    beside._position_s.extend([0.0025] * 6)
+    assert beside._budget(backend) == 8  # ... 8 at 2.5 ms, capped by --prefill-batch
+
+
+@pytest.mark.spec("N23")
+def test_a_prompt_job_stops_between_batches_and_a_failed_chunk_runs_none_after_it() -> None:
+    backend = Recorder()
+    batcher = StepBatcher(ThreadPoolExecutor(1), lambda b: 1, prefill_batch=4)
+    done: list[int] = []
+
+    async def go() -> tuple[list[Any], Any]:
+        outs, _ = await batcher.submit(backend, chunks(10, [4, 4, 4]), stop=lambda: done.append(1) is None)
+        failing = chunks(998, [4, 4, 4])  # its second chunk (token 999) is refused
+        try:
+            await batcher.submit(backend, failing)
+        except BackendError as exc:
+            return outs, exc
+        return outs, None
+
+    outs, error = asyncio.run(asyncio.wait_for(go(), 10))
+    assert len(outs) == 1 and done == [1]  # stopped after its first batch: one chunk computed
+    assert isinstance(error, BackendError) and backend.batches == [[10], [998], [999]]  # nothing after the refusal
 
 
 @pytest.mark.spec("N22")
@@ -151,7 +223,7 @@ def test_a_step_cancelled_before_its_batch_never_runs_and_a_failed_batch_reaches
 def test_batching_flags_are_checked_by_name() -> None:
     assert Batching().prefill_chunk > 0
     for field, flag in (("max_batch", "--max-batch"), ("prefill_chunk", "--prefill-chunk"),
-                        ("max_running", "--max-running")):
+                        ("prefill_batch", "--prefill-batch"), ("max_running", "--max-running")):
         with pytest.raises(ConfigError, match=flag):
             Batching(**{field: 0})
     with pytest.raises(ConfigError, match="--max-queued"):

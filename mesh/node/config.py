@@ -70,7 +70,7 @@ class NodeConfig:
     objective: str = "goodput"
     replan_margin: float = 0.15  # placement hysteresis (spec P21; mesh.placement.planner.REPLAN_MARGIN)
     timeouts: Timeouts = field(default_factory=Timeouts)
-    batching: Batching = field(default_factory=Batching)  # --max-batch, --prefill-chunk, --max-running, --max-queued
+    batching: Batching = field(default_factory=Batching)  # --max-batch, --prefill-chunk, --prefill-batch, --max-running, --max-queued
     kv_replica_bytes: int = 512 * 2**20  # spec FO8; 0 turns the KV replica off
     role: str = "any"  # prefill, decode or any (spec N13)
     fault_plan: Path | None = None  # fault injection, for tests only (mesh/node/fault_hooks.py)

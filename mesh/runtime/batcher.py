@@ -11,10 +11,14 @@ micro-batches keep their shape as they move):
   cache on this stage), so on the first stage the requests split into ``k`` groups and stage
   2 computes one group while stage 1 computes the next (GPipe's micro-batching, Huang et al.
   2019, applied to decode steps as in Orca, Yu et al. OSDI 2022).
-- **Token budget.** Beside its decode steps a batch holds prefill positions up to
-  ``prefill_chunk`` (at least one prefill step): prompts go in chunks (``Forward.split``,
-  spec N23) that mix with the running decode steps, so a long prompt delays them by about one
-  chunk's time (chunked prefill, Agrawal et al., Sarathi-Serve, OSDI 2024).
+- **Token budget.** A prompt goes as one job of chunks (``Forward.split``, spec N23, cut by
+  ``prefill_chunks``: the same cuts under any load). While no other request runs on the
+  stage a batch holds up to ``prefill_batch`` of its positions, several chunks in one
+  forward; beside running requests' decode steps, only what fits in ``STALL_LIMIT - 1`` decode batches' time at the measured seconds per prompt
+  position, and at least one chunk, so a long prompt holds a running stream for about
+  ``STALL_LIMIT`` of its usual gaps (chunked prefill with a token budget: Agrawal et al.,
+  Sarathi-Serve, OSDI 2024). How many chunks share a forward changes no result: each chunk
+  attends in its own shape (B16).
 - **Gathering.** When fewer steps wait than the batch could take while requests on this stage
   are between steps, the batcher waits up to ``min(GATHER_MAX_S, GATHER_SHARE x the last
   batch's seconds)`` for them: on one node the replies of a batch come back as the next
@@ -30,7 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -41,31 +47,41 @@ from mesh.runtime.admission import MAX_QUEUED, MAX_RUNNING
 from mesh.runtime.prefix import PREFIX_CACHE_MB
 
 MAX_BATCH = 32  # steps in one batch at a stage (--max-batch)
-# prompt positions per step, and positions per batch (--prefill-chunk): a 4096-token prompt on
-# the default model (bf16, int4, this project's 2-core EPYC) prefills in 10.6 s in chunks of 256
-# and 11.9 s in chunks of 128, and its last chunk holds the running streams for 0.97 s and
-# 0.57 s (0.36 s at 64, for 12.9 s)
-PREFILL_CHUNK = 128
+# prompt positions per prefill chunk (--prefill-chunk) and at most per batch (--prefill-batch).
+# On the default model (bf16, int4) on this project's 2-core EPYC a prompt position costs
+# 2 ms at depth 0 and 4.5 ms at depth 4096 against 18 ms for a decode step, so a chunk of 128
+# holds a running stream 0.25-0.57 s; chunks of 32 packed up to 256 positions per batch while
+# the prompt runs alone prefill a 4096-token prompt as fast as chunks of 128 (14.1-14.8 s
+# against 13.2-16.5 s in one run), chunks of 16 take 20 % longer
+PREFILL_CHUNK = 16
+PREFILL_BATCH = 256
 GATHER_MAX_S = 0.004  # the longest wait for steps still coming
 GATHER_SHARE = 0.25  # ... and at most this share of the last batch's time
+# a batch holding prompt chunks beside running requests' decode steps takes about this many
+# decode batches' time (StepBatcher._budget): a running stream's gap while a long prompt
+# prefills stays about this many times its usual gap
+STALL_LIMIT = 2.0
+RECENT = 9  # batches whose median seconds the budget uses (one slow batch moves it little)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Batching:
-    """How a node shares its compute among requests: ``max_batch`` steps and ``prefill_chunk``
-    positions per batch at a stage (a prompt is prefilled in chunks of that many positions),
-    ``max_running`` requests coordinated at once and ``max_queued`` waiting;
+    """How a node shares its compute among requests: ``max_batch`` steps per batch at a stage,
+    prompts prefilled in chunks of ``prefill_chunk`` positions, at most ``prefill_batch`` prompt
+    positions per batch, ``max_running`` requests coordinated at once and ``max_queued`` waiting;
     ``prefix_cache_bytes``: the stage's prefix cache (spec N24; 0: off). Raises
     ConfigError naming the flag for a value below 1 (0 for ``max_queued``)."""
 
     max_batch: int = MAX_BATCH
     prefill_chunk: int = PREFILL_CHUNK
+    prefill_batch: int = PREFILL_BATCH
     max_running: int = MAX_RUNNING
     max_queued: int = MAX_QUEUED
     prefix_cache_bytes: int = PREFIX_CACHE_MB * 2**20  # spec N24; 0 turns the prefix cache off
 
     def __post_init__(self) -> None:
         for flag, value, least in (("--max-batch", self.max_batch, 1), ("--prefill-chunk", self.prefill_chunk, 1),
+                                   ("--prefill-batch", self.prefill_batch, 1),
                                    ("--max-running", self.max_running, 1), ("--max-queued", self.max_queued, 0)):
             if type(value) is not int or value < least:
                 raise ConfigError(f"{flag} must be an integer >= {least}, got {value!r}")
@@ -76,38 +92,75 @@ class Batching:
 
 @dataclass(eq=False)
 class _Job:
+    """The steps one caller submitted: one item, or a prompt's chunks in order."""
+
     backend: Backend
-    item: BatchItem
+    items: list[BatchItem]
     stages: int  # the request's pipeline depth (micro-batches in flight)
-    future: asyncio.Future[tuple[StepOutput, float]] = field(repr=False)
+    future: asyncio.Future[tuple[list[StepOutput], float]] = field(repr=False)
+    stop: Callable[[], bool] = field(repr=False, default=lambda: False)
+    outputs: list[StepOutput] = field(default_factory=list)
+    taken: int = 0  # items handed to batches so far
+    seconds: float = 0.0  # compute seconds of the batches they ran in
+
+    @property
+    def chunked(self) -> bool:
+        """Whether its items are prompt positions (a prefill chunk, or several sub-steps)."""
+        return len(self.items) > 1 or self.items[0].n_positions > 1
+
+
+def prefill_chunks(start: int, end: int, chunk: int) -> list[int]:
+    """The sizes of the prefill chunks of prompt positions ``[start, end)``: cut at the
+    multiples of ``chunk`` (``--prefill-chunk``; spec N23). The cuts depend on the positions
+    only, never on load: a prompt computes in the same shapes alone, beside other requests,
+    when a failover replays it (FO9) and when the prefix cache resumes it at a cut (N24), so its
+    reduced-precision results and greedy tokens do not depend on them (attention's results
+    do depend on a chunk's shape: bf16 outputs move in their last bit between shapes). A
+    stage packs as many chunks into one batch as its budget allows (``StepBatcher``)."""
+    cuts = [start, *range((start // chunk + 1) * chunk, end, chunk), end]
+    return [b - a for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
 
 
 class StepBatcher:
     """See the module docstring.
 
     ``executor``: the compute thread; ``active(backend)``: how many requests hold a KV cache
-    on that stage now; ``max_batch``: steps per batch at most; ``prefill_chunk``: positions
-    per batch (the prefill chunk size, ``--prefill-chunk``).
+    on that stage now; ``max_batch``: steps per batch at most; ``prefill_batch``: prompt
+    positions per batch at most (``--prefill-batch``).
     """
 
     def __init__(self, executor: Executor, active: Callable[[Backend], int], *, max_batch: int = MAX_BATCH,
-                 prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 prefill_batch: int = PREFILL_BATCH) -> None:
         self.executor = executor
         self.active = active
         self.max_batch = max(1, max_batch)
-        self.prefill_chunk = max(1, prefill_chunk)
+        self.prefill_batch = max(1, prefill_batch)
         self._queue: list[_Job] = []
         self._arrived = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._last_s = 0.0  # the last batch's compute seconds
+        self._decode_s: deque[float] = deque(maxlen=RECENT)  # recent batches of decode steps only: seconds
+        self._position_s: deque[float] = deque(maxlen=RECENT)  # ... and seconds per prompt position beside them
         self.batches = 0  # batches run, and steps in them (the mean batch size: steps / batches)
         self.steps = 0
 
     async def step(self, backend: Backend, item: BatchItem, *, stages: int = 1) -> tuple[StepOutput, float]:
         """Run ``item`` on ``backend`` in the next batch it fits: (its output, the batch's
         compute seconds). Raises the item's BackendError, or whatever the batch raised."""
+        outputs, took = await self.submit(backend, [item], stages=stages)
+        return outputs[0], took
+
+    async def submit(self, backend: Backend, items: list[BatchItem], *, stages: int = 1,
+                     stop: Callable[[], bool] = lambda: False) -> tuple[list[StepOutput], float]:
+        """Run ``items`` (one request's steps, in order: a prompt's chunks) on ``backend``, as
+        many of them per batch as the budget allows: (their outputs, the compute seconds of the
+        batches they ran in). Stops early, with the outputs so far, once ``stop()`` is true
+        between batches. Raises the first item's BackendError, or whatever a batch raised;
+        its later items do not run."""
+        if not items:
+            raise ValueError("no steps to run")
         loop = asyncio.get_running_loop()
-        job = _Job(backend, item, max(1, stages), loop.create_future())
+        job = _Job(backend, list(items), max(1, stages), loop.create_future(), stop)
         self._queue.append(job)
         self._arrived.set()
         if self._runner is None or self._runner.done():
@@ -115,7 +168,7 @@ class StepBatcher:
         try:
             return await job.future
         except asyncio.CancelledError:
-            if job in self._queue:  # not started: nothing of it runs
+            if job in self._queue:  # its steps not yet run never run
                 self._queue.remove(job)
             raise
 
@@ -138,30 +191,64 @@ class StepBatcher:
             except TimeoutError:
                 return
 
-    def _take(self) -> list[_Job]:
+    def _budget(self, backend: Backend) -> int:
+        """Prompt positions the next batch may hold (see the module docstring): all of
+        ``prefill_batch`` while no other request runs on the stage; beside running requests,
+        what fits in ``STALL_LIMIT - 1`` decode batches' time (the median of the last
+        ``RECENT``) at the median measured seconds per position (0, one chunk, until both are
+        measured)."""
+        prompts = sum(1 for j in self._queue if j.backend is backend and j.chunked)
+        if self.active(backend) <= prompts:
+            return self.prefill_batch
+        if not self._decode_s or not self._position_s:
+            return 0
+        decode_s, position_s = statistics.median(self._decode_s), statistics.median(self._position_s)
+        return min(self.prefill_batch, int((STALL_LIMIT - 1) * decode_s / max(position_s, 1e-9)))
+
+    def _take(self) -> list[tuple[_Job, int]]:
+        """The next batch: (job, how many of its next items) each, first come first served."""
         head = self._queue[0]
-        cap = self._cap(head)
-        batch, prefill = [], 0
+        cap, budget = self._cap(head), self._budget(head.backend)
+        batch: list[tuple[_Job, int]] = []
+        prompt = 0  # prompt positions taken
         for job in list(self._queue):
             if len(batch) >= cap:
                 break
-            n = job.item.n_positions
-            if job.backend is not head.backend or (n > 1 and prefill and prefill + n > self.prefill_chunk):
+            if job.backend is not head.backend or job.future.done():
                 continue
-            batch.append(job)
-            prefill += n if n > 1 else 0
-            self._queue.remove(job)
+            k = 0
+            for it in job.items[job.taken:]:
+                n = it.n_positions if job.chunked else 0
+                if n and prompt + n > budget and (prompt or k):
+                    break  # at least one chunk per batch: a prompt always moves on
+                k, prompt = k + 1, prompt + n
+            if not k:
+                continue
+            batch.append((job, k))
+            if job.taken + k == len(job.items):
+                self._queue.remove(job)
         return batch
+
+    def _measured(self, batch: list[tuple[_Job, int]], items: list[BatchItem], took: float) -> None:
+        """Record a batch's seconds: a batch of decode steps only, or per prompt position beside
+        the decode steps (their share taken as the recent decode batches' median)."""
+        prompt = sum(it.n_positions for (job, _), it in zip(_owners(batch), items, strict=True) if job.chunked)
+        if not prompt:
+            self._decode_s.append(took)
+            return
+        decode = any(not job.chunked for job, _ in batch)
+        beside = statistics.median(self._decode_s) if decode and self._decode_s else 0.0
+        self._position_s.append(max(took - beside, 0.0) / prompt)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while self._queue:
             await self._gather()
-            batch = [j for j in self._take() if not j.future.done()]
+            batch = self._take()
             if not batch:
                 continue
-            backend = batch[0].backend
-            items = [j.item for j in batch]
+            backend = batch[0][0].backend
+            items = [it for job, k in batch for it in job.items[job.taken:job.taken + k]]
 
             def run(backend: Backend = backend, items: list[BatchItem] = items) -> tuple[list, float]:
                 started = time.perf_counter()
@@ -170,21 +257,42 @@ class StepBatcher:
             try:
                 results, took = await loop.run_in_executor(self.executor, run)
             except asyncio.CancelledError:
-                for job in batch + self._queue:
+                for job in [j for j, _ in batch] + self._queue:
                     job.future.cancel()
                 raise
             except Exception as exc:  # a plugin may raise anything: each waiting step is told
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+                for job, _ in batch:
+                    self._finish(job, exc)
                 continue
             self._last_s = took
+            self._measured(batch, items, took)
             self.batches += 1
-            self.steps += len(batch)
-            for job, result in zip(batch, results, strict=True):
-                if job.future.done():
+            self.steps += len(items)
+            at = 0
+            for job, k in batch:
+                got, at = results[at:at + k], at + k
+                job.taken += k
+                job.seconds += took
+                failed = next((r for r in got if isinstance(r, BaseException)), None)
+                if failed is not None:
+                    self._finish(job, failed)
                     continue
-                if isinstance(result, BaseException):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result((result, took))
+                job.outputs += got
+                if job.taken == len(job.items) or job.stop():
+                    self._finish(job, None)
+
+    def _finish(self, job: _Job, error: BaseException | None) -> None:
+        """Resolve ``job`` (with its outputs, or ``error``); its steps not yet run never run."""
+        if job in self._queue:
+            self._queue.remove(job)
+        if job.future.done():
+            return
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result((job.outputs, job.seconds))
+
+
+def _owners(batch: list[tuple[_Job, int]]) -> list[tuple[_Job, int]]:
+    """``batch`` with each job repeated once per item it has in it (the items' owners, in order)."""
+    return [(job, k) for job, k in batch for _ in range(k)]

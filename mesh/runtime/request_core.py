@@ -27,6 +27,7 @@ from typing import Any
 
 from mesh.errors import BackendError, MeshError, RequestFailed
 from mesh.placement.pipeline import Plan
+from mesh.runtime.batcher import prefill_chunks
 from mesh.runtime.engine import SamplingParams
 from mesh.runtime.kvreplica import ReplicaStore, RequestReplica
 
@@ -519,11 +520,15 @@ class RequestCore:
 
     def _split(self, pos: int, n: int) -> list[int] | None:
         """The sub-steps of a step over positions [pos, pos + n), or None for one: the prompt
-        in chunks of ``prefill_chunk`` (spec N23), then one sub-step per generated token, as the
-        original steps were (spec FO9: a replay computes in their shapes)."""
+        in the chunks ``prefill_chunks`` cuts for ``prefill_chunk`` (spec N23), then one
+        sub-step per generated token, as the original steps were (spec FO9: a replay computes
+        in their shapes)."""
         prompt_part = self._prompt_part(pos, n)
-        chunk = self.prefill_chunk or prompt_part or 1
-        sizes = [min(chunk, prompt_part - at) for at in range(0, prompt_part, chunk)] + [1] * (n - prompt_part)
+        if self.prefill_chunk:
+            sizes = prefill_chunks(pos, pos + prompt_part, self.prefill_chunk)
+        else:
+            sizes = [prompt_part] if prompt_part else []
+        sizes += [1] * (n - prompt_part)
         return sizes if len(sizes) > 1 else None
 
     def _prompt_part(self, pos: int, n: int) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 from backends.base import Backend, BatchItem, StepOutput
 from mesh.errors import BackendError, MeshError, RequestFailed, TransportError
-from mesh.runtime.batcher import MAX_BATCH, PREFILL_CHUNK, StepBatcher
+from mesh.runtime.batcher import MAX_BATCH, PREFILL_BATCH, StepBatcher
 from mesh.runtime.engine import SamplingParams
 from mesh.runtime.kvreplica import pack_kv, unpack_kv
 from mesh.runtime.messages import (
@@ -44,19 +44,19 @@ class StageWorker:
     Compute runs on one worker thread, so the event loop keeps serving heartbeats and HTTP
     (spec N5); the steps of different requests that are ready together run there as one batch
     (``mesh.runtime.batcher``, spec N22), each with its own KV cache (spec N7). ``send(member,
-    msg)`` reaches any member, this node included; ``max_batch`` and ``prefill_chunk`` bound a
-    batch's steps and positions.
+    msg)`` reaches any member, this node included; ``max_batch`` and ``prefill_batch`` bound a
+    batch's steps and prompt positions.
     """
 
     def __init__(self, member_id: str, send: Callable[[str, Message], Awaitable[None]], executor: Executor,
                  clock: Callable[[], float] = time.monotonic, *, max_batch: int = MAX_BATCH,
-                 prefill_chunk: int = PREFILL_CHUNK, prefix_cache_bytes: int = PREFIX_CACHE_MB * 2**20) -> None:
+                 prefill_batch: int = PREFILL_BATCH, prefix_cache_bytes: int = PREFIX_CACHE_MB * 2**20) -> None:
         self.member_id = member_id
         self.send = send
         self.executor = executor
         self.clock = clock
         self.batcher = StepBatcher(executor, lambda b: self.caches_on((b.layer_start, b.layer_end)),
-                                   max_batch=max_batch, prefill_chunk=prefill_chunk)
+                                   max_batch=max_batch, prefill_batch=prefill_batch)
         # the stages this node holds, by layer range: one, or two while a plan change loads the
         # new one beside the old (make-before-break, spec N21); requests pick theirs by route
         self.stages: dict[tuple[int, int], Backend] = {}
@@ -442,29 +442,25 @@ class StageWorker:
 async def run_step(batcher: StepBatcher, backend: Backend, cache: Any, fwd: Forward,
                    stop: Callable[[], bool] = lambda: False) -> tuple[StepOutput, float]:
     """One step on ``backend``, batched with other requests' steps by ``batcher``: (its
-    output, compute seconds). With ``fwd.split``, its sub-steps one after the other, each in a
-    batch of its own, until ``stop()``: a prefill in chunks (spec N23), or a replayed step in
-    the shapes of the original steps, so reduced-precision results do not depend on how a
-    failover grouped the tokens (spec FO9). Hidden states of the sub-steps are joined along
-    positions; the logits are the last sub-step's."""
-    stages = len(fwd.route)
+    output, compute seconds). With ``fwd.split``, its sub-steps in order, as many per batch as
+    the batcher's budget allows, until ``stop()``: a prefill in chunks (spec N23), or a
+    replayed step in the shapes of the original steps, so reduced-precision results do not
+    depend on how a failover grouped the tokens (spec FO9). Hidden states of the sub-steps are
+    joined along positions; the logits are the last sub-step's."""
     sizes = fwd.split if fwd.split and len(fwd.split) > 1 else [fwd.n_positions]
-    parts: list[WireTensor] = []
-    out, total_s, at = StepOutput(), 0.0, 0
+    items, at = [], 0
     for n in sizes:
         whole = len(sizes) == 1
-        item = BatchItem(cache=cache, start_pos=fwd.pos + at,
-                         token_ids=(fwd.tokens if whole else fwd.tokens[at:at + n]) if fwd.tokens else None,
-                         hidden=(fwd.hidden if whole else fwd.hidden.rows(at, at + n)) if fwd.hidden is not None else None)
-        out, took = await batcher.step(backend, item, stages=stages)
-        total_s, at = total_s + took, at + n
-        if out.hidden is not None:
-            parts.append(out.hidden)
-        if stop():
-            break  # released meanwhile: the caller drops the step
+        items.append(BatchItem(
+            cache=cache, start_pos=fwd.pos + at,
+            token_ids=(fwd.tokens if whole else fwd.tokens[at:at + n]) if fwd.tokens else None,
+            hidden=(fwd.hidden if whole else fwd.hidden.rows(at, at + n)) if fwd.hidden is not None else None))
+        at += n
+    outs, total_s = await batcher.submit(backend, items, stages=len(fwd.route), stop=stop)
+    parts = [o.hidden for o in outs if o.hidden is not None]
     if len(parts) > 1:
         return StepOutput(hidden=WireTensor.join_rows(parts)), total_s
-    return out, total_s
+    return outs[-1], total_s
 
 
 def _as_mesh_error(exc: Exception, what: str) -> MeshError:

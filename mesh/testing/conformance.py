@@ -275,8 +275,10 @@ def check_batched_steps(subject: Subject, fixture: Fixture) -> None:
     stages: three requests prefill together (prompts of 10, 4 and 7 tokens), then decode
     together while the third's prompt goes on in a chunk of 3 (a chunk after a cached prefix);
     every request's greedy tokens equal transformers' (the first) or its run alone, logits
-    within the tolerance. A bad item (a token id outside the vocabulary) and a cache given
-    twice are that item's BackendError; the other items are computed."""
+    within the tolerance. A prompt's consecutive chunks in one batch (one cache given twice, in
+    order) compute what they compute in batches of their own. A bad item (a token id outside
+    the vocabulary) and a step that does not continue its cache's step before it in the batch
+    are that item's BackendError; the other items are computed."""
     prompts = [list(PROMPT), PROMPT[:4], PROMPT[2:9]]
     for split in ([(0, 5)], [(0, 2), (2, 5)]):
         stages = _stages(subject, fixture.model, split)
@@ -319,11 +321,25 @@ def check_batched_steps(subject: Subject, fixture: Fixture) -> None:
                                 BatchItem(cache=good, start_pos=0, token_ids=PROMPT),
                                 BatchItem(cache=good, start_pos=0, token_ids=PROMPT)])
     assert isinstance(outs[0], BackendError), f"a token id outside the vocabulary in a batch: {outs[0]!r}"
-    assert isinstance(outs[2], BackendError), f"a cache given twice in one batch: {outs[2]!r}"
+    assert isinstance(outs[2], BackendError), f"a second step of a cache that does not continue the first: {outs[2]!r}"
     assert not isinstance(outs[1], Exception) and outs[1].logits is not None, f"the good item: {outs[1]!r}"
     _close(outs[1].logits, fixture.logits[0], subject.tolerance, "the good item of a batch with bad ones")
     nxt = stage.forward(good, start_pos=len(PROMPT), token_ids=[fixture.tokens[0]]).logits
     _close(nxt, fixture.logits[1], subject.tolerance, "decode after a batch with bad items")
+    chunked, beside = stage.new_cache(), stage.new_cache()
+    stage.forward(beside, start_pos=0, token_ids=PROMPT[:3])
+    outs = stage.forward_batch([BatchItem(cache=chunked, start_pos=0, token_ids=PROMPT[:3]),
+                                BatchItem(cache=beside, start_pos=3, token_ids=[PROMPT[3]]),
+                                BatchItem(cache=chunked, start_pos=3, token_ids=PROMPT[3:6]),
+                                BatchItem(cache=chunked, start_pos=6, token_ids=PROMPT[6:])])
+    assert not any(isinstance(o, Exception) for o in outs), f"a prompt's chunks in one batch: {outs!r}"
+    apart = stage.new_cache()  # the same chunks, each in a batch of its own
+    for at, end in ((0, 3), (3, 6), (6, len(PROMPT))):
+        last = stage.forward(apart, start_pos=at, token_ids=PROMPT[at:end]).logits
+    _close(outs[3].logits, last, subject.tolerance, "a prompt's chunks in one batch against one batch each")
+    nxt = stage.forward(chunked, start_pos=len(PROMPT), token_ids=[fixture.tokens[0]]).logits
+    want = stage.forward(apart, start_pos=len(PROMPT), token_ids=[fixture.tokens[0]]).logits
+    _close(nxt, want, subject.tolerance, "decode after a prompt's chunks in one batch")
 
 
 CHECKS: tuple[Callable[[Subject, Fixture], None], ...] = (
