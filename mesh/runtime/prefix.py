@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 PREFIX_CACHE_MB = 256  # --prefix-cache-mb
-MAX_KEYS = 64  # prefix keys offered per request (64 chunks of 128: an 8k prompt)
+MAX_KEYS = 512  # prefix keys offered per request (512 chunks of 16: the last 8k tokens of a prompt)
 
 
 def prefix_keys(tokens: list[int], chunk: int, *, limit: int = MAX_KEYS) -> list[tuple[int, str]]:
