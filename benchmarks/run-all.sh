@@ -36,5 +36,6 @@ want formats && step "$py" -m mesh bench --quiet --nodes 1 --backend torch,mlx -
   --out benchmarks/formats.jsonl
 want batching && step "$py" -m mesh bench --quiet --nodes 1,2,3 --prompt-tokens 64 --new-tokens 32 \
   --concurrency 1,2,4,8,16 --repeats 3 --out benchmarks/batching.jsonl
-want batching-scenarios && step "$py" -m mesh bench-batching --json benchmarks/batching-scenarios.jsonl
+want batching-scenarios && step "$py" -m mesh bench-batching --prefill-chunk 8,16,32,128,65536 \
+  --json benchmarks/batching-scenarios.jsonl
 "$py" -m mesh publish
