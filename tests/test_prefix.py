@@ -39,6 +39,21 @@ def test_prefix_keys_name_whole_chunk_prefixes_longest_first(tokens: list[int], 
         assert kept in prefix_keys([*tokens, 1], chunk)  # the next turn offers what this one kept
 
 
+@pytest.mark.spec("N24")
+def test_the_keys_a_long_prompt_offers_fit_the_forward_message() -> None:
+    from mesh.runtime.batcher import PREFILL_CHUNK
+    from mesh.runtime.messages import Forward, decode
+    from mesh.runtime.prefix import MAX_KEYS
+
+    tokens = list(range(100, 100 + 16384))  # longer than the keys offered cover at the default chunk
+    offered = [[n, key] for n, key in prefix_keys(tokens, PREFILL_CHUNK)]
+    assert len(offered) == MAX_KEYS and offered[0][0] == 16384 - PREFILL_CHUNK  # the longest ones
+    fwd = Forward(req="r.0", coord="c", plan_id="p", route=[["m", 0, 2]], idx=0, step=0, pos=0, tokens=tokens,
+                  temperature=0.0, top_p=1.0, seed=1, prefix=offered, keep=list(keep_key(tokens, PREFILL_CHUNK)))
+    got = decode(fwd.to_message())
+    assert isinstance(got, Forward) and got.prefix == offered
+
+
 def _block(size: int) -> list:
     """One layer's keys and values of ``size`` bytes each."""
     t = WireTensor(dtype="f32", shape=(1, 1, size // 4, 1), data=bytes(size))

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh.errors import FrameError
+from mesh.runtime.prefix import MAX_KEYS
 from mesh.wire import Message, WireTensor
 
 MAX_REQ = 64  # characters of a request (attempt) id
@@ -330,13 +331,13 @@ def decode(msg: Message) -> RequestMessage:
 
 
 def _prefix(value: Any) -> list[list[Any]] | None:
-    """Spec N24: a list of ``[n, key]`` (n > 0, key 32 hex digits), at most 64; None when absent."""
+    """Spec N24: a list of ``[n, key]`` (n > 0, key 32 hex digits), at most ``MAX_KEYS``; None when absent."""
     if value is None:
         return None
-    if not isinstance(value, list) or len(value) > 64 or not all(
+    if not isinstance(value, list) or len(value) > MAX_KEYS or not all(
             isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and not isinstance(p[0], bool) and p[0] > 0
             and isinstance(p[1], str) and len(p[1]) == 32 and all(c in "0123456789abcdef" for c in p[1])
             for p in value):
-        raise FrameError("field 'prefix' must be a list of at most 64 [positions, 32 hex digits] pairs")
+        raise FrameError(f"field 'prefix' must be a list of at most {MAX_KEYS} [positions, 32 hex digits] pairs")
     return [list(p) for p in value]
 
