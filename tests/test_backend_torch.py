@@ -449,7 +449,8 @@ def test_kv_cache_exported_and_imported_continues_the_same_decode(tmp_path: Path
 def test_a_batched_step_equals_the_lone_steps(kind: str, dtype: str, packs: bool, tmp_path: Path) -> None:
     """B16: a batch of two decode steps and a prefill chunk after a cached prefix gives each
     request the logits of its lone step: bit-identical in bf16, within 1e-4 in f32 (MKL's
-    one-row kernels). Sliding-window (gemma3) and latent-attention (deepseek) stages do not pack
+    one-row kernels); so do a prompt's chunks given together on one cache. Sliding-window (gemma3)
+    and latent-attention (deepseek) stages do not pack
     (their caches are not plain per-layer keys and values); they run the items in turn."""
     import copy
 
@@ -478,3 +479,13 @@ def test_a_batched_step_equals_the_lone_steps(kind: str, dtype: str, packs: bool
     late = stage.forward_batch([BatchItem(cache=caches[1], start_pos=7, token_ids=[1]),
                                 BatchItem(cache=caches[0], start_pos=4, token_ids=[1])])
     assert isinstance(late[0], BackendError) and not isinstance(late[1], Exception)  # a step that skips positions
+    chunked, apart = stage.new_cache(), stage.new_cache()  # a prompt's chunks in one batch and one batch each
+    parts = [(0, prompts[2][:2]), (2, prompts[2][2:5]), (5, prompts[2][5:])]
+    want = [stage.forward(apart, start_pos=pos, token_ids=ids).logits for pos, ids in parts]
+    got = stage.forward_batch([BatchItem(cache=chunked, start_pos=pos, token_ids=ids) for pos, ids in parts])
+    for out, expected in zip(got, want, strict=True):
+        assert not isinstance(out, Exception)
+        if dtype == "bf16":
+            assert np.array_equal(out.logits, expected)
+        else:
+            assert float(np.abs(out.logits - expected).max()) <= 1e-4

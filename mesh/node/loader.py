@@ -9,6 +9,7 @@ keeps serving heartbeats and HTTP meanwhile (spec N5).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 import time
@@ -305,6 +306,7 @@ class StageLoader:
         self.loaded(want[1] - want[0], reused)
         self._load_rate(backend, want[1] - want[0] - reused, want[1] - want[0], time.perf_counter() - started)
         self._stage_times, self._calibrating = None, backend
+        freeze_heap()
         self.holder.add_stage(backend)  # serves at once; calibrated after, off the readiness path (spec N21)
         self.changed()
         self._failed = None
@@ -371,6 +373,18 @@ class StageLoader:
         log.info("loaded %.0f MiB of weights at %.1f MB/s", weight_bytes * read / layers / 2**20,
                  self.load_bytes_per_s / 1e6)
         self.publish_profile()
+
+
+def freeze_heap() -> None:
+    """Take every object alive now (the stage's modules, the libraries' own objects) out of the
+    garbage collector's full collections (``gc.freeze``, Python's ``gc`` docs): such a
+    collection walks them all with the GIL held, 0.29-0.35 s for a node serving the default
+    model (921k objects; AMD EPYC 2 cores, 2026-12-06), which stalls every step and stream
+    meanwhile, at moments the allocation counts pick. Objects stay freed by reference counting;
+    what the last load left in reference cycles (a retired stage) is collected first, once."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def _overlap(a: tuple[int, int], b: tuple[int, int]) -> int:
