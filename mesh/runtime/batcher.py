@@ -48,11 +48,11 @@ from mesh.runtime.prefix import PREFIX_CACHE_MB
 
 MAX_BATCH = 32  # steps in one batch at a stage (--max-batch)
 # prompt positions per prefill chunk (--prefill-chunk) and at most per batch (--prefill-batch).
-# On the default model (bf16, int4) on this project's 2-core EPYC a prompt position costs
-# 2 ms at depth 0 and 4.5 ms at depth 4096 against 18 ms for a decode step, so a chunk of 128
-# holds a running stream 0.25-0.57 s; chunks of 32 packed up to 256 positions per batch while
-# the prompt runs alone prefill a 4096-token prompt as fast as chunks of 128 (14.1-14.8 s
-# against 13.2-16.5 s in one run), chunks of 16 take 20 % longer
+# On the default model (bf16, int4) on this project's 2-core EPYC (2026-12-06) a prompt
+# position costs about 2 ms at depth 0 and 4.5 ms at depth 4096, a decode step 20 ms. Packed
+# 256 positions per forward, a 4096-token prompt alone prefills in 11.7-12.8 s in chunks of
+# 128, 12.9-14.5 s in chunks of 16 and 15.3-15.7 s in chunks of 8; beside a running stream
+# its longest gap is 0.55-0.57 s, 121-124 ms and 84-90 ms (README, Performance, Batching)
 PREFILL_CHUNK = 16
 PREFILL_BATCH = 256
 GATHER_MAX_S = 0.004  # the longest wait for steps still coming
