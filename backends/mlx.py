@@ -28,61 +28,34 @@ import functools
 import importlib
 import inspect
 import logging
-from collections import Counter
 from typing import Any, cast
 
 import numpy as np
 
 from backends.base import Backend, BatchItem, Progress, StepOutput, check_range
+from backends.mlx_batch import forward_decode_rows
+from backends.mlx_wire import (  # noqa: F401  (this backend's surface)
+    _NUMPY,
+    DTYPE_NAMES,
+    INSTALL_HINT,
+    _mlx,
+    array_to_wire,
+    wire_to_array,
+)
 from mesh.errors import BackendError, ModelError
 from mesh.models import Model, layer_of, range_names, sliced_config
 from mesh.wire import WireTensor
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'mesh-cluster[mlx]'"
 QUANTIZE = (None, "none", "int8", "int4")  # --quantize: None keeps the files' format
 BITS = {"int8": 8, "int4": 4}
 GROUP_SIZE = 64  # mlx-lm convert's default group size
 DEVICES = ("cpu", "gpu")
-DTYPE_NAMES = ("bf16", "f16", "f32")
-_NUMPY: dict[str, np.dtype[Any]] = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2")}
-
-
-def _mlx() -> Any:
-    """``mlx.core``, or BackendError naming the extra that installs mlx and mlx-lm."""
-    try:
-        import mlx.core as mx
-        import mlx_lm.models.cache  # noqa: F401  (checks mlx-lm is there too)
-    except ImportError as exc:
-        raise BackendError(f"the mlx backend needs mlx and mlx-lm ({exc}); install them: {INSTALL_HINT}") from exc
-    return mx
 
 
 def _mx_dtype(mx: Any, name: str) -> Any:
     return {"f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}[name]
-
-
-def array_to_wire(a: Any) -> WireTensor:
-    """A float ``mx.array`` (f32/f16/bf16) as a WireTensor (bf16 carried as its bits)."""
-    mx = _mlx()
-    names = {mx.float32: "f32", mx.float16: "f16", mx.bfloat16: "bf16"}
-    if a.dtype not in names:
-        raise BackendError(f"cannot send dtype {a.dtype}; valid: {sorted(DTYPE_NAMES)}")
-    raw = a.view(mx.uint16) if a.dtype == mx.bfloat16 else a
-    data = np.asarray(raw).astype(_NUMPY[names[a.dtype]], copy=False).tobytes()
-    return WireTensor(dtype=names[a.dtype], shape=tuple(a.shape), data=data)
-
-
-def wire_to_array(w: WireTensor, dtype: Any, what: str = "hidden states") -> Any:
-    """The inverse of ``array_to_wire``, cast to ``dtype`` (an mlx dtype)."""
-    mx = _mlx()
-    if w.dtype not in _NUMPY:
-        raise BackendError(f"{what} must be f32, f16 or bf16, got {w.dtype}")
-    arr = mx.array(np.frombuffer(w.data, dtype=_NUMPY[w.dtype]).reshape(w.shape))
-    if w.dtype == "bf16":
-        arr = arr.view(mx.bfloat16)
-    return arr.astype(dtype)
 
 
 def config_dict(config: Any) -> dict[str, Any]:
@@ -573,48 +546,9 @@ class MlxBackend(Backend):
                 return StepOutput(logits=np.array(logits[0], dtype=np.float32))
 
     def _forward_batch(self, items: list[BatchItem]) -> list[StepOutput | BackendError]:
-        """Decode steps (one position each) of several requests in one call of mlx-lm's model
-        with its own batched cache: each layer's ``KVCache`` of the requests merged into a
-        left-padded ``BatchKVCache`` (mlx-lm's ``BatchKVCache.merge``, the layout of its
-        ``BatchGenerator``; the cache's mask hides the padding), and each request's row taken
-        back (``extract``) after the step. Prefill chunks, caches given more than once (a
-        prompt's consecutive chunks) and caches of other kinds (rotating, hybrid) run one after
-        another, in order. Logits stay within the backend's tolerance of a lone
-        step (the padding changes the attention's summation order)."""
-        from mlx_lm.models.cache import BatchKVCache, KVCache
-
-        uses = Counter(id(it.cache) for it in items)  # a cache given twice runs its items in turn, in order
-        decode = [i for i, it in enumerate(items) if it.n_positions == 1 and uses[id(it.cache)] == 1
-                  and all(type(c) is KVCache and c.keys is not None for c in it.cache)]
-        results: list[StepOutput | BackendError | None] = [None] * len(items)
-        if len(decode) >= 2:
-            with self._lock:
-                stage = self._model
-                if stage is None:
-                    raise BackendError("no layers loaded")
-                mx = self._mx
-                with mx.stream(self._device):
-                    rows = [items[i] for i in decode]
-                    inputs = embeds = None
-                    if rows[0].token_ids is not None:
-                        inputs = mx.array([it.token_ids for it in rows], dtype=mx.int32)
-                    else:
-                        embeds = mx.concatenate([wire_to_array(it.hidden, self.dtype) for it in rows], axis=0)
-                    merged = [BatchKVCache.merge([it.cache[layer] for it in rows]) for layer in range(len(rows[0].cache))]
-                    out = self._run(stage, inputs, embeds, merged)
-                    if self.layer_end < self.num_layers:
-                        out = out.astype(self.dtype)
-                    else:
-                        head = stage.lm_head if "lm_head" in stage else stage.model.embed_tokens.as_linear
-                        out = head(out[:, -1, :]).astype(mx.float32)
-                    for row, it in enumerate(rows):
-                        for layer, batched in enumerate(merged):
-                            it.cache[layer] = batched.extract(row)
-                    mx.eval(out, [c.state for it in rows for c in it.cache])
-                    for row, i in enumerate(decode):
-                        results[i] = (StepOutput(hidden=array_to_wire(out[row:row + 1]))
-                                      if self.layer_end < self.num_layers
-                                      else StepOutput(logits=np.array(out[row], dtype=np.float32)))
+        """Decode steps of several requests in one call on mlx-lm's ``BatchKVCache``; the other
+        items one after another (``backends.mlx_batch``)."""
+        results = forward_decode_rows(self, items)
         rest = [i for i in range(len(items)) if results[i] is None]
         for i, out in zip(rest, super()._forward_batch([items[i] for i in rest]), strict=True):
             results[i] = out
