@@ -22,117 +22,30 @@ Pure text in, text out apart from ``run_publish``; one renderer per block below.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mesh.tools.benchstats import Sample, compare, from_block, pick_baseline, sample
+from mesh.tools.publish_batching import render_batching, render_batching_scenarios
+from mesh.tools.publish_text import (  # noqa: F401  (this module's surface)
+    Selection,
+    _cell,
+    _get,
+    _machine,
+    _n_cell,
+    _status,
+    _table,
+    caption,
+    read_jsonl,
+    select,
+)
 
 BLOCK = re.compile(r"(<!-- published:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /published:(?P=name) -->)", re.S)
 
 
-@dataclass(frozen=True, slots=True)
-class Selection:
-    """The records a block publishes: all of one commit, measured on a clean tree."""
-
-    commit: str
-    records: list[dict[str, Any]]
-    skipped_dirty: int  # records of newer or other commits measured on a dirty tree
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a JSON-lines file, in order. Raises ``OSError`` when unreadable and
-    ``ValueError`` naming the line for a line that is not a JSON object."""
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        value = json.loads(line)
-        if not isinstance(value, dict):
-            raise ValueError(f"{path}:{number}: not a JSON object")
-        records.append(value)
-    return records
-
-
-def _machine(record: dict[str, Any]) -> dict[str, Any]:
-    machine = record.get("machine")
-    return machine if isinstance(machine, dict) else {}
-
-
-def select(records: Sequence[dict[str, Any]]) -> Selection | None:
-    """The records of the newest commit (by the order records were appended) that was
-    measured on a clean tree; None when there is none."""
-    clean = [r for r in records if _machine(r).get("commit") and _machine(r).get("dirty") is False]
-    if not clean:
-        return None
-    commit = str(_machine(clean[-1])["commit"])
-    chosen = [r for r in clean if _machine(r).get("commit") == commit]
-    return Selection(commit=commit, records=chosen, skipped_dirty=sum(1 for r in records if _machine(r).get("dirty")))
-
-
-def _get(record: Any, *keys: str | int) -> Any:
-    for key in keys:
-        if isinstance(record, dict) and isinstance(key, str):
-            record = record.get(key)
-        elif isinstance(record, list) and isinstance(key, int) and -len(record) <= key < len(record):
-            record = record[key]
-        else:
-            return None
-    return record
-
-
-def caption(sel: Selection, path: str, what: str) -> str:
-    """One line naming the data, the commit, the dates and the machine of a block."""
-    machine = _machine(sel.records[0])
-    if machine.get("role") == "client":  # --url: the figures are the cluster's, not this machine's
-        members = _get(sel.records[0], "config", "members") or []
-        return (f"*{what} on a remote cluster ({len(members)} members: "
-                f"{', '.join(str(m.get('backend')) for m in members if isinstance(m, dict))}): data `{path}` "
-                f"({len(sel.records)} records), commit `{sel.commit}`; client {machine.get('cpu', '?')}.*")
-    dates = sorted({str(_machine(r).get("date") or r.get("timestamp") or "")[:10] for r in sel.records} - {""})
-    memory = machine.get("memory_bytes")
-    parts = [f"{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores"]
-    if isinstance(memory, int | float):
-        parts.append(f"{memory / 2**30:.1f} GiB")
-    if machine.get("torch"):
-        parts.append(f"torch {machine['torch']}")
-    return (f"*{what}: data `{path}` ({len(sel.records)} records), commit `{sel.commit}`, "
-            f"{', '.join(dates) or 'date unknown'}; {', '.join(parts)}.*")
-
-
-def _cell(s: Sample | None, scale: float = 1.0, digits: int = 1) -> str:
-    return s.fmt(scale, digits) if s is not None else "-"
-
-
-def _n_cell(*samples: Sample | None) -> str:
-    ns = sorted({s.n for s in samples if s is not None})
-    return "/".join(str(n) for n in ns) or "0"
-
-
-def _table(heads: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:
-    """A Markdown table; ``align`` has one letter per column, ``l`` or ``r``."""
-    lines = ["| " + " | ".join(heads) + " |",
-             "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _status(record: dict[str, Any]) -> str:
-    status = record.get("status", "?")
-    res = record.get("results") or {}
-    if status == "ok":
-        return "ok"
-    if status == "partial":
-        kinds = ", ".join(f"{k} {v}" for k, v in sorted((res.get("failures") or {}).items()))
-        return f"partial: {res.get('failed_requests')} of {res.get('requests')} failed ({kinds})"
-    return f"FAILED: {' '.join(str(record.get('error') or '').split())[:120]}"
-
-
-# -- python -m mesh bench ----------------------------------------------------------------------
 def _stages_cell(run: dict[str, Any]) -> str:
     stages = _get(run, "results", "stages") or []
     values = [s.get("decode_compute_s_per_token") for s in stages if isinstance(s, dict)]
@@ -470,88 +383,6 @@ def render_faults(sel: Selection, path: str) -> str:
 
 
 # -- continuous batching ----------------------------------------------------------------------
-def render_batching(sel: Selection, path: str) -> str:
-    """``python -m mesh bench --concurrency ...``: per node count and concurrency, the aggregate
-    throughput against concurrency 1 on as many nodes in the same run, and per-request rates."""
-    runs = [r for r in sel.records if r.get("kind") == "run"]
-    single: dict[Any, Sample | None] = {}
-    for run in runs:
-        if _get(run, "config", "concurrency") == 1:
-            single[_get(run, "config", "nodes")] = from_block(_get(run, "results", "throughput"))
-    rows = []
-    for run in sorted(runs, key=lambda r: (_get(r, "config", "nodes") or 0, _get(r, "config", "concurrency") or 0)):
-        c = run.get("config") or {}
-        ttft, rate = from_block(_get(run, "results", "ttft_s")), from_block(_get(run, "results", "decode_tok_s"))
-        tpot = from_block(_get(run, "results", "tpot_s"))
-        thru = from_block(_get(run, "results", "throughput"))
-        versus = compare(thru, single.get(c.get("nodes")))
-        rows.append([str(c.get("nodes")), str(c.get("concurrency")), _n_cell(ttft, rate), _cell(ttft, 1000, 0),
-                     _cell(rate), _cell(tpot, 1000, 1), _cell(thru),
-                     versus.fmt() if versus and c.get("concurrency") != 1 else "1.00x", _status(run)])
-    return (caption(sel, path, "Measured") + "\n\n" +
-            _table(("nodes", "concurrent", "n", "TTFT ms", "decode tok/s per request", "TPOT ms",
-                    "throughput tok/s", "throughput vs 1 request", "status"), rows, "rrrrrrrrl") + "\n")
-
-
-def render_batching_scenarios(sel: Selection, path: str) -> str:
-    """``python -m mesh bench-batching``: a running stream's gaps while a long prompt arrives, per
-    prefill chunk size; the batched ``generate()`` baseline."""
-    by_chunk: dict[int, list[dict[str, Any]]] = {}
-    for r in sel.records:
-        if r.get("kind") == "long-prompt":
-            by_chunk.setdefault(int(_get(r, "config", "prefill_chunk") or 0), []).append(r)
-    rows = []
-    for chunk, recs in sorted(by_chunk.items()):
-        ok = [r for r in recs if r.get("status") == "ok"]
-        cells = [sample(_get(r, "results", key) for r in ok) for key in
-                 ("gap_p50_before_s", "gap_max_s", "gap_ratio", "long_ttft_s")]
-        prompt = _get(recs[0], "config", "long_prompt_tokens")
-        rows.append([str(chunk) + (" (the whole prompt: unchunked)" if isinstance(prompt, int) and chunk >= prompt
-                                   else ""), f"{len(ok)} of {len(recs)}", _cell(cells[0], 1000, 0),
-                     _cell(cells[1], 1000, 0), _cell(cells[2], 1, 1), _cell(cells[3], 1, 2),
-                     "ok" if len(ok) == len(recs) else _status(next(r for r in recs if r.get("status") != "ok"))])
-    turns: dict[int, list[dict[str, Any]]] = {}
-    for r in sel.records:
-        if r.get("kind") == "multi-turn":
-            turns.setdefault(int(_get(r, "config", "prefix_cache_mb") or 0), []).append(r)
-    chat_rows = []
-    off = sample(_get(r, "results", "last_ttft_s") for r in turns.get(0, []) if r.get("status") == "ok")
-    for budget, recs in sorted(turns.items(), reverse=True):
-        ok = [r for r in recs if r.get("status") == "ok"]
-        last = sample(_get(r, "results", "last_ttft_s") for r in ok)
-        first_turn = sample(_get(r, "results", "ttft_s", 0) for r in ok)
-        versus = compare(last, off, higher_is_better=False) if budget else None
-        chat_rows.append([f"{budget} MiB" if budget else "off", f"{len(ok)} of {len(recs)}",
-                          str(_get(ok[0], "results", "prompt_tokens_last")) if ok else "-", _cell(first_turn, 1, 2),
-                          _cell(last, 1, 2), versus.fmt() if versus else "-",
-                          "ok" if len(ok) == len(recs) else _status(next(r for r in recs if r.get("status") != "ok"))])
-    chat = ""
-    if chat_rows:
-        t = next(iter(turns.values()))[0]
-        chat = (f"\n\nA chat of {_get(t, 'config', 'turns')} turns (a system prompt of about 600 tokens, answers of "
-                f"{_get(t, 'config', 'answer_tokens')} tokens), each turn sent with the whole conversation, on one "
-                "node with the prefix cache on and off (`--prefix-cache-mb`):\n\n" +
-                _table(("prefix cache", "chats ok", "last turn's prompt tokens", "first turn TTFT s",
-                        "last turn TTFT s", "last turn speedup vs off", "status"), chat_rows, "lrrrrrl"))
-    first = next(iter(by_chunk.values()), [{}])[0]
-    lines = []
-    for r in sel.records:
-        if r.get("kind") == "baseline":
-            if r.get("status") != "ok":
-                lines.append(f"{r.get('name')} FAILED: {r.get('error')}")
-                continue
-            one, many = from_block(_get(r, "results", "decode_tok_s_batch1")), from_block(_get(r, "results",
-                                                                                                "decode_tok_s_batch"))
-            lines.append(f"transformers' generate() in f32, batch {_get(r, 'results', 'batch')}: {_cell(many)} tok/s "
-                         f"in all against {_cell(one)} at batch 1 ({_get(r, 'results', 'ratio'):.2f}x)")
-    head = (f"A stream of {_get(first, 'config', 'stream_tokens')} tokens runs on one node; after its 10th text piece "
-            f"a {_get(first, 'config', 'long_prompt_tokens')}-token prompt arrives.")
-    return (caption(sel, path, "Measured") + " " + head + ("\n\nBaseline in the same run: " + "; ".join(lines) + "."
-                                                          if lines else "") + "\n\n" +
-            _table(("--prefill-chunk", "runs ok", "stream's median gap before ms", "longest gap ms",
-                    "longest / median", "long prompt TTFT s", "status"), rows, "lrrrrrl") + chat + "\n")
-
-
 RENDERERS: dict[str, Callable[[Selection, str], str]] = {
     "bench-matrix": render_bench_matrix,
     "kv-replica": render_kv_replica,
