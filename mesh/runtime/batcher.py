@@ -214,7 +214,10 @@ class StepBatcher:
         for job in list(self._queue):
             if len(batch) >= cap:
                 break
-            if job.backend is not head.backend or job.future.done():
+            if job.future.done():  # resolved elsewhere: nothing of it is left to run
+                self._queue.remove(job)
+                continue
+            if job.backend is not head.backend:
                 continue
             k = 0
             for it in job.items[job.taken:]:
