@@ -487,3 +487,45 @@ def test_a_batched_step_equals_the_lone_steps(kind: str, dtype: str, packs: bool
     parts = [(0, prompts[2][:2]), (2, prompts[2][2:5]), (5, prompts[2][5:])]
     want = [stage.forward(apart, start_pos=pos, token_ids=ids).logits for pos, ids in parts]
     same(stage.forward_batch([BatchItem(cache=chunked, start_pos=pos, token_ids=ids) for pos, ids in parts]), want)
+
+
+@pytest.mark.spec("B16")
+def test_decode_rows_attend_alike_alone_or_batched_around_the_short_key_bound(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """B16: decode steps over caches shorter and longer than ``SHORT_KEYS`` (the short ones
+    attend in one call over padded caches, the long ones one call each) give every request the
+    logits of its lone step, bit-identical in bf16, in any order and batch, also after a row of
+    the padded buffers held a longer cache; in f32 they match transformers' own forward of the
+    whole sequence."""
+    import copy
+
+    from backends import torch_batch
+    from backends.base import BatchItem
+
+    SHORT_KEYS = 32  # the tiny model's window is shorter than the default bound
+    monkeypatch.setattr(torch_batch, "SHORT_KEYS", SHORT_KEYS)
+    model = Model(resolve_model(str(_tiny("llama", tmp_path / "llama"))))
+    rng = np.random.default_rng(7)
+    lengths = [5, SHORT_KEYS - 6, SHORT_KEYS - 1, SHORT_KEYS + 40]  # the third reaches SHORT_KEYS exactly
+    prompts = [[int(t) for t in rng.integers(1, 290, n)] for n in lengths]
+    for dtype in ("bf16", "f32"):
+        stage = TorchBackend(device="cpu", dtype=dtype)
+        stage.load(model, 0, model.num_layers)
+        caches = [stage.new_cache() for _ in prompts]
+        for cache, prompt in zip(caches, prompts, strict=True):
+            stage.forward(cache, start_pos=0, token_ids=prompt)
+        for order in ([0, 1, 2, 3], [3, 2, 0], [1, 0]):  # rows change places and lengths between batches
+            lone = {i: stage.forward(copy.deepcopy(caches[i]), start_pos=len(prompts[i]), token_ids=[9]).logits
+                    for i in order}
+            outs = stage.forward_batch([BatchItem(cache=caches[i], start_pos=len(prompts[i]), token_ids=[9])
+                                        for i in order])
+            for i, out in zip(order, outs, strict=True):
+                assert not isinstance(out, Exception)
+                if dtype == "bf16":
+                    assert np.array_equal(out.logits, lone[i]), (order, i)
+                else:
+                    assert float(np.abs(out.logits - lone[i]).max()) <= TOL
+                    with torch.no_grad():
+                        whole = stage._model(torch.tensor([prompts[i] + [9]])).logits[0, -1].float().numpy()
+                    assert float(np.abs(out.logits - whole).max()) <= 1e-3, (order, i)
+                prompts[i] = prompts[i] + [9]
