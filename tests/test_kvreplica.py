@@ -222,3 +222,23 @@ def test_a_backend_whose_export_breaks_its_contract_fails_no_request(monkeypatch
     assert got == reference_tokens(GREEDY)
     assert cluster.nodes["m0"].coordinator.failed_attempts == 1  # the kill only, no export failure
     assert _computed_after_the_loss(cluster) == [13 + 6, 13 + 6]  # nothing to resume from
+
+
+@pytest.mark.spec("FO8")
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_an_attempt_on_the_coordinator_alone_sends_no_replica(nodes: int) -> None:
+    """FO8: a replica of stages that all run on the coordinator would die with the only node
+    that could load it, so they send none; a pipeline's stages do (the coordinator's own too)."""
+    async def go() -> tuple[list[int], dict[str, int]]:
+        cluster = MiniCluster(nodes, seed=0, kv_replica_bytes=1 << 20)
+        try:
+            got = await run_request(cluster, GREEDY, coordinator="m0")
+            return got, dict(cluster.messages)
+        finally:
+            await cluster.close()
+    got, messages = asyncio.run(go())
+    assert got == reference_tokens(GREEDY)
+    if nodes == 1:
+        assert "kv.replica" not in messages
+    else:
+        assert messages.get("kv.replica", 0) >= 2 * (len(got) - 1)  # both stages, each step (the last may be released first)

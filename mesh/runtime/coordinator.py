@@ -226,7 +226,7 @@ class Coordinator:
                            eos_token_ids=set(self.eos_token_ids), replicas=self.replicas, replica=replica,
                            prefill_s_per_token=self._prefill_s_per_token, prefill_chunk=self.batching.prefill_chunk,
                            prefix=prefix_keys(prompt_ids, chunk) if caching else None,
-                           keep=keep_key(prompt_ids, chunk) if caching else None)
+                           keep=keep_key(prompt_ids, chunk) if caching else None, coordinator=self.member_id)
         live = self._live[rid] = _Live(core, self.requests.start(rid, len(prompt_ids)))
         self._idle.clear()
         first_token_at, recoveries, outcome = 0.0, [], "cancelled"  # unless it finishes or fails

@@ -180,15 +180,17 @@ class RequestCore:
 
     ``rid``: the request id (attempts are ``rid.N``); ``prompt``: its token ids (non-empty);
     ``seed``: the sampler's seed; ``replicas``/``replica``: the KV replica store and this
-    request's replica (None: off).
+    request's replica (None: off); ``coordinator``: this coordinator's member id, whose own
+    stages send no replica when an attempt runs on it alone (spec FO8).
     """
 
     def __init__(self, rid: str, prompt: list[int], params: SamplingParams, *, seed: int, timeouts: Timeouts,
                  eos_token_ids: frozenset[int] | set[int], replicas: ReplicaStore | None = None,
                  replica: RequestReplica | None = None, prefill_s_per_token: float = 0.01,
                  prefill_chunk: int = 0, prefix: list[tuple[int, str]] | None = None,
-                 keep: tuple[int, str] | None = None) -> None:
+                 keep: tuple[int, str] | None = None, coordinator: str | None = None) -> None:
         self.rid, self.prompt, self.params, self.seed = rid, list(prompt), params, seed
+        self.coordinator = coordinator
         self.prefix = list(prefix or [])  # spec N24: (n, key) of the prompt's whole chunks, longest first
         self.keep = list(keep) if keep is not None else None  # spec N24: what the stages keep of the prompt
         self.prefill_chunk = prefill_chunk  # spec N23: prompt positions per sub-step (0: the whole prompt in one)
@@ -407,6 +409,13 @@ class RequestCore:
     def _out(self, action: Action) -> None:
         self._actions.append(action)
 
+    def _replicates(self, a: _Attempt) -> bool:
+        """Whether the stages of attempt ``a`` send KV replicas (spec FO8): not when every stage
+        is on this coordinator, where a replica would be lost with the only node that could use
+        it (exporting it cost a single node 12 % of its compute at 8 concurrent streams)."""
+        return (self.replica is not None and not self.replica.broken
+                and not (self.coordinator is not None and a.members == {self.coordinator}))
+
     def _start_attempt(self, plan: Plan, now: float) -> None:
         if self.attempts >= MAX_ATTEMPTS:
             return self._fail(RequestFailed(
@@ -494,7 +503,7 @@ class RequestCore:
         offer = [[n, key] for n, key in self.prefix] if a.pos == 0 and not handover and split else None
         a.forward = SendForward(member=str(route[0][0]), req=a.req, plan_id=a.plan.plan_id, route=route, step=step,
                                 pos=a.pos, tokens=list(a.tokens), kv_to=a.route if handover else None,
-                                replica=self.replica is not None and not self.replica.broken, split=split,
+                                replica=self._replicates(a), split=split,
                                 prefix=offer or None,
                                 keep=self.keep if a.pos == 0 and not handover and self._prompt_part(0, len(a.tokens))
                                 else None)
