@@ -67,6 +67,56 @@ class BatchItem:
         return self.hidden.shape[1] if self.hidden is not None and len(self.hidden.shape) == 3 else 0
 
 
+class StepLock:
+    """The lock of a stage: ``with lock:`` holds it alone (loading, unloading, a backend whose
+    steps are not re-entrant); ``with lock.shared():`` lets steps on different KV caches hold
+    it together (``Backend.concurrent_steps``, spec B17), never beside a holder alone. Waiting
+    sole holders go first, so a load is not starved by a stream of steps. Why not a library's:
+    Python's ``threading`` has no reader-writer lock."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._sharing = 0  # holders of the shared side
+        self._alone = False  # whether a sole holder holds it
+        self._waiting = 0  # sole holders waiting
+
+    def __enter__(self) -> StepLock:
+        with self._cond:
+            self._waiting += 1
+            try:
+                self._cond.wait_for(lambda: not self._alone and not self._sharing)
+            finally:
+                self._waiting -= 1
+            self._alone = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._alone = False
+            self._cond.notify_all()
+
+    def shared(self) -> _Shared:
+        return _Shared(self)
+
+
+class _Shared:
+    def __init__(self, lock: StepLock) -> None:
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        lock = self.lock
+        with lock._cond:
+            lock._cond.wait_for(lambda: not lock._alone and not lock._waiting)
+            lock._sharing += 1
+
+    def __exit__(self, *exc: object) -> None:
+        lock = self.lock
+        with lock._cond:
+            lock._sharing -= 1
+            if not lock._sharing:
+                lock._cond.notify_all()
+
+
 class Backend(ABC):
     """One pipeline stage of a model: layers ``[layer_start, layer_end)``.
 
@@ -85,6 +135,18 @@ class Backend(ABC):
     # max abs logit difference from transformers' reference (f32, CPU) the conformance suite
     # allows (specs/backend.md B11); another library's kernels sum in another order
     logit_tolerance: float = 1e-3
+
+    @property
+    def concurrent_steps(self) -> bool:
+        """Whether ``forward_batch`` may run on two threads at once, on different KV caches
+        (spec B17): a stage's prefill lane computes prompt chunks beside its decode batches
+        (specs/node.md N25). Default False: one step at a time."""
+        return False
+
+    def share_threads(self, lanes: int) -> None:
+        """``lanes`` threads (1 or 2) compute this stage's steps now (spec B17): a backend whose
+        kernels run on a pool of threads gives each lane its share of the cores, all of them to
+        a lane alone. Default: nothing."""
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -115,7 +177,8 @@ class Backend(ABC):
         self.compute_dtype: str | None = None  # f32, f16 or bf16: hidden states must fit it
         # one step at a time, and no step while (un)loading: libraries' modules and caches
         # are not re-entrant; a subclass takes it in its _forward / _export_kv / _import_kv
-        self._lock = threading.Lock()
+        # (its shared side where steps may run at once: ``concurrent_steps``, spec B17)
+        self._lock = StepLock()
 
     @property
     def loaded(self) -> bool:

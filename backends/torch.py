@@ -98,6 +98,7 @@ class TorchBackend(Backend):
         self._model_id = ""
         self.reused_layers = 0  # decoder layers the last load took from its donor
         self._packs = False  # whether batched steps run packed in one forward (backends.torch_batch)
+        self._threads = torch.get_num_threads()  # intra-op threads for a lane alone (share_threads)
 
     def adopt_from(self, other: Backend) -> None:
         """Offer the layers of ``other`` to the next ``load`` (see ``Backend.adopt_from``).
@@ -210,7 +211,7 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def _export_kv(self, cache: Any, *, start_pos: int, end_pos: int) -> list[tuple[int, WireTensor, WireTensor]]:
-        with self._lock:
+        with self._lock.shared():  # one cache; steps on others may run meanwhile (B17)
             if self._config is None:  # unloaded (or given to an adopting stage) since the checks
                 raise BackendError("no layers loaded")
             out = []
@@ -222,7 +223,7 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def _import_kv(self, cache: Any, layers: list[tuple[int, WireTensor, WireTensor]]) -> None:
-        with self._lock:
+        with self._lock.shared():  # one cache; steps on others may run meanwhile (B17)
             if self._config is None:
                 raise BackendError("no layers loaded")
             tensors = [(wire_to_tensor(k).to(self.device, self.dtype), wire_to_tensor(v).to(self.device, self.dtype))
@@ -271,10 +272,24 @@ class TorchBackend(Backend):
         a stage whose attention layout does not pack runs them one after another."""
         if not self._packs:
             return super()._forward_batch(items)
-        with self._lock:
+        with self._lock.shared():  # spec B17: two lanes' batches may run at once on their own caches
             if self._model is None:
                 raise BackendError("no layers loaded")
             return forward_packed(self, items)
+
+    @property
+    def concurrent_steps(self) -> bool:
+        """B17: a packing stage on a CPU runs two batches at once (each request's attention on
+        its own cache, the modules only read); measured there only."""
+        return self._packs and self.device.type == "cpu"
+
+    def share_threads(self, lanes: int) -> None:
+        """B17: torch's intra-op threads (a setting of the whole process) split between the
+        ``lanes`` computing now: the count the process started with, divided."""
+        if self.device.type == "cpu":
+            want = max(1, self._threads // max(1, lanes))
+            if torch.get_num_threads() != want:
+                torch.set_num_threads(want)
 
 
 def _fast_quantized(device_type: str, dtype: torch.dtype | None) -> bool:

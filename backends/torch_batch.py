@@ -25,6 +25,7 @@ cache holds latents that the layer expands after it) keep the one-at-a-time defa
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -322,7 +323,8 @@ def forward_packed(backend: Any, items: list[BatchItem]) -> list[StepOutput | Ba
     results: list[StepOutput | BackendError | None] = [None] * len(items)
     sizes = [item.n_positions for item in chosen]
     positions = torch.cat([torch.arange(it.start_pos, it.start_pos + n) for it, n in zip(chosen, sizes, strict=True)])
-    scratch = backend.__dict__.setdefault("_decode_scratch", _Scratch())
+    lanes = backend.__dict__.setdefault("_decode_scratch", threading.local())  # one per thread: steps may run
+    scratch = lanes.__dict__.setdefault("scratch", _Scratch())  # on two at once (spec B17)
     packed = _RAGGED_CACHE([it.cache for it in chosen], sizes, scratch)  # type: ignore[misc]
     kwargs: dict[str, Any] = {backend._cache_kw: packed, "use_cache": True, RAGGED: packed,
                               "position_ids": positions.unsqueeze(0).to(device),

@@ -40,7 +40,7 @@ def test_the_built_in_backends_are_registered() -> None:
     assert "torch" in BACKENDS and "mlx" in BACKENDS
 
 
-@pytest.mark.spec("B11", "B12", "B16")
+@pytest.mark.spec("B11", "B12", "B16", "B17")
 @pytest.mark.parametrize("check", CHECKS, ids=[c.__name__.removeprefix("check_") for c in CHECKS])
 @pytest.mark.parametrize("name", BACKENDS)
 def test_backend_conforms(name: str, check, fixture: Fixture) -> None:  # type: ignore[no-untyped-def]

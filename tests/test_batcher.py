@@ -316,3 +316,60 @@ def test_a_coordinator_runs_max_running_requests_queues_the_next_and_refuses_bey
             await cluster.close()
 
     asyncio.run(go())
+
+
+class Laned(Recorder):
+    """A Recorder that runs steps on two threads at once (B17), noting the thread and the lanes
+    it was told share the cores for each batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lanes: list[tuple[str, int, list[int]]] = []  # (thread, lanes, first tokens) per batch
+        self._told = threading.local()
+        self.decoding = threading.Event()  # a decode batch is computing
+        self.prompt_started = threading.Event()
+
+    @property
+    def concurrent_steps(self) -> bool:
+        return True
+
+    def share_threads(self, lanes: int) -> None:
+        self._told.lanes = lanes
+
+    def _forward_batch(self, items: list[BatchItem]) -> list[StepOutput | BackendError]:
+        tokens = [it.token_ids[0] for it in items]  # type: ignore[index]
+        self.lanes.append((threading.current_thread().name, self._told.lanes, tokens))
+        if items[0].n_positions > 1:
+            self.prompt_started.set()
+            assert self.decoding.wait(5)  # the prompt computes while a decode batch does
+        else:
+            self.decoding.set()
+            self.prompt_started.wait(5)
+        return super()._forward_batch(items)
+
+
+@pytest.mark.spec("N25", "B17")
+def test_a_prompt_beside_running_requests_prefills_on_its_own_lane_while_they_decode() -> None:
+    """N25: a prompt that arrives while other requests run computes all its chunks (up to
+    --prefill-batch positions per forward) on the prefill lane's thread at the same time as the
+    decode batches, the cores shared between the two lanes (share_threads(2)); alone, a prompt
+    runs on the compute thread with every core."""
+    backend = Laned()
+    batcher = StepBatcher(ThreadPoolExecutor(1, thread_name_prefix="compute"), lambda b: 2, prefill_batch=4)
+
+    async def go() -> tuple[Any, Any]:
+        prompt = asyncio.create_task(batcher.submit(backend, chunks(50, [2, 2, 2])))
+        decode = asyncio.create_task(batcher.step(backend, item(1)))
+        return await asyncio.wait_for(asyncio.gather(prompt, decode), 10)
+
+    (outs, _), (one, _) = asyncio.run(go())
+    assert [[int(v) for v in o.logits] for o in outs] == [[50, 2], [51, 2], [52, 2]] and int(one.logits[0]) == 1
+    prompt_batches = [(name, tokens) for name, _, tokens in backend.lanes if tokens[0] >= 50]
+    assert [t for _, t in prompt_batches] == [[50, 51], [52]]  # 4 positions per forward at most
+    assert all(name.startswith("mesh-prefill") for name, _ in prompt_batches)
+    assert ("compute_0", 2, [1]) in [(n[-9:], lanes, t) for n, lanes, t in backend.lanes]  # both lanes computing
+    alone = Laned()
+    alone.decoding.set()
+    solo = StepBatcher(ThreadPoolExecutor(1, thread_name_prefix="compute"), lambda b: 1, prefill_batch=4)
+    asyncio.run(asyncio.wait_for(solo.submit(alone, chunks(50, [2, 2])), 10))
+    assert [(n[-9:], lanes) for n, lanes, _ in alone.lanes] == [("compute_0", 1)]  # no one else: every core

@@ -19,6 +19,12 @@ micro-batches keep their shape as they move):
   ``STALL_LIMIT`` of its usual gaps (chunked prefill with a token budget: Agrawal et al.,
   Sarathi-Serve, OSDI 2024). How many chunks share a forward changes no result: each chunk
   attends in its own shape (B16).
+- **Prefill lane** (spec N25). On a backend whose steps may run at once (``concurrent_steps``,
+  B17), a prompt that arrives while other requests run on the stage goes to a thread of its
+  own instead: its chunks, up to ``prefill_batch`` positions per forward, compute at the same
+  time as the decode batches, the cores divided between the two (``share_threads``), so a
+  running stream waits for its own step only. The token budget above then only governs the
+  prompts of a backend that computes one step at a time.
 - **Gathering.** When fewer steps wait than the batch could take while requests on this stage
   are between steps, the batcher waits up to ``min(GATHER_MAX_S, GATHER_SHARE x the last
   batch's seconds)`` for them: on one node the replies of a batch come back as the next
@@ -38,7 +44,7 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from backends.base import Backend, BatchItem, StepOutput
@@ -102,6 +108,7 @@ class _Job:
     outputs: list[StepOutput] = field(default_factory=list)
     taken: int = 0  # items handed to batches so far
     seconds: float = 0.0  # compute seconds of the batches they ran in
+    lane: bool = False  # whether the prefill lane runs it (spec N25), decided when it arrives
 
     @property
     def chunked(self) -> bool:
@@ -143,6 +150,9 @@ class StepBatcher:
         self._position_s: deque[float] = deque(maxlen=RECENT)  # ... and seconds per prompt position beside them
         self.batches = 0  # batches run, and steps in them (the mean batch size: steps / batches)
         self.steps = 0
+        self._lane: ThreadPoolExecutor | None = None  # the prefill lane's thread (spec N25), made when first used
+        self._lane_runner: asyncio.Task[None] | None = None
+        self._busy = 0  # lanes computing now (Backend.share_threads)
 
     async def step(self, backend: Backend, item: BatchItem, *, stages: int = 1) -> tuple[StepOutput, float]:
         """Run ``item`` on ``backend`` in the next batch it fits: (its output, the batch's
@@ -162,8 +172,12 @@ class StepBatcher:
         loop = asyncio.get_running_loop()
         job = _Job(backend, list(items), max(1, stages), loop.create_future(), stop)
         self._queue.append(job)
+        job.lane = job.chunked and backend.concurrent_steps and self._beside(backend)
         self._arrived.set()
-        if self._runner is None or self._runner.done():
+        if job.lane:
+            if self._lane_runner is None or self._lane_runner.done():
+                self._lane_runner = loop.create_task(self._run_lane(), name="stage prefill lane")
+        elif self._runner is None or self._runner.done():
             self._runner = loop.create_task(self._run(), name="stage batches")
         try:
             return await job.future
@@ -175,13 +189,17 @@ class StepBatcher:
     def _cap(self, job: _Job) -> int:
         return max(1, min(self.max_batch, math.ceil(self.active(job.backend) / job.stages) or self.max_batch))
 
+    def _beside(self, backend: Backend) -> bool:
+        """Whether other requests than the queued prompts run on ``backend``'s stage."""
+        return self.active(backend) > sum(1 for j in self._queue if j.backend is backend and j.chunked)
+
     async def _gather(self) -> None:
         """Wait briefly for steps still coming (see the module docstring)."""
-        head = self._queue[0]
+        head = next(j for j in self._queue if not j.lane)
         window = min(GATHER_MAX_S, GATHER_SHARE * self._last_s)
         deadline = time.monotonic() + window
         while True:
-            waiting = sum(1 for j in self._queue if j.backend is head.backend)
+            waiting = sum(1 for j in self._queue if j.backend is head.backend and not j.lane)
             left = deadline - time.monotonic()
             if waiting >= min(self._cap(head), self.active(head.backend)) or left <= 0:
                 return
@@ -197,8 +215,7 @@ class StepBatcher:
         what fits in ``STALL_LIMIT - 1`` decode batches' time (the median of the last
         ``RECENT``) at the median measured seconds per position (0, one chunk, until both are
         measured)."""
-        prompts = sum(1 for j in self._queue if j.backend is backend and j.chunked)
-        if self.active(backend) <= prompts:
+        if not self._beside(backend):
             return self.prefill_batch
         if not self._decode_s or not self._position_s:
             return 0
@@ -207,13 +224,15 @@ class StepBatcher:
 
     def _take(self) -> list[tuple[_Job, int]]:
         """The next batch: (job, how many of its next items) each, first come first served."""
-        head = self._queue[0]
+        head = next(j for j in self._queue if not j.lane)
         cap, budget = self._cap(head), self._budget(head.backend)
         batch: list[tuple[_Job, int]] = []
         prompt = 0  # prompt positions taken
         for job in list(self._queue):
             if len(batch) >= cap:
                 break
+            if job.lane:  # the prefill lane's
+                continue
             if job.future.done():  # resolved elsewhere: nothing of it is left to run
                 self._queue.remove(job)
                 continue
@@ -243,24 +262,35 @@ class StepBatcher:
         beside = statistics.median(self._decode_s) if decode and self._decode_s else 0.0
         self._position_s.append(max(took - beside, 0.0) / prompt)
 
+    async def _compute(self, executor: Executor, backend: Backend,
+                       items: list[BatchItem]) -> tuple[list[StepOutput | BaseException], float]:
+        """One ``forward_batch`` on ``executor``, the cores shared among the lanes computing
+        (``Backend.share_threads``): (results, compute seconds)."""
+        self._busy += 1
+        lanes = self._busy
+
+        def run() -> tuple[list[StepOutput | BaseException], float]:
+            backend.share_threads(lanes)
+            started = time.perf_counter()
+            return backend.forward_batch(items), time.perf_counter() - started  # type: ignore[return-value]
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, run)
+        finally:
+            self._busy -= 1
+
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._queue:
+        while any(not j.lane for j in self._queue):
             await self._gather()
             batch = self._take()
             if not batch:
                 continue
             backend = batch[0][0].backend
             items = [it for job, k in batch for it in job.items[job.taken:job.taken + k]]
-
-            def run(backend: Backend = backend, items: list[BatchItem] = items) -> tuple[list, float]:
-                started = time.perf_counter()
-                return backend.forward_batch(items), time.perf_counter() - started
-
             try:
-                results, took = await loop.run_in_executor(self.executor, run)
+                results, took = await self._compute(self.executor, backend, items)
             except asyncio.CancelledError:
-                for job in [j for j, _ in batch] + self._queue:
+                for job in [j for j, _ in batch] + [j for j in self._queue if not j.lane]:
                     job.future.cancel()
                 raise
             except Exception as exc:  # a plugin may raise anything: each waiting step is told
@@ -269,20 +299,49 @@ class StepBatcher:
                 continue
             self._last_s = took
             self._measured(batch, items, took)
-            self.batches += 1
-            self.steps += len(items)
-            at = 0
-            for job, k in batch:
-                got, at = results[at:at + k], at + k
-                job.taken += k
-                job.seconds += took
-                failed = next((r for r in got if isinstance(r, BaseException)), None)
-                if failed is not None:
-                    self._finish(job, failed)
-                    continue
-                job.outputs += got
-                if job.taken == len(job.items) or job.stop():
-                    self._finish(job, None)
+            self._deliver(batch, results, took)
+
+    async def _run_lane(self) -> None:
+        """The prefill lane (spec N25): the prompts that arrived beside running requests, one
+        after another, up to ``prefill_batch`` positions per forward, on a thread of their own."""
+        while (job := next((j for j in self._queue if j.lane), None)) is not None:
+            if job.future.done():
+                self._queue.remove(job)
+                continue
+            k, positions = 0, 0
+            for it in job.items[job.taken:]:
+                if k and positions + it.n_positions > self.prefill_batch:
+                    break
+                k, positions = k + 1, positions + it.n_positions
+            if self._lane is None:
+                self._lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-prefill")
+            try:
+                results, took = await self._compute(self._lane, job.backend, job.items[job.taken:job.taken + k])
+            except asyncio.CancelledError:
+                for waiting in [j for j in self._queue if j.lane]:
+                    waiting.future.cancel()
+                raise
+            except Exception as exc:  # a plugin may raise anything: the prompt's waiter is told
+                self._finish(job, exc)
+                continue
+            self._deliver([(job, k)], results, took)
+
+    def _deliver(self, batch: list[tuple[_Job, int]], results: list[StepOutput | BaseException], took: float) -> None:
+        """Hand a batch's results to its jobs; resolve those done, failed or stopped."""
+        self.batches += 1
+        self.steps += len(results)
+        at = 0
+        for job, k in batch:
+            got, at = results[at:at + k], at + k
+            job.taken += k
+            job.seconds += took
+            failed = next((r for r in got if isinstance(r, BaseException)), None)
+            if failed is not None:
+                self._finish(job, failed)
+                continue
+            job.outputs += got  # type: ignore[arg-type]
+            if job.taken == len(job.items) or job.stop():
+                self._finish(job, None)
 
     def _finish(self, job: _Job, error: BaseException | None) -> None:
         """Resolve ``job`` (with its outputs, or ``error``); its steps not yet run never run."""

@@ -342,6 +342,69 @@ def check_batched_steps(subject: Subject, fixture: Fixture) -> None:
     _close(nxt, want, subject.tolerance, "decode after a prompt's chunks in one batch")
 
 
+def check_concurrent_steps(subject: Subject, fixture: Fixture) -> None:
+    """B17: a backend that says its steps may run at once (``concurrent_steps``) computes a
+    prompt's chunks on one thread while another thread decodes a second request, each told
+    that two lanes share the cores (``share_threads(2)``), 20 rounds: every result within the
+    tolerance of the same steps run one after another, the greedy tokens the same. A backend
+    that does not say so declines (its steps run one at a time)."""
+    import threading
+
+    (stage,) = _stages(subject, fixture.model, [(0, 5)])
+    if not stage.concurrent_steps:
+        raise NotSupported("its steps run one at a time (concurrent_steps is False)")
+    cuts = [(0, 3), (3, 6), (6, 9), (9, len(PROMPT))]  # the last one position long: it attends as a decode row
+
+    def prompt(cache: Any) -> list[np.ndarray]:
+        return [_logits(stage.forward_batch([BatchItem(cache=cache, start_pos=a, token_ids=PROMPT[a:b])])[0])
+                for a, b in cuts]
+
+    def decode(cache: Any, n: int) -> list[np.ndarray]:
+        rows, token = [], fixture.tokens[0]
+        for pos in range(len(PROMPT), len(PROMPT) + n):
+            rows.append(_logits(stage.forward_batch([BatchItem(cache=cache, start_pos=pos, token_ids=[token])])[0]))
+            token = int(np.argmax(rows[-1]))
+        return rows
+
+    def primed() -> Any:
+        cache = stage.new_cache()
+        stage.forward(cache, start_pos=0, token_ids=PROMPT)
+        return cache
+
+    want_prompt, want_decode = prompt(stage.new_cache()), decode(primed(), 6)
+    for _ in range(20):
+        got: dict[str, list[np.ndarray]] = {}
+        errors: list[BaseException] = []
+
+        def run(name: str, fn: Callable[[], list[np.ndarray]]) -> None:
+            try:
+                stage.share_threads(2)
+                got[name] = fn()
+            except BaseException as exc:  # noqa: BLE001 - reported below, on the test's thread
+                errors.append(exc)
+
+        cache_p, cache_d = stage.new_cache(), primed()
+        threads = [threading.Thread(target=run, args=("prompt", lambda: prompt(cache_p))),
+                   threading.Thread(target=run, args=("decode", lambda: decode(cache_d, 6)))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        stage.share_threads(1)
+        assert not errors, f"steps on two threads at once: {errors[0]!r}"
+        assert not any(t.is_alive() for t in threads), "steps on two threads at once did not finish in 60 s"
+        for name, want in (("prompt", want_prompt), ("decode", want_decode)):
+            assert [int(np.argmax(r)) for r in got[name]] == [int(np.argmax(r)) for r in want], f"{name}: tokens"
+            for i, (g, w) in enumerate(zip(got[name], want, strict=True)):
+                _close(g, w, subject.tolerance, f"{name} step {i} beside another thread's steps")
+
+
+def _logits(out: Any) -> np.ndarray:
+    if isinstance(out, BaseException):
+        raise out
+    return np.asarray(out.logits)
+
+
 CHECKS: tuple[Callable[[Subject, Fixture], None], ...] = (
     check_matches_transformers_whole_and_split,
     check_wire_formats,
@@ -350,4 +413,5 @@ CHECKS: tuple[Callable[[Subject, Fixture], None], ...] = (
     check_kv_export_import,
     check_mixes_with_torch,
     check_batched_steps,
+    check_concurrent_steps,
 )
