@@ -199,3 +199,17 @@ def test_a_formats_row_says_which_dtype_a_node_chose() -> None:
     assert _format_label({"node_dtype": "bf16"}) == "defaults (computes in bf16)"
     assert _format_label({"quantize": "int4", "node_dtype": "f32"}) == "--quantize int4 (computes in f32)"
     assert _format_label({"dtype": "f32", "node_dtype": "f32"}) == "--dtype f32"
+
+
+def test_the_batching_table_puts_the_decode_rate_in_all_beside_the_throughput(tmp_path: Path) -> None:
+    """The batching block shows concurrency x the median request's decode rate, against
+    concurrency 1 on as many nodes, beside the throughput (TTFT included) against it."""
+    one, eight = _run("aaa1111", False, rate=20.0), _run("aaa1111", False, rate=10.0)
+    eight["config"] = {**eight["config"], "concurrency": 8}
+    eight["results"] = {**eight["results"], "throughput": stats_block([38.0, 40.0])}
+    (tmp_path / "batching.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (one, eight)))
+    rows = [line.split(" | ") for line in render_block("batching", tmp_path).splitlines()
+            if line.startswith("| 1 |")]
+    assert [row[1] for row in rows] == ["1", "8"]
+    assert rows[0][6:10] == ["20.0 (19.0-21.0)", "1.00x", "19.5 (19.0-20.0)", "1.00x"]
+    assert rows[1][6:10] == ["80.0 (72.0-88.0)", "4.00x", "39.0 (38.0-40.0)", "2.00x"]

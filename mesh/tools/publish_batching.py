@@ -11,25 +11,41 @@ from mesh.tools.publish_text import Selection, _cell, _get, _n_cell, _status, _t
 
 def render_batching(sel: Selection, path: str) -> str:
     """``python -m mesh bench --concurrency ...``: per node count and concurrency, the aggregate
-    throughput against concurrency 1 on as many nodes in the same run, and per-request rates."""
+    throughput against concurrency 1 on as many nodes in the same run, per-request rates, and
+    the decode rate in all (concurrency x the median request's decode tokens/s: the streams'
+    decode speed together, prefill left out, as transformers' ``generate()`` baseline counts
+    it) against concurrency 1."""
     runs = [r for r in sel.records if r.get("kind") == "run"]
-    single: dict[Any, Sample | None] = {}
+    single: dict[Any, tuple[Sample | None, Sample | None]] = {}
     for run in runs:
         if _get(run, "config", "concurrency") == 1:
-            single[_get(run, "config", "nodes")] = from_block(_get(run, "results", "throughput"))
+            single[_get(run, "config", "nodes")] = (from_block(_get(run, "results", "throughput")),
+                                                   from_block(_get(run, "results", "decode_tok_s")))
     rows = []
     for run in sorted(runs, key=lambda r: (_get(r, "config", "nodes") or 0, _get(r, "config", "concurrency") or 0)):
         c = run.get("config") or {}
         ttft, rate = from_block(_get(run, "results", "ttft_s")), from_block(_get(run, "results", "decode_tok_s"))
         tpot = from_block(_get(run, "results", "tpot_s"))
         thru = from_block(_get(run, "results", "throughput"))
-        versus = compare(thru, single.get(c.get("nodes")))
+        together = _times(rate, c.get("concurrency"))
+        alone = single.get(c.get("nodes"), (None, None))
+        versus, decode_versus = compare(thru, alone[0]), compare(together, alone[1])
+        first = c.get("concurrency") == 1
         rows.append([str(c.get("nodes")), str(c.get("concurrency")), _n_cell(ttft, rate), _cell(ttft, 1000, 0),
-                     _cell(rate), _cell(tpot, 1000, 1), _cell(thru),
-                     versus.fmt() if versus and c.get("concurrency") != 1 else "1.00x", _status(run)])
+                     _cell(rate), _cell(tpot, 1000, 1), _cell(together),
+                     decode_versus.fmt() if decode_versus and not first else "1.00x", _cell(thru),
+                     versus.fmt() if versus and not first else "1.00x", _status(run)])
     return (caption(sel, path, "Measured") + "\n\n" +
             _table(("nodes", "concurrent", "n", "TTFT ms", "decode tok/s per request", "TPOT ms",
-                    "throughput tok/s", "throughput vs 1 request", "status"), rows, "rrrrrrrrl") + "\n")
+                    "decode tok/s in all", "decode in all vs 1 request", "throughput tok/s",
+                    "throughput vs 1 request", "status"), rows, "rrrrrrrrrrl") + "\n")
+
+
+def _times(s: Sample | None, k: Any) -> Sample | None:
+    """``s`` with every statistic multiplied by ``k`` (None unless ``k`` is a positive int)."""
+    if s is None or type(k) is not int or k < 1:
+        return None
+    return Sample(n=s.n, median=s.median * k, low=s.low * k, high=s.high * k, q1=s.q1 * k, q3=s.q3 * k)
 
 
 def render_batching_scenarios(sel: Selection, path: str) -> str:
