@@ -364,9 +364,10 @@ def test_a_prompt_beside_running_requests_prefills_on_its_own_lane_while_they_de
 
     (outs, _), (one, _) = asyncio.run(go())
     assert [[int(v) for v in o.logits] for o in outs] == [[50, 2], [51, 2], [52, 2]] and int(one.logits[0]) == 1
-    prompt_batches = [(name, tokens) for name, _, tokens in backend.lanes if tokens[0] >= 50]
-    assert [t for _, t in prompt_batches] == [[50, 51], [52]]  # 4 positions per forward at most
-    assert all(name.startswith("mesh-prefill") for name, _ in prompt_batches)
+    prompt_batches = [(name, lanes, tokens) for name, lanes, tokens in backend.lanes if tokens[0] >= 50]
+    assert [t for _, _, t in prompt_batches] == [[50, 51], [52]]  # 4 positions per forward at most
+    assert all(name.startswith("mesh-prefill") for name, _, _ in prompt_batches)
+    assert all(lanes == 2 for _, lanes, _ in prompt_batches)  # its share while others run, even between batches
     assert ("compute_0", 2, [1]) in [(n[-9:], lanes, t) for n, lanes, t in backend.lanes]  # both lanes computing
     alone = Laned()
     alone.decoding.set()

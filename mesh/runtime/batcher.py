@@ -262,12 +262,12 @@ class StepBatcher:
         beside = statistics.median(self._decode_s) if decode and self._decode_s else 0.0
         self._position_s.append(max(took - beside, 0.0) / prompt)
 
-    async def _compute(self, executor: Executor, backend: Backend,
-                       items: list[BatchItem]) -> tuple[list[StepOutput | BaseException], float]:
+    async def _compute(self, executor: Executor, backend: Backend, items: list[BatchItem],
+                       lanes: int = 1) -> tuple[list[StepOutput | BaseException], float]:
         """One ``forward_batch`` on ``executor``, the cores shared among the lanes computing
-        (``Backend.share_threads``): (results, compute seconds)."""
+        (``Backend.share_threads``; at least ``lanes``): (results, compute seconds)."""
         self._busy += 1
-        lanes = self._busy
+        lanes = max(lanes, self._busy)
 
         def run() -> tuple[list[StepOutput | BaseException], float]:
             backend.share_threads(lanes)
@@ -315,8 +315,12 @@ class StepBatcher:
                 k, positions = k + 1, positions + it.n_positions
             if self._lane is None:
                 self._lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-prefill")
+            # while requests run beside it the lane keeps to its share of the cores, also in the
+            # moments between their batches: a lane that took every core then slowed the decode
+            # batch that started meanwhile until its next forward (a first gap of 60-70 ms)
+            lanes = 2 if self._beside(job.backend) else 1
             try:
-                results, took = await self._compute(self._lane, job.backend, job.items[job.taken:job.taken + k])
+                results, took = await self._compute(self._lane, job.backend, job.items[job.taken:job.taken + k], lanes)
             except asyncio.CancelledError:
                 for waiting in [j for j in self._queue if j.lane]:
                     waiting.future.cancel()
