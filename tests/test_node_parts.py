@@ -794,3 +794,28 @@ def test_a_starting_node_answers_503_at_once_then_hands_requests_to_the_api() ->
     assert early.json()["error"]["type"] == "server_error"
     shell.app = JSONResponse({"ok": True})
     assert asyncio.run(ask()).json() == {"ok": True}
+
+
+@pytest.mark.spec("N18")
+def test_a_local_cluster_gives_each_node_its_share_of_the_cores(tmp_path, monkeypatch) -> None:
+    """N18: nodes of a LocalCluster of two or more wait passively and take the host's cores
+    divided among them (at least one thread each), unless the environment chose otherwise."""
+    import os
+
+    from mesh.testing import cluster as cluster_module
+
+    spawned: list[dict[str, str]] = []
+    monkeypatch.setattr(cluster_module, "_spawn", lambda args, env, log, mode: spawned.append(env) or object())
+    for var in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(var, raising=False)
+    share = str(max(1, (os.cpu_count() or 1) // 3))
+    three = cluster_module.LocalCluster(3, tmp_path / "three")
+    three.add(), three.add()
+    assert [(e.get("OMP_NUM_THREADS"), e.get("OMP_WAIT_POLICY")) for e in spawned] == [(share, "PASSIVE")] * 2
+    spawned.clear()
+    chosen = cluster_module.LocalCluster(2, tmp_path / "chosen", env={"OMP_NUM_THREADS": "3"})
+    chosen.add()
+    assert spawned[0]["OMP_NUM_THREADS"] == "3"
+    spawned.clear()
+    cluster_module.LocalCluster(1, tmp_path / "one").add()
+    assert "OMP_NUM_THREADS" not in spawned[0] and "OMP_WAIT_POLICY" not in spawned[0]

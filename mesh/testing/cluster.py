@@ -92,7 +92,9 @@ class LocalCluster:
 
     Discovery is off (``--discovery off``): tests never announce on the host's networks. With
     two or more nodes, each gets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment chose a
-    wait policy: the nodes share this host's cores (spec N18).
+    wait policy, and ``OMP_NUM_THREADS`` = its share of this host's cores (at least 1) unless
+    the environment chose one: the nodes share this host's cores (spec N18), and each computes
+    as on a machine of its own with that many cores.
     """
 
     def __init__(self, n: int, workdir: Path, *, model: str = "smollm2-135m",
@@ -143,6 +145,8 @@ class LocalCluster:
         env["MESH_CLUSTER_KEY"] = self.cluster_key  # not on the command line, where `ps` shows it
         if self.n > 1 and "GOMP_SPINCOUNT" not in env:  # n nodes share this host's cores (spec N18)
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        if self.n > 1:  # ... each its share, as on machines of their own (spec N18)
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.n)))
         env.update(self.env)
         process = _spawn(args, env, log_path, "wb")
         self.nodes.append(NodeProcess(i, port, api_port, data_dir, log_path, process, args, env))
