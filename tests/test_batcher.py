@@ -374,3 +374,25 @@ def test_a_prompt_beside_running_requests_prefills_on_its_own_lane_while_they_de
     solo = StepBatcher(ThreadPoolExecutor(1, thread_name_prefix="compute"), lambda b: 1, prefill_batch=4)
     asyncio.run(asyncio.wait_for(solo.submit(alone, chunks(50, [2, 2])), 10))
     assert [(n[-9:], lanes) for n, lanes, _ in alone.lanes] == [("compute_0", 1)]  # no one else: every core
+
+
+@pytest.mark.spec("N22")
+def test_a_step_cancelled_while_the_batcher_gathers_leaves_the_batcher_serving() -> None:
+    """N22: the only waiting step cancelled during the gathering wait is dropped; the runner
+    ends cleanly and the next step runs."""
+    backend = Recorder()
+    batcher = StepBatcher(ThreadPoolExecutor(1), lambda b: 4)  # 4 active: the batcher waits for more
+    batcher._last_s = 1.0  # a gathering window of GATHER_MAX_S
+
+    async def go() -> Any:
+        lone = asyncio.create_task(batcher.step(backend, item(1)))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        lone.cancel()
+        await asyncio.sleep(0.05)
+        assert batcher._runner is not None and batcher._runner.done() and batcher._runner.exception() is None
+        out, _ = await asyncio.wait_for(batcher.step(backend, item(2)), 5)
+        return out
+
+    out = asyncio.run(go())
+    assert int(out.logits[0]) == 2 and backend.batches == [[2]]

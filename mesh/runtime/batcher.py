@@ -195,7 +195,9 @@ class StepBatcher:
 
     async def _gather(self) -> None:
         """Wait briefly for steps still coming (see the module docstring)."""
-        head = next(j for j in self._queue if not j.lane)
+        head = next((j for j in self._queue if not j.lane), None)
+        if head is None:  # its waiter was cancelled meanwhile
+            return
         window = min(GATHER_MAX_S, GATHER_SHARE * self._last_s)
         deadline = time.monotonic() + window
         while True:
@@ -224,7 +226,9 @@ class StepBatcher:
 
     def _take(self) -> list[tuple[_Job, int]]:
         """The next batch: (job, how many of its next items) each, first come first served."""
-        head = next(j for j in self._queue if not j.lane)
+        head = next((j for j in self._queue if not j.lane), None)
+        if head is None:  # cancelled while the batcher gathered: nothing to run
+            return []
         cap, budget = self._cap(head), self._budget(head.backend)
         batch: list[tuple[_Job, int]] = []
         prompt = 0  # prompt positions taken
