@@ -5,7 +5,7 @@
 #   benchmarks/run-all.sh              every benchmark (about an hour on 2 cores)
 #   benchmarks/run-all.sh kernel       one of: bench-matrix kv-replica backends kernel transports
 #                                      placement placement-measured faults formats batching
-#                                      batching-scenarios
+#                                      batching-lengths batching-scenarios
 #
 # Each command appends JSON lines to benchmarks/NAME.jsonl, failed and partial runs included;
 # `python -m mesh publish` shows the records of the newest commit measured on a clean tree.
@@ -36,6 +36,9 @@ want formats && step "$py" -m mesh bench --quiet --nodes 1 --backend torch,mlx -
   --out benchmarks/formats.jsonl
 want batching && step "$py" -m mesh bench --quiet --nodes 1,2,3 --prompt-tokens 64 --new-tokens 32 \
   --concurrency 1,2,4,8,16 --repeats 3 --out benchmarks/batching.jsonl
+want batching-lengths && step "$py" -m mesh bench --quiet --nodes 1 --dtype bf16 --quantize default,none \
+  --prompt-tokens 64 --new-tokens 32,128,256 --concurrency 1,8 --repeats 3 --no-baselines \
+  --out benchmarks/batching-lengths.jsonl
 want batching-scenarios && step "$py" -m mesh bench-batching --prefill-chunk 8,16,32,128,65536 \
   --json benchmarks/batching-scenarios.jsonl
 "$py" -m mesh publish

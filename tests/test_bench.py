@@ -147,3 +147,15 @@ def test_bench_against_a_running_cluster_reads_its_shape_and_stage_timings(tmp_p
     assert run["machine"]["role"] == "client" and len(run["config"]["members"]) == 2
     assert (run["config"]["nodes"], run["config"]["backend"], run["config"]["transport"]) == (2, "torch", "tcp")
     assert run["results"]["requests"] == 2 and len(run["results"]["stages"]) == 2
+
+
+def test_the_backend_batch_baseline_times_one_and_many_decode_steps(default_model) -> None:
+    """``bench-batching``'s backend baseline: the torch backend alone, a decode step of 1 and of
+    ``batch`` requests, the ceiling the node's batching is read against."""
+    from mesh.tools.bench_batching import backend_batch_baseline
+
+    r = backend_batch_baseline(default_model, "default", batch=2, repeats=1, context=8)
+    assert r["batch"] == 2 and r["context"] == 8 and r["weights"] == "int4+int8"
+    one, two = r["step_s_batch1"], r["step_s_batch"]
+    assert one["n"] == 1 and two["n"] == 1 and 0 < one["p50"] and 0 < two["p50"]
+    assert r["ratio"] == pytest.approx(2 * one["p50"] / two["p50"])

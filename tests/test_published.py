@@ -213,3 +213,44 @@ def test_the_batching_table_puts_the_decode_rate_in_all_beside_the_throughput(tm
     assert [row[1] for row in rows] == ["1", "8"]
     assert rows[0][6:10] == ["20.0 (19.0-21.0)", "1.00x", "19.5 (19.0-20.0)", "1.00x"]
     assert rows[1][6:10] == ["80.0 (72.0-88.0)", "4.00x", "39.0 (38.0-40.0)", "2.00x"]
+
+
+def test_the_batching_lengths_table_compares_each_row_with_its_own_weights_and_length(tmp_path: Path) -> None:
+    """Rows of the lengths block are grouped by weight format and output length; each one is
+    read against concurrency 1 with the same weights and length, not another group's."""
+    runs = []
+    for quantize, new_tokens, concurrency, rate, thru in ((None, 32, 1, 20.0, 19.0), (None, 32, 8, 10.0, 40.0),
+                                                           (None, 128, 1, 18.0, 17.0), (None, 128, 8, 9.0, 60.0),
+                                                           ("none", 32, 1, 10.0, 9.0), ("none", 32, 8, 8.0, 45.0)):
+        run = _run("aaa1111", False, rate=rate)
+        run["config"] = {**run["config"], "quantize": quantize, "new_tokens": new_tokens, "concurrency": concurrency,
+                         "node_dtype": "bf16"}
+        run["results"] = {**run["results"], "throughput": stats_block([thru])}
+        runs.append(run)
+    (tmp_path / "batching-lengths.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    rows = [line.strip("| ").split(" | ") for line in render_block("batching-lengths", tmp_path).splitlines()
+            if line.startswith("| defaults") or line.startswith("| --quantize")]
+    assert [(r[0], r[1], r[3]) for r in rows] == [
+        ("--quantize none (computes in bf16)", "32", "1"), ("--quantize none (computes in bf16)", "32", "8"),
+        ("defaults (computes in bf16)", "32", "1"), ("defaults (computes in bf16)", "32", "8"),
+        ("defaults (computes in bf16)", "128", "1"), ("defaults (computes in bf16)", "128", "8")]
+    assert rows[1][10] == "45.0" and rows[1][11] == "5.00x"  # 45 against its own 9, not 19
+    assert rows[5][11] == "3.53x"  # 60 against 17 (128 tokens), not 19 (32 tokens)
+
+
+def test_the_scenarios_block_shows_the_backend_alone_beside_generate(tmp_path: Path) -> None:
+    """The batching-scenarios caption gives the torch backend's own batched step beside
+    transformers' ``generate()``: the ceiling no serving stack passes."""
+    base = {"suite": "mesh-bench-batching", "kind": "baseline", "machine": _machine("aaa1111", False),
+            "status": "ok", "error": None, "config": {}}
+    records = [{**base, "name": "transformers_generate_batch",
+                "results": {"batch": 8, "decode_tok_s_batch1": stats_block([17.0]),
+                            "decode_tok_s_batch": stats_block([102.0]), "ratio": 6.0}},
+               {**base, "name": "backend_batch_step",
+                "results": {"batch": 8, "weights": "int4+int8", "context": 100, "step_s_batch1": stats_block([0.02]),
+                            "step_s_batch": stats_block([0.04]), "ratio": 4.0}}]
+    (tmp_path / "batching-scenarios.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = render_block("batching-scenarios", tmp_path)
+    assert "transformers' generate() in f32, batch 8: 102.0" in text
+    assert ("the torch backend alone (int4+int8 weights, bf16), a decode step of 8 requests: 40.0 ms "
+            "against 20.0 ms for one (4.00x the tokens/s)") in text

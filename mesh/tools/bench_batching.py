@@ -19,6 +19,13 @@ Records (``suite: "mesh-bench-batching"``, ``schema: 2``), one JSON line each in
 - ``kind: "baseline"``, ``name: "transformers_generate_batch"``: transformers' ``generate()`` in
   f32 on the same (dequantized) weights at batch 1 and ``--batch`` (the same prompt in every
   row, no padding): decode tokens/s in all, ``repeats`` of each, and their ratio.
+- ``kind: "baseline"``, ``name: "backend_batch_step"``, one per weight format (``quantize``:
+  ``default`` keeps the files' format, e.g. a GGUF's int4 weights; ``none`` dequantizes): the
+  torch backend alone (one whole-model stage in bf16, no node, no sockets) running decode
+  steps of 1 and ``--batch`` requests through ``forward_batch`` at a context of 100 positions:
+  ``step_s_batch1`` / ``step_s_batch`` (seconds per step, ``repeats`` medians of 8 steps) and
+  ``ratio`` (tokens/s at ``--batch`` over tokens/s at 1). No serving stack can batch better
+  than its backend's own step: this is the ceiling the node's batching is read against.
 """
 
 from __future__ import annotations
@@ -149,6 +156,49 @@ def generate_batch_baseline(model: Model, prompt_tokens: int, new_tokens: int, b
             "ratio": statistics.median(many) / statistics.median(ones)}
 
 
+def backend_batch_baseline(model: Model, quantize: str, batch: int, repeats: int,
+                           context: int = 100) -> dict[str, Any]:
+    """Decode steps of the torch backend alone (bf16, ``quantize`` None keeps the files' format)
+    at batch 1 and ``batch``, each request with ``context`` cached positions: seconds per step
+    (``repeats`` medians of 8 steps each) and the tokens/s ratio ``batch * t1 / t_batch``."""
+    from backends.base import BatchItem
+    from backends.torch import TorchBackend
+
+    backend = TorchBackend(device="cpu", dtype="bf16", quantize=None if quantize == "default" else quantize)
+    backend.load(model, 0, model.num_layers)
+    weights = backend.weight_format or "bf16"
+    try:
+        caches = [backend.new_cache() for _ in range(batch)]
+        for cache in caches:
+            backend.forward(cache, start_pos=0, token_ids=list(range(10, 10 + context)))
+        positions = [context] * batch
+
+        def steps(rows: int) -> float:
+            times = []
+            for _ in range(8):
+                items = [BatchItem(cache=caches[i], start_pos=positions[i], token_ids=[42]) for i in range(rows)]
+                start = time.perf_counter()
+                outputs = backend.forward_batch(items)
+                times.append(time.perf_counter() - start)
+                failed = [o for o in outputs if isinstance(o, Exception)]
+                if failed:
+                    raise failed[0]
+                for i in range(rows):
+                    positions[i] += 1
+            return statistics.median(times)
+
+        steps(1), steps(batch)  # warm-up
+        ones, many = [], []
+        for _ in range(repeats):
+            ones.append(steps(1))
+            many.append(steps(batch))
+    finally:
+        backend.unload()
+    return {"batch": batch, "weights": weights, "context": context,
+            "step_s_batch1": stats_block(ones), "step_s_batch": stats_block(many),
+            "ratio": batch * statistics.median(ones) / statistics.median(many)}
+
+
 def run_batching_bench(args: argparse.Namespace) -> int:
     from mesh.testing.cluster import LocalCluster
 
@@ -211,6 +261,17 @@ def run_batching_bench(args: argparse.Namespace) -> int:
             failures += 1
             append_jsonl(out, _record("baseline", config, "failed", f"{type(exc).__name__}: {exc}", None,
                                       name="transformers_generate_batch"))
+        for quantize in ("default", "none"):
+            config = {"model": model.model_id, "dtype": "bf16", "quantize": quantize, "batch": args.batch}
+            try:
+                results = backend_batch_baseline(model, quantize, args.batch, args.repeats + 1)
+                append_jsonl(out, _record("baseline", config, "ok", None, results, name="backend_batch_step"))
+                print(f"torch backend alone, {results['weights']} weights: a decode step of {args.batch} requests "
+                      f"gives {results['ratio']:.2f}x the tokens/s of one")
+            except Exception as exc:  # noqa: BLE001
+                failures += 1
+                append_jsonl(out, _record("baseline", config, "failed", f"{type(exc).__name__}: {exc}", None,
+                                          name="backend_batch_step"))
     return 1 if failures else 0
 
 

@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from mesh.tools.benchstats import Sample, compare, from_block, pick_baseline, sample
-from mesh.tools.publish_batching import render_batching, render_batching_scenarios
+from mesh.tools.publish_batching import render_batching, render_batching_lengths, render_batching_scenarios
 from mesh.tools.publish_text import (  # noqa: F401  (this module's surface)
     Selection,
     _cell,
+    _format_label,
     _get,
     _machine,
     _n_cell,
@@ -94,14 +95,6 @@ def render_bench_matrix(sel: Selection, path: str) -> str:
 def _named_baseline(recs: Sequence[dict[str, Any]], name: str, prompt: Any) -> dict[str, Any] | None:
     return next((r for r in recs if r.get("kind") == "baseline" and r.get("name") == name and r.get("status") == "ok"
                  and _get(r, "config", "prompt_tokens") == prompt), None)
-
-
-def _format_label(config: dict[str, Any]) -> str:
-    """The node flags a bench run set for its weights (``--dtype``, ``--quantize``), or
-    ``defaults``; without ``--dtype``, the dtype the node chose (spec N19)."""
-    flags = [f"--{k} {config[k]}" for k in ("dtype", "quantize") if config.get(k)]
-    chosen = f" (computes in {config['node_dtype']})" if config.get("node_dtype") and not config.get("dtype") else ""
-    return (" ".join(flags) or "defaults") + chosen
 
 
 def render_formats(sel: Selection, path: str) -> str:
@@ -394,6 +387,7 @@ RENDERERS: dict[str, Callable[[Selection, str], str]] = {
     "faults": render_faults,
     "formats": render_formats,
     "batching": render_batching,
+    "batching-lengths": render_batching_lengths,
     "batching-scenarios": render_batching_scenarios,
 }
 

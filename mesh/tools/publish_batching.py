@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from mesh.tools.benchstats import Sample, compare, from_block, sample
-from mesh.tools.publish_text import Selection, _cell, _get, _n_cell, _status, _table, caption
+from mesh.tools.publish_text import Selection, _cell, _format_label, _get, _n_cell, _status, _table, caption
 
 
 def render_batching(sel: Selection, path: str) -> str:
@@ -15,30 +16,52 @@ def render_batching(sel: Selection, path: str) -> str:
     the decode rate in all (concurrency x the median request's decode tokens/s: the streams'
     decode speed together, prefill left out, as transformers' ``generate()`` baseline counts
     it) against concurrency 1."""
+    return _batching_table(sel, path, (("nodes", lambda c: str(c.get("nodes")), "r"),))
+
+
+def render_batching_lengths(sel: Selection, path: str) -> str:
+    """``python -m mesh bench --nodes 1 --quantize default,none --new-tokens ... --concurrency
+    1,8``: the batching table per weight format and output length, each row against
+    concurrency 1 with the same weights and length."""
+    return _batching_table(sel, path, (("weights", _format_label, "l"),
+                                       ("new tokens", lambda c: str(c.get("new_tokens")), "r"),
+                                       ("nodes", lambda c: str(c.get("nodes")), "r")))
+
+
+def _batching_table(sel: Selection, path: str, lead: tuple[tuple[str, Callable[[dict[str, Any]], str], str], ...]) -> str:
+    """The batching rows of ``sel``'s bench runs, grouped by the ``lead`` columns (header, cell of
+    a run's config, alignment); each row against the concurrency-1 run of its group."""
+    def group(run: dict[str, Any]) -> tuple[str, ...]:
+        return tuple(cell(run.get("config") or {}) for _, cell, _ in lead)
+
+    def order(run: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple((0, int(v), "") if v.isdigit() else (1, 0, v) for v in group(run)) + (
+            _get(run, "config", "concurrency") or 0,)
+
     runs = [r for r in sel.records if r.get("kind") == "run"]
-    single: dict[Any, tuple[Sample | None, Sample | None]] = {}
+    single: dict[tuple[str, ...], tuple[Sample | None, Sample | None]] = {}
     for run in runs:
         if _get(run, "config", "concurrency") == 1:
-            single[_get(run, "config", "nodes")] = (from_block(_get(run, "results", "throughput")),
-                                                   from_block(_get(run, "results", "decode_tok_s")))
+            single[group(run)] = (from_block(_get(run, "results", "throughput")),
+                                  from_block(_get(run, "results", "decode_tok_s")))
     rows = []
-    for run in sorted(runs, key=lambda r: (_get(r, "config", "nodes") or 0, _get(r, "config", "concurrency") or 0)):
+    for run in sorted(runs, key=order):
         c = run.get("config") or {}
         ttft, rate = from_block(_get(run, "results", "ttft_s")), from_block(_get(run, "results", "decode_tok_s"))
         tpot = from_block(_get(run, "results", "tpot_s"))
         thru = from_block(_get(run, "results", "throughput"))
         together = _times(rate, c.get("concurrency"))
-        alone = single.get(c.get("nodes"), (None, None))
+        alone = single.get(group(run), (None, None))
         versus, decode_versus = compare(thru, alone[0]), compare(together, alone[1])
         first = c.get("concurrency") == 1
-        rows.append([str(c.get("nodes")), str(c.get("concurrency")), _n_cell(ttft, rate), _cell(ttft, 1000, 0),
+        rows.append([*group(run), str(c.get("concurrency")), _n_cell(ttft, rate), _cell(ttft, 1000, 0),
                      _cell(rate), _cell(tpot, 1000, 1), _cell(together),
                      decode_versus.fmt() if decode_versus and not first else "1.00x", _cell(thru),
                      versus.fmt() if versus and not first else "1.00x", _status(run)])
     return (caption(sel, path, "Measured") + "\n\n" +
-            _table(("nodes", "concurrent", "n", "TTFT ms", "decode tok/s per request", "TPOT ms",
-                    "decode tok/s in all", "decode in all vs 1 request", "throughput tok/s",
-                    "throughput vs 1 request", "status"), rows, "rrrrrrrrrrl") + "\n")
+            _table((*(header for header, _, _ in lead), "concurrent", "n", "TTFT ms", "decode tok/s per request",
+                    "TPOT ms", "decode tok/s in all", "decode in all vs 1 request", "throughput tok/s",
+                    "throughput vs 1 request", "status"), rows, "".join(a for _, _, a in lead) + "rrrrrrrrrl") + "\n")
 
 
 def _times(s: Sample | None, k: Any) -> Sample | None:
@@ -94,6 +117,13 @@ def render_batching_scenarios(sel: Selection, path: str) -> str:
         if r.get("kind") == "baseline":
             if r.get("status") != "ok":
                 lines.append(f"{r.get('name')} FAILED: {r.get('error')}")
+                continue
+            if r.get("name") == "backend_batch_step":
+                one, many = from_block(_get(r, "results", "step_s_batch1")), from_block(_get(r, "results",
+                                                                                           "step_s_batch"))
+                lines.append(f"the torch backend alone ({_get(r, 'results', 'weights')} weights, bf16), a decode step "
+                             f"of {_get(r, 'results', 'batch')} requests: {_cell(many, 1000, 1)} ms against "
+                             f"{_cell(one, 1000, 1)} ms for one ({_get(r, 'results', 'ratio'):.2f}x the tokens/s)")
                 continue
             one, many = from_block(_get(r, "results", "decode_tok_s_batch1")), from_block(_get(r, "results",
                                                                                                 "decode_tok_s_batch"))

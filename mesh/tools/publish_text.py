@@ -110,3 +110,11 @@ def _status(record: dict[str, Any]) -> str:
 
 
 # -- python -m mesh bench ----------------------------------------------------------------------
+
+
+def _format_label(config: dict[str, Any]) -> str:
+    """The node flags a bench run set for its weights (``--dtype``, ``--quantize``), or
+    ``defaults``; without ``--dtype``, the dtype the node chose (spec N19)."""
+    flags = [f"--{k} {config[k]}" for k in ("dtype", "quantize") if config.get(k)]
+    chosen = f" (computes in {config['node_dtype']})" if config.get("node_dtype") and not config.get("dtype") else ""
+    return (" ".join(flags) or "defaults") + chosen
