@@ -143,10 +143,11 @@ class Backend(ABC):
         (specs/node.md N25). Default False: one step at a time."""
         return False
 
-    def share_threads(self, lanes: int) -> None:
-        """``lanes`` threads (1 or 2) compute this stage's steps now (spec B17): a backend whose
-        kernels run on a pool of threads gives each lane its share of the cores, all of them to
-        a lane alone. Default: nothing."""
+    def share_threads(self, lanes: int, *, lane: bool = False) -> None:
+        """``lanes`` threads (1 or 2) compute this stage's steps now (spec B17), and this call
+        comes from the thread about to compute: the prefill lane's (``lane``) or the stage's own.
+        A backend whose kernels run on a pool of threads gives each its share of the cores, all
+        of them to the stage's own thread alone. Default: nothing."""
 
     @classmethod
     def unavailable(cls) -> str | None:

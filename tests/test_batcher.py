@@ -333,8 +333,8 @@ class Laned(Recorder):
     def concurrent_steps(self) -> bool:
         return True
 
-    def share_threads(self, lanes: int) -> None:
-        self._told.lanes = lanes
+    def share_threads(self, lanes: int, *, lane: bool = False) -> None:
+        self._told.lanes = (lanes, lane)
 
     def _forward_batch(self, items: list[BatchItem]) -> list[StepOutput | BackendError]:
         tokens = [it.token_ids[0] for it in items]  # type: ignore[index]
@@ -367,13 +367,35 @@ def test_a_prompt_beside_running_requests_prefills_on_its_own_lane_while_they_de
     prompt_batches = [(name, lanes, tokens) for name, lanes, tokens in backend.lanes if tokens[0] >= 50]
     assert [t for _, _, t in prompt_batches] == [[50, 51], [52]]  # 4 positions per forward at most
     assert all(name.startswith("mesh-prefill") for name, _, _ in prompt_batches)
-    assert all(lanes == 2 for _, lanes, _ in prompt_batches)  # its share while others run, even between batches
-    assert ("compute_0", 2, [1]) in [(n[-9:], lanes, t) for n, lanes, t in backend.lanes]  # both lanes computing
+    assert all(lanes == (2, True) for _, lanes, _ in prompt_batches)  # the lane's share, even between batches
+    assert ("compute_0", (2, False), [1]) in [(n[-9:], lanes, t) for n, lanes, t in backend.lanes]  # both computing
     alone = Laned()
     alone.decoding.set()
     solo = StepBatcher(ThreadPoolExecutor(1, thread_name_prefix="compute"), lambda b: 1, prefill_batch=4)
     asyncio.run(asyncio.wait_for(solo.submit(alone, chunks(50, [2, 2])), 10))
-    assert [(n[-9:], lanes) for n, lanes, _ in alone.lanes] == [("compute_0", 1)]  # no one else: every core
+    assert [(n[-9:], lanes) for n, lanes, _ in alone.lanes] == [("compute_0", (1, False))]  # no one else: every core
+
+
+@pytest.mark.spec("N25", "B17")
+def test_a_lane_prompt_left_alone_goes_back_to_the_stage_batches_on_every_core() -> None:
+    """N25: once the requests beside a prompt on the prefill lane have ended, its remaining
+    chunks run in the stage's own batches on the compute thread with every core (the lane's
+    thread never computes with more than its share: B17)."""
+    active = [2]
+
+    class Ending(Laned):
+        def _forward_batch(self, items: list[BatchItem]) -> list[StepOutput | BackendError]:
+            out = super()._forward_batch(items)
+            active[0] = 1  # the request beside the prompt ended
+            return out
+
+    backend = Ending()
+    backend.decoding.set()
+    batcher = StepBatcher(ThreadPoolExecutor(1, thread_name_prefix="compute"), lambda b: active[0], prefill_batch=2)
+    outs, _ = asyncio.run(asyncio.wait_for(batcher.submit(backend, chunks(50, [2, 2, 2])), 10))
+    assert [[int(v) for v in o.logits] for o in outs] == [[50, 2], [51, 2], [52, 2]]
+    assert [(n.split("_")[0], lanes, t) for n, lanes, t in backend.lanes] == [
+        ("mesh-prefill", (2, True), [50]), ("compute", (1, False), [51]), ("compute", (1, False), [52])]
 
 
 @pytest.mark.spec("N22")

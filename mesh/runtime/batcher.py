@@ -267,14 +267,15 @@ class StepBatcher:
         self._position_s.append(max(took - beside, 0.0) / prompt)
 
     async def _compute(self, executor: Executor, backend: Backend, items: list[BatchItem],
-                       lanes: int = 1) -> tuple[list[StepOutput | BaseException], float]:
-        """One ``forward_batch`` on ``executor``, the cores shared among the lanes computing
-        (``Backend.share_threads``; at least ``lanes``): (results, compute seconds)."""
+                       lanes: int = 1, lane: bool = False) -> tuple[list[StepOutput | BaseException], float]:
+        """One ``forward_batch`` on ``executor`` (the prefill lane's: ``lane``), the cores shared
+        among the lanes computing (``Backend.share_threads``; at least ``lanes``): (results,
+        compute seconds)."""
         self._busy += 1
         lanes = max(lanes, self._busy)
 
         def run() -> tuple[list[StepOutput | BaseException], float]:
-            backend.share_threads(lanes)
+            backend.share_threads(lanes, lane=lane)
             started = time.perf_counter()
             return backend.forward_batch(items), time.perf_counter() - started  # type: ignore[return-value]
 
@@ -307,10 +308,18 @@ class StepBatcher:
 
     async def _run_lane(self) -> None:
         """The prefill lane (spec N25): the prompts that arrived beside running requests, one
-        after another, up to ``prefill_batch`` positions per forward, on a thread of their own."""
+        after another, up to ``prefill_batch`` positions per forward, on a thread of their own.
+        A prompt with nothing running beside it any more goes back to the stage's batches, which
+        compute on every core."""
         while (job := next((j for j in self._queue if j.lane), None)) is not None:
             if job.future.done():
                 self._queue.remove(job)
+                continue
+            if not self._beside(job.backend):
+                job.lane = False
+                self._arrived.set()
+                if self._runner is None or self._runner.done():
+                    self._runner = asyncio.get_running_loop().create_task(self._run(), name="stage batches")
                 continue
             k, positions = 0, 0
             for it in job.items[job.taken:]:
@@ -319,12 +328,12 @@ class StepBatcher:
                 k, positions = k + 1, positions + it.n_positions
             if self._lane is None:
                 self._lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-prefill")
-            # while requests run beside it the lane keeps to its share of the cores, also in the
-            # moments between their batches: a lane that took every core then slowed the decode
-            # batch that started meanwhile until its next forward (a first gap of 60-70 ms)
-            lanes = 2 if self._beside(job.backend) else 1
+            # the lane keeps to its share of the cores (Backend.share_threads), also in the moments
+            # between the decode batches: a lane that took every core then slowed the decode batch
+            # that started meanwhile until its next forward (a first gap of 60-70 ms)
             try:
-                results, took = await self._compute(self._lane, job.backend, job.items[job.taken:job.taken + k], lanes)
+                results, took = await self._compute(self._lane, job.backend, job.items[job.taken:job.taken + k], 2,
+                                                    lane=True)
             except asyncio.CancelledError:
                 for waiting in [j for j in self._queue if j.lane]:
                     waiting.future.cancel()

@@ -345,8 +345,8 @@ def check_batched_steps(subject: Subject, fixture: Fixture) -> None:
 def check_concurrent_steps(subject: Subject, fixture: Fixture) -> None:
     """B17: a backend that says its steps may run at once (``concurrent_steps``) computes a
     prompt's chunks on one thread while another thread decodes a second request, each told
-    that two lanes share the cores (``share_threads(2)``), 20 rounds: every result within the
-    tolerance of the same steps run one after another, the greedy tokens the same. A backend
+    that two lanes share the cores (``share_threads(2)``, the prompt's thread as the lane), 20
+    rounds: every result within the tolerance of the same steps run one after another, the greedy tokens the same. A backend
     that does not say so declines (its steps run one at a time)."""
     import threading
 
@@ -378,7 +378,7 @@ def check_concurrent_steps(subject: Subject, fixture: Fixture) -> None:
 
         def run(name: str, fn: Callable[[], list[np.ndarray]]) -> None:
             try:
-                stage.share_threads(2)
+                stage.share_threads(2, lane=name == "prompt")
                 got[name] = fn()
             except BaseException as exc:  # noqa: BLE001 - reported below, on the test's thread
                 errors.append(exc)
