@@ -1,0 +1,146 @@
+"""Tensor-parallel torch stages: a stage's layers split across the members of a
+``torch.distributed`` group (spec B18).
+
+Every member loads the same stage (``TorchBackend.load``) from its own copy of the model
+files; ``shard_stage`` then hands the stage to torch's own tensor parallelism
+(``torch.distributed.tensor.parallel.parallelize_module``, DTensor) with the plan the model's
+transformers config declares (``base_model_tp_plan``: query, key and value projections and
+the MLP's gate and up projections split by output columns, the attention output and down
+projections by input rows, an all-reduce after each of those two). Each member keeps its own
+slice (``src_data_rank=None``: nothing is scattered, every member already holds the weights)
+and computes its share of the attention heads on its own KV cache. The members must run the
+same steps in the same order: a collective waits for every member.
+
+The collectives are gloo's on a CPU (plaintext, unauthenticated TCP: specs/security.md) and
+NCCL's on CUDA. Every collective of a group made by ``join_group`` times out after
+``timeout_s``, so a member that dies or stops answering makes the others' step fail with an
+error instead of waiting for ever.
+
+What is not split: the token embeddings, the final norm and the head are computed whole by
+every member (replicated), as transformers' own plans leave them, and so are a mixture of
+experts' experts (transformers splits those by expert parallelism, another plan).
+
+Not yet done (issue: tensor parallelism in the runtime): nodes do not form groups or run
+these stages; the members' steps, KV caches and failover are the runtime's to drive.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from mesh.errors import BackendError
+
+# transformers' plan styles (``ALL_PARALLEL_STYLES``) that torch's own styles express for
+# inference; "replicated_with_grad_allreduce" only matters for gradients: those modules stay whole
+_STYLES = ("colwise", "rowwise", "colwise_gather_output", "rowwise_split_input")
+_WHOLE = ("replicated_with_grad_allreduce",)
+
+
+def stage_plan(stage: Any, world: int) -> dict[str, Any]:
+    """torch's parallel styles (``ColwiseParallel`` / ``RowwiseParallel``) for every linear
+    module the model's ``base_model_tp_plan`` names in ``stage``'s layers (a transformers
+    causal LM whose ``model.layers`` are the stage's, numbered from 0), keyed by module name.
+
+    Raises:
+        BackendError: the config has no plan, the plan uses a style these stages do not run
+            (expert parallel, packed projections, latent attention), or the attention heads,
+            KV heads or MLP width do not divide by ``world``.
+    """
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    config = stage.config.get_text_config() if hasattr(stage.config, "get_text_config") else stage.config
+    plan = getattr(config, "base_model_tp_plan", None) or {}
+    kind = getattr(config, "model_type", "?")
+    if not plan:
+        raise BackendError(f"model type {kind!r} declares no tensor-parallel plan (base_model_tp_plan)")
+    unknown = sorted({style for style in plan.values() if style not in _STYLES + _WHOLE})
+    if unknown:
+        raise BackendError(f"model type {kind!r}: tensor-parallel stages do not run the plan styles {unknown} "
+                           f"yet (they run {list(_STYLES)})")
+    _check_divides(config, world)
+    styles = {"colwise": lambda: ColwiseParallel(), "rowwise": lambda: RowwiseParallel(),
+              "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate()),
+              "rowwise_split_input": lambda: RowwiseParallel(input_layouts=Replicate())}
+    modules = dict(stage.named_modules())
+    out: dict[str, Any] = {}
+    for i in range(len(stage.model.layers)):
+        for pattern, style in plan.items():
+            name = "model." + pattern.replace("*", str(i))
+            if style in styles and name in modules:
+                out[name] = styles[style]()
+    return out
+
+
+def _check_divides(config: Any, world: int) -> None:
+    """Raises BackendError unless heads, KV heads and the MLP width split evenly in ``world``."""
+    if world < 2:
+        raise BackendError(f"a tensor-parallel group has 2 or more members, not {world}")
+    fields = {"num_attention_heads": getattr(config, "num_attention_heads", None),
+              "num_key_value_heads": getattr(config, "num_key_value_heads", None)
+              or getattr(config, "num_attention_heads", None),
+              "intermediate_size": getattr(config, "intermediate_size", None)}
+    bad = {k: v for k, v in fields.items() if isinstance(v, int) and v % world}
+    if bad:
+        raise BackendError(f"{', '.join(f'{k}={v}' for k, v in bad.items())} do not divide among {world} "
+                           f"tensor-parallel members; groups of {_divisors(fields)} do")
+
+
+def _divisors(fields: dict[str, Any]) -> list[int]:
+    sizes = [v for v in fields.values() if isinstance(v, int)]
+    return [n for n in range(2, 9) if all(v % n == 0 for v in sizes)]
+
+
+def join_group(rank: int, world: int, address: str, port: int, *, timeout_s: float, device: str = "cpu") -> Any:
+    """Join the ``world``-member group whose member 0 listens on ``address:port`` (TCP
+    rendezvous of ``torch.distributed``), as member ``rank``: the process's default group,
+    gloo on a CPU and NCCL on CUDA, every collective bounded by ``timeout_s`` seconds. Returns
+    the group's one-dimensional ``DeviceMesh``.
+
+    Raises:
+        BackendError: the rendezvous did not complete in ``timeout_s`` (a member missing), or
+            this process is already in a group.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dist.is_initialized():
+        raise BackendError("this process is already in a tensor-parallel group; leave it first (leave_group)")
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError) as exc:  # DistStoreError and friends derive from RuntimeError
+        raise BackendError(f"tensor-parallel rendezvous at {address}:{port} as member {rank} of {world} failed "
+                           f"within {timeout_s:g} s: {exc}") from exc
+    return init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (world,))
+
+
+def leave_group() -> None:
+    """Tear this process's group down (``destroy_process_group``); nothing when not in one."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_stage(backend: Any, mesh: Any) -> int:
+    """Split the stage ``backend`` (a loaded ``TorchBackend``) across ``mesh``'s members with
+    torch's ``parallelize_module`` and the model's plan (``stage_plan``); every member calls it
+    on the same stage, and from then on runs the same steps in the same order. Returns the
+    number of modules split.
+
+    Raises:
+        BackendError: the stage holds quantized weights (tensor-parallel stages run float
+            weights: ``--quantize none``), or ``stage_plan`` refuses the model.
+    """
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    if backend.weight_format:
+        raise BackendError(f"tensor-parallel stages run float weights, and this stage holds "
+                           f"{backend.weight_format} ones: load it with --quantize none")
+    stage = backend._model
+    plan = stage_plan(stage, mesh.size())
+    parallelize_module(stage, mesh, plan, src_data_rank=None)
+    return len(plan)
