@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from mesh.errors import BackendError
-from mesh.testing.tensor_parallel import PROMPT, free_port, greedy, load_whole, member
+from mesh.testing.cluster import free_port
+from mesh.testing.tensor_parallel import PROMPT, greedy, load_whole, member
 from mesh.testing.tiny import tiny_model
 
 
@@ -73,9 +74,8 @@ def test_a_member_that_dies_fails_the_others_step_within_the_timeout(tiny: Any) 
     """Member 1 leaves its process once the stage is split; member 0's next step fails with an
     error within the collective timeout (gloo sees the closed connection, or times out) and
     its process ends: nothing waits for ever."""
-    got = _group(2, str(tiny("llama")), timeout_s=10.0, exit_before_step=True)
-    assert len(got) == 1 and got[0][0] == 0 and got[0][1] == "error", got
-    assert got[0][4] < 10.0 + 60.0, got  # joined and loaded, then failed: bounded by the timeout, not a hang
+    got = _group(2, str(tiny("llama")), timeout_s=10.0, exit_before_step=True)  # a hang: no answer, or a live process
+    assert len(got) == 1 and got[0][0] == 0 and got[0][1] == "error" and got[0][3] == "BackendError", got
 
 
 @pytest.mark.spec("B18")

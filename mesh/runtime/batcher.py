@@ -178,14 +178,19 @@ class StepBatcher:
         if job.lane:
             if self._lane_runner is None or self._lane_runner.done():
                 self._lane_runner = loop.create_task(self._run_lane(), name="stage prefill lane")
-        elif self._runner is None or self._runner.done():
-            self._runner = loop.create_task(self._run(), name="stage batches")
+        else:
+            self._start_batches()
         try:
             return await job.future
         except asyncio.CancelledError:
             if job in self._queue:  # its steps not yet run never run
                 self._queue.remove(job)
             raise
+
+    def _start_batches(self) -> None:
+        """Start the task that runs the stage's batches (``_run``) unless it runs."""
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.get_running_loop().create_task(self._run(), name="stage batches")
 
     def _cap(self, job: _Job) -> int:
         return max(1, min(self.max_batch, math.ceil(self.active(job.backend) / job.stages) or self.max_batch))
@@ -325,8 +330,7 @@ class StepBatcher:
             if not self._beside(job.backend):
                 job.lane = False
                 self._arrived.set()
-                if self._runner is None or self._runner.done():
-                    self._runner = asyncio.get_running_loop().create_task(self._run(), name="stage batches")
+                self._start_batches()
                 continue
             k, positions = 0, 0
             for it in job.items[job.taken:]:

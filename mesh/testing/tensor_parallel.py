@@ -5,18 +5,10 @@ its own that loads a whole stage, joins a gloo group on 127.0.0.1 and splits the
 from __future__ import annotations
 
 import os
-import socket
 import time
 from typing import Any
 
 PROMPT = list(range(5, 25))
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the rendezvous port of a test group)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def greedy(backend: Any, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
