@@ -92,9 +92,11 @@ def _divisors(fields: dict[str, Any]) -> list[int]:
     return [n for n in range(2, 9) if all(v % n == 0 for v in sizes)]
 
 
-def join_group(rank: int, world: int, address: str, port: int, *, timeout_s: float, device: str = "cpu") -> Any:
+def join_group(rank: int, world: int, address: str, port: int, *, timeout_s: float, device: str = "cpu",
+               store: Any = None) -> Any:
     """Join the ``world``-member group whose member 0 listens on ``address:port`` (TCP
-    rendezvous of ``torch.distributed``), as member ``rank``: the process's default group,
+    rendezvous of ``torch.distributed``; or through ``store``, a ``torch.distributed.Store``
+    every member already reaches), as member ``rank``: the process's default group,
     gloo on a CPU and NCCL on CUDA, every collective bounded by ``timeout_s`` seconds. Returns
     the group's one-dimensional ``DeviceMesh``.
 
@@ -109,8 +111,9 @@ def join_group(rank: int, world: int, address: str, port: int, *, timeout_s: flo
         raise BackendError("this process is already in a tensor-parallel group; leave it first (leave_group)")
     backend = "nccl" if device.startswith("cuda") else "gloo"
     try:
-        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        where = {"store": store} if store is not None else {"init_method": f"tcp://{address}:{port}"}
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s),
+                                **where)
     except (RuntimeError, ValueError) as exc:  # DistStoreError and friends derive from RuntimeError
         raise BackendError(f"tensor-parallel rendezvous at {address}:{port} as member {rank} of {world} failed "
                            f"within {timeout_s:g} s: {exc}") from exc

@@ -1,0 +1,436 @@
+"""A tensor-parallel torch stage run by a group of member processes (spec B19).
+
+Each member of a group is a process of its own (``GroupMember``), started by the node that
+takes that place in the plan: it loads the stage from its own copy of the model, joins the
+group's ``torch.distributed`` gloo group (``backends.torch_tp``) and splits the stage with
+torch's tensor parallelism. Member 0, the group's leader, is driven by its node through
+``TorchGroupBackend``, an ordinary ``Backend``: each call goes to the leader process over a
+pipe, the leader broadcasts it to the other members (``broadcast_object_list``) and every
+member runs it on its slice, so the members run the same steps in the same order, which the
+collectives need. Why processes and not threads of the node: ``torch.distributed`` holds one
+default group per process, and a member stuck in a collective can then be killed without the
+node.
+
+What bounds every wait: each collective times out after ``timeout_s`` (gloo's own timeout);
+while idle the leader broadcasts a ping every ``timeout_s / 3``, so a member whose leader is
+gone or frozen fails its wait within ``timeout_s`` and exits, and the leader finds a member
+gone at its next ping or step; a member whose parent (its node) is gone exits at once (its pipe
+closes). The node waits for each answer at most ``step_timeout_s``. A group that failed once
+stays failed (``TorchGroupBackend.failure``): every later call raises BackendError, and its
+processes are killed; the node replaces the stage (a new plan, a new group, spec N26).
+
+Rendezvous: the leader listens on ``address`` (a port the system picks), on that address only
+(torch's ``TCPStore`` on a socket mesh binds, ``master_listen_fd``), and gloo's own
+connections use the interface holding ``address`` (``GLOO_SOCKET_IFNAME``); the node publishes
+the port to the other members over the authenticated mesh link (specs/security.md).
+
+KV caches: each member holds its share of every layer's KV heads. ``export_kv`` gathers the
+shares (``all_gather_object``) into whole ``[1, kv_heads, n, head_dim]`` tensors, so a replica
+or a move holds what a single-device stage holds; ``import_kv`` gives each member its share.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import os
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from backends.base import Backend, BatchItem, Progress, StepOutput, check_range
+from mesh.errors import BackendError
+from mesh.models import Model
+from mesh.wire import DTYPES, WireTensor
+
+PORT_WAIT_S = 60.0  # a member process starts and reports its port (a spawned interpreter imports torch)
+_ITEM = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GroupSpec:
+    """One member's place in a group: ``rank`` of ``world`` members, the leader's rendezvous
+    ``address`` (an IP address of a trusted link, spec B19) and ``port`` (0 for the leader: the
+    system picks it), ``timeout_s`` bounding every collective (seconds), ``load_timeout_s``
+    bounding the load and the wait for every member to have loaded, and ``threads``: torch's
+    intra-op threads in the member's process (None: torch's default)."""
+
+    rank: int
+    world: int
+    address: str
+    port: int = 0
+    timeout_s: float = 10.0
+    load_timeout_s: float = 600.0
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.world < 2 or not 0 <= self.rank < self.world:
+            raise BackendError(f"member {self.rank} of a group of {self.world}: need 2 or more members, 0 <= rank < world")
+        if self.timeout_s <= 0 or self.load_timeout_s <= 0:
+            raise BackendError("a group's timeouts must be positive seconds")
+
+
+def interface_of(address: str) -> str | None:
+    """The name of this machine's network interface holding IP ``address`` (psutil), or None;
+    gloo's connections then use that interface only (``GLOO_SOCKET_IFNAME``)."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%", 1)[0] == address for a in addrs):
+            return name
+    return None
+
+
+# -- one member's process -----------------------------------------------------------------
+def _member_main(conn: Any, spec: GroupSpec, model_ref: Any, layer_start: int, layer_end: int, dtype: str) -> None:
+    """The member process: load, rendezvous, split, then run what the leader broadcasts until
+    told to stop; reports ``("port", n)`` (leader), ``("ready", n_split)`` or ``("error", text)``
+    on ``conn``, then (leader) one answer per command."""
+    ifname = interface_of(spec.address)
+    if ifname:
+        os.environ["GLOO_SOCKET_IFNAME"] = ifname
+    listener = None
+    try:
+        if spec.rank == 0:
+            listener = socket.create_server((spec.address, spec.port), backlog=64)
+            conn.send(("port", listener.getsockname()[1]))
+        import torch
+
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        from backends.torch import TorchBackend
+        from backends.torch_tp import join_group, shard_stage
+
+        backend = TorchBackend(device="cpu", dtype=dtype, quantize="none")
+        backend.load(Model(model_ref), layer_start, layer_end)
+        store = _rendezvous(spec, listener)
+        mesh = join_group(spec.rank, spec.world, spec.address, spec.port, timeout_s=spec.timeout_s, store=store)
+        split = shard_stage(backend, mesh)
+    except Exception as exc:  # noqa: BLE001 - whatever failed is the node's to report
+        _send(conn, ("error", f"{type(exc).__name__}: {exc}"))
+        return
+    _send(conn, ("ready", split))
+    if spec.rank:
+        threading.Thread(target=_exit_with_parent, args=(conn,), daemon=True).start()
+    try:
+        _serve(conn, spec, backend, torch)
+    except Exception as exc:  # noqa: BLE001 - a collective failed or timed out: the group is over
+        _send(conn, ("fatal", f"{type(exc).__name__}: {exc}"))
+    finally:
+        os._exit(0)  # never wait on gloo's teardown: a peer may be gone
+
+
+def _rendezvous(spec: GroupSpec, listener: socket.socket | None) -> Any:
+    """torch's TCPStore (the leader's on ``listener``), once every member has loaded: each
+    adds one to ``loaded``, the last one sets ``go``, all wait for it (``load_timeout_s``)."""
+    import torch.distributed as dist
+
+    wait = datetime.timedelta(seconds=spec.load_timeout_s)
+    if listener is not None:
+        store = dist.TCPStore(spec.address, listener.getsockname()[1], spec.world, is_master=True, timeout=wait,
+                              wait_for_workers=False, master_listen_fd=listener.fileno())
+    else:
+        store = dist.TCPStore(spec.address, spec.port, spec.world, is_master=False, timeout=wait)
+    if store.add("loaded", 1) == spec.world:
+        store.set("go", "1")
+    store.wait(["go"], wait)
+    return store
+
+
+def _exit_with_parent(conn: Any) -> None:
+    """A member (not the leader) ends when its node does: its pipe's other end closes."""
+    try:
+        while True:
+            conn.recv()
+    except (EOFError, OSError):
+        os._exit(1)
+
+
+def _send(conn: Any, message: Any) -> None:
+    try:
+        conn.send(message)
+    except (OSError, ValueError):
+        pass  # the node is gone; the process ends anyway
+
+
+def _serve(conn: Any, spec: GroupSpec, backend: Any, torch: Any) -> None:
+    import torch.distributed as dist
+
+    caches: dict[int, Any] = {}
+    ping_s = spec.timeout_s / 3
+    while True:
+        box: list[Any] = [None]
+        if spec.rank == 0:
+            try:
+                box[0] = conn.recv() if conn.poll(ping_s) else ("ping",)
+            except (EOFError, OSError):
+                box[0] = ("stop",)  # the node is gone: stop the others too
+        dist.broadcast_object_list(box, src=0)
+        command = box[0]
+        if command[0] == "stop":
+            return
+        if command[0] == "ping":
+            continue
+        for cid in command[1]:  # caches the node dropped since the last command
+            caches.pop(cid, None)
+        with torch.inference_mode():
+            answer = _run(command, caches, backend, spec, dist)
+        if spec.rank == 0:
+            conn.send(("ok", answer))
+
+
+def _run(command: tuple[Any, ...], caches: dict[int, Any], backend: Any, spec: GroupSpec, dist: Any) -> Any:
+    kind = command[0]
+    if kind == "batch":
+        items = []
+        for cid, start_pos, token_ids, hidden in command[2]:
+            cache = caches.get(cid)
+            if cache is None:
+                cache = caches[cid] = backend.new_cache()
+            items.append(BatchItem(cache=cache, start_pos=start_pos, token_ids=token_ids, hidden=hidden))
+        return backend.forward_batch(items)
+    if kind == "export":
+        _, _, cid, start_pos, end_pos = command
+        try:
+            mine: Any = backend.export_kv(caches[cid], start_pos=start_pos, end_pos=end_pos)
+        except (BackendError, KeyError) as exc:
+            mine = BackendError(str(exc))
+        shares: list[Any] = [None] * spec.world
+        dist.all_gather_object(shares, mine)  # every member takes part, also after an error
+        bad = next((s for s in shares if isinstance(s, BackendError)), None)
+        if bad is not None:
+            return bad
+        return [(layer[0], join_heads([s[i][1] for s in shares]), join_heads([s[i][2] for s in shares]))
+                for i, layer in enumerate(shares[0])]
+    if kind == "import":
+        _, _, cid, layers = command
+        cache = caches.get(cid)
+        if cache is None:
+            cache = caches[cid] = backend.new_cache()
+        try:
+            backend._import_kv(cache, [(g, heads_of(k, spec.rank, spec.world), heads_of(v, spec.rank, spec.world))
+                                       for g, k, v in layers])
+        except BackendError as exc:
+            return exc
+        return None
+    raise BackendError(f"unknown group command {kind!r}")
+
+
+def heads_of(tensor: WireTensor, rank: int, world: int) -> WireTensor:
+    """Member ``rank``'s share of a ``[1, heads, n, head_dim]`` KV tensor: heads
+    ``[rank * heads / world, (rank + 1) * heads / world)``, the split torch's
+    ``ColwiseParallel`` gives the key and value projections."""
+    values = _array(tensor)
+    share = values.shape[1] // world
+    part = np.ascontiguousarray(values[:, rank * share:(rank + 1) * share])
+    return WireTensor(dtype=tensor.dtype, shape=part.shape, data=part.tobytes())
+
+
+def join_heads(parts: list[WireTensor]) -> WireTensor:
+    """The members' shares (``heads_of``), in rank order, as one ``[1, heads, n, head_dim]``."""
+    whole = np.concatenate([_array(p) for p in parts], axis=1)
+    return WireTensor(dtype=parts[0].dtype, shape=whole.shape, data=whole.tobytes())
+
+
+def _array(tensor: WireTensor) -> np.ndarray:
+    return np.frombuffer(tensor.data, dtype=_ITEM[DTYPES[tensor.dtype][1]]).reshape(tensor.shape)
+
+
+# -- the node's side ------------------------------------------------------------------------
+class GroupMember:
+    """One member's process, started by ``start`` (spawned: a fresh interpreter, never a fork
+    of the node's threads). ``ready(timeout_s)`` waits until it has loaded, joined and split its
+    stage; ``stop()`` ends it (killed when it does not end within a second).
+
+    Raises BackendError from ``start`` (the leader's port did not come) and ``ready``."""
+
+    def __init__(self, spec: GroupSpec, model: Model, layer_start: int, layer_end: int, dtype: str) -> None:
+        check_range(layer_start, layer_end, model.num_layers)
+        self.spec = spec
+        self.port = spec.port
+        self.failure: str | None = None
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_member_main, args=(child, spec, model.ref, layer_start, layer_end, dtype),
+                                   name=f"mesh-tp-{spec.rank}", daemon=True)
+        self._child = child
+
+    def start(self) -> int:
+        """Start the process; the rendezvous port (the leader waits until its process says)."""
+        self.process.start()
+        self._child.close()
+        if self.spec.rank == 0:
+            kind, value = self._recv(PORT_WAIT_S, "report its rendezvous port")
+            if kind != "port":
+                raise self._fail(f"the group leader's process did not start: {value}")
+            self.port = int(value)
+        return self.port
+
+    def ready(self, timeout_s: float | None = None) -> int:
+        """Wait until the member has loaded and split its stage (every member must have joined);
+        the number of modules split."""
+        kind, value = self._recv(timeout_s or self.spec.load_timeout_s + PORT_WAIT_S, "load and join its group")
+        if kind != "ready":
+            raise self._fail(f"tensor-parallel member {self.spec.rank} of {self.spec.world} failed: {value}")
+        return int(value)
+
+    @property
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def _recv(self, timeout_s: float, what: str) -> tuple[str, Any]:
+        try:
+            if self.conn.poll(timeout_s):
+                return self.conn.recv()
+        except (EOFError, OSError):
+            code = self.process.exitcode
+            raise self._fail(f"tensor-parallel member {self.spec.rank} ended (exit code {code})") from None
+        raise self._fail(f"tensor-parallel member {self.spec.rank} did not {what} within {timeout_s:g} s")
+
+    def _fail(self, why: str) -> BackendError:
+        self.failure = self.failure or why
+        self.stop()
+        return BackendError(self.failure)
+
+    def stop(self, wait_s: float = 1.0) -> None:
+        """End the process: ``stop`` asked of the leader (the others stop with it), else killed."""
+        if self.process.pid is None:
+            return
+        if self.spec.rank == 0 and self.process.is_alive():
+            try:
+                self.conn.send(("stop",))
+            except (OSError, ValueError):
+                pass
+        self.process.join(wait_s)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5.0)
+        self.conn.close()
+
+
+class _GroupCache:
+    """A request's KV cache on the group: an id every member maps to its own share."""
+
+    __slots__ = ("cid", "held", "__weakref__")
+
+    def __init__(self, cid: int) -> None:
+        self.cid, self.held = cid, 0
+
+
+class TorchGroupBackend(Backend):
+    """A stage computed by a tensor-parallel group (spec B19), driven from the leader's node.
+
+    ``group``: member 0's ``GroupSpec``; ``rendezvous(address:port)`` is called (from the
+    loading thread) once the leader's process listens, for the node to tell the other members;
+    ``step_timeout_s`` bounds each call's answer (a long prefill included). Steps are the
+    members' ``TorchBackend`` steps, so the checks and errors are theirs; a failure of the group
+    itself (a member gone, a collective timed out) makes this and every later call raise
+    BackendError and sets ``failure``.
+    """
+
+    name = "torch-tp"
+    logit_tolerance = 1e-3  # the split sums the attention output and MLP in another order
+
+    def __init__(self, *, group: GroupSpec, dtype: str = "f32", rendezvous: Callable[[str], None] | None = None,
+                 step_timeout_s: float = 300.0) -> None:
+        super().__init__()
+        if group.rank != 0:
+            raise BackendError("the group's backend runs on its leader, member 0")
+        self.group, self.dtype_name = group, dtype
+        self.compute_dtype = dtype
+        self.rendezvous, self.step_timeout_s = rendezvous, step_timeout_s
+        self.failure: str | None = None
+        self.modules_split = 0
+        self._member: GroupMember | None = None
+        self._next_cid = 0
+        self._dropped: list[int] = []
+        self._call = threading.Lock()  # one command at a time on the pipe
+
+    def load(self, model: Model, layer_start: int, layer_end: int, progress: Progress | None = None) -> None:
+        """Start the leader's process and wait until every member has loaded and joined.
+        Raises BackendError (a member failed, or did not come within ``load_timeout_s``)."""
+        check_range(layer_start, layer_end, model.num_layers)
+        member = GroupMember(self.group, model, layer_start, layer_end, self.dtype_name)
+        port = member.start()
+        if self.rendezvous is not None:
+            self.rendezvous(f"{self.group.address}:{port}")
+        self.modules_split = member.ready()
+        self._member = member
+        self.num_layers = model.num_layers
+        self.set_dimensions(model.config)
+        self.layer_start, self.layer_end = layer_start, layer_end
+
+    def new_cache(self) -> Any:
+        if not self.loaded:
+            raise BackendError("no layers loaded")
+        self._next_cid += 1
+        cache = _GroupCache(self._next_cid)
+        weakref.finalize(cache, self._dropped.append, cache.cid)
+        return cache
+
+    def _cached_positions(self, cache: Any) -> int:
+        if not isinstance(cache, _GroupCache):
+            raise BackendError("not a KV cache of this tensor-parallel stage")
+        return cache.held
+
+    def _command(self, kind: str, *args: Any) -> Any:
+        with self._call:
+            member = self._member
+            if self.failure is not None or member is None:
+                raise BackendError(self.failure or "no layers loaded")
+            dropped, self._dropped[:] = list(self._dropped), []
+            started = time.monotonic()
+            try:
+                member.conn.send((kind, dropped, *args))
+                reply = member._recv(self.step_timeout_s, "answer")
+            except (OSError, ValueError) as exc:
+                reply = ("fatal", f"the group leader's pipe failed: {exc}")
+            except BackendError as exc:
+                reply = ("fatal", str(exc))
+            if reply[0] != "ok":
+                self.failure = f"the tensor-parallel group failed after {time.monotonic() - started:.1f} s: {reply[1]}"
+                member.stop()
+                raise BackendError(self.failure)
+            return reply[1]
+
+    def _forward(self, cache: Any, *, start_pos: int, token_ids: list[int] | None = None,
+                 hidden: WireTensor | None = None) -> StepOutput:
+        out = self._forward_batch([BatchItem(cache=cache, start_pos=start_pos, token_ids=token_ids, hidden=hidden)])[0]
+        if isinstance(out, BackendError):
+            raise out
+        return out
+
+    def _forward_batch(self, items: list[BatchItem]) -> list[StepOutput | BackendError]:
+        outs = self._command("batch", [(i.cache.cid, i.start_pos, i.token_ids, i.hidden) for i in items])
+        failed: set[int] = set()
+        for item, out in zip(items, outs, strict=True):
+            if isinstance(out, BackendError) or item.cache.cid in failed:
+                failed.add(item.cache.cid)
+            else:
+                item.cache.held = item.start_pos + item.n_positions
+        return outs
+
+    def _export_kv(self, cache: Any, *, start_pos: int, end_pos: int) -> list[tuple[int, WireTensor, WireTensor]]:
+        out = self._command("export", cache.cid, start_pos, end_pos)
+        if isinstance(out, BackendError):
+            raise out
+        return out
+
+    def _import_kv(self, cache: Any, layers: list[tuple[int, WireTensor, WireTensor]]) -> None:
+        if self.kv_heads is not None and self.kv_heads % self.group.world:
+            raise BackendError(f"{self.kv_heads} KV heads do not split among {self.group.world} members")
+        out = self._command("import", cache.cid, layers)
+        if isinstance(out, BackendError):
+            raise out
+        cache.held += layers[0][1].shape[2] if layers else 0
+
+    def _drop_layers(self) -> None:
+        if self._member is not None:
+            self._member.stop()
+            self._member = None

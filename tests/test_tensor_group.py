@@ -1,0 +1,168 @@
+"""A tensor-parallel stage run by a group of member processes, driven like any backend (spec
+B19): the single-stage tokens, whole KV caches out and in, listeners on the group's address
+only, and a member that dies or freezes fails the group's steps within the timeout with no
+process left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+
+from backends.base import as_float32
+from backends.torch_group import GroupMember, GroupSpec, TorchGroupBackend, heads_of, join_heads
+from mesh.errors import BackendError
+from mesh.models import Model, resolve_model
+from mesh.testing.tensor_parallel import PROMPT, greedy, load_whole
+from mesh.testing.tiny import tiny_model
+from mesh.wire import WireTensor
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model("llama", tmp_path_factory.mktemp("tp") / "llama")
+
+
+class Group:
+    """A 2-member group on loopback: the leader's backend here, member 1 in its own process."""
+
+    def __init__(self, folder: Path, timeout_s: float = 10.0) -> None:
+        self.model = Model(resolve_model(str(folder)))
+        self.followers: list[GroupMember] = []
+        self.ready: list[Any] = []
+        self.backend = TorchGroupBackend(
+            group=GroupSpec(rank=0, world=2, address="127.0.0.1", threads=1, timeout_s=timeout_s, load_timeout_s=120),
+            dtype="f32", rendezvous=self._follow, step_timeout_s=60)
+
+    def _follow(self, address: str) -> None:
+        port = int(address.rsplit(":", 1)[1])
+        member = GroupMember(GroupSpec(rank=1, world=2, address="127.0.0.1", port=port, threads=1, timeout_s=10,
+                                       load_timeout_s=120), self.model, 0, self.model.num_layers, "f32")
+        member.start()
+        self.followers.append(member)
+        threading.Thread(target=lambda: self.ready.append(member.ready()), daemon=True).start()
+
+    def __enter__(self) -> Group:
+        self.backend.load(self.model, 0, self.model.num_layers)
+        return self
+
+    def pids(self) -> list[int]:
+        return [p.process.pid for p in [self.backend._member, *self.followers] if p is not None]
+
+    def __exit__(self, *exc: object) -> None:
+        self.backend.unload()
+        for member in self.followers:
+            member.process.join(15)
+            member.stop()
+
+
+def _gone(pids: list[int], within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.spec("B19")
+def test_a_group_stage_gives_the_single_stage_tokens_and_whole_kv_caches(folder: Path) -> None:
+    """Greedy tokens equal the whole stage's, logits within 1e-4 (f32); ``export_kv`` gathers
+    every KV head (what the whole stage exports, within 1e-4), and a cache imported from the
+    whole stage continues as it does there; the group's listeners bind 127.0.0.1 only."""
+    whole = load_whole(str(folder))
+    want_tokens, want_logits = greedy(whole, PROMPT, 6)
+    with Group(folder) as group:
+        got_tokens, got_logits = greedy(group.backend, PROMPT, 6)
+        assert got_tokens == want_tokens
+        assert max(abs(a - b) for a, b in zip(got_logits, want_logits, strict=True)) < 1e-4
+        assert group.backend.modules_split == 35 and group.ready == [35]
+
+        cache, ref = group.backend.new_cache(), whole.new_cache()
+        group.backend.forward(cache, start_pos=0, token_ids=PROMPT)
+        whole.forward(ref, start_pos=0, token_ids=PROMPT)
+        got, want = (b.export_kv(c, start_pos=3, end_pos=len(PROMPT)) for b, c in ((group.backend, cache), (whole, ref)))
+        assert [g for g, _, _ in got] == [g for g, _, _ in want]
+        for (_, k, v), (_, wk, wv) in zip(got, want, strict=True):
+            assert k.shape == wk.shape == (1, whole.kv_heads, len(PROMPT) - 3, whole.head_dim)
+            assert float(np.abs(as_float32(k) - as_float32(wk)).max()) < 1e-4
+            assert float(np.abs(as_float32(v) - as_float32(wv)).max()) < 1e-4
+
+        moved = group.backend.new_cache()
+        group.backend.import_kv(moved, whole.export_kv(ref, start_pos=0, end_pos=len(PROMPT)))
+        step = group.backend.forward(moved, start_pos=len(PROMPT), token_ids=[7])
+        assert float(np.abs(step.logits - whole.forward(ref, start_pos=len(PROMPT), token_ids=[7]).logits).max()) < 1e-4
+        with pytest.raises(BackendError, match="starts at position 3"):  # B6 checks, as any stage
+            group.backend.forward(group.backend.new_cache(), start_pos=3, token_ids=[1])
+
+        listening = [c.laddr for pid in group.pids() for c in psutil.Process(pid).net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN]
+        assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+        pids = group.pids()
+    assert _gone(pids, 15), "a member process outlived the group"
+
+
+@pytest.mark.spec("B19")
+@pytest.mark.parametrize("how", ["kill", "freeze"])
+def test_a_member_that_dies_or_freezes_fails_the_group_and_leaves_no_process(folder: Path, how: str) -> None:
+    """SIGKILL or SIGSTOP of member 1 between steps: the leader's next step raises BackendError
+    (gloo sees the closed connection, or the collective times out: bounded by the 10 s
+    timeout), every later call raises the same failure, and no member process is left."""
+    with Group(folder) as group:
+        cache = group.backend.new_cache()
+        group.backend.forward(cache, start_pos=0, token_ids=PROMPT)
+        follower = group.followers[0].process.pid
+        os.kill(follower, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(BackendError, match="tensor-parallel group failed"):
+            group.backend.forward(cache, start_pos=len(PROMPT), token_ids=[1])
+        took = time.monotonic() - started
+        assert group.backend.failure is not None
+        with pytest.raises(BackendError, match="tensor-parallel group failed"):
+            group.backend.forward(group.backend.new_cache(), start_pos=0, token_ids=[1])
+        leader = group.backend._member.process.pid if group.backend._member else None
+        if how == "freeze":  # the node that started it kills it (GroupMember.stop)
+            group.followers[0].stop()
+        assert _gone([p for p in (leader, follower) if p], 15), "a member process was left waiting"
+    assert took < 60, took  # the step's answer wait (60 s) would have ended it anyway: it is gloo's timeout
+
+
+@pytest.mark.spec("B19")
+def test_the_members_stop_when_the_leader_process_dies(folder: Path) -> None:
+    """SIGKILL of the leader's process: member 1's next wait for a command (a ping at most
+    timeout / 3 apart) fails within the 10 s timeout and its process ends by itself; the
+    leader's node sees the failure at its next call."""
+    with Group(folder) as group:
+        leader = group.backend._member.process.pid
+        follower = group.followers[0].process.pid
+        os.kill(leader, signal.SIGKILL)
+        assert _gone([follower], 30), "member 1 kept waiting for a dead leader"
+        with pytest.raises(BackendError, match="tensor-parallel group failed"):
+            group.backend.forward(group.backend.new_cache(), start_pos=0, token_ids=[1])
+
+
+@pytest.mark.spec("B19")
+def test_kv_heads_split_and_join_in_rank_order() -> None:
+    values = np.arange(1 * 4 * 3 * 2, dtype="<f4").reshape(1, 4, 3, 2)
+    whole = WireTensor(dtype="f32", shape=values.shape, data=values.tobytes())
+    parts = [heads_of(whole, r, 2) for r in range(2)]
+    assert parts[1].shape == (1, 2, 3, 2)
+    assert np.array_equal(as_float32(parts[1]), values[:, 2:])
+    assert join_heads(parts) == whole
+
+
+@pytest.mark.spec("B19")
+def test_a_group_spec_refuses_bad_places() -> None:
+    with pytest.raises(BackendError, match="2 or more members"):
+        GroupSpec(rank=0, world=1, address="127.0.0.1")
+    with pytest.raises(BackendError, match="0 <= rank < world"):
+        GroupSpec(rank=2, world=2, address="127.0.0.1")
+    with pytest.raises(BackendError, match="leader"):
+        TorchGroupBackend(group=GroupSpec(rank=1, world=2, address="127.0.0.1"))
