@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from backends.base import Backend, BatchItem, Progress, StepOutput, check_range
-from mesh.errors import BackendError
+from mesh.errors import BackendError, StageFailed
 from mesh.models import Model
 from mesh.wire import DTYPES, WireTensor
 
@@ -68,6 +68,7 @@ class GroupSpec:
     timeout_s: float = 10.0
     load_timeout_s: float = 600.0
     threads: int | None = None
+    bind: str = ""  # this member's own address on the group's link (default ``address``): gloo's interface
 
     def __post_init__(self) -> None:
         if self.world < 2 or not 0 <= self.rank < self.world:
@@ -92,11 +93,12 @@ def _member_main(conn: Any, spec: GroupSpec, model_ref: Any, layer_start: int, l
     """The member process: load, rendezvous, split, then run what the leader broadcasts until
     told to stop; reports ``("port", n)`` (leader), ``("ready", n_split)`` or ``("error", text)``
     on ``conn``, then (leader) one answer per command."""
-    ifname = interface_of(spec.address)
-    if ifname:
-        os.environ["GLOO_SOCKET_IFNAME"] = ifname
     listener = None
     try:
+        ifname = interface_of(spec.bind or spec.address)
+        if ifname is None:  # else gloo would pick an interface of its own choosing
+            raise BackendError(f"no network interface of this machine holds {spec.bind or spec.address}")
+        os.environ["GLOO_SOCKET_IFNAME"] = ifname
         if spec.rank == 0:
             listener = socket.create_server((spec.address, spec.port), backlog=64)
             conn.send(("port", listener.getsockname()[1]))
@@ -255,6 +257,7 @@ class GroupMember:
         self.spec = spec
         self.port = spec.port
         self.failure: str | None = None
+        self._cancelled = threading.Event()
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_member_main, args=(child, spec, model.ref, layer_start, layer_end, dtype),
@@ -274,11 +277,25 @@ class GroupMember:
 
     def ready(self, timeout_s: float | None = None) -> int:
         """Wait until the member has loaded and split its stage (every member must have joined);
-        the number of modules split."""
-        kind, value = self._recv(timeout_s or self.spec.load_timeout_s + PORT_WAIT_S, "load and join its group")
+        the number of modules split. Raises BackendError when it failed, did not come within
+        ``timeout_s`` (default: the load timeout) or ``cancel`` was called meanwhile."""
+        deadline = time.monotonic() + (timeout_s or self.spec.load_timeout_s + PORT_WAIT_S)
+        while not self._cancelled.is_set() and time.monotonic() < deadline:
+            try:
+                if self.conn.poll(0.2):
+                    break
+            except (EOFError, OSError):
+                break
+        if self._cancelled.is_set():
+            raise self._fail(f"joining the tensor-parallel group as member {self.spec.rank} was cancelled")
+        kind, value = self._recv(max(0.0, deadline - time.monotonic()), "load and join its group")
         if kind != "ready":
             raise self._fail(f"tensor-parallel member {self.spec.rank} of {self.spec.world} failed: {value}")
         return int(value)
+
+    def cancel(self) -> None:
+        """Make a ``ready`` under way (on another thread) give up and end the process."""
+        self._cancelled.set()
 
     @property
     def alive(self) -> bool:
@@ -331,7 +348,8 @@ class TorchGroupBackend(Backend):
     ``step_timeout_s`` bounds each call's answer (a long prefill included). Steps are the
     members' ``TorchBackend`` steps, so the checks and errors are theirs; a failure of the group
     itself (a member gone, a collective timed out) makes this and every later call raise
-    BackendError and sets ``failure``.
+    ``StageFailed`` (a BackendError: the stage is gone, the request fails over) and sets
+    ``failure``.
     """
 
     name = "torch-tp"
@@ -348,6 +366,8 @@ class TorchGroupBackend(Backend):
         self.failure: str | None = None
         self.modules_split = 0
         self._member: GroupMember | None = None
+        self._loading: GroupMember | None = None
+        self._cancelled = False
         self._next_cid = 0
         self._dropped: list[int] = []
         self._call = threading.Lock()  # one command at a time on the pipe
@@ -356,7 +376,9 @@ class TorchGroupBackend(Backend):
         """Start the leader's process and wait until every member has loaded and joined.
         Raises BackendError (a member failed, or did not come within ``load_timeout_s``)."""
         check_range(layer_start, layer_end, model.num_layers)
-        member = GroupMember(self.group, model, layer_start, layer_end, self.dtype_name)
+        member = self._loading = GroupMember(self.group, model, layer_start, layer_end, self.dtype_name)
+        if self._cancelled:
+            member.cancel()
         port = member.start()
         if self.rendezvous is not None:
             self.rendezvous(f"{self.group.address}:{port}")
@@ -365,6 +387,13 @@ class TorchGroupBackend(Backend):
         self.num_layers = model.num_layers
         self.set_dimensions(model.config)
         self.layer_start, self.layer_end = layer_start, layer_end
+
+    def cancel(self) -> None:
+        """Make a ``load`` under way (on another thread) give up: it raises BackendError and the
+        leader's process ends (the others then end by themselves)."""
+        self._cancelled = True
+        if self._loading is not None:
+            self._loading.cancel()
 
     def new_cache(self) -> Any:
         if not self.loaded:
@@ -382,8 +411,10 @@ class TorchGroupBackend(Backend):
     def _command(self, kind: str, *args: Any) -> Any:
         with self._call:
             member = self._member
-            if self.failure is not None or member is None:
-                raise BackendError(self.failure or "no layers loaded")
+            if self.failure is not None:
+                raise StageFailed(self.failure)
+            if member is None:
+                raise BackendError("no layers loaded")
             dropped, self._dropped[:] = list(self._dropped), []
             started = time.monotonic()
             try:
@@ -396,7 +427,7 @@ class TorchGroupBackend(Backend):
             if reply[0] != "ok":
                 self.failure = f"the tensor-parallel group failed after {time.monotonic() - started:.1f} s: {reply[1]}"
                 member.stop()
-                raise BackendError(self.failure)
+                raise StageFailed(self.failure)
             return reply[1]
 
     def _forward(self, cache: Any, *, start_pos: int, token_ids: list[int] | None = None,

@@ -30,6 +30,7 @@ import datetime
 from typing import Any
 
 from mesh.errors import BackendError
+from mesh.models import tensor_parallel_sizes
 
 # transformers' plan styles (``ALL_PARALLEL_STYLES``) that torch's own styles express for
 # inference; "replicated_with_grad_allreduce" only matters for gradients: those modules stay whole
@@ -84,12 +85,7 @@ def _check_divides(config: Any, world: int) -> None:
     bad = {k: v for k, v in fields.items() if isinstance(v, int) and v % world}
     if bad:
         raise BackendError(f"{', '.join(f'{k}={v}' for k, v in bad.items())} do not divide among {world} "
-                           f"tensor-parallel members; groups of {_divisors(fields)} do")
-
-
-def _divisors(fields: dict[str, Any]) -> list[int]:
-    sizes = [v for v in fields.values() if isinstance(v, int)]
-    return [n for n in range(2, 9) if all(v % n == 0 for v in sizes)]
+                           f"tensor-parallel members; groups of {list(tensor_parallel_sizes(config))} do")
 
 
 def join_group(rank: int, world: int, address: str, port: int, *, timeout_s: float, device: str = "cpu",

@@ -170,9 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add(node, "--interface", help="advertise this interface's address to peers (default: one on a subnet "
          "shared with each peer; container and VPN interfaces only when pinned here)")
 
-    _add(node, "--placement", default="solver", choices=("memory", "solver"),
+    _add(node, "--placement", default="solver", choices=("memory", "solver", "tensor"),
          help="solver: the placement solver on the members' measured profiles (leaves a member idle when it "
-              "would only slow the pipeline); memory: layers in proportion to memory")
+              "would only slow the pipeline); memory: layers in proportion to memory; tensor: one "
+              "tensor-parallel group of the members with --tp-address (torch backend, float weights)")
+    _add(node, "--tp-address", help="this host's IP address on a link you trust (e.g. a direct Thunderbolt or "
+         "Ethernet cable): it may join tensor-parallel groups there, whose collectives (torch.distributed's gloo) "
+         "are plaintext and unauthenticated; they listen on this address only (default: no tensor parallelism)")
     _add(node, "--objective", default="goodput", choices=("ttft", "decode", "goodput"),
          help="what the placement solver optimises")
     _add(node, "--replan-margin", type=float, default=0.15,
@@ -311,7 +315,7 @@ def _run_node(args: argparse.Namespace) -> int:
         interface=args.interface, placement=args.placement, objective=args.objective,
         timeouts=Timeouts(recovery_s=args.recovery_s), fault_plan=args.fault_plan, fault_label=args.fault_label,
         clock_offset_s=args.clock_offset_s, kv_replica_bytes=int(args.kv_replica_mb * 2**20),
-        role=args.role, remeasure=args.remeasure, drain_s=args.drain_s, replan_margin=args.replan_margin,
+        role=args.role, remeasure=args.remeasure, tp_address=args.tp_address, drain_s=args.drain_s, replan_margin=args.replan_margin,
         batching=Batching(max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
                           prefill_batch=args.prefill_batch, max_running=args.max_running,
                           max_queued=args.max_queued, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20)),

@@ -50,6 +50,11 @@ class BackendError(MeshError):
     """A compute backend failed to load a layer range or run a step."""
 
 
+class StageFailed(BackendError):
+    """The stage itself is gone, not the step's input at fault: a tensor-parallel group lost a
+    member (spec B19). A request's step that raises it fails over to a new plan (spec FO3)."""
+
+
 class PlacementError(MeshError):
     """No valid placement exists; the message names the shortfall."""
 

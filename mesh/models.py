@@ -430,3 +430,17 @@ def sliced_config(config: Any, layer_start: int, layer_end: int) -> Any:
             raise ModelError(f"{config.model_type}: {name}={step} picks layers by index; a stage must start "
                              f"at a multiple of {step}, not {layer_start}")
     return sub
+
+
+def tensor_parallel_sizes(config: Any, upto: int = 8) -> tuple[int, ...]:
+    """The tensor-parallel group sizes (2..``upto``) a model splits into evenly: attention
+    heads, KV heads and the MLP width (``intermediate_size``) each divisible by the size (the
+    column and row splits of transformers' ``base_model_tp_plan``); () when the config names
+    no heads. Reads a transformers config (its text config for a multimodal one)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(config, "num_attention_heads", None)
+    dims = [heads, getattr(config, "num_key_value_heads", None) or heads, getattr(config, "intermediate_size", None)]
+    dims = [d for d in dims if isinstance(d, int) and d > 0]
+    if not isinstance(heads, int):
+        return ()
+    return tuple(n for n in range(2, upto + 1) if all(d % n == 0 for d in dims))

@@ -67,8 +67,8 @@ def test_a_solver_plan_with_roles_maps_to_the_runtime_plan() -> None:
     assert plan.prefill_stages == (_stage("p", 0, 4),) and plan.stages == (_stage("d1", 0, 1), _stage("d2", 1, 4))
     plain = runtime_plan(4, PlacementPlan(stages=(StagePlan(devices=("a",), layer_start=0, layer_end=4),)))
     assert plain.prefill_stages == () and plain.stages == (_stage("a", 0, 4),)
-    with pytest.raises(PlacementError, match="single-device"):
-        runtime_plan(4, PlacementPlan(stages=(StagePlan(devices=("a", "b"), layer_start=0, layer_end=4),)))
+    group = runtime_plan(4, PlacementPlan(stages=(StagePlan(devices=("a", "b", "c"), layer_start=0, layer_end=4),)))
+    assert group.stages == (Stage(member_id="a", layer_start=0, layer_end=4, group=("b", "c")),)
 
 
 def _run(n: int, prefill: int, params: SamplingParams, *, coordinator: str = "m0", drop: set[str] | None = None,

@@ -72,7 +72,7 @@ def _gone(pids: list[int], within_s: float) -> bool:
     return False
 
 
-@pytest.mark.spec("B19")
+@pytest.mark.spec("B19", "S7")
 def test_a_group_stage_gives_the_single_stage_tokens_and_whole_kv_caches(folder: Path) -> None:
     """Greedy tokens equal the whole stage's, logits within 1e-4 (f32); ``export_kv`` gathers
     every KV head (what the whole stage exports, within 1e-4), and a cache imported from the

@@ -11,6 +11,7 @@ Spec: specs/node.md (N1-N4).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,16 @@ def _alt_addresses(value: Any) -> tuple[str, ...]:
 ROLES = ("any", "prefill", "decode")
 
 
+def _tp_address(value: Any) -> str:
+    """A peer's tensor-parallel address: an IP address, else FrameError."""
+    if value == "":
+        return ""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise FrameError(f"field 'tp' must be an IP address, got {value!r}") from None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MemberInfo:
     """A member as others see it.
@@ -62,6 +73,9 @@ class MemberInfo:
     incarnation: str = ""
     alt_addresses: tuple[str, ...] = ()  # other hosts it listens on, e.g. Thunderbolt links (spec TB2)
     role: str = "any"  # what it asks to run: prefill, decode or any (spec N13)
+    # the IP address of a link its owner trusts, where it may join tensor-parallel groups
+    # (``--tp-address``; their collectives are plaintext, spec N26 and specs/security.md S7-S8); "": none
+    tp_address: str = ""
 
     def to_wire(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -76,6 +90,8 @@ class MemberInfo:
             body["alt"] = list(self.alt_addresses)
         if self.role != "any":
             body["role"] = self.role
+        if self.tp_address:
+            body["tp"] = self.tp_address
         return body
 
     @classmethod
@@ -90,6 +106,7 @@ class MemberInfo:
             incarnation=_field(body, "incarnation", str),
             alt_addresses=_alt_addresses(body.get("alt", [])),
             role=body.get("role", "any") if body.get("role") in ROLES else "any",
+            tp_address=_tp_address(body.get("tp", "")),
         )
         if not info.member_id or len(info.member_id) > 128 or info.memory_bytes < 0:
             raise FrameError("peer record has an empty or oversized id, or negative memory")
@@ -109,6 +126,9 @@ class MemberStatus:
     state: str = "idle"
     error: str | None = None
     held: tuple[tuple[int, int], ...] = ()
+    # a tensor-parallel group's leader: ``host:port`` where its group meets for plan ``plan_id``
+    # (spec N26); written once its process listens, read by the group's other members
+    rendezvous: str = ""
 
     def __post_init__(self) -> None:
         if self.state not in STATES:
@@ -125,6 +145,7 @@ class MemberStatus:
             "state": self.state,
             "error": self.error,
             "held": [list(r) for r in self.held],
+            **({"rendezvous": self.rendezvous} if self.rendezvous else {}),
         }
 
     @classmethod
@@ -139,8 +160,12 @@ class MemberStatus:
                 isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in r)
                 for r in held):
             raise FrameError("field 'held' of a status record is not a short list of [start, end] ranges")
+        rendezvous = body.get("rendezvous", "")
+        if not isinstance(rendezvous, str) or len(rendezvous) > 64:
+            raise FrameError("field 'rendezvous' of a status record is not a short host:port")
         return cls(plan_id=_field(body, "plan_id", str), layer_start=start, layer_end=end, state=state,
-                   error=error if isinstance(error, str) else None, held=tuple((a, b) for a, b in held))
+                   error=error if isinstance(error, str) else None, held=tuple((a, b) for a, b in held),
+                   rendezvous=rendezvous)
 
 
 # -- the state's keys and event types: one table (every writer and reader uses these) ----------
@@ -192,6 +217,8 @@ def join(me: MemberInfo) -> list[Record]:
     resources: dict[str, Any] = {"backend": me.backend, "memory_bytes": me.memory_bytes}
     if me.role != "any":
         resources["role"] = me.role  # spec N13: read by every node's placement
+    if me.tp_address:
+        resources["tp"] = me.tp_address  # spec N26: read by every node's placement
     record: dict[str, Any] = {"address": me.address, "api": me.api_address, "incarnation": me.incarnation}
     if me.alt_addresses:
         record["alt"] = list(me.alt_addresses)

@@ -5,6 +5,7 @@ sockets and backend options. Spec: specs/node.md.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import Any
 from mesh import registry
 from mesh.errors import ConfigError, MeshError
 from mesh.kernel.records import ROLES
-from mesh.netif import check_port
+from mesh.netif import check_port, local_interfaces
 from mesh.node.links import member_address
 from mesh.placement.planner import OBJECTIVES, PLACEMENTS
 from mesh.runtime.batcher import Batching
@@ -78,6 +79,7 @@ class NodeConfig:
     clock_offset_s: float = 0.0  # fault injection: the kernel's wall clock runs this far ahead
     drain_s: float = 30.0  # a graceful stop lets running requests finish for this long (spec N20)
     remeasure: bool = False  # measure the device profile again, replacing the cached one (spec P7)
+    tp_address: str | None = None  # a trusted link's IP address of this host: tensor-parallel groups (N26)
 
     def check_backend(self, backend_cls: Any) -> None:
         """``check_backend_options`` for this configuration."""
@@ -110,6 +112,8 @@ class NodeConfig:
             raise ConfigError(f"--replan-margin must be a fraction between 0 and 10, got {self.replan_margin}")
         if not self.drain_s >= 0:
             raise ConfigError(f"--drain-s must be >= 0 seconds, got {self.drain_s}")
+        if self.tp_address is not None:
+            check_tp_address(self.tp_address)
         if self.dead_after_s <= self.heartbeat_s:
             raise ConfigError(f"--dead-after-s ({self.dead_after_s}) must exceed --heartbeat-s ({self.heartbeat_s})")
 
@@ -192,3 +196,17 @@ def _secure_transports() -> list[str]:
         except MeshError:
             continue
     return secure
+
+
+def check_tp_address(address: str) -> str:
+    """``--tp-address``: an IP address one of this host's interfaces holds (tensor-parallel
+    collectives listen there and only there, spec N26). Raises ConfigError naming the flag and
+    the addresses this host holds."""
+    held = sorted({a.address for i in local_interfaces() for a in i.addresses})
+    try:
+        ip = str(ipaddress.ip_address(address))
+    except ValueError:
+        raise ConfigError(f"--tp-address {address!r} is not an IP address; this host holds {', '.join(held)}") from None
+    if ip not in held:
+        raise ConfigError(f"--tp-address {address}: no interface of this host holds it; valid: {', '.join(held)}")
+    return ip

@@ -15,12 +15,13 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from backends.base import Backend
-from mesh.errors import MeshError
+from mesh.errors import BackendError, MeshError
 from mesh.identity import host_dir
 from mesh.kernel.records import MemberStatus
 from mesh.loading import LoadProgress
@@ -112,7 +113,7 @@ class StageLoader:
                  publish: Callable[[dict[str, Any]], None], loaded: Callable[[int, int], None], profile: Any,
                  spec: ModelSpec | None, dtype: str, executor: Executor, drain_s: float = 30.0,
                  peers: Callable[[], list[dict[str, Any]]] = list,
-                 remeasure: Callable[[], Awaitable[Any]] | None = None) -> None:
+                 remeasure: Callable[[], Awaitable[Any]] | None = None, groups: Any = None) -> None:
         self.member_id = member_id
         self.executor = executor
         self.model = model
@@ -142,6 +143,8 @@ class StageLoader:
         self._status = MemberStatus()  # the last status written, less ``held``
         self._unused_since: dict[tuple[int, int], float] = {}  # stage -> when no plan used it (monotonic s)
         self.leaving = False  # a graceful stop: state ``leaving``, placed around (spec N20)
+        self.groups = groups  # this node's part in tensor-parallel groups (``mesh.node.groups.Groups``, N26)
+        self._groups_held: dict[tuple[int, int], tuple[str, ...]] = {}  # a held group stage -> its other members
 
     def want(self, plan: Plan | None) -> None:
         """The plan changed (or failed: None): load what it asks of this node, soon."""
@@ -209,9 +212,11 @@ class StageLoader:
         """Write ``status`` with what is held now (and ``leaving`` once stopping)."""
         self._status = status
         state = "leaving" if self.leaving else status.state
+        following = self.groups.held() if self.groups is not None else None
         self.set_status(MemberStatus(plan_id=status.plan_id, layer_start=status.layer_start,
                                      layer_end=status.layer_end, state=state, error=status.error,
-                                     held=tuple(self.holder.stages)))
+                                     held=(*self.holder.stages, *([following] if following else [])),
+                                     rendezvous=status.rendezvous))
 
     def _in_use(self) -> set[tuple[int, int]]:
         """The layer ranges of this node in the target plan and in the plan serving now."""
@@ -245,6 +250,7 @@ class StageLoader:
         return retired
 
     def _retire(self, layers: tuple[int, int]) -> None:
+        self._groups_held.pop(layers, None)
         self.holder.retire(layers)
         self.changed()
 
@@ -252,6 +258,31 @@ class StageLoader:
         while True:
             await asyncio.sleep(RETIRE_CHECK_S)
             self.retire_unused(time.monotonic())
+            self.check_groups()
+
+    def check_groups(self) -> None:
+        """Spec N26: a tensor-parallel stage whose group failed (a member died, froze or lost
+        its link) is retired, and so is this node's member process once it ended or its leader
+        met again without it; the status says why (state ``idle``: this node is not to blame, it
+        stays placeable) and the plan is loaded again: the same group formed anew while its
+        members live, else the plan the planner makes without the member that is gone."""
+        for layers, backend in list(self.holder.stages.items()):
+            failure = getattr(backend, "failure", None)
+            if failure:
+                log.error("layers [%d, %d): %s", *layers, failure)
+                self._retire(layers)
+                self._failed_group(layers, failure)
+        why = self.groups.lost() if self.groups is not None else None
+        if why:
+            log.error("%s", why)
+            layers = self.groups.following.layers
+            self.groups.stop()
+            self._failed_group(layers, why)
+
+    def _failed_group(self, layers: tuple[int, int], why: str) -> None:
+        plan_id = self._plan.plan_id if self._plan is not None else ""
+        self._write(MemberStatus(plan_id=plan_id, layer_start=layers[0], layer_end=layers[1], state="idle", error=why))
+        self._wanted.set()
 
     async def _load(self, plan: Plan | None) -> Backend | None:
         """Bring the held stages to what ``plan`` asks: its stage loaded beside the ones held
@@ -259,6 +290,11 @@ class StageLoader:
         calibrated, ``_recalibrate``), else None."""
         stage = plan.stage_of(self.member_id) if plan else None
         plan_id = plan.plan_id if plan else ""
+        place = plan.group_place(self.member_id) if plan is not None and self.groups is not None else None
+        if self.groups is not None and place is None:
+            self.groups.stop()
+        if place is not None:
+            return await self._follow(plan, *place)
         if stage is None:
             # a failed load stays reported (the planner leaves this member out, spec N17)
             # until this process loads a stage again: else it would be placed, fail, and so on
@@ -268,13 +304,16 @@ class StageLoader:
         want = (stage.layer_start, stage.layer_end)
         status = MemberStatus(plan_id=plan_id, layer_start=want[0], layer_end=want[1], state="ready")
         held = dict(self.holder.stages)
-        if want in held:
+        if want in held and self._groups_held.get(want, ()) == stage.group and want in self.holder.held():
             self._write(status)
             return None
         self._write(MemberStatus(plan_id=plan_id, layer_start=want[0], layer_end=want[1], state="loading"))
-        backend = self.new_backend()
-        donor = max(held.values(), key=lambda b: _overlap(want, (b.layer_start, b.layer_end)), default=None)
-        if held and not self.fits([*held, want]):
+        if stage.group:  # a tensor-parallel group this node leads (N26): its members hold the weights
+            backend, donor = self._group_backend(plan, stage), None
+        else:
+            backend = self.new_backend()
+            donor = max(held.values(), key=lambda b: _overlap(want, (b.layer_start, b.layer_end)), default=None)
+        if held and not stage.group and not self.fits([*held, want]):
             # both do not fit: the old stages go first; requests wait for the new plan (bounded)
             # rather than fail, and the layers both share are still taken from the donor
             log.warning("layers [%d, %d) do not fit beside %s: replacing them", *want, sorted(held))
@@ -286,10 +325,16 @@ class StageLoader:
         progress = LoadProgress(f"layers [{want[0]},{want[1]})", tty=sys.stderr.isatty())
         started = time.perf_counter()
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                self._beside if self.holder.stages else self.executor, backend.load, self.model, want[0], want[1],
-                progress)
+            loading = asyncio.get_running_loop().run_in_executor(
+                self._beside if self.holder.stages or stage.group else self.executor, backend.load, self.model,
+                want[0], want[1], progress)
+            if stage.group:
+                await self._unless_moved(loading, backend, plan_id)
+            await loading
         except Exception as exc:  # a backend plugin may raise anything: report it, keep serving
+            if stage.group and (self._plan is None or self._plan.plan_id != plan_id):
+                log.info("the tensor-parallel group of plan %s did not form before the plan moved on", plan_id)
+                return None
             if not isinstance(exc, MeshError):
                 log.exception("backend %s failed to load layers", backend.name)
             log.error("loading layers [%d, %d) failed: %s", want[0], want[1], exc)
@@ -307,11 +352,52 @@ class StageLoader:
         self._load_rate(backend, want[1] - want[0] - reused, want[1] - want[0], time.perf_counter() - started)
         self._stage_times, self._calibrating = None, backend
         freeze_heap()
+        self._groups_held[want] = stage.group  # a group and a single-device stage of one range differ
         self.holder.add_stage(backend)  # serves at once; calibrated after, off the readiness path (spec N21)
         self.changed()
         self._failed = None
         self._write(status)
         return backend  # calibrated by ``_recalibrate`` once idle: requests may be moving onto it now
+    def _group_backend(self, plan: Plan, stage: Any) -> Backend:
+        loop = asyncio.get_running_loop()
+        status = MemberStatus(plan_id=plan.plan_id, layer_start=stage.layer_start, layer_end=stage.layer_end,
+                              state="loading")
+
+        def publish(rendezvous: str) -> None:  # from the loading thread: the members meet there (N26)
+            loop.call_soon_threadsafe(lambda: self._write(replace(status, rendezvous=rendezvous)))
+
+        return self.groups.leader(stage, publish)
+
+    async def _unless_moved(self, loading: Any, backend: Any, plan_id: str) -> None:
+        """Wait for a group's ``loading``; cancel it (``backend.cancel``) once the plan moved on."""
+        while not loading.done():
+            await asyncio.wait({loading}, timeout=0.2)
+            if self._plan is None or self._plan.plan_id != plan_id:
+                backend.cancel()
+                break
+
+    async def _follow(self, plan: Plan, stage: Any, rank: int) -> None:
+        """Spec N26: take place ``rank`` in ``stage``'s group (``Groups.follow``), with status
+        ``loading`` meanwhile, ``ready`` once the group formed, ``failed`` when it could not."""
+        want = (stage.layer_start, stage.layer_end)
+        status = MemberStatus(plan_id=plan.plan_id, layer_start=want[0], layer_end=want[1], state="ready")
+        if self.groups.held() == want and self.groups.following.plan_id == plan.plan_id:
+            self._write(status)
+            return None
+        self._write(replace(status, state="loading"))
+        try:
+            joined = await self.groups.follow(plan, stage, rank, lambda: self._plan is not None
+                                              and self._plan.plan_id == plan.plan_id)
+        except BackendError as exc:
+            log.error("joining the tensor-parallel group of layers [%d, %d) failed: %s", *want, exc)
+            self._failed = replace(status, state="failed", error=str(exc))
+            self._write(self._failed)
+            return None
+        if joined:
+            self._failed = None
+            self._write(status)
+        return None
+
     async def _recalibrate(self, backend: Backend) -> None:
         """Time a newly loaded stage once no request holds a KV cache here (or after
         ``CALIBRATE_WAIT_S`` whatever runs: a step then waits for the timing on the compute

@@ -26,7 +26,7 @@ from mesh.kernel.records import ClusterView, MemberInfo, member_key
 from mesh.kernel.replication import Replication
 from mesh.models import Model, resolve_model
 from mesh.netif import advertise_address, local_interfaces
-from mesh.node import addresses, report
+from mesh.node import addresses, groups, report
 from mesh.node.config import NodeConfig, backend_options, bind_tcp, build_transport, link_security
 from mesh.node.links import Links
 from mesh.node.liveness import Liveness, Monitor
@@ -135,12 +135,12 @@ class Node:
                                   loaded=lambda layers, reused: self.metrics.stage_loaded(layers=layers, reused=reused),
                                   profile=profile, spec=spec, dtype=self.dtype, executor=self.compute,
                                   peers=self.records.peer_profiles, remeasure=lambda: measure_profile(
-                                      self.data_dir, cfg, executor=self.compute, refresh=True))
+                                      self.data_dir, cfg, executor=self.compute, refresh=True), groups=groups.Groups.of(cfg, self.member_id, self.model, self.dtype, self.view))
         listener = await self.links.transport.listen(cfg.host, cfg.port, self.links.accept)
         address, self.links.advertise = await addresses.advertised_address(cfg.host, listener.port, cfg.interface)
         self.me = MemberInfo(member_id=self.member_id, address=address, api_address=f"{cfg.api_host}:{cfg.api_port}",
-                             backend=cfg.backend, memory_bytes=memory, incarnation=self.me.incarnation,
-                             alt_addresses=await addresses.alt_addresses(self.links.transport, cfg.host), role=cfg.role)
+                             backend=cfg.backend, memory_bytes=memory, incarnation=self.me.incarnation, role=cfg.role,
+                             alt_addresses=await addresses.alt_addresses(self.links.transport, cfg.host), tp_address=cfg.tp_address or "")
         shell.app = create_app(plane.coordinator, self.status, api_key=cfg.api_key)
         discovery = await addresses.start_discovery(
             enabled=cfg.discovery, host=cfg.host, discovery_port=cfg.discovery_port, member_id=self.member_id,

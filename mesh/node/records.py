@@ -103,9 +103,8 @@ class SelfRecords:
         members = sorted(plan.considered)
         if first_member == self.member_id and (not isinstance(recorded, dict) or recorded.get("plan_id") != plan.plan_id
                                                or recorded.get("members", []) != members):
-            self._emit(records.placement(plan.plan_id, [[s.member_id, s.layer_start, s.layer_end] for s in plan.stages],
-                                         [[s.member_id, s.layer_start, s.layer_end] for s in plan.prefill_stages],
-                                         members))
+            self._emit(records.placement(plan.plan_id, [s.wire() for s in plan.stages],
+                                         [s.wire() for s in plan.prefill_stages], members))
 
     def link_figures(self, meters: dict[str, Any], now: float) -> None:
         """Publish each link's RTT and throughput when they moved (spec L2, L3): ``meters`` are

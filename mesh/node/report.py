@@ -52,6 +52,8 @@ def cluster_info(*, model_id: str, num_layers: int, plan: Plan | None, ready: tu
     members = []
     for m in view.members():
         stage = plan.stage_of(m.member_id) if plan else None
+        place = plan.group_place(m.member_id) if plan else None
+        stage = stage or (place[0] if place else None)
         members.append({
             "id": m.member_id,
             "address": m.address,
@@ -64,11 +66,16 @@ def cluster_info(*, model_id: str, num_layers: int, plan: Plan | None, ready: tu
             "state": view.status(m.member_id).state,
             "held": [list(r) for r in view.status(m.member_id).held],
             "self": m.member_id == member_id,
+            # spec N26: its place in a tensor-parallel group (0 leads), of how many members, and where
+            "tensor_parallel": {"rank": place[1] if place else 0, "size": len(stage.members), "address": m.tp_address}
+            if stage is not None and stage.group else None,
         })
     return {
         "model": model_id,
         "num_layers": num_layers,
         "plan_id": plan.plan_id if plan else None,
+        "plan": {"stages": [s.wire() for s in plan.stages], "prefill_stages": [s.wire() for s in plan.prefill_stages]}
+        if plan else None,
         "serving_plan_id": serving_plan_id,
         "ready": ready[0],
         "reason": ready[1],

@@ -28,30 +28,32 @@ log = logging.getLogger(__name__)
 
 def servable(plan: Plan, *, view: ClusterView, linked: set[str], member_id: str,
              held: list[tuple[int, int]]) -> tuple[bool, str]:
-    """(True, "ok") when every stage of ``plan`` is held by its member (its status record's
-    ``held``; this node's own from ``held``, what its worker holds, since a status may be a
-    record restored from before a restart) and linked (``linked``: members with a live link);
-    else (False, why not, naming the first stage that is not)."""
+    """(True, "ok") when every stage of ``plan`` is held by its member, and a tensor-parallel
+    group's stage by each member of the group (its status record's ``held``; this node's own
+    stage from ``held``, what its worker holds, since a status may be a record restored from
+    before a restart), and the members are linked (``linked``: members with a live link); else
+    (False, why not, naming the first stage that is not)."""
     present = {m.member_id for m in view.members()}
     for stage in plan.all_stages:
         span = (stage.layer_start, stage.layer_end)
-        if stage.member_id == member_id:
-            if span not in held:
-                return False, f"this node has not loaded layers [{span[0]}, {span[1]}) yet"
-            continue
-        status = view.status(stage.member_id)
-        if stage.member_id not in present:
-            return False, f"member {stage.member_id} is not in the cluster"
-        if not status.holds(*span):
-            if status.plan_id != plan.plan_id:
-                return False, (f"member {stage.member_id} is switching to plan {plan.plan_id} "
-                               f"(layers [{span[0]}, {span[1]})); it reports plan "
-                               f"{status.plan_id or 'none'}, state {status.state}")
-            detail = f": {status.error}" if status.error else ""
-            return False, (f"member {stage.member_id} has not loaded layers "
-                           f"[{span[0]}, {span[1]}) yet (state {status.state}{detail})")
-        if stage.member_id not in linked:
-            return False, f"no link to member {stage.member_id} yet"
+        for member in stage.members:  # a tensor-parallel group's members hold it too (spec N26)
+            if member == member_id == stage.member_id:
+                if span not in held:
+                    return False, f"this node has not loaded layers [{span[0]}, {span[1]}) yet"
+                continue
+            status = view.status(member)
+            if member not in present:
+                return False, f"member {member} is not in the cluster"
+            if not status.holds(*span):
+                if status.plan_id != plan.plan_id:
+                    return False, (f"member {member} is switching to plan {plan.plan_id} "
+                                   f"(layers [{span[0]}, {span[1]})); it reports plan "
+                                   f"{status.plan_id or 'none'}, state {status.state}")
+                detail = f": {status.error}" if status.error else ""
+                return False, (f"member {member} has not loaded layers "
+                               f"[{span[0]}, {span[1]}) yet (state {status.state}{detail})")
+            if member not in linked and member != member_id:
+                return False, f"no link to member {member} yet"
     return True, "ok"
 
 

@@ -132,11 +132,12 @@ def _positive(value: Any) -> bool:
 
 
 def solver_form(plan: Plan) -> PlacementPlan:
-    """The cost model's ``PlacementPlan`` of a runtime ``Plan``: one device per stage, prefill
+    """The cost model's ``PlacementPlan`` of a runtime ``Plan``: a stage's members (its
+    tensor-parallel group, or its one member) as its devices, prefill
     stages in role ``prefill`` and the others ``decode`` (a disaggregated plan) or ``both``."""
     decode_role = "decode" if plan.prefill_stages else "both"
     return PlacementPlan(stages=tuple(
-        StagePlan(devices=(s.member_id,), layer_start=s.layer_start, layer_end=s.layer_end,
+        StagePlan(devices=s.members, layer_start=s.layer_start, layer_end=s.layer_end,
                   role="prefill" if i < len(plan.prefill_stages) else decode_role)
         for i, s in enumerate(plan.all_stages)))
 

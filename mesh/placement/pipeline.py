@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh.errors import PlacementError
-from mesh.models import Model
+from mesh.models import Model, tensor_parallel_sizes
 
 GIB = 1 << 30
 
@@ -33,6 +33,7 @@ class ModelSize:
     layer_bytes: int
     edge_bytes: int
     kv_bytes_per_token_per_layer: int
+    tp_sizes: tuple[int, ...] = ()  # the tensor-parallel group sizes it splits into (``tensor_parallel_sizes``)
 
     def __post_init__(self) -> None:
         if self.num_layers < 1 or self.layer_bytes < 1:
@@ -49,11 +50,24 @@ class Capacity:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Stage:
-    """Layers ``[layer_start, layer_end)`` on ``member_id``."""
+    """Layers ``[layer_start, layer_end)`` on ``member_id``; with ``group``, on a
+    tensor-parallel group (spec N26): ``member_id`` leads it (member 0, the stage requests go
+    to) and ``group`` names the other members, members 1.. in order."""
 
     member_id: str
     layer_start: int
     layer_end: int
+    group: tuple[str, ...] = ()
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """Every member computing the stage, the leader first."""
+        return (self.member_id, *self.group)
+
+    def wire(self) -> list[Any]:
+        """``[member, layer_start, layer_end]``, and the group's other members when it has some."""
+        row: list[Any] = [self.member_id, self.layer_start, self.layer_end]
+        return [*row, list(self.group)] if self.group else row
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,7 +97,7 @@ class Plan:
                 expected = stage.layer_end
             if expected != self.num_layers:
                 raise PlacementError(f"{role}stages cover {expected} of {self.num_layers} layers")
-        members = [s.member_id for s in self.all_stages]
+        members = [m for s in self.all_stages for m in s.members]
         if len(set(members)) != len(members):
             raise PlacementError(f"a member holds two stages: {members}")
 
@@ -95,19 +109,24 @@ class Plan:
     @property
     def plan_id(self) -> str:
         """A short digest naming this plan; equal plans have equal ids on every node."""
-        shape: list[object] = [self.num_layers, [[s.member_id, s.layer_start, s.layer_end] for s in self.stages]]
+        shape: list[object] = [self.num_layers, [s.wire() for s in self.stages]]
         if self.prefill_stages:
-            shape.append([[s.member_id, s.layer_start, s.layer_end] for s in self.prefill_stages])
+            shape.append([s.wire() for s in self.prefill_stages])
         return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:12]
 
     def stage_of(self, member_id: str) -> Stage | None:
         return next((s for s in self.all_stages if s.member_id == member_id), None)
 
+    def group_place(self, member_id: str) -> tuple[Stage, int] | None:
+        """The stage whose tensor-parallel group ``member_id`` belongs to without leading it,
+        and its place there (1..), or None."""
+        return next(((s, s.group.index(member_id) + 1) for s in self.all_stages if member_id in s.group), None)
+
     def role_of(self, member_id: str) -> str | None:
         """``prefill``, ``decode`` (a disaggregated plan), ``both`` (a plain one) or None."""
-        if any(s.member_id == member_id for s in self.prefill_stages):
+        if any(member_id in s.members for s in self.prefill_stages):
             return "prefill"
-        if any(s.member_id == member_id for s in self.stages):
+        if any(member_id in s.members for s in self.stages):
             return "decode" if self.prefill_stages else "both"
         return None
 
@@ -330,4 +349,5 @@ def model_size_from_config(config: Any, dtype_bytes: int = 4, *, weight_bits: fl
         layer_bytes=weights(counts.resident_matrices, counts.resident_other),
         edge_bytes=weights(counts.edge_matrices, counts.edge_other),
         kv_bytes_per_token_per_layer=kv_bytes_per_token(config, dtype_bytes),
+        tp_sizes=tensor_parallel_sizes(config),
     )

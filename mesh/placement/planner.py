@@ -18,18 +18,20 @@ from mesh.models import GGUFSource, Model
 from mesh.placement.costmodel import Link, ModelSpec, Topology, predict
 from mesh.placement.perf import load_rates, solver_form, topology
 from mesh.placement.pipeline import (
+    GIB,
     Capacity,
     ModelSize,
     Plan,
     Stage,
     model_size,
+    per_layer_bytes,
     place_by_roles,
     place_pipeline,
     quantization_bits,
 )
 from mesh.placement.solver import Request, solve
 
-PLACEMENTS = ("memory", "solver")
+PLACEMENTS = ("memory", "solver", "tensor")
 OBJECTIVES = ("ttft", "decode", "goodput")
 DTYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
 NOMINAL_LINK_LATENCY_S = 1e-3  # the links --placement solver assumes (1 GbE)
@@ -180,8 +182,14 @@ def recorded_plan(view: ClusterView, num_layers: int) -> Plan | None:
     if not isinstance(value, dict):
         return None
 
+    def stage(row: Any) -> Stage:
+        if not isinstance(row, list) or len(row) not in (3, 4) or (len(row) == 4 and not isinstance(row[3], list)):
+            raise ValueError(f"a stage row is [member, start, end] or [member, start, end, [members]]: {row!r}")
+        return Stage(member_id=str(row[0]), layer_start=int(row[1]), layer_end=int(row[2]),
+                     group=tuple(str(m) for m in row[3]) if len(row) == 4 else ())
+
     def stages(rows: Any) -> tuple[Stage, ...]:
-        return tuple(Stage(member_id=str(m), layer_start=int(a), layer_end=int(b)) for m, a, b in rows)
+        return tuple(stage(row) for row in rows)
 
     try:
         members = value.get("members", [])
@@ -253,12 +261,37 @@ def _plan(view: ClusterView, inputs: PlanInputs, members: list[Any], failed: set
     if not members:
         raise PlacementError("no member can load the model")
     found = place_by_roles(members, inputs.size, context_tokens=inputs.context_tokens)
+    if found is None and inputs.placement == "tensor":
+        found = tensor_plan(members, inputs.size, context_tokens=inputs.context_tokens)
     if found is None and inputs.placement == "solver" and inputs.spec is not None:
         found = solver_plan(view, inputs, exclude=failed)
     if found is None:
         capacities = [Capacity(member_id=m.member_id, usable_bytes=m.memory_bytes) for m in members]
         found = place_pipeline(capacities, inputs.size, context_tokens=inputs.context_tokens)
     return found
+
+
+def tensor_plan(members: list[Any], size: ModelSize, *, context_tokens: int) -> Plan | None:
+    """``--placement tensor`` (spec N26): one tensor-parallel group over every layer, of the
+    members that offer a ``--tp-address`` and run the torch backend, by id, as many as the
+    largest group size the model splits into (``size.tp_sizes``); the first leads it. Each member holds
+    its share of every layer's weights and KV cache at ``context_tokens``, and the embeddings
+    and head whole. None when fewer than 2 such members are present (a pipeline is placed
+    instead: a group is never formed half). Raises PlacementError when the group's members
+    cannot hold their shares."""
+    able = sorted((m for m in members if m.tp_address and m.backend == "torch"), key=lambda m: m.member_id)
+    n = max((k for k in size.tp_sizes if k <= len(able)), default=0)
+    if n < 2:
+        return None
+    chosen = able[:n]
+    need = size.num_layers * per_layer_bytes(size, context_tokens) // n + size.edge_bytes
+    short = [m.member_id[:8] for m in chosen if m.memory_bytes < need]
+    if short:
+        raise PlacementError(f"a tensor-parallel group of {n} needs {need / GIB:.2f} GiB on each member at "
+                             f"{context_tokens} tokens of context; {', '.join(short)} offer less")
+    return Plan(num_layers=size.num_layers, stages=(Stage(member_id=chosen[0].member_id, layer_start=0,
+                                                          layer_end=size.num_layers,
+                                                          group=tuple(m.member_id for m in chosen[1:])),))
 
 
 def solver_plan(view: ClusterView, inputs: PlanInputs, exclude: set[str] = frozenset()) -> Plan | None:  # type: ignore[assignment]
@@ -309,23 +342,23 @@ def solver_topology(view: ClusterView, inputs: PlanInputs, exclude: set[str] = f
 
 
 def runtime_plan(num_layers: int, placement: Any) -> Plan:
-    """The runtime's ``Plan`` for a solver ``PlacementPlan`` of single-device stages: stages
-    of role ``prefill`` become the plan's prefill pipeline (spec N13), the others its stages.
-    Raises PlacementError for a plan the runtime cannot run (a tensor-parallel group)."""
-    if any(len(s.devices) != 1 for s in placement.stages):
-        raise PlacementError("the runtime runs single-device stages only (no tensor-parallel groups)")
+    """The runtime's ``Plan`` for a solver ``PlacementPlan``: stages of role ``prefill`` become
+    the plan's prefill pipeline (spec N13), the others its stages; a stage on several devices
+    is a tensor-parallel group led by its first device (spec N26)."""
 
     def stages(roles: tuple[str, ...]) -> tuple[Stage, ...]:
-        return tuple(Stage(member_id=s.devices[0], layer_start=s.layer_start, layer_end=s.layer_end)
-                     for s in placement.stages if s.role in roles)
+        return tuple(Stage(member_id=s.devices[0], layer_start=s.layer_start, layer_end=s.layer_end,
+                           group=tuple(s.devices[1:])) for s in placement.stages if s.role in roles)
 
     return Plan(num_layers=num_layers, stages=stages(("both", "decode")), prefill_stages=stages(("prefill",)))
 
 
 def describe(found: Plan) -> str:
     """One log line for a plan: each stage as ``member[start,end)``, prefill stages apart."""
-    text = ", ".join(f"{s.member_id}[{s.layer_start},{s.layer_end})" for s in found.stages)
+    def one(s: Stage) -> str:
+        return "+".join(s.members) + f"[{s.layer_start},{s.layer_end})"  # a+b: a tensor-parallel group
+
+    text = ", ".join(one(s) for s in found.stages)
     if found.prefill_stages:
-        text += " (prefill on " + ", ".join(f"{s.member_id}[{s.layer_start},{s.layer_end})"
-                                           for s in found.prefill_stages) + ")"
+        text += " (prefill on " + ", ".join(one(s) for s in found.prefill_stages) + ")"
     return text

@@ -426,7 +426,7 @@ class RequestCore:
         a = self.attempt = _Attempt(
             req=req, plan=plan, route=[[s.member_id, s.layer_start, s.layer_end] for s in plan.stages],
             prefill_route=[[s.member_id, s.layer_start, s.layer_end] for s in plan.prefill_stages],
-            members=frozenset(s.member_id for s in plan.all_stages))
+            members=frozenset(m for s in plan.all_stages for m in s.members))  # a group's members too (N26)
         a.tokens, a.first_step = [*self.prompt, *self.generated], len(self.generated)
         if self.replica is not None and resume:
             self._start_resume(a, now)

@@ -17,7 +17,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 from backends.base import Backend, BatchItem, StepOutput
-from mesh.errors import BackendError, MeshError, RequestFailed, TransportError
+from mesh.errors import BackendError, MeshError, RequestFailed, StageFailed, TransportError
 from mesh.runtime.batcher import MAX_BATCH, PREFILL_BATCH, StepBatcher
 from mesh.runtime.engine import SamplingParams
 from mesh.runtime.kvreplica import pack_kv, unpack_kv
@@ -126,8 +126,9 @@ class StageWorker:
         task.add_done_callback(self._tells.discard)
 
     def held(self) -> list[tuple[int, int]]:
-        """The layer ranges of the stages held, oldest first."""
-        return list(self.stages)
+        """The layer ranges of the stages held, oldest first; a stage whose tensor-parallel
+        group failed (its backend's ``failure``, spec N26) is not one: no plan can serve on it."""
+        return [key for key, backend in self.stages.items() if not getattr(backend, "failure", None)]
 
     def caches_on(self, layers: tuple[int, int]) -> int:
         """How many requests hold a KV cache on the stage of ``layers``."""
@@ -244,9 +245,10 @@ class StageWorker:
                 log.exception("stage step failed: req=%s", req)
             self.ledger.failed(req, fwd.step)  # not a cancellation: the step may be retried
             self._drop(req)
-            # spec FO3: a stale plan, a lost cache or a link is worth a new attempt; a backend's
-            # own failure on this input would fail again
-            fatal = not isinstance(exc, RequestFailed | TransportError)
+            # spec FO3: a stale plan, a lost cache, a link or a stage that is gone (a failed
+            # tensor-parallel group) is worth a new attempt; a backend's own failure on this input
+            # would fail again
+            fatal = not isinstance(exc, RequestFailed | TransportError | StageFailed)
             reply = StepError(req=req, message=f"{self.member_id}: {exc}", fatal=fatal).to_message()
             try:
                 await self.send(fwd.coord, reply)

@@ -1,0 +1,136 @@
+"""End to end: real node processes on 127.0.0.1 run a tensor-parallel plan (specs/node.md N26):
+``--placement tensor`` puts the members that offer ``--tp-address`` in one group; the text
+equals a single node's; a member killed mid-stream is replaced and the request finishes with
+the same tokens."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from mesh.testing.cluster import LocalCluster, http_json
+from mesh.testing.tiny import tiny_model
+
+pytestmark = pytest.mark.slow
+
+TP = ["--placement", "tensor", "--tp-address", "127.0.0.1", "--dtype", "f32"]
+
+
+def _stream(url: str, model: str, max_tokens: int = 16, on_token: object = None) -> str:
+    body = {"model": model, "messages": [{"role": "user", "content": "Hello, tell me a story"}], "temperature": 0,
+            "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+    text = []
+    with httpx.Client(timeout=180) as client, client.stream("POST", url + "/v1/chat/completions", json=body) as reply:
+        assert reply.status_code == 200, reply.read()
+        for line in reply.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                text += [c["delta"].get("content") or "" for c in chunk.get("choices", [])]
+                if callable(on_token):
+                    on_token(len(text))
+    return "".join(text)
+
+
+def _wait_group(cluster: LocalCluster, size: int, timeout_s: float = 180.0) -> dict:
+    """The body of /v1/cluster once every node serves a plan whose one stage is a group of ``size``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        infos = []
+        for node in cluster.nodes:
+            if node.process.poll() is None:
+                try:
+                    infos.append(http_json(node.api_url + "/v1/cluster")[1])
+                except OSError:
+                    infos.append({})
+        if infos and all(i.get("ready") and i.get("plan") and i["serving_plan_id"] == i["plan_id"]
+                         and len(i["plan"]["stages"]) == 1 and len(i["plan"]["stages"][0]) == 4
+                         and len(i["plan"]["stages"][0][3]) == size - 1 for i in infos):
+            return infos[0]
+        time.sleep(0.3)
+    tails = "\n".join(f"--- node {n.index} ---\n{n.log_text()[-3000:]}" for n in cluster.nodes)
+    raise AssertionError(f"no tensor-parallel group of {size} served within {timeout_s} s\n{tails}")
+
+
+def _children(pid: int) -> list[psutil.Process]:
+    """The group member processes node ``pid`` started (spawned: ``spawn_main``; not
+    multiprocessing's resource tracker)."""
+    try:
+        return [p for p in psutil.Process(pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model("llama", tmp_path_factory.mktemp("tp") / "llama")
+
+
+@pytest.mark.spec("N26", "S8")
+def test_two_nodes_in_one_tensor_parallel_group_give_the_single_node_text(folder: Path, tmp_path: Path) -> None:
+    with LocalCluster(1, tmp_path / "one", model=str(folder), memory_bytes=1 << 30, extra_args=["--dtype", "f32"]) as one:
+        one.wait_ready(timeout_s=120)
+        expected = _stream(one.nodes[0].api_url, folder.name)
+    with LocalCluster(2, tmp_path / "tp", model=str(folder), memory_bytes=1 << 30, extra_args=TP) as cluster:
+        cluster.wait_ready(timeout_s=180)
+        info = _wait_group(cluster, 2)
+        ranks = sorted((m["tensor_parallel"]["rank"], m["layer_start"], m["layer_end"]) for m in info["members"])
+        assert ranks == [(0, 0, 5), (1, 0, 5)]
+        for node in cluster.nodes:
+            assert _stream(node.api_url, folder.name) == expected
+            assert len(_children(node.process.pid)) >= 1  # its member process of the group
+
+
+FULL = pytest.mark.skipif(os.environ.get("MESH_FULL") != "1", reason="a slow scenario (about 30 s): set MESH_FULL=1")
+
+
+@pytest.mark.spec("N26", "FO8")
+@pytest.mark.parametrize("fault", ["kill-member", pytest.param("stop-member", marks=[pytest.mark.full, FULL]),
+                                   pytest.param("kill-leader", marks=[pytest.mark.full, FULL])])
+def test_a_group_member_lost_mid_stream_gives_the_same_tokens(folder: Path, tmp_path: Path, fault: str) -> None:
+    """SIGKILL or SIGSTOP of the group's member 1 (its node and the node's member process), or
+    SIGKILL of the leader, after a few tokens of a stream coordinated by a node that lives: the
+    group's step fails within --dead-after-s, the lost node is declared dead, the survivor
+    serves alone and the stream ends with the single-node text; no process of the group is left
+    waiting; a stopped member that comes back rejoins and the group forms again."""
+    with LocalCluster(1, tmp_path / "one", model=str(folder), memory_bytes=1 << 30, extra_args=["--dtype", "f32"]) as one:
+        one.wait_ready(timeout_s=120)
+        expected = _stream(one.nodes[0].api_url, folder.name, max_tokens=48)
+    with LocalCluster(2, tmp_path / "tp", model=str(folder), memory_bytes=1 << 30, extra_args=TP) as cluster:
+        cluster.wait_ready(timeout_s=180)
+        info = _wait_group(cluster, 2)
+        leader = next(i for i, n in enumerate(cluster.nodes) if any(
+            m["self"] and m["tensor_parallel"]["rank"] == 0 for m in http_json(n.api_url + "/v1/cluster")[1]["members"]))
+        lost = leader if fault == "kill-leader" else 1 - leader
+        survivor = cluster.nodes[1 - lost]
+        group_processes = [p for n in cluster.nodes for p in _children(n.process.pid)]
+        lost_children = {p.pid for p in _children(cluster.nodes[lost].process.pid)}
+        assert len(group_processes) >= 2, info
+        fired = threading.Event()
+
+        def on_token(count: int) -> None:
+            if count >= 4 and not fired.is_set():
+                fired.set()
+                cluster.send_signal(lost, signal.SIGSTOP if fault == "stop-member" else signal.SIGKILL)
+
+        assert _stream(survivor.api_url, folder.name, max_tokens=48, on_token=on_token) == expected
+        assert fired.is_set()
+        assert "resumed from the KV replica" in survivor.log_text()  # not a new prefill (FO8)
+        survivors = [p for p in group_processes if p.pid not in lost_children]
+        deadline = time.monotonic() + 30
+        while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in survivors) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in survivors), \
+            "the surviving node's group process was left running"
+        if fault == "stop-member":  # back again: it rejoins, and the group forms anew
+            cluster.send_signal(lost, signal.SIGCONT)
+            _wait_group(cluster, 2)
+            assert _stream(survivor.api_url, folder.name, max_tokens=48) == expected
