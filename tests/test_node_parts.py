@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -819,3 +820,19 @@ def test_a_local_cluster_gives_each_node_its_share_of_the_cores(tmp_path, monkey
     spawned.clear()
     cluster_module.LocalCluster(1, tmp_path / "one").add()
     assert "OMP_NUM_THREADS" not in spawned[0] and "OMP_WAIT_POLICY" not in spawned[0]
+
+
+@pytest.mark.spec("N26", "S7")
+def test_the_tensor_placement_groups_members_offering_a_trusted_link() -> None:
+    """``--placement tensor`` over the view: the members that published ``--tp-address`` form the
+    group (the lowest id leads); a member without it is not grouped; one able member alone
+    gets a plain plan, never half a group."""
+    def tp(member_id: str) -> MemberInfo:
+        return replace(member(member_id), tp_address="127.0.0.1")
+
+    size = replace(SIZE, tp_sizes=(2,))
+    inputs = planner.PlanInputs(size=size, context_tokens=2048, placement="tensor")
+    grouped = planner.plan(view_of(tp("b"), tp("a"), member("c")), inputs)
+    assert grouped.stages == (Stage(member_id="a", layer_start=0, layer_end=8, group=("b",)),)
+    alone = planner.plan(view_of(tp("a"), member("c")), inputs)
+    assert all(not s.group for s in alone.stages)

@@ -310,4 +310,21 @@ def test_a_tensor_parallel_pair_only_where_the_link_pays() -> None:
     slow = solve(full_mesh([a, b], 1e-3, 1.25e8), EIGHT_B, request, objective="decode")
     assert all(len(s.devices) == 1 for s in slow.plan.stages)
     plain = solve(full_mesh([a, b], 5e-6, 8e9), EIGHT_B, request, objective="decode", tensor_parallel=False)
-    assert all(len(s.devices) == 1 for s in plain.plan.stages)  # what --placement solver asks for
+    assert all(len(s.devices) == 1 for s in plain.plan.stages)  # no member offers a trusted link
+    only_a = solve(full_mesh([a, b], 5e-6, 8e9), EIGHT_B, request, objective="decode", tensor_parallel={"a"})
+    assert all(len(s.devices) == 1 for s in only_a.plan.stages)
+
+
+@pytest.mark.spec("P10", "N26")
+def test_groups_larger_than_pairs_where_the_model_splits_and_the_links_pay() -> None:
+    """Four bandwidth-bound devices on Thunderbolt-class links, a model that splits in 2 and 4:
+    the group of four wins; a device that may not form groups is left out of them; sizes
+    the model does not split into are never proposed."""
+    devices = [dev(n, 10, tflops=20, gbps=400) for n in "abcd"]
+    request = Request(context_tokens=4096, prompt_tokens=1024, new_tokens=256)
+    four = solve(full_mesh(devices, 5e-6, 8e9), EIGHT_B, request, objective="decode", group_sizes=(2, 4))
+    assert [s.devices for s in four.plan.stages] == [("a", "b", "c", "d")]
+    three = solve(full_mesh(devices, 5e-6, 8e9), EIGHT_B, request, objective="decode", group_sizes=(2, 4),
+                  tensor_parallel={"a", "b", "c"})
+    assert [s.devices for s in three.plan.stages] == [("a", "b")]  # 3 does not divide; d may not join
+    assert four.predicted.decode_tokens_per_s > 1.5 * three.predicted.decode_tokens_per_s

@@ -34,6 +34,7 @@ class ModelSize:
     edge_bytes: int
     kv_bytes_per_token_per_layer: int
     tp_sizes: tuple[int, ...] = ()  # the tensor-parallel group sizes it splits into (``tensor_parallel_sizes``)
+    weight_bits: float | None = None  # bits per matrix weight when kept quantized; None: float weights
 
     def __post_init__(self) -> None:
         if self.num_layers < 1 or self.layer_bytes < 1:
@@ -350,4 +351,5 @@ def model_size_from_config(config: Any, dtype_bytes: int = 4, *, weight_bits: fl
         edge_bytes=weights(counts.edge_matrices, counts.edge_other),
         kv_bytes_per_token_per_layer=kv_bytes_per_token(config, dtype_bytes),
         tp_sizes=tensor_parallel_sizes(config),
+        weight_bits=weight_bits,
     )

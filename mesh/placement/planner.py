@@ -312,9 +312,14 @@ def solver_plan(view: ClusterView, inputs: PlanInputs, exclude: set[str] = froze
     missing = len([m for m in view.members() if m.member_id not in exclude]) - len(topo.devices)
     if not topo.devices:
         return None
-    try:  # tensor-parallel groups: the runtime cannot run them yet
-        solution = solve(topo, spec, _request(inputs), objective=inputs.objective,
-                         disaggregation=True, tensor_parallel=False)
+    # spec N26: groups of the members offering a trusted link (--tp-address) and running torch,
+    # when the weights are float (a group runs float weights: a quantized model would be priced
+    # at its quantized size but load 3-4x that)
+    grouped = {m.member_id for m in view.members() if m.tp_address and m.backend == "torch"
+               and m.member_id not in exclude} if inputs.size.weight_bits is None else set()
+    try:
+        solution = solve(topo, spec, _request(inputs), objective=inputs.objective, disaggregation=True,
+                         tensor_parallel=grouped if len(grouped) >= 2 else False, group_sizes=inputs.size.tp_sizes)
     except PlacementError:
         if missing:
             return None

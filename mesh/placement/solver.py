@@ -14,9 +14,10 @@ Candidates, each priced with ``mesh.placement.costmodel.predict``:
    request's prefill is not sped up by more stages, which only add memory), each set solved
    as in 2 for its own role, the KV transfer priced between them;
 4. the memory-proportional split (``mesh.placement.pipeline.place_pipeline``), the baseline;
-5. every linked pair of devices as one tensor-parallel group running all layers (each holds
-   half of every layer's weights and KV cache; two all-reduces per layer cross their link),
-   which wins only where the link is fast enough to pay for them.
+5. tensor-parallel groups running all layers: every linked pair of devices, and for each
+   larger group size the model splits into, each device with the devices of its fastest links
+   (each member holds 1/k of every layer's weights and KV cache; two all-reduces per layer
+   cross their links), which win only where the links are fast enough to pay for them.
 
 The best by the objective wins (ties: fewer devices, then the earlier candidate), so the
 plan is never predicted worse than the baseline or than the best device alone. Same input,
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -229,8 +231,35 @@ def baseline_plan(topology: Topology, model: ModelSpec, request: Request) -> Pla
                                                 layer_end=s.layer_end) for s in plan.stages))
 
 
+def _groups(topology: Topology, devices: list[Device], tensor_parallel: bool | Collection[str],
+            sizes: Collection[int]) -> list[tuple[str, ...]]:
+    """Tensor-parallel groups worth pricing: every linked pair of the devices that may form
+    groups (``tensor_parallel``: all, none, or these ids); for each larger size in ``sizes``,
+    one group per device: it and the devices of the fastest links to it (each pair linked, ties
+    by id), so the candidates grow linearly with the devices, not as their subsets."""
+    if not tensor_parallel:
+        return []
+    able = [d.id for d in devices if tensor_parallel is True or d.id in tensor_parallel]
+    out: list[tuple[str, ...]] = []
+    if 2 in sizes:
+        out += [(a, b) for a, b in itertools.combinations(able, 2) if topology.link(a, b) is not None]
+    for k in sorted(k for k in sizes if 2 < k <= len(able)):
+        for seed in able:
+            def speed(other: str) -> tuple[float, str]:
+                link = topology.link(seed, other)
+                return (-link.bandwidth_bytes_per_s if link is not None else math.inf, other)
+
+            near = sorted((o for o in able if o != seed and topology.link(seed, o) is not None), key=speed)[:k - 1]
+            group = tuple(sorted([seed, *near]))
+            if (len(group) == k and group not in out
+                    and all(topology.link(a, b) is not None for a, b in itertools.combinations(group, 2))):
+                out.append(group)
+    return out
+
+
 def _best(topology: Topology, model: ModelSpec, request: Request, objective: str,
-          disaggregation: bool, tensor_parallel: bool = True) -> tuple[PlacementPlan | None, PlacementPlan | None, int]:
+          disaggregation: bool, tensor_parallel: bool | Collection[str] = True,
+          group_sizes: Collection[int] = (2,)) -> tuple[PlacementPlan | None, PlacementPlan | None, int]:
     """(the best plan that fits or None, the baseline plan or None, candidates priced)."""
     score(Prediction(ttft_s=1, decode_tokens_per_s=1, kv_transfer_s=0, e2e_s=1), objective)  # validates it
     devices = sorted((d for d in topology.devices if d.usable), key=lambda d: d.id)
@@ -241,10 +270,8 @@ def _best(topology: Topology, model: ModelSpec, request: Request, objective: str
     pipeline = _pipeline_milp(topology, model, devices, "both", objective, request)  # 2
     if pipeline is not None:
         candidates.append(pipeline)
-    for a, b in itertools.combinations(devices if tensor_parallel else [], 2):  # 5: tensor-parallel pairs
-        if topology.link(a.id, b.id) is not None:
-            candidates.append(PlacementPlan(stages=(StagePlan(devices=(a.id, b.id), layer_start=0,
-                                                              layer_end=model.num_layers),)))
+    for group in _groups(topology, devices, tensor_parallel, group_sizes):  # 5: tensor-parallel groups
+        candidates.append(PlacementPlan(stages=(StagePlan(devices=group, layer_start=0, layer_end=model.num_layers),)))
     if disaggregation and objective != "decode" and len(devices) >= 2:  # 3
         ranked = sorted(devices, key=lambda d: (-d.flops / d.memory_bandwidth_bytes_per_s, d.id))
         # One request's prefill does not run faster on more pipeline stages (they take turns);
@@ -270,16 +297,19 @@ def _best(topology: Topology, model: ModelSpec, request: Request, objective: str
 
 
 def solve(topology: Topology, model: ModelSpec, request: Request, *, objective: str = "goodput",
-          disaggregation: bool = True, tensor_parallel: bool = True) -> Solution:
+          disaggregation: bool = True, tensor_parallel: bool | Collection[str] = True,
+          group_sizes: Collection[int] = (2,)) -> Solution:
     """The best plan for ``request`` under ``objective`` (see the module docstring);
     ``disaggregation`` and ``tensor_parallel`` off leave only single-device pipeline stages.
+    ``tensor_parallel`` may name the devices that can form groups (spec N26: those with a
+    trusted link), and ``group_sizes`` the group sizes the model splits into.
 
     Raises:
         PlacementError: no plan fits; the message names the bytes needed, the bytes usable
             across how many devices, and the largest context that would fit; or the
             objective is unknown.
     """
-    chosen, base, count = _best(topology, model, request, objective, disaggregation, tensor_parallel)
+    chosen, base, count = _best(topology, model, request, objective, disaggregation, tensor_parallel, group_sizes)
     if chosen is None:
         raise PlacementError(_shortfall(topology, model, request))
     memory = _fits(chosen, topology, model, request)

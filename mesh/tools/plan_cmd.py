@@ -22,6 +22,7 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from mesh.errors import ConfigError, MeshError, PlacementError
@@ -116,6 +117,19 @@ def load_topology(path: Path) -> Topology:
         raise ConfigError(f"topology: {exc}") from exc
 
 
+def group_sizes(name: str) -> tuple[int, ...]:
+    """The tensor-parallel group sizes model ``name`` splits into (``tensor_parallel_sizes``),
+    pairs only when its config cannot be read here."""
+    from mesh.models import Model, resolve_model, tensor_parallel_sizes
+
+    if name in KNOWN_MODELS:
+        return tensor_parallel_sizes(SimpleNamespace(**KNOWN_MODELS[name]))
+    try:
+        return tensor_parallel_sizes(Model(resolve_model(name, config_only=True)).config)
+    except (MeshError, ValueError):
+        return (2,)
+
+
 def result_json(solution: Solution | None, error: str | None) -> dict[str, Any]:
     """The ``--json`` object of the contract."""
     if solution is None:
@@ -139,7 +153,8 @@ def run_plan(args: argparse.Namespace) -> int:
     request = Request(context_tokens=context, prompt_tokens=min(prompt, context), new_tokens=args.new_tokens)
     start = time.perf_counter()
     try:
-        solution: Solution | None = solve(topology, model, request, objective=args.objective)
+        solution: Solution | None = solve(topology, model, request, objective=args.objective,
+                                          group_sizes=group_sizes(args.model))
         error = None
     except PlacementError as exc:
         solution, error = None, str(exc)
@@ -154,7 +169,8 @@ def run_plan(args: argparse.Namespace) -> int:
               f"prompt {request.prompt_tokens}, {request.new_tokens} new tokens ({elapsed * 1000:.0f} ms, "
               f"{solution.candidates} candidates)")
         for s in solution.plan.stages:
-            print(f"  {s.role:<8} layers [{s.layer_start:>3}, {s.layer_end:>3})  on {', '.join(s.devices)}")
+            group = f" (a tensor-parallel group of {len(s.devices)})" if len(s.devices) > 1 else ""
+            print(f"  {s.role:<8} layers [{s.layer_start:>3}, {s.layer_end:>3})  on {' + '.join(s.devices)}{group}")
         for d, nbytes in solution.memory_bytes.items():
             print(f"  memory {d}: {nbytes / 2**30:.2f} GiB of {topology.device(d).memory_bytes / 2**30:.2f} GiB")
         print(f"  predicted: TTFT {p.ttft_s:.3f} s, decode {p.decode_tokens_per_s:.1f} tok/s, "

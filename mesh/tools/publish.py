@@ -295,8 +295,8 @@ def render_placement(sel: Selection, path: str) -> str:
     spark = next((p.get("vs_mac_studio_alone") for p in rec.get("profiles", []) if p.get("vs_mac_studio_alone")), None)
     notes = "Targets: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in targets.items()) + "."
     if any("+" in str(_get(c, "ours", "plan") or "") for p in rec.get("profiles", []) for c in p.get("cases", [])):
-        notes += (" A plan written `a+b[...]` is a tensor-parallel pair: `python -m mesh plan` can print it, but "
-                  "nodes cannot run it (they place single-device stages only).")
+        notes += (" A plan written `a+b[...]` is a tensor-parallel group: nodes run it where its members offer a "
+                  "trusted link (`--tp-address`) and float weights (README \"Tensor parallelism\").")
     if spark and spark.get("speedup") is not None:
         exo = spark.get("published") or {}
         notes += (f" Predicted: the Spark + Mac Studio pair {spark['speedup']:.2f}x faster end to end than the Mac "
