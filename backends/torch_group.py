@@ -221,7 +221,24 @@ def _run(command: tuple[Any, ...], caches: dict[int, Any], backend: Any, spec: G
         except BackendError as exc:
             return exc
         return None
+    if kind == "probe":  # the group's own all-reduce, timed (the cost model's all-reduce term, spec P10)
+        _, _, width, count = command
+        values = torch_zeros(width, backend)
+        times = []
+        for i in range(count + 3):
+            started = time.perf_counter()
+            dist.all_reduce(values)
+            if i >= 3:  # the first ones pay for buffers and connections
+                times.append(time.perf_counter() - started)
+        return sorted(times)[len(times) // 2]
     raise BackendError(f"unknown group command {kind!r}")
+
+
+def torch_zeros(width: int, backend: Any) -> Any:
+    """A ``[1, width]`` tensor of zeros in the stage's compute dtype (one token's hidden state)."""
+    import torch
+
+    return torch.zeros((1, width), dtype=backend.dtype)
 
 
 def heads_of(tensor: WireTensor, rank: int, world: int) -> WireTensor:
@@ -460,6 +477,12 @@ class TorchGroupBackend(Backend):
         if isinstance(out, BackendError):
             raise out
         cache.held += layers[0][1].shape[2] if layers else 0
+
+    def allreduce_s(self, count: int = 50) -> float:
+        """The median seconds of one all-reduce of a token's hidden state (``[1, hidden_size]``
+        in the compute dtype) across the group, over ``count`` of them: the collective a
+        tensor-parallel layer runs twice per token (spec P10)."""
+        return float(self._command("probe", int(self.hidden_size or 1), count))
 
     def _drop_layers(self) -> None:
         if self._member is not None:
