@@ -120,7 +120,7 @@ def test_time_stage_runs_each_prefill_twice_on_fresh_caches_then_decodes(first: 
 
 
 @pytest.mark.spec("P19")
-def test_calibration_replaces_the_roofline_only_for_its_model_and_single_devices() -> None:
+def test_calibration_replaces_the_roofline_only_for_its_model_and_members() -> None:
     cal = Calibration(model=SPEC.name, decode_layer_s=0.01, prefill_layer_s=0.002, prefill_token_layer_s=1e-4)
     plain = Device(id="a", memory_bytes=1 << 30, flops=FLOPS, memory_bandwidth_bytes_per_s=BANDWIDTH)
     calibrated = Device(id="a", memory_bytes=1 << 30, flops=FLOPS, memory_bandwidth_bytes_per_s=BANDWIDTH,
@@ -136,16 +136,21 @@ def test_calibration_replaces_the_roofline_only_for_its_model_and_single_devices
     attention = SPEC.attn_flops_per_position * 50 * 50 / 2 / FLOPS
     assert math.isclose(prefill_stage_s(Topology(devices=(calibrated,)), SPEC, stage, 50),
                         4 * (0.002 + 1e-4 * 50 + attention))
-    # a tensor-parallel group is priced by the roofline whatever its members measured alone
-    b = Device(id="b", memory_bytes=1 << 30, flops=FLOPS, memory_bandwidth_bytes_per_s=BANDWIDTH, calibration=cal)
+    # a tensor-parallel group: its slowest member's figures over k, plus the all-reduces; roofline
+    # unless every member measured the model
+    slow = Calibration(model=SPEC.name, decode_layer_s=0.02, prefill_layer_s=0.004, prefill_token_layer_s=2e-4)
+    b = Device(id="b", memory_bytes=1 << 30, flops=FLOPS, memory_bandwidth_bytes_per_s=BANDWIDTH, calibration=slow)
     from mesh.placement.costmodel import Link
 
     pair = Topology(devices=(calibrated, b), links=(Link(a="a", b="b", latency_s=1e-4, bandwidth_bytes_per_s=1e9),))
-    plain_pair = Topology(devices=(plain, Device(id="b", memory_bytes=1 << 30, flops=FLOPS,
-                                                 memory_bandwidth_bytes_per_s=BANDWIDTH)),
-                          links=pair.links)
+    plain_b = Device(id="b", memory_bytes=1 << 30, flops=FLOPS, memory_bandwidth_bytes_per_s=BANDWIDTH)
     tp = _stage(("a", "b"))
-    assert decode_stage_s(pair, SPEC, tp, 100) == decode_stage_s(plain_pair, SPEC, tp, 100)
+    reduce = 2 * (2 * 1 / 2 * SPEC.hidden_bytes / 1e9 + 2 * 1e-4)  # two ring all-reduces of a token, k = 2
+    assert math.isclose(decode_stage_s(pair, SPEC, tp, 100),
+                        4 * (0.02 / 2 + SPEC.kv_bytes_per_token_per_layer * 100 / (2 * BANDWIDTH) + reduce))
+    half_plain = Topology(devices=(calibrated, plain_b), links=pair.links)
+    plain_pair = Topology(devices=(plain, plain_b), links=pair.links)
+    assert decode_stage_s(half_plain, SPEC, tp, 100) == decode_stage_s(plain_pair, SPEC, tp, 100)
     plan = PlacementPlan(stages=(stage,))
     assert predict(plan, Topology(devices=(calibrated,)), SPEC, prompt_tokens=50, new_tokens=8).decode_tokens_per_s \
         < predict(plan, roofline, SPEC, prompt_tokens=50, new_tokens=8).decode_tokens_per_s  # 10 ms/layer is slow

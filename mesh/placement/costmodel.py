@@ -304,11 +304,19 @@ class Prediction:
 
 
 def _calibration(topology: Topology, model: ModelSpec, stage: StagePlan) -> Calibration | None:
-    """A single-device stage's calibration for ``model`` (a tensor-parallel group splits
-    layers in ways one device's figures do not describe: roofline there)."""
-    if len(stage.devices) != 1:
+    """The calibration a stage computes at (spec P19): its device's for ``model``; for a
+    tensor-parallel group of k, the slowest member's figures divided by k (each member runs
+    1/k of every layer's matrices and attention heads: the split layer takes as long as the
+    slowest member's share), when every member measured ``model``; else None (roofline)."""
+    cals = [topology.device(d).calibrated_for(model) for d in stage.devices]
+    if any(c is None for c in cals):
         return None
-    return topology.device(stage.devices[0]).calibrated_for(model)
+    if len(cals) == 1:
+        return cals[0]
+    k = len(cals)
+    return Calibration(model=model.name, decode_layer_s=max(c.decode_layer_s for c in cals) / k,  # type: ignore[union-attr]
+                       prefill_layer_s=max(c.prefill_layer_s for c in cals) / k,  # type: ignore[union-attr]
+                       prefill_token_layer_s=max(c.prefill_token_layer_s for c in cals) / k)  # type: ignore[union-attr]
 
 
 def _group(topology: Topology, stage: StagePlan) -> tuple[float, float, float, float]:
@@ -338,13 +346,13 @@ def prefill_stage_s(topology: Topology, model: ModelSpec, stage: StagePlan, prom
     flops, bandwidth, ar_bw, ar_lat = _group(topology, stage)
     p = prompt_tokens
     cal = _calibration(topology, model, stage)
+    reduce = 2 * _allreduce_s(len(stage.devices), p * model.hidden_bytes, ar_bw, ar_lat)
     if cal is not None:  # measured weights' part, plus attention's quadratic FLOPs (spec P19)
         attn = model.attn_flops_per_position * p * p / 2 / flops
-        return stage.layers * (cal.prefill_layer_s + cal.prefill_token_layer_s * p + attn)
+        return stage.layers * (cal.prefill_layer_s + cal.prefill_token_layer_s * p + attn + reduce)
     layer_flops = p * model.layer_flops_per_token + model.attn_flops_per_position * p * p / 2
     per_layer = max(layer_flops / flops, model.layer_bytes / bandwidth)
-    per_layer += 2 * _allreduce_s(len(stage.devices), p * model.hidden_bytes, ar_bw, ar_lat)
-    return stage.layers * per_layer
+    return stage.layers * (per_layer + reduce)
 
 
 def decode_stage_s(topology: Topology, model: ModelSpec, stage: StagePlan, context_tokens: int) -> float:
@@ -352,13 +360,13 @@ def decode_stage_s(topology: Topology, model: ModelSpec, stage: StagePlan, conte
     flops, bandwidth, ar_bw, ar_lat = _group(topology, stage)
     c = context_tokens
     cal = _calibration(topology, model, stage)
+    reduce = 2 * _allreduce_s(len(stage.devices), model.hidden_bytes, ar_bw, ar_lat)
     if cal is not None:  # measured weights' part, plus reading the KV cache (spec P19)
-        return stage.layers * (cal.decode_layer_s + model.kv_bytes_per_token_per_layer * c / bandwidth)
+        return stage.layers * (cal.decode_layer_s + model.kv_bytes_per_token_per_layer * c / bandwidth + reduce)
     layer_flops = model.layer_flops_per_token + model.attn_flops_per_position * c
     layer_bytes = model.read_bytes + model.kv_bytes_per_token_per_layer * c
     per_layer = max(layer_flops / flops, layer_bytes / bandwidth)
-    per_layer += 2 * _allreduce_s(len(stage.devices), model.hidden_bytes, ar_bw, ar_lat)
-    return stage.layers * per_layer
+    return stage.layers * (per_layer + reduce)
 
 
 def head_s(model: ModelSpec, flops: float, bandwidth_bytes_per_s: float) -> float:
@@ -367,8 +375,10 @@ def head_s(model: ModelSpec, flops: float, bandwidth_bytes_per_s: float) -> floa
 
 
 def _head_s(topology: Topology, model: ModelSpec, stage: StagePlan) -> float:
-    flops, bandwidth, _, _ = _group(topology, stage)
-    return head_s(model, flops, bandwidth)
+    """The last stage's LM head: a tensor-parallel group computes it whole on every member
+    (transformers' plans leave it unsplit), so it takes as long as on the slowest member."""
+    return max(head_s(model, d.flops, d.memory_bandwidth_bytes_per_s)
+               for d in (topology.device(i) for i in stage.devices))
 
 
 def _hops_s(topology: Topology, stages: list[StagePlan], nbytes: float) -> float:
