@@ -33,8 +33,9 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Group:
     """A 2-member group on loopback: the leader's backend here, member 1 in its own process."""
 
-    def __init__(self, folder: Path, timeout_s: float = 10.0) -> None:
+    def __init__(self, folder: Path, timeout_s: float = 10.0, layers: tuple[int, int] | None = None) -> None:
         self.model = Model(resolve_model(str(folder)))
+        self.layers = layers or (0, self.model.num_layers)
         self.followers: list[GroupMember] = []
         self.ready: list[Any] = []
         self.backend = TorchGroupBackend(
@@ -44,13 +45,13 @@ class Group:
     def _follow(self, address: str) -> None:
         port = int(address.rsplit(":", 1)[1])
         member = GroupMember(GroupSpec(rank=1, world=2, address="127.0.0.1", port=port, threads=1, timeout_s=10,
-                                       load_timeout_s=120), self.model, 0, self.model.num_layers, "f32")
+                                       load_timeout_s=120), self.model, *self.layers, "f32")
         member.start()
         self.followers.append(member)
         threading.Thread(target=lambda: self.ready.append(member.ready()), daemon=True).start()
 
     def __enter__(self) -> Group:
-        self.backend.load(self.model, 0, self.model.num_layers)
+        self.backend.load(self.model, *self.layers)
         return self
 
     def pids(self) -> list[int]:
@@ -166,3 +167,30 @@ def test_a_group_spec_refuses_bad_places() -> None:
         GroupSpec(rank=2, world=2, address="127.0.0.1")
     with pytest.raises(BackendError, match="leader"):
         TorchGroupBackend(group=GroupSpec(rank=1, world=2, address="127.0.0.1"))
+
+
+@pytest.mark.spec("B19")
+@pytest.mark.parametrize("split", [(0, 3), (2, 5)])
+def test_a_group_stage_inside_a_pipeline_gives_the_single_stage_tokens(folder: Path, split: tuple[int, int]) -> None:
+    """Tensor parallelism inside a pipeline: a group holding layers [0, 3) (token ids in, hidden
+    states out) before a single-device stage, or [2, 5) (hidden states in, logits out) after
+    one; the pipeline's greedy tokens are the whole stage's."""
+    from backends.torch import TorchBackend
+
+    model = Model(resolve_model(str(folder)))
+    whole = load_whole(str(folder))
+    want, _ = greedy(whole, PROMPT, 5)
+    other = TorchBackend(device="cpu", dtype="f32", quantize="none")
+    rest = (split[1], model.num_layers) if split[0] == 0 else (0, split[0])
+    other.load(model, *rest)
+    with Group(folder, layers=split) as group:
+        stages = [group.backend, other] if split[0] == 0 else [other, group.backend]
+        caches = [s.new_cache() for s in stages]
+        tokens, ids = [], PROMPT
+        for _ in range(5):
+            start = len(PROMPT) + len(tokens) - len(ids)
+            out = stages[0].forward(caches[0], start_pos=start, token_ids=ids)
+            out = stages[1].forward(caches[1], start_pos=start, hidden=out.hidden)
+            tokens.append(int(out.logits.argmax()))
+            ids = [tokens[-1]]
+        assert tokens == want

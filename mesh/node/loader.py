@@ -405,6 +405,8 @@ class StageLoader:
         since members of one host load at once and time each other's load, a few times more
         while idle, keeping the fastest time of each step, spread by member id so members of
         one host do not time each other again."""
+        if getattr(backend, "group", None) is not None:
+            return  # a tensor-parallel group's times are not this device's (spec P19 prices groups from their members')
         waited = 0.0
         while self.holder.caches and waited < CALIBRATE_WAIT_S:
             await asyncio.sleep(0.5)

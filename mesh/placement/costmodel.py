@@ -333,7 +333,10 @@ def _group(topology: Topology, stage: StagePlan) -> tuple[float, float, float, f
             max(link.latency_s for link in links if link is not None))
 
 
-def _allreduce_s(k: int, nbytes: float, bandwidth: float, latency: float) -> float:
+def allreduce_s(k: int, nbytes: float, bandwidth: float, latency: float) -> float:
+    """Seconds of a ring all-reduce of ``nbytes`` among k devices over links of ``bandwidth``
+    (bytes/s) and ``latency`` (s): 2 (k-1)/k x bytes / bandwidth + 2 (k-1) x latency (a
+    reduce-scatter then an all-gather, Patarasuk & Yuan 2009)."""
     if k <= 1:
         return 0.0
     if bandwidth <= 0:
@@ -346,7 +349,7 @@ def prefill_stage_s(topology: Topology, model: ModelSpec, stage: StagePlan, prom
     flops, bandwidth, ar_bw, ar_lat = _group(topology, stage)
     p = prompt_tokens
     cal = _calibration(topology, model, stage)
-    reduce = 2 * _allreduce_s(len(stage.devices), p * model.hidden_bytes, ar_bw, ar_lat)
+    reduce = 2 * allreduce_s(len(stage.devices), p * model.hidden_bytes, ar_bw, ar_lat)
     if cal is not None:  # measured weights' part, plus attention's quadratic FLOPs (spec P19)
         attn = model.attn_flops_per_position * p * p / 2 / flops
         return stage.layers * (cal.prefill_layer_s + cal.prefill_token_layer_s * p + attn + reduce)
@@ -360,7 +363,7 @@ def decode_stage_s(topology: Topology, model: ModelSpec, stage: StagePlan, conte
     flops, bandwidth, ar_bw, ar_lat = _group(topology, stage)
     c = context_tokens
     cal = _calibration(topology, model, stage)
-    reduce = 2 * _allreduce_s(len(stage.devices), model.hidden_bytes, ar_bw, ar_lat)
+    reduce = 2 * allreduce_s(len(stage.devices), model.hidden_bytes, ar_bw, ar_lat)
     if cal is not None:  # measured weights' part, plus reading the KV cache (spec P19)
         return stage.layers * (cal.decode_layer_s + model.kv_bytes_per_token_per_layer * c / bandwidth + reduce)
     layer_flops = model.layer_flops_per_token + model.attn_flops_per_position * c

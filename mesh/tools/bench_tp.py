@@ -1,0 +1,291 @@
+"""``python -m mesh bench-tp``: tensor-parallel decode on loopback against one device, with the
+cost model's prediction beside each size (specs/backend.md B19, specs/placement.md P10, P19).
+
+For each group size k (``--sizes``, 1 = one device alone) and repeat, on this machine:
+
+- ``k = 1``: a whole-model torch stage in a process of its own with every core (``threads``
+  = the machine's cores), decode steps after a ``--prompt``-token prompt: the median step.
+- ``k >= 2``: a ``TorchGroupBackend`` (B19) led from this process, its k member processes on
+  127.0.0.1 with ``cores // k`` threads each (as k machines of that many cores would; more
+  threads than cores when k does not divide them, which the record says), the same steps
+  through the leader, and the group's own all-reduce of one token's hidden state, timed
+  (``probe``). This is the runtime's whole path: pipe to the leader, broadcast to the members,
+  the split layers and their all-reduces, the head on every member.
+
+The prediction is the cost model's (``mesh.placement.costmodel.predict``) on a topology of k
+devices, each this machine's profile (FLOP/s, bandwidth) scaled to its threads and
+calibrated by timing a whole stage at that many threads (``time_stage`` and
+``fit_calibration``, as a node does), linked by this machine's loopback TCP as measured here
+(median round trip / 2, throughput of a bulk transfer). The predicted all-reduce is the cost
+model's ring formula on that link. ``error`` = measured / predicted step - 1.
+
+Records (``suite: "mesh-bench-tp"``, ``schema: 2``, ``kind: "tp"``), one per size, in
+``--json``: ``config`` (model dimensions, dtype, prompt, steps, k, threads per member, cores,
+``oversubscribed``), ``results`` (``step_s`` and ``allreduce_s`` stats blocks over repeats,
+``tok_s``, ``predicted_step_s``, ``predicted_allreduce_s``, ``error``, the link figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import multiprocessing
+import os
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from mesh.tools.benchstats import stats_block
+from mesh.tools.benchutil import append_jsonl, machine_profile
+
+SUITE = "mesh-bench-tp"
+# a Llama-shaped model of about 110M parameters whose heads split 2, 3 and 6 ways (the default
+# model's 9 heads and 3 KV heads split only 3 ways); random weights: the speed is the shape's
+DIMENSIONS = dict(hidden_size=768, intermediate_size=2304, num_hidden_layers=12, num_attention_heads=12,
+                  num_key_value_heads=6, vocab_size=32000, max_position_embeddings=4096)
+
+
+def build_model(folder: Path, dtype: str) -> Path:
+    """Write the benchmark's random-weight model (``DIMENSIONS``) to ``folder`` (seeded)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from backends.torch import TORCH_DTYPES
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**DIMENSIONS, tie_word_embeddings=False)).to(TORCH_DTYPES[dtype])
+    model.save_pretrained(folder)
+    return folder
+
+
+def decode_steps(backend: Any, prompt: int, steps: int) -> float:
+    """The median seconds of ``steps`` decode steps after a ``prompt``-token prefill (the first
+    three left out: they warm the caches up)."""
+    cache = backend.new_cache()
+    backend.forward(cache, start_pos=0, token_ids=[5 + i % 100 for i in range(prompt)])
+    times = []
+    for i in range(steps + 3):
+        started = time.perf_counter()
+        backend.forward(cache, start_pos=prompt + i, token_ids=[7])
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[3:])
+
+
+def _alone(folder: str, threads: int, dtype: str, prompt: int, steps: int, flops: float, bandwidth: float,
+           queue: Any) -> None:
+    """A spawned process: one whole-model stage on ``threads`` threads; puts (median decode
+    step s, calibration dict) on ``queue``, or ("error", text)."""
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        from backends.torch import TorchBackend
+        from mesh.models import Model, resolve_model
+        from mesh.placement.calibrate import fit_calibration, time_stage
+        from mesh.placement.costmodel import head_s
+        from mesh.placement.planner import model_spec
+
+        model = Model(resolve_model(folder))
+        backend = TorchBackend(device="cpu", dtype=dtype, quantize="none")
+        backend.load(model, 0, model.num_layers)
+        step = decode_steps(backend, prompt, steps)
+        spec = model_spec(model.config, model.model_id, dtype)
+        prefill, decode = time_stage(backend, hidden_size=int(model.config.hidden_size))
+        cal = fit_calibration(model=spec, layers=model.num_layers, prefill_s=prefill, decode_s=decode,
+                              head_s=head_s(spec, flops, bandwidth), flops=flops)
+        queue.put((step, cal.to_wire()))
+    except Exception as exc:  # noqa: BLE001 - the bench records what failed
+        queue.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def alone(folder: Path, threads: int, dtype: str, prompt: int, steps: int, flops: float,
+          bandwidth: float) -> tuple[float, dict[str, Any]]:
+    """``_alone`` in a fresh process (its own OpenMP pool, as a node's); raises RuntimeError."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=_alone, args=(str(folder), threads, dtype, prompt, steps, flops, bandwidth, queue))
+    process.start()
+    try:
+        got = queue.get(timeout=600)
+    finally:
+        process.join(30)
+        if process.is_alive():
+            process.kill()
+    if got[0] == "error":
+        raise RuntimeError(got[1])
+    return got
+
+
+def group(folder: Path, k: int, threads: int, dtype: str, prompt: int, steps: int) -> tuple[float, float]:
+    """(median decode step s, median all-reduce s) of a k-member group on 127.0.0.1."""
+    from backends.torch_group import GroupMember, GroupSpec, TorchGroupBackend
+    from mesh.models import Model, resolve_model
+
+    model = Model(resolve_model(str(folder)))
+    members: list[GroupMember] = []
+
+    def join(address: str) -> None:
+        port = int(address.rsplit(":", 1)[1])
+        for rank in range(1, k):
+            member = GroupMember(GroupSpec(rank=rank, world=k, address="127.0.0.1", port=port, threads=threads,
+                                           timeout_s=60), model, 0, model.num_layers, dtype)
+            member.start()
+            members.append(member)
+            threading.Thread(target=member.ready, daemon=True).start()
+
+    backend = TorchGroupBackend(group=GroupSpec(rank=0, world=k, address="127.0.0.1", threads=threads, timeout_s=60),
+                                dtype=dtype, rendezvous=join)
+    try:
+        backend.load(model, 0, model.num_layers)
+        return decode_steps(backend, prompt, steps), backend.allreduce_s(200)
+    finally:
+        backend.unload()
+        for member in members:
+            member.process.join(10)
+            member.stop()
+
+
+def loopback_link(rounds: int = 400, bulk_bytes: int = 64 << 20) -> tuple[float, float]:
+    """(latency s, bandwidth bytes/s) of this machine's loopback TCP: the median round trip of
+    a 64-byte message over 2, and a bulk transfer's rate. Why not the mesh link's own probe: a
+    group's collectives run on plain TCP (gloo), not on the mesh's TLS links."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def echo() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while data := conn.recv(1 << 20):
+                if len(data) == 64:
+                    conn.sendall(data)
+
+    thread = threading.Thread(target=echo, daemon=True)
+    thread.start()
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        trips = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            client.sendall(b"x" * 64)
+            got = b""
+            while len(got) < 64:
+                got += client.recv(64 - len(got))
+            trips.append(time.perf_counter() - started)
+        chunk = b"y" * (1 << 20) + b"z"  # never 64 bytes: the echo side only reads it
+        started = time.perf_counter()
+        for _ in range(bulk_bytes // len(chunk)):
+            client.sendall(chunk)
+        took = time.perf_counter() - started
+    server.close()
+    return statistics.median(trips) / 2, bulk_bytes / took
+
+
+def predict_step(k: int, threads: int, cores: int, profile: Any, dtype: str, calibration: dict[str, Any],
+                 spec: Any, link: tuple[float, float], prompt: int, steps: int) -> tuple[float, float]:
+    """(predicted decode step s, predicted all-reduce s) of k members of ``threads`` threads
+    each on this machine (its profile scaled by threads / cores), calibrated as measured."""
+    from mesh.placement.costmodel import (
+        Calibration,
+        Device,
+        Link,
+        PlacementPlan,
+        StagePlan,
+        Topology,
+        allreduce_s,
+        predict,
+    )
+
+    share = threads / cores
+    cal = Calibration(**calibration)
+    devices = tuple(Device(id=f"m{i}", memory_bytes=1 << 40, flops=profile.flops[dtype] * share,
+                           memory_bandwidth_bytes_per_s=profile.memory_bandwidth_bytes_per_s * share,
+                           calibration=cal) for i in range(k))
+    links = tuple(Link(a=a.id, b=b.id, latency_s=link[0], bandwidth_bytes_per_s=link[1])
+                  for i, a in enumerate(devices) for b in devices[i + 1:])
+    plan = PlacementPlan(stages=(StagePlan(devices=tuple(d.id for d in devices), layer_start=0,
+                                           layer_end=spec.num_layers),))
+    p = predict(plan, Topology(devices=devices, links=links), spec, prompt_tokens=prompt, new_tokens=steps)
+    return 1.0 / p.decode_tokens_per_s, allreduce_s(k, spec.hidden_bytes, link[1], link[0])
+
+
+def run_tp_bench(args: argparse.Namespace) -> int:
+    from mesh.identity import host_dir
+    from mesh.models import Model, resolve_model
+    from mesh.placement.planner import model_spec
+    from mesh.placement.profile import load_or_measure_profile
+
+    sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="mesh-bench-tp-") as tmp:
+        folder = Path(args.model) if args.model else build_model(Path(tmp) / "tp-bench", args.dtype)
+        model = Model(resolve_model(str(folder)))
+        spec = model_spec(model.config, model.model_id, args.dtype)
+        profile = load_or_measure_profile(Path(tmp), backend="torch", device="cpu", memory_fraction=0.8,
+                                          budget_s=1.0, shared_dir=host_dir())
+        link = loopback_link()
+        print(f"loopback link: {link[0] * 1e6:.0f} us, {link[1] / 1e9:.2f} GB/s; profile {args.dtype} "
+              f"{profile.flops[args.dtype] / 1e9:.0f} GFLOP/s, {profile.memory_bandwidth_bytes_per_s / 1e9:.0f} GB/s")
+        failures = 0
+        for k in sizes:
+            threads = max(1, cores // k)
+            steps_s, reduces, cals = [], [], []
+            error = None
+            try:
+                for _ in range(args.repeats):
+                    share = threads / cores
+                    step, cal = alone(folder, threads, args.dtype, args.prompt, args.steps,
+                                      profile.flops[args.dtype] * share, profile.memory_bandwidth_bytes_per_s * share)
+                    cals.append(cal)
+                    if k == 1:
+                        steps_s.append(step)
+                    else:
+                        step, reduce = group(folder, k, threads, args.dtype, args.prompt, args.steps)
+                        steps_s.append(step)
+                        reduces.append(reduce)
+            except Exception as exc:  # noqa: BLE001 - recorded, and the other sizes still run
+                error, failures = f"{type(exc).__name__}: {exc}", failures + 1
+            results = None
+            if steps_s:
+                fastest = min(cals, key=lambda c: c["decode_layer_s"])  # a busy moment only slows a timing
+                predicted, predicted_reduce = predict_step(k, threads, cores, profile, args.dtype, fastest, spec,
+                                                           link, args.prompt, args.steps)
+                measured = statistics.median(steps_s)
+                results = {"step_s": stats_block(steps_s), "tok_s": 1.0 / measured,
+                           "allreduce_s": stats_block(reduces), "predicted_step_s": predicted,
+                           "predicted_allreduce_s": predicted_reduce if k > 1 else 0.0,
+                           "error": measured / predicted - 1, "calibration": fastest,
+                           "link": {"latency_s": link[0], "bandwidth_bytes_per_s": link[1]}}
+                print(f"k={k}: decode step {measured * 1e3:.1f} ms ({1 / measured:.1f} tok/s), predicted "
+                      f"{predicted * 1e3:.1f} ms ({(measured / predicted - 1) * 100:+.0f} %)"
+                      + (f"; all-reduce {statistics.median(reduces) * 1e6:.0f} us, predicted "
+                         f"{predicted_reduce * 1e6:.0f} us" if reduces else ""))
+            append_jsonl(args.json, {
+                "suite": SUITE, "schema": 2, "kind": "tp",
+                "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "machine": machine_profile(),
+                "config": {"model": model.model_id if args.model else "random llama (bench-tp DIMENSIONS)",
+                           "dimensions": {k2: int(getattr(model.config, k2)) for k2 in DIMENSIONS},
+                           "dtype": args.dtype, "prompt": args.prompt, "steps": args.steps, "size": k,
+                           "threads": threads, "cores": cores, "oversubscribed": k * threads > cores,
+                           "repeats": args.repeats},
+                "status": "ok" if error is None else ("partial" if results else "failed"), "error": error,
+                "results": results})
+    return 1 if failures else 0
+
+
+def add_parser(sub: Any, add: Any, add_switch: Any, positive_int: Any) -> None:
+    """The ``bench-tp`` subcommand (``add``/``add_switch``: the CLI's flag helpers)."""
+    p = sub.add_parser("bench-tp", help="tensor-parallel decode on loopback (groups of --sizes) against one device, "
+                       "with the cost model's prediction beside each")
+    add(p, "--model", help="a model directory (default: a random-weight 110M Llama whose heads split 2 and 3 ways)")
+    add(p, "--sizes", default="1,2,3", help="comma-separated group sizes (1: one device alone)")
+    add(p, "--dtype", default="bf16", choices=("f32", "bf16"), help="compute dtype")
+    add(p, "--prompt", type=positive_int, default=64, help="prompt tokens before the decode steps")
+    add(p, "--steps", type=positive_int, default=40, help="decode steps timed per run")
+    add(p, "--repeats", type=positive_int, default=3, help="runs per size")
+    add(p, "--json", type=Path, default=Path("benchmarks/tensor-parallel.jsonl"), help="append the records here")
+    add(p, "--log-level", default="warning", choices=("debug", "info", "warning", "error"), help="log verbosity")
