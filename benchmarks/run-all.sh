@@ -5,7 +5,7 @@
 #   benchmarks/run-all.sh              every benchmark (about an hour on 2 cores)
 #   benchmarks/run-all.sh kernel       one of: bench-matrix kv-replica backends kernel transports
 #                                      placement placement-measured faults formats batching
-#                                      batching-lengths batching-scenarios
+#                                      batching-lengths batching-scenarios tensor-parallel
 #
 # Each command appends JSON lines to benchmarks/NAME.jsonl, failed and partial runs included;
 # `python -m mesh publish` shows the records of the newest commit measured on a clean tree.
@@ -41,4 +41,5 @@ want batching-lengths && step "$py" -m mesh bench --quiet --nodes 1 --dtype bf16
   --out benchmarks/batching-lengths.jsonl
 want batching-scenarios && step "$py" -m mesh bench-batching --prefill-chunk 8,16,32,128,65536 \
   --json benchmarks/batching-scenarios.jsonl
+want tensor-parallel && step "$py" -m mesh bench-tp --sizes 1,2,3 --repeats 3 --json benchmarks/tensor-parallel.jsonl
 "$py" -m mesh publish

@@ -43,6 +43,7 @@ from mesh.tools.publish_text import (  # noqa: F401  (this module's surface)
     read_jsonl,
     select,
 )
+from mesh.tools.publish_tp import render_tensor_parallel
 
 BLOCK = re.compile(r"(<!-- published:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /published:(?P=name) -->)", re.S)
 
@@ -389,6 +390,7 @@ RENDERERS: dict[str, Callable[[Selection, str], str]] = {
     "batching": render_batching,
     "batching-lengths": render_batching_lengths,
     "batching-scenarios": render_batching_scenarios,
+    "tensor-parallel": render_tensor_parallel,
 }
 
 
