@@ -365,8 +365,8 @@ class TorchGroupBackend(Backend):
     ``step_timeout_s`` bounds each call's answer (a long prefill included). Steps are the
     members' ``TorchBackend`` steps, so the checks and errors are theirs; a failure of the group
     itself (a member gone, a collective timed out) makes this and every later call raise
-    ``StageFailed`` (a BackendError: the stage is gone, the request fails over) and sets
-    ``failure``.
+    ``StageFailed`` (a BackendError: the stage is gone, the request fails over), sets
+    ``failure`` and calls ``on_failure`` first.
     """
 
     name = "torch-tp"
@@ -381,6 +381,7 @@ class TorchGroupBackend(Backend):
         self.compute_dtype = dtype
         self.rendezvous, self.step_timeout_s = rendezvous, step_timeout_s
         self.failure: str | None = None
+        self.on_failure: Callable[[], None] | None = None  # called (from the calling thread) once it fails
         self.modules_split = 0
         self._member: GroupMember | None = None
         self._loading: GroupMember | None = None
@@ -444,6 +445,8 @@ class TorchGroupBackend(Backend):
             if reply[0] != "ok":
                 self.failure = f"the tensor-parallel group failed after {time.monotonic() - started:.1f} s: {reply[1]}"
                 member.stop()
+                if self.on_failure is not None:
+                    self.on_failure()  # before the step's error reaches anyone
                 raise StageFailed(self.failure)
             return reply[1]
 

@@ -836,3 +836,7 @@ def test_the_tensor_placement_groups_members_offering_a_trusted_link() -> None:
     assert grouped.stages == (Stage(member_id="a", layer_start=0, layer_end=8, group=("b",)),)
     alone = planner.plan(view_of(tp("a"), member("c")), inputs)
     assert all(not s.group for s in alone.stages)
+    failed = MemberStatus(state="idle", error="tensor-parallel group failed", ungrouped=True)
+    assert MemberStatus.from_wire(failed.to_wire()) == failed
+    around = planner.plan(view_of(tp("a"), tp("b"), statuses={"b": failed}), inputs)  # its group just failed
+    assert all(not s.group for s in around.stages)

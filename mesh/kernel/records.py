@@ -129,6 +129,9 @@ class MemberStatus:
     # a tensor-parallel group's leader: ``host:port`` where its group meets for plan ``plan_id``
     # (spec N26); written once its process listens, read by the group's other members
     rendezvous: str = ""
+    # its last tensor-parallel group failed a short while ago (spec N26): placement leaves it out
+    # of groups meanwhile, so a link that broke under a group does not make the group form again
+    ungrouped: bool = False
 
     def __post_init__(self) -> None:
         if self.state not in STATES:
@@ -146,6 +149,7 @@ class MemberStatus:
             "error": self.error,
             "held": [list(r) for r in self.held],
             **({"rendezvous": self.rendezvous} if self.rendezvous else {}),
+            **({"ungrouped": True} if self.ungrouped else {}),
         }
 
     @classmethod
@@ -165,7 +169,7 @@ class MemberStatus:
             raise FrameError("field 'rendezvous' of a status record is not a short host:port")
         return cls(plan_id=_field(body, "plan_id", str), layer_start=start, layer_end=end, state=state,
                    error=error if isinstance(error, str) else None, held=tuple((a, b) for a, b in held),
-                   rendezvous=rendezvous)
+                   rendezvous=rendezvous, ungrouped=body.get("ungrouped") is True)
 
 
 # -- the state's keys and event types: one table (every writer and reader uses these) ----------

@@ -42,6 +42,7 @@ RETIRE_CHECK_S = 0.5  # how often stages no plan uses are looked for
 PEER_CHECK_AFTER_S = 15.0  # the others' profiles have arrived by then (spec P7)
 MIN_TIMED_LOAD_S = 0.5  # a load shorter than this does not set the load rate (spec P21)
 RETIRE_GRACE_S = 2.0  # an unused stage stays this long, for nodes that switch plans a little later
+UNGROUPED_S = 30.0  # after its tensor-parallel group failed, a member stays out of groups this long (N26)
 
 
 def fits_beside(ranges: list[tuple[int, int]], *, layer_bytes: int, edge_bytes: int, kv_bytes_per_layer: int,
@@ -145,6 +146,7 @@ class StageLoader:
         self.leaving = False  # a graceful stop: state ``leaving``, placed around (spec N20)
         self.groups = groups  # this node's part in tensor-parallel groups (``mesh.node.groups.Groups``, N26)
         self._groups_held: dict[tuple[int, int], tuple[str, ...]] = {}  # a held group stage -> its other members
+        self._ungrouped_until = 0.0  # monotonic s: out of groups until then (its last group failed, N26)
 
     def want(self, plan: Plan | None) -> None:
         """The plan changed (or failed: None): load what it asks of this node, soon."""
@@ -216,7 +218,7 @@ class StageLoader:
         self.set_status(MemberStatus(plan_id=status.plan_id, layer_start=status.layer_start,
                                      layer_end=status.layer_end, state=state, error=status.error,
                                      held=(*self.holder.stages, *([following] if following else [])),
-                                     rendezvous=status.rendezvous))
+                                     rendezvous=status.rendezvous, ungrouped=time.monotonic() < self._ungrouped_until))
 
     def _in_use(self) -> set[tuple[int, int]]:
         """The layer ranges of this node in the target plan and in the plan serving now."""
@@ -278,9 +280,13 @@ class StageLoader:
             layers = self.groups.following.layers
             self.groups.stop()
             self._failed_group(layers, why)
+        if self._ungrouped_until and time.monotonic() >= self._ungrouped_until:
+            self._ungrouped_until = 0.0  # it may join groups again
+            self._write(self._status)
 
     def _failed_group(self, layers: tuple[int, int], why: str) -> None:
         plan_id = self._plan.plan_id if self._plan is not None else ""
+        self._ungrouped_until = time.monotonic() + UNGROUPED_S
         self._write(MemberStatus(plan_id=plan_id, layer_start=layers[0], layer_end=layers[1], state="idle", error=why))
         self._wanted.set()
 
@@ -366,7 +372,11 @@ class StageLoader:
         def publish(rendezvous: str) -> None:  # from the loading thread: the members meet there (N26)
             loop.call_soon_threadsafe(lambda: self._write(replace(status, rendezvous=rendezvous)))
 
-        return self.groups.leader(stage, publish)
+        backend = self.groups.leader(stage, publish)
+        # its failure retires it at once: no request's next attempt may start on it (a resume there
+        # would fail and lose the request's KV replica)
+        backend.on_failure = lambda: loop.call_soon_threadsafe(self.check_groups)
+        return backend
 
     async def _unless_moved(self, loading: Any, backend: Any, plan_id: str) -> None:
         """Wait for a group's ``loading``; cancel it (``backend.cancel``) once the plan moved on."""

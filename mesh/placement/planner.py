@@ -261,8 +261,9 @@ def _plan(view: ClusterView, inputs: PlanInputs, members: list[Any], failed: set
     if not members:
         raise PlacementError("no member can load the model")
     found = place_by_roles(members, inputs.size, context_tokens=inputs.context_tokens)
-    if found is None and inputs.placement == "tensor":
-        found = tensor_plan(members, inputs.size, context_tokens=inputs.context_tokens)
+    if found is None and inputs.placement == "tensor":  # members whose last group just failed stay out (N26)
+        able = [replace(m, tp_address="") if view.status(m.member_id).ungrouped else m for m in members]
+        found = tensor_plan(able, inputs.size, context_tokens=inputs.context_tokens)
     if found is None and inputs.placement == "solver" and inputs.spec is not None:
         found = solver_plan(view, inputs, exclude=failed)
     if found is None:
@@ -316,7 +317,8 @@ def solver_plan(view: ClusterView, inputs: PlanInputs, exclude: set[str] = froze
     # when the weights are float (a group runs float weights: a quantized model would be priced
     # at its quantized size but load 3-4x that)
     grouped = {m.member_id for m in view.members() if m.tp_address and m.backend == "torch"
-               and m.member_id not in exclude} if inputs.size.weight_bits is None else set()
+               and m.member_id not in exclude and not view.status(m.member_id).ungrouped
+               } if inputs.size.weight_bits is None else set()
     try:
         solution = solve(topo, spec, _request(inputs), objective=inputs.objective, disaggregation=True,
                          tensor_parallel=grouped if len(grouped) >= 2 else False, group_sizes=inputs.size.tp_sizes)
