@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from backends.base import Backend, BatchItem, Progress, StepOutput, check_range
+from backends.torch_tp import COLLECTIVE_FAILURES
 from mesh.errors import BackendError, StageFailed
 from mesh.models import Model
 from mesh.wire import DTYPES, WireTensor
@@ -196,7 +197,10 @@ def _run(command: tuple[Any, ...], caches: dict[int, Any], backend: Any, spec: G
             if cache is None:
                 cache = caches[cid] = backend.new_cache()
             items.append(BatchItem(cache=cache, start_pos=start_pos, token_ids=token_ids, hidden=hidden))
-        return backend.forward_batch(items)
+        out = backend.forward_batch(items)
+        if COLLECTIVE_FAILURES:  # the step's error is the group's: never answer as if one request failed
+            raise COLLECTIVE_FAILURES[0]
+        return out
     if kind == "export":
         _, _, cid, start_pos, end_pos = command
         try:

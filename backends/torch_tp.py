@@ -26,7 +26,9 @@ these stages; the members' steps, KV caches and failover are the runtime's to dr
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+from collections.abc import Iterator
 from typing import Any
 
 from mesh.errors import BackendError
@@ -131,6 +133,20 @@ def leave_group() -> None:
         dist.destroy_process_group()
 
 
+# the collectives of split modules that failed in this process (a member gone, a timeout): a
+# step's caller sees them wrapped in the step's BackendError, and must know the group is broken
+COLLECTIVE_FAILURES: list[BaseException] = []
+
+
+@contextlib.contextmanager
+def _noted() -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        COLLECTIVE_FAILURES.append(exc)
+        raise
+
+
 def shard_stage(backend: Any, mesh: Any) -> int:
     """Split the stage ``backend`` (a loaded ``TorchBackend``) across ``mesh``'s members with
     torch's ``parallelize_module`` and the model's plan (``stage_plan``), then run it on each
@@ -169,12 +185,14 @@ def _localize(stage: Any, styles: dict[str, str], mesh: Any) -> None:
     modules = dict(stage.named_modules())
 
     def reduce(_module: Any, _args: Any, out: Any) -> Any:
-        dist.all_reduce(out, group=group)
+        with _noted():
+            dist.all_reduce(out, group=group)
         return out
 
     def gather(_module: Any, _args: Any, out: Any) -> Any:
         parts = [torch.empty_like(out) for _ in range(world)]
-        dist.all_gather(parts, out.contiguous(), group=group)
+        with _noted():
+            dist.all_gather(parts, out.contiguous(), group=group)
         return torch.cat(parts, dim=-1)
 
     def split(_module: Any, args: Any) -> Any:

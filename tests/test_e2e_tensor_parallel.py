@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -134,3 +136,79 @@ def test_a_group_member_lost_mid_stream_gives_the_same_tokens(folder: Path, tmp_
             cluster.send_signal(lost, signal.SIGCONT)
             _wait_group(cluster, 2)
             assert _stream(survivor.api_url, folder.name, max_tokens=48) == expected
+
+
+def _lab_chat(lab: Any, host: str, model: str) -> str:
+    status, reply = lab.http_json(host, "http://127.0.0.1:8000/v1/chat/completions", body={
+        "model": model, "messages": [{"role": "user", "content": "Hello, tell me a story"}], "temperature": 0,
+        "max_tokens": 48, "ignore_eos": True}, timeout_s=180)
+    assert status == 200, reply
+    return reply["choices"][0]["message"]["content"]
+
+
+def _lab_plan(lab: Any, hosts: list[str], want_group: bool, timeout_s: float = 180.0) -> None:
+    """Wait until every host serves a plan with (or without) a tensor-parallel group."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            infos = [lab.http_json(h, "http://127.0.0.1:8000/v1/cluster")[1] for h in hosts]
+        except OSError:
+            infos = []
+        if infos and all(i.get("ready") and i.get("plan") and i["serving_plan_id"] == i["plan_id"]
+                         and any(len(s) == 4 for s in i["plan"]["stages"]) == want_group for i in infos):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no plan {'with' if want_group else 'without'} a group within {timeout_s} s")
+
+
+@FULL
+@pytest.mark.full
+@pytest.mark.spec("N26", "S7")
+def test_the_group_link_pulled_mid_request_and_plugged_back(folder: Path, tmp_path: Path) -> None:
+    """Two hosts on a LAN (the mesh link) and a cable of their own (``--tp-address``) form a
+    group; the cable is pulled while a request runs: the group fails within --dead-after-s
+    with both nodes alive, the request ends with the group's text on a plan without the group
+    (its members stay out of groups a while), and with the cable back the group forms again."""
+    from mesh.security import format_cluster_key
+    from mesh.testing import netlab
+
+    if (why := netlab.available()) is not None:
+        pytest.skip(f"no network lab here: {why}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env |= {"MESH_CLUSTER_KEY": format_cluster_key(os.urandom(32)), "OMP_WAIT_POLICY": "PASSIVE",
+            "OMP_NUM_THREADS": "1"}
+    processes = []
+    with netlab.NetLab() as lab:
+        lab.network("lan", "10.77.8")
+        lab.network("cable", "10.77.9")
+        for name in ("a", "b"):
+            lab.host(name, "lan", "cable")
+        try:
+            for name in ("a", "b"):
+                argv = netlab.node_argv(tmp_path, name, model=str(folder), memory_bytes=1 << 30, extra=[
+                    "--placement", "tensor", "--tp-address", lab.hosts[name].address("cable"), "--dtype", "f32",
+                    "--interface", "eth0"])
+                with open(tmp_path / f"{name}.log", "wb") as log:
+                    processes.append(lab.popen(name, argv, env=env, stdout=log, stderr=subprocess.STDOUT))
+            _lab_plan(lab, ["a", "b"], want_group=True)
+            reference = _lab_chat(lab, "a", folder.name)
+            pull = threading.Timer(0.5, lambda: lab.set_link("b", "cable", up=False))
+            pull.start()
+            try:
+                assert _lab_chat(lab, "a", folder.name) == reference
+            finally:
+                pull.join()
+            _lab_plan(lab, ["a", "b"], want_group=False)  # both alive, linked over the LAN, not grouped
+            assert _lab_chat(lab, "b", folder.name) == reference
+            lab.set_link("b", "cable", up=True)
+            _lab_plan(lab, ["a", "b"], want_group=True)
+            assert _lab_chat(lab, "b", folder.name) == reference
+        finally:
+            for p in processes:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGTERM)
+            for p in processes:
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
