@@ -204,11 +204,4 @@ def test_the_group_link_pulled_mid_request_and_plugged_back(folder: Path, tmp_pa
             _lab_plan(lab, ["a", "b"], want_group=True)
             assert _lab_chat(lab, "b", folder.name) == reference
         finally:
-            for p in processes:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGTERM)
-            for p in processes:
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
+            netlab.stop_all(processes)

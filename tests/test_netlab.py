@@ -60,15 +60,7 @@ def _nodes(lab: netlab.NetLab, workdir: Path, hosts: list[str], extra: list[str]
             start(name)
         yield start
     finally:
-        for p in processes:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in processes:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=10)
+        netlab.stop_all(processes)
 
 
 @pytest.mark.spec("D15")

@@ -198,3 +198,19 @@ def node_argv(workdir: Path, name: str, *, model: str = "smollm2-135m", memory_b
     return [sys.executable, "-m", "mesh", "node", "--host", "0.0.0.0", "--api-host", "127.0.0.1",
             "--data-dir", str(workdir / name), "--model", model, "--memory-bytes", str(memory_bytes),
             *(extra or [])]
+
+
+def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every process group of ``processes`` still running, then SIGKILL those that do
+    not end within 20 s."""
+    import signal
+
+    for p in processes:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in processes:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)

@@ -31,7 +31,6 @@ import argparse
 import datetime
 import multiprocessing
 import os
-import socket
 import statistics
 import tempfile
 import threading
@@ -149,39 +148,15 @@ def group(folder: Path, k: int, threads: int, dtype: str, prompt: int, steps: in
             member.stop()
 
 
-def loopback_link(rounds: int = 400, bulk_bytes: int = 64 << 20) -> tuple[float, float]:
-    """(latency s, bandwidth bytes/s) of this machine's loopback TCP: the median round trip of
-    a 64-byte message over 2, and a bulk transfer's rate. Why not the mesh link's own probe: a
-    group's collectives run on plain TCP (gloo), not on the mesh's TLS links."""
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
+def loopback_link() -> tuple[float, float]:
+    """(latency s, bandwidth bytes/s) of this machine's loopback TCP: half the median round
+    trip of a 64-byte message, and the rate of 4 MiB echoed back (``bench.raw_socket_baseline``).
+    Why not the mesh link's own probe: a group's collectives run on plain TCP (gloo), not on
+    the mesh's TLS links."""
+    from mesh.tools.bench import raw_socket_baseline
 
-    def echo() -> None:
-        conn, _ = server.accept()
-        with conn:
-            while data := conn.recv(1 << 20):
-                if len(data) == 64:
-                    conn.sendall(data)
-
-    thread = threading.Thread(target=echo, daemon=True)
-    thread.start()
-    with socket.create_connection(("127.0.0.1", port)) as client:
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        trips = []
-        for _ in range(rounds):
-            started = time.perf_counter()
-            client.sendall(b"x" * 64)
-            got = b""
-            while len(got) < 64:
-                got += client.recv(64 - len(got))
-            trips.append(time.perf_counter() - started)
-        chunk = b"y" * (1 << 20) + b"z"  # never 64 bytes: the echo side only reads it
-        started = time.perf_counter()
-        for _ in range(bulk_bytes // len(chunk)):
-            client.sendall(chunk)
-        took = time.perf_counter() - started
-    server.close()
-    return statistics.median(trips) / 2, bulk_bytes / took
+    small, bulk = raw_socket_baseline(64, round_trips=400), raw_socket_baseline(4 << 20, round_trips=10)
+    return small["round_trip_s"] / 2, bulk["throughput_bytes_per_s"]
 
 
 def predict_step(k: int, threads: int, cores: int, profile: Any, dtype: str, calibration: dict[str, Any],
