@@ -17,7 +17,11 @@ devices, each this machine's profile (FLOP/s, bandwidth) scaled to its threads a
 calibrated by timing a whole stage at that many threads (``time_stage`` and
 ``fit_calibration``, as a node does), linked by this machine's loopback TCP as measured here
 (median round trip / 2, throughput of a bulk transfer). The predicted all-reduce is the cost
-model's ring formula on that link. ``error`` = measured / predicted step - 1.
+model's ring formula on that link. ``error`` = measured / predicted step - 1. A second
+prediction, ``predicted_calibrated_step_s`` (``error_calibrated``), takes the link latency
+from the group's own measured all-reduce instead (``probed_link``): the compute model and the
+all-reduce term's form checked against the whole step, the collective's cost measured as a
+node's calibration measures its layers.
 
 Records (``suite: "mesh-bench-tp"``, ``schema: 2``, ``kind: "tp"``), one per size, in
 ``--json``: ``config`` (model dimensions, dtype, prompt, steps, k, threads per member, cores,
@@ -159,6 +163,15 @@ def loopback_link() -> tuple[float, float]:
     return small["round_trip_s"] / 2, bulk["throughput_bytes_per_s"]
 
 
+def probed_link(k: int, allreduce: float, nbytes: int, bandwidth: float) -> tuple[float, float]:
+    """The link (latency s, bandwidth bytes/s) under which the cost model's ring all-reduce of
+    ``nbytes`` among k takes ``allreduce`` seconds, bandwidth kept: what a group's measured
+    collectives say of its link (software included: gloo's per-message work dwarfs loopback's
+    round trip)."""
+    latency = (allreduce - 2 * (k - 1) / k * nbytes / bandwidth) / (2 * (k - 1))
+    return max(latency, 0.0), bandwidth
+
+
 def predict_step(k: int, threads: int, cores: int, profile: Any, dtype: str, calibration: dict[str, Any],
                  spec: Any, link: tuple[float, float], prompt: int, steps: int) -> tuple[float, float]:
     """(predicted decode step s, predicted all-reduce s) of k members of ``threads`` threads
@@ -234,10 +247,17 @@ def run_tp_bench(args: argparse.Namespace) -> int:
                            "predicted_allreduce_s": predicted_reduce if k > 1 else 0.0,
                            "error": measured / predicted - 1, "calibration": fastest,
                            "link": {"latency_s": link[0], "bandwidth_bytes_per_s": link[1]}}
+                if reduces:  # the same model, its all-reduce term taken from the group's own probe
+                    probed = probed_link(k, statistics.median(reduces), spec.hidden_bytes, link[1])
+                    calibrated, _ = predict_step(k, threads, cores, profile, args.dtype, fastest, spec, probed,
+                                                 args.prompt, args.steps)
+                    results |= {"predicted_calibrated_step_s": calibrated, "error_calibrated": measured / calibrated - 1}
                 print(f"k={k}: decode step {measured * 1e3:.1f} ms ({1 / measured:.1f} tok/s), predicted "
                       f"{predicted * 1e3:.1f} ms ({(measured / predicted - 1) * 100:+.0f} %)"
                       + (f"; all-reduce {statistics.median(reduces) * 1e6:.0f} us, predicted "
-                         f"{predicted_reduce * 1e6:.0f} us" if reduces else ""))
+                         f"{predicted_reduce * 1e6:.0f} us; with the measured all-reduce: predicted "
+                         f"{results['predicted_calibrated_step_s'] * 1e3:.1f} ms "
+                         f"({results['error_calibrated'] * 100:+.0f} %)" if reduces else ""))
             append_jsonl(args.json, {
                 "suite": SUITE, "schema": 2, "kind": "tp",
                 "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

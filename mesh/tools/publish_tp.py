@@ -9,7 +9,8 @@ from mesh.tools.publish_text import Selection, _cell, _get, _status, _table, cap
 
 def render_tensor_parallel(sel: Selection, path: str) -> str:
     """Per group size: the measured decode step (median over repeats) and tokens/s against one
-    device in the same run, the cost model's predicted step and the error, the group's own
+    device in the same run, the cost model's predicted step and the error (on the loopback
+    link as measured, and with the all-reduce the group measured), the group's own
     all-reduce of one token's hidden state against the cost model's ring formula on the
     measured loopback link, and what the all-reduces cost per token (2 per layer)."""
     runs = sorted((r for r in sel.records if r.get("kind") == "tp"), key=lambda r: _get(r, "config", "size") or 0)
@@ -21,12 +22,15 @@ def render_tensor_parallel(sel: Selection, path: str) -> str:
         layers = _get(c, "dimensions", "num_hidden_layers") or 0
         versus = compare(one, step) if c.get("size") != 1 else None
         predicted, error = res.get("predicted_step_s"), res.get("error")
+        calibrated, error_cal = res.get("predicted_calibrated_step_s"), res.get("error_calibrated")
         per_token = f"{2 * layers * reduce.median * 1e3:.1f}" if reduce is not None and layers else "-"
         rows.append([str(c.get("size")), f"{c.get('threads')}{' (oversubscribed)' if c.get('oversubscribed') else ''}",
                      _cell(step, 1000, 1), f"{1 / step.median:.1f}" if step is not None else "-",
                      versus.fmt() if versus is not None else "1.00x",
                      f"{predicted * 1e3:.1f}" if isinstance(predicted, int | float) else "-",
                      f"{error * 100:+.0f} %" if isinstance(error, int | float) else "-",
+                     f"{calibrated * 1e3:.1f} ({error_cal * 100:+.0f} %)" if isinstance(calibrated, int | float)
+                     and isinstance(error_cal, int | float) else "-",
                      _cell(reduce, 1e6, 0), f"{res['predicted_allreduce_s'] * 1e6:.0f}"
                      if isinstance(res.get("predicted_allreduce_s"), int | float) and c.get("size") != 1 else "-",
                      per_token, _status(run)])
@@ -34,5 +38,6 @@ def render_tensor_parallel(sel: Selection, path: str) -> str:
     dtype = _get(runs[0], "config", "dtype") if runs else "?"
     return (caption(sel, path, f"Measured, {model} in {dtype}") + "\n\n" +
             _table(("group size", "threads per member", "decode step ms", "tok/s", "vs one device", "predicted ms",
-                    "error", "all-reduce us", "predicted all-reduce us", "all-reduces per token ms", "result"),
-                   rows, "rlrrrrrrrrl") + "\n")
+                    "error", "predicted with the measured all-reduce ms (error)", "all-reduce us",
+                    "predicted all-reduce us", "all-reduces per token ms", "result"),
+                   rows, "rlrrrrrrrrrl") + "\n")

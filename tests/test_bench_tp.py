@@ -1,0 +1,39 @@
+"""bench-tp's pure parts: the link a group's measured all-reduce implies, and the prediction of a
+group's decode step from its members' calibrations (spec P10, P19)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mesh.placement.costmodel import ModelSpec, allreduce_s, head_s
+from mesh.tools.bench_tp import predict_step, probed_link
+
+SPEC = ModelSpec.from_dimensions(name="m@bf16", num_layers=12, hidden_size=768, intermediate_size=2304,
+                                 num_attention_heads=12, num_key_value_heads=6, vocab_size=32000, dtype_bytes=2)
+
+
+@pytest.mark.spec("P10")
+@given(k=st.integers(2, 8), measured=st.floats(1e-5, 1e-2), bandwidth=st.floats(1e8, 1e11))
+def test_the_probed_link_reproduces_the_measured_all_reduce(k: int, measured: float, bandwidth: float) -> None:
+    latency, kept = probed_link(k, measured, 1536, bandwidth)
+    assert kept == bandwidth
+    if measured > 2 * (k - 1) / k * 1536 / bandwidth:
+        assert math.isclose(allreduce_s(k, 1536, kept, latency), measured, rel_tol=1e-9)
+
+
+@pytest.mark.spec("P10", "P19")
+def test_a_group_step_is_its_members_calibrated_share_plus_its_all_reduces() -> None:
+    profile = SimpleNamespace(flops={"bf16": 4e11}, memory_bandwidth_bytes_per_s=2e10)
+    cal = {"model": SPEC.name, "decode_layer_s": 2e-3, "prefill_layer_s": 1e-3, "prefill_token_layer_s": 1e-5}
+    one, _ = predict_step(1, 2, 2, profile, "bf16", cal, SPEC, (1e-4, 1e9), prompt=64, steps=40)
+    two, reduce = predict_step(2, 1, 2, profile, "bf16", cal, SPEC, (1e-4, 1e9), prompt=64, steps=40)
+    assert math.isclose(reduce, allreduce_s(2, SPEC.hidden_bytes, 1e9, 1e-4))
+    # half of each layer on each member (both calibrated at their thread), two all-reduces per layer,
+    # and the LM head whole on a member of half the machine
+    head = head_s(SPEC, 2e11, 1e10) - head_s(SPEC, 4e11, 2e10)
+    assert two - one == pytest.approx(12 * (2 * reduce - 2e-3 / 2) + head, rel=1e-6)
