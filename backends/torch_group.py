@@ -5,7 +5,7 @@ takes that place in the plan: it loads the stage from its own copy of the model,
 group's ``torch.distributed`` gloo group (``backends.torch_tp``) and splits the stage with
 torch's tensor parallelism. Member 0, the group's leader, is driven by its node through
 ``TorchGroupBackend``, an ordinary ``Backend``: each call goes to the leader process over a
-pipe, the leader broadcasts it to the other members (``broadcast_object_list``) and every
+pipe, the leader broadcasts it to the other members (``_broadcast``) and every
 member runs it on its slice, so the members run the same steps in the same order, which the
 collectives need. Why processes and not threads of the node: ``torch.distributed`` holds one
 default group per process, and a member stuck in a collective can then be killed without the
@@ -34,6 +34,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing
 import os
+import pickle
 import socket
 import threading
 import time
@@ -45,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from backends.base import Backend, BatchItem, Progress, StepOutput, check_range
-from backends.torch_tp import COLLECTIVE_FAILURES
+from backends.torch_tp import COLLECTIVE_FAILURES, COLLECTIVE_TIME
 from mesh.errors import BackendError, StageFailed
 from mesh.models import Model
 from mesh.wire import DTYPES, WireTensor
@@ -168,14 +169,13 @@ def _serve(conn: Any, spec: GroupSpec, backend: Any, torch: Any) -> None:
     caches: dict[int, Any] = {}
     ping_s = spec.timeout_s / 3
     while True:
-        box: list[Any] = [None]
+        command: Any = None
         if spec.rank == 0:
             try:
-                box[0] = conn.recv() if conn.poll(ping_s) else ("ping",)
+                command = conn.recv() if conn.poll(ping_s) else ("ping",)
             except (EOFError, OSError):
-                box[0] = ("stop",)  # the node is gone: stop the others too
-        dist.broadcast_object_list(box, src=0)
-        command = box[0]
+                command = ("stop",)  # the node is gone: stop the others too
+        command = _broadcast(command, spec.rank, torch, dist)
         if command[0] == "stop":
             return
         if command[0] == "ping":
@@ -186,6 +186,31 @@ def _serve(conn: Any, spec: GroupSpec, backend: Any, torch: Any) -> None:
             answer = _run(command, caches, backend, spec, dist)
         if spec.rank == 0:
             conn.send(("ok", answer))
+
+
+HEADER_BYTES = 4096  # a command that fits (a decode step's) goes to the members in one collective
+
+
+def _broadcast(command: Any, rank: int, torch: Any, dist: Any) -> Any:
+    """The leader's ``command`` on every member: pickled into a fixed header (its length, then
+    the bytes when they fit), broadcast; a larger one (a prompt chunk's hidden states) follows
+    in a second broadcast. Why not ``broadcast_object_list``: it always runs two collectives, and
+    a decode step pays each one's latency. Pickle, as there: the members trust their leader (the
+    group's link is trusted, specs/security.md S7-S8)."""
+    head = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
+    data = b""
+    if rank == 0:
+        data = pickle.dumps(command, protocol=pickle.HIGHEST_PROTOCOL)
+        head[:8] = torch.frombuffer(bytearray(len(data).to_bytes(8, "little")), dtype=torch.uint8)
+        if len(data) <= HEADER_BYTES - 8:
+            head[8:8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    dist.broadcast(head, src=0)
+    size = int.from_bytes(head[:8].numpy().tobytes(), "little")
+    if size <= HEADER_BYTES - 8:
+        return pickle.loads(head[8:8 + size].numpy().tobytes())
+    body = torch.frombuffer(bytearray(data), dtype=torch.uint8) if rank == 0 else torch.empty(size, dtype=torch.uint8)
+    dist.broadcast(body, src=0)
+    return pickle.loads(body.numpy().tobytes())
 
 
 def _run(command: tuple[Any, ...], caches: dict[int, Any], backend: Any, spec: GroupSpec, dist: Any) -> Any:
@@ -227,6 +252,8 @@ def _run(command: tuple[Any, ...], caches: dict[int, Any], backend: Any, spec: G
         return None
     if kind == "probe":  # the group's own all-reduce, timed (the cost model's all-reduce term, spec P10)
         _, _, width, count = command
+        in_steps = COLLECTIVE_TIME[0] / COLLECTIVE_TIME[1] if COLLECTIVE_TIME[1] else None
+        COLLECTIVE_TIME[:] = [0.0, 0]
         values = torch_zeros(width, backend)
         times = []
         for i in range(count + 3):
@@ -234,7 +261,7 @@ def _run(command: tuple[Any, ...], caches: dict[int, Any], backend: Any, spec: G
             dist.all_reduce(values)
             if i >= 3:  # the first ones pay for buffers and connections
                 times.append(time.perf_counter() - started)
-        return sorted(times)[len(times) // 2]
+        return sorted(times)[len(times) // 2], in_steps
     raise BackendError(f"unknown group command {kind!r}")
 
 
@@ -485,11 +512,14 @@ class TorchGroupBackend(Backend):
             raise out
         cache.held += layers[0][1].shape[2] if layers else 0
 
-    def allreduce_s(self, count: int = 50) -> float:
-        """The median seconds of one all-reduce of a token's hidden state (``[1, hidden_size]``
-        in the compute dtype) across the group, over ``count`` of them: the collective a
-        tensor-parallel layer runs twice per token (spec P10)."""
-        return float(self._command("probe", int(self.hidden_size or 1), count))
+    def allreduce_s(self, count: int = 50) -> tuple[float, float | None]:
+        """(the median seconds of one all-reduce of a token's hidden state, ``[1, hidden_size]``
+        in the compute dtype, across the group, over ``count`` run back to back; the mean
+        seconds of the collectives the leader's steps ran since the last call, waiting for the
+        slowest member included, or None when none ran): the collective a tensor-parallel layer
+        runs twice per token (spec P10), alone and where the steps run it."""
+        alone, in_steps = self._command("probe", int(self.hidden_size or 1), count)
+        return float(alone), in_steps
 
     def _drop_layers(self) -> None:
         if self._member is not None:

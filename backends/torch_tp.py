@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -136,15 +137,21 @@ def leave_group() -> None:
 # the collectives of split modules that failed in this process (a member gone, a timeout): a
 # step's caller sees them wrapped in the step's BackendError, and must know the group is broken
 COLLECTIVE_FAILURES: list[BaseException] = []
+# [seconds, count] the split modules' collectives took inside steps (waiting for the slowest
+# member included): what a collective costs where the steps run it, for the cost model (P10)
+COLLECTIVE_TIME = [0.0, 0]
 
 
 @contextlib.contextmanager
 def _noted() -> Iterator[None]:
+    started = time.perf_counter()
     try:
         yield
     except Exception as exc:
         COLLECTIVE_FAILURES.append(exc)
         raise
+    COLLECTIVE_TIME[0] += time.perf_counter() - started
+    COLLECTIVE_TIME[1] += 1
 
 
 def shard_stage(backend: Any, mesh: Any) -> int:

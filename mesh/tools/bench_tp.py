@@ -19,7 +19,9 @@ calibrated by timing a whole stage at that many threads (``time_stage`` and
 (median round trip / 2, throughput of a bulk transfer). The predicted all-reduce is the cost
 model's ring formula on that link. ``error`` = measured / predicted step - 1. A second
 prediction, ``predicted_calibrated_step_s`` (``error_calibrated``), takes the link latency
-from the group's own measured all-reduce instead (``probed_link``): the compute model and the
+from the all-reduces as the group's decode steps ran them (``allreduce_in_steps_s``: their
+mean time inside the steps, waiting for the slowest member included; ``allreduce_s`` is the
+same collective run back to back) instead (``probed_link``): the compute model and the
 all-reduce term's form checked against the whole step, the collective's cost measured as a
 node's calibration measures its layers.
 
@@ -123,8 +125,9 @@ def alone(folder: Path, threads: int, dtype: str, prompt: int, steps: int, flops
     return got
 
 
-def group(folder: Path, k: int, threads: int, dtype: str, prompt: int, steps: int) -> tuple[float, float]:
-    """(median decode step s, median all-reduce s) of a k-member group on 127.0.0.1."""
+def group(folder: Path, k: int, threads: int, dtype: str, prompt: int, steps: int) -> tuple[float, float, float]:
+    """(median decode step s, median all-reduce s back to back, mean all-reduce s inside the
+    decode steps) of a k-member group on 127.0.0.1."""
     from backends.torch_group import GroupMember, GroupSpec, TorchGroupBackend
     from mesh.models import Model, resolve_model
 
@@ -144,7 +147,10 @@ def group(folder: Path, k: int, threads: int, dtype: str, prompt: int, steps: in
                                 dtype=dtype, rendezvous=join)
     try:
         backend.load(model, 0, model.num_layers)
-        return decode_steps(backend, prompt, steps), backend.allreduce_s(200)
+        backend.allreduce_s(1)  # clears the load's and warm-up's collectives
+        step = decode_steps(backend, prompt, steps)
+        alone, in_steps = backend.allreduce_s(200)
+        return step, alone, in_steps if in_steps is not None else alone
     finally:
         backend.unload()
         for member in members:
@@ -220,7 +226,7 @@ def run_tp_bench(args: argparse.Namespace) -> int:
         failures = 0
         for k in sizes:
             threads = max(1, cores // k)
-            steps_s, reduces, cals = [], [], []
+            steps_s, reduces, in_steps, cals = [], [], [], []
             error = None
             try:
                 for _ in range(args.repeats):
@@ -231,9 +237,10 @@ def run_tp_bench(args: argparse.Namespace) -> int:
                     if k == 1:
                         steps_s.append(step)
                     else:
-                        step, reduce = group(folder, k, threads, args.dtype, args.prompt, args.steps)
+                        step, reduce, inside = group(folder, k, threads, args.dtype, args.prompt, args.steps)
                         steps_s.append(step)
                         reduces.append(reduce)
+                        in_steps.append(inside)
             except Exception as exc:  # noqa: BLE001 - recorded, and the other sizes still run
                 error, failures = f"{type(exc).__name__}: {exc}", failures + 1
             results = None
@@ -243,18 +250,20 @@ def run_tp_bench(args: argparse.Namespace) -> int:
                                                            link, args.prompt, args.steps)
                 measured = statistics.median(steps_s)
                 results = {"step_s": stats_block(steps_s), "tok_s": 1.0 / measured,
-                           "allreduce_s": stats_block(reduces), "predicted_step_s": predicted,
+                           "allreduce_s": stats_block(reduces), "allreduce_in_steps_s": stats_block(in_steps),
+                           "predicted_step_s": predicted,
                            "predicted_allreduce_s": predicted_reduce if k > 1 else 0.0,
                            "error": measured / predicted - 1, "calibration": fastest,
                            "link": {"latency_s": link[0], "bandwidth_bytes_per_s": link[1]}}
-                if reduces:  # the same model, its all-reduce term taken from the group's own probe
-                    probed = probed_link(k, statistics.median(reduces), spec.hidden_bytes, link[1])
+                if in_steps:  # the same model, its all-reduce term as the group's steps measured it
+                    probed = probed_link(k, statistics.median(in_steps), spec.hidden_bytes, link[1])
                     calibrated, _ = predict_step(k, threads, cores, profile, args.dtype, fastest, spec, probed,
                                                  args.prompt, args.steps)
                     results |= {"predicted_calibrated_step_s": calibrated, "error_calibrated": measured / calibrated - 1}
                 print(f"k={k}: decode step {measured * 1e3:.1f} ms ({1 / measured:.1f} tok/s), predicted "
                       f"{predicted * 1e3:.1f} ms ({(measured / predicted - 1) * 100:+.0f} %)"
-                      + (f"; all-reduce {statistics.median(reduces) * 1e6:.0f} us, predicted "
+                      + (f"; all-reduce {statistics.median(reduces) * 1e6:.0f} us alone, "
+                         f"{statistics.median(in_steps) * 1e6:.0f} us in steps, predicted "
                          f"{predicted_reduce * 1e6:.0f} us; with the measured all-reduce: predicted "
                          f"{results['predicted_calibrated_step_s'] * 1e3:.1f} ms "
                          f"({results['error_calibrated'] * 100:+.0f} %)" if reduces else ""))
