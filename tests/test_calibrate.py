@@ -185,3 +185,23 @@ def test_repeated_timings_keep_the_fastest_time_of_each_step() -> None:
     first = ({8: 0.02, 128: 0.30}, 0.010)
     assert fastest(None, first) == first
     assert fastest(first, ({8: 0.03, 128: 0.20}, 0.012)) == ({8: 0.02, 128: 0.20}, 0.010)
+
+
+@pytest.mark.spec("P10", "N26")
+def test_a_groups_measured_collective_prices_its_all_reduces() -> None:
+    """The leader publishes what its group's all-reduce took inside steps; the topology carries
+    it for exactly that set of members, and a decode step of the group costs two of them per
+    layer instead of the link's latency (malformed figures, or members not placed, are ignored)."""
+    links = {link_key("1", "2"): {"transport": "tcp", "rtt_p50_s": 2e-4, "rtt_p99_s": 4e-4,
+                                  "throughput_bytes_per_s": 1e9, "samples": 5}}
+    measured = {"members": ["2", "1"], "seconds": 1.5e-3}
+    state = {**_member("1"), **_member("2"), **links,
+             profile_key("1"): profile_record({"f32": FLOPS}, BANDWIDTH, "cpu", collective=measured),
+             profile_key("2"): profile_record({"f32": FLOPS}, BANDWIDTH, "cpu",
+                                              collective={"members": ["1", "9"], "seconds": 1.0})}
+    topo = topology(_state(state), "f32")
+    assert topo.collectives == ((("1", "2"), 1.5e-3),)
+    group = _stage(("1", "2"))
+    wire = Topology(devices=topo.devices, links=topo.links)
+    extra = decode_stage_s(topo, SPEC, group, 100) - decode_stage_s(wire, SPEC, group, 100)
+    assert extra == pytest.approx(4 * 2 * (1.5e-3 - 2 * 1e-4), rel=1e-6)  # 4 layers, 2 all-reduces each

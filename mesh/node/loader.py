@@ -136,6 +136,7 @@ class StageLoader:
         # where two threads' OpenMP teams only slow the steps meanwhile (spec N21)
         self._beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-load")
         self.calibration: Any = None  # per-layer step times of the loaded stage (spec P19)
+        self.collective: dict[str, Any] | None = None  # the all-reduce of the group this node leads (P10)
         self._wanted = asyncio.Event()
         self._plan: Plan | None = None
         self._stage_times: Any = None  # the fastest timings of the loaded stage so far
@@ -163,7 +164,7 @@ class StageLoader:
         if self.profile is not None:
             self.publish(profile_record(self.profile.flops, self.profile.memory_bandwidth_bytes_per_s,
                                         self.profile.device, calibration=self.calibration, hardware=self.hardware,
-                                        load_bytes_per_s=self.load_bytes_per_s))
+                                        load_bytes_per_s=self.load_bytes_per_s, collective=self.collective))
 
     async def run(self, joined: asyncio.Event) -> None:
         """Load stages as plans change, until cancelled; recalibrations and the retiring of
@@ -416,7 +417,10 @@ class StageLoader:
         while idle, keeping the fastest time of each step, spread by member id so members of
         one host do not time each other again."""
         if getattr(backend, "group", None) is not None:
-            return  # a tensor-parallel group's times are not this device's (spec P19 prices groups from their members')
+            # a group's step times are not this device's (P19 prices groups from their members'
+            # calibrations); what it measures is its collective (P10)
+            await self._time_group(backend)
+            return
         waited = 0.0
         while self.holder.caches and waited < CALIBRATE_WAIT_S:
             await asyncio.sleep(0.5)
@@ -430,6 +434,26 @@ class StageLoader:
                 return  # replaced: its own calibration runs
             if not self.holder.caches:  # serving: try again later
                 await self._time_stage(backend)
+
+    async def _time_group(self, backend: Any) -> None:
+        """Spec P10: measure the all-reduce of the group this node leads where its steps run it
+        (else back to back, until steps ran) once idle, then a few times more, and publish it
+        with this node's profile for the planner's price of that group."""
+        members = (self.member_id, *self._groups_held.get((backend.layer_start, backend.layer_end), ()))
+        for attempt in range(1 + RECALIBRATIONS):
+            await asyncio.sleep(RECALIBRATE_AFTER_S if attempt else SETTLE_S)
+            if self._calibrating is not backend or getattr(backend, "failure", None):
+                return
+            try:
+                alone, inside = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, backend.allreduce_s, 20)
+            except Exception as exc:  # a failed group is retired elsewhere; the figure is an aid
+                log.warning("could not time the tensor-parallel group's all-reduce: %s", exc)
+                return
+            if inside is None and self.collective is not None and self.collective["members"] == list(members):
+                continue  # no step ran since: keep the figure measured inside steps
+            self.collective = {"members": list(members), "seconds": inside if inside is not None else alone}
+            self.publish_profile()
 
     async def _time_stage(self, backend: Backend) -> bool:
         """Time ``backend``'s stage once more, fold it into the fastest times so far, refit and

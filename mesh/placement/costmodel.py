@@ -219,10 +219,14 @@ class Link:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Topology:
-    """Devices and the links between them (a missing link: no direct path)."""
+    """Devices and the links between them (a missing link: no direct path); ``collectives``:
+    what a tensor-parallel group's collective took where its steps ran it, measured by the
+    group (``(sorted member ids, seconds per all-reduce of one token's hidden state)``): it
+    prices that group's all-reduces instead of its links' latency (spec P10)."""
 
     devices: tuple[Device, ...]
     links: tuple[Link, ...] = ()
+    collectives: tuple[tuple[tuple[str, ...], float], ...] = ()
     _index: dict[tuple[str, str], Link] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -329,8 +333,11 @@ def _group(topology: Topology, stage: StagePlan) -> tuple[float, float, float, f
     links = [topology.link(a.id, b.id) for i, a in enumerate(devices) for b in devices[i + 1:]]
     if any(link is None for link in links):
         return flops, bandwidth, 0.0, math.inf
-    return (flops, bandwidth, min(link.bandwidth_bytes_per_s for link in links if link is not None),
-            max(link.latency_s for link in links if link is not None))
+    slowest = min(link.bandwidth_bytes_per_s for link in links if link is not None)
+    measured = dict(topology.collectives).get(tuple(sorted(stage.devices)))
+    if measured is not None:  # the group's own collectives: software and waiting included, not just the wire
+        return flops, bandwidth, slowest, measured / (2 * (len(devices) - 1))
+    return flops, bandwidth, slowest, max(link.latency_s for link in links if link is not None)
 
 
 def allreduce_s(k: int, nbytes: float, bandwidth: float, latency: float) -> float:

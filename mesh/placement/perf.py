@@ -34,11 +34,13 @@ MEASURED_WINDOW = 64  # requests kept for the measured figures
 
 def profile_record(flops: dict[str, float], bandwidth_bytes_per_s: float, device: str,
                    calibration: Calibration | None = None, hardware: str = "",
-                   load_bytes_per_s: float | None = None) -> dict[str, Any]:
+                   load_bytes_per_s: float | None = None, collective: dict[str, Any] | None = None) -> dict[str, Any]:
     """The published value of a member's profile (FLOP/s per dtype, bytes/s), the hardware it
     was measured on (``profile.hardware``: members on the same hardware check each other's
-    figures, spec P7), once its stage is loaded the stage's calibration (spec P19), and the
-    rate its last load read weights at (bytes of loaded weights per second, spec P21)."""
+    figures, spec P7), once its stage is loaded the stage's calibration (spec P19), the
+    rate its last load read weights at (bytes of loaded weights per second, spec P21), and
+    for a tensor-parallel group it leads, its collective as measured (``{"members": [ids],
+    "seconds": s}``, spec P10)."""
     record: dict[str, Any] = {"flops": dict(sorted(flops.items())),
                               "memory_bandwidth_bytes_per_s": bandwidth_bytes_per_s, "device": device}
     if hardware:
@@ -47,6 +49,8 @@ def profile_record(flops: dict[str, float], bandwidth_bytes_per_s: float, device
         record["load_bytes_per_s"] = float(load_bytes_per_s)
     if calibration is not None:
         record["calibration"] = calibration.to_wire()
+    if collective is not None:
+        record["collective"] = collective
     return record
 
 
@@ -103,6 +107,14 @@ def topology(view: ClusterView, dtype: str, model: str | None = None) -> Topolog
                               memory_bandwidth_bytes_per_s=float(bandwidth), backend=member.backend,
                               calibration=_calibration(record, model)))
     ids = {d.id for d in devices}
+    collectives = {}
+    for member in view.members():  # spec P10: what a group's collective took, as its leader measured
+        record = view.state.get(profile_key(member.member_id))
+        found = record.get("collective") if isinstance(record, dict) else None
+        members = found.get("members") if isinstance(found, dict) else None
+        if (isinstance(members, list) and len(members) >= 2 and all(isinstance(m, str) and m in ids for m in members)
+                and _positive(found.get("seconds"))):
+            collectives[tuple(sorted(members))] = float(found["seconds"])
     best: dict[tuple[str, str], Link] = {}
     for row in view.links():
         a, b = sorted((row["from"], row["to"]))
@@ -112,7 +124,8 @@ def topology(view: ClusterView, dtype: str, model: str | None = None) -> Topolog
         old = best.get((a, b))
         if old is None or link.bandwidth_bytes_per_s > old.bandwidth_bytes_per_s:
             best[(a, b)] = link
-    return Topology(devices=tuple(devices), links=tuple(best[k] for k in sorted(best)))
+    return Topology(devices=tuple(devices), links=tuple(best[k] for k in sorted(best)),
+                    collectives=tuple(sorted(collectives.items())))
 
 
 def load_rates(view: ClusterView) -> dict[str, float]:

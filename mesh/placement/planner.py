@@ -345,7 +345,9 @@ def solver_topology(view: ClusterView, inputs: PlanInputs, exclude: set[str] = f
     links = tuple(known.get(tuple(sorted((a.id, b.id))), Link(  # type: ignore[call-overload]
         a=a.id, b=b.id, latency_s=NOMINAL_LINK_LATENCY_S, bandwidth_bytes_per_s=NOMINAL_LINK_BYTES_PER_S))
         for i, a in enumerate(devices) for b in devices[i + 1:])
-    return Topology(devices=devices, links=links)
+    ids = {d.id for d in devices}
+    return Topology(devices=devices, links=links,
+                    collectives=tuple(c for c in measured.collectives if all(m in ids for m in c[0])))
 
 
 def runtime_plan(num_layers: int, placement: Any) -> Plan:
