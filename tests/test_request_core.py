@@ -308,6 +308,30 @@ def test_a_resume_that_cannot_load_prefills_from_the_start() -> None:
     assert (fwd.pos, fwd.tokens) == (0, [*PROMPT, 5]) and not core.wants(load)
 
 
+@pytest.mark.spec("FO8", "N26")
+def test_a_resume_on_a_stage_that_is_gone_keeps_the_replica_for_the_next_plan() -> None:
+    """A kv.load answered "gone" (the stage itself failed: a tensor-parallel group lost a
+    member) fails the attempt instead of re-prefilling on that stage; the next plan resumes
+    from the same replica."""
+    core = core_for(max_tokens=6, replica=FakeReplica(covered=4))  # type: ignore[arg-type]
+    core.start(plan("a"), 0.0)
+    drain(core)
+    for step, token in enumerate((5, 6)):
+        core.token("r.0", step, token, None, 0.1 * (step + 1))
+        core.token_taken(0.1 * (step + 1))
+    core.error("r.0", "lost", fatal=False, now=1.0)
+    core.plan_changed(PlanState(plan=plan("a"), ready=True, reason="ok"), 2.0)
+    (load,) = [x for x in drain(core) if isinstance(x, SendKvLoad)]
+    core.kv_loaded("r.1", "a", 4, False, "a: the tensor-parallel group failed", 2.1, gone=True)
+    assert not forwards(drain(core))  # no re-prefill on the stage that is gone
+    core.plan_changed(PlanState(plan=plan("b"), ready=True, reason="ok"), 3.0)
+    (again,) = [x for x in drain(core) if isinstance(x, SendKvLoad)]
+    assert (again.member, again.end) == ("b", 4)
+    core.kv_loaded("r.2", "b", 4, True, "", 3.1)
+    (fwd,) = forwards(drain(core))
+    assert (fwd.pos, fwd.tokens) == (4, [6])
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.sampled_from(["token", "lost", "stale", "late"]), min_size=1, max_size=30))
 def test_any_sequence_of_faults_keeps_the_token_stream_a_prefix_of_the_fault_free_one(events: list[str]) -> None:

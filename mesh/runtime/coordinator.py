@@ -375,7 +375,7 @@ class Coordinator:
         elif isinstance(msg, StepError):
             core.error(msg.req, msg.message, msg.fatal, now)
         elif isinstance(msg, KvLoaded):
-            core.kv_loaded(msg.req, msg.member, msg.end, msg.ok, msg.message, now)
+            core.kv_loaded(msg.req, msg.member, msg.end, msg.ok, msg.message, now, gone=msg.gone)
 
     async def _release(self, req: str, members: frozenset[str]) -> None:
         """Free ``req``'s KV caches on ``members`` (spec FO5): each stage acknowledges with

@@ -275,18 +275,21 @@ class KvLoaded:
     end: int
     ok: bool
     message: str = ""
+    gone: bool = False  # not ok because the stage itself failed (a tensor-parallel group lost a member)
 
     def to_message(self) -> Message:
         body: dict[str, Any] = {"req": self.req, "member": self.member, "end": self.end, "ok": self.ok}
         if self.message:
             body["message"] = self.message
+        if self.gone:
+            body["gone"] = True
         return Message(type="kv.loaded", body=body)
 
     @classmethod
     def decode(cls, msg: Message) -> KvLoaded:
         body = msg.body
         return cls(req=_req(body), member=_req(body, "member", MAX_MEMBER), end=_int(body, "end"),
-                   ok=body.get("ok") is True, message=str(body.get("message", ""))[:2000])
+                   ok=body.get("ok") is True, message=str(body.get("message", ""))[:2000], gone=body.get("gone") is True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -6,7 +6,7 @@ specs/node.md N9, N13).
 feeds it what happened, with ``now`` (monotonic seconds), and carries out what it returns:
 
 - inputs: ``start(plan, now)``, ``token(step, token, timing, now)``, ``error(message, fatal,
-  now)``, ``kv_loaded(member, end, ok, message, now)``, ``plan_changed(state, now)``,
+  now)``, ``kv_loaded(member, end, ok, message, now, gone=)``, ``plan_changed(state, now)``,
   ``send_failed(action, error, timed_out, now)``, ``timer(now)`` (at ``get_timer()``),
   ``token_taken(now)`` (the consumer took the last token; the next step may start);
 - outputs, in order, from ``next_action()``: ``SendForward``, ``SendKvLoad``, ``Emit`` (a
@@ -338,9 +338,13 @@ class RequestCore:
         else:
             self.plan_changed(PlanState(plan=None, ready=False, reason=reason), now)
 
-    def kv_loaded(self, req: str, member: str, end: Any, ok: bool, message: str, now: float) -> None:
+    def kv_loaded(self, req: str, member: str, end: Any, ok: bool, message: str, now: float, *,
+                  gone: bool = False) -> None:
         a = self.attempt
         if self.done or a is None or req != a.req or a.phase not in ("resume", "handover") or end != a.wait_end:
+            return
+        if not ok and gone and a.phase == "resume":  # the stage itself failed: another plan, the replica kept
+            self._attempt_failed(StageFailure(message), now)
             return
         if not ok:
             self._kv_wait_over(a, message, now)

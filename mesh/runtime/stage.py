@@ -316,7 +316,8 @@ class StageWorker:
         in place, or why not (``error``). A send that fails is only logged: the waiting
         coordinator's deadline covers it (spec FO8, N13)."""
         reply = KvLoaded(req=req, member=self.member_id, end=end, ok=error is None,
-                         message="" if error is None else f"{self.member_id}: {error}")
+                         message="" if error is None else f"{self.member_id}: {error}",
+                         gone=isinstance(error, StageFailed))
         try:
             await self.send(member, reply.to_message())
         except MeshError as exc:
