@@ -25,13 +25,17 @@ connections use the interface holding ``address`` (``GLOO_SOCKET_IFNAME``); the 
 the port to the other members over the authenticated mesh link (specs/security.md).
 
 KV caches: each member holds its share of every layer's KV heads. ``export_kv`` gathers the
-shares (``all_gather_object``) into whole ``[1, kv_heads, n, head_dim]`` tensors, so a replica
+shares (``_gather``) into whole ``[1, kv_heads, n, head_dim]`` tensors, so a replica
 or a move holds what a single-device stage holds; ``import_kv`` gives each member its share.
 """
 
 from __future__ import annotations
 
+import collections
 import datetime
+import hashlib
+import hmac
+import ipaddress
 import multiprocessing
 import os
 import pickle
@@ -51,6 +55,8 @@ from mesh.errors import BackendError, StageFailed
 from mesh.models import Model
 from mesh.wire import DTYPES, WireTensor
 
+FAILED_EXIT = 3  # a member's exit code when its group failed (0: the leader told it to stop)
+MAX_MESSAGE_BYTES = 1 << 30  # a larger size in a command's header is refused before anything is allocated
 PORT_WAIT_S = 60.0  # a member process starts and reports its port (a spawned interpreter imports torch)
 _ITEM = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}
 
@@ -71,12 +77,19 @@ class GroupSpec:
     load_timeout_s: float = 600.0
     threads: int | None = None
     bind: str = ""  # this member's own address on the group's link (default ``address``): gloo's interface
+    secret: str = ""  # hex key authenticating the leader's commands and the members' KV shares (HMAC)
 
     def __post_init__(self) -> None:
         if self.world < 2 or not 0 <= self.rank < self.world:
             raise BackendError(f"member {self.rank} of a group of {self.world}: need 2 or more members, 0 <= rank < world")
         if self.timeout_s <= 0 or self.load_timeout_s <= 0:
             raise BackendError("a group's timeouts must be positive seconds")
+        try:
+            key = bytes.fromhex(self.secret)
+        except ValueError:
+            key = b""
+        if len(key) < 16:
+            raise BackendError("a group needs a secret of at least 16 bytes, in hex (secrets.token_hex(16))")
 
 
 def interface_of(address: str) -> str | None:
@@ -96,6 +109,7 @@ def _member_main(conn: Any, spec: GroupSpec, model_ref: Any, layer_start: int, l
     told to stop; reports ``("port", n)`` (leader), ``("ready", n_split)`` or ``("error", text)``
     on ``conn``, then (leader) one answer per command."""
     listener = None
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     try:
         ifname = interface_of(spec.bind or spec.address)
         if ifname is None:  # else gloo would pick an interface of its own choosing
@@ -116,18 +130,19 @@ def _member_main(conn: Any, spec: GroupSpec, model_ref: Any, layer_start: int, l
         store = _rendezvous(spec, listener)
         mesh = join_group(spec.rank, spec.world, spec.address, spec.port, timeout_s=spec.timeout_s, store=store)
         split = shard_stage(backend, mesh)
+        _barrier(store, "split", spec)  # the first broadcast's timeout starts when every member is split
     except Exception as exc:  # noqa: BLE001 - whatever failed is the node's to report
         _send(conn, ("error", f"{type(exc).__name__}: {exc}"))
         return
     _send(conn, ("ready", split))
-    if spec.rank:
-        threading.Thread(target=_exit_with_parent, args=(conn,), daemon=True).start()
+    code = 0
     try:
         _serve(conn, spec, backend, torch)
     except Exception as exc:  # noqa: BLE001 - a collective failed or timed out: the group is over
         _send(conn, ("fatal", f"{type(exc).__name__}: {exc}"))
+        code = FAILED_EXIT
     finally:
-        os._exit(0)  # never wait on gloo's teardown: a peer may be gone
+        os._exit(code)  # never wait on gloo's teardown: a peer may be gone
 
 
 def _rendezvous(spec: GroupSpec, listener: socket.socket | None) -> Any:
@@ -141,19 +156,24 @@ def _rendezvous(spec: GroupSpec, listener: socket.socket | None) -> Any:
                               wait_for_workers=False, master_listen_fd=listener.fileno())
     else:
         store = dist.TCPStore(spec.address, spec.port, spec.world, is_master=False, timeout=wait)
-    if store.add("loaded", 1) == spec.world:
-        store.set("go", "1")
-    store.wait(["go"], wait)
+    _barrier(store, "loaded", spec)
     return store
 
 
-def _exit_with_parent(conn: Any) -> None:
-    """A member (not the leader) ends when its node does: its pipe's other end closes."""
-    try:
-        while True:
-            conn.recv()
-    except (EOFError, OSError):
-        os._exit(1)
+def _barrier(store: Any, name: str, spec: GroupSpec) -> None:
+    """Every member reaches ``name``: each adds one, the last one sets ``name``-go, all wait for
+    it (``load_timeout_s``: members load and split at their own speed)."""
+    if store.add(name, 1) == spec.world:
+        store.set(f"{name}-go", "1")
+    store.wait([f"{name}-go"], datetime.timedelta(seconds=spec.load_timeout_s))
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A member ends when its node does, loading or serving: the node's process is gone once
+    this one has another parent (polled every 0.2 s)."""
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os._exit(FAILED_EXIT)
 
 
 def _send(conn: Any, message: Any) -> None:
@@ -175,7 +195,7 @@ def _serve(conn: Any, spec: GroupSpec, backend: Any, torch: Any) -> None:
                 command = conn.recv() if conn.poll(ping_s) else ("ping",)
             except (EOFError, OSError):
                 command = ("stop",)  # the node is gone: stop the others too
-        command = _broadcast(command, spec.rank, torch, dist)
+        command = _broadcast(command, spec, torch, dist)
         if command[0] == "stop":
             return
         if command[0] == "ping":
@@ -191,26 +211,66 @@ def _serve(conn: Any, spec: GroupSpec, backend: Any, torch: Any) -> None:
 HEADER_BYTES = 4096  # a command that fits (a decode step's) goes to the members in one collective
 
 
-def _broadcast(command: Any, rank: int, torch: Any, dist: Any) -> Any:
-    """The leader's ``command`` on every member: pickled into a fixed header (its length, then
-    the bytes when they fit), broadcast; a larger one (a prompt chunk's hidden states) follows
-    in a second broadcast. Why not ``broadcast_object_list``: it always runs two collectives, and
-    a decode step pays each one's latency. Pickle, as there: the members trust their leader (the
-    group's link is trusted, specs/security.md S7-S8)."""
+def _broadcast(command: Any, spec: GroupSpec, torch: Any, dist: Any) -> Any:
+    """The leader's ``command`` on every member: pickled, with its HMAC-SHA256 under the group's
+    secret, into a fixed header (its length, the HMAC, then the bytes when they fit), broadcast;
+    a larger one (a prompt chunk's hidden states) follows in a second broadcast. Why not
+    ``broadcast_object_list``: it always runs two collectives, a decode step pays each one's
+    latency, and it unpickles whatever arrives. Raises BackendError when the HMAC does not match
+    (gloo's connections are plaintext: bytes from anyone else are never unpickled) or the size
+    is beyond ``MAX_MESSAGE_BYTES``."""
     head = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
     data = b""
-    if rank == 0:
+    if spec.rank == 0:
         data = pickle.dumps(command, protocol=pickle.HIGHEST_PROTOCOL)
-        head[:8] = torch.frombuffer(bytearray(len(data).to_bytes(8, "little")), dtype=torch.uint8)
-        if len(data) <= HEADER_BYTES - 8:
-            head[8:8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        prefix = len(data).to_bytes(8, "little") + _mac(spec, data)
+        head[:40] = torch.frombuffer(bytearray(prefix), dtype=torch.uint8)
+        if len(data) <= HEADER_BYTES - 40:
+            head[40:40 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     dist.broadcast(head, src=0)
-    size = int.from_bytes(head[:8].numpy().tobytes(), "little")
-    if size <= HEADER_BYTES - 8:
-        return pickle.loads(head[8:8 + size].numpy().tobytes())
-    body = torch.frombuffer(bytearray(data), dtype=torch.uint8) if rank == 0 else torch.empty(size, dtype=torch.uint8)
-    dist.broadcast(body, src=0)
-    return pickle.loads(body.numpy().tobytes())
+    raw = head.numpy().tobytes()
+    size, mac = int.from_bytes(raw[:8], "little"), raw[8:40]
+    if size > MAX_MESSAGE_BYTES:
+        raise BackendError(f"a group command of {size} bytes is beyond {MAX_MESSAGE_BYTES}")
+    if size <= HEADER_BYTES - 40:
+        body = raw[40:40 + size]
+    else:
+        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if spec.rank == 0 else torch.empty(
+            size, dtype=torch.uint8)
+        dist.broadcast(buffer, src=0)
+        body = buffer.numpy().tobytes()
+    return _unpickle(spec, body, mac, "the leader's command")
+
+
+def _mac(spec: GroupSpec, data: bytes) -> bytes:
+    return hmac.new(bytes.fromhex(spec.secret), data, hashlib.sha256).digest()
+
+
+def _unpickle(spec: GroupSpec, data: bytes, mac: bytes, what: str) -> Any:
+    if not hmac.compare_digest(mac, _mac(spec, data)):
+        raise BackendError(f"{what} failed its authentication (not from this group's members)")
+    return pickle.loads(data)
+
+
+def _gather(value: Any, spec: GroupSpec, torch: Any, dist: Any) -> list[Any]:
+    """Every member's ``value`` on every member, in rank order: pickled with its HMAC (as
+    ``_broadcast``), sizes gathered, then the bytes (padded to the largest)."""
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    data = _mac(spec, data) + data
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(spec.world)]
+    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64))
+    longest = max(int(t.item()) for t in sizes)
+    if longest > MAX_MESSAGE_BYTES:
+        raise BackendError(f"a member's share of {longest} bytes is beyond {MAX_MESSAGE_BYTES}")
+    mine = torch.zeros(longest, dtype=torch.uint8)
+    mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(spec.world)]
+    dist.all_gather(parts, mine)
+    out = []
+    for size, part in zip(sizes, parts, strict=True):
+        raw = part[:int(size.item())].numpy().tobytes()
+        out.append(_unpickle(spec, raw[32:], raw[:32], "a member's KV share"))
+    return out
 
 
 def _run(command: tuple[Any, ...], caches: dict[int, Any], backend: Any, spec: GroupSpec, dist: Any) -> Any:
@@ -225,6 +285,9 @@ def _run(command: tuple[Any, ...], caches: dict[int, Any], backend: Any, spec: G
         out = backend.forward_batch(items)
         if COLLECTIVE_FAILURES:  # the step's error is the group's: never answer as if one request failed
             raise COLLECTIVE_FAILURES[0]
+        failed = next((o for o in out if isinstance(o, BackendError) and o.__cause__ is not None), None)
+        if failed is not None:  # the batched call itself failed here (not a check every member makes
+            raise failed  # alike): the others may be inside its collectives, the group cannot go on
         return out
     if kind == "export":
         _, _, cid, start_pos, end_pos = command
@@ -232,8 +295,9 @@ def _run(command: tuple[Any, ...], caches: dict[int, Any], backend: Any, spec: G
             mine: Any = backend.export_kv(caches[cid], start_pos=start_pos, end_pos=end_pos)
         except (BackendError, KeyError) as exc:
             mine = BackendError(str(exc))
-        shares: list[Any] = [None] * spec.world
-        dist.all_gather_object(shares, mine)  # every member takes part, also after an error
+        import torch
+
+        shares = _gather(mine, spec, torch, dist)  # every member takes part, also after an error
         bad = next((s for s in shares if isinstance(s, BackendError)), None)
         if bad is not None:
             return bad
@@ -418,7 +482,7 @@ class TorchGroupBackend(Backend):
         self._loading: GroupMember | None = None
         self._cancelled = False
         self._next_cid = 0
-        self._dropped: list[int] = []
+        self._dropped: collections.deque[int] = collections.deque()  # appended by finalizers on any thread
         self._call = threading.Lock()  # one command at a time on the pipe
 
     def load(self, model: Model, layer_start: int, layer_end: int, progress: Progress | None = None) -> None:
@@ -430,12 +494,22 @@ class TorchGroupBackend(Backend):
             member.cancel()
         port = member.start()
         if self.rendezvous is not None:
-            self.rendezvous(f"{self.group.address}:{port}")
+            self.rendezvous(f"{self.group.address}:{port}/{self.group.secret}")
         self.modules_split = member.ready()
         self._member = member
         self.num_layers = model.num_layers
         self.set_dimensions(model.config)
         self.layer_start, self.layer_end = layer_start, layer_end
+
+    def check(self) -> str | None:
+        """``failure``, also found between steps: the leader's process ended by itself (a member
+        gone at an idle ping). None while the group works."""
+        member = self._member
+        if self.failure is None and member is not None and not member.alive:
+            self.failure = (f"the tensor-parallel group failed between steps: its leader's process ended "
+                            f"(exit code {member.process.exitcode})")
+            member.stop()
+        return self.failure
 
     def cancel(self) -> None:
         """Make a ``load`` under way (on another thread) give up: it raises BackendError and the
@@ -464,7 +538,7 @@ class TorchGroupBackend(Backend):
                 raise StageFailed(self.failure)
             if member is None:
                 raise BackendError("no layers loaded")
-            dropped, self._dropped[:] = list(self._dropped), []
+            dropped = [self._dropped.popleft() for _ in range(len(self._dropped))]
             started = time.monotonic()
             try:
                 member.conn.send((kind, dropped, *args))
@@ -525,3 +599,19 @@ class TorchGroupBackend(Backend):
         if self._member is not None:
             self._member.stop()
             self._member = None
+
+
+def parse_rendezvous(text: str) -> tuple[str, int, str] | None:
+    """``host:port/secret`` of a leader's status record as (IP address, port, hex secret), or
+    None when malformed (a peer's record is never trusted to be well formed)."""
+    where, _, secret = text.partition("/")
+    host, _, port = where.rpartition(":")
+    try:
+        address = str(ipaddress.ip_address(host.strip("[]")))
+        number = int(port)
+        bytes.fromhex(secret)
+    except ValueError:
+        return None
+    if not 0 < number < 65536 or len(secret) < 32:
+        return None
+    return address, number, secret

@@ -6,6 +6,7 @@ process left behind."""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import threading
 import time
@@ -17,7 +18,7 @@ import psutil
 import pytest
 
 from backends.base import as_float32
-from backends.torch_group import GroupMember, GroupSpec, TorchGroupBackend, heads_of, join_heads
+from backends.torch_group import GroupMember, GroupSpec, TorchGroupBackend, heads_of, join_heads, parse_rendezvous
 from mesh.errors import BackendError
 from mesh.models import Model, resolve_model
 from mesh.testing.tensor_parallel import PROMPT, greedy, load_whole
@@ -39,13 +40,14 @@ class Group:
         self.followers: list[GroupMember] = []
         self.ready: list[Any] = []
         self.backend = TorchGroupBackend(
-            group=GroupSpec(rank=0, world=2, address="127.0.0.1", threads=1, timeout_s=timeout_s, load_timeout_s=120),
+            group=GroupSpec(rank=0, world=2, address="127.0.0.1", threads=1, timeout_s=timeout_s, load_timeout_s=120,
+                            secret=secrets.token_hex(16)),
             dtype="f32", rendezvous=self._follow, step_timeout_s=60)
 
-    def _follow(self, address: str) -> None:
-        port = int(address.rsplit(":", 1)[1])
-        member = GroupMember(GroupSpec(rank=1, world=2, address="127.0.0.1", port=port, threads=1, timeout_s=10,
-                                       load_timeout_s=120), self.model, *self.layers, "f32")
+    def _follow(self, rendezvous: str) -> None:
+        host, port, secret = parse_rendezvous(rendezvous)
+        member = GroupMember(GroupSpec(rank=1, world=2, address=host, port=port, threads=1, timeout_s=10,
+                                       load_timeout_s=120, secret=secret), self.model, *self.layers, "f32")
         member.start()
         self.followers.append(member)
         threading.Thread(target=lambda: self.ready.append(member.ready()), daemon=True).start()
@@ -161,12 +163,19 @@ def test_kv_heads_split_and_join_in_rank_order() -> None:
 
 @pytest.mark.spec("B19")
 def test_a_group_spec_refuses_bad_places() -> None:
+    key = secrets.token_hex(16)
     with pytest.raises(BackendError, match="2 or more members"):
-        GroupSpec(rank=0, world=1, address="127.0.0.1")
+        GroupSpec(rank=0, world=1, address="127.0.0.1", secret=key)
     with pytest.raises(BackendError, match="0 <= rank < world"):
-        GroupSpec(rank=2, world=2, address="127.0.0.1")
+        GroupSpec(rank=2, world=2, address="127.0.0.1", secret=key)
+    with pytest.raises(BackendError, match="secret"):
+        GroupSpec(rank=0, world=2, address="127.0.0.1", secret="abc")
     with pytest.raises(BackendError, match="leader"):
-        TorchGroupBackend(group=GroupSpec(rank=1, world=2, address="127.0.0.1"))
+        TorchGroupBackend(group=GroupSpec(rank=1, world=2, address="127.0.0.1", secret=key))
+    assert parse_rendezvous(f"10.0.0.1:7000/{key}") == ("10.0.0.1", 7000, key)
+    assert parse_rendezvous(f"[fe80::1]:7000/{key}") == ("fe80::1", 7000, key)
+    for bad in ("10.0.0.1:7000", f"host:7000/{key}", f"10.0.0.1:0/{key}", f"10.0.0.1:x/{key}", "10.0.0.1:7/zz"):
+        assert parse_rendezvous(bad) is None, bad
 
 
 @pytest.mark.spec("B19")
@@ -194,3 +203,21 @@ def test_a_group_stage_inside_a_pipeline_gives_the_single_stage_tokens(folder: P
             tokens.append(int(out.logits.argmax()))
             ids = [tokens[-1]]
         assert tokens == want
+
+
+@pytest.mark.spec("B19", "S8")
+def test_bytes_without_the_groups_mac_are_never_unpickled() -> None:
+    """gloo's connections are plaintext: a command or KV share whose HMAC-SHA256 under the group's
+    secret does not match is refused before ``pickle.loads`` sees it."""
+    import pickle
+
+    from backends.torch_group import _mac, _unpickle
+
+    spec = GroupSpec(rank=1, world=2, address="127.0.0.1", secret=secrets.token_hex(16))
+    data = pickle.dumps(("batch", [], []))
+    assert _unpickle(spec, data, _mac(spec, data), "a command") == ("batch", [], [])
+    other = GroupSpec(rank=1, world=2, address="127.0.0.1", secret=secrets.token_hex(16))
+    with pytest.raises(BackendError, match="failed its authentication"):
+        _unpickle(spec, data, _mac(other, data), "a command")
+    with pytest.raises(BackendError, match="failed its authentication"):
+        _unpickle(spec, pickle.dumps(("stop",)), _mac(spec, data), "a command")

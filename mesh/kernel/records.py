@@ -165,7 +165,7 @@ class MemberStatus:
                 for r in held):
             raise FrameError("field 'held' of a status record is not a short list of [start, end] ranges")
         rendezvous = body.get("rendezvous", "")
-        if not isinstance(rendezvous, str) or len(rendezvous) > 64:
+        if not isinstance(rendezvous, str) or len(rendezvous) > 128:
             raise FrameError("field 'rendezvous' of a status record is not a short host:port")
         return cls(plan_id=_field(body, "plan_id", str), layer_start=start, layer_end=end, state=state,
                    error=error if isinstance(error, str) else None, held=tuple((a, b) for a, b in held),

@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from backends.torch_group import GroupMember, GroupSpec, TorchGroupBackend
+from backends.torch_group import GroupMember, GroupSpec, TorchGroupBackend, parse_rendezvous
 from mesh.errors import BackendError
 from mesh.kernel.records import MemberStatus
 from mesh.models import Model
@@ -67,11 +68,12 @@ class Groups:
         return cls(member_id, model, address=config.tp_address, dtype=dtype, timeout_s=config.dead_after_s,
                    status_of=lambda member: view().status(member))
 
-    def spec(self, rank: int, world: int, address: str, port: int = 0) -> GroupSpec:
+    def spec(self, rank: int, world: int, address: str, port: int = 0, secret: str = "") -> GroupSpec:
         # members on one host (a loopback trial) share its cores; elsewhere each has its own
         threads = max(1, (os.cpu_count() or 1) // world) if address.startswith("127.") else None
         return GroupSpec(rank=rank, world=world, address=address, port=port, timeout_s=self.timeout_s,
-                         load_timeout_s=LOAD_TIMEOUT_S, threads=threads, bind=self.address)
+                         load_timeout_s=LOAD_TIMEOUT_S, threads=threads, bind=self.address,
+                         secret=secret or secrets.token_hex(16))
 
     def leader(self, stage: Stage, rendezvous: Callable[[str], None]) -> TorchGroupBackend:
         """The backend of ``stage``, a group this node leads; ``rendezvous(host:port)`` is called
@@ -85,13 +87,17 @@ class Groups:
         return f.layers if f is not None and f.member.alive else None
 
     def lost(self) -> str | None:
-        """Why this node's member process is no longer right: it ended, or the leader published
-        another rendezvous for the plan (the group formed again without it); None when it is."""
+        """Why this node's member process is no longer right: it failed, or the leader published
+        another rendezvous for the plan (the group formed again without it); None when it is,
+        or when its leader stopped it (the group retired: ``following`` is cleared)."""
         f = self.following
         if f is None:
             return None
         if not f.member.alive:
-            return f"tensor-parallel member {f.rank} of plan {f.plan_id} ended"
+            if f.member.process.exitcode == 0:  # the leader retired the group: nothing failed
+                self.following = None
+                return None
+            return f"tensor-parallel member {f.rank} of plan {f.plan_id} ended (exit code {f.member.process.exitcode})"
         status = self.status_of(self._leader)
         if status.plan_id == f.plan_id and status.rendezvous not in ("", f.rendezvous):
             return f"the leader of plan {f.plan_id}'s group met again at {status.rendezvous}"
@@ -120,29 +126,34 @@ class Groups:
             if not wanted():
                 return False
             status = self.status_of(stage.member_id)
-            if status.plan_id == plan.plan_id and status.rendezvous and status.rendezvous != self._met:
+            if (status.plan_id == plan.plan_id and status.rendezvous and status.rendezvous != self._met
+                    and parse_rendezvous(status.rendezvous) is not None):
                 break
             if time.monotonic() > deadline:
                 raise BackendError(f"the group's leader {stage.member_id[:8]} published no rendezvous for plan "
                                    f"{plan.plan_id} within {LOAD_TIMEOUT_S:g} s")
             await asyncio.sleep(WAIT_STEP_S)
-        host, _, port = status.rendezvous.rpartition(":")
+        host, port, secret = parse_rendezvous(status.rendezvous)
         self._met = status.rendezvous
-        member = GroupMember(self.spec(rank, len(stage.members), host, int(port)), self.model, *layers, self.dtype)
+        member = GroupMember(self.spec(rank, len(stage.members), host, port, secret), self.model, *layers, self.dtype)
         await asyncio.to_thread(member.start)
         ready = asyncio.ensure_future(asyncio.to_thread(member.ready))
-        while not ready.done():
-            await asyncio.wait({ready}, timeout=WAIT_STEP_S)
-            if not wanted():
-                member.cancel()
         try:
+            while not ready.done():
+                await asyncio.wait({ready}, timeout=WAIT_STEP_S)
+                if not wanted():
+                    member.cancel()
             ready.result()
         except BackendError:
             if not wanted():
                 return False
             raise
+        finally:
+            if not ready.done():  # cancelled (the node stops): the member's wait ends, its process too
+                member.cancel()
         self.following = Following(plan.plan_id, layers, rank, status.rendezvous, member)
         log.info("member %d of the tensor-parallel group of layers [%d, %d) led by %s", rank, *layers,
                  stage.member_id[:8])
         return True
+
 

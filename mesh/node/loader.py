@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import Backend
+from backends.torch_group import TorchGroupBackend
 from mesh.errors import BackendError, MeshError
 from mesh.identity import host_dir
 from mesh.kernel.records import MemberStatus
@@ -254,7 +255,12 @@ class StageLoader:
 
     def _retire(self, layers: tuple[int, int]) -> None:
         self._groups_held.pop(layers, None)
+        backend = self.holder.stages.get(layers)
         self.holder.retire(layers)
+        if isinstance(backend, TorchGroupBackend):
+            # a group's processes end only when told (its members then end with it), off the loop:
+            # the stop waits for a step in flight
+            asyncio.get_running_loop().run_in_executor(self._beside, backend.unload)
         self.changed()
 
     async def _retire_forever(self) -> None:
@@ -270,24 +276,33 @@ class StageLoader:
         stays placeable) and the plan is loaded again: the same group formed anew while its
         members live, else the plan the planner makes without the member that is gone."""
         for layers, backend in list(self.holder.stages.items()):
-            failure = getattr(backend, "failure", None)
+            failure = backend.check() if isinstance(backend, TorchGroupBackend) else None
             if failure:
                 log.error("layers [%d, %d): %s", *layers, failure)
                 self._retire(layers)
                 self._failed_group(layers, failure)
+        f = self.groups.following if self.groups is not None else None
+        if f is not None and f.plan_id not in {p.plan_id for p in (self._plan, self.serving()) if p is not None}:
+            self.groups.stop()  # neither plan has it any more: its leader has moved on too
+            self._write(self._status)
+            return
         why = self.groups.lost() if self.groups is not None else None
         if why:
             log.error("%s", why)
             layers = self.groups.following.layers
             self.groups.stop()
             self._failed_group(layers, why)
+        elif f is not None and self.groups.following is None:  # its leader retired the group
+            self._write(self._status)
         if self._ungrouped_until and time.monotonic() >= self._ungrouped_until:
             self._ungrouped_until = 0.0  # it may join groups again
             self._write(self._status)
 
     def _failed_group(self, layers: tuple[int, int], why: str) -> None:
         plan_id = self._plan.plan_id if self._plan is not None else ""
-        self._ungrouped_until = time.monotonic() + UNGROUPED_S
+        if self._plan is not None and any(layers == (s.layer_start, s.layer_end) and self.member_id in s.members
+                                          for s in self._plan.all_stages):
+            self._ungrouped_until = time.monotonic() + UNGROUPED_S  # a group the target plan has failed
         self._write(MemberStatus(plan_id=plan_id, layer_start=layers[0], layer_end=layers[1], state="idle", error=why))
         self._wanted.set()
 
@@ -297,9 +312,9 @@ class StageLoader:
         calibrated, ``_recalibrate``), else None."""
         stage = plan.stage_of(self.member_id) if plan else None
         plan_id = plan.plan_id if plan else ""
+        # a member process of an older plan's group goes on until that group's leader retires it
+        # (or neither plan has it: ``check_groups``), as a stage serves until the new plan does (N21)
         place = plan.group_place(self.member_id) if plan is not None and self.groups is not None else None
-        if self.groups is not None and place is None:
-            self.groups.stop()
         if place is not None:
             return await self._follow(plan, *place)
         if stage is None:
@@ -416,7 +431,7 @@ class StageLoader:
         since members of one host load at once and time each other's load, a few times more
         while idle, keeping the fastest time of each step, spread by member id so members of
         one host do not time each other again."""
-        if getattr(backend, "group", None) is not None:
+        if isinstance(backend, TorchGroupBackend):
             # a group's step times are not this device's (P19 prices groups from their members'
             # calibrations); what it measures is its collective (P10)
             await self._time_group(backend)

@@ -37,6 +37,7 @@ import argparse
 import datetime
 import multiprocessing
 import os
+import secrets
 import statistics
 import tempfile
 import threading
@@ -128,23 +129,23 @@ def alone(folder: Path, threads: int, dtype: str, prompt: int, steps: int, flops
 def group(folder: Path, k: int, threads: int, dtype: str, prompt: int, steps: int) -> tuple[float, float, float]:
     """(median decode step s, median all-reduce s back to back, mean all-reduce s inside the
     decode steps) of a k-member group on 127.0.0.1."""
-    from backends.torch_group import GroupMember, GroupSpec, TorchGroupBackend
+    from backends.torch_group import GroupMember, GroupSpec, TorchGroupBackend, parse_rendezvous
     from mesh.models import Model, resolve_model
 
     model = Model(resolve_model(str(folder)))
     members: list[GroupMember] = []
 
-    def join(address: str) -> None:
-        port = int(address.rsplit(":", 1)[1])
+    def join(rendezvous: str) -> None:
+        host, port, secret = parse_rendezvous(rendezvous)  # type: ignore[misc]
         for rank in range(1, k):
-            member = GroupMember(GroupSpec(rank=rank, world=k, address="127.0.0.1", port=port, threads=threads,
-                                           timeout_s=60), model, 0, model.num_layers, dtype)
+            member = GroupMember(GroupSpec(rank=rank, world=k, address=host, port=port, threads=threads,
+                                           timeout_s=60, secret=secret), model, 0, model.num_layers, dtype)
             member.start()
             members.append(member)
             threading.Thread(target=member.ready, daemon=True).start()
 
-    backend = TorchGroupBackend(group=GroupSpec(rank=0, world=k, address="127.0.0.1", threads=threads, timeout_s=60),
-                                dtype=dtype, rendezvous=join)
+    backend = TorchGroupBackend(group=GroupSpec(rank=0, world=k, address="127.0.0.1", threads=threads, timeout_s=60,
+                                                secret=secrets.token_hex(16)), dtype=dtype, rendezvous=join)
     try:
         backend.load(model, 0, model.num_layers)
         backend.allreduce_s(1)  # clears the load's and warm-up's collectives
