@@ -5,7 +5,7 @@ takes that place in the plan: it loads the stage from its own copy of the model,
 group's ``torch.distributed`` gloo group (``backends.torch_tp``) and splits the stage with
 torch's tensor parallelism. Member 0, the group's leader, is driven by its node through
 ``TorchGroupBackend``, an ordinary ``Backend``: each call goes to the leader process over a
-pipe, the leader broadcasts it to the other members (``_broadcast``) and every
+pipe, the leader broadcasts it to the other members (``torch_group_wire.broadcast``) and every
 member runs it on its slice, so the members run the same steps in the same order, which the
 collectives need. Why processes and not threads of the node: ``torch.distributed`` holds one
 default group per process, and a member stuck in a collective can then be killed without the
@@ -25,7 +25,7 @@ connections use the interface holding ``address`` (``GLOO_SOCKET_IFNAME``); the 
 the port to the other members over the authenticated mesh link (specs/security.md).
 
 KV caches: each member holds its share of every layer's KV heads. ``export_kv`` gathers the
-shares (``_gather``) into whole ``[1, kv_heads, n, head_dim]`` tensors, so a replica
+shares (``torch_group_wire.gather``) into whole ``[1, kv_heads, n, head_dim]`` tensors, so a replica
 or a move holds what a single-device stage holds; ``import_kv`` gives each member its share.
 """
 
@@ -33,12 +33,8 @@ from __future__ import annotations
 
 import collections
 import datetime
-import hashlib
-import hmac
-import ipaddress
 import multiprocessing
 import os
-import pickle
 import socket
 import threading
 import time
@@ -47,18 +43,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from backends.base import Backend, BatchItem, Progress, StepOutput, check_range
+from backends.torch_group_wire import broadcast, gather, heads_of, join_heads, parse_rendezvous  # noqa: F401
 from backends.torch_tp import COLLECTIVE_FAILURES, COLLECTIVE_TIME
 from mesh.errors import BackendError, StageFailed
 from mesh.models import Model
-from mesh.wire import DTYPES, WireTensor
+from mesh.wire import WireTensor
 
 FAILED_EXIT = 3  # a member's exit code when its group failed (0: the leader told it to stop)
-MAX_MESSAGE_BYTES = 1 << 30  # a larger size in a command's header is refused before anything is allocated
 PORT_WAIT_S = 60.0  # a member process starts and reports its port (a spawned interpreter imports torch)
-_ITEM = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -195,7 +188,7 @@ def _serve(conn: Any, spec: GroupSpec, backend: Any, torch: Any) -> None:
                 command = conn.recv() if conn.poll(ping_s) else ("ping",)
             except (EOFError, OSError):
                 command = ("stop",)  # the node is gone: stop the others too
-        command = _broadcast(command, spec, torch, dist)
+        command = broadcast(command, spec, torch, dist)
         if command[0] == "stop":
             return
         if command[0] == "ping":
@@ -206,71 +199,6 @@ def _serve(conn: Any, spec: GroupSpec, backend: Any, torch: Any) -> None:
             answer = _run(command, caches, backend, spec, dist)
         if spec.rank == 0:
             conn.send(("ok", answer))
-
-
-HEADER_BYTES = 4096  # a command that fits (a decode step's) goes to the members in one collective
-
-
-def _broadcast(command: Any, spec: GroupSpec, torch: Any, dist: Any) -> Any:
-    """The leader's ``command`` on every member: pickled, with its HMAC-SHA256 under the group's
-    secret, into a fixed header (its length, the HMAC, then the bytes when they fit), broadcast;
-    a larger one (a prompt chunk's hidden states) follows in a second broadcast. Why not
-    ``broadcast_object_list``: it always runs two collectives, a decode step pays each one's
-    latency, and it unpickles whatever arrives. Raises BackendError when the HMAC does not match
-    (gloo's connections are plaintext: bytes from anyone else are never unpickled) or the size
-    is beyond ``MAX_MESSAGE_BYTES``."""
-    head = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
-    data = b""
-    if spec.rank == 0:
-        data = pickle.dumps(command, protocol=pickle.HIGHEST_PROTOCOL)
-        prefix = len(data).to_bytes(8, "little") + _mac(spec, data)
-        head[:40] = torch.frombuffer(bytearray(prefix), dtype=torch.uint8)
-        if len(data) <= HEADER_BYTES - 40:
-            head[40:40 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    dist.broadcast(head, src=0)
-    raw = head.numpy().tobytes()
-    size, mac = int.from_bytes(raw[:8], "little"), raw[8:40]
-    if size > MAX_MESSAGE_BYTES:
-        raise BackendError(f"a group command of {size} bytes is beyond {MAX_MESSAGE_BYTES}")
-    if size <= HEADER_BYTES - 40:
-        body = raw[40:40 + size]
-    else:
-        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if spec.rank == 0 else torch.empty(
-            size, dtype=torch.uint8)
-        dist.broadcast(buffer, src=0)
-        body = buffer.numpy().tobytes()
-    return _unpickle(spec, body, mac, "the leader's command")
-
-
-def _mac(spec: GroupSpec, data: bytes) -> bytes:
-    return hmac.new(bytes.fromhex(spec.secret), data, hashlib.sha256).digest()
-
-
-def _unpickle(spec: GroupSpec, data: bytes, mac: bytes, what: str) -> Any:
-    if not hmac.compare_digest(mac, _mac(spec, data)):
-        raise BackendError(f"{what} failed its authentication (not from this group's members)")
-    return pickle.loads(data)
-
-
-def _gather(value: Any, spec: GroupSpec, torch: Any, dist: Any) -> list[Any]:
-    """Every member's ``value`` on every member, in rank order: pickled with its HMAC (as
-    ``_broadcast``), sizes gathered, then the bytes (padded to the largest)."""
-    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    data = _mac(spec, data) + data
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(spec.world)]
-    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64))
-    longest = max(int(t.item()) for t in sizes)
-    if longest > MAX_MESSAGE_BYTES:
-        raise BackendError(f"a member's share of {longest} bytes is beyond {MAX_MESSAGE_BYTES}")
-    mine = torch.zeros(longest, dtype=torch.uint8)
-    mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(spec.world)]
-    dist.all_gather(parts, mine)
-    out = []
-    for size, part in zip(sizes, parts, strict=True):
-        raw = part[:int(size.item())].numpy().tobytes()
-        out.append(_unpickle(spec, raw[32:], raw[:32], "a member's KV share"))
-    return out
 
 
 def _run(command: tuple[Any, ...], caches: dict[int, Any], backend: Any, spec: GroupSpec, dist: Any) -> Any:
@@ -297,7 +225,7 @@ def _run(command: tuple[Any, ...], caches: dict[int, Any], backend: Any, spec: G
             mine = BackendError(str(exc))
         import torch
 
-        shares = _gather(mine, spec, torch, dist)  # every member takes part, also after an error
+        shares = gather(mine, spec, torch, dist)  # every member takes part, also after an error
         bad = next((s for s in shares if isinstance(s, BackendError)), None)
         if bad is not None:
             return bad
@@ -336,27 +264,6 @@ def torch_zeros(width: int, backend: Any) -> Any:
     return torch.zeros((1, width), dtype=backend.dtype)
 
 
-def heads_of(tensor: WireTensor, rank: int, world: int) -> WireTensor:
-    """Member ``rank``'s share of a ``[1, heads, n, head_dim]`` KV tensor: heads
-    ``[rank * heads / world, (rank + 1) * heads / world)``, the split torch's
-    ``ColwiseParallel`` gives the key and value projections."""
-    values = _array(tensor)
-    share = values.shape[1] // world
-    part = np.ascontiguousarray(values[:, rank * share:(rank + 1) * share])
-    return WireTensor(dtype=tensor.dtype, shape=part.shape, data=part.tobytes())
-
-
-def join_heads(parts: list[WireTensor]) -> WireTensor:
-    """The members' shares (``heads_of``), in rank order, as one ``[1, heads, n, head_dim]``."""
-    whole = np.concatenate([_array(p) for p in parts], axis=1)
-    return WireTensor(dtype=parts[0].dtype, shape=whole.shape, data=whole.tobytes())
-
-
-def _array(tensor: WireTensor) -> np.ndarray:
-    return np.frombuffer(tensor.data, dtype=_ITEM[DTYPES[tensor.dtype][1]]).reshape(tensor.shape)
-
-
-# -- the node's side ------------------------------------------------------------------------
 class GroupMember:
     """One member's process, started by ``start`` (spawned: a fresh interpreter, never a fork
     of the node's threads). ``ready(timeout_s)`` waits until it has loaded, joined and split its
@@ -599,19 +506,3 @@ class TorchGroupBackend(Backend):
         if self._member is not None:
             self._member.stop()
             self._member = None
-
-
-def parse_rendezvous(text: str) -> tuple[str, int, str] | None:
-    """``host:port/secret`` of a leader's status record as (IP address, port, hex secret), or
-    None when malformed (a peer's record is never trusted to be well formed)."""
-    where, _, secret = text.partition("/")
-    host, _, port = where.rpartition(":")
-    try:
-        address = str(ipaddress.ip_address(host.strip("[]")))
-        number = int(port)
-        bytes.fromhex(secret)
-    except ValueError:
-        return None
-    if not 0 < number < 65536 or len(secret) < 32:
-        return None
-    return address, number, secret
