@@ -211,8 +211,8 @@ def test_bytes_without_the_groups_mac_are_never_unpickled() -> None:
     secret does not match is refused before ``pickle.loads`` sees it."""
     import pickle
 
-    from backends.torch_group_wire import mac as _mac
-    from backends.torch_group_wire import unpickle as _unpickle
+    from backends.group_wire import mac as _mac
+    from backends.group_wire import unpickle as _unpickle
 
     spec = GroupSpec(rank=1, world=2, address="127.0.0.1", secret=secrets.token_hex(16))
     data = pickle.dumps(("batch", [], []))
