@@ -18,7 +18,10 @@ import psutil
 import pytest
 
 from backends.base import as_float32
-from backends.torch_group import GroupMember, GroupSpec, TorchGroupBackend, heads_of, join_heads, parse_rendezvous
+from backends.group import GroupSpec
+from backends.group_wire import heads_of, join_heads, parse_rendezvous
+from backends.mlx_group import MlxGroupBackend, MlxGroupMember
+from backends.torch_group import GroupMember, TorchGroupBackend
 from mesh.errors import BackendError
 from mesh.models import Model, resolve_model
 from mesh.testing.tensor_parallel import PROMPT, greedy, load_whole
@@ -31,22 +34,48 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_model("llama", tmp_path_factory.mktemp("tp") / "llama")
 
 
-class Group:
-    """A 2-member group on loopback: the leader's backend here, member 1 in its own process."""
+LIBRARIES = {"torch": (TorchGroupBackend, GroupMember), "mlx": (MlxGroupBackend, MlxGroupMember)}
 
-    def __init__(self, folder: Path, timeout_s: float = 10.0, layers: tuple[int, int] | None = None) -> None:
+
+def whole_stage(folder: Path, library: str, layers: tuple[int, int] | None = None) -> Any:
+    """The single-device stage a group of ``library`` must match (f32, float weights)."""
+    if library == "torch":
+        return load_whole(str(folder)) if layers is None else _torch_stage(folder, layers)
+    from backends.mlx import MlxBackend
+
+    model = Model(resolve_model(str(folder)))
+    backend = MlxBackend(device="cpu", dtype="f32")
+    backend.load(model, *(layers or (0, model.num_layers)))
+    return backend
+
+
+def _torch_stage(folder: Path, layers: tuple[int, int]) -> Any:
+    from backends.torch import TorchBackend
+
+    backend = TorchBackend(device="cpu", dtype="f32", quantize="none")
+    backend.load(Model(resolve_model(str(folder))), *layers)
+    return backend
+
+
+class Group:
+    """A 2-member group of ``library`` (torch: gloo; mlx: MLX's ring) on loopback: the leader's
+    backend here, member 1 in its own process."""
+
+    def __init__(self, folder: Path, timeout_s: float = 10.0, layers: tuple[int, int] | None = None,
+                 library: str = "torch") -> None:
         self.model = Model(resolve_model(str(folder)))
         self.layers = layers or (0, self.model.num_layers)
         self.followers: list[GroupMember] = []
         self.ready: list[Any] = []
-        self.backend = TorchGroupBackend(
+        backend_class, self.member_class = LIBRARIES[library]
+        self.backend = backend_class(
             group=GroupSpec(rank=0, world=2, address="127.0.0.1", threads=1, timeout_s=timeout_s, load_timeout_s=120,
                             secret=secrets.token_hex(16)),
             dtype="f32", rendezvous=self._follow, step_timeout_s=60)
 
     def _follow(self, rendezvous: str) -> None:
         host, port, secret = parse_rendezvous(rendezvous)
-        member = GroupMember(GroupSpec(rank=1, world=2, address=host, port=port, threads=1, timeout_s=10,
+        member = self.member_class(GroupSpec(rank=1, world=2, address=host, port=port, threads=1, timeout_s=10,
                                        load_timeout_s=120, secret=secret), self.model, *self.layers, "f32")
         member.start()
         self.followers.append(member)
@@ -76,13 +105,15 @@ def _gone(pids: list[int], within_s: float) -> bool:
 
 
 @pytest.mark.spec("B19", "S7")
-def test_a_group_stage_gives_the_single_stage_tokens_and_whole_kv_caches(folder: Path) -> None:
-    """Greedy tokens equal the whole stage's, logits within 1e-4 (f32); ``export_kv`` gathers
-    every KV head (what the whole stage exports, within 1e-4), and a cache imported from the
-    whole stage continues as it does there; the group's listeners bind 127.0.0.1 only."""
-    whole = load_whole(str(folder))
+@pytest.mark.parametrize("library", ["torch", "mlx"])
+def test_a_group_stage_gives_the_single_stage_tokens_and_whole_kv_caches(folder: Path, library: str) -> None:
+    """Greedy tokens equal the whole stage's (same library), logits within 1e-4 (f32);
+    ``export_kv`` gathers every KV head (what the whole stage exports, within 1e-4), and a cache
+    imported from the whole stage continues as it does there; the group's listeners (torch's
+    store and gloo; the leader's link and MLX's ring) bind 127.0.0.1 only."""
+    whole = whole_stage(folder, library)
     want_tokens, want_logits = greedy(whole, PROMPT, 6)
-    with Group(folder) as group:
+    with Group(folder, library=library) as group:
         got_tokens, got_logits = greedy(group.backend, PROMPT, 6)
         assert got_tokens == want_tokens
         assert max(abs(a - b) for a, b in zip(got_logits, want_logits, strict=True)) < 1e-4
@@ -105,20 +136,22 @@ def test_a_group_stage_gives_the_single_stage_tokens_and_whole_kv_caches(folder:
         with pytest.raises(BackendError, match="starts at position 3"):  # B6 checks, as any stage
             group.backend.forward(group.backend.new_cache(), start_pos=3, token_ids=[1])
 
-        listening = [c.laddr for pid in group.pids() for c in psutil.Process(pid).net_connections("tcp")
-                     if c.status == psutil.CONN_LISTEN]
-        assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+        sockets = [c.laddr for pid in group.pids() for c in psutil.Process(pid).net_connections("tcp")]
+        assert sockets and all(addr.ip.removeprefix("::ffff:") == "127.0.0.1" for addr in sockets), sockets
         pids = group.pids()
     assert _gone(pids, 15), "a member process outlived the group"
 
 
 @pytest.mark.spec("B19")
+@pytest.mark.parametrize("library", ["torch", "mlx"])
 @pytest.mark.parametrize("how", ["kill", "freeze"])
-def test_a_member_that_dies_or_freezes_fails_the_group_and_leaves_no_process(folder: Path, how: str) -> None:
+def test_a_member_that_dies_or_freezes_fails_the_group_and_leaves_no_process(folder: Path, how: str,
+                                                                              library: str) -> None:
     """SIGKILL or SIGSTOP of member 1 between steps: the leader's next step raises BackendError
-    (gloo sees the closed connection, or the collective times out: bounded by the 10 s
-    timeout), every later call raises the same failure, and no member process is left."""
-    with Group(folder) as group:
+    (gloo or the leader's link sees the closed connection, or the collective times out / the
+    link goes silent: bounded by the 10 s timeout), every later call raises the same failure,
+    and no member process is left."""
+    with Group(folder, library=library) as group:
         cache = group.backend.new_cache()
         group.backend.forward(cache, start_pos=0, token_ids=PROMPT)
         follower = group.followers[0].process.pid
@@ -138,11 +171,12 @@ def test_a_member_that_dies_or_freezes_fails_the_group_and_leaves_no_process(fol
 
 
 @pytest.mark.spec("B19")
-def test_the_members_stop_when_the_leader_process_dies(folder: Path) -> None:
-    """SIGKILL of the leader's process: member 1's next wait for a command (a ping at most
-    timeout / 3 apart) fails within the 10 s timeout and its process ends by itself; the
-    leader's node sees the failure at its next call."""
-    with Group(folder) as group:
+@pytest.mark.parametrize("library", ["torch", "mlx"])
+def test_the_members_stop_when_the_leader_process_dies(folder: Path, library: str) -> None:
+    """SIGKILL of the leader's process: member 1's next wait for a command (torch: a ping at
+    most timeout / 3 apart; MLX: its link to the leader closes) fails within the 10 s timeout
+    and its process ends by itself; the leader's node sees the failure at its next call."""
+    with Group(folder, library=library) as group:
         leader = group.backend._member.process.pid
         follower = group.followers[0].process.pid
         os.kill(leader, signal.SIGKILL)
@@ -179,11 +213,13 @@ def test_a_group_spec_refuses_bad_places() -> None:
 
 
 @pytest.mark.spec("B19")
-@pytest.mark.parametrize("split", [(0, 3), (2, 5)])
-def test_a_group_stage_inside_a_pipeline_gives_the_single_stage_tokens(folder: Path, split: tuple[int, int]) -> None:
+@pytest.mark.parametrize(("split", "library"), [((0, 3), "torch"), ((2, 5), "torch"), ((2, 5), "mlx")])
+def test_a_group_stage_inside_a_pipeline_gives_the_single_stage_tokens(folder: Path, split: tuple[int, int],
+                                                                       library: str) -> None:
     """Tensor parallelism inside a pipeline: a group holding layers [0, 3) (token ids in, hidden
-    states out) before a single-device stage, or [2, 5) (hidden states in, logits out) after
-    one; the pipeline's greedy tokens are the whole stage's."""
+    states out) before a single-device torch stage, or [2, 5) (hidden states in, logits out)
+    after one (an MLX group after a torch stage: libraries mixed in one pipeline); the
+    pipeline's greedy tokens are the whole stage's."""
     from backends.torch import TorchBackend
 
     model = Model(resolve_model(str(folder)))
@@ -192,7 +228,7 @@ def test_a_group_stage_inside_a_pipeline_gives_the_single_stage_tokens(folder: P
     other = TorchBackend(device="cpu", dtype="f32", quantize="none")
     rest = (split[1], model.num_layers) if split[0] == 0 else (0, split[0])
     other.load(model, *rest)
-    with Group(folder, layers=split) as group:
+    with Group(folder, layers=split, library=library) as group:
         stages = [group.backend, other] if split[0] == 0 else [other, group.backend]
         caches = [s.new_cache() for s in stages]
         tokens, ids = [], PROMPT
@@ -222,3 +258,48 @@ def test_bytes_without_the_groups_mac_are_never_unpickled() -> None:
         _unpickle(spec, data, _mac(other, data), "a command")
     with pytest.raises(BackendError, match="failed its authentication"):
         _unpickle(spec, pickle.dumps(("stop",)), _mac(spec, data), "a command")
+
+
+@pytest.mark.spec("B19", "S8")
+def test_a_link_frame_forged_replayed_or_oversized_closes_the_link_unread() -> None:
+    """MLX groups' commands travel on ``FrameLink``s: a frame under another secret, a frame sent
+    again (its sequence number is in its HMAC) or a size beyond the limit closes the link
+    without unpickling; heartbeats refresh ``last_seen`` and never reach ``recv``."""
+    import pickle
+    import socket
+
+    from backends.group_wire import BEAT, MAX_MESSAGE_BYTES, FrameLink, mac
+
+    spec = GroupSpec(rank=0, world=2, address="127.0.0.1", secret=secrets.token_hex(16))
+
+    def pair() -> tuple[FrameLink, socket.socket]:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            theirs = socket.create_connection(server.getsockname(), timeout=5)
+            mine, _ = server.accept()
+        return FrameLink(mine, spec, "member 1").start(), theirs
+
+    def frame(data: bytes, seq: int, key: GroupSpec = spec) -> bytes:
+        return len(data).to_bytes(8, "little") + mac(key, seq.to_bytes(8, "little") + data) + data
+
+    link, raw = pair()
+    before = link.last_seen
+    time.sleep(0.05)
+    raw.sendall(frame(pickle.dumps(BEAT), 0) + frame(pickle.dumps(("stop",)), 1))
+    assert link.recv(5, "a command") == ("stop",) and link.last_seen > before
+    raw.sendall(frame(pickle.dumps(("stop",)), 1))  # the same frame again
+    with pytest.raises(BackendError, match="closed"):
+        link.recv(5, "a command")
+    assert "authentication" in str(link.closed)
+
+    other = GroupSpec(rank=1, world=2, address="127.0.0.1", secret=secrets.token_hex(16))
+    link, raw = pair()
+    raw.sendall(frame(pickle.dumps(("stop",)), 0, other))
+    with pytest.raises(BackendError, match="authentication"):
+        link.recv(5, "a command")
+
+    link, raw = pair()
+    raw.sendall((MAX_MESSAGE_BYTES + 1).to_bytes(8, "little") + bytes(32))
+    with pytest.raises(BackendError, match="beyond"):
+        link.recv(5, "a command")
+    with pytest.raises(OSError, match="closed"):
+        link.send(("ping",))
