@@ -77,11 +77,17 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.spec("N26", "S8")
-def test_two_nodes_in_one_tensor_parallel_group_give_the_single_node_text(folder: Path, tmp_path: Path) -> None:
-    with LocalCluster(1, tmp_path / "one", model=str(folder), memory_bytes=1 << 30, extra_args=["--dtype", "f32"]) as one:
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_two_nodes_in_one_tensor_parallel_group_give_the_single_node_text(folder: Path, tmp_path: Path,
+                                                                          backend: str) -> None:
+    """Two nodes of one library (torch: gloo; MLX: MLX's ring) in one group give the text of a
+    single node of that library, from either node."""
+    library = ["--backend", backend]
+    with LocalCluster(1, tmp_path / "one", model=str(folder), memory_bytes=1 << 30,
+                      extra_args=["--dtype", "f32", *library]) as one:
         one.wait_ready(timeout_s=120)
         expected = _stream(one.nodes[0].api_url, folder.name)
-    with LocalCluster(2, tmp_path / "tp", model=str(folder), memory_bytes=1 << 30, extra_args=TP) as cluster:
+    with LocalCluster(2, tmp_path / "tp", model=str(folder), memory_bytes=1 << 30, extra_args=TP + library) as cluster:
         cluster.wait_ready(timeout_s=180)
         info = _wait_group(cluster, 2)
         ranks = sorted((m["tensor_parallel"]["rank"], m["layer_start"], m["layer_end"]) for m in info["members"])
@@ -95,18 +101,25 @@ FULL = pytest.mark.skipif(os.environ.get("MESH_FULL") != "1", reason="a slow sce
 
 
 @pytest.mark.spec("N26", "FO8")
-@pytest.mark.parametrize("fault", ["kill-member", pytest.param("stop-member", marks=[pytest.mark.full, FULL]),
-                                   pytest.param("kill-leader", marks=[pytest.mark.full, FULL])])
-def test_a_group_member_lost_mid_stream_gives_the_same_tokens(folder: Path, tmp_path: Path, fault: str) -> None:
+@pytest.mark.parametrize(("fault", "backend"), [
+    ("kill-member", "torch"), *(pytest.param(f, "torch", marks=[pytest.mark.full, FULL]) for f in ("stop-member",
+                                                                                                 "kill-leader")),
+    ("kill-member", "mlx"), *(pytest.param(f, "mlx", marks=[pytest.mark.full, FULL]) for f in ("stop-member",
+                                                                                               "kill-leader"))])
+def test_a_group_member_lost_mid_stream_gives_the_same_tokens(folder: Path, tmp_path: Path, fault: str,
+                                                              backend: str) -> None:
     """SIGKILL or SIGSTOP of the group's member 1 (its node and the node's member process), or
     SIGKILL of the leader, after a few tokens of a stream coordinated by a node that lives: the
     group's step fails within --dead-after-s, the lost node is declared dead, the survivor
-    serves alone and the stream ends with the single-node text; no process of the group is left
-    waiting; a stopped member that comes back rejoins and the group forms again."""
-    with LocalCluster(1, tmp_path / "one", model=str(folder), memory_bytes=1 << 30, extra_args=["--dtype", "f32"]) as one:
+    serves alone and the stream ends with the single-node text (of that library); no process of
+    the group is left waiting; a stopped member that comes back rejoins and the group forms
+    again. Torch groups (gloo) and MLX groups (MLX's ring, supervised by the leader's link)."""
+    library = ["--backend", backend]
+    with LocalCluster(1, tmp_path / "one", model=str(folder), memory_bytes=1 << 30,
+                      extra_args=["--dtype", "f32", *library]) as one:
         one.wait_ready(timeout_s=120)
         expected = _stream(one.nodes[0].api_url, folder.name, max_tokens=48)
-    with LocalCluster(2, tmp_path / "tp", model=str(folder), memory_bytes=1 << 30, extra_args=TP) as cluster:
+    with LocalCluster(2, tmp_path / "tp", model=str(folder), memory_bytes=1 << 30, extra_args=TP + library) as cluster:
         cluster.wait_ready(timeout_s=180)
         info = _wait_group(cluster, 2)
         leader = next(i for i, n in enumerate(cluster.nodes) if any(

@@ -328,3 +328,7 @@ def test_groups_larger_than_pairs_where_the_model_splits_and_the_links_pay() -> 
                   tensor_parallel={"a", "b", "c"})
     assert [s.devices for s in three.plan.stages] == [("a", "b")]  # 3 does not divide; d may not join
     assert four.predicted.decode_tokens_per_s > 1.5 * three.predicted.decode_tokens_per_s
+    mixed = solve(full_mesh(devices, 5e-6, 8e9), EIGHT_B, request, objective="decode", group_sizes=(2, 4),
+                  tensor_parallel={"a": "torch", "b": "mlx", "c": "mlx", "d": "torch"})
+    assert sorted(s.devices for s in mixed.plan.stages if len(s.devices) > 1) in ([("a", "d")], [("b", "c")])
+    assert not any(len(s.devices) == 4 for s in mixed.plan.stages)  # a group is of one library

@@ -58,28 +58,32 @@ def _torch_stage(folder: Path, layers: tuple[int, int]) -> Any:
 
 
 class Group:
-    """A 2-member group of ``library`` (torch: gloo; mlx: MLX's ring) on loopback: the leader's
-    backend here, member 1 in its own process."""
+    """A group of ``world`` members of ``library`` (torch: gloo; mlx: MLX's ring) on loopback:
+    the leader's backend here, the other members in processes of their own; ``folder`` a model
+    directory or name."""
 
-    def __init__(self, folder: Path, timeout_s: float = 10.0, layers: tuple[int, int] | None = None,
-                 library: str = "torch") -> None:
+    def __init__(self, folder: Path | str, timeout_s: float = 10.0, layers: tuple[int, int] | None = None,
+                 library: str = "torch", world: int = 2) -> None:
         self.model = Model(resolve_model(str(folder)))
         self.layers = layers or (0, self.model.num_layers)
+        self.world = world
         self.followers: list[GroupMember] = []
         self.ready: list[Any] = []
         backend_class, self.member_class = LIBRARIES[library]
         self.backend = backend_class(
-            group=GroupSpec(rank=0, world=2, address="127.0.0.1", threads=1, timeout_s=timeout_s, load_timeout_s=120,
-                            secret=secrets.token_hex(16)),
+            group=GroupSpec(rank=0, world=world, address="127.0.0.1", threads=1, timeout_s=timeout_s,
+                            load_timeout_s=120, secret=secrets.token_hex(16)),
             dtype="f32", rendezvous=self._follow, step_timeout_s=60)
 
     def _follow(self, rendezvous: str) -> None:
         host, port, secret = parse_rendezvous(rendezvous)
-        member = self.member_class(GroupSpec(rank=1, world=2, address=host, port=port, threads=1, timeout_s=10,
-                                       load_timeout_s=120, secret=secret), self.model, *self.layers, "f32")
-        member.start()
-        self.followers.append(member)
-        threading.Thread(target=lambda: self.ready.append(member.ready()), daemon=True).start()
+        for rank in range(1, self.world):
+            member = self.member_class(GroupSpec(rank=rank, world=self.world, address=host, port=port, threads=1,
+                                                 timeout_s=10, load_timeout_s=120, secret=secret),
+                                       self.model, *self.layers, "f32")
+            member.start()
+            self.followers.append(member)
+            threading.Thread(target=lambda m=member: self.ready.append(m.ready()), daemon=True).start()
 
     def __enter__(self) -> Group:
         self.backend.load(self.model, *self.layers)
@@ -142,7 +146,32 @@ def test_a_group_stage_gives_the_single_stage_tokens_and_whole_kv_caches(folder:
     assert _gone(pids, 15), "a member process outlived the group"
 
 
-@pytest.mark.spec("B19")
+@pytest.mark.spec("B19", "B20")
+@pytest.mark.parametrize("library", ["mlx", pytest.param("torch", marks=[pytest.mark.full, pytest.mark.skipif(
+    os.environ.get("MESH_FULL") != "1", reason="a slow case (about 20 s): set MESH_FULL=1")])])
+def test_three_members_on_the_default_model_give_its_single_stage_tokens(library: str) -> None:
+    """SmolLM2-135M (9 heads, 3 KV heads: groups of 3) split three ways: the greedy tokens of
+    the whole stage of that library, logits within 1e-3. MLX members split the GGUF's Q4_1
+    weights as they are (mlx-lm's quantized sharded linears); torch members load float."""
+    model = Model(resolve_model("smollm2-135m"))
+    if library == "mlx":
+        from backends.mlx import MlxBackend
+
+        whole = MlxBackend(device="cpu", dtype="f32")
+    else:
+        from backends.torch import TorchBackend
+
+        whole = TorchBackend(device="cpu", dtype="f32", quantize="none")
+    whole.load(model, 0, model.num_layers)
+    want_tokens, want_logits = greedy(whole, PROMPT, 6)
+    with Group("smollm2-135m", library=library, world=3, timeout_s=20) as group:
+        got_tokens, got_logits = greedy(group.backend, PROMPT, 6)
+        assert got_tokens == want_tokens
+        assert max(abs(a - b) for a, b in zip(got_logits, want_logits, strict=True)) < 1e-3
+        assert group.backend.modules_split == 7 * model.num_layers and sorted(group.ready) == [7 * model.num_layers] * 2
+
+
+@pytest.mark.spec("B19", "B20")
 @pytest.mark.parametrize("library", ["torch", "mlx"])
 @pytest.mark.parametrize("how", ["kill", "freeze"])
 def test_a_member_that_dies_or_freezes_fails_the_group_and_leaves_no_process(folder: Path, how: str,
@@ -260,7 +289,7 @@ def test_bytes_without_the_groups_mac_are_never_unpickled() -> None:
         _unpickle(spec, pickle.dumps(("stop",)), _mac(spec, data), "a command")
 
 
-@pytest.mark.spec("B19", "S8")
+@pytest.mark.spec("B20", "S8")
 def test_a_link_frame_forged_replayed_or_oversized_closes_the_link_unread() -> None:
     """MLX groups' commands travel on ``FrameLink``s: a frame under another secret, a frame sent
     again (its sequence number is in its HMAC) or a size beyond the limit closes the link

@@ -27,7 +27,7 @@ def _member(m: str, tp: str = "127.0.0.1", memory: int = 10_000, backend: str = 
 
 @pytest.mark.spec("N26")
 def test_the_tensor_placement_groups_the_members_offering_an_address() -> None:
-    members = [_member("c"), _member("a"), _member("b"), _member("d", tp=""), _member("e", backend="mlx")]
+    members = [_member("c"), _member("a"), _member("b"), _member("d", tp=""), _member("e", backend="timed")]
     plan = tensor_plan(members, SIZE, context_tokens=10)
     # a, b, c can: the largest size that divides is 2 (not 3); the lowest ids, the lowest leading
     assert plan == Plan(num_layers=4, stages=(Stage(member_id="a", layer_start=0, layer_end=4, group=("b",)),))
@@ -38,6 +38,12 @@ def test_the_tensor_placement_groups_the_members_offering_an_address() -> None:
     assert tensor_plan([_member("a"), _member("b", tp="")], SIZE, context_tokens=10) is None  # never half
     with pytest.raises(PlacementError, match="each member"):
         tensor_plan([_member("a"), _member("b", memory=1000)], SIZE, context_tokens=10)
+    # a group is of one library (torch or MLX): the one giving the larger group, torch on a tie
+    mlx = tensor_plan([_member("a"), _member("b", backend="mlx"), _member("c", backend="mlx")], SIZE, context_tokens=10)
+    assert mlx.stages[0].members == ("b", "c")
+    tie = tensor_plan([_member(m, backend="mlx") for m in "ab"] + [_member(m) for m in "cd"], SIZE, context_tokens=10)
+    assert tie.stages[0].members == ("c", "d")
+    assert tensor_plan([_member("a"), _member("b", backend="timed")], SIZE, context_tokens=10) is None
 
 
 @pytest.mark.spec("N26")

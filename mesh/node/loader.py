@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import Backend
-from backends.torch_group import TorchGroupBackend
+from backends.group import GroupBackend
 from mesh.errors import BackendError, MeshError
 from mesh.identity import host_dir
 from mesh.kernel.records import MemberStatus
@@ -257,7 +257,7 @@ class StageLoader:
         self._groups_held.pop(layers, None)
         backend = self.holder.stages.get(layers)
         self.holder.retire(layers)
-        if isinstance(backend, TorchGroupBackend):
+        if isinstance(backend, GroupBackend):
             # a group's processes end only when told (its members then end with it), off the loop:
             # the stop waits for a step in flight
             asyncio.get_running_loop().run_in_executor(self._beside, backend.unload)
@@ -276,7 +276,7 @@ class StageLoader:
         stays placeable) and the plan is loaded again: the same group formed anew while its
         members live, else the plan the planner makes without the member that is gone."""
         for layers, backend in list(self.holder.stages.items()):
-            failure = backend.check() if isinstance(backend, TorchGroupBackend) else None
+            failure = backend.check() if isinstance(backend, GroupBackend) else None
             if failure:
                 log.error("layers [%d, %d): %s", *layers, failure)
                 self._retire(layers)
@@ -431,7 +431,7 @@ class StageLoader:
         since members of one host load at once and time each other's load, a few times more
         while idle, keeping the fastest time of each step, spread by member id so members of
         one host do not time each other again."""
-        if isinstance(backend, TorchGroupBackend):
+        if isinstance(backend, GroupBackend):
             # a group's step times are not this device's (P19 prices groups from their members'
             # calibrations); what it measures is its collective (P10)
             await self._time_group(backend)

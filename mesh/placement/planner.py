@@ -272,16 +272,24 @@ def _plan(view: ClusterView, inputs: PlanInputs, members: list[Any], failed: set
     return found
 
 
+GROUP_LIBRARIES = ("torch", "mlx")  # backends whose nodes run tensor-parallel groups (mesh.node.groups)
+
+
 def tensor_plan(members: list[Any], size: ModelSize, *, context_tokens: int) -> Plan | None:
     """``--placement tensor`` (spec N26): one tensor-parallel group over every layer, of the
-    members that offer a ``--tp-address`` and run the torch backend, by id, as many as the
+    members that offer a ``--tp-address`` and run one library with groups (``GROUP_LIBRARIES``:
+    torch or MLX; the one giving the larger group, torch on a tie), by id, as many as the
     largest group size the model splits into (``size.tp_sizes``); the first leads it. Each member holds
     its share of every layer's weights and KV cache at ``context_tokens``, and the embeddings
     and head whole. None when fewer than 2 such members are present (a pipeline is placed
     instead: a group is never formed half). Raises PlacementError when the group's members
     cannot hold their shares."""
-    able = sorted((m for m in members if m.tp_address and m.backend == "torch"), key=lambda m: m.member_id)
-    n = max((k for k in size.tp_sizes if k <= len(able)), default=0)
+    n, able = 0, []
+    for library in GROUP_LIBRARIES:
+        these = sorted((m for m in members if m.tp_address and m.backend == library), key=lambda m: m.member_id)
+        k = max((k for k in size.tp_sizes if k <= len(these)), default=0)
+        if k > n:
+            n, able = k, these
     if n < 2:
         return None
     chosen = able[:n]
@@ -313,12 +321,13 @@ def solver_plan(view: ClusterView, inputs: PlanInputs, exclude: set[str] = froze
     missing = len([m for m in view.members() if m.member_id not in exclude]) - len(topo.devices)
     if not topo.devices:
         return None
-    # spec N26: groups of the members offering a trusted link (--tp-address) and running torch,
-    # when the weights are float (a group runs float weights: a quantized model would be priced
-    # at its quantized size but load 3-4x that)
-    grouped = {m.member_id for m in view.members() if m.tp_address and m.backend == "torch"
-               and m.member_id not in exclude and not view.status(m.member_id).ungrouped
-               } if inputs.size.weight_bits is None else set()
+    # spec N26: groups of the members offering a trusted link (--tp-address), each group of one
+    # library: MLX members always (they split the weights in the files' format), torch members
+    # when the weights are float (a torch group runs float weights: a quantized model would be
+    # priced at its quantized size but load 3-4x that)
+    grouped = {m.member_id: m.backend for m in view.members() if m.tp_address and m.backend in GROUP_LIBRARIES
+               and (m.backend == "mlx" or inputs.size.weight_bits is None)
+               and m.member_id not in exclude and not view.status(m.member_id).ungrouped}
     try:
         solution = solve(topo, spec, _request(inputs), objective=inputs.objective, disaggregation=True,
                          tensor_parallel=grouped if len(grouped) >= 2 else False, group_sizes=inputs.size.tp_sizes)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -231,16 +231,22 @@ def baseline_plan(topology: Topology, model: ModelSpec, request: Request) -> Pla
                                                 layer_end=s.layer_end) for s in plan.stages))
 
 
-def _groups(topology: Topology, devices: list[Device], tensor_parallel: bool | Collection[str],
+def _groups(topology: Topology, devices: list[Device], tensor_parallel: bool | Collection[str] | Mapping[str, str],
             sizes: Collection[int]) -> list[tuple[str, ...]]:
     """Tensor-parallel groups worth pricing: every linked pair of the devices that may form
-    groups (``tensor_parallel``: all, none, or these ids); for each larger size in ``sizes``,
-    one group per device: it and the devices of the fastest links to it (each pair linked, ties
-    by id), so the candidates grow linearly with the devices, not as their subsets."""
+    groups (``tensor_parallel``: all, none, these ids, or ``{id: library}``: groups only of
+    devices of one library); for each larger size in ``sizes``, one group per device: it and
+    the devices of the fastest links to it (each pair linked, ties by id), so the candidates
+    grow linearly with the devices, not as their subsets."""
     if not tensor_parallel:
         return []
+    if isinstance(tensor_parallel, Mapping):
+        out = []
+        for library in sorted(set(tensor_parallel.values())):
+            out += _groups(topology, devices, {i for i, lib in tensor_parallel.items() if lib == library}, sizes)
+        return out
     able = [d.id for d in devices if tensor_parallel is True or d.id in tensor_parallel]
-    out: list[tuple[str, ...]] = []
+    out = []
     if 2 in sizes:
         out += [(a, b) for a, b in itertools.combinations(able, 2) if topology.link(a, b) is not None]
     for k in sorted(k for k in sizes if 2 < k <= len(able)):
@@ -258,7 +264,7 @@ def _groups(topology: Topology, devices: list[Device], tensor_parallel: bool | C
 
 
 def _best(topology: Topology, model: ModelSpec, request: Request, objective: str,
-          disaggregation: bool, tensor_parallel: bool | Collection[str] = True,
+          disaggregation: bool, tensor_parallel: bool | Collection[str] | Mapping[str, str] = True,
           group_sizes: Collection[int] = (2,)) -> tuple[PlacementPlan | None, PlacementPlan | None, int]:
     """(the best plan that fits or None, the baseline plan or None, candidates priced)."""
     score(Prediction(ttft_s=1, decode_tokens_per_s=1, kv_transfer_s=0, e2e_s=1), objective)  # validates it
@@ -297,12 +303,13 @@ def _best(topology: Topology, model: ModelSpec, request: Request, objective: str
 
 
 def solve(topology: Topology, model: ModelSpec, request: Request, *, objective: str = "goodput",
-          disaggregation: bool = True, tensor_parallel: bool | Collection[str] = True,
+          disaggregation: bool = True, tensor_parallel: bool | Collection[str] | Mapping[str, str] = True,
           group_sizes: Collection[int] = (2,)) -> Solution:
     """The best plan for ``request`` under ``objective`` (see the module docstring);
     ``disaggregation`` and ``tensor_parallel`` off leave only single-device pipeline stages.
     ``tensor_parallel`` may name the devices that can form groups (spec N26: those with a
-    trusted link), and ``group_sizes`` the group sizes the model splits into.
+    trusted link), or map them to their library (groups are of one library), and
+    ``group_sizes`` the group sizes the model splits into.
 
     Raises:
         PlacementError: no plan fits; the message names the bytes needed, the bytes usable

@@ -297,7 +297,8 @@ def render_placement(sel: Selection, path: str) -> str:
     notes = "Targets: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in targets.items()) + "."
     if any("+" in str(_get(c, "ours", "plan") or "") for p in rec.get("profiles", []) for c in p.get("cases", [])):
         notes += (" A plan written `a+b[...]` is a tensor-parallel group: nodes run it where its members offer a "
-                  "trusted link (`--tp-address`) and float weights (README \"Tensor parallelism\").")
+                  "trusted link (`--tp-address`) and run one library: MLX, or torch with float weights (README "
+                  "\"Tensor parallelism\").")
     if spark and spark.get("speedup") is not None:
         exo = spark.get("published") or {}
         notes += (f" Predicted: the Spark + Mac Studio pair {spark['speedup']:.2f}x faster end to end than the Mac "
