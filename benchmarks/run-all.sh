@@ -42,4 +42,6 @@ want batching-lengths && step "$py" -m mesh bench --quiet --nodes 1 --dtype bf16
 want batching-scenarios && step "$py" -m mesh bench-batching --prefill-chunk 8,16,32,128,65536 \
   --json benchmarks/batching-scenarios.jsonl
 want tensor-parallel && step "$py" -m mesh bench-tp --sizes 1,2,3 --repeats 3 --json benchmarks/tensor-parallel.jsonl
+want tensor-parallel && step "$py" -m mesh bench-tp --backend mlx --sizes 1,2,3 --repeats 3 \
+  --json benchmarks/tensor-parallel.jsonl
 "$py" -m mesh publish

@@ -840,3 +840,35 @@ def test_the_tensor_placement_groups_members_offering_a_trusted_link() -> None:
     assert MemberStatus.from_wire(failed.to_wire()) == failed
     around = planner.plan(view_of(tp("a"), tp("b"), statuses={"b": failed}), inputs)  # its group just failed
     assert all(not s.group for s in around.stages)
+
+
+@pytest.mark.spec("N26")
+def test_a_member_whose_group_join_fails_in_any_way_reports_failed() -> None:
+    """``Groups.follow`` failing with any error (not only a BackendError: a spawn the system
+    refused) leaves the member's status ``failed`` with the reason, never a lost task."""
+    import asyncio
+
+    from mesh.node.loader import StageLoader
+    from mesh.placement.pipeline import Plan, Stage
+    from mesh.runtime.stage import StageWorker
+
+    class Refusing:
+        following = None
+
+        def held(self) -> None:
+            return None
+
+        async def follow(self, *args: Any) -> bool:
+            raise OSError("cannot spawn: too many processes")
+
+    statuses: list[MemberStatus] = []
+    compute = ThreadPoolExecutor(max_workers=1)
+    loader = StageLoader("b", object(), new_backend=object, holder=StageWorker("b", None, compute),  # type: ignore[arg-type]
+                         changed=lambda: None, serving=lambda: None, fits=lambda ranges: True,
+                         set_status=statuses.append, publish=lambda p: None, loaded=lambda layers, reused: None,
+                         profile=None, spec=None, dtype="f32", executor=compute, groups=Refusing())
+    plan = Plan(num_layers=4, stages=(Stage(member_id="a", layer_start=0, layer_end=4, group=("b",)),))
+    loader._plan = plan
+    asyncio.run(loader._follow(plan, plan.stages[0], 1))
+    assert [s.state for s in statuses] == ["loading", "failed"] and "too many processes" in statuses[-1].error
+    compute.shutdown()

@@ -22,7 +22,7 @@ from typing import Any
 
 from backends.base import Backend
 from backends.group import GroupBackend
-from mesh.errors import BackendError, MeshError
+from mesh.errors import MeshError
 from mesh.identity import host_dir
 from mesh.kernel.records import MemberStatus
 from mesh.loading import LoadProgress
@@ -89,6 +89,12 @@ def fits_in(size: Any, context_tokens: int, memory_bytes: int, backend_cls: type
     return partial(fits_beside, layer_bytes=size.layer_bytes, edge_bytes=size.edge_bytes, memory_bytes=memory_bytes,
                    kv_bytes_per_layer=size.kv_bytes_per_token_per_layer * context_tokens, shares=shares)
 
+
+
+def _log_unload_error(done: asyncio.Future[Any]) -> None:
+    """A retired group's unload runs unawaited: its error is logged, never lost."""
+    if not done.cancelled() and done.exception() is not None:
+        log.error("ending a retired tensor-parallel group's processes failed: %r", done.exception())
 
 class StageLoader:
     """Keeps this node's loaded stages what the plans ask of it (spec N21).
@@ -260,7 +266,8 @@ class StageLoader:
         if isinstance(backend, GroupBackend):
             # a group's processes end only when told (its members then end with it), off the loop:
             # the stop waits for a step in flight
-            asyncio.get_running_loop().run_in_executor(self._beside, backend.unload)
+            unloading = asyncio.get_running_loop().run_in_executor(self._beside, backend.unload)
+            unloading.add_done_callback(_log_unload_error)
         self.changed()
 
     async def _retire_forever(self) -> None:
@@ -414,7 +421,7 @@ class StageLoader:
         try:
             joined = await self.groups.follow(plan, stage, rank, lambda: self._plan is not None
                                               and self._plan.plan_id == plan.plan_id)
-        except BackendError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever failed (a spawn refused too) is this member's failure
             log.error("joining the tensor-parallel group of layers [%d, %d) failed: %s", *want, exc)
             self._failed = replace(status, state="failed", error=str(exc))
             self._write(self._failed)

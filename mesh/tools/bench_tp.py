@@ -3,14 +3,17 @@ cost model's prediction beside each size (specs/backend.md B19, specs/placement.
 
 For each group size k (``--sizes``, 1 = one device alone) and repeat, on this machine:
 
-- ``k = 1``: a whole-model torch stage in a process of its own with every core (``threads``
-  = the machine's cores), decode steps after a ``--prompt``-token prompt: the median step.
-- ``k >= 2``: a ``TorchGroupBackend`` (B19) led from this process, its k member processes on
-  127.0.0.1 with ``cores // k`` threads each (as k machines of that many cores would; more
-  threads than cores when k does not divide them, which the record says), the same steps
-  through the leader, and the group's own all-reduce of one token's hidden state, timed
-  (``probe``). This is the runtime's whole path: pipe to the leader, broadcast to the members,
-  the split layers and their all-reduces, the head on every member.
+- ``k = 1``: a whole-model stage of ``--backend`` (torch or mlx) in a process of its own with
+  every core (``threads`` = the machine's cores), decode steps after a ``--prompt``-token
+  prompt: the median step.
+- ``k >= 2``: that library's group (``TorchGroupBackend`` or ``MlxGroupBackend``, B19/B20) led
+  from this process, its k member processes on 127.0.0.1 with ``cores // k`` threads each (as
+  k machines of that many cores would; more threads than cores when k does not divide them,
+  which the record says; MLX takes no thread count: its members share the cores as the
+  system gives them), the same steps through the leader, and the group's own all-reduce of
+  one token's hidden state, timed (``probe``). This is the runtime's whole path: pipe to the
+  leader, the command to the members, the split layers and their all-reduces, the head on
+  every member.
 
 The prediction is the cost model's (``mesh.placement.costmodel.predict``) on a topology of k
 devices, each this machine's profile (FLOP/s, bandwidth) scaled to its threads and
@@ -21,7 +24,8 @@ model's ring formula on that link. ``error`` = measured / predicted step - 1. A 
 prediction, ``predicted_calibrated_step_s`` (``error_calibrated``), takes the link latency
 from the all-reduces as the group's decode steps ran them (``allreduce_in_steps_s``: their
 mean time inside the steps, waiting for the slowest member included; ``allreduce_s`` is the
-same collective run back to back) instead (``probed_link``): the compute model and the
+same collective run back to back; MLX's lazy steps do not time their collectives apart, so
+an MLX group's calibrated prediction takes the back-to-back figure) instead (``probed_link``): the compute model and the
 all-reduce term's form checked against the whole step, the collective's cost measured as a
 node's calibration measures its layers.
 
@@ -82,21 +86,20 @@ def decode_steps(backend: Any, prompt: int, steps: int) -> float:
 
 
 def _alone(folder: str, threads: int, dtype: str, prompt: int, steps: int, flops: float, bandwidth: float,
-           queue: Any) -> None:
-    """A spawned process: one whole-model stage on ``threads`` threads; puts (median decode
-    step s, calibration dict) on ``queue``, or ("error", text)."""
+           queue: Any, library: str = "torch") -> None:
+    """A spawned process: one whole-model stage of ``library`` on ``threads`` threads (torch);
+    puts (median decode step s, calibration dict) on ``queue``, or ("error", text)."""
     try:
         import torch
 
         torch.set_num_threads(threads)
-        from backends.torch import TorchBackend
         from mesh.models import Model, resolve_model
         from mesh.placement.calibrate import fit_calibration, time_stage
         from mesh.placement.costmodel import head_s
         from mesh.placement.planner import model_spec
 
         model = Model(resolve_model(folder))
-        backend = TorchBackend(device="cpu", dtype=dtype, quantize="none")
+        backend = _whole(library, dtype)
         backend.load(model, 0, model.num_layers)
         step = decode_steps(backend, prompt, steps)
         spec = model_spec(model.config, model.model_id, dtype)
@@ -108,12 +111,24 @@ def _alone(folder: str, threads: int, dtype: str, prompt: int, steps: int, flops
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
+def _whole(library: str, dtype: str) -> Any:
+    """A single-device CPU stage of ``library`` (``torch`` or ``mlx``), float weights."""
+    if library == "mlx":
+        from backends.mlx import MlxBackend
+
+        return MlxBackend(device="cpu", dtype=dtype, quantize="none")
+    from backends.torch import TorchBackend
+
+    return TorchBackend(device="cpu", dtype=dtype, quantize="none")
+
+
 def alone(folder: Path, threads: int, dtype: str, prompt: int, steps: int, flops: float,
-          bandwidth: float) -> tuple[float, dict[str, Any]]:
+          bandwidth: float, library: str = "torch") -> tuple[float, dict[str, Any]]:
     """``_alone`` in a fresh process (its own OpenMP pool, as a node's); raises RuntimeError."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    process = ctx.Process(target=_alone, args=(str(folder), threads, dtype, prompt, steps, flops, bandwidth, queue))
+    process = ctx.Process(target=_alone, args=(str(folder), threads, dtype, prompt, steps, flops, bandwidth, queue,
+                                               library))
     process.start()
     try:
         got = queue.get(timeout=600)
@@ -126,11 +141,17 @@ def alone(folder: Path, threads: int, dtype: str, prompt: int, steps: int, flops
     return got
 
 
-def group(folder: Path, k: int, threads: int, dtype: str, prompt: int, steps: int) -> tuple[float, float, float]:
+def group(folder: Path, k: int, threads: int, dtype: str, prompt: int, steps: int,
+          library: str = "torch") -> tuple[float, float, float | None]:
     """(median decode step s, median all-reduce s back to back, mean all-reduce s inside the
-    decode steps) of a k-member group on 127.0.0.1."""
-    from backends.torch_group import GroupMember, GroupSpec, TorchGroupBackend, parse_rendezvous
+    decode steps or None where the library does not say) of a k-member group of ``library``
+    on 127.0.0.1."""
+    from backends.group import GroupMember, GroupSpec
+    from backends.group_wire import parse_rendezvous
     from mesh.models import Model, resolve_model
+    from mesh.node.groups import LIBRARIES
+
+    backend_class = LIBRARIES[library]
 
     model = Model(resolve_model(str(folder)))
     members: list[GroupMember] = []
@@ -138,20 +159,20 @@ def group(folder: Path, k: int, threads: int, dtype: str, prompt: int, steps: in
     def join(rendezvous: str) -> None:
         host, port, secret = parse_rendezvous(rendezvous)  # type: ignore[misc]
         for rank in range(1, k):
-            member = GroupMember(GroupSpec(rank=rank, world=k, address=host, port=port, threads=threads,
+            member = backend_class.member(GroupSpec(rank=rank, world=k, address=host, port=port, threads=threads,
                                            timeout_s=60, secret=secret), model, 0, model.num_layers, dtype)
             member.start()
             members.append(member)
             threading.Thread(target=member.ready, daemon=True).start()
 
-    backend = TorchGroupBackend(group=GroupSpec(rank=0, world=k, address="127.0.0.1", threads=threads, timeout_s=60,
+    backend = backend_class(group=GroupSpec(rank=0, world=k, address="127.0.0.1", threads=threads, timeout_s=60,
                                                 secret=secrets.token_hex(16)), dtype=dtype, rendezvous=join)
     try:
         backend.load(model, 0, model.num_layers)
         backend.allreduce_s(1)  # clears the load's and warm-up's collectives
         step = decode_steps(backend, prompt, steps)
         alone, in_steps = backend.allreduce_s(200)
-        return step, alone, in_steps if in_steps is not None else alone
+        return step, alone, in_steps
     finally:
         backend.unload()
         for member in members:
@@ -219,7 +240,7 @@ def run_tp_bench(args: argparse.Namespace) -> int:
         folder = Path(args.model) if args.model else build_model(Path(tmp) / "tp-bench", args.dtype)
         model = Model(resolve_model(str(folder)))
         spec = model_spec(model.config, model.model_id, args.dtype)
-        profile = load_or_measure_profile(Path(tmp), backend="torch", device="cpu", memory_fraction=0.8,
+        profile = load_or_measure_profile(Path(tmp), backend=args.backend, device="cpu", memory_fraction=0.8,
                                           budget_s=1.0, shared_dir=host_dir())
         link = loopback_link()
         print(f"loopback link: {link[0] * 1e6:.0f} us, {link[1] / 1e9:.2f} GB/s; profile {args.dtype} "
@@ -227,21 +248,24 @@ def run_tp_bench(args: argparse.Namespace) -> int:
         failures = 0
         for k in sizes:
             threads = max(1, cores // k)
-            steps_s, reduces, in_steps, cals = [], [], [], []
+            steps_s, reduces, in_steps, cals = [], [], [], []  # in_steps: torch only
             error = None
             try:
                 for _ in range(args.repeats):
                     share = threads / cores
                     step, cal = alone(folder, threads, args.dtype, args.prompt, args.steps,
-                                      profile.flops[args.dtype] * share, profile.memory_bandwidth_bytes_per_s * share)
+                                      profile.flops[args.dtype] * share, profile.memory_bandwidth_bytes_per_s * share,
+                                      args.backend)
                     cals.append(cal)
                     if k == 1:
                         steps_s.append(step)
                     else:
-                        step, reduce, inside = group(folder, k, threads, args.dtype, args.prompt, args.steps)
+                        step, reduce, inside = group(folder, k, threads, args.dtype, args.prompt, args.steps,
+                                                     args.backend)
                         steps_s.append(step)
                         reduces.append(reduce)
-                        in_steps.append(inside)
+                        if inside is not None:
+                            in_steps.append(inside)
             except Exception as exc:  # noqa: BLE001 - recorded, and the other sizes still run
                 error, failures = f"{type(exc).__name__}: {exc}", failures + 1
             results = None
@@ -256,15 +280,16 @@ def run_tp_bench(args: argparse.Namespace) -> int:
                            "predicted_allreduce_s": predicted_reduce if k > 1 else 0.0,
                            "error": measured / predicted - 1, "calibration": fastest,
                            "link": {"latency_s": link[0], "bandwidth_bytes_per_s": link[1]}}
-                if in_steps:  # the same model, its all-reduce term as the group's steps measured it
-                    probed = probed_link(k, statistics.median(in_steps), spec.hidden_bytes, link[1])
+                if reduces:  # the same model, its all-reduce term as the group measured it (in its steps: torch)
+                    probed = probed_link(k, statistics.median(in_steps or reduces), spec.hidden_bytes, link[1])
                     calibrated, _ = predict_step(k, threads, cores, profile, args.dtype, fastest, spec, probed,
                                                  args.prompt, args.steps)
                     results |= {"predicted_calibrated_step_s": calibrated, "error_calibrated": measured / calibrated - 1}
                 print(f"k={k}: decode step {measured * 1e3:.1f} ms ({1 / measured:.1f} tok/s), predicted "
                       f"{predicted * 1e3:.1f} ms ({(measured / predicted - 1) * 100:+.0f} %)"
                       + (f"; all-reduce {statistics.median(reduces) * 1e6:.0f} us alone, "
-                         f"{statistics.median(in_steps) * 1e6:.0f} us in steps, predicted "
+                         + (f"{statistics.median(in_steps) * 1e6:.0f} us in steps, " if in_steps else "")
+                         + f"predicted "
                          f"{predicted_reduce * 1e6:.0f} us; with the measured all-reduce: predicted "
                          f"{results['predicted_calibrated_step_s'] * 1e3:.1f} ms "
                          f"({results['error_calibrated'] * 100:+.0f} %)" if reduces else ""))
@@ -274,7 +299,7 @@ def run_tp_bench(args: argparse.Namespace) -> int:
                 "machine": machine_profile(),
                 "config": {"model": model.model_id if args.model else "random llama (bench-tp DIMENSIONS)",
                            "dimensions": {k2: int(getattr(model.config, k2)) for k2 in DIMENSIONS},
-                           "dtype": args.dtype, "prompt": args.prompt, "steps": args.steps, "size": k,
+                           "backend": args.backend, "dtype": args.dtype, "prompt": args.prompt, "steps": args.steps, "size": k,
                            "threads": threads, "cores": cores, "oversubscribed": k * threads > cores,
                            "repeats": args.repeats},
                 "status": "ok" if error is None else ("partial" if results else "failed"), "error": error,
@@ -288,6 +313,7 @@ def add_parser(sub: Any, add: Any, add_switch: Any, positive_int: Any) -> None:
                        "with the cost model's prediction beside each")
     add(p, "--model", help="a model directory (default: a random-weight 110M Llama whose heads split 2 and 3 ways)")
     add(p, "--sizes", default="1,2,3", help="comma-separated group sizes (1: one device alone)")
+    add(p, "--backend", default="torch", choices=("torch", "mlx"), help="the library of the stages and groups")
     add(p, "--dtype", default="bf16", choices=("f32", "bf16"), help="compute dtype")
     add(p, "--prompt", type=positive_int, default=64, help="prompt tokens before the decode steps")
     add(p, "--steps", type=positive_int, default=40, help="decode steps timed per run")

@@ -8,17 +8,22 @@ from mesh.tools.publish_text import Selection, _cell, _get, _status, _table, cap
 
 
 def render_tensor_parallel(sel: Selection, path: str) -> str:
-    """Per group size: the measured decode step (median over repeats) and tokens/s against one
-    device in the same run, the cost model's predicted step and the error (on the loopback
+    """Per library (torch, MLX) and group size: the measured decode step (median over repeats)
+    and tokens/s against one device of that library in the same run, the cost model's predicted step and the error (on the loopback
     link as measured, and with the all-reduce the group measured), the group's own
     all-reduce of one token's hidden state (back to back, and inside the decode steps) against
     the cost model's ring formula on the measured loopback link, and what the all-reduces cost
     per token inside the steps (2 per layer)."""
-    runs = sorted((r for r in sel.records if r.get("kind") == "tp"), key=lambda r: _get(r, "config", "size") or 0)
-    one = next((from_block(_get(r, "results", "step_s")) for r in runs if _get(r, "config", "size") == 1), None)
+    def library(run: dict) -> str:
+        return str(_get(run, "config", "backend") or "torch")  # records before MLX groups are torch's
+
+    runs = sorted((r for r in sel.records if r.get("kind") == "tp"),
+                  key=lambda r: (library(r) != "torch", library(r), _get(r, "config", "size") or 0))
+    ones = {library(r): from_block(_get(r, "results", "step_s")) for r in runs if _get(r, "config", "size") == 1}
     rows = []
     for run in runs:
         c, res = run.get("config") or {}, run.get("results") or {}
+        one = ones.get(library(run))
         step, reduce = from_block(res.get("step_s")), from_block(res.get("allreduce_s"))
         inside = from_block(res.get("allreduce_in_steps_s"))
         layers = _get(c, "dimensions", "num_hidden_layers") or 0
@@ -26,7 +31,7 @@ def render_tensor_parallel(sel: Selection, path: str) -> str:
         predicted, error = res.get("predicted_step_s"), res.get("error")
         calibrated, error_cal = res.get("predicted_calibrated_step_s"), res.get("error_calibrated")
         per_token = f"{2 * layers * inside.median * 1e3:.1f}" if inside is not None and layers else "-"
-        rows.append([str(c.get("size")), f"{c.get('threads')}{' (oversubscribed)' if c.get('oversubscribed') else ''}",
+        rows.append([library(run), str(c.get("size")), f"{c.get('threads')}{' (oversubscribed)' if c.get('oversubscribed') else ''}",
                      _cell(step, 1000, 1), f"{1 / step.median:.1f}" if step is not None else "-",
                      versus.fmt() if versus is not None else "1.00x",
                      f"{predicted * 1e3:.1f}" if isinstance(predicted, int | float) else "-",
@@ -39,7 +44,7 @@ def render_tensor_parallel(sel: Selection, path: str) -> str:
     model = _get(runs[0], "config", "model") if runs else "?"
     dtype = _get(runs[0], "config", "dtype") if runs else "?"
     return (caption(sel, path, f"Measured, {model} in {dtype}") + "\n\n" +
-            _table(("group size", "threads per member", "decode step ms", "tok/s", "vs one device", "predicted ms",
+            _table(("library", "group size", "threads per member", "decode step ms", "tok/s", "vs one device", "predicted ms",
                     "error", "predicted with the measured all-reduce ms (error)", "all-reduce alone us",
                     "all-reduce in steps us", "predicted all-reduce us", "all-reduces per token ms", "result"),
-                   rows, "rlrrrrrrrrrrl") + "\n")
+                   rows, "lrlrrrrrrrrrrl") + "\n")
