@@ -332,3 +332,26 @@ def test_groups_larger_than_pairs_where_the_model_splits_and_the_links_pay() -> 
                   tensor_parallel={"a": "torch", "b": "mlx", "c": "mlx", "d": "torch"})
     assert sorted(s.devices for s in mixed.plan.stages if len(s.devices) > 1) in ([("a", "d")], [("b", "c")])
     assert not any(len(s.devices) == 4 for s in mixed.plan.stages)  # a group is of one library
+
+
+@pytest.mark.spec("P13", "P11")
+def test_a_group_as_one_stage_of_a_pipeline_where_a_fast_pair_holds_part_of_the_model() -> None:
+    """Two fast devices on a Thunderbolt-class cable that together hold only part of the model,
+    and a big slow device: the pair runs its part as a tensor-parallel stage and the big one the
+    rest, faster than the plain pipeline; each member holds half of the group's layers."""
+    a, b = dev("a", 7, tflops=20, gbps=400), dev("b", 7, tflops=20, gbps=400)
+    big = dev("c", 64, tflops=10, gbps=100)
+    links = (Link(a="a", b="b", latency_s=5e-6, bandwidth_bytes_per_s=8e9),
+             Link(a="a", b="c", latency_s=1e-4, bandwidth_bytes_per_s=1.25e9),
+             Link(a="b", b="c", latency_s=1e-4, bandwidth_bytes_per_s=1.25e9))
+    topology = Topology(devices=(a, b, big), links=links)
+    request = Request(context_tokens=4096, prompt_tokens=1024, new_tokens=256)
+    got = solve(topology, EIGHT_B, request, objective="decode", tensor_parallel={"a", "b"})
+    grouped = [s for s in got.plan.stages if len(s.devices) > 1]
+    assert [s.devices for s in grouped] == [("a", "b")] and len(got.plan.stages) == 2, got.plan
+    assert sum(s.layers for s in got.plan.stages) == EIGHT_B.num_layers  # P11: every layer once
+    plain = solve(topology, EIGHT_B, request, objective="decode", tensor_parallel=False)
+    assert all(len(s.devices) == 1 for s in plain.plan.stages)
+    assert got.predicted.decode_tokens_per_s > 1.1 * plain.predicted.decode_tokens_per_s
+    need = memory_needed(got.plan, EIGHT_B, context_tokens=4096, prompt_tokens=1024)
+    assert need["a"] == need["b"] and all(need[d] <= topology.device(d).memory_bytes for d in need)

@@ -17,7 +17,12 @@ Candidates, each priced with ``mesh.placement.costmodel.predict``:
 5. tensor-parallel groups running all layers: every linked pair of devices, and for each
    larger group size the model splits into, each device with the devices of its fastest links
    (each member holds 1/k of every layer's weights and KV cache; two all-reduces per layer
-   cross their links), which win only where the links are fast enough to pay for them.
+   cross their links), which win only where the links are fast enough to pay for them;
+6. a tensor-parallel group as one stage of a pipeline: for the ``MAX_PIPELINE_GROUPS`` groups
+   of 5 with the cheapest layer (leaving devices for other stages), the program of 2 with that
+   group as one of its stages (its members' memory each holding 1/k of its layers, its layers
+   priced with their all-reduces), so a fast pair on a cable can run the part of a model it
+   holds faster while a big device holds the rest.
 
 The best by the objective wins (ties: fewer devices, then the earlier candidate), so the
 plan is never predicted worse than the baseline or than the best device alone. Same input,
@@ -56,6 +61,7 @@ OBJECTIVES = ("ttft", "decode", "goodput")
 GIB = 1 << 30
 MAX_EXACT_ORDER = 6  # middle devices ordered by trying every permutation up to this many
 MAX_PREFILL_DEVICES = 4  # disaggregated candidates prefill on the top k <= 4 devices by FLOP/s per byte/s
+MAX_PIPELINE_GROUPS = 3  # tensor-parallel groups tried as one stage of a pipeline (each try: one more MILP)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,11 +103,14 @@ def score(prediction: Prediction, objective: str) -> float:
     raise PlacementError(f"objective {objective!r} unknown; valid: {', '.join(OBJECTIVES)}")
 
 
-def _per_layer_s(topology: Topology, model: ModelSpec, device: Device, role: str, objective: str,
-                 request: Request) -> tuple[float, float]:
-    """(seconds per layer on ``device``, seconds of the head there) in the objective's terms."""
-    one = StagePlan(devices=(device.id,), layer_start=0, layer_end=1, role=role)
-    head = max(model.head_flops_per_token / device.flops, model.head_bytes / device.memory_bandwidth_bytes_per_s)
+def _per_layer_s(topology: Topology, model: ModelSpec, device: Device | tuple[Device, ...], role: str,
+                 objective: str, request: Request) -> tuple[float, float]:
+    """(seconds per layer on ``device`` or a tensor-parallel group of devices, its all-reduces
+    included, seconds of the head there: whole on the slowest member) in the objective's terms."""
+    members = device if isinstance(device, tuple) else (device,)
+    one = StagePlan(devices=tuple(d.id for d in members), layer_start=0, layer_end=1, role=role)
+    head = max(max(model.head_flops_per_token / d.flops, model.head_bytes / d.memory_bandwidth_bytes_per_s)
+               for d in members)
     prefill = prefill_stage_s(topology, model, one, request.prompt_tokens)
     decode = decode_stage_s(topology, model, one, request.prompt_tokens + request.new_tokens // 2)
     steps = max(0, request.new_tokens - 1)
@@ -142,19 +151,26 @@ def _hop_s(topology: Topology, model: ModelSpec, device: Device, others: list[De
 
 
 def _pipeline_milp(topology: Topology, model: ModelSpec, devices: list[Device], role: str, objective: str,
-                   request: Request) -> PlacementPlan | None:
-    """The best pipeline of >= 2 of ``devices`` for ``role`` (None when none fits)."""
-    linked = [d for d in devices if math.isfinite(_hop_s(topology, model, d, devices, role, objective, request))]
+                   request: Request, group: tuple[Device, ...] = ()) -> PlacementPlan | None:
+    """The best pipeline of >= 2 of ``devices`` for ``role`` (None when none fits). With
+    ``group``: those devices are one tensor-parallel stage of it (each holding 1/k of its
+    layers' weights and KV cache, the edges whole), the others single-device stages; hops
+    between stages are priced from the group's first member (its leader)."""
+    taken = {d.id for d in group}
+    units = ([group] if group else []) + [(d,) for d in devices if d.id not in taken]
+    leaders = [u[0] for u in units]
+    linked = [u for u in units if math.isfinite(_hop_s(topology, model, u[0], leaders, role, objective, request))]
     n, layers = len(linked), model.num_layers
     if n < 2:
         return None
     per_layer_bytes, fixed = _budget(model, role, request)
     # variables: x_d (layers), u_d (takes part), f_d (first), l_d (last)
     cost = np.zeros(4 * n)
-    for i, d in enumerate(linked):
-        layer_s, head_s = _per_layer_s(topology, model, d, role, objective, request)
+    linked_leaders = [u[0] for u in linked]
+    for i, u in enumerate(linked):
+        layer_s, head_s = _per_layer_s(topology, model, u, role, objective, request)
         cost[i] = layer_s
-        cost[n + i] = _hop_s(topology, model, d, linked, role, objective, request) + 1e-12 * i  # ties: lower ids
+        cost[n + i] = _hop_s(topology, model, u[0], linked_leaders, role, objective, request) + 1e-12 * i  # ties: ids
         cost[3 * n + i] = head_s
     rows, lower, upper = [], [], []
 
@@ -169,29 +185,35 @@ def _pipeline_milp(topology: Topology, model: ModelSpec, devices: list[Device], 
     row({i: 1.0 for i in range(n)}, layers, layers)  # every layer exactly once
     row({2 * n + i: 1.0 for i in range(n)}, 1, 1)  # one first
     row({3 * n + i: 1.0 for i in range(n)}, 1, 1)  # one last
-    row({n + i: 1.0 for i in range(n)}, 2, n)  # two or more devices
-    for i, d in enumerate(linked):
+    row({n + i: 1.0 for i in range(n)}, 2, n)  # two or more stages
+    if group:
+        if linked[0] is not group:
+            return None
+        row({n: 1.0}, 1, 1)  # the group takes part (else this is the plain pipeline)
+    for i, u in enumerate(linked):
         row({i: 1.0, n + i: -layers}, -np.inf, 0)  # x <= L u
         row({i: 1.0, n + i: -1.0}, 0, np.inf)  # x >= u: no empty stage
         row({2 * n + i: 1.0, n + i: -1.0}, -np.inf, 0)
         row({3 * n + i: 1.0, n + i: -1.0}, -np.inf, 0)
         row({2 * n + i: 1.0, 3 * n + i: 1.0}, -np.inf, 1)  # first and last differ
-        row({i: per_layer_bytes, n + i: fixed, 2 * n + i: model.embed_bytes, 3 * n + i: model.head_bytes},
-            -np.inf, d.memory_bytes)  # the memory budget
+        row({i: per_layer_bytes / len(u), n + i: fixed, 2 * n + i: model.embed_bytes, 3 * n + i: model.head_bytes},
+            -np.inf, min(d.memory_bytes for d in u))  # the memory budget (of each member of a group)
     upper_bounds = np.concatenate([np.full(n, layers), np.ones(3 * n)])
     result = milp(cost, constraints=LinearConstraint(np.array(rows), lower, upper), integrality=np.ones(4 * n),
                   bounds=Bounds(np.zeros(4 * n), upper_bounds), options={"time_limit": 10.0})
     if result.x is None:
         return None
     x = [int(round(v)) for v in result.x[:n]]
-    used = [d for i, d in enumerate(linked) if x[i] > 0]
-    first = next(d for i, d in enumerate(linked) if round(result.x[2 * n + i]) == 1)
-    last = next(d for i, d in enumerate(linked) if round(result.x[3 * n + i]) == 1)
+    used = [u[0] for i, u in enumerate(linked) if x[i] > 0]
+    first = next(u[0] for i, u in enumerate(linked) if round(result.x[2 * n + i]) == 1)
+    last = next(u[0] for i, u in enumerate(linked) if round(result.x[3 * n + i]) == 1)
     order = _order(topology, model, first, last, [d for d in used if d.id not in (first.id, last.id)])
-    counts = {d.id: x[i] for i, d in enumerate(linked)}
+    counts = {u[0].id: x[i] for i, u in enumerate(linked)}
+    unit_of = {u[0].id: u for u in linked}
     stages, start = [], 0
     for d in order:
-        stages.append(StagePlan(devices=(d.id,), layer_start=start, layer_end=start + counts[d.id], role=role))
+        stages.append(StagePlan(devices=tuple(m.id for m in unit_of[d.id]), layer_start=start,
+                                layer_end=start + counts[d.id], role=role))
         start += counts[d.id]
     return PlacementPlan(stages=tuple(stages))
 
@@ -263,6 +285,16 @@ def _groups(topology: Topology, devices: list[Device], tensor_parallel: bool | C
     return out
 
 
+def _pipeline_groups(topology: Topology, model: ModelSpec, groups: list[tuple[Device, ...]], devices: int,
+                     objective: str, request: Request) -> list[tuple[Device, ...]]:
+    """The groups worth trying as one stage of a pipeline: the ``MAX_PIPELINE_GROUPS`` with the
+    cheapest layer in the objective's terms (each try is one more MILP), of those leaving a
+    device for the pipeline's other stages."""
+    able = [g for g in groups if len(g) < devices]
+    return sorted(able, key=lambda g: (_per_layer_s(topology, model, g, "both", objective, request)[0],
+                                       [d.id for d in g]))[:MAX_PIPELINE_GROUPS]
+
+
 def _best(topology: Topology, model: ModelSpec, request: Request, objective: str,
           disaggregation: bool, tensor_parallel: bool | Collection[str] | Mapping[str, str] = True,
           group_sizes: Collection[int] = (2,)) -> tuple[PlacementPlan | None, PlacementPlan | None, int]:
@@ -276,8 +308,15 @@ def _best(topology: Topology, model: ModelSpec, request: Request, objective: str
     pipeline = _pipeline_milp(topology, model, devices, "both", objective, request)  # 2
     if pipeline is not None:
         candidates.append(pipeline)
-    for group in _groups(topology, devices, tensor_parallel, group_sizes):  # 5: tensor-parallel groups
+    groups = _groups(topology, devices, tensor_parallel, group_sizes)
+    for group in groups:  # 5: tensor-parallel groups over every layer
         candidates.append(PlacementPlan(stages=(StagePlan(devices=group, layer_start=0, layer_end=model.num_layers),)))
+    by_id = {d.id: d for d in devices}
+    for group in _pipeline_groups(topology, model, [tuple(by_id[i] for i in g) for g in groups], len(devices),
+                                  objective, request):  # 6: a group as one stage of a pipeline
+        candidate = _pipeline_milp(topology, model, devices, "both", objective, request, group=group)
+        if candidate is not None:
+            candidates.append(candidate)
     if disaggregation and objective != "decode" and len(devices) >= 2:  # 3
         ranked = sorted(devices, key=lambda d: (-d.flops / d.memory_bandwidth_bytes_per_s, d.id))
         # One request's prefill does not run faster on more pipeline stages (they take turns);
