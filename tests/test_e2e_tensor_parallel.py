@@ -177,11 +177,13 @@ def _lab_plan(lab: Any, hosts: list[str], want_group: bool, timeout_s: float = 1
 @FULL
 @pytest.mark.full
 @pytest.mark.spec("N26", "S7")
-def test_the_group_link_pulled_mid_request_and_plugged_back(folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_the_group_link_pulled_mid_request_and_plugged_back(folder: Path, tmp_path: Path, backend: str) -> None:
     """Two hosts on a LAN (the mesh link) and a cable of their own (``--tp-address``) form a
-    group; the cable is pulled while a request runs: the group fails within --dead-after-s
-    with both nodes alive, the request ends with the group's text on a plan without the group
-    (its members stay out of groups a while), and with the cable back the group forms again."""
+    group (torch: gloo; MLX: MLX's ring and the leader's link, both on the cable); the cable
+    is pulled while a request runs: the group fails within --dead-after-s with both nodes
+    alive, the request ends with the group's text on a plan without the group (its members
+    stay out of groups a while), and with the cable back the group forms again."""
     from mesh.security import format_cluster_key
     from mesh.testing import netlab
 
@@ -200,7 +202,7 @@ def test_the_group_link_pulled_mid_request_and_plugged_back(folder: Path, tmp_pa
             for name in ("a", "b"):
                 argv = netlab.node_argv(tmp_path, name, model=str(folder), memory_bytes=1 << 30, extra=[
                     "--placement", "tensor", "--tp-address", lab.hosts[name].address("cable"), "--dtype", "f32",
-                    "--interface", "eth0"])
+                    "--interface", "eth0", "--backend", backend])
                 with open(tmp_path / f"{name}.log", "wb") as log:
                     processes.append(lab.popen(name, argv, env=env, stdout=log, stderr=subprocess.STDOUT))
             _lab_plan(lab, ["a", "b"], want_group=True)
