@@ -90,7 +90,6 @@ def fits_in(size: Any, context_tokens: int, memory_bytes: int, backend_cls: type
                    kv_bytes_per_layer=size.kv_bytes_per_token_per_layer * context_tokens, shares=shares)
 
 
-
 def _log_unload_error(done: asyncio.Future[Any]) -> None:
     """A retired group's unload runs unawaited: its error is logged, never lost."""
     if not done.cancelled() and done.exception() is not None:

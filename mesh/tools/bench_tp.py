@@ -240,7 +240,9 @@ def run_tp_bench(args: argparse.Namespace) -> int:
         folder = Path(args.model) if args.model else build_model(Path(tmp) / "tp-bench", args.dtype)
         model = Model(resolve_model(str(folder)))
         spec = model_spec(model.config, model.model_id, args.dtype)
-        profile = load_or_measure_profile(Path(tmp), backend=args.backend, device="cpu", memory_fraction=0.8,
+        # the machine's roofline figures are measured with torch (profiles are torch's: P7); the
+        # calibration below times the library's own stage, which is what fits its speed
+        profile = load_or_measure_profile(Path(tmp), backend="torch", device="cpu", memory_fraction=0.8,
                                           budget_s=1.0, shared_dir=host_dir())
         link = loopback_link()
         print(f"loopback link: {link[0] * 1e6:.0f} us, {link[1] / 1e9:.2f} GB/s; profile {args.dtype} "
