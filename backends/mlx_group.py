@@ -55,6 +55,25 @@ from mesh.errors import BackendError
 from mesh.models import Model
 
 STEP_WAIT_S = 300.0  # the longest a leader waits for a member's KV share (the node's own step bound)
+COLLECTIVE_TIME = [0.0, 0]  # seconds this member's steps spent in all-sums (waiting included), and how many
+
+
+def _timed(all_sum: Any) -> Any:
+    """``all_sum`` timed into ``COLLECTIVE_TIME``: the member's own share is evaluated first, so
+    the time is the collective's, waiting for the slowest member included (the cost model's
+    all-reduce term as the steps run it, spec P10). MLX evaluates lazily: without this the
+    collectives' time cannot be told apart from the step's."""
+    def timed_all_sum(x: Any, *args: Any, **kwargs: Any) -> Any:
+        import mlx.core as mx
+
+        mx.eval(x)
+        started = time.perf_counter()
+        out = all_sum(x, *args, **kwargs)
+        mx.eval(out)
+        COLLECTIVE_TIME[0] += time.perf_counter() - started
+        COLLECTIVE_TIME[1] += 1
+        return out
+    return timed_all_sum
 
 
 def _member_main(conn: Any, spec: GroupSpec, model_ref: Any, layer_start: int, layer_end: int, dtype: str) -> None:
@@ -181,6 +200,8 @@ def _shard(backend: Any, group: Any) -> int:
     with backend._lock:
         stage.shard(group)
         mx.eval(stage.parameters())
+    # mlx.nn's sharded linears call mx.distributed.all_sum at each step: timed from here on
+    mx.distributed.all_sum = _timed(mx.distributed.all_sum)
     return sum(1 for m in stage.modules() if "Sharded" in type(m).__name__)  # mlx.nn's *Sharded*Linear
 
 
@@ -257,6 +278,7 @@ def _run(command: tuple[Any, ...], caches: dict[int, Any], backend: Any, spec: G
         import mlx.core as mx
 
         _, _, width, count = command
+        in_steps = COLLECTIVE_TIME[0] / COLLECTIVE_TIME[1] if COLLECTIVE_TIME[1] else None
         values = mx.zeros((1, width), dtype=backend.dtype)
         times = []
         for i in range(count + 3):
@@ -264,7 +286,8 @@ def _run(command: tuple[Any, ...], caches: dict[int, Any], backend: Any, spec: G
             mx.eval(mx.distributed.all_sum(values, group=group))
             if i >= 3:  # the first ones pay for buffers
                 times.append(time.perf_counter() - started)
-        return sorted(times)[len(times) // 2], None  # MLX's lazy steps do not time their collectives apart
+        COLLECTIVE_TIME[:] = [0.0, 0]  # the probe's own are not the steps'
+        return sorted(times)[len(times) // 2], in_steps
 
     def gather(mine: Any) -> list[Any] | None:
         if spec.rank:
