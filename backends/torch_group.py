@@ -215,8 +215,6 @@ def gather(value: Any, spec: Any, torch: Any, dist: Any) -> list[Any]:
     return out
 
 
-
-
 class GroupMember(_Member):
     """A torch group member's process (``_member_main``); see ``backends.group.GroupMember``."""
 
