@@ -55,6 +55,7 @@ from mesh.errors import BackendError
 from mesh.models import Model
 
 STEP_WAIT_S = 300.0  # the longest a leader waits for a member's KV share (the node's own step bound)
+STOP_WAIT_S = 0.5  # a stopping leader waits this long for its members to end (within GroupMember.stop's 1 s)
 COLLECTIVE_TIME = [0.0, 0]  # seconds this member's steps spent in all-sums (waiting included), and how many
 
 
@@ -264,12 +265,21 @@ def _serve(conn: Any, spec: GroupSpec, backend: Any, links: dict[int, FrameLink]
         else:
             command = links[0].recv(float("inf"), "a command")
         if command[0] == "stop":
+            if spec.rank == 0:  # the members end first (exit 0): were the leader's links to close
+                _closed(links, STOP_WAIT_S)  # before they read "stop", their watchdog would call it a failure
             return
         for cid in command[1]:  # caches the node dropped since the last command
             caches.pop(cid, None)
         answer = _run(command, caches, backend, spec, links, group)
         if spec.rank == 0:
             send_quiet(conn, ("ok", answer))
+
+
+def _closed(links: dict[int, FrameLink], within_s: float) -> None:
+    """Wait until every link has closed, at most ``within_s`` seconds."""
+    deadline = time.monotonic() + within_s
+    while any(link.closed is None for link in links.values()) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _run(command: tuple[Any, ...], caches: dict[int, Any], backend: Any, spec: GroupSpec,

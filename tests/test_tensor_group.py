@@ -37,23 +37,15 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 LIBRARIES = {"torch": (TorchGroupBackend, GroupMember), "mlx": (MlxGroupBackend, MlxGroupMember)}
 
 
-def whole_stage(folder: Path, library: str, layers: tuple[int, int] | None = None) -> Any:
-    """The single-device stage a group of ``library`` must match (f32, float weights)."""
+def whole_stage(folder: Path, library: str) -> Any:
+    """The single-device stage of every layer a group of ``library`` must match (f32, float weights)."""
     if library == "torch":
-        return load_whole(str(folder)) if layers is None else _torch_stage(folder, layers)
+        return load_whole(str(folder))
     from backends.mlx import MlxBackend
 
     model = Model(resolve_model(str(folder)))
     backend = MlxBackend(device="cpu", dtype="f32")
-    backend.load(model, *(layers or (0, model.num_layers)))
-    return backend
-
-
-def _torch_stage(folder: Path, layers: tuple[int, int]) -> Any:
-    from backends.torch import TorchBackend
-
-    backend = TorchBackend(device="cpu", dtype="f32", quantize="none")
-    backend.load(Model(resolve_model(str(folder))), *layers)
+    backend.load(model, 0, model.num_layers)
     return backend
 
 
@@ -332,3 +324,13 @@ def test_a_link_frame_forged_replayed_or_oversized_closes_the_link_unread() -> N
         link.recv(5, "a command")
     with pytest.raises(OSError, match="closed"):
         link.send(("ping",))
+
+
+@pytest.mark.spec("B19", "B20")
+@pytest.mark.parametrize("library", ["torch", "mlx"])
+def test_a_retired_group_ends_its_members_with_exit_code_0(folder: Path, library: str) -> None:
+    """The leader told to stop (its stage unloaded) ends its members as retired, not failed: exit
+    code 0, which a follower's node reads as "nothing failed" (N26)."""
+    with Group(folder, library=library) as group:
+        greedy(group.backend, PROMPT, 1)
+    assert [m.process.exitcode for m in group.followers] == [0]
