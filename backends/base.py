@@ -416,6 +416,16 @@ class Backend(ABC):
         ``hidden`` (later stages, finite f32/f16/bf16 ``[1, n, hidden_size]``) is given, and
         the positions lie inside the context window."""
 
+    def run_head(self) -> None:
+        """Run this last stage's final norm and LM head once on one all-zero position (compute
+        dtype), results materialized, so calibration can time the part of a step that does not
+        scale with the stage's layers (specs/placement.md P19).
+
+        Raises BackendError when no last stage is loaded, NotImplementedError where a backend
+        cannot run them alone (the default: calibration then keeps the cost model's estimate).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot run its LM head alone")
+
     def _warm_up(self) -> None:
         """One step of two positions on a throwaway cache (zeros in ``compute_dtype``, else
         f32, on a later stage).

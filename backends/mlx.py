@@ -539,11 +539,22 @@ class MlxBackend(Backend):
                     out = out.astype(self.dtype)
                     mx.eval(out, [c.state for c in cache])
                     return StepOutput(hidden=array_to_wire(out))
-                last = out[:, -1, :]
-                head = stage.lm_head if "lm_head" in stage else stage.model.embed_tokens.as_linear
-                logits = head(last).astype(mx.float32)
+                logits = self._head(stage)(out[:, -1, :]).astype(mx.float32)
                 mx.eval(logits, [c.state for c in cache])
                 return StepOutput(logits=np.array(logits[0], dtype=np.float32))
+
+    @staticmethod
+    def _head(stage: Any) -> Any:
+        return stage.lm_head if "lm_head" in stage else stage.model.embed_tokens.as_linear
+
+    def run_head(self) -> None:
+        with self._lock:
+            stage, mx = self._model, self._mx
+            if stage is None or self.layer_end < self.num_layers:
+                raise BackendError("no last stage loaded: it has no LM head")
+            with mx.stream(self._device):
+                x = stage.model.norm(mx.zeros((1, self.hidden_size or 0), dtype=self.dtype))
+                mx.eval(self._head(stage)(x).astype(mx.float32))
 
     def _forward_batch(self, items: list[BatchItem]) -> list[StepOutput | BackendError]:
         """Decode steps of several requests in one call on mlx-lm's ``BatchKVCache``; the other

@@ -48,8 +48,7 @@ def forward_decode_rows(backend: Any, items: list[BatchItem]) -> list[StepOutput
                 if backend.layer_end < backend.num_layers:
                     out = out.astype(backend.dtype)
                 else:
-                    head = stage.lm_head if "lm_head" in stage else stage.model.embed_tokens.as_linear
-                    out = head(out[:, -1, :]).astype(mx.float32)
+                    out = backend._head(stage)(out[:, -1, :]).astype(mx.float32)
                 for row, it in enumerate(rows):
                     for layer, batched in enumerate(merged):
                         it.cache[layer] = batched.extract(row)

@@ -267,6 +267,15 @@ class TorchBackend(Backend):
 
 
     @torch.inference_mode()
+    def run_head(self) -> None:
+        with self._lock:
+            model = self._model
+            if model is None or self.layer_end < self.num_layers:
+                raise BackendError("no last stage loaded: it has no LM head")
+            x = torch.zeros(1, 1, self.hidden_size or 0, dtype=self.dtype, device=self.device)
+            model.lm_head(model.model.norm(x)[:, -1, :]).float().cpu()
+
+    @torch.inference_mode()
     def _forward_batch(self, items: list[BatchItem]) -> list[StepOutput | BackendError]:
         """Several requests' steps in one forward, packed end to end (``backends.torch_batch``);
         a stage whose attention layout does not pack runs them one after another."""

@@ -89,10 +89,17 @@ def test_fit_rejects_what_it_cannot_fit_and_stays_positive_under_noise() -> None
 class _FakeBackend:
     """Records forward calls; a step costs nothing."""
 
-    def __init__(self, layer_start: int) -> None:
+    def __init__(self, layer_start: int, *, last: bool = False, head: bool = True) -> None:
         self.layer_start = layer_start
+        self.is_last, self.head = last, head
         self.calls: list[tuple[int, int, str]] = []
         self.caches = 0
+        self.heads = 0
+
+    def run_head(self) -> None:
+        if not self.head:
+            raise NotImplementedError("no head alone")
+        self.heads += 1
 
     def new_cache(self) -> Any:
         self.caches += 1
@@ -109,8 +116,9 @@ class _FakeBackend:
 @pytest.mark.parametrize("first", [True, False])
 def test_time_stage_runs_each_prefill_twice_on_fresh_caches_then_decodes(first: bool) -> None:
     backend = _FakeBackend(0 if first else 3)
-    prefill, decode = time_stage(backend, hidden_size=16)  # type: ignore[arg-type]
+    prefill, decode, head = time_stage(backend, hidden_size=16)  # type: ignore[arg-type]
     assert sorted(prefill) == list(PREFILL_TOKENS) and all(t >= 0 for t in prefill.values()) and decode >= 0
+    assert head is None and backend.heads == 0  # not a last stage: no head to time
     shapes = [c[2] for c in backend.calls]
     assert all(s == "tokens" for s in shapes) if first else all(s.startswith("hidden[1, ") for s in shapes)
     decodes = [c for c in backend.calls if c[1] == 1]
@@ -182,9 +190,94 @@ def test_published_calibration_reaches_the_prediction_for_its_model_only() -> No
 
 @pytest.mark.spec("P19")
 def test_repeated_timings_keep_the_fastest_time_of_each_step() -> None:
-    first = ({8: 0.02, 128: 0.30}, 0.010)
+    first = ({8: 0.02, 128: 0.30}, 0.010, 0.004)
     assert fastest(None, first) == first
-    assert fastest(first, ({8: 0.03, 128: 0.20}, 0.012)) == ({8: 0.02, 128: 0.20}, 0.010)
+    assert fastest(first, ({8: 0.03, 128: 0.20}, 0.012, 0.003)) == ({8: 0.02, 128: 0.20}, 0.010, 0.003)
+    assert fastest(({8: 0.02, 128: 0.30}, 0.010, None), first) == first
+    assert fastest(({8: 0.02, 128: 0.30}, 0.010, None), ({8: 0.02, 128: 0.30}, 0.010, None))[2] is None
+
+
+@pytest.mark.spec("P19")
+def test_a_last_stage_times_its_head_alone_when_the_backend_can() -> None:
+    backend = _FakeBackend(0, last=True)
+    *_, head = time_stage(backend, hidden_size=16)  # type: ignore[arg-type]
+    assert head is not None and head >= 0 and backend.heads == 1 + 8  # one untimed, then the timed runs
+    *_, head = time_stage(_FakeBackend(0, last=True, head=False), hidden_size=16)  # type: ignore[arg-type]
+    assert head is None  # a plugin backend without run_head keeps the roofline estimate
+
+
+@pytest.mark.spec("P19", "P10")
+def test_a_measured_head_is_subtracted_published_and_priced_whole_on_every_group_member() -> None:
+    """The head's own time replaces the roofline's (which said 3 ms where MLX on CPU took 38):
+    the layers' figure is what is left, and a tensor-parallel group pays the head whole, at its
+    slowest member's timing, while dividing the layers by k."""
+    layers, per_layer, head = 30, 0.002, 0.04
+    step = layers * per_layer + head
+    got = fit_calibration(model=SPEC, layers=layers, prefill_s={8: 0.2, 128: 0.5}, decode_s=step,
+                          head_s=0.003, flops=FLOPS, measured_head_s=head)
+    assert math.isclose(got.decode_layer_s, per_layer) and got.head_s == head
+    assert Calibration(**got.to_wire()) == got
+    plain = fit_calibration(model=SPEC, layers=layers, prefill_s={8: 0.2, 128: 0.5}, decode_s=step,
+                            head_s=0.003, flops=FLOPS)
+    assert plain.head_s is None and "head_s" not in plain.to_wire()
+    assert math.isclose(plain.decode_layer_s, (step - 0.003) / layers)
+    # a head timed longer than the step (noise): the layers keep a share, never zero
+    capped = fit_calibration(model=SPEC, layers=layers, prefill_s={8: 0.2, 128: 0.5}, decode_s=0.01,
+                             head_s=0.003, flops=FLOPS, measured_head_s=0.05)
+    assert capped.decode_layer_s > 0
+    with pytest.raises(PlacementError, match="head_s"):
+        Calibration(model="m", decode_layer_s=0.01, prefill_layer_s=0.0, prefill_token_layer_s=1e-4, head_s=-1.0)
+
+    from mesh.placement.costmodel import Link
+
+    def device(name: str, h: float | None) -> Device:
+        cal = Calibration(model=SPEC.name, decode_layer_s=0.01, prefill_layer_s=0.002, prefill_token_layer_s=1e-4,
+                          head_s=h)
+        return Device(id=name, memory_bytes=1 << 30, flops=FLOPS, memory_bandwidth_bytes_per_s=BANDWIDTH,
+                      calibration=cal)
+
+    link = (Link(a="a", b="b", latency_s=1e-4, bandwidth_bytes_per_s=1e9),)
+    whole = PlacementPlan(stages=(_stage(("a",), 0, SPEC.num_layers),))
+    pair = PlacementPlan(stages=(_stage(("a", "b"), 0, SPEC.num_layers),))
+
+    def step_s(plan: PlacementPlan, *devices: Device) -> float:
+        links = link if len(devices) > 1 else ()
+        return 1 / predict(plan, Topology(devices=devices, links=links), SPEC, prompt_tokens=8,
+                           new_tokens=2).decode_tokens_per_s
+
+    base = step_s(whole, device("a", None))
+    assert math.isclose(step_s(whole, device("a", 0.05)) - base, 0.05 - head_s(SPEC, FLOPS, BANDWIDTH))
+    both = step_s(pair, device("a", 0.05), device("b", 0.02)) - step_s(pair, device("a", None), device("b", None))
+    assert math.isclose(both, 0.05 - head_s(SPEC, FLOPS, BANDWIDTH))  # the slowest member's head, once
+    # published with the profile, read back by the topology
+    cal = device("a", 0.05).calibration
+    record = profile_record({"f32": FLOPS}, BANDWIDTH, "cpu", calibration=cal)
+    topo = topology(_state({**_member("1"), profile_key("1"): record}), "f32", SPEC.name)
+    assert topo.devices[0].calibration == cal
+
+
+@pytest.mark.spec("P19")
+@pytest.mark.parametrize("library", ["torch", "mlx"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_backends_run_their_head_alone_on_a_last_stage_only(tmp_path: Any, library: str, tied: bool) -> None:
+    from mesh.errors import BackendError
+    from mesh.models import Model, resolve_model
+    from mesh.testing.tiny import tiny_model
+
+    if library == "mlx":
+        pytest.importorskip("mlx.core")
+        from backends.mlx import MlxBackend as Backend
+    else:
+        from backends.torch import TorchBackend as Backend  # type: ignore[assignment]
+    model = Model(resolve_model(str(tiny_model("llama", tmp_path / "m", tie_word_embeddings=tied))))
+    last, first = Backend(device="cpu"), Backend(device="cpu")
+    last.load(model, 2, 5)
+    first.load(model, 0, 2)
+    *_, head = time_stage(last, hidden_size=64)
+    assert head is not None and head > 0
+    assert time_stage(first, hidden_size=64)[2] is None
+    with pytest.raises(BackendError, match="LM head"):
+        first.run_head()
 
 
 @pytest.mark.spec("P10", "N26")

@@ -492,14 +492,16 @@ class StageLoader:
             last = backend.layer_end == spec.num_layers
             head = head_s(spec, flops, profile.memory_bandwidth_bytes_per_s) if last else 0.0
             calibration = fit_calibration(model=spec, layers=backend.layer_end - backend.layer_start,
-                                          prefill_s=times[0], decode_s=times[1], head_s=head, flops=flops)
+                                          prefill_s=times[0], decode_s=times[1], head_s=head, flops=flops,
+                                          measured_head_s=times[2])
         except Exception as exc:  # a backend plugin may raise anything; calibration is an aid
             log.warning("could not calibrate the loaded stage: %s", exc)
             return False
         if calibration != self.calibration:
-            log.info("calibration: decode %.2f ms/layer, prefill %.2f ms + %.3f ms/token per layer",
+            log.info("calibration: decode %.2f ms/layer, prefill %.2f ms + %.3f ms/token per layer%s",
                      calibration.decode_layer_s * 1e3, calibration.prefill_layer_s * 1e3,
-                     calibration.prefill_token_layer_s * 1e3)
+                     calibration.prefill_token_layer_s * 1e3,
+                     "" if calibration.head_s is None else f", LM head {calibration.head_s * 1e3:.2f} ms")
             self.calibration = calibration
             self.publish_profile()
         return True

@@ -7,7 +7,11 @@ two prefills (``PREFILL_TOKENS``) and a few decode steps, on a scratch KV cache 
 uses. The cost model's own estimates of the parts it keeps (the LM head on the last stage,
 attention's quadratic FLOPs) are subtracted, and what is left is divided by the number of
 layers: ``Calibration`` (seconds per layer for a decode step, and a line in the prompt length
-for prefill).
+for prefill). On a last stage whose backend can run its LM head alone (``Backend.run_head``)
+the head is timed too, and that time, not the roofline's, is subtracted and published: the
+head is computed whole on every member of a tensor-parallel group, so folding it into the
+per-layer figure (which a group divides by its size) mispredicts groups (an MLX CPU head
+measured 38 ms of a 113 ms step where the roofline said 3 ms).
 
 This is a measurement shell (it reads ``time.perf_counter``); the fit, ``fit_calibration``,
 is pure. Spec: specs/placement.md P19.
@@ -29,10 +33,12 @@ if TYPE_CHECKING:
 PREFILL_TOKENS = (8, 128)  # two prompt lengths: the line through them gives prefill's fixed and per-token parts
 DECODE_STEPS = 8
 BUDGET_S = 5.0  # stop adding decode steps past this (a slow device still gets a figure)
+HEAD_RUNS = 8
+MEASURED_HEAD_SHARE = 0.9  # a timed head may take up to this share of a step; the layers keep the rest
 
 
 def fit_calibration(*, model: ModelSpec, layers: int, prefill_s: dict[int, float], decode_s: float,
-                    head_s: float, flops: float) -> Calibration:
+                    head_s: float, flops: float, measured_head_s: float | None = None) -> Calibration:
     """Per-layer figures from a stage's measured step times (pure).
 
     Args:
@@ -43,6 +49,9 @@ def fit_calibration(*, model: ModelSpec, layers: int, prefill_s: dict[int, float
         head_s: the cost model's seconds for the LM head in one step (0 unless the stage is last),
             taken as at most half of a measured step, so no per-layer figure is ever zero.
         flops: the device's FLOP/s, for attention's quadratic part of prefill.
+        measured_head_s: the LM head's own median seconds, timed alone (None: unmeasured). When
+            given it replaces ``head_s``, capped at ``MEASURED_HEAD_SHARE`` of a step, and is
+            published as the calibration's ``head_s``.
 
     Raises PlacementError for fewer than two prompt lengths or a non-positive count.
     """
@@ -51,6 +60,8 @@ def fit_calibration(*, model: ModelSpec, layers: int, prefill_s: dict[int, float
     (p1, t1), (p2, t2) = sorted(prefill_s.items())[:2]
 
     def head(t: float) -> float:
+        if measured_head_s is not None:  # timed alone: trusted, but the layers keep a share
+            return min(measured_head_s, t * MEASURED_HEAD_SHARE)
         # the head's time is the cost model's estimate, not measured: where it claims more than
         # half of a measured step it is wrong (decode clamped to 0 ms/layer, and /v1/cluster
         # predicted 6.2 tok/s where 11-18 were measured), so it gets at most half
@@ -67,10 +78,11 @@ def fit_calibration(*, model: ModelSpec, layers: int, prefill_s: dict[int, float
         slope = max(y1 / p1, y2 / p2, 1e-9)
     decode = (decode_s - head(decode_s)) / layers  # > 0: the layers keep at least half the step
     return Calibration(model=model.name, decode_layer_s=decode, prefill_layer_s=intercept,
-                       prefill_token_layer_s=slope)
+                       prefill_token_layer_s=slope, head_s=measured_head_s or None)
 
 
-StageTimes = tuple[dict[int, float], float]  # (prompt length -> prefill seconds, decode step seconds)
+# (prompt length -> prefill seconds, decode step seconds, LM head seconds or None when untimed)
+StageTimes = tuple[dict[int, float], float, float | None]
 
 
 def fastest(a: StageTimes | None, b: StageTimes) -> StageTimes:
@@ -79,15 +91,19 @@ def fastest(a: StageTimes | None, b: StageTimes) -> StageTimes:
     if a is None:
         return b
     prefill = {n: min(a[0].get(n, t), t) for n, t in b[0].items()}
-    return prefill, min(a[1], b[1])
+    heads = [h for h in (a[2], b[2]) if h is not None]
+    return prefill, min(a[1], b[1]), min(heads) if heads else None
 
 
 def time_stage(backend: Backend, *, hidden_size: int, budget_s: float = BUDGET_S) -> StageTimes:
-    """(prefill seconds per prompt length, median decode step seconds) of a loaded stage.
+    """(prefill seconds per prompt length, median decode step seconds, median LM head seconds)
+    of a loaded stage.
 
     A stage that is not first gets all-zero f32 hidden states [1, n, hidden_size]. Each
     prefill runs twice on a fresh cache and keeps the faster; decode steps continue the cache
     of the shorter prompt until ``DECODE_STEPS`` steps or ``budget_s`` seconds (at least two).
+    The head (``Backend.run_head``: last stages only) runs once untimed, then ``HEAD_RUNS``
+    times; None where the stage is not last or the backend cannot run it alone.
     Raises what the backend raises (BackendError).
     """
     first = backend.layer_start == 0
@@ -112,4 +128,17 @@ def time_stage(backend: Backend, *, hidden_size: int, budget_s: float = BUDGET_S
     while len(steps) < DECODE_STEPS and (len(steps) < 2 or time.perf_counter() < deadline):
         steps.append(run(cache, pos, 1))
         pos += 1
-    return prefill, statistics.median(steps)
+    return prefill, statistics.median(steps), _time_head(backend) if backend.is_last else None
+
+
+def _time_head(backend: Backend) -> float | None:
+    def once() -> float:
+        start = time.perf_counter()
+        backend.run_head()
+        return time.perf_counter() - start
+
+    try:
+        once()  # the first call pays one-off costs
+    except NotImplementedError:
+        return None
+    return statistics.median(once() for _ in range(HEAD_RUNS))

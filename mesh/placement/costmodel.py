@@ -163,14 +163,17 @@ class Calibration:
 
     ``decode_layer_s``: seconds per layer for one decode token at a short context;
     ``prefill_layer_s`` + ``prefill_token_layer_s`` x P: seconds per layer to prefill P tokens
-    (a line fitted through two prompt lengths). ``model`` names the model and compute dtype the
-    figures are for; they are meaningless for any other.
+    (a line fitted through two prompt lengths). ``head_s``: seconds for the final norm and LM
+    head of one position, timed alone on a last stage (None where the stage was not last or the
+    backend cannot run its head alone: the roofline estimate stands in). ``model`` names the
+    model and compute dtype the figures are for; they are meaningless for any other.
     """
 
     model: str
     decode_layer_s: float
     prefill_layer_s: float
     prefill_token_layer_s: float
+    head_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("decode_layer_s", "prefill_layer_s", "prefill_token_layer_s"):
@@ -179,10 +182,14 @@ class Calibration:
                 raise PlacementError(f"calibration {name} must be a finite number of seconds >= 0, got {value!r}")
         if self.decode_layer_s <= 0 or self.prefill_layer_s + self.prefill_token_layer_s <= 0:
             raise PlacementError("a calibration's decode and prefill step times must be > 0 s")
+        head = self.head_s
+        if head is not None and (not isinstance(head, int | float) or isinstance(head, bool) or not 0 < head < math.inf):
+            raise PlacementError(f"calibration head_s must be a finite number of seconds > 0 or absent, got {head!r}")
 
     def to_wire(self) -> dict[str, Any]:
-        return {"model": self.model, "decode_layer_s": self.decode_layer_s, "prefill_layer_s": self.prefill_layer_s,
+        wire = {"model": self.model, "decode_layer_s": self.decode_layer_s, "prefill_layer_s": self.prefill_layer_s,
                 "prefill_token_layer_s": self.prefill_token_layer_s}
+        return wire if self.head_s is None else wire | {"head_s": self.head_s}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -385,10 +392,17 @@ def head_s(model: ModelSpec, flops: float, bandwidth_bytes_per_s: float) -> floa
 
 
 def _head_s(topology: Topology, model: ModelSpec, stage: StagePlan) -> float:
-    """The last stage's LM head: a tensor-parallel group computes it whole on every member
-    (transformers' plans leave it unsplit), so it takes as long as on the slowest member."""
-    return max(head_s(model, d.flops, d.memory_bandwidth_bytes_per_s)
-               for d in (topology.device(i) for i in stage.devices))
+    """The last stage's LM head: a device's own timing of it where its calibration for ``model``
+    has one (spec P19), else the roofline. A tensor-parallel group computes it whole on every
+    member (transformers' plans and mlx-lm's ``shard`` leave it unsplit), so it takes as long
+    as on the slowest member."""
+    def one(device: Device) -> float:
+        cal = device.calibrated_for(model)
+        if cal is not None and cal.head_s is not None:
+            return cal.head_s
+        return head_s(model, device.flops, device.memory_bandwidth_bytes_per_s)
+
+    return max(one(topology.device(i)) for i in stage.devices)
 
 
 def _hops_s(topology: Topology, stages: list[StagePlan], nbytes: float) -> float:

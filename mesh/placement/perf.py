@@ -84,7 +84,7 @@ def _calibration(record: dict[str, Any], model: str | None) -> Calibration | Non
         return None
     try:
         return Calibration(model=model, decode_layer_s=raw["decode_layer_s"], prefill_layer_s=raw["prefill_layer_s"],
-                           prefill_token_layer_s=raw["prefill_token_layer_s"])
+                           prefill_token_layer_s=raw["prefill_token_layer_s"], head_s=raw.get("head_s"))
     except (KeyError, PlacementError):
         return None
 

@@ -103,9 +103,9 @@ def _alone(folder: str, threads: int, dtype: str, prompt: int, steps: int, flops
         backend.load(model, 0, model.num_layers)
         step = decode_steps(backend, prompt, steps)
         spec = model_spec(model.config, model.model_id, dtype)
-        prefill, decode = time_stage(backend, hidden_size=int(model.config.hidden_size))
+        prefill, decode, head = time_stage(backend, hidden_size=int(model.config.hidden_size))
         cal = fit_calibration(model=spec, layers=model.num_layers, prefill_s=prefill, decode_s=decode,
-                              head_s=head_s(spec, flops, bandwidth), flops=flops)
+                              head_s=head_s(spec, flops, bandwidth), flops=flops, measured_head_s=head)
         queue.put((step, cal.to_wire()))
     except Exception as exc:  # noqa: BLE001 - the bench records what failed
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
