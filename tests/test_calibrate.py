@@ -208,7 +208,7 @@ def test_a_last_stage_times_its_head_alone_when_the_backend_can() -> None:
 
 @pytest.mark.spec("P19", "P10")
 def test_a_measured_head_is_subtracted_published_and_priced_whole_on_every_group_member() -> None:
-    """The head's own time replaces the roofline's (which said 3 ms where MLX on CPU took 38):
+    """The head's own time replaces the roofline's (which said 3 ms where MLX on CPU took 30):
     the layers' figure is what is left, and a tensor-parallel group pays the head whole, at its
     slowest member's timing, while dividing the layers by k."""
     layers, per_layer, head = 30, 0.002, 0.04

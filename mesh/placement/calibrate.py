@@ -11,7 +11,7 @@ for prefill). On a last stage whose backend can run its LM head alone (``Backend
 the head is timed too, and that time, not the roofline's, is subtracted and published: the
 head is computed whole on every member of a tensor-parallel group, so folding it into the
 per-layer figure (which a group divides by its size) mispredicts groups (an MLX CPU head
-measured 38 ms of a 113 ms step where the roofline said 3 ms).
+measured 30 ms of a 113 ms step in bf16 where the roofline said 3 ms).
 
 This is a measurement shell (it reads ``time.perf_counter``); the fit, ``fit_calibration``,
 is pure. Spec: specs/placement.md P19.
