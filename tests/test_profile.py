@@ -57,10 +57,23 @@ def test_real_measurement_on_cpu() -> None:
 
 
 @pytest.mark.spec("P7")
+def test_an_mlx_node_is_measured_with_mlx_kernels() -> None:
+    """An MLX node's profile times MLX's own matmul and GEMV (on a Linux CPU they run far below
+    torch's, and placement must see that), stored under MLX's device names."""
+    pytest.importorskip("mlx.core")
+    p = measure_profile(backend="mlx", device="cpu", budget_s=0.5)
+    assert p.backend == "mlx" and p.device == "cpu" and p.software.startswith("mlx ")
+    assert "f32" in p.flops and all(math.isfinite(v) and v > 1e8 for v in p.flops.values())
+    assert p.memory_bandwidth_bytes_per_s > 1e8
+    assert DeviceProfile.from_wire(json.loads(json.dumps(p.to_wire()))) == p
+
+
+@pytest.mark.spec("P7")
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
-        ({"backend": "mlx"}, "--backend"),
+        ({"backend": "nonsense"}, "--backend"),
+        ({"backend": "mlx", "device": "cuda"}, "not an mlx device"),
         ({"device": "nonsense"}, "--device"),
         ({"device": "cuda:99"}, "--device"),
         ({"memory_fraction": 1.5}, "--memory-fraction"),

@@ -1,6 +1,7 @@
 """Measured device profiles: what one device can compute and move, for the placement solver.
 
-A ``DeviceProfile`` holds, for one backend device ("cpu", "cuda:0", "mps"):
+A ``DeviceProfile`` holds, for one backend device (torch's "cpu", "cuda:0", "mps"; MLX's
+"cpu", "gpu"), measured with that backend's own library (``mesh/placement/kernels.py``):
 
 - ``memory_total_bytes`` / ``memory_usable_bytes``: bytes (psutil for CPU and MPS's unified
   memory, ``torch.cuda.mem_get_info`` for CUDA); usable = available x fraction, rounded down
@@ -34,13 +35,13 @@ from typing import Any, NoReturn
 
 from mesh.errors import ConfigError
 from mesh.identity import MEMORY_GRANULE, usable_memory_bytes
+from mesh.placement.kernels import Ops, ops, resolve_device
 
 log = logging.getLogger(__name__)
 
 PROFILE_VERSION = 4  # 4: median of runs, outliers dropped; 3: software and busy recorded; 2: bandwidth from a GEMV (1: from a copy kernel)
 PROFILE_FILE = "profile.json"
 DTYPES = ("f32", "f16", "bf16")
-BACKENDS = ("torch",)
 MIN_RUN_S = 0.01  # grow the matmul until one run takes >= 10 ms, so timer noise is small
 MAX_MATMUL_N = 8192
 MAX_RUNS = 5
@@ -151,26 +152,8 @@ def _positive(value: object) -> bool:
 
 
 def _resolve_device(backend: str, device: str | None) -> str:
-    """The device string a profile is stored under: ``cuda`` -> ``cuda:<current index>``."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"--backend {backend!r} cannot be profiled; valid: {list(BACKENDS)}")
-    import torch
-
-    if device is None:  # the torch backend's own default (backends/torch.py)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ConfigError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from exc
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = torch.cuda.current_device() if dev.index is None and count else dev.index or 0
-        if index >= count:
-            raise ConfigError(f"--device {device!r}: this machine has {count} CUDA device(s)")
-        return f"cuda:{index}"
-    if dev.type not in ("cpu", "mps") or (dev.type == "mps" and not torch.backends.mps.is_available()):
-        raise ConfigError(f"--device {device!r} is not available here; use cpu, cuda[:N] or mps")
-    return dev.type
+    """The device string a profile is stored under (``kernels.resolve_device``)."""
+    return resolve_device(backend, device)
 
 
 def _memory(device: str, memory_fraction: float) -> tuple[int, int]:
@@ -188,35 +171,21 @@ def _memory(device: str, memory_fraction: float) -> tuple[int, int]:
     return int(psutil.virtual_memory().total), usable_memory_bytes(memory_fraction)
 
 
-def _timed(device: str, fn: Callable[..., object], *args: object) -> float:
-    """Seconds ``fn(*args)`` takes; GPU work is queued, so wait for it before and after."""
-    import torch
-
-    def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
-        elif device == "mps":
-            torch.mps.synchronize()
-
-    sync()
+def _timed(fn: Callable[..., object], *args: object) -> float:
+    """Seconds ``fn(*args)`` takes (``kernels.Ops`` return once the device's work is done)."""
     start = time.perf_counter()
     fn(*args)
-    sync()
     return time.perf_counter() - start
 
 
-def _matmul_flops(dtype: str, device: str, deadline: float) -> float:
+def _matmul_flops(dtype: str, ops: Ops, deadline: float) -> float:
     """FLOP/s of an n x n matmul, n doubled from 128 until one run takes >= MIN_RUN_S; the
-    runs while growing are the warm-up. Raises whatever torch raises for an unusable dtype."""
-    import torch
-
-    torch_dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    runs while growing are the warm-up. Raises whatever the library raises for an unusable dtype."""
     n = 128
     while True:
-        a = torch.rand(n, n, device=device).to(torch_dtype)
-        b = torch.rand(n, n, device=device).to(torch_dtype)
-        _timed(device, torch.matmul, a, b)  # the first run at a size: warm-up, not counted
-        elapsed = _timed(device, torch.matmul, a, b)
+        a, b = ops.matrix(n, n, dtype, True), ops.matrix(n, n, dtype, True)
+        _timed(ops.matmul, a, b)  # the first run at a size: warm-up, not counted
+        elapsed = _timed(ops.matmul, a, b)
         # 8x the work at 2n: stop when a run is long enough or the budget can't pay for it.
         if elapsed >= MIN_RUN_S or n >= MAX_MATMUL_N or time.perf_counter() + 16 * elapsed > deadline:
             break
@@ -225,29 +194,27 @@ def _matmul_flops(dtype: str, device: str, deadline: float) -> float:
     for _ in range(MAX_RUNS - 1):
         if time.perf_counter() + min(runs) > deadline:
             break
-        runs.append(_timed(device, torch.matmul, a, b))
+        runs.append(_timed(ops.matmul, a, b))
     return 2.0 * n**3 / robust_seconds(runs)  # n^3 multiply-adds
 
 
-def _gemv_bandwidth(device: str, free_bytes: int, deadline: float) -> float:
+def _gemv_bandwidth(ops: Ops, free_bytes: int, deadline: float) -> float:
     """Bytes/s of a matrix-vector product over a matrix far larger than the caches: the way
     decode reads its weights (one GEMV per weight matrix per token), so the figure decode is
     bound by. Bytes moved per run = the matrix's size (the vectors are negligible). On this
     project's 2-core CI machine it is about 40 % of STREAM Copy (25 vs 66 GB/s)."""
-    import torch
-
     size = max(16 << 20, min(COPY_BYTES, free_bytes // 8))
     cols = 4096
-    matrix = torch.ones(size // 4 // cols, cols, dtype=torch.float32, device=device)  # written: pages touched
-    vector = torch.ones(cols, dtype=torch.float32, device=device)
-    first = _timed(device, torch.mv, matrix, vector)  # warm-up
+    rows = size // 4 // cols
+    matrix = ops.matrix(rows, cols, "f32", False)  # written: pages touched
+    vector = ops.matrix(cols, 1, "f32", False)
+    _timed(ops.mv, matrix, vector)  # warm-up
     runs: list[float] = []
     for i in range(MAX_RUNS):  # at least one run after the warm-up, even past the deadline
         if i and time.perf_counter() + min(runs) > deadline:
             break
-        runs.append(_timed(device, torch.mv, matrix, vector))
-    del first
-    return matrix.numel() * 4 / robust_seconds(runs)
+        runs.append(_timed(ops.mv, matrix, vector))
+    return rows * cols * 4 / robust_seconds(runs)
 
 
 def measure_profile(
@@ -275,27 +242,28 @@ def _measure_once(*, backend: str, device: str | None, memory_fraction: float, b
     total, usable = _memory(resolved, memory_fraction)
     if not budget_s > 0:
         raise ConfigError(f"budget_s must be > 0 seconds, got {budget_s}")
+    timed = ops(backend, resolved)
     start = time.perf_counter()
     cpu_before = _cpu_times() if resolved == "cpu" else None
     flops: dict[str, float] = {}
     for i, dtype in enumerate(DTYPES):  # spec P7: 3/4 of the budget for matmuls, shared out
         deadline = start + budget_s * 0.75 * (i + 1) / len(DTYPES)
         try:
-            value = _matmul_flops(dtype, resolved, deadline)
-        except (RuntimeError, TypeError, NotImplementedError) as exc:
+            value = _matmul_flops(dtype, timed, deadline)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
             log.info("profile: %s matmul on %s is not supported: %s", dtype, resolved, exc)
             continue
         if math.isfinite(value) and value > 0:
             flops[dtype] = value
     if not flops:
         raise ConfigError(f"--device {resolved!r}: no dtype in {list(DTYPES)} can run a matmul there")
-    bandwidth = _gemv_bandwidth(resolved, usable, max(time.perf_counter(), start + budget_s))
+    bandwidth = _gemv_bandwidth(timed, usable, max(time.perf_counter(), start + budget_s))
     busy = _others_share(cpu_before, _cpu_times()) if cpu_before is not None else 0.0
     log.info("profile of %s: %s GFLOP/s, %.1f GB/s%s", resolved, {k: round(v / 1e9, 1) for k, v in flops.items()},
              bandwidth / 1e9, f" (other processes used {busy:.0%} of the CPU meanwhile)" if busy else "")
     return DeviceProfile(
         memory_total_bytes=total, memory_usable_bytes=usable, flops=flops, memory_bandwidth_bytes_per_s=bandwidth,
-        backend=backend, device=resolved, measured_at_ms=time.time_ns() // 1_000_000, software=software(backend),
+        backend=backend, device=resolved, measured_at_ms=time.time_ns() // 1_000_000, software=timed.software,
         busy=busy,
     )
 
@@ -326,8 +294,13 @@ def hardware(device: str) -> str:
 
 
 def software(backend: str) -> str:
-    """The library a profile of ``backend`` is measured with (it times torch's matmul and GEMV
-    kernels), as ``"torch <version>"``: a profile measured with another version is re-measured."""
+    """The library a profile of ``backend`` is measured with (it times that library's matmul
+    and GEMV kernels), as ``"torch <version>"`` or ``"mlx <version>"``: a profile measured with
+    another version is re-measured."""
+    if backend == "mlx":
+        import mlx.core as mx
+
+        return f"mlx {mx.__version__}"
     import torch
 
     return f"torch {torch.__version__}"
