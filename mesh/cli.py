@@ -1,4 +1,4 @@
-"""Command line: ``python -m mesh node | key | plan | plugins | faults | bench | bench-batching | bench-tp | bench-backends | bench-kernel |
+"""Command line: ``python -m mesh node | key | plan | gym | plugins | faults | bench | bench-batching | bench-tp | bench-backends | bench-kernel |
 bench-transport | bench-placement | report``.
 
 Every flag can also be set by an environment variable ``MESH_<FLAG>`` (dashes become
@@ -238,11 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add(pbench, "--repeats", type=_positive_int, default=5, help="timed requests per configuration for --measured")
     from mesh.tools.bench_batching import add_parser as add_bench_batching
     from mesh.tools.bench_tp import add_parser as add_bench_tp
+    from mesh.tools.gym_cmd import add_parser as add_gym
     from mesh.tools.plan_cmd import add_parser as add_plan
 
     add_bench_batching(sub, _add, _add_switch, _positive_int)
     add_bench_tp(sub, _add, _add_switch, _positive_int)
     add_plan(sub, _add, _positive_int)
+    add_gym(sub, _add, _add_switch, _positive_int)
 
     faults = sub.add_parser("faults", help="run the fault-injection scenarios on real clusters on 127.0.0.1 "
                             "and print what survived")
@@ -374,6 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.json:  # the contract: one object on stdout, bad input included
                     print(json.dumps(result_json(None, str(exc))))
                 raise
+        if args.command == "gym":
+            from mesh.tools.gym_cmd import run_gym
+
+            return run_gym(args)
         if args.command.startswith("bench-"):
             from mesh.tools.benchutil import run_recorded
         if args.command == "bench-tp":

@@ -1,6 +1,6 @@
-"""The plugin registry: transports and backends found through entry points.
+"""The plugin registry: transports, backends and training strategies found through entry points.
 
-Groups ``mesh.transports`` and ``mesh.backends``. Built-ins register through the same
+Groups ``mesh.transports``, ``mesh.backends`` and ``mesh.strategies`` (the gym's algorithms). Built-ins register through the same
 entry points as third-party plugins (see pyproject.toml). A plugin that fails to import is
 reported with its error and skipped; it never stops the node. Names from peers are looked up
 here only among installed entry points; nothing is imported by a name a peer sent.
@@ -18,7 +18,7 @@ from mesh.errors import PluginError
 
 log = logging.getLogger(__name__)
 
-GROUPS = {"transport": "mesh.transports", "backend": "mesh.backends"}
+GROUPS = {"transport": "mesh.transports", "backend": "mesh.backends", "strategy": "mesh.strategies"}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -16,7 +16,7 @@ PACKAGES = ("mesh", "transports", "backends")
 GROUND = {"mesh", "mesh.errors", "mesh.wire", "mesh.security", "mesh.netif", "mesh.models", "mesh.registry",
           "mesh.identity", "mesh.loading"}
 TOP = {"mesh.cli", "mesh.__main__"}
-LAYERS = ("kernel", "placement", "runtime", "api", "node", "tools", "testing")
+LAYERS = ("kernel", "placement", "runtime", "api", "node", "gym", "tools", "testing")
 
 # spec AR2: part -> the parts it may import (besides itself and the standard library and
 # third-party packages). A "part" is ground, transports, backends, a layer folder of mesh/,
@@ -30,9 +30,11 @@ MAY_IMPORT: dict[str, set[str]] = {
     "runtime": {"ground", "placement", "backends"},
     "api": {"ground", "mesh.runtime.engine"},
     "node": {"ground", "transports", "backends", "kernel", "placement", "runtime", "api"},
+    "gym": {"ground", "placement"},
     "testing": {"ground", "transports", "backends", "kernel", "placement", "runtime", "api", "node"},
-    "tools": {"ground", "transports", "backends", "kernel", "placement", "runtime", "api", "node", "testing"},
-    "top": {"ground", "transports", "backends", "kernel", "placement", "runtime", "api", "node", "testing", "tools"},
+    "tools": {"ground", "transports", "backends", "kernel", "placement", "runtime", "api", "node", "gym", "testing"},
+    "top": {"ground", "transports", "backends", "kernel", "placement", "runtime", "api", "node", "gym", "testing",
+            "tools"},
 }
 
 

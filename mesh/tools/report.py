@@ -35,6 +35,7 @@ from mesh.tools.benchstats import (  # noqa: E402
     pick_baseline,
     record_time,
 )
+from mesh.tools.report_gym import gym_section, is_gym  # noqa: E402
 
 DEFAULT_TITLE = "mesh benchmark report"
 # config field -> (column head, prefix in plot labels)
@@ -558,6 +559,9 @@ def render_report(records: list[dict[str, Any]], sources: list[str], *, title: s
         _figure(predicted, f"Predicted (cost model) against measured TTFT and decode tokens/s, with the y = x line; "
                 f"{n_pred} ok runs with a prediction for their own prompt length; {n_other} left out whose prediction "
                 f"was made for another prompt length.", "no ok run has a prediction for its prompt length.")]
+    with matplotlib.rc_context(MPL_RC):  # type: ignore[arg-type]
+        parts.append(gym_section(other, _svg, _figure))
+    other = [r for r in other if not is_gym(r)]
     suites, other = _other_suites(other)
     if suites:
         parts += ["<h2>Other benchmarks</h2>", suites]

@@ -1,0 +1,1 @@
+"""The built-in training algorithms (registered in pyproject.toml under ``mesh.strategies``)."""
