@@ -5,7 +5,7 @@
 #   benchmarks/run-all.sh              every benchmark (about an hour on 2 cores)
 #   benchmarks/run-all.sh kernel       one of: bench-matrix kv-replica backends kernel transports
 #                                      placement placement-measured faults formats batching
-#                                      batching-lengths batching-scenarios tensor-parallel
+#                                      batching-lengths batching-scenarios tensor-parallel gym
 #
 # Each command appends JSON lines to benchmarks/NAME.jsonl, failed and partial runs included;
 # `python -m mesh publish` shows the records of the newest commit measured on a clean tree.
@@ -44,4 +44,12 @@ want batching-scenarios && step "$py" -m mesh bench-batching --prefill-chunk 8,1
 want tensor-parallel && step "$py" -m mesh bench-tp --sizes 1,2,3 --repeats 3 --json benchmarks/tensor-parallel.jsonl
 want tensor-parallel && step "$py" -m mesh bench-tp --backend mlx --sizes 1,2,3 --repeats 3 \
   --json benchmarks/tensor-parallel.jsonl
+gym() { step "$py" -m mesh gym --topology mac-studios-10gbe,home-mixed --steps 1000 --eval-every 100 --threads 2 \
+  --quiet --json benchmarks/gym.jsonl "$@"; }
+want gym && gym --algorithm ddp
+want gym && gym --algorithm diloco --option h=50
+want gym && gym --algorithm diloco --option h=100
+want gym && gym --algorithm sparta
+want gym && gym --algorithm demo
+want gym && gym --algorithm fedavg --option h=50
 "$py" -m mesh publish
