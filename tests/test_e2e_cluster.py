@@ -90,6 +90,25 @@ def test_two_nodes_stream_equals_single_node(two_nodes: LocalCluster, single_nod
         assert loaded and tuple(map(int, loaded[-1])) == by_address[f"127.0.0.1:{node.port}"]
 
 
+@pytest.mark.spec("G5")
+def test_the_gym_times_training_on_a_live_clusters_measured_topology(two_nodes: LocalCluster) -> None:
+    """``GET /v1/cluster`` carries the members' measured profiles and links in the topology-file
+    format; ``python -m mesh gym --topology URL`` (and ``plan``) read it."""
+    from mesh.gym.simclock import SimClock
+    from mesh.tools.gym_cmd import load_named_topology
+
+    deadline = time.monotonic() + 60
+    while True:
+        topo = load_named_topology(two_nodes.nodes[0].api_url)
+        if len(topo.devices) == 2 and topo.links or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert len(topo.devices) == 2 and len(topo.links) == 1, topo
+    assert all(d.flops > 0 and d.memory_bytes > 0 for d in topo.devices)
+    clock = SimClock(topo, 2)
+    assert clock.sync("all-reduce", 1e6, [0, 1]).seconds > 0
+
+
 @pytest.mark.spec("A17")
 def test_metrics_count_requests_and_show_link_rtt(two_nodes: LocalCluster) -> None:
     from prometheus_client.parser import text_string_to_metric_families

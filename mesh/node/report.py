@@ -12,7 +12,7 @@ from typing import Any
 from mesh.kernel.records import ClusterView
 from mesh.kernel.replication import Replication
 from mesh.placement.costmodel import ModelSpec
-from mesh.placement.perf import predicted
+from mesh.placement.perf import predicted, topology
 from mesh.placement.pipeline import Plan
 from mesh.runtime.request_core import PlanState
 
@@ -47,8 +47,10 @@ def kernel_figures(replication: Replication) -> dict[str, Any]:
 def cluster_info(*, model_id: str, num_layers: int, plan: Plan | None, ready: tuple[bool, str], view: ClusterView,
                  serving_plan_id: str | None,
                  member_id: str, kernel: dict[str, Any], recent_events: list[Any], performance: dict[str, Any],
-                 security: dict[str, Any], local: dict[str, Any]) -> dict[str, Any]:
-    """The body of ``GET /v1/cluster`` (spec A10)."""
+                 security: dict[str, Any], local: dict[str, Any], dtype: str = "f32") -> dict[str, Any]:
+    """The body of ``GET /v1/cluster`` (spec A10); ``topology``: the members with a published
+    profile (FLOP/s in ``dtype``) and their measured links, in the topology-file format
+    (``Topology.to_file``), for ``python -m mesh plan`` and ``gym``."""
     members = []
     for m in view.members():
         stage = plan.stage_of(m.member_id) if plan else None
@@ -83,6 +85,7 @@ def cluster_info(*, model_id: str, num_layers: int, plan: Plan | None, ready: tu
         "requests": view.requests(),
         "kernel": kernel,
         "links": view.links(),
+        "topology": topology(view, dtype).to_file(),
         "performance": performance,
         "security": security,
         "local": {"id": member_id, **local},
@@ -150,7 +153,7 @@ class NodeStatus:
             model_id=self.model_id, num_layers=self.num_layers, plan=plan, ready=self.health(), view=view,
             serving_plan_id=serving.plan.plan_id if serving.ready and serving.plan else None,
             member_id=self.member_id, kernel=kernel_figures(self.replication),
-            recent_events=list(self.replication.replica.recent), security=self.security, local=local,
+            recent_events=list(self.replication.replica.recent), security=self.security, local=local, dtype=self.dtype,
             performance=performance(view, plan, self.spec(), self.dtype, stats.measured if stats is not None else None))
 
     def metrics_text(self) -> bytes | None:

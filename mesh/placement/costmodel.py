@@ -255,6 +255,16 @@ class Topology:
     def link(self, a: str, b: str) -> Link | None:
         return self._index.get((a, b))
 
+    def to_file(self) -> dict[str, Any]:
+        """The topology in the file format ``python -m mesh plan --topology`` and ``python -m
+        mesh gym --topology`` read (devices: id, memory_bytes, flops, memory_bandwidth_bytes_per_s,
+        backend; links: a, b, latency_s, bandwidth_bytes_per_s)."""
+        return {"devices": [{"id": d.id, "memory_bytes": d.memory_bytes, "flops": d.flops,
+                             "memory_bandwidth_bytes_per_s": d.memory_bandwidth_bytes_per_s, "backend": d.backend}
+                            for d in self.devices],
+                "links": [{"a": link.a, "b": link.b, "latency_s": link.latency_s,
+                           "bandwidth_bytes_per_s": link.bandwidth_bytes_per_s} for link in self.links]}
+
     def transfer_s(self, a: str, b: str, nbytes: float) -> float:
         """Seconds to move ``nbytes`` from a to b (0 on one device; inf with no link)."""
         if a == b:

@@ -9,8 +9,10 @@ Contract (kept stable; used from outside)::
                        [--json FILE] [--seed N]
 
 ``--topology``: a built-in name (``mac-studios-10gbe``, ``home-mixed``) or a topology file as
-``python -m mesh plan`` reads it, or several comma-separated (the same training, timed on each:
-one record per topology); node i runs on each topology's i-th device. Prints the final eval loss,
+``python -m mesh plan`` reads it, or a running node's API URL (``http://HOST:PORT``: the live
+cluster's measured profiles and links from ``GET /v1/cluster``), or several comma-separated
+(the same training, timed on each: one record per topology); node i runs on each topology's
+i-th device. Prints the final eval loss,
 bytes, and simulated time; with ``--json`` appends one record (``suite: "mesh-gym"``,
 ``schema: 2``, ``kind: "gym"``, ``config``, ``results`` with the curve: step, tokens,
 wire_bytes, sim_time_s, eval_loss, train_loss) that ``python -m mesh report`` plots.
@@ -37,6 +39,31 @@ BUILT_IN = tuple(sorted(p.stem for p in TOPOLOGIES.glob("*.json")))
 def topology_path(text: str) -> Path:
     """A built-in topology's file, or ``text`` as a path."""
     return TOPOLOGIES / f"{text}.json" if text in BUILT_IN else Path(text)
+
+
+LIVE_TIMEOUT_S = 10.0
+
+
+def load_named_topology(text: str, api_key: str | None = None) -> Any:
+    """A built-in topology, a topology file, or a live cluster's: ``http(s)://HOST:PORT`` (a
+    node's API; its ``GET /v1/cluster`` carries the members' measured profiles and links as
+    ``topology``). ConfigError naming what failed."""
+    from mesh.tools.plan_cmd import load_topology, parse_topology
+
+    if not text.startswith(("http://", "https://")):
+        return load_topology(topology_path(text))
+    import httpx
+
+    url = text.rstrip("/") + ("" if text.rstrip("/").endswith("/v1/cluster") else "/v1/cluster")
+    try:
+        reply = httpx.get(url, timeout=LIVE_TIMEOUT_S, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+        reply.raise_for_status()
+        data = reply.json().get("topology")
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"--topology {text}: cannot read the cluster's topology from {url}: {exc}") from None
+    if not isinstance(data, dict) or not data.get("devices"):
+        raise ConfigError(f"--topology {text}: the cluster has no member with a measured profile yet")
+    return parse_topology(data)
 
 
 def parse_failure(text: str) -> Any:
@@ -82,12 +109,11 @@ def run_gym(args: argparse.Namespace) -> int:
     from mesh.gym import corpus
     from mesh.gym.engine import Run, RunConfig
     from mesh.tools.benchutil import run_recorded
-    from mesh.tools.plan_cmd import load_topology
 
     names = [t.strip() for t in args.topology.split(",") if t.strip()]
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"--topology {args.topology!r}: one or more distinct names or files, comma-separated")
-    topologies = {name: load_topology(topology_path(name)) for name in names}
+    topologies = {name: load_named_topology(name, args.api_key) for name in names}
     nodes = args.nodes or min(len(t.devices) for t in topologies.values())
     cls = strategy_class(args.algorithm)
     options = parse_options(args.option)
@@ -165,7 +191,9 @@ def add_parser(sub: Any, add: Any, add_switch: Any, positive_int: Any) -> None:
         "(built in: ddp, fedavg, diloco, sparta, demo)")
     add(p, "--topology", default="mac-studios-10gbe",
         help=f"a built-in topology ({', '.join(BUILT_IN)}) or a topology file as `mesh plan` reads it; several, "
-        "comma-separated, time the same training on each (one record per topology)")
+        "comma-separated, time the same training on each (one record per topology); or a node's API URL "
+        "(http://HOST:PORT): the live cluster's measured profiles and links")
+    add(p, "--api-key", help="API key of the cluster node given as --topology URL")
     add(p, "--nodes", type=positive_int, help="simulated nodes (default: one per device of the topology)")
     add(p, "--steps", type=positive_int, default=500, help="training steps per node")
     add(p, "--batch", type=positive_int, default=8, help="sequences per node per step")

@@ -90,6 +90,12 @@ def load_topology(path: Path) -> Topology:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--topology {path}: cannot read it as JSON: {exc}") from exc
+    return parse_topology(data)
+
+
+def parse_topology(data: Any) -> Topology:
+    """A topology from its JSON form (a file's content, or ``GET /v1/cluster``'s ``topology``).
+    Raises ConfigError naming the field."""
     if not isinstance(data, dict) or not isinstance(data.get("devices"), list) or not data["devices"]:
         raise ConfigError("topology: needs a non-empty \"devices\" list")
     devices = []
