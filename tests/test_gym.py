@@ -133,6 +133,22 @@ def test_a_device_short_of_memory_is_named_before_anything_runs(data4: corpus.Da
     assert ddp.memory["weights"] == ddp.memory["gradients"] == n4
 
 
+@pytest.mark.spec("G4")
+def test_a_second_order_optimizer_is_weighed_against_each_devices_memory(data4: corpus.Data) -> None:
+    """SOAP (pytorch_optimizer) keeps preconditioners beside Adam's moments: its measured state
+    is larger than AdamW's, and a device that holds AdamW's node but not SOAP's is named."""
+    pytest.importorskip("pytorch_optimizer")
+    adamw = _run(DDP(), data4, nodes=2, steps=1)
+    soap = _run(DDP(inner="soap"), data4, nodes=2, steps=1)
+    assert soap.memory["state"] > adamw.memory["state"] and math.isfinite(soap.record.curve[-1]["eval_loss"])
+    between = (adamw.memory["total"] + soap.memory["total"]) // 2
+    _run(DDP(), data4, nodes=2, steps=1, topology=_topology(2, memory=between))
+    with pytest.raises(ConfigError, match="device d0 has .* a node of ddp needs"):
+        _run(DDP(inner="soap"), data4, nodes=2, steps=1, topology=_topology(2, memory=between))
+    with pytest.raises(ConfigError, match="inner optimizer 'nonsense'"):
+        _run(DDP(inner="nonsense"), data4, nodes=2, steps=1)
+
+
 @pytest.mark.spec("G5")
 def test_simulated_time_follows_flops_links_and_the_slowest_node() -> None:
     topo = _topology(3, bandwidth=1e8, latency=1e-3, flops=[1e12, 2e12, 4e12])

@@ -190,7 +190,9 @@ class Run:
         self.strategy.setup(node)
         for p in node.params:
             p.grad = torch.zeros_like(p)
-        self.strategy.step(node, 0)
+        payload = self.strategy.step(node, 0)
+        if payload is not None:  # a whole step, the sync included: some optimizers step in finish
+            self.strategy.finish(node, 0, combine(self.strategy.collective, [payload]))
         weights = 4 * self.n_params
         need = {"weights": weights, "gradients": weights, "state": self.strategy.state_bytes(node),
                 "activations": gym_model.activation_bytes(self.base, self.config.batch, self.config.seq_len)}

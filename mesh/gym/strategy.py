@@ -76,9 +76,21 @@ def optimizer(name: str, params: list[torch.nn.Parameter], *, lr: float, weight_
     return cls(params, lr=lr, weight_decay=weight_decay)
 
 
+def tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in ``value``, looking into lists, tuples and dicts (an optimizer's
+    state keeps preconditioners in lists: SOAP's ``GG``, Shampoo's factors)."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, list | tuple):
+        return sum(tensor_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    return 0
+
+
 def optimizer_state_bytes(opt: Any) -> int:
     """Bytes of tensors an optimizer keeps per parameter (after at least one step)."""
-    return sum(v.nbytes for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+    return sum(tensor_bytes(s) for s in opt.state.values())
 
 
 class Strategy(ABC):
@@ -154,15 +166,8 @@ class Strategy(ABC):
     def state_bytes(self, node: Node) -> int:
         """Bytes this strategy keeps per node beyond the weights and gradients (optimizers and
         buffers), measured on a node after ``setup`` and one step; the memory budget's share."""
-        total = 0
-        for value in node.state.values():
-            if isinstance(value, torch.Tensor):
-                total += value.nbytes
-            elif isinstance(value, list):
-                total += sum(v.nbytes for v in value if isinstance(v, torch.Tensor))
-            elif isinstance(value, torch.optim.Optimizer):
-                total += optimizer_state_bytes(value)
-        return total
+        return sum(optimizer_state_bytes(v) if isinstance(v, torch.optim.Optimizer) else tensor_bytes(v)
+                   for v in node.state.values())
 
     def evaluated(self, node: Node) -> list[torch.Tensor]:
         """The parameters this node offers for evaluation; the engine evaluates the mean over
