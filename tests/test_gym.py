@@ -354,3 +354,24 @@ def test_the_built_in_topologies_load_as_plan_reads_them() -> None:
         topo = load_topology(topology_path(name))
         assert len(topo.devices) == 4
         SimClock(topo, 4)  # every ring neighbour has a link
+
+
+@pytest.mark.spec("G2")
+def test_a_cosine_schedule_warms_up_decays_and_reaches_every_strategys_optimizer(data4: corpus.Data) -> None:
+    config = RunConfig(steps=100, schedule="cosine", warmup=10)
+    scales = [config.lr_scale(t) for t in range(100)]
+    assert scales[0] == pytest.approx(0.1) and scales[9] == 1.0 and scales[10] == pytest.approx(1.0)
+    assert scales[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(scales[10:], scales[11:]))
+    assert RunConfig(steps=5).lr_scale(3) == 1.0
+    with pytest.raises(ConfigError, match="--schedule"):
+        RunConfig(schedule="linear").check()
+    with pytest.raises(ConfigError, match="--warmup-steps"):
+        RunConfig(steps=5, schedule="cosine", warmup=5).check()
+    shards = corpus.Data(shards=data4.shards[:2], eval=data4.eval[:4], vocab_size=data4.vocab_size,
+                         tokenizer=None, train_tokens=0)
+    for strategy in (DDP(), DiLoCo(h=2), Sparta()):
+        run = Run(RunConfig(nodes=2, steps=4, batch=2, seq_len=SEQ, model_size="tiny", schedule="cosine", warmup=2),
+                  strategy, shards, _topology(2))
+        run.train()
+        assert strategy.current_lr == pytest.approx(strategy.lr * 0.1)  # the last step's rate
+        assert run.nodes[0].state["opt"].param_groups[0]["lr"] == pytest.approx(strategy.lr * 0.1)

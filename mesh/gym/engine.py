@@ -22,6 +22,7 @@ Failures (``Failure``): node i stops computing at step ``at`` and is left out of
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from mesh.gym.strategy import Node, Strategy
 from mesh.placement.costmodel import Topology
 
 EVAL_BATCH = 16
+SCHEDULES = ("constant", "cosine")
+MIN_LR_SHARE = 0.1  # where the cosine schedule ends, as a share of lr
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,20 @@ class RunConfig:
     threads: int = 1
     mfu: float = 0.5
     failures: tuple[Failure, ...] = ()
+    schedule: str = "constant"
+    warmup: int = 0
+
+    def lr_scale(self, t: int) -> float:
+        """The node optimizers' learning rate at step ``t`` as a share of ``lr``: 1 (``constant``),
+        or (``cosine``) a linear warmup over ``warmup`` steps, then a cosine decay to
+        ``MIN_LR_SHARE`` at the last step (Loshchilov & Hutter 2017, "SGDR"; the schedule of
+        DiLoCo's inner optimizer)."""
+        if self.schedule == "constant":
+            return 1.0
+        if t < self.warmup:
+            return (t + 1) / self.warmup
+        span = max(1, self.steps - self.warmup - 1)
+        return MIN_LR_SHARE + (1 - MIN_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * min(1.0, (t - self.warmup) / span)))
 
     def check(self) -> None:
         """ConfigError naming the field for a value out of range or a schedule that leaves no
@@ -71,6 +88,10 @@ class RunConfig:
         for name in ("nodes", "steps", "batch", "seq_len", "eval_every", "threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if not 0 <= self.warmup < self.steps:
+            raise ConfigError(f"--warmup-steps must be in 0..{self.steps - 1}, got {self.warmup}")
         for f in self.failures:
             if not 0 <= f.node < self.nodes or not 0 <= f.at < self.steps or (f.back is not None and f.back <= f.at):
                 raise ConfigError(f"--fail {f.node}@{f.at}{'' if f.back is None else f':{f.back}'}: needs a node "
@@ -266,6 +287,7 @@ class Run:
                               "train_loss": None})
         for t in range(cfg.steps):
             self._t = t
+            strategy.scheduled(cfg.lr_scale(t))
             self._rejoins(t)
             live = cfg.live(t)
             local = {i: self._local(i, t) for i in self.mine if i in live}

@@ -107,6 +107,7 @@ class Strategy(ABC):
 
     def __init__(self, *, lr: float = 1e-3, inner: str = "adamw", weight_decay: float = 0.0) -> None:
         self.lr, self.inner, self.weight_decay = float(lr), inner, float(weight_decay)
+        self._lr_scale = 1.0  # the run's learning-rate schedule at this step (set by the engine)
 
     @classmethod
     def create(cls, options: dict[str, str]) -> Strategy:
@@ -140,6 +141,22 @@ class Strategy(ABC):
 
     def new_optimizer(self, node: Node) -> Any:
         return optimizer(self.inner, node.params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def scheduled(self, scale: float) -> None:
+        """The engine's learning-rate schedule: the node optimizers' rate is ``lr`` x ``scale``
+        for the next step (``current_lr``; ``inner_step`` applies it)."""
+        self._lr_scale = float(scale)
+
+    @property
+    def current_lr(self) -> float:
+        return self.lr * self._lr_scale
+
+    def inner_step(self, node: Node, key: str = "opt") -> None:
+        """Step the node's optimizer ``node.state[key]`` at the scheduled rate."""
+        opt = node.state[key]
+        for group in opt.param_groups:
+            group["lr"] = self.current_lr
+        opt.step()
 
     @abstractmethod
     def setup(self, node: Node) -> None:

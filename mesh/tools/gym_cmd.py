@@ -120,7 +120,7 @@ def run_gym(args: argparse.Namespace) -> int:
     strategy = cls.create(options)
     config = RunConfig(nodes=nodes, steps=args.steps, batch=args.batch, seq_len=args.seq_len,
                        model_size=args.model_size, seed=args.seed, eval_every=args.eval_every,
-                       threads=args.threads, mfu=args.mfu,
+                       threads=args.threads, mfu=args.mfu, schedule=args.schedule, warmup=args.warmup_steps,
                        failures=tuple(parse_failure(f) for f in args.fail or []))
     config.check()
     cache = Path(args.cache_dir).expanduser()
@@ -177,6 +177,7 @@ def _report(args: argparse.Namespace, topology: str, summary: dict[str, Any], co
                        "topology": topology, "nodes": config.nodes, "steps": config.steps, "batch": config.batch,
                        "seq_len": config.seq_len, "model_size": config.model_size, "vocab_size": data.vocab_size,
                        "seed": config.seed, "sharding": args.sharding, "engine": args.engine, "mfu": config.mfu,
+                       "schedule": config.schedule, "warmup_steps": config.warmup,
                        "failures": [[f.node, f.at, f.back] for f in config.failures],
                        "corpus": args.corpus or CORPUS_NAME},
             "status": "ok" if math.isfinite(summary["final_eval_loss"]) else "failed", "error": None,
@@ -202,6 +203,9 @@ def add_parser(sub: Any, add: Any, add_switch: Any, positive_int: Any) -> None:
     add(p, "--vocab-size", type=positive_int, default=1024, help="BPE vocabulary trained on the corpus")
     add(p, "--option", repeat=True, help="a strategy hyperparameter KEY=VALUE (repeatable), e.g. h=100, lr=3e-4")
     add(p, "--fail", repeat=True, help="NODE@STEP[:BACK]: node fails at STEP and rejoins at BACK (repeatable)")
+    add(p, "--schedule", default="constant", choices=("constant", "cosine"),
+        help="the node optimizers' learning rate: constant, or linear warmup then cosine decay to 10 %")
+    add(p, "--warmup-steps", type=int, default=0, help="warmup steps of --schedule cosine")
     add(p, "--engine", default="local", choices=("local", "processes"),
         help="local: every node in this process in turn; processes: one process per node on torch.distributed")
     add(p, "--sharding", default="iid", choices=("iid", "contiguous"), help="how the training text is dealt to nodes")

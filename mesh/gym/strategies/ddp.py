@@ -28,7 +28,7 @@ class DDP(Strategy):
     def finish(self, node: Node, t: int, result: Any) -> None:
         for p, mean in zip(node.params, result, strict=True):
             p.grad.copy_(mean)
-        node.state["opt"].step()
+        self.inner_step(node)
 
     def payload_bytes(self, shapes: Shapes) -> int:
         return 4 * sum(s.numel() for s in shapes)

@@ -72,8 +72,8 @@ class DeMo(Strategy):
                 for theirs in result:
                     total += self._decode(theirs[2 * i], theirs[2 * i + 1], p)
                 if self.weight_decay:
-                    p.mul_(1 - self.lr * self.weight_decay)
-                p.add_(torch.sign(total / len(result)), alpha=-self.lr)
+                    p.mul_(1 - self.current_lr * self.weight_decay)
+                p.add_(torch.sign(total / len(result)), alpha=-self.current_lr)
 
     def payload_bytes(self, shapes: Shapes) -> int:
         return sum(8 * self.topk * math.ceil(s.numel() / self.chunk) for s in shapes)

@@ -41,7 +41,7 @@ class DiLoCo(Strategy):
         return (t + 1) % self.h == 0
 
     def step(self, node: Node, t: int) -> list[torch.Tensor] | None:
-        node.state["opt"].step()
+        self.inner_step(node)
         if not self.syncs(t):
             return None
         return [g - p.detach() for g, p in zip(node.state["global"], node.params, strict=True)]

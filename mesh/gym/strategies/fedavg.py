@@ -32,7 +32,7 @@ class FedAvg(Strategy):
         return (t + 1) % self.h == 0
 
     def step(self, node: Node, t: int) -> list[torch.Tensor] | None:
-        node.state["opt"].step()
+        self.inner_step(node)
         return [p.detach().clone() for p in node.params] if self.syncs(t) else None
 
     def finish(self, node: Node, t: int, result: Any) -> None:

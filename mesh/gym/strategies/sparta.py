@@ -40,7 +40,7 @@ class Sparta(Strategy):
         return torch.randperm(n, generator=gen)[: math.ceil(self.p * n)]
 
     def step(self, node: Node, t: int) -> list[torch.Tensor] | None:
-        node.state["opt"].step()
+        self.inner_step(node)
         picked = self._picked(node, t)
         node.state["picked"] = picked
         return [parameters_to_vector(node.params).detach()[picked]]
