@@ -110,7 +110,7 @@ def test_strategies_come_from_the_registry_with_typed_options() -> None:
     assert set(BUILT_INS) <= set(names("strategy"))
     for name, cls in BUILT_INS.items():
         assert strategy_class(name) is cls
-    with pytest.raises(ConfigError, match="registered: .*diloco"):
+    with pytest.raises(ConfigError, match="installed: .*diloco"):
         strategy_class("no-such-algorithm")
     d = DiLoCo.create({"h": "100", "outer_lr": "0.5", "nesterov": "false", "inner": "sgd"})
     assert (d.h, d.outer_lr, d.nesterov, d.inner) == (100, 0.5, False, "sgd")
@@ -375,3 +375,46 @@ def test_a_cosine_schedule_warms_up_decays_and_reaches_every_strategys_optimizer
         run.train()
         assert strategy.current_lr == pytest.approx(strategy.lr * 0.1)  # the last step's rate
         assert run.nodes[0].state["opt"].param_groups[0]["lr"] == pytest.approx(strategy.lr * 0.1)
+
+
+@pytest.mark.spec("G7")
+def test_rejoining_nodes_take_the_state_of_a_node_that_trained_through(data4: corpus.Data,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two nodes coming back at one step both take the state of the node that stayed up (never
+    each other's stale one), and the transfer is charged for parameters and optimizer state;
+    a node whose only peer goes down as it returns resumes from its own state."""
+    charged: list[float] = []
+    original = SimClock.rejoin
+    monkeypatch.setattr(SimClock, "rejoin", lambda self, node, donor, nbytes: charged.append(nbytes) or original(
+        self, node, donor, nbytes))
+    run = _run(DDP(), data4, nodes=3, steps=5, failures=(Failure(0, 1, 3), Failure(1, 2, 3)))
+    for i in (0, 1):
+        assert all(torch.equal(a, b) for a, b in zip(_params(run, i), _params(run, 2)))
+    n4 = 4 * gym_model.count(run.base)
+    assert len(charged) == 2 and all(c > 3 * n4 for c in charged)  # weights + AdamW's two moments
+    lone = _run(DDP(), data4, nodes=2, steps=4, failures=(Failure(0, 1, 2), Failure(1, 2)))
+    assert len(lone.record.curve) == 3 and math.isfinite(lone.record.curve[-1]["eval_loss"])
+    with pytest.raises(ConfigError, match="two failures that overlap"):
+        RunConfig(nodes=3, steps=5, failures=(Failure(1, 0, 2), Failure(1, 1, 3))).check()
+
+
+@pytest.mark.spec("G4", "G5", "G9", "G2")
+def test_what_cannot_run_is_refused_before_the_run(data4: corpus.Data, tmp_path: Path) -> None:
+    # DiLoCo's outer momentum is counted even when the first sync comes late
+    assert _run(DiLoCo(h=5), data4, nodes=2, steps=5).memory["state"] == \
+        _run(DiLoCo(h=1), data4, nodes=2, steps=1).memory["state"]
+    dead = Topology(devices=_topology(2).devices, links=(Link(a="d0", b="d1", latency_s=1e-3, bandwidth_bytes_per_s=0),))
+    with pytest.raises(ConfigError, match="without bandwidth"):
+        Run(RunConfig(nodes=2, steps=2, batch=2, seq_len=SEQ, model_size="tiny"), DeMo(), data4, dead)
+    with pytest.raises(ConfigError, match="has no FLOP/s"):
+        SimClock(_topology(2, flops=[1e12, 0.0]), 2)
+    with pytest.raises(ConfigError, match="nesterov='maybe'"):
+        DiLoCo.create({"nesterov": "maybe"})
+    with pytest.raises(ConfigError, match="--warmup-steps needs --schedule cosine"):
+        RunConfig(steps=5, warmup=2).check()
+    folder = tmp_path / "short"
+    folder.mkdir()
+    for i, text in enumerate(["word " * 5000, "tiny", "word " * 5000, "short", "word " * 5000]):
+        (folder / f"w{i}.txt").write_text(text)
+    with pytest.raises(ConfigError, match="shorter than one block"):
+        corpus.load(nodes=2, seq_len=SEQ, vocab_size=300, seed=0, cache=tmp_path / "c", folder=folder)

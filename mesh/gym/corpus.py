@@ -141,6 +141,9 @@ def load(*, nodes: int, seq_len: int, vocab_size: int, seed: int, cache: Path, f
     if any(len(s) == 0 for s in shards):
         raise ConfigError(f"--nodes {nodes}: the corpus is too small for a block of --seq-len {seq_len} per node")
     held = _blocks(encode(tok, eval_files), seq_len)
+    if len(held) == 0:
+        raise ConfigError(f"--corpus: the held-out works ({', '.join(f.name for f in eval_files)}) are shorter "
+                          f"than one block of --seq-len {seq_len} + 1 tokens")
     if len(held) > max_eval_blocks:
         held = held[np.linspace(0, len(held) - 1, max_eval_blocks).astype(int)]
     return Data(shards=shards, eval=held, vocab_size=len(tok), tokenizer=tok,

@@ -75,7 +75,7 @@ def run_processes(config: RunConfig, strategy: Strategy, data: Data, topology: T
             while not ctx.join(timeout=1.0):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the gym's processes ran past {timeout_s:.0f} s")
-        except mp.ProcessRaisedException as exc:
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
             # every failed process's last line, the cause first: the others fail with gloo's
             # "Connection closed by peer" once the failed one is gone
             lines = [(f.name.removeprefix("result.pt.error"), f.read_text().strip().splitlines()[-1])

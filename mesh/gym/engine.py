@@ -35,7 +35,7 @@ from mesh.errors import ConfigError
 from mesh.gym import model as gym_model
 from mesh.gym.corpus import Data
 from mesh.gym.simclock import SimClock
-from mesh.gym.strategy import Node, Strategy
+from mesh.gym.strategy import Node, Strategy, tensor_bytes
 from mesh.placement.costmodel import Topology
 
 EVAL_BATCH = 16
@@ -96,6 +96,12 @@ class RunConfig:
             if not 0 <= f.node < self.nodes or not 0 <= f.at < self.steps or (f.back is not None and f.back <= f.at):
                 raise ConfigError(f"--fail {f.node}@{f.at}{'' if f.back is None else f':{f.back}'}: needs a node "
                                   f"in 0..{self.nodes - 1}, a step in 0..{self.steps - 1} and a later return step")
+        for a, b in ((a, b) for i, a in enumerate(self.failures) for b in self.failures[i + 1:]):
+            if a.node == b.node and a.at < (b.back if b.back is not None else self.steps) \
+                    and b.at < (a.back if a.back is not None else self.steps):
+                raise ConfigError(f"--fail: node {a.node} has two failures that overlap")
+        if self.warmup and self.schedule != "cosine":
+            raise ConfigError("--warmup-steps needs --schedule cosine")
         for t in range(self.steps):
             if all(self.down(i, t) for i in range(self.nodes)):
                 raise ConfigError(f"--fail: every node is down at step {t}")
@@ -201,6 +207,9 @@ class Run:
             strategy.setup(self.nodes[i])
         self.samplers = {i: Sampler(data.shards[i], config.batch, config.seed, i) for i in self.mine}
         self.memory = self._check_memory(list(topologies.values()))
+        for live in {tuple(config.live(t)) for t in range(config.steps)}:  # every ring the run will use
+            for clock in self.clocks.values():
+                clock.ring(list(live))
         self.record = Record()
 
     def _check_memory(self, topologies: list[Topology]) -> dict[str, int]:
@@ -211,9 +220,12 @@ class Run:
         self.strategy.setup(node)
         for p in node.params:
             p.grad = torch.zeros_like(p)
-        payload = self.strategy.step(node, 0)
-        if payload is not None:  # a whole step, the sync included: some optimizers step in finish
-            self.strategy.finish(node, 0, combine(self.strategy.collective, [payload]))
+        # a whole step up to the first sync, the sync included: some optimizers step in finish,
+        # and DiLoCo's outer momentum exists only after its first outer step
+        first = next((t for t in range(self.config.steps) if self.strategy.syncs(t)), 0)
+        payload = self.strategy.step(node, first)
+        if payload is not None:
+            self.strategy.finish(node, first, combine(self.strategy.collective, [payload]))
         weights = 4 * self.n_params
         need = {"weights": weights, "gradients": weights, "state": self.strategy.state_bytes(node),
                 "activations": gym_model.activation_bytes(self.base, self.config.batch, self.config.seq_len)}
@@ -242,14 +254,16 @@ class Run:
         for f in self.config.failures:
             if f.back != t:
                 continue
-            donor = min(i for i in self.config.live(t) if i != f.node)
+            # the donor trained through step t-1 (a node coming back at t too holds stale state)
+            donors = [i for i in self.config.live(t) if t > 0 and not self.config.down(i, t - 1)]
+            if not donors:  # nobody trained through: it resumes from its own last state
+                continue
+            donor = donors[0]
             exported = self.strategy.export_state(self.nodes[donor]) if donor in self.nodes else None
             exported = self.comm.broadcast(exported, donor)
             if f.node in self.nodes:
                 self.strategy.rejoin(self.nodes[f.node], exported)
-            nbytes = sum(p.nbytes for p in exported["params"]) + sum(
-                v.nbytes if kind == "tensor" else sum(x.nbytes for x in v) if kind == "tensors" else 0
-                for kind, v in exported["state"].values())
+            nbytes = tensor_bytes(exported)  # parameters, buffers and optimizer states
             for clock in self.clocks.values():
                 clock.rejoin(f.node, donor, nbytes)
 

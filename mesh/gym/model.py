@@ -1,8 +1,9 @@
 """The gym's model: a small Llama-architecture causal LM built from a config by transformers,
 with its training FLOPs and memory.
 
-Sizes (``SIZES``): ``tiny`` (about 0.1M parameters, for tests), ``small`` (about 1M: the
-README's runs on a 2-core machine) and ``base`` (about 6M). The model is transformers'
+Sizes (``SIZES``), counted at the default 1024-token vocabulary: ``tiny`` (0.06M parameters;
+0.03M at the tests' 300 tokens), ``small`` (1.0M: the README's runs on a 2-core machine) and
+``base`` (5.4M). The model is transformers'
 ``LlamaForCausalLM`` (tied embeddings, no dropout), initialised once from the seed and copied
 to every node, so all nodes start equal, as every algorithm here assumes.
 

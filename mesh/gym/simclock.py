@@ -52,12 +52,12 @@ class SimClock:
         for a, b in zip(self.devices, self.devices[1:] + self.devices[:1]):
             if a != b and topology.link(a, b) is None:
                 raise ConfigError(f"topology: devices {a} and {b} are ring neighbours but have no link")
+        for device in (topology.device(i) for i in self.devices):
+            if not device.flops > 0:
+                raise ConfigError(f"topology: device {device.id} has no FLOP/s")
 
     def compute(self, node: int, flops: float) -> None:
-        device = self.topology.device(self.devices[node])
-        if not device.flops > 0:
-            raise ConfigError(f"topology: device {device.id} has no FLOP/s")
-        self.clock[node] += flops / (device.flops * self.mfu)
+        self.clock[node] += flops / (self.topology.device(self.devices[node]).flops * self.mfu)
 
     def ring(self, live: list[int]) -> tuple[float, float]:
         """(slowest bandwidth bytes/s, highest latency s) of the ring over ``live`` nodes."""
@@ -65,8 +65,8 @@ class SimClock:
             return math.inf, 0.0
         ids = [self.devices[i] for i in live]
         links = [self.topology.link(a, b) for a, b in zip(ids, ids[1:] + ids[:1])]
-        if any(link is None for link in links):
-            raise ConfigError("topology: a ring of the live nodes crosses a missing link")
+        if any(link is None or not link.bandwidth_bytes_per_s > 0 for link in links):
+            raise ConfigError(f"topology: the ring of nodes {live} crosses a missing link or one without bandwidth")
         return (min(link.bandwidth_bytes_per_s for link in links if link is not None),
                 max(link.latency_s for link in links if link is not None))
 

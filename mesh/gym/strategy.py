@@ -37,6 +37,7 @@ import torch
 from mesh.errors import ConfigError
 
 COLLECTIVES = ("all-reduce", "all-gather")
+BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 Shapes = Sequence[torch.Size]
 
 
@@ -126,8 +127,13 @@ class Strategy(ABC):
             if key not in defaults:
                 raise ConfigError(f"--option {key}: {cls.name} takes {', '.join(sorted(defaults))}")
             kind = type(defaults[key])
+            if kind is bool:
+                if raw.lower() not in BOOLEANS:
+                    raise ConfigError(f"--option {key}={raw!r}: must be one of {', '.join(BOOLEANS)}")
+                kwargs[key] = BOOLEANS[raw.lower()]
+                continue
             try:
-                kwargs[key] = (raw.lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
+                kwargs[key] = kind(raw)
             except ValueError:
                 raise ConfigError(f"--option {key}={raw!r}: must be a {kind.__name__}") from None
         try:

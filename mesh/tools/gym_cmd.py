@@ -93,12 +93,12 @@ def strategy_class(name: str) -> Any:
     registered ones."""
     from mesh.errors import PluginError
     from mesh.gym.strategy import Strategy, check_collective
-    from mesh.registry import load, names
+    from mesh.registry import load
 
     try:
         cls = load("strategy", name, expected=Strategy)
     except PluginError as exc:
-        raise ConfigError(f"--algorithm {name!r}: {exc}; registered: {', '.join(names('strategy'))}") from None
+        raise ConfigError(f"--algorithm {name!r}: {exc}") from None
     check_collective(cls)
     return cls
 
@@ -115,6 +115,9 @@ def run_gym(args: argparse.Namespace) -> int:
         raise ConfigError(f"--topology {args.topology!r}: one or more distinct names or files, comma-separated")
     topologies = {name: load_named_topology(name, args.api_key) for name in names}
     nodes = args.nodes or min(len(t.devices) for t in topologies.values())
+    for name, t in topologies.items():
+        if len(t.devices) < nodes:
+            raise ConfigError(f"--nodes {nodes}: topology {name} has {len(t.devices)} devices")
     cls = strategy_class(args.algorithm)
     options = parse_options(args.option)
     strategy = cls.create(options)

@@ -17,12 +17,15 @@ def render_gym(sel: Selection, path: str) -> str:
     runs = sorted((r for r in sel.records if r.get("kind") == "gym"),
                   key=lambda r: (str(_get(r, "config", "topology")), _get(r, "config", "algorithm") != "ddp",
                                  _label(r)))
-    ddp = {str(_get(r, "config", "topology")): r["results"] for r in runs
-           if _get(r, "config", "algorithm") == "ddp" and r.get("status") == "ok"}
+    def same(r: dict) -> tuple:  # what a DDP baseline must share with the run it is compared with
+        return tuple(str(_get(r, "config", k)) for k in ("topology", "steps", "nodes", "model_size", "batch",
+                                                        "seq_len", "seed", "schedule"))
+
+    ddp = {same(r): r["results"] for r in runs if _get(r, "config", "algorithm") == "ddp" and r.get("status") == "ok"}
     rows = []
     for run in runs:
         res, topo = run.get("results") or {}, str(_get(run, "config", "topology"))
-        base = ddp.get(topo)
+        base = ddp.get(same(run))
         loss, wire, sim = res.get("final_eval_loss"), res.get("wire_bytes"), res.get("sim_time_s")
         ok = run.get("status") == "ok" and all(isinstance(x, int | float) for x in (loss, wire, sim))
         vs_loss = f"{(loss / base['final_eval_loss'] - 1) * 100:+.1f} %" if ok and base else "-"
