@@ -29,7 +29,8 @@ def render_gym(sel: Selection, path: str) -> str:
         loss, wire, sim = res.get("final_eval_loss"), res.get("wire_bytes"), res.get("sim_time_s")
         ok = run.get("status") == "ok" and all(isinstance(x, int | float) for x in (loss, wire, sim))
         vs_loss = f"{(loss / base['final_eval_loss'] - 1) * 100:+.1f} %" if ok and base else "-"
-        fewer = f"{base['wire_bytes'] / wire:.0f}x fewer" if ok and base and wire else "-"
+        fewer = ("-" if not (ok and base and wire) else "same" if base["wire_bytes"] == wire
+                 else f"{base['wire_bytes'] / wire:.0f}x fewer")
         faster = f"{base['sim_time_s'] / sim:.1f}x" if ok and base and sim else "-"
         rows.append([topo, _label(run), f"{loss:.3f}" if ok else "-", vs_loss,
                      f"{wire / 1e9:.2f}" if ok else "-", fewer, f"{sim / 3600:.4f}" if ok else "-",
