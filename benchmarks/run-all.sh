@@ -49,6 +49,7 @@ gym() { step "$py" -m mesh gym --topology mac-studios-10gbe,home-mixed --steps 1
 want gym && gym --algorithm ddp
 want gym && gym --algorithm diloco --option h=50
 want gym && gym --algorithm diloco --option h=100
+want gym && gym --algorithm diloco --option h=50 --option momentum=0.5
 want gym && gym --algorithm sparta
 want gym && gym --algorithm demo
 want gym && gym --algorithm fedavg --option h=50
