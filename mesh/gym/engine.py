@@ -267,10 +267,10 @@ class Run:
             for clock in self.clocks.values():
                 clock.rejoin(f.node, donor, nbytes)
 
-    def evaluate(self) -> float | None:
-        """Mean eval loss (nats per token) of the mean of the live nodes' evaluated
-        parameters; None in a process that does not hold node 0's record."""
-        live = self.config.live(self._t)
+    def evaluate(self, t: int) -> float | None:
+        """Mean eval loss (nats per token) of the mean of the evaluated parameters of the
+        nodes live at step ``t``; None in a process that does not hold node 0's record."""
+        live = self.config.live(t)
         offered = self.comm.gather({i: self.strategy.evaluated(self.nodes[i]) for i in self.mine if i in live})
         if 0 not in self.mine:
             return None
@@ -294,13 +294,11 @@ class Run:
 
     def _train(self, progress: Callable[[int, dict[str, float]], None] | None) -> Record:
         cfg, strategy, rec = self.config, self.strategy, self.record
-        self._t = 0
-        start = self.evaluate()
+        start = self.evaluate(0)
         if start is not None:
             rec.curve.append({"step": 0, "tokens": 0, "wire_bytes": 0.0, "sim_time_s": 0.0, "eval_loss": start,
                               "train_loss": None})
         for t in range(cfg.steps):
-            self._t = t
             strategy.scheduled(cfg.lr_scale(t))
             self._rejoins(t)
             live = cfg.live(t)
@@ -325,7 +323,7 @@ class Run:
                     if i in self.nodes:
                         strategy.finish(self.nodes[i], t, result)
             if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.steps:
-                loss = self.evaluate()
+                loss = self.evaluate(t)
                 if loss is not None:
                     point = {"step": t + 1, "tokens": rec.tokens, "wire_bytes": rec.wire_bytes,
                              "sim_time_s": self.clock.now(live), "eval_loss": loss,

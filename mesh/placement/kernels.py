@@ -29,13 +29,11 @@ MLX_DEVICES = ("cpu", "gpu")
 
 @dataclass(frozen=True, slots=True)
 class Ops:
-    """A device's timed operations (see the module docstring); ``software`` names the library
-    and its version, e.g. ``"mlx 0.32.4"`` (a profile measured with another is re-measured)."""
+    """A device's timed operations (see the module docstring)."""
 
     matrix: Callable[[int, int, str, bool], Any]
     matmul: Callable[[Any, Any], Any]
     mv: Callable[[Any, Any], Any]
-    software: str
 
 
 def resolve_device(backend: str, device: str | None) -> str:
@@ -113,8 +111,7 @@ def _torch_ops(device: str) -> Ops:
             return out
         return run
 
-    return Ops(matrix=matrix, matmul=done(torch.matmul), mv=done(lambda m, v: torch.mv(m, v.reshape(-1))),
-               software=f"torch {torch.__version__}")
+    return Ops(matrix=matrix, matmul=done(torch.matmul), mv=done(lambda m, v: torch.mv(m, v.reshape(-1))))
 
 
 def _mlx_ops(device: str) -> Ops:
@@ -140,4 +137,4 @@ def _mlx_ops(device: str) -> Ops:
             mx.eval(out)
         return out
 
-    return Ops(matrix=matrix, matmul=matmul, mv=mv, software=f"mlx {mx.__version__}")
+    return Ops(matrix=matrix, matmul=matmul, mv=mv)

@@ -263,7 +263,7 @@ def _measure_once(*, backend: str, device: str | None, memory_fraction: float, b
              bandwidth / 1e9, f" (other processes used {busy:.0%} of the CPU meanwhile)" if busy else "")
     return DeviceProfile(
         memory_total_bytes=total, memory_usable_bytes=usable, flops=flops, memory_bandwidth_bytes_per_s=bandwidth,
-        backend=backend, device=resolved, measured_at_ms=time.time_ns() // 1_000_000, software=timed.software,
+        backend=backend, device=resolved, measured_at_ms=time.time_ns() // 1_000_000, software=software(backend),
         busy=busy,
     )
 
