@@ -50,6 +50,7 @@ want gym && gym --algorithm ddp
 want gym && gym --algorithm diloco --option h=50
 want gym && gym --algorithm diloco --option h=100
 want gym && gym --algorithm diloco --option h=50 --option momentum=0.5
+want gym && gym --algorithm diloco --option h=100 --option momentum=0.5
 want gym && gym --algorithm sparta
 want gym && gym --algorithm demo
 want gym && gym --algorithm fedavg --option h=50
