@@ -323,18 +323,24 @@ class Model:
                     self._source = SafetensorsSource(self.ref.path)
             return self._source
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of ``messages`` rendered with the model's chat template plus the
-        generation prompt. Raises ModelError when the template rejects them."""
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of ``messages`` (and ``tools``, OpenAI's function specs) rendered with the
+        model's chat template plus the generation prompt. Raises ModelError when the template
+        rejects them."""
         try:
             ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False
             )
         except Exception as exc:  # jinja2 raises TemplateError (or anything a template raises)
             raise ModelError(f"the model's chat template rejected the messages: {exc}") from exc
         if ids and isinstance(ids[0], list):
             ids = ids[0]
         return [int(x) for x in ids]
+
+
+def encode_text(tokenizer: Any, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of plain ``text`` (with the tokenizer's BOS when ``add_special_tokens``)."""
+    return [int(x) for x in tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]]
 
 
 def normalize_rope(config: Any, path: Path | None = None) -> Any:

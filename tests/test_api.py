@@ -112,7 +112,7 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str | None, str | None]] = [
     ("message not an object", {"json": body(messages=["hi"])}, 400, "invalid_type", "messages.[0]"),
     (
         "unknown role",
-        {"json": body(messages=[{"role": "tool", "content": "x"}])},
+        {"json": body(messages=[{"role": "function", "content": "x"}])},
         400,
         "invalid_value",
         "messages.[0].role",
@@ -155,8 +155,8 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str | None, str | None]] = [
             )
         },
         400,
-        "unsupported_parameter",
-        "messages.[0].tool_calls",
+        "missing_required_parameter",
+        "messages.[0].tool_calls.[0].function",
     ),
     ("max_tokens 0", {"json": body(max_tokens=0)}, 400, "invalid_value", "max_tokens"),
     ("max_tokens -1", {"json": body(max_tokens=-1)}, 400, "invalid_value", "max_tokens"),
@@ -198,8 +198,11 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str | None, str | None]] = [
     ("top_p 1.5", {"json": body(top_p=1.5)}, 400, "invalid_value", "top_p"),
     ("seed string", {"json": body(seed="1")}, 400, "invalid_type", "seed"),
     ("seed too big", {"json": body(seed=2**70)}, 400, "invalid_value", "seed"),
-    ("n=2", {"json": body(n=2)}, 400, "unsupported_value", "n"),
-    ("n=0", {"json": body(n=0)}, 400, "unsupported_value", "n"),
+    ("n=0", {"json": body(n=0)}, 400, "invalid_value", "n"),
+    ("n=17", {"json": body(n=17)}, 400, "invalid_value", "n"),
+    ("tool message without its call id", {"json": body(messages=[{"role": "tool", "content": "x"}])}, 400,
+     "missing_required_parameter", "messages.[0].tool_call_id"),
+    ("tool_choice without tools", {"json": body(tool_choice="required")}, 400, "invalid_value", "tool_choice"),
     ("unknown model", {"json": body(model="gpt-4o")}, 404, "model_not_found", "model"),
     (
         "stop list of 5",
@@ -239,7 +242,7 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str | None, str | None]] = [
         "tools given",
         {"json": body(tools=[{"type": "function", "function": {"name": "f"}}])},
         400,
-        "unsupported_parameter",
+        "tools_not_supported",
         "tools",
     ),
     ("logprobs true", {"json": body(logprobs=True)}, 400, "unsupported_parameter", "logprobs"),
@@ -304,17 +307,17 @@ async def test_bad_request_table(
 @pytest.mark.spec("A2", "A14")
 async def test_unknown_role_names_valid_roles(client: httpx.AsyncClient) -> None:
     r = await client.post(
-        "/v1/chat/completions", json=body(messages=[{"role": "tool", "content": "x"}])
+        "/v1/chat/completions", json=body(messages=[{"role": "function", "content": "x"}])
     )
     message = assert_error_shape(r, 400)["message"]
-    for role in ("system", "user", "assistant", "developer"):
+    for role in ("system", "user", "assistant", "developer", "tool"):
         assert role in message
 
 
 @pytest.mark.spec("A10")
-async def test_n_greater_than_one_says_so(client: httpx.AsyncClient) -> None:
-    r = await client.post("/v1/chat/completions", json=body(n=3))
-    assert "n>1 is not supported" in assert_error_shape(r, 400)["message"]
+async def test_n_out_of_range_says_so(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/chat/completions", json=body(n=17))
+    assert "less than or equal to 16" in assert_error_shape(r, 400)["message"]
     ok = await client.post("/v1/chat/completions", json=body(n=1))
     assert ok.status_code == 200
 
@@ -1021,7 +1024,7 @@ async def test_openai_client_errors(engine: FakeEngine) -> None:
     client = openai_for(create_app(engine, FakeStatus()))
     with pytest.raises(openai.BadRequestError) as bad:
         await client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], n=17
         )
     assert bad.value.status_code == 400 and bad.value.param == "n"
     with pytest.raises(openai.NotFoundError) as missing:

@@ -22,58 +22,32 @@ send the key the user types in.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import time
-import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Callable
 from functools import cache
 from importlib.resources import files
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from mesh.api.asgi import (
-    ApiKeyCheck,
-    ClientDisconnected,
-    ErrorBoundary,
-    EventStream,
-    error_response,
-    server_error,
-    unless_disconnected,
-)
-from mesh.api.openai_schema import (
-    ChatCompletionRequest,
-    check_supported,
-    format_param,
-    validation_error_to_api_error,
-)
-from mesh.api.textstream import TextStream
-from mesh.errors import ApiError, MeshError, RequestFailed
-from mesh.runtime.engine import ClusterStatus, Engine, SamplingParams
+from mesh.api.asgi import ApiKeyCheck, ErrorBoundary, error_response, server_error
+from mesh.api.chat import ToolSupport, chat_completions, model_not_found
+from mesh.api.completions import completions
+from mesh.api.generation import engine_failure
+from mesh.api.openai_schema import format_param
+from mesh.errors import ApiError, MeshError
+from mesh.runtime.engine import ClusterStatus, Engine
 
 RETRY_AFTER_S = "1"  # seconds a client should wait before retrying a 503
 
 log = logging.getLogger("mesh.api.app")
 
-MAX_BODY_BYTES = 16 * 1024 * 1024
-MAX_CHARS_PER_TOKEN = 64  # a token is never longer than this many characters in practice
-
 
 # -- errors ---------------------------------------------------------------------------------
-
-
-def _engine_failure(error: MeshError) -> ApiError:
-    """The API error for a MeshError from the engine: its own if it is an ApiError, else 503."""
-    if isinstance(error, ApiError):
-        return error
-    code = "request_failed" if isinstance(error, RequestFailed) else "service_unavailable"
-    return server_error(f"The cluster could not serve this request: {error}", code=code)
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
@@ -118,125 +92,6 @@ def dashboard_html() -> str:
     return (files("mesh.api") / "dashboard" / "index.html").read_text(encoding="utf-8")
 
 
-# -- request handling helpers ---------------------------------------------------------------
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")  # json.loads accepts NaN/Infinity; JSON not
-
-
-async def _read_json_object(request: Request) -> dict[str, Any]:
-    """The body as a JSON object; ApiError 400 (malformed, not an object) or 413 (too big)."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ApiError(
-                f"Request body exceeds {MAX_BODY_BYTES} bytes.",
-                status=413,
-                code="request_too_large",
-            )
-        chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks), parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        raise ApiError(
-            "We could not parse the JSON body of your request. The body must be a JSON object "
-            "(Content-Type: application/json).",
-            code="invalid_json",
-        ) from None
-    if not isinstance(body, dict):
-        raise ApiError(
-            f"The request body must be a JSON object, not {type(body).__name__}.",
-            code="invalid_json",
-        )
-    return body
-
-
-class _Generation:
-    """One request's token stream turned into text pieces, usage and a finish reason.
-
-    Owns the engine's iterator and closes it in ``aclose`` (spec A7). ``finish_reason``:
-    "stop" on EOS or a stop string, "length" at ``max_tokens`` (spec A8).
-    """
-
-    def __init__(
-        self, engine: Engine, prompt_ids: list[int], params: SamplingParams, stop: list[str]
-    ) -> None:
-        self._text = TextStream(engine.tokenizer, stop=stop, prompt_tail_ids=prompt_ids)
-        self._eos = frozenset() if params.ignore_eos else engine.eos_token_ids
-        self._max_tokens = params.max_tokens
-        self.prompt_tokens = len(prompt_ids)
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
-        self._first: int | None = None
-        self._started = False
-        self._tokens = engine.generate(prompt_ids, params)
-
-    async def _next_token(self) -> int | None:
-        try:
-            return await anext(self._tokens)
-        except StopAsyncIteration:
-            return None
-
-    async def start(self) -> None:
-        """Wait for the first token, so failures before it can still get a 503."""
-        self._first = await self._next_token()
-        self._started = True
-
-    async def pieces(self) -> AsyncGenerator[str, None]:
-        """Text pieces to send, possibly empty; sets ``finish_reason`` before the last."""
-        if not self._started:
-            await self.start()
-        token = self._first
-        while True:
-            if token is None:  # the engine ended without EOS
-                self.finish_reason = (
-                    "length" if self.completion_tokens >= self._max_tokens else "stop"
-                )
-                yield self._text.finish()
-                return
-            self.completion_tokens += 1
-            if token in self._eos:
-                self.finish_reason = "stop"
-                yield self._text.finish()
-                return
-            piece = self._text.push(token)
-            if self._text.stopped:  # spec A5: emit text before the stop string, then cancel
-                self.finish_reason = "stop"
-                yield piece
-                return
-            if self.completion_tokens >= self._max_tokens:
-                self.finish_reason = "length"
-                yield piece + self._text.finish()
-                return
-            yield piece
-            token = await self._next_token()
-
-    async def aclose(self) -> None:
-        aclose: Callable[[], Awaitable[None]] | None = getattr(self._tokens, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-    @property
-    def usage(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
-
-
-def _sse(data: dict[str, Any] | str) -> bytes:
-    text = (
-        data
-        if isinstance(data, str)
-        else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    )
-    return f"data: {text}\n\n".encode()
-
-
 # -- the app --------------------------------------------------------------------------------
 
 
@@ -271,13 +126,6 @@ def create_app(
     def model_card() -> dict[str, Any]:
         return {"id": engine.model_id, "object": "model", "created": started_at, "owned_by": "mesh"}
 
-    def model_not_found(model: str) -> ApiError:
-        return ApiError(
-            f"The model '{model}' does not exist; this node serves '{engine.model_id}'.",
-            status=404,
-            param="model",
-            code="model_not_found",
-        )
 
     @app.get("/")
     async def dashboard() -> Response:
@@ -309,7 +157,7 @@ def create_app(
     @app.get("/v1/models/{model:path}")
     async def retrieve_model(model: str) -> Response:
         if model != engine.model_id:
-            raise model_not_found(model)
+            raise model_not_found(engine, model)
         return JSONResponse(model_card())
 
     @app.get("/v1/cluster")
@@ -317,190 +165,19 @@ def create_app(
         try:
             return JSONResponse(status.cluster_info())
         except MeshError as e:
-            raise _engine_failure(e) from None
+            raise engine_failure(e) from None
+
+    tools = ToolSupport(engine)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        body = await _read_json_object(request)
-        try:
-            req = ChatCompletionRequest.model_validate(body)
-        except ValidationError as e:
-            raise validation_error_to_api_error(e) from None
-        check_supported(req)
-        if req.model != engine.model_id:
-            raise model_not_found(req.model)
-        admit, reason = status.admits()  # spec A9: a plan that is loading holds the request instead
-        if not admit:
-            raise server_error(f"The cluster is not ready: {reason}")
-        chars = sum(len(m.content) for m in req.messages)
-        if chars > engine.context_length * MAX_CHARS_PER_TOKEN:
-            # No tokenizer yields fewer tokens than this bound allows: reject before paying
-            # for tokenizing a huge body.
-            raise ApiError(
-                f"The messages hold {chars} characters, far beyond the model's context window of "
-                f"{engine.context_length} tokens.",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        try:
-            # Tokenizing runs off the event loop so heartbeats and other requests go on.
-            prompt_ids = await asyncio.to_thread(engine.encode_chat, [m.to_template() for m in req.messages])
-        except MeshError as e:
-            raise _engine_failure(e) from None
-        params = SamplingParams(
-            max_tokens=_max_tokens(req, len(prompt_ids), engine.context_length),
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            seed=req.seed,
-            ignore_eos=bool(req.ignore_eos),
-        )
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(clock())
-        try:
-            generation = _Generation(engine, prompt_ids, params, req.stop_strings)
-        except MeshError as e:
-            raise _engine_failure(e) from None
-        log.info(
-            "%s: %d prompt tokens, max_tokens %d, stream %s",
-            completion_id,
-            len(prompt_ids),
-            params.max_tokens,
-            bool(req.stream),
-        )
-        handed_over = False
-        try:
-            await unless_disconnected(request.receive, generation.start())
-            if req.stream:
-                events = _stream_events(
-                    generation,
-                    completion_id,
-                    created,
-                    engine.model_id,
-                    include_usage=req.include_usage,
-                )
-                handed_over = True  # the event stream closes the generation now
-                return EventStream(events, on_close=generation.aclose)
-            text = await unless_disconnected(request.receive, _collect(generation))
-        except MeshError as e:
-            raise _engine_failure(e) from None
-        except ClientDisconnected:
-            log.info("%s: client disconnected; generation cancelled", completion_id)
-            return Response(status_code=499)
-        finally:
-            if not handed_over:
-                await generation.aclose()
-        return JSONResponse(
-            {
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": engine.model_id,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text, "refusal": None},
-                        "logprobs": None,
-                        "finish_reason": generation.finish_reason,
-                    }
-                ],
-                "usage": generation.usage,
-                "system_fingerprint": None,
-            }
-        )
+    async def chat(request: Request) -> Response:
+        return await chat_completions(request, engine, status, tools, clock)
+
+    @app.post("/v1/completions")
+    async def text_completions(request: Request) -> Response:
+        return await completions(request, engine, status, clock)
 
     if api_key is not None:
         app.add_middleware(ApiKeyCheck, api_key=api_key)
     app.add_middleware(ErrorBoundary)  # added last = outermost of ours
     return app
-
-
-def _max_tokens(req: ChatCompletionRequest, prompt_tokens: int, context_length: int) -> int:
-    """Spec A11: prompt + max_tokens must fit the context; the default is what is left."""
-    requested = req.requested_max_tokens
-    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    if prompt_tokens >= context_length:
-        raise ApiError(
-            f"This model's maximum context length is {context_length} tokens. However, your "
-            f"messages resulted in {prompt_tokens} tokens, leaving no room for a completion. "
-            "Please reduce the length of the messages.",
-            param="messages",
-            code="context_length_exceeded",
-        )
-    if requested is None:
-        return context_length - prompt_tokens
-    if prompt_tokens + requested > context_length:
-        raise ApiError(
-            f"This model's maximum context length is {context_length} tokens. However, you "
-            f"requested {prompt_tokens + requested} tokens ({prompt_tokens} in the messages, "
-            f"{requested} in the completion). Please reduce the length of the messages or "
-            "completion.",
-            param=param,
-            code="context_length_exceeded",
-        )
-    return requested
-
-
-async def _collect(generation: _Generation) -> str:
-    return "".join([piece async for piece in generation.pieces()])
-
-
-async def _stream_events(
-    generation: _Generation,
-    completion_id: str,
-    created: int,
-    model: str,
-    *,
-    include_usage: bool,
-) -> AsyncGenerator[bytes, None]:
-    """SSE events of one streamed completion (spec A3, A4); closes the generation."""
-
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        event: dict[str, Any] = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": None,
-            "choices": [
-                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            ],
-        }
-        if include_usage:
-            event["usage"] = None
-        return _sse(event)
-
-    pieces = generation.pieces()
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        async for piece in pieces:
-            if piece:
-                yield chunk({"content": piece})
-        yield chunk({}, generation.finish_reason)
-        if include_usage:
-            yield _sse(
-                {
-                    "id": completion_id,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model,
-                    "system_fingerprint": None,
-                    "choices": [],
-                    "usage": generation.usage,
-                }
-            )
-    except MeshError as e:
-        log.warning("%s: failed mid-stream: %s", completion_id, e)
-        yield _sse(_engine_failure(e).to_json())
-    except Exception:
-        incident = uuid.uuid4().hex[:12]
-        log.exception("%s: unexpected error mid-stream (incident %s)", completion_id, incident)
-        yield _sse(
-            server_error(
-                f"Internal error in the mesh node (incident {incident}); see the node's log.",
-                code="internal_error",
-            ).to_json()
-        )
-    finally:
-        await pieces.aclose()
-        await generation.aclose()
-    yield _sse("[DONE]")

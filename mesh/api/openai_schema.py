@@ -1,8 +1,8 @@
 """The request body of ``POST /v1/chat/completions`` as pydantic v2 models, and its checks.
 
 Knows OpenAI's field names and what mesh supports of them; knows nothing of engines,
-HTTP or tokenizers. Spec: specs/api.md (A2 bad input is 4xx, A10 n>1 rejected,
-A14 unsupported fields rejected, harmless ones accepted).
+HTTP or tokenizers. Spec: specs/api.md (A2 bad input is 4xx, A10 ``n`` bounds,
+A14 unsupported fields rejected, harmless ones accepted, A21 tools).
 
 Types are strict (no "5" for 5, no true for 1) because OpenAI rejects wrong types with 400.
 Extra top-level fields are allowed by the model and then sorted by ``check_supported``:
@@ -13,10 +13,12 @@ argument supplied").
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -29,8 +31,10 @@ from pydantic_core import PydanticCustomError
 
 from mesh.errors import ApiError
 
-VALID_ROLES = ("system", "user", "assistant", "developer")
+VALID_ROLES = ("system", "user", "assistant", "developer", "tool")
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_CHOICES = 16  # n per request (OpenAI allows 128; each choice is a request on the cluster)
+MAX_TOOLS = 128  # OpenAI's limit
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 # Accepted and ignored whatever their value: they do not change the generated text.
@@ -54,9 +58,7 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (None, 0),
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
-    "tools": (None, []),
     "functions": (None, []),
-    "tool_choice": (None, "none", "auto"),
     "function_call": (None, "none", "auto"),
     "logit_bias": (None, {}),
     "response_format": (None, {"type": "text"}),
@@ -70,50 +72,155 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 
+def _text_parts(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise PydanticCustomError("invalid_type", "content must be a string or a list of text content parts")
+    texts: list[str] = []
+    for i, part in enumerate(value):
+        if not isinstance(part, dict):
+            raise PydanticCustomError("invalid_type", "content part [{i}] must be an object", {"i": i})
+        kind = part.get("type")
+        if kind != "text":
+            raise PydanticCustomError(
+                "unsupported_value",
+                "content part [{i}] has type '{kind}'; only 'text' parts are supported",
+                {"i": i, "kind": kind},
+            )
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise PydanticCustomError("invalid_type", "content part [{i}] needs a string 'text'", {"i": i})
+        texts.append(text)
+    return "\n".join(texts)
+
+
+def _check_stop(value: Any) -> str | list[str] | None:
+    # A hand-written check instead of a pydantic union, so errors name `stop`, not a
+    # union branch.
+    if value is None or isinstance(value, str):
+        strings = [] if value is None else [value]
+    elif isinstance(value, list) and all(isinstance(s, str) for s in value):
+        strings = value
+    else:
+        raise PydanticCustomError("invalid_type", "stop must be a string or a list of up to 4 strings")
+    if len(strings) > MAX_STOP_STRINGS:
+        raise PydanticCustomError(
+            "invalid_value",
+            "stop takes at most {n} strings, got {got}",
+            {"n": MAX_STOP_STRINGS, "got": len(strings)},
+        )
+    if any(s == "" for s in strings):
+        raise PydanticCustomError("invalid_value", "stop strings must be non-empty")
+    return value  # type: ignore[no-any-return]
+
+
+StopField = Annotated[str | list[str] | None, BeforeValidator(_check_stop)]
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr
+    arguments: StrictStr
+
+
+class ToolCallIn(BaseModel):
+    """A call in an earlier assistant message: ``arguments`` is a JSON string, as OpenAI sends it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     """One message. ``content`` is a string or a list of ``{"type": "text", "text": ...}``
-    parts, which are joined with "\\n" (as vLLM does); ``developer`` is treated as ``system``."""
+    parts, which are joined with "\\n" (as vLLM does); ``developer`` is treated as ``system``.
+    An assistant message may carry ``tool_calls`` (then ``content`` may be null); a ``tool``
+    message answers one call by ``tool_call_id``."""
 
     model_config = ConfigDict(extra="allow")
 
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: StrictStr | None = None
 
     @field_validator("content", mode="before")
     @classmethod
-    def _text_content(cls, value: Any) -> str:
-        if isinstance(value, str):
-            return value
-        if not isinstance(value, list):
-            raise PydanticCustomError(
-                "invalid_type", "content must be a string or a list of text content parts"
-            )
-        texts: list[str] = []
-        for i, part in enumerate(value):
-            if not isinstance(part, dict):
-                raise PydanticCustomError(
-                    "invalid_type", "content part [{i}] must be an object", {"i": i}
-                )
-            kind = part.get("type")
-            if kind != "text":
-                raise PydanticCustomError(
-                    "unsupported_value",
-                    "content part [{i}] has type '{kind}'; only 'text' parts are supported",
-                    {"i": i, "kind": kind},
-                )
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise PydanticCustomError(
-                    "invalid_type", "content part [{i}] needs a string 'text'", {"i": i}
-                )
-            texts.append(text)
-        return "\n".join(texts)
+    def _text_content(cls, value: Any) -> str | None:
+        return _text_parts(value)
 
-    def to_template(self) -> dict[str, str]:
-        """The message as the chat template wants it (``developer`` becomes ``system``)."""
+    def check_shape(self, i: int) -> None:
+        """ApiError 400 naming the field for a message whose fields do not fit its role."""
+        where = f"messages.[{i}]"
+        if self.tool_calls and self.role != "assistant":
+            raise ApiError(f"Only assistant messages carry tool_calls ({where} is {self.role}).",
+                           param=f"{where}.tool_calls")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ApiError(f"Missing required parameter: '{where}.tool_call_id'.", param=f"{where}.tool_call_id",
+                           code="missing_required_parameter")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ApiError(f"Missing required parameter: '{where}.content'.", param=f"{where}.content",
+                           code="missing_required_parameter")
+
+    def to_template(self, call_names: dict[str, str] | None = None) -> dict[str, Any]:
+        """The message as chat templates want it (transformers' convention): ``developer``
+        becomes ``system``; a call's JSON ``arguments`` become an object; a tool message gets
+        the ``name`` of the function it answers (from ``call_names``, id -> name)."""
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.content}
+        out: dict[str, Any] = {"role": role, "content": self.content or ""}
+        if self.tool_calls:
+            calls = []
+            for call in self.tool_calls:
+                try:
+                    args: Any = json.loads(call.function.arguments)
+                except ValueError:
+                    args = call.function.arguments
+                calls.append({"id": call.id, "type": "function",
+                              "function": {"name": call.function.name, "arguments": args}})
+            out["tool_calls"] = calls
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_call_id
+            name = self.name or (call_names or {}).get(self.tool_call_id or "")
+            if name:
+                out["name"] = name
+        return out
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class ToolSpec(BaseModel):
+    """One entry of ``tools``: ``{"type": "function", "function": {name, description, parameters}}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+    def to_template(self) -> dict[str, Any]:
+        return {"type": "function", "function": self.function.model_dump(exclude_none=True)}
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    class _Name(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: StrictStr
+
+    type: Literal["function"]
+    function: _Name
 
 
 class StreamOptions(BaseModel):
@@ -135,35 +242,14 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0, strict=True)
     top_p: float | None = Field(None, gt=0.0, le=1.0, strict=True)
     seed: StrictInt | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    stop: str | list[str] | None = None
-    n: StrictInt | None = None
+    stop: StopField = None
+    n: StrictInt | None = Field(None, ge=1, le=MAX_CHOICES)
     stream: StrictBool | None = None
+    tools: list[ToolSpec] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     stream_options: StreamOptions | None = None
     # vLLM's extension: keep generating past end-of-sequence (benchmarks need exact lengths).
     ignore_eos: StrictBool | None = None
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_list(cls, value: Any) -> str | list[str] | None:
-        # A hand-written check instead of a pydantic union, so errors name `stop`, not a
-        # union branch.
-        if value is None or isinstance(value, str):
-            strings = [] if value is None else [value]
-        elif isinstance(value, list) and all(isinstance(s, str) for s in value):
-            strings = value
-        else:
-            raise PydanticCustomError(
-                "invalid_type", "stop must be a string or a list of up to 4 strings"
-            )
-        if len(strings) > MAX_STOP_STRINGS:
-            raise PydanticCustomError(
-                "invalid_value",
-                "stop takes at most {n} strings, got {got}",
-                {"n": MAX_STOP_STRINGS, "got": len(strings)},
-            )
-        if any(s == "" for s in strings):
-            raise PydanticCustomError("invalid_value", "stop strings must be non-empty")
-        return value  # type: ignore[no-any-return]
 
     @property
     def stop_strings(self) -> list[str]:
@@ -174,6 +260,19 @@ class ChatCompletionRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def tool_choice_name(self) -> str | None:
+        """``None``, "auto", "required" or the named function (``"none"`` and no tools: None)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice or "auto"
+
+    def call_names(self) -> dict[str, str]:
+        """Tool-call id -> function name over the conversation's assistant messages."""
+        return {c.id: c.function.name for m in self.messages for c in (m.tool_calls or [])}
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -207,10 +306,10 @@ def validation_error_to_api_error(error: ValidationError) -> ApiError:
     return ApiError(f"Invalid value for {where}: {first['msg']}.", param=param, code=code)
 
 
-def _unsupported(name: str, value: Any) -> ApiError:
+def _unsupported(name: str, value: Any, neutral: tuple[Any, ...]) -> ApiError:
     return ApiError(
         f"Parameter '{name}' with value {value!r} is not supported by mesh; "
-        f"leave it out or set it to one of {[v for v in NEUTRAL_VALUES[name]]!r}.",
+        f"leave it out or set it to one of {list(neutral)!r}.",
         param=name,
         code="unsupported_parameter",
     )
@@ -218,12 +317,13 @@ def _unsupported(name: str, value: Any) -> ApiError:
 
 def check_supported(request: ChatCompletionRequest) -> None:
     """Raise ``ApiError`` (400) for a field mesh cannot honour (spec A10, A14)."""
-    if request.n is not None and request.n != 1:
-        raise ApiError(
-            f"n>1 is not supported (got n={request.n}); mesh returns one choice per request.",
-            param="n",
-            code="unsupported_value",
-        )
+    if request.tool_choice not in (None, "none", "auto") and not request.tools:
+        raise ApiError("tool_choice needs 'tools'.", param="tool_choice", code="invalid_value")
+    if isinstance(request.tool_choice, NamedToolChoice) and request.tools:
+        named = request.tool_choice.function.name
+        if named not in {t.function.name for t in request.tools}:
+            raise ApiError(f"tool_choice names '{named}', which is not in 'tools'.", param="tool_choice",
+                           code="invalid_value")
     if (
         request.max_tokens is not None
         and request.max_completion_tokens is not None
@@ -239,24 +339,32 @@ def check_supported(request: ChatCompletionRequest) -> None:
             param="stream_options",
         )
     for i, message in enumerate(request.messages):
+        message.check_shape(i)
         for key, value in (message.model_extra or {}).items():
             if value is None or (key == "refusal"):
                 continue
             raise ApiError(
-                f"Field '{key}' in messages[{i}] is not supported by mesh (no tool calls).",
+                f"Field '{key}' in messages[{i}] is not supported by mesh.",
                 param=f"messages.[{i}].{key}",
                 code="unsupported_parameter",
             )
-    for key, value in (request.model_extra or {}).items():
-        if key in HARMLESS_FIELDS:
+    check_extra_fields(request.model_extra or {}, HARMLESS_FIELDS, NEUTRAL_VALUES)
+
+
+def check_extra_fields(extra: dict[str, Any], harmless: frozenset[str], neutral: dict[str, tuple[Any, ...]]) -> None:
+    """Sort the fields a model did not declare (spec A14): ``harmless`` ones are ignored,
+    ``neutral`` ones pass only with a value that means "off" (else 400
+    ``unsupported_parameter``), anything else is 400 ``unknown_parameter``."""
+    for key, value in extra.items():
+        if key in harmless:
             continue
-        if key in NEUTRAL_VALUES:
+        if key in neutral:
             # `x == 0` is true for False too; compare types so `logprobs: 0` is rejected alike.
-            if any(value == v and type(value) is type(v) for v in NEUTRAL_VALUES[key]):
+            if any(value == v and type(value) is type(v) for v in neutral[key]):
                 continue
-            if isinstance(value, float) and 0 in NEUTRAL_VALUES[key] and value == 0.0:
+            if isinstance(value, float) and 0 in neutral[key] and value == 0.0:
                 continue
-            raise _unsupported(key, value)
+            raise _unsupported(key, value, neutral[key])
         raise ApiError(
             f"Unrecognized request argument supplied: {key}",
             param=key,

@@ -41,10 +41,11 @@ class IncrementalDetokenizer:
     """Token ids in, text that will not change out (no split characters, no U+FFFD tail).
 
     ``prompt_tail_ids``: the last prompt tokens, decoded only as left context (only the last
-    ``PROMPT_CONTEXT_TOKENS`` are kept). Special tokens are never emitted as text.
+    ``PROMPT_CONTEXT_TOKENS`` are kept). Special tokens are not emitted as text unless
+    ``keep_special`` (a tool-call parser needs markers such as ``<|call|>``).
     """
 
-    __slots__ = ("_finished", "_ids", "_max_held", "_prefix", "_read", "_tokenizer")
+    __slots__ = ("_finished", "_ids", "_max_held", "_prefix", "_read", "_skip", "_tokenizer")
 
     def __init__(
         self,
@@ -52,6 +53,7 @@ class IncrementalDetokenizer:
         *,
         prompt_tail_ids: Sequence[int] = (),
         max_held_tokens: int = DEFAULT_MAX_HELD_TOKENS,
+        keep_special: bool = False,
     ) -> None:
         if max_held_tokens < 1:
             raise ValueError(f"max_held_tokens must be >= 1, got {max_held_tokens}")
@@ -62,11 +64,12 @@ class IncrementalDetokenizer:
         self._read = len(self._ids)
         self._max_held = max_held_tokens
         self._finished = False
+        self._skip = not keep_special
 
     def _decode(self, ids: Sequence[int]) -> str:
         if not ids:
             return ""
-        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+        return self._tokenizer.decode(list(ids), skip_special_tokens=self._skip)
 
     def _emit(self, *, force: bool) -> str:
         prefix_text = self._decode(self._ids[self._prefix : self._read])
@@ -187,7 +190,7 @@ class TextStream:
     ``push(token_id)`` returns the text that is now safe to emit (often ""); ``finish()``
     returns the rest at the end of generation. Once ``stopped`` is true a stop string has
     completed: the text before it has been returned and further pushes return "".
-    Special tokens (EOS, chat markers) are never emitted as text.
+    Special tokens (EOS, chat markers) are not emitted as text unless ``keep_special``.
 
     Raises ``ApiError`` (param ``stop``) for an empty stop string.
     """
@@ -201,10 +204,12 @@ class TextStream:
         stop: Sequence[str] = (),
         prompt_tail_ids: Sequence[int] = (),
         max_held_tokens: int = DEFAULT_MAX_HELD_TOKENS,
+        keep_special: bool = False,
     ) -> None:
         self._stop = StopStringFilter(stop)
         self._detok = IncrementalDetokenizer(
-            tokenizer, prompt_tail_ids=prompt_tail_ids, max_held_tokens=max_held_tokens
+            tokenizer, prompt_tail_ids=prompt_tail_ids, max_held_tokens=max_held_tokens,
+            keep_special=keep_special,
         )
 
     @property

@@ -25,7 +25,7 @@ from contextlib import aclosing
 from typing import Any, Protocol
 
 from mesh.errors import ApiError, MeshError, ModelError, RequestFailed
-from mesh.models import Model
+from mesh.models import Model, encode_text
 from mesh.placement.perf import Measured
 from mesh.runtime.admission import Admission
 from mesh.runtime.batcher import Batching
@@ -124,11 +124,14 @@ class Coordinator:
         self.recovery_times: deque[float] = deque(maxlen=256)  # s from a failure to the next token
         self.requests = RequestLog()  # live and recent timings (GET /v1/cluster)
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         try:
-            return self.model.encode_chat(messages)
+            return self.model.encode_chat(messages, tools) if tools else self.model.encode_chat(messages)
         except ModelError as exc:
             raise ApiError(str(exc), param="messages") from exc
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return encode_text(self.tokenizer, text, add_special_tokens=add_special_tokens)
 
     @property
     def active(self) -> int:

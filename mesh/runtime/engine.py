@@ -64,11 +64,18 @@ class Engine(Protocol):
     eos_token_ids: frozenset[int]
     tokenizer: Tokenizer
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Apply the model's own chat template (with the generation prompt) and tokenize.
 
-        Raises ApiError (400) if the template rejects the conversation.
+        ``messages`` in transformers' chat format (``tool_calls`` and ``tool`` messages
+        included); ``tools``: OpenAI function specs the template renders. Raises ApiError
+        (400) if the template rejects the conversation.
         """
+        ...
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of plain ``text`` (a completion prompt, a prefill), with the tokenizer's
+        BOS when ``add_special_tokens``."""
         ...
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]: ...

@@ -96,8 +96,9 @@ class FakeEngine:
     ``delay_s``: sleep before each token (seconds). ``hang_after``: after yielding that many
     tokens, wait until cancelled. ``fail_after`` / ``error``: after yielding that many
     tokens, raise ``error`` (default ``RequestFailed``-like ``MeshError``).
-    ``encode_chat`` renders ``<|role|>content\\n`` per message plus ``<|assistant|>`` and
-    tokenizes it with ``tokenizer.encode`` -- a stand-in, not the model's own template.
+    ``encode_chat`` applies the tokenizer's chat template when it has one (a real tokenizer);
+    else renders ``<|role|>content\\n`` per message plus ``<|assistant|>`` and tokenizes it
+    with ``tokenizer.encode`` -- a stand-in, not a model's template.
     """
 
     def __init__(
@@ -133,11 +134,20 @@ class FakeEngine:
 
     # -- Engine protocol ------------------------------------------------------------------
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         if self.encode_error is not None:
             raise self.encode_error
+        if getattr(self.tokenizer, "chat_template", None):  # a real tokenizer: its own template
+            ids = self.tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+                messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False)
+            return [int(x) for x in (ids[0] if ids and isinstance(ids[0], list) else ids)]
         text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages) + "<|assistant|>"
         return list(self.tokenizer.encode(text, add_special_tokens=False))  # type: ignore[attr-defined]
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        if self.encode_error is not None:
+            raise self.encode_error
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))  # type: ignore[attr-defined]
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
         record = FakeRequest(prompt_ids=list(prompt_ids), params=params)

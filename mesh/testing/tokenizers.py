@@ -32,3 +32,58 @@ def smollm2_tokenizer() -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
+
+
+# A ChatML chat template with Hermes-style tool calling (the layout Qwen 2.5 and Hermes models
+# use: tool specs in <tools>, calls in <tool_call>, results in <tool_response>), for tests that
+# need a template with tool support on the SmolLM2 vocabulary.
+HERMES_TEMPLATE = """\
+{%- if tools %}<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+
+{% endif %}# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>{% for tool in tools %}
+{{ tool | tojson }}{% endfor %}
+</tools>
+
+For each function call, return a json object with function name and arguments within \
+<tool_call></tool_call> XML tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call><|im_end|>
+{% elif messages[0].role == 'system' %}<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'system' and loop.first %}
+{%- elif message.role == 'assistant' %}<|im_start|>assistant
+{% if message.content %}{{ message.content }}{% endif %}
+{%- for call in message.tool_calls or [] %}
+<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>{% endfor %}<|im_end|>
+{% elif message.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+@functools.cache
+def hermes_tokenizer() -> Any:
+    """The SmolLM2 tokenizer with ``HERMES_TEMPLATE`` as its chat template (a copy; the
+    cached ``smollm2_tokenizer`` is left as it is)."""
+    import copy
+
+    tokenizer = copy.deepcopy(smollm2_tokenizer())
+    tokenizer.chat_template = HERMES_TEMPLATE
+    return tokenizer
