@@ -34,6 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
+from mesh.api.anthropic import count_tokens, messages
 from mesh.api.asgi import ApiKeyCheck, ErrorBoundary, error_response, server_error
 from mesh.api.chat import ToolSupport, chat_completions, model_not_found
 from mesh.api.completions import completions
@@ -107,7 +108,8 @@ def create_app(
 
     ``api_key``: when set, every path but ``/health`` and the dashboard page ``/`` needs
     ``Authorization: Bearer <api_key>`` (spec A12, A18). ``clock``: seconds since the epoch,
-    for ``created`` fields. Routes: POST /v1/chat/completions, GET /v1/models,
+    for ``created`` fields. Routes: POST /v1/chat/completions, POST /v1/completions,
+    POST /v1/messages and /v1/messages/count_tokens (Anthropic's API), GET /v1/models,
     GET /v1/models/{model}, GET /v1/cluster, GET /metrics, GET /health, GET / (dashboard).
     """
     app = FastAPI(
@@ -176,6 +178,14 @@ def create_app(
     @app.post("/v1/completions")
     async def text_completions(request: Request) -> Response:
         return await completions(request, engine, status, clock)
+
+    @app.post("/v1/messages")
+    async def anthropic_messages(request: Request) -> Response:
+        return await messages(request, engine, status, tools, clock)
+
+    @app.post("/v1/messages/count_tokens")
+    async def anthropic_count_tokens(request: Request) -> Response:
+        return await count_tokens(request, engine, tools)
 
     if api_key is not None:
         app.add_middleware(ApiKeyCheck, api_key=api_key)

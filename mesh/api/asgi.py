@@ -87,8 +87,9 @@ class ErrorBoundary:
 
 
 class ApiKeyCheck:
-    """ASGI middleware: ``Authorization: Bearer <api_key>`` on every path but /health and
-    the dashboard page / (spec A12, A18); 401 ``invalid_api_key`` otherwise."""
+    """ASGI middleware: ``Authorization: Bearer <api_key>`` (or ``x-api-key: <api_key>``, the
+    header Anthropic's clients send) on every path but /health and the dashboard page /
+    (spec A12, A18); 401 ``invalid_api_key`` otherwise."""
 
     def __init__(self, app: ASGIApp, *, api_key: str) -> None:
         self.app = app
@@ -98,11 +99,17 @@ class ApiKeyCheck:
         if scope["type"] != "http" or scope["path"] in UNAUTHENTICATED_PATHS:
             await self.app(scope, receive, send)
             return
-        header = dict(scope["headers"]).get(b"authorization", b"")
+        headers = dict(scope["headers"])
+        header = headers.get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
         if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected):
             await self.app(scope, receive, send)
             return
+        x_api_key = headers.get(b"x-api-key")
+        if x_api_key is not None and hmac.compare_digest(x_api_key.strip(), self.expected):
+            await self.app(scope, receive, send)
+            return
+        header = header or (x_api_key or b"")
         message = (
             "Incorrect API key provided."
             if header

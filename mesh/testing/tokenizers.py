@@ -62,8 +62,7 @@ For each function call, return a json object with function name and arguments wi
 {%- if message.role == 'system' and loop.first %}
 {%- elif message.role == 'assistant' %}<|im_start|>assistant
 {% if message.content %}{{ message.content }}{% endif %}
-{%- for call in message.tool_calls or [] %}
-<tool_call>
+{%- for call in message.tool_calls or [] %}{% if message.content or not loop.first %}{{ '\n' }}{% endif %}<tool_call>
 {"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
 </tool_call>{% endfor %}<|im_end|>
 {% elif message.role == 'tool' %}<|im_start|>user
