@@ -245,7 +245,8 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str | None, str | None]] = [
         "tools_not_supported",
         "tools",
     ),
-    ("logprobs true", {"json": body(logprobs=True)}, 400, "unsupported_parameter", "logprobs"),
+    ("top_logprobs without logprobs", {"json": body(top_logprobs=2)}, 400, "invalid_value", "top_logprobs"),
+    ("top_logprobs 21", {"json": body(logprobs=True, top_logprobs=21)}, 400, "invalid_value", "top_logprobs"),
     (
         "json response_format",
         {"json": body(response_format={"type": "json_object"})},

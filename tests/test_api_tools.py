@@ -343,7 +343,8 @@ async def test_completions_suffix_needs_fim_tokens() -> None:
     ({"prompt": [1, "a"]}, "prompt", "invalid_type"),
     ({"prompt": [10**9]}, "prompt", None),
     ({"prompt": "x", "best_of": 3}, "best_of", "unsupported_value"),
-    ({"prompt": "x", "logprobs": 2}, "logprobs", "unsupported_parameter"),
+    ({"prompt": "x", "logprobs": 6}, "logprobs", "invalid_value"),
+    ({"prompt": "x", "logprobs": 1, "echo": True}, "logprobs", "unsupported_value"),
     ({"prompt": "x", "frobnicate": 1}, "frobnicate", "unknown_parameter"),
     ({"prompt": ["x"] * 9, "n": 2}, "n", None),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens", "invalid_value"),
@@ -360,3 +361,50 @@ async def test_completions_reject_what_they_cannot_honour(fields: dict[str, Any]
     error = r.json()["error"]
     assert error["param"] == param and error["code"] == code
     assert engine.requests == []
+
+
+# -- logprobs -----------------------------------------------------------------------------------
+
+
+@pytest.mark.spec("A26")
+async def test_chat_logprobs_whole_and_streamed() -> None:
+    engine = engine_saying("Hi there")
+    client = openai_for(engine)
+    reply = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                                 logprobs=True, top_logprobs=2)
+    assert engine.requests[0].params.logprobs == 2
+    content = reply.choices[0].logprobs.content
+    assert "".join(e.token for e in content) == "Hi there"  # every generated token but EOS, in order
+    assert all(e.logprob == -0.25 and [t.logprob for t in e.top_logprobs] == [-0.25, -1.25] for e in content)
+    assert content[0].bytes == list(content[0].token.encode())
+    plain = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+    assert plain.choices[0].logprobs is None and engine.requests[-1].params.logprobs is None
+    streamed = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                                    logprobs=True, stream=True)
+    tokens, text = [], ""
+    async for chunk in streamed:
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            if c.logprobs is not None:
+                tokens += [e.token for e in c.logprobs.content]
+                assert all(e.top_logprobs == [] for e in c.logprobs.content)
+    assert "".join(tokens) == text == "Hi there"
+
+
+@pytest.mark.spec("A26")
+async def test_completion_logprobs_with_offsets() -> None:
+    engine = engine_saying(" one two")
+    client = openai_for(engine)
+    reply = await client.completions.create(model=MODEL, prompt="Count:", logprobs=1)
+    lp = reply.choices[0].logprobs
+    assert "".join(lp.tokens) == reply.choices[0].text == " one two"
+    assert lp.token_logprobs == [-0.25] * len(lp.tokens) and all(len(t) == 1 for t in lp.top_logprobs)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:k]) for k in range(len(lp.tokens))]
+    streamed = await client.completions.create(model=MODEL, prompt="Count:", logprobs=0, stream=True)
+    offsets, tokens = [], []
+    async for chunk in streamed:
+        for c in chunk.choices:
+            if c.logprobs is not None:
+                offsets += c.logprobs.text_offset
+                tokens += c.logprobs.tokens
+    assert tokens == lp.tokens and offsets == lp.text_offset

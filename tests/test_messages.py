@@ -220,3 +220,19 @@ def test_hidden_states_split_by_position_join_back(n: int, width: int, dtype: st
         tensor.rows(0, n + 1)
     with pytest.raises(FrameError, match="join"):
         WireTensor.join_rows([tensor, WireTensor(dtype=dtype, shape=(1, 1, width + 1), data=bytes((width + 1) * size))])
+
+
+@pytest.mark.spec("A26")
+def test_logprobs_travel_with_the_token_and_bad_ones_are_refused() -> None:
+    from mesh.runtime.engine import Sampled
+
+    token = Token(req="r.1", step=3, token=Sampled(7, -0.5, ((7, -0.5), (2, -1.5))), timing=[])
+    back = Token.decode(token.to_message())
+    assert isinstance(back.token, Sampled) and back.token == 7
+    assert back.token.logprob == -0.5 and back.token.top == ((7, -0.5), (2, -1.5))
+    plain = Token.decode(Token(req="r.1", step=3, token=7, timing=[]).to_message())
+    assert not isinstance(plain.token, Sampled)
+    for bad in ([0.5, []], [-0.1, [[1]]], ["x", []], [-0.1, [[-1, -0.2]]], [float("nan"), []], [-0.1, [[1, -1.0]] * 21]):
+        body = {"req": "r.1", "step": 3, "token": 7, "t": [], "lp": bad}
+        with pytest.raises(FrameError, match="'lp'"):
+            Token.decode(Message(type="token", body=body))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from mesh.errors import ApiError
 from mesh.runtime.engine import SamplingParams
-from mesh.runtime.sampling import sample
+from mesh.runtime.sampling import sample, with_logprobs
 
 
 @pytest.mark.spec("B7")
@@ -50,3 +50,19 @@ def test_a_tiny_temperature_is_greedy_not_nan() -> None:
     """Regression: temperature 5e-324 overflowed logits / t to inf and sampled from NaNs."""
     logits = np.array([0.5, 2.0, 1.0], dtype=np.float32)
     assert sample(logits, SamplingParams(max_tokens=1, temperature=5e-324), step=0, request_seed=1) == 1
+
+
+@pytest.mark.spec("A26")
+@given(st.lists(st.floats(-30, 30, allow_nan=False), min_size=2, max_size=40), st.integers(0, 20), st.data())
+def test_logprobs_are_the_log_softmax_of_the_logits(values: list[float], top: int, data: st.DataObject) -> None:
+    logits = np.asarray(values, dtype=np.float32)
+    token = data.draw(st.integers(0, len(values) - 1))
+    got = with_logprobs(logits, token, top)
+    exact = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64) - logits.max()).sum()) - logits.max()
+    assert int(got) == token and got.logprob == pytest.approx(exact[token], abs=1e-9)
+    assert len(got.top) == min(top, len(values))
+    assert [lp for _, lp in got.top] == sorted((lp for _, lp in got.top), reverse=True)
+    if got.top:
+        assert got.top[0][1] == pytest.approx(exact.max(), abs=1e-9)
+        assert got.top[0][0] == int(np.argmax(logits))  # ties to the lowest id, as greedy sampling
+    assert with_logprobs(logits, token, top).top == got.top  # a function of the logits alone

@@ -321,7 +321,7 @@ async def _messages(request: Request, engine: Engine, status: ClusterStatus, too
             "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": len(ids), "output_tokens": 0}}},
             event="message_start")
         blocks = _Blocks()
-        async for _, piece in choices.events():
+        async for _, piece, _ in choices.events():
             if piece is None:
                 if parser is not None:
                     for event in blocks.add(parser.finish()):

@@ -30,10 +30,11 @@ from mesh.api.generation import (
     respond,
     sse,
 )
+from mesh.api.logprobs import Spelling, chat_logprobs
 from mesh.api.openai_schema import ChatCompletionRequest, check_supported, validation_error_to_api_error
 from mesh.api.toolcalls import ToolFormat, ToolStream, detect_format
 from mesh.errors import ApiError, MeshError
-from mesh.runtime.engine import ClusterStatus, Engine, SamplingParams
+from mesh.runtime.engine import ClusterStatus, Engine, Sampled, SamplingParams
 
 log = logging.getLogger("mesh.api.app")
 
@@ -131,6 +132,7 @@ async def chat_completions(request: Request, engine: Engine, status: ClusterStat
         top_p=1.0 if req.top_p is None else req.top_p,
         seed=req.seed,
         ignore_eos=bool(req.ignore_eos),
+        logprobs=req.logprobs_k,
     )
     n = req.n or 1
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -142,7 +144,8 @@ async def chat_completions(request: Request, engine: Engine, status: ClusterStat
     log.info("%s: %d prompt tokens, n %d, max_tokens %d, stream %s, tools %s", completion_id, len(prompt_ids),
              n, params.max_tokens, bool(req.stream), fmt.name if fmt else None)
     parsers = [ToolStream(fmt, prefill) if fmt is not None else None for _ in range(n)]
-    shape = _Shape(completion_id, created, engine.model_id, req.include_usage)
+    spelling = Spelling(engine.tokenizer) if req.logprobs else None
+    shape = _Shape(completion_id, created, engine.model_id, req.include_usage, spelling)
 
     async def collect() -> dict[str, Any]:
         texts = await choices.collect()
@@ -156,7 +159,8 @@ async def chat_completions(request: Request, engine: Engine, status: ClusterStat
                 message["content"] = (delta.content + rest.content) or None
                 if parser.calls:
                     message["tool_calls"] = [c.to_openai() for c in parser.calls]
-            out.append({"index": i, "message": message, "logprobs": None,
+            out.append({"index": i, "message": message,
+                        "logprobs": chat_logprobs(spelling, choices.items[i].sampled),
                         "finish_reason": _finish(choices, i, parser)})
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": engine.model_id,
                 "choices": out, "usage": choices.usage, "system_fingerprint": None}
@@ -176,14 +180,19 @@ def _finish(choices: Choices, i: int, parser: ToolStream | None) -> str | None:
 class _Shape:
     """The chunk envelope of one streamed chat completion (spec A3)."""
 
-    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool,
+                 spelling: Spelling | None) -> None:
         self.head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
                      "system_fingerprint": None}
         self.include_usage = include_usage
+        self.spelling = spelling
+        self.pending: dict[int, list[Sampled]] = {}  # spec A26: tokens whose logprobs no chunk carried yet
 
     def chunk(self, index: int, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        tokens = self.pending.pop(index, []) if delta or finish_reason else []
+        logprobs = chat_logprobs(self.spelling, tokens) if tokens else None
         event: dict[str, Any] = {**self.head, "choices": [
-            {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
         if self.include_usage:
             event["usage"] = None
         return sse(event)
@@ -197,7 +206,8 @@ async def _events(choices: Choices, parsers: list[ToolStream | None], shape: _Sh
     tool-call deltas (OpenAI's format, spec A21), a finish chunk; then usage if asked."""
     for i in range(len(choices.items)):
         yield shape.chunk(i, {"role": "assistant", "content": ""})
-    async for i, piece in choices.events():
+    async for i, piece, sampled in choices.events():
+        shape.pending.setdefault(i, []).extend(sampled)
         parser = parsers[i]
         if piece is None:
             if parser is not None:

@@ -33,6 +33,7 @@ from mesh.api.generation import (
     respond,
     sse,
 )
+from mesh.api.logprobs import Spelling
 from mesh.api.openai_schema import (
     HARMLESS_FIELDS,
     NEUTRAL_VALUES,
@@ -44,8 +45,9 @@ from mesh.api.openai_schema import (
     validation_error_to_api_error,
 )
 from mesh.errors import ApiError, MeshError
-from mesh.runtime.engine import ClusterStatus, Engine, SamplingParams
+from mesh.runtime.engine import ClusterStatus, Engine, Sampled, SamplingParams
 
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_PROMPTS = 16
 # Fill-in-the-middle tokens (prefix, suffix, middle) of the families that have them: StarCoder /
@@ -76,6 +78,7 @@ class CompletionRequest(BaseModel):
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool | None = None
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 
     @property
     def stop_strings(self) -> list[str]:
@@ -111,6 +114,9 @@ def check_completion_fields(req: CompletionRequest) -> None:
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise ApiError(f"best_of other than n is not supported (got best_of={req.best_of}); mesh does not "
                        "rank candidates.", param="best_of", code="unsupported_value")
+    if req.logprobs is not None and req.echo:
+        raise ApiError("logprobs with echo would need the prompt's logprobs, which mesh does not compute; "
+                       "leave one of them out.", param="logprobs", code="unsupported_value")
     if req.stream_options is not None and not req.stream:
         raise ApiError("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                        param="stream_options")
@@ -168,6 +174,7 @@ async def completions(request: Request, engine: Engine, status: ClusterStatus,
         top_p=1.0 if req.top_p is None else req.top_p,
         seed=req.seed,
         ignore_eos=bool(req.ignore_eos),
+        logprobs=req.logprobs,
     )
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(clock())
@@ -182,16 +189,25 @@ async def completions(request: Request, engine: Engine, status: ClusterStatus,
             echoes[i] = p if isinstance(p, str) else engine.tokenizer.decode(p, skip_special_tokens=False)
     head = {"id": completion_id, "object": "text_completion", "created": created, "model": engine.model_id}
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    spelling = Spelling(engine.tokenizer) if req.logprobs is not None else None
+
+    def logprobs(tokens: list[Sampled], offset: int) -> dict[str, Any] | None:
+        return spelling.completion(tokens, offset) if spelling is not None else None
 
     async def collect() -> dict[str, Any]:
         texts = await choices.collect()
         return {**head, "system_fingerprint": None, "usage": choices.usage, "choices": [
-            {"text": echoes[i] + text, "index": i, "logprobs": None, "finish_reason": choices.items[i].finish_reason}
+            {"text": echoes[i] + text, "index": i, "logprobs": logprobs(choices.items[i].sampled, 0),
+             "finish_reason": choices.items[i].finish_reason}
             for i, text in enumerate(texts)]}
 
-    def chunk(i: int, text: str, finish: str | None = None) -> bytes:
+    offsets = [0] * len(choices.items)
+
+    def chunk(i: int, text: str, finish: str | None = None, tokens: list[Sampled] | None = None) -> bytes:
+        lp = logprobs(tokens, offsets[i]) if tokens else None
+        offsets[i] += len(text)
         event: dict[str, Any] = {**head, "choices": [
-            {"text": text, "index": i, "logprobs": None, "finish_reason": finish}]}
+            {"text": text, "index": i, "logprobs": lp, "finish_reason": finish}]}
         if include_usage:
             event["usage"] = None
         return sse(event)
@@ -200,11 +216,13 @@ async def completions(request: Request, engine: Engine, status: ClusterStatus,
         for i, echo in enumerate(echoes):
             if echo:
                 yield chunk(i, echo)
-        async for i, piece in choices.events():
+        pending: dict[int, list[Sampled]] = {}
+        async for i, piece, sampled in choices.events():
+            pending.setdefault(i, []).extend(sampled)
             if piece is None:
-                yield chunk(i, "", choices.items[i].finish_reason)
+                yield chunk(i, "", choices.items[i].finish_reason, pending.pop(i, []))
             elif piece:
-                yield chunk(i, piece)
+                yield chunk(i, piece, None, pending.pop(i, []))
         if include_usage:
             yield sse({**head, "choices": [], "usage": choices.usage})
 

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from mesh.api.asgi import ClientDisconnected, EventStream, server_error, unless_disconnected
 from mesh.api.textstream import TextStream
 from mesh.errors import ApiError, MeshError, RequestFailed
-from mesh.runtime.engine import Engine, SamplingParams
+from mesh.runtime.engine import Engine, Sampled, SamplingParams
 
 log = logging.getLogger("mesh.api.app")
 
@@ -149,6 +149,9 @@ class Generation:
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.stop_string: str | None = None
+        # spec A26: the tokens with logprobs consumed so far (not EOS), and those since the last take
+        self.sampled: list[Sampled] = []
+        self._untaken = 0
         self._first: int | None = None
         self._started = False
         self._tokens = engine.generate(prompt_ids, params)
@@ -175,6 +178,8 @@ class Generation:
                 yield self._text.finish()
                 return
             self.completion_tokens += 1
+            if isinstance(token, Sampled) and token not in self._eos:
+                self.sampled.append(token)
             if token in self._eos:
                 self.finish_reason = "stop"
                 yield self._text.finish()
@@ -191,6 +196,12 @@ class Generation:
                 return
             yield piece
             token = await self._next_token()
+
+    def take_sampled(self) -> list[Sampled]:
+        """The tokens with logprobs consumed since the last call (spec A26)."""
+        out = self.sampled[self._untaken:]
+        self._untaken = len(self.sampled)
+        return out
 
     async def aclose(self) -> None:
         aclose: Callable[[], Awaitable[None]] | None = getattr(self._tokens, "aclose", None)
@@ -220,7 +231,7 @@ class Choices:
         self._distinct_prompts = {id(p): len(p) for p in prompts}
         self._tasks: list[asyncio.Task[None]] = []
         self._first: list[asyncio.Future[None]] = []
-        self._queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[int, object, list[Sampled]]] = asyncio.Queue()
 
     @classmethod
     def fan_out(cls, engine: Engine, prompts: list[list[int]], params: SamplingParams, n: int,
@@ -256,37 +267,38 @@ class Choices:
             await g.start()
             first.set_result(None)
             async for piece in g.pieces():
-                self._queue.put_nowait((i, piece))
-            self._queue.put_nowait((i, _DONE))
+                self._queue.put_nowait((i, piece, g.take_sampled()))
+            self._queue.put_nowait((i, _DONE, g.take_sampled()))
         except BaseException as exc:  # reaches start() or the consumer of events(), which re-raise it
             if not first.done():
                 first.set_exception(exc if isinstance(exc, Exception) else MeshError(f"choice {i} stopped"))
-            self._queue.put_nowait((i, exc))
+            self._queue.put_nowait((i, exc, []))
             if isinstance(exc, asyncio.CancelledError):
                 raise
 
-    async def events(self) -> AsyncIterator[tuple[int, str | None]]:
-        """``(index, piece)`` as pieces arrive, ``(index, None)`` when choice ``index`` ends.
-        Raises the first failure of any choice."""
+    async def events(self) -> AsyncIterator[tuple[int, str | None, list[Sampled]]]:
+        """``(index, piece, sampled)`` as pieces arrive, ``(index, None, sampled)`` when choice
+        ``index`` ends; ``sampled``: the tokens with logprobs behind the piece (spec A26; empty
+        without logprobs). Raises the first failure of any choice."""
         if not self._tasks:
             await self.start()
         running = len(self.items)
         while running:
             # No timeout here: each choice ends, fails or is cancelled within the engine's
             # own bounded time (Engine contract), and each of those puts an item.
-            i, item = await self._queue.get()
+            i, item, sampled = await self._queue.get()
             if isinstance(item, BaseException):
                 raise item
             if item is _DONE:
                 running -= 1
-                yield i, None
+                yield i, None, sampled
             else:
-                yield i, item  # type: ignore[misc]
+                yield i, item, sampled  # type: ignore[misc]
 
     async def collect(self) -> list[str]:
         """Every choice's whole text, by index."""
         texts = [""] * len(self.items)
-        async for i, piece in self.events():
+        async for i, piece, _ in self.events():
             if piece:
                 texts[i] += piece
         return texts

@@ -30,6 +30,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from mesh.errors import ApiError
+from mesh.runtime.engine import MAX_TOP_LOGPROBS
 
 VALID_ROLES = ("system", "user", "assistant", "developer", "tool")
 MAX_STOP_STRINGS = 4  # OpenAI's limit
@@ -56,8 +57,6 @@ HARMLESS_FIELDS = frozenset(
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "frequency_penalty": (None, 0),
     "presence_penalty": (None, 0),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
     "logit_bias": (None, {}),
@@ -245,6 +244,8 @@ class ChatCompletionRequest(BaseModel):
     stop: StopField = None
     n: StrictInt | None = Field(None, ge=1, le=MAX_CHOICES)
     stream: StrictBool | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[ToolSpec] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     stream_options: StreamOptions | None = None
@@ -260,6 +261,11 @@ class ChatCompletionRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def logprobs_k(self) -> int | None:
+        """``SamplingParams.logprobs``: None when not asked, else the alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def tool_choice_name(self) -> str | None:
@@ -317,6 +323,8 @@ def _unsupported(name: str, value: Any, neutral: tuple[Any, ...]) -> ApiError:
 
 def check_supported(request: ChatCompletionRequest) -> None:
     """Raise ``ApiError`` (400) for a field mesh cannot honour (spec A10, A14)."""
+    if request.top_logprobs is not None and not request.logprobs:
+        raise ApiError("top_logprobs needs logprobs: true.", param="top_logprobs", code="invalid_value")
     if request.tool_choice not in (None, "none", "auto") and not request.tools:
         raise ApiError("tool_choice needs 'tools'.", param="tool_choice", code="invalid_value")
     if isinstance(request.tool_choice, NamedToolChoice) and request.tools:

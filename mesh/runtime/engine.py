@@ -12,6 +12,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from mesh.errors import ApiError
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SamplingParams:
@@ -22,6 +24,8 @@ class SamplingParams:
     generator seeded by (seed, k), so a rebuilt request draws the same tokens.
     ``max_tokens`` counts generated tokens, >= 1. ``ignore_eos`` keeps generating past an
     end-of-sequence token (vLLM's extension, for benchmarks that need exact lengths).
+    ``logprobs``: None, or how many most likely alternatives (0-20) to report with each token's
+    own log probability: the engine then yields ``Sampled`` tokens (spec A26).
     """
 
     max_tokens: int
@@ -29,6 +33,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -37,10 +42,29 @@ class SamplingParams:
             raise ApiError("temperature must be between 0 and 2", param="temperature")
         if not 0.0 < self.top_p <= 1.0:
             raise ApiError("top_p must be in (0, 1]", param="top_p")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ApiError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+class Sampled(int):
+    """A generated token id (an ``int``) with its log probability under the model and the
+    ``top`` most likely tokens at its position: ``((id, logprob), ...)``, most likely first.
+
+    Log probabilities are natural logs of the softmax of the last stage's raw logits (before
+    temperature and top-p), as OpenAI and vLLM report them; float64 math on float32 logits."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+    def __new__(cls, token: int, logprob: float, top: tuple[tuple[int, float], ...] = ()) -> Sampled:
+        self = super().__new__(cls, token)
+        self.logprob = logprob
+        self.top = top
+        return self
 
 
 class Tokenizer(Protocol):

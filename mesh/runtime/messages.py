@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh.errors import FrameError
+from mesh.runtime.engine import MAX_TOP_LOGPROBS, Sampled
 from mesh.runtime.prefix import MAX_KEYS
 from mesh.wire import Message, WireTensor
 
@@ -109,11 +110,14 @@ class Forward:
     # longest it holds; later stages get the one it took (pos is then n)
     prefix: list[list[Any]] | None = None
     keep: list[Any] | None = None  # spec N24: (n, key): once computed, keep positions [0, n) in the prefix cache
+    logprobs: int | None = None  # spec A26: the last stage reports logprobs and this many alternatives
 
     def to_message(self) -> Message:
+        sp: dict[str, Any] = {"t": self.temperature, "p": self.top_p, "seed": self.seed}
+        if self.logprobs is not None:
+            sp["lp"] = self.logprobs
         body: dict[str, Any] = {"req": self.req, "coord": self.coord, "plan": self.plan_id, "route": self.route,
-                                "idx": self.idx, "step": self.step, "pos": self.pos,
-                                "sp": {"t": self.temperature, "p": self.top_p, "seed": self.seed}}
+                                "idx": self.idx, "step": self.step, "pos": self.pos, "sp": sp}
         if self.tokens is not None:
             body["tokens"] = self.tokens
         if self.kv_to is not None:
@@ -158,7 +162,10 @@ class Forward:
                    temperature=_float(sp, "t"), top_p=_float(sp, "p"), seed=_int(sp, "seed", -(2**63)),
                    kv_to=_route(kv_to, "kv_to") if kv_to is not None else None, replica=body.get("replica") is True,
                    timing=_timing(body["t"]) if "t" in body else None, hidden=msg.tensor, split=split,
-                   prefix=_prefix(body.get("prefix")), keep=keep[0] if keep else None)
+                   prefix=_prefix(body.get("prefix")), keep=keep[0] if keep else None,
+                   logprobs=_int(sp, "lp", 0) if "lp" in sp else None)
+        if fwd.logprobs is not None and fwd.logprobs > MAX_TOP_LOGPROBS:
+            raise FrameError(f"field 'sp.lp' {fwd.logprobs} is over {MAX_TOP_LOGPROBS}")
         if split is not None and sum(split) != fwd.n_positions:
             raise FrameError(f"field 'split' sums to {sum(split)}, the step has {fwd.n_positions} positions")
         return fwd
@@ -180,16 +187,38 @@ class Token:
     cached: int = 0  # spec N24: positions the step took from the prefix cache
 
     def to_message(self) -> Message:
-        body = {"req": self.req, "step": self.step, "token": self.token, "t": self.timing}
+        body: dict[str, Any] = {"req": self.req, "step": self.step, "token": int(self.token), "t": self.timing}
         if self.cached:
             body["cached"] = self.cached
+        if isinstance(self.token, Sampled):  # spec A26: [logprob, [[id, logprob], ...]]
+            body["lp"] = [self.token.logprob, [list(t) for t in self.token.top]]
         return Message(type="token", body=body)
 
     @classmethod
     def decode(cls, msg: Message) -> Token:
         body = msg.body
-        return cls(req=_req(body), step=_int(body, "step"), token=_int(body, "token"), timing=_timing(body.get("t")),
+        token = _int(body, "token")
+        if "lp" in body:
+            token = _sampled(token, body["lp"])
+        return cls(req=_req(body), step=_int(body, "step"), token=token, timing=_timing(body.get("t")),
                    cached=_int(body, "cached") if "cached" in body else 0)
+
+
+def _sampled(token: int, lp: Any) -> Sampled:
+    def number(x: Any) -> float:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(x) or x > 0.0:
+            raise FrameError("field 'lp' holds a log probability that is not a number <= 0")
+        return float(x)
+
+    if not (isinstance(lp, list) and len(lp) == 2 and isinstance(lp[1], list) and len(lp[1]) <= MAX_TOP_LOGPROBS):
+        raise FrameError("field 'lp' must be [logprob, [[id, logprob], ...]]")
+    top = []
+    for pair in lp[1]:
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], int)
+                and not isinstance(pair[0], bool) and pair[0] >= 0):
+            raise FrameError("field 'lp' must be [logprob, [[id, logprob], ...]]")
+        top.append((pair[0], number(pair[1])))
+    return Sampled(token, number(lp[0]), tuple(top))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

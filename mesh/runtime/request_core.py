@@ -278,7 +278,7 @@ class RequestCore:
         if self.failed_at:  # spec FO3: recovery = from the failure to the next token
             self._out(Observe(kind="recovered", value=now - self.failed_at))
             self.failed_at = 0.0
-        self.generated.append(token)
+        self.generated.append(int(token))  # a Sampled token's logprobs go to the consumer only (Emit)
         finished = len(self.generated) == self.params.max_tokens or (
             token in self.eos and not self.params.ignore_eos)
         self._out(Emit(token=token))
@@ -295,7 +295,7 @@ class RequestCore:
             a.deadline = now + max(self.timeouts.send_s, 2 * took)
             return
         a.pos += len(a.tokens)
-        a.tokens = [token]
+        a.tokens = [int(token)]
 
     def sent(self, action: SendForward, now: float) -> None:
         """A step's send returned at ``now``: its resend is timed from here (a send that waited

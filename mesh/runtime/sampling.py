@@ -10,9 +10,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from mesh.runtime.engine import SamplingParams
+from mesh.runtime.engine import Sampled, SamplingParams
 
 MIN_TEMPERATURE = 1e-4  # temperatures in (0, 1e-4) sample like 0 (greedy)
+
+
+def with_logprobs(logits: np.ndarray, token: int, top: int) -> Sampled:
+    """``token`` with its log probability and the ``top`` most likely tokens (spec A26).
+
+    Log-softmax of the raw float32 ``[vocab_size]`` logits in float64; ties among the top
+    tokens go to the lowest id. The same logits give the same numbers wherever the last stage
+    runs."""
+    scaled = logits.astype(np.float64)
+    scaled -= scaled.max()
+    logprobs = scaled - np.log(np.exp(scaled).sum())
+    best: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        order = np.argsort(-logprobs, kind="stable")[:top]
+        best = tuple((int(i), float(logprobs[i])) for i in order)
+    return Sampled(token, float(logprobs[token]), best)
 
 
 def sample(logits: np.ndarray, params: SamplingParams, *, step: int, request_seed: int) -> int:

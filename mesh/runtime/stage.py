@@ -31,7 +31,7 @@ from mesh.runtime.messages import (
     Token,
 )
 from mesh.runtime.prefix import PREFIX_CACHE_MB, PrefixStore
-from mesh.runtime.sampling import sample
+from mesh.runtime.sampling import sample, with_logprobs
 from mesh.runtime.stage_core import COMPUTE, Replay, StageLedger
 from mesh.wire import Message, WireTensor
 
@@ -214,7 +214,8 @@ class StageWorker:
         trimmed = Forward(req=fwd.req, coord=fwd.coord, plan_id=fwd.plan_id, route=fwd.route, idx=fwd.idx,
                           step=fwd.step, pos=n, tokens=fwd.tokens[n:], temperature=fwd.temperature,  # type: ignore[index]
                           top_p=fwd.top_p, seed=fwd.seed, kv_to=fwd.kv_to, replica=fwd.replica, timing=fwd.timing,
-                          split=split if len(split) > 1 else None, prefix=[[n, key]], keep=fwd.keep)
+                          split=split if len(split) > 1 else None, prefix=[[n, key]], keep=fwd.keep,
+                          logprobs=fwd.logprobs)
         return trimmed, cache
 
     def release_coordinated_by(self, member_id: str) -> None:
@@ -432,12 +433,14 @@ class StageWorker:
                           step=fwd.step, pos=pos, tokens=None, temperature=fwd.temperature, top_p=fwd.top_p,
                           seed=fwd.seed, kv_to=fwd.kv_to, replica=fwd.replica, timing=timing, hidden=out.hidden,
                           split=fwd.split, prefix=fwd.prefix if started is not None or fwd.pos else None,
-                          keep=fwd.keep)
+                          keep=fwd.keep, logprobs=fwd.logprobs)
             return str(fwd.route[fwd.idx + 1][0]), nxt.to_message()
         if out.logits is None:
             raise RequestFailed("the last stage produced no logits")
         params = SamplingParams(max_tokens=1, temperature=fwd.temperature, top_p=fwd.top_p)
         token = sample(out.logits, params, step=fwd.step, request_seed=fwd.seed)
+        if fwd.logprobs is not None:  # spec A26: where the last stage samples, from the same logits
+            token = with_logprobs(out.logits, token, fwd.logprobs)
         cached = pos if fwd.prefix and pos else 0  # spec N24: the positions the prefix cache gave
         return fwd.coord, Token(req=req, step=fwd.step, token=token, timing=timing, cached=cached).to_message()
 

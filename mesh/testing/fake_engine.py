@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from mesh.errors import MeshError
-from mesh.runtime.engine import SamplingParams, Tokenizer
+from mesh.runtime.engine import Sampled, SamplingParams, Tokenizer
 
 Script = Sequence[int] | Callable[[list[int], SamplingParams], Iterable[int]]
 RequestState = Literal["running", "finished", "cancelled", "failed"]
@@ -195,7 +195,9 @@ class FakeEngine:
                     # Closing the iterator after the last token is not a cancellation.
                     record.state = "finished"
                 record.yielded.append(token)
-                yield token
+                k = record.params.logprobs
+                # spec A26: made-up logprobs, -0.25 for the token and -1 less per rank for the alternatives
+                yield token if k is None else Sampled(token, -0.25, tuple((token + r, -0.25 - r) for r in range(k)))
             if self.fail_after is not None and self.fail_after >= len(tokens):
                 record.state = "failed"
                 raise self.error
