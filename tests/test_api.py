@@ -248,10 +248,11 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str | None, str | None]] = [
     ("top_logprobs without logprobs", {"json": body(top_logprobs=2)}, 400, "invalid_value", "top_logprobs"),
     ("top_logprobs 21", {"json": body(logprobs=True, top_logprobs=21)}, 400, "invalid_value", "top_logprobs"),
     (
-        "json response_format",
-        {"json": body(response_format={"type": "json_object"})},
+        "json_schema response_format with a bad schema",
+        {"json": body(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "objectz"}}})},
         400,
-        "unsupported_parameter",
+        "invalid_value",
         "response_format",
     ),
     (

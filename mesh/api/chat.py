@@ -133,6 +133,7 @@ async def chat_completions(request: Request, engine: Engine, status: ClusterStat
         seed=req.seed,
         ignore_eos=bool(req.ignore_eos),
         logprobs=req.logprobs_k,
+        json_schema=req.response_format.schema_text() if req.response_format is not None else None,
     )
     n = req.n or 1
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"

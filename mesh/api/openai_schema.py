@@ -60,7 +60,6 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
     "logit_bias": (None, {}),
-    "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]),
     "audio": (None,),
     "prediction": (None,),
@@ -211,6 +210,35 @@ class ToolSpec(BaseModel):
         return {"type": "function", "function": self.function.model_dump(exclude_none=True)}
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: StrictStr | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: ``text``, ``json_object`` or ``json_schema`` (spec A27)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def schema_text(self) -> str | None:
+        """The JSON schema to constrain decoding with (``json_object``: any object), or None."""
+        if self.type == "json_object":
+            return '{"type": "object"}'
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise ApiError("response_format of type 'json_schema' needs 'json_schema'.",
+                               param="response_format.json_schema", code="missing_required_parameter")
+            return json.dumps(self.json_schema.schema_)  # key order kept: properties are written in it
+        return None
+
+
 class NamedToolChoice(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -244,6 +272,7 @@ class ChatCompletionRequest(BaseModel):
     stop: StopField = None
     n: StrictInt | None = Field(None, ge=1, le=MAX_CHOICES)
     stream: StrictBool | None = None
+    response_format: ResponseFormat | None = None
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[ToolSpec] | None = Field(None, max_length=MAX_TOOLS)
@@ -323,6 +352,9 @@ def _unsupported(name: str, value: Any, neutral: tuple[Any, ...]) -> ApiError:
 
 def check_supported(request: ChatCompletionRequest) -> None:
     """Raise ``ApiError`` (400) for a field mesh cannot honour (spec A10, A14)."""
+    if request.response_format is not None and request.response_format.type != "text" and request.tool_choice_name:
+        raise ApiError("response_format json_object / json_schema together with tools is not supported; "
+                       "send one of them.", param="response_format", code="unsupported_value")
     if request.top_logprobs is not None and not request.logprobs:
         raise ApiError("top_logprobs needs logprobs: true.", param="top_logprobs", code="invalid_value")
     if request.tool_choice not in (None, "none", "auto") and not request.tools:

@@ -292,7 +292,8 @@ class Coordinator:
             fwd = Forward(req=action.req, coord=self.member_id, plan_id=action.plan_id, route=action.route, idx=0,
                           step=action.step, pos=action.pos, tokens=action.tokens, temperature=core.params.temperature,
                           top_p=core.params.top_p, seed=core.seed, kv_to=action.kv_to, replica=action.replica,
-                          split=action.split, prefix=action.prefix, keep=action.keep, logprobs=core.params.logprobs)
+                          split=action.split, prefix=action.prefix, keep=action.keep, logprobs=core.params.logprobs,
+                          grammar=[core.params.json_schema, list(core.generated)] if core.params.json_schema else None)
             try:
                 await self.send(action.member, fwd.to_message())
             except MeshError as exc:

@@ -6,6 +6,7 @@ fake engine; ``mesh/runtime/coordinator.py`` provides the real one. Spec: specs/
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -13,6 +14,25 @@ from typing import Any, Protocol, runtime_checkable
 from mesh.errors import ApiError
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+_GRAMMAR_OPTIONS = {"whitespace_flexible": False}  # compact JSON: no run of whitespace to wander into
+
+
+def schema_grammar(schema_text: str) -> str:
+    """The llguidance grammar of a JSON schema (its JSON text). Raises ApiError 400 (param
+    ``response_format``) naming the problem when the schema cannot be compiled."""
+    import llguidance
+
+    try:
+        schema = json.loads(schema_text)
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_GRAMMAR_OPTIONS)
+    except Exception as exc:  # whatever the library raises for a schema it cannot take is the client's 400
+        raise ApiError(f"The JSON schema cannot be used for constrained decoding: {exc}",
+                       param="response_format", code="invalid_value") from None
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise ApiError(f"The JSON schema cannot be used for constrained decoding: {error}",
+                       param="response_format", code="invalid_value")
+    return grammar  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -26,6 +46,8 @@ class SamplingParams:
     end-of-sequence token (vLLM's extension, for benchmarks that need exact lengths).
     ``logprobs``: None, or how many most likely alternatives (0-20) to report with each token's
     own log probability: the engine then yields ``Sampled`` tokens (spec A26).
+    ``json_schema``: None, or a JSON schema's text: every token is sampled from those that keep
+    the output a prefix of a document the schema accepts (spec A27).
     """
 
     max_tokens: int
@@ -34,6 +56,7 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    json_schema: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -42,6 +65,8 @@ class SamplingParams:
             raise ApiError("temperature must be between 0 and 2", param="temperature")
         if not 0.0 < self.top_p <= 1.0:
             raise ApiError("top_p must be in (0, 1]", param="top_p")
+        if self.json_schema is not None:
+            schema_grammar(self.json_schema)  # spec A27: a schema that cannot be compiled is a 400 here
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ApiError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
 

@@ -111,6 +111,7 @@ class Forward:
     prefix: list[list[Any]] | None = None
     keep: list[Any] | None = None  # spec N24: (n, key): once computed, keep positions [0, n) in the prefix cache
     logprobs: int | None = None  # spec A26: the last stage reports logprobs and this many alternatives
+    grammar: list[Any] | None = None  # spec A27: [JSON schema text, token ids generated so far]
 
     def to_message(self) -> Message:
         sp: dict[str, Any] = {"t": self.temperature, "p": self.top_p, "seed": self.seed}
@@ -132,6 +133,8 @@ class Forward:
             body["prefix"] = self.prefix
         if self.keep is not None:
             body["keep"] = self.keep
+        if self.grammar is not None:
+            body["grammar"] = self.grammar
         return Message(type="forward", body=body, tensor=self.hidden)
 
     @classmethod
@@ -163,7 +166,8 @@ class Forward:
                    kv_to=_route(kv_to, "kv_to") if kv_to is not None else None, replica=body.get("replica") is True,
                    timing=_timing(body["t"]) if "t" in body else None, hidden=msg.tensor, split=split,
                    prefix=_prefix(body.get("prefix")), keep=keep[0] if keep else None,
-                   logprobs=_int(sp, "lp", 0) if "lp" in sp else None)
+                   logprobs=_int(sp, "lp", 0) if "lp" in sp else None,
+                   grammar=_grammar(body["grammar"]) if "grammar" in body else None)
         if fwd.logprobs is not None and fwd.logprobs > MAX_TOP_LOGPROBS:
             raise FrameError(f"field 'sp.lp' {fwd.logprobs} is over {MAX_TOP_LOGPROBS}")
         if split is not None and sum(split) != fwd.n_positions:
@@ -202,6 +206,17 @@ class Token:
             token = _sampled(token, body["lp"])
         return cls(req=_req(body), step=_int(body, "step"), token=token, timing=_timing(body.get("t")),
                    cached=_int(body, "cached") if "cached" in body else 0)
+
+
+MAX_SCHEMA_CHARS = 256 * 1024
+
+
+def _grammar(value: Any) -> list[Any]:
+    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+            and len(value[0]) <= MAX_SCHEMA_CHARS and isinstance(value[1], list)
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value[1])):
+        raise FrameError("field 'grammar' must be [JSON schema text, [token id, ...]]")
+    return value
 
 
 def _sampled(token: int, lp: Any) -> Sampled:

@@ -141,7 +141,8 @@ class RequestPlane:
                                        metrics=metrics, batching=batching)
         batching = self.coordinator.batching
         self.worker = StageWorker(member_id, self.send, executor, max_batch=batching.max_batch,
-                                  prefill_batch=batching.prefill_batch, prefix_cache_bytes=batching.prefix_cache_bytes)
+                                  prefill_batch=batching.prefill_batch, prefix_cache_bytes=batching.prefix_cache_bytes,
+                                  tokenizer=lambda: model.tokenizer)
         self._tasks: asyncio.TaskGroup | None = None
 
     async def run(self) -> None:

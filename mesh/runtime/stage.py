@@ -20,6 +20,7 @@ from backends.base import Backend, BatchItem, StepOutput
 from mesh.errors import BackendError, MeshError, RequestFailed, StageFailed, TransportError
 from mesh.runtime.batcher import MAX_BATCH, PREFILL_BATCH, StepBatcher
 from mesh.runtime.engine import SamplingParams
+from mesh.runtime.grammar import Grammars
 from mesh.runtime.kvreplica import pack_kv, unpack_kv
 from mesh.runtime.messages import (
     Forward,
@@ -50,7 +51,8 @@ class StageWorker:
 
     def __init__(self, member_id: str, send: Callable[[str, Message], Awaitable[None]], executor: Executor,
                  clock: Callable[[], float] = time.monotonic, *, max_batch: int = MAX_BATCH,
-                 prefill_batch: int = PREFILL_BATCH, prefix_cache_bytes: int = PREFIX_CACHE_MB * 2**20) -> None:
+                 prefill_batch: int = PREFILL_BATCH, prefix_cache_bytes: int = PREFIX_CACHE_MB * 2**20,
+                 tokenizer: Callable[[], Any] | None = None) -> None:
         self.member_id = member_id
         self.send = send
         self.executor = executor
@@ -66,6 +68,7 @@ class StageWorker:
         self._tells: set[asyncio.Task[None]] = set()  # errors on their way to coordinators (``retire``)
         self.ledger = StageLedger()
         self.prefixes = PrefixStore(prefix_cache_bytes)  # spec N24
+        self.grammars = Grammars(tokenizer or _no_tokenizer)  # spec A27: constrained requests' matchers
         self._replica_due: dict[str, tuple[Backend, Any, int, int]] = {}  # req -> KV to send the coordinator
         self._keep_due: dict[str, tuple[Backend, Any, list[Any]]] = {}  # req -> prompt chunks to keep (N24)
         # spec N13: a prefill stage's KV to hand to the decode stages; a decode stage's KV arriving
@@ -152,6 +155,7 @@ class StageWorker:
         self._keep_due.pop(req, None)
         self._push_due.pop(req, None)
         self._pushes.pop(req, None)
+        self.grammars.drop(req)
 
     def release(self, request_id: str) -> None:
         """Free a request's KV cache and drop any of its steps still in flight (spec N8)."""
@@ -215,7 +219,7 @@ class StageWorker:
                           step=fwd.step, pos=n, tokens=fwd.tokens[n:], temperature=fwd.temperature,  # type: ignore[index]
                           top_p=fwd.top_p, seed=fwd.seed, kv_to=fwd.kv_to, replica=fwd.replica, timing=fwd.timing,
                           split=split if len(split) > 1 else None, prefix=[[n, key]], keep=fwd.keep,
-                          logprobs=fwd.logprobs)
+                          logprobs=fwd.logprobs, grammar=fwd.grammar)
         return trimmed, cache
 
     def release_coordinated_by(self, member_id: str) -> None:
@@ -433,13 +437,18 @@ class StageWorker:
                           step=fwd.step, pos=pos, tokens=None, temperature=fwd.temperature, top_p=fwd.top_p,
                           seed=fwd.seed, kv_to=fwd.kv_to, replica=fwd.replica, timing=timing, hidden=out.hidden,
                           split=fwd.split, prefix=fwd.prefix if started is not None or fwd.pos else None,
-                          keep=fwd.keep, logprobs=fwd.logprobs)
+                          keep=fwd.keep, logprobs=fwd.logprobs, grammar=fwd.grammar)
             return str(fwd.route[fwd.idx + 1][0]), nxt.to_message()
         if out.logits is None:
             raise RequestFailed("the last stage produced no logits")
         params = SamplingParams(max_tokens=1, temperature=fwd.temperature, top_p=fwd.top_p)
-        token = sample(out.logits, params, step=fwd.step, request_seed=fwd.seed)
-        if fwd.logprobs is not None:  # spec A26: where the last stage samples, from the same logits
+        logits = out.logits
+        if fwd.grammar is not None:  # spec A27: only tokens the schema allows next
+            logits = self.grammars.constrain(req, fwd.grammar[0], fwd.grammar[1], logits)
+        token = sample(logits, params, step=fwd.step, request_seed=fwd.seed)
+        if fwd.grammar is not None:
+            self.grammars.advance(req, token)
+        if fwd.logprobs is not None:  # spec A26: where the last stage samples, from the model's logits
             token = with_logprobs(out.logits, token, fwd.logprobs)
         cached = pos if fwd.prefix and pos else 0  # spec N24: the positions the prefix cache gave
         return fwd.coord, Token(req=req, step=fwd.step, token=token, timing=timing, cached=cached).to_message()
@@ -467,6 +476,10 @@ async def run_step(batcher: StepBatcher, backend: Backend, cache: Any, fwd: Forw
     if len(parts) > 1:
         return StepOutput(hidden=WireTensor.join_rows(parts)), total_s
     return outs[-1], total_s
+
+
+def _no_tokenizer() -> Any:
+    raise RequestFailed("this stage has no tokenizer for constrained decoding")
 
 
 def _as_mesh_error(exc: Exception, what: str) -> MeshError:
