@@ -1,4 +1,4 @@
-"""Command line: ``python -m mesh node | key | plan | gym | plugins | faults | bench | bench-batching | bench-tp | bench-backends | bench-kernel |
+"""Command line: ``python -m mesh node | key | plan | gym | plugins | faults | bench | bench-batching | bench-tp | bench-grammar | bench-backends | bench-kernel |
 bench-transport | bench-placement | report``.
 
 Every flag can also be set by an environment variable ``MESH_<FLAG>`` (dashes become
@@ -237,12 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(pbench, "--new-tokens", type=_positive_int, default=32, help="tokens per request for --measured")
     _add(pbench, "--repeats", type=_positive_int, default=5, help="timed requests per configuration for --measured")
     from mesh.tools.bench_batching import add_parser as add_bench_batching
+    from mesh.tools.bench_grammar import add_parser as add_bench_grammar
     from mesh.tools.bench_tp import add_parser as add_bench_tp
     from mesh.tools.gym_cmd import add_parser as add_gym
     from mesh.tools.plan_cmd import add_parser as add_plan
 
     add_bench_batching(sub, _add, _add_switch, _positive_int)
     add_bench_tp(sub, _add, _add_switch, _positive_int)
+    add_bench_grammar(sub, _add, _add_switch, _positive_int)
     add_plan(sub, _add, _positive_int)
     add_gym(sub, _add, _add_switch, _positive_int)
 
@@ -387,6 +389,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             _setup_logging(args.log_level)
             return run_recorded("mesh-bench-tp", args.json, lambda: run_tp_bench(args))
+        if args.command == "bench-grammar":
+            from mesh.tools.bench_grammar import run_grammar_bench
+
+            _setup_logging(args.log_level)
+            return run_recorded("mesh-bench-grammar", args.json, lambda: run_grammar_bench(args))
         if args.command == "bench-batching":
             from mesh.tools.bench_batching import run_batching_bench
 
