@@ -33,14 +33,16 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from starlette.responses import JSONResponse, Response
 
-from mesh.api.asgi import server_error
-from mesh.api.chat import ToolSupport, model_not_found
+from mesh.api.chat import ToolSupport
 from mesh.api.generation import (
     Choices,
+    admit,
     check_prompt_chars,
     engine_failure,
     guarded,
     max_tokens_for,
+    model_not_found,
+    parse_body,
     read_json_object,
     respond,
     sse,
@@ -219,16 +221,6 @@ def _stream_error(error: ApiError) -> bytes:
     return sse({"type": "error", "error": {"type": kind, "message": error.message}}, event="error")
 
 
-async def _parse(request: Request) -> MessagesRequest:
-    body = await read_json_object(request)
-    try:
-        req = MessagesRequest.model_validate(body)
-    except ValidationError as e:
-        raise validation_error_to_api_error(e) from None
-    req.check()
-    return req
-
-
 async def count_tokens(request: Request, engine: Engine, tools: ToolSupport) -> Response:
     """``POST /v1/messages/count_tokens``: ``{"input_tokens": n}`` of the templated prompt."""
     try:
@@ -271,12 +263,9 @@ async def messages(request: Request, engine: Engine, status: ClusterStatus, tool
 
 
 async def _messages(request: Request, engine: Engine, status: ClusterStatus, tools: ToolSupport) -> Response:
-    req = await _parse(request)
-    if req.model != engine.model_id:
-        raise model_not_found(engine, req.model)
-    admit, reason = status.admits()
-    if not admit:
-        raise server_error(f"The cluster is not ready: {reason}")
+    req = await parse_body(request, MessagesRequest)
+    req.check()
+    admit(engine, status, req.model)
     ids, fmt, prefill = await _prompt(req, engine, tools)
     params = SamplingParams(
         max_tokens=max_tokens_for(req.max_tokens, "max_tokens", len(ids), engine.context_length),

@@ -36,9 +36,9 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from mesh.api.anthropic import count_tokens, messages
 from mesh.api.asgi import ApiKeyCheck, ErrorBoundary, error_response, server_error
-from mesh.api.chat import ToolSupport, chat_completions, model_not_found
+from mesh.api.chat import ToolSupport, chat_completions
 from mesh.api.completions import completions
-from mesh.api.generation import engine_failure
+from mesh.api.generation import engine_failure, model_not_found
 from mesh.api.openai_schema import format_param
 from mesh.errors import ApiError, MeshError
 from mesh.runtime.engine import ClusterStatus, Engine

@@ -16,22 +16,21 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from fastapi import Request
-from pydantic import ValidationError
 from starlette.responses import Response
 
-from mesh.api.asgi import server_error
 from mesh.api.generation import (
     Choices,
+    admit,
     check_prompt_chars,
     engine_failure,
     guarded,
     max_tokens_for,
-    read_json_object,
+    parse_body,
     respond,
     sse,
 )
 from mesh.api.logprobs import Spelling, chat_logprobs
-from mesh.api.openai_schema import ChatCompletionRequest, check_supported, validation_error_to_api_error
+from mesh.api.openai_schema import ChatCompletionRequest, check_supported
 from mesh.api.toolcalls import ToolFormat, ToolStream, detect_format
 from mesh.errors import ApiError, MeshError
 from mesh.runtime.engine import ClusterStatus, Engine, Sampled, SamplingParams
@@ -39,15 +38,6 @@ from mesh.runtime.engine import ClusterStatus, Engine, Sampled, SamplingParams
 log = logging.getLogger("mesh.api.app")
 
 PROBE_TOOL = "mesh_probe_tool_7f3a"  # a name no real template prints unless it renders tools
-
-
-def model_not_found(engine: Engine, model: str) -> ApiError:
-    return ApiError(
-        f"The model '{model}' does not exist; this node serves '{engine.model_id}'.",
-        status=404,
-        param="model",
-        code="model_not_found",
-    )
 
 
 class ToolSupport:
@@ -100,17 +90,9 @@ class ToolSupport:
 
 async def chat_completions(request: Request, engine: Engine, status: ClusterStatus, tools: ToolSupport,
                            clock: Callable[[], float] = time.time) -> Response:
-    body = await read_json_object(request)
-    try:
-        req = ChatCompletionRequest.model_validate(body)
-    except ValidationError as e:
-        raise validation_error_to_api_error(e) from None
+    req = await parse_body(request, ChatCompletionRequest)
     check_supported(req)
-    if req.model != engine.model_id:
-        raise model_not_found(engine, req.model)
-    admit, reason = status.admits()  # spec A9: a plan that is loading holds the request instead
-    if not admit:
-        raise server_error(f"The cluster is not ready: {reason}")
+    admit(engine, status, req.model)
     check_prompt_chars(sum(len(m.content or "") for m in req.messages), engine.context_length, "messages")
     choice = req.tool_choice_name
     fmt = await tools.format() if choice is not None else None

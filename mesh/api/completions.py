@@ -17,19 +17,18 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.responses import Response
 
-from mesh.api.asgi import server_error
-from mesh.api.chat import model_not_found
 from mesh.api.generation import (
     MAX_CHOICES,
     Choices,
+    admit,
     check_prompt_chars,
     engine_failure,
     guarded,
     max_tokens_for,
-    read_json_object,
+    parse_body,
     respond,
     sse,
 )
@@ -42,7 +41,6 @@ from mesh.api.openai_schema import (
     StopField,
     StreamOptions,
     check_extra_fields,
-    validation_error_to_api_error,
 )
 from mesh.errors import ApiError, MeshError
 from mesh.runtime.engine import ClusterStatus, Engine, Sampled, SamplingParams
@@ -136,17 +134,9 @@ def fim_prompt(engine: Engine, prompt: str, suffix: str) -> str:
 
 async def completions(request: Request, engine: Engine, status: ClusterStatus,
                       clock: Callable[[], float] = time.time) -> Response:
-    body = await read_json_object(request)
-    try:
-        req = CompletionRequest.model_validate(body)
-    except ValidationError as e:
-        raise validation_error_to_api_error(e) from None
+    req = await parse_body(request, CompletionRequest)
     check_completion_fields(req)
-    if req.model != engine.model_id:
-        raise model_not_found(engine, req.model)
-    admit, reason = status.admits()
-    if not admit:
-        raise server_error(f"The cluster is not ready: {reason}")
+    admit(engine, status, req.model)
     vocab_size = len(engine.tokenizer) if hasattr(engine.tokenizer, "__len__") else 2**31
     prompts = req.prompts(vocab_size)
     check_prompt_chars(sum(len(p) for p in prompts if isinstance(p, str)), engine.context_length, "prompt")

@@ -15,15 +15,16 @@ import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
+from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse, Response
 
 from mesh.api.asgi import ClientDisconnected, EventStream, server_error, unless_disconnected
 from mesh.api.textstream import TextStream
 from mesh.errors import ApiError, MeshError, RequestFailed
-from mesh.runtime.engine import Engine, Sampled, SamplingParams
+from mesh.runtime.engine import ClusterStatus, Engine, Sampled, SamplingParams
 
 log = logging.getLogger("mesh.api.app")
 
@@ -72,6 +73,35 @@ async def read_json_object(request: Request) -> dict[str, Any]:
             code="invalid_json",
         )
     return body
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """The body as ``model``; ApiError 400 naming the first bad field (413 when too big)."""
+    from mesh.api.openai_schema import validation_error_to_api_error
+
+    body = await read_json_object(request)
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise validation_error_to_api_error(e) from None
+
+
+def model_not_found(engine: Engine, model: str) -> ApiError:
+    return ApiError(f"The model '{model}' does not exist; this node serves '{engine.model_id}'.",
+                    status=404, param="model", code="model_not_found")
+
+
+def admit(engine: Engine, status: ClusterStatus, model: str) -> None:
+    """404 unless ``model`` is the engine's (spec A15); 503 unless the cluster takes requests
+    now (spec A9: a plan that is loading holds the request instead)."""
+    if model != engine.model_id:
+        raise model_not_found(engine, model)
+    ready, reason = status.admits()
+    if not ready:
+        raise server_error(f"The cluster is not ready: {reason}")
 
 
 def sse(data: dict[str, Any] | str, event: str | None = None) -> bytes:
