@@ -9,7 +9,7 @@ from mesh.tools.publish_text import Selection, _get, _status, _table, caption
 
 def _label(run: dict) -> str:
     options = _get(run, "config", "options") or {}
-    shown = [f"{k}={options[k]}" for k in ("h", "p", "chunk", "topk") if k in options]
+    shown = [f"{k}={options[k]}" for k in ("h", "momentum", "p", "chunk", "topk") if k in options]
     return f"{_get(run, 'config', 'algorithm')}" + (f" ({', '.join(shown)})" if shown else "")
 
 
