@@ -5,7 +5,7 @@
 #   benchmarks/run-all.sh              every benchmark (about an hour on 2 cores)
 #   benchmarks/run-all.sh kernel       one of: bench-matrix kv-replica backends kernel transports
 #                                      placement placement-measured faults formats batching
-#                                      batching-lengths batching-scenarios tensor-parallel gym
+#                                      batching-lengths batching-scenarios tensor-parallel gym grammar
 #
 # Each command appends JSON lines to benchmarks/NAME.jsonl, failed and partial runs included;
 # `python -m mesh publish` shows the records of the newest commit measured on a clean tree.
@@ -54,4 +54,5 @@ want gym && gym --algorithm diloco --option h=100 --option momentum=0.5
 want gym && gym --algorithm sparta
 want gym && gym --algorithm demo
 want gym && gym --algorithm fedavg --option h=50
+want grammar && step "$py" -m mesh bench-grammar --requests 50 --json benchmarks/grammar.jsonl
 "$py" -m mesh publish

@@ -30,6 +30,7 @@ from typing import Any
 
 from mesh.tools.benchstats import Sample, compare, from_block, pick_baseline, sample
 from mesh.tools.publish_batching import render_batching, render_batching_lengths, render_batching_scenarios
+from mesh.tools.publish_grammar import render_grammar
 from mesh.tools.publish_gym import render_gym
 from mesh.tools.publish_text import (  # noqa: F401  (this module's surface)
     Selection,
@@ -394,6 +395,7 @@ RENDERERS: dict[str, Callable[[Selection, str], str]] = {
     "batching-scenarios": render_batching_scenarios,
     "tensor-parallel": render_tensor_parallel,
     "gym": render_gym,
+    "grammar": render_grammar,
 }
 
 
