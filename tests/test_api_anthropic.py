@@ -139,6 +139,12 @@ async def test_forced_tool_choice() -> None:
                                          tool_choice={"type": "tool", "name": "get_weather"},
                                          messages=[{"role": "user", "content": "Rome?"}])
     assert reply.content[0].type == "tool_use" and reply.content[0].input == {"city": "Rome"}
+    async with client.messages.stream(model=MODEL, max_tokens=50, tools=[WEATHER],
+                                      tool_choice={"type": "tool", "name": "get_weather"},
+                                      messages=[{"role": "user", "content": "Rome?"}]) as stream:
+        kinds = [event.type async for event in stream]
+        final = await stream.get_final_message()
+    assert kinds[1] == "content_block_start" and final.content[0].input == {"city": "Rome"}
 
 
 @pytest.mark.spec("A25")
@@ -177,6 +183,10 @@ async def test_sdk_raises_typed_errors_and_api_key_header_works() -> None:
         await wrong.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "x"}])
     ok = await client.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "x"}])
     assert ok.content[0].text == "ok"
+    app = create_app(engine_saying("ok"), FakeStatus(), api_key="secret")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        r = await http.post("/v1/messages", headers={"x-api-key": "bad"}, json={})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
 
 
 @pytest.mark.spec("A25")

@@ -142,6 +142,14 @@ async def test_a_named_tool_choice_prefills_the_call() -> None:
     call = reply.choices[0].message.tool_calls[0]
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Oslo"}
     assert prompt_of(engine).endswith('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": ')
+    # streamed: the call's first fragment (id, type, name) comes first, though the prefill named it
+    raw = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Oslo?"}], tools=[WEATHER], stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    fragments = [f async for chunk in raw for c in chunk.choices for f in (c.delta.tool_calls or [])]
+    assert fragments[0].id is not None and fragments[0].function.name == "get_weather"
+    assert all(f.id is None for f in fragments[1:])
+    assert json.loads("".join(f.function.arguments or "" for f in fragments)) == {"city": "Oslo"}
 
 
 @pytest.mark.spec("A22")
@@ -177,6 +185,19 @@ async def test_a_template_without_tool_support_is_a_precise_400() -> None:
     assert named.value.param == "tool_choice"
 
 
+@pytest.mark.spec("A21", "A2")
+async def test_odd_model_output_is_parsed_not_a_503() -> None:
+    engine = engine_saying('<tool_call>\n{"name": "a\\qb\tc", "arguments": {"x": "\\z"}}\n</tool_call>')
+    reply = await openai_for(engine).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], tools=[WEATHER])
+    call = reply.choices[0].message.tool_calls[0]
+    assert call.function.name == "a\\qb\tc" and call.function.arguments == '{"x": "\\z"}'
+    nameless = ToolStream(FORMATS["harmony"])
+    nameless.feed("<|channel|>commentary to=functions. <|constrain|>json<|message|>{}<|call|>")
+    nameless.finish()
+    assert [(c.name, c.arguments) for c in nameless.calls] == [("", "{}")]
+
+
 SAMPLES = {
     "hermes": (TWO_CALLS, "I will look both up.", [("get_weather", {"city": "Paris", "units": ["metric", {"round": True}]}),
                                                    ("get_time", {"zone": "Europe/Paris"})]),
@@ -184,6 +205,8 @@ SAMPLES = {
                [("f", {"a": 1, "s": "x}"}), ("g", {})]),
     "mistral": ('[TOOL_CALLS][{"name": "a", "arguments": {"q": [1, 2]}}, {"name": "b", "arguments": "{\\"z\\": 2}"}]',
                 "", [("a", {"q": [1, 2]}), ("b", {"z": 2})]),
+    "hermes-scalar": ('<tool_call>\n{"name": "s", "arguments": true }\n</tool_call><tool_call>{"name": "t"', "",
+                      [("s", True), ("t", {})]),
     "harmony": ('<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>commentary '
                 'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>', "",
                 [("get_weather", {"city": "Paris"})]),
@@ -195,7 +218,7 @@ SAMPLES = {
 @given(fmt=st.sampled_from(sorted(SAMPLES)), cuts=st.lists(st.integers(0, 400), max_size=30))
 def test_every_format_parses_alike_however_the_text_is_split(fmt: str, cuts: list[int]) -> None:
     text, content, calls = SAMPLES[fmt]
-    stream = ToolStream(FORMATS[fmt])
+    stream = ToolStream(FORMATS[fmt.split("-")[0]])
     got_content = ""
     args: dict[int, str] = {}
     bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
@@ -408,3 +431,7 @@ async def test_completion_logprobs_with_offsets() -> None:
                 offsets += c.logprobs.text_offset
                 tokens += c.logprobs.tokens
     assert tokens == lp.tokens and offsets == lp.text_offset
+    # a character split over byte tokens: its tokens start where it does, the next after it
+    toy = FakeEngine(script=list("éa".encode()), model_id=MODEL)
+    split = (await openai_for(toy).completions.create(model=MODEL, prompt="x", logprobs=0)).choices[0]
+    assert split.text == "éa" and split.logprobs.text_offset == [0, 0, 1]

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.errors import ApiError, FrameError
-from mesh.runtime.engine import SamplingParams
+from mesh.runtime.engine import SamplingParams, schema_grammar
 from mesh.runtime.grammar import Grammars
 from mesh.runtime.messages import Forward
 from mesh.runtime.sampling import sample
@@ -77,11 +77,23 @@ def test_a_matcher_is_rebuilt_from_the_tokens_generated_so_far() -> None:
 
 
 @pytest.mark.spec("A27")
-def test_a_schema_that_cannot_compile_is_a_400() -> None:
+def test_a_schema_that_cannot_compile_or_is_too_big_is_a_400() -> None:
     for bad in ('{"type": "objectz"}', "not json", "[1]"):
         with pytest.raises(ApiError) as err:
-            SamplingParams(max_tokens=5, json_schema=bad)
+            schema_grammar(bad)
         assert err.value.status == 400 and err.value.param == "response_format"
+    huge = json.dumps({"type": "object", "description": "x" * (256 * 1024)})
+    with pytest.raises(ApiError) as err:
+        SamplingParams(max_tokens=5, json_schema=huge)
+    assert err.value.status == 400 and "at most" in err.value.message
+
+
+@pytest.mark.spec("A27")
+def test_logits_longer_than_the_vocabulary_are_masked_past_it() -> None:
+    logits = np.zeros(len(TOKENIZER) + 64, dtype=np.float32)  # a head padded past the tokenizer (Qwen)
+    masked = Grammars(lambda: TOKENIZER).constrain("p", TEXT, [], logits)
+    assert masked.shape == logits.shape and np.isneginf(masked[len(TOKENIZER):]).all()
+    assert np.isfinite(masked[:len(TOKENIZER)]).any()
 
 
 @pytest.mark.spec("A27")

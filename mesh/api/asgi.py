@@ -116,6 +116,10 @@ class ApiKeyCheck:
             else "You didn't provide an API key. Send it in an Authorization header using "
             "Bearer auth (Authorization: Bearer YOUR_KEY)."
         )
+        if scope["path"].startswith("/v1/messages"):  # Anthropic's API answers in Anthropic's error shape
+            body = {"type": "error", "error": {"type": "authentication_error", "message": message}}
+            await JSONResponse(body, status_code=401)(scope, receive, send)
+            return
         error = ApiError(message, status=401, code="invalid_api_key")
         await error_response(error, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
 

@@ -33,7 +33,7 @@ from mesh.api.logprobs import Spelling, chat_logprobs
 from mesh.api.openai_schema import ChatCompletionRequest, check_supported
 from mesh.api.toolcalls import ToolFormat, ToolStream, detect_format
 from mesh.errors import ApiError, MeshError
-from mesh.runtime.engine import ClusterStatus, Engine, Sampled, SamplingParams
+from mesh.runtime.engine import ClusterStatus, Engine, Sampled, SamplingParams, schema_grammar
 
 log = logging.getLogger("mesh.api.app")
 
@@ -107,6 +107,9 @@ async def chat_completions(request: Request, engine: Engine, status: ClusterStat
             prompt_ids = prompt_ids + await asyncio.to_thread(engine.encode, prefill, add_special_tokens=False)
     except MeshError as e:
         raise engine_failure(e) from None
+    schema = req.response_format.schema_text() if req.response_format is not None else None
+    if schema is not None:  # spec A27: compiled once here, off the event loop, so a bad one is a 400
+        await asyncio.to_thread(schema_grammar, schema)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     params = SamplingParams(
         max_tokens=max_tokens_for(req.requested_max_tokens, param, len(prompt_ids), engine.context_length),
@@ -115,7 +118,7 @@ async def chat_completions(request: Request, engine: Engine, status: ClusterStat
         seed=req.seed,
         ignore_eos=bool(req.ignore_eos),
         logprobs=req.logprobs_k,
-        json_schema=req.response_format.schema_text() if req.response_format is not None else None,
+        json_schema=schema,
     )
     n = req.n or 1
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -143,7 +146,7 @@ async def chat_completions(request: Request, engine: Engine, status: ClusterStat
                 if parser.calls:
                     message["tool_calls"] = [c.to_openai() for c in parser.calls]
             out.append({"index": i, "message": message,
-                        "logprobs": chat_logprobs(spelling, choices.items[i].sampled),
+                        "logprobs": chat_logprobs(spelling, [t for t, _ in choices.items[i].sampled]),
                         "finish_reason": _finish(choices, i, parser)})
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": engine.model_id,
                 "choices": out, "usage": choices.usage, "system_fingerprint": None}
@@ -190,7 +193,7 @@ async def _events(choices: Choices, parsers: list[ToolStream | None], shape: _Sh
     for i in range(len(choices.items)):
         yield shape.chunk(i, {"role": "assistant", "content": ""})
     async for i, piece, sampled in choices.events():
-        shape.pending.setdefault(i, []).extend(sampled)
+        shape.pending.setdefault(i, []).extend(t for t, _ in sampled)
         parser = parsers[i]
         if piece is None:
             if parser is not None:

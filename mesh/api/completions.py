@@ -181,21 +181,18 @@ async def completions(request: Request, engine: Engine, status: ClusterStatus,
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     spelling = Spelling(engine.tokenizer) if req.logprobs is not None else None
 
-    def logprobs(tokens: list[Sampled], offset: int) -> dict[str, Any] | None:
+    def logprobs(tokens: list[tuple[Sampled, int]], offset: int) -> dict[str, Any] | None:
         return spelling.completion(tokens, offset) if spelling is not None else None
 
     async def collect() -> dict[str, Any]:
         texts = await choices.collect()
         return {**head, "system_fingerprint": None, "usage": choices.usage, "choices": [
-            {"text": echoes[i] + text, "index": i, "logprobs": logprobs(choices.items[i].sampled, 0),
+            {"text": echoes[i] + text, "index": i, "logprobs": logprobs(choices.items[i].sampled, len(echoes[i])),
              "finish_reason": choices.items[i].finish_reason}
             for i, text in enumerate(texts)]}
 
-    offsets = [0] * len(choices.items)
-
-    def chunk(i: int, text: str, finish: str | None = None, tokens: list[Sampled] | None = None) -> bytes:
-        lp = logprobs(tokens, offsets[i]) if tokens else None
-        offsets[i] += len(text)
+    def chunk(i: int, text: str, finish: str | None = None, tokens: list[tuple[Sampled, int]] | None = None) -> bytes:
+        lp = logprobs(tokens, len(echoes[i])) if tokens else None
         event: dict[str, Any] = {**head, "choices": [
             {"text": text, "index": i, "logprobs": lp, "finish_reason": finish}]}
         if include_usage:
@@ -206,7 +203,7 @@ async def completions(request: Request, engine: Engine, status: ClusterStatus,
         for i, echo in enumerate(echoes):
             if echo:
                 yield chunk(i, echo)
-        pending: dict[int, list[Sampled]] = {}
+        pending: dict[int, list[tuple[Sampled, int]]] = {}
         async for i, piece, sampled in choices.events():
             pending.setdefault(i, []).extend(sampled)
             if piece is None:

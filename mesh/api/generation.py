@@ -179,9 +179,11 @@ class Generation:
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.stop_string: str | None = None
-        # spec A26: the tokens with logprobs consumed so far (not EOS), and those since the last take
-        self.sampled: list[Sampled] = []
+        # spec A26: the tokens with logprobs consumed so far (not EOS) with their text offsets,
+        # and those since the last take; ``emitted``: characters of text sent so far
+        self.sampled: list[tuple[Sampled, int]] = []
         self._untaken = 0
+        self.emitted = 0
         self._first: int | None = None
         self._started = False
         self._tokens = engine.generate(prompt_ids, params)
@@ -200,6 +202,11 @@ class Generation:
 
     async def pieces(self) -> AsyncGenerator[str, None]:
         """Text pieces to send, possibly empty; sets ``finish_reason`` before the last."""
+        async for piece in self._pieces():
+            self.emitted += len(piece)
+            yield piece
+
+    async def _pieces(self) -> AsyncGenerator[str, None]:
         await self.start()
         token = self._first
         while True:
@@ -209,7 +216,9 @@ class Generation:
                 return
             self.completion_tokens += 1
             if isinstance(token, Sampled) and token not in self._eos:
-                self.sampled.append(token)
+                # spec A26: its text starts where the text sent so far ends (a character still
+                # held for its next bytes starts there too)
+                self.sampled.append((token, self.emitted))
             if token in self._eos:
                 self.finish_reason = "stop"
                 yield self._text.finish()
@@ -227,8 +236,9 @@ class Generation:
             yield piece
             token = await self._next_token()
 
-    def take_sampled(self) -> list[Sampled]:
-        """The tokens with logprobs consumed since the last call (spec A26)."""
+    def take_sampled(self) -> list[tuple[Sampled, int]]:
+        """The tokens with logprobs consumed since the last call, each with the character
+        offset of its text in the choice's text (spec A26)."""
         out = self.sampled[self._untaken:]
         self._untaken = len(self.sampled)
         return out
@@ -261,7 +271,7 @@ class Choices:
         self._distinct_prompts = {id(p): len(p) for p in prompts}
         self._tasks: list[asyncio.Task[None]] = []
         self._first: list[asyncio.Future[None]] = []
-        self._queue: asyncio.Queue[tuple[int, object, list[Sampled]]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[int, object, list[tuple[Sampled, int]]]] = asyncio.Queue()
 
     @classmethod
     def fan_out(cls, engine: Engine, prompts: list[list[int]], params: SamplingParams, n: int,
@@ -306,7 +316,7 @@ class Choices:
             if isinstance(exc, asyncio.CancelledError):
                 raise
 
-    async def events(self) -> AsyncIterator[tuple[int, str | None, list[Sampled]]]:
+    async def events(self) -> AsyncIterator[tuple[int, str | None, list[tuple[Sampled, int]]]]:
         """``(index, piece, sampled)`` as pieces arrive, ``(index, None, sampled)`` when choice
         ``index`` ends; ``sampled``: the tokens with logprobs behind the piece (spec A26; empty
         without logprobs). Raises the first failure of any choice."""

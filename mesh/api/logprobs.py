@@ -40,16 +40,14 @@ class Spelling:
         text = self.text(token)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", errors="replace"))}
 
-    def completion(self, tokens: list[Sampled], offset: int) -> dict[str, Any]:
+    def completion(self, tokens: list[tuple[Sampled, int]], offset: int) -> dict[str, Any]:
         """Legacy-completion ``logprobs``: per token its text, logprob, ``{text: logprob}`` of
-        the alternatives, and its character offset in the choice's text (from ``offset``)."""
-        texts = [self.text(int(t)) for t in tokens]
-        offsets = []
-        for text in texts:
-            offsets.append(offset)
-            offset += len(text)
-        return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
-                "top_logprobs": [{self.text(i): lp for i, lp in t.top} for t in tokens], "text_offset": offsets}
+        the alternatives, and the character offset in the choice's text where its text starts
+        (recorded as the text was sent, so a character split over byte tokens is counted once;
+        ``offset``: characters before the generated text, an echoed prompt)."""
+        return {"tokens": [self.text(int(t)) for t, _ in tokens], "token_logprobs": [t.logprob for t, _ in tokens],
+                "top_logprobs": [{self.text(i): lp for i, lp in t.top} for t, _ in tokens],
+                "text_offset": [offset + at for _, at in tokens]}
 
 
 def chat_logprobs(spelling: Spelling | None, tokens: list[Sampled]) -> dict[str, Any] | None:

@@ -251,6 +251,9 @@ class CallScanner:
             if self._value_kind is not None and new_depth == self._value_depth and depth > self._value_depth:
                 self._value_kind = None  # a container value ended
             elif ch == "}" and depth == self._call_depth and self._scan is not None:
+                if self._value_kind == "args" and args_piece:  # a number or literal ended by the "}"
+                    self._stream.call_args(self._scan, "".join(args_piece), final=True)
+                    args_piece.clear()
                 self._value_kind = None
                 self._stream.call_end(self._scan)
                 self._scan = None
@@ -267,10 +270,10 @@ class CallScanner:
         if depth != self._call_depth or self._scan is None:
             return
         if self._expect_key and self._value_kind is None:
-            self._key = json.loads(f'"{self._string}"') if "\\" in self._string else self._string
+            self._key = _unescape(self._string)
             self._expect_key = False
         elif self._value_kind == "name" and self._value_depth == depth:
-            self._stream.call_name(self._scan, json.loads(f'"{self._string}"'))
+            self._stream.call_name(self._scan, _unescape(self._string))
             self._value_kind = None
         elif self._value_kind in ("args", "other") and self._value_depth == depth:
             self._value_kind = None  # a string value ended (feed() flushes an arguments string)
@@ -281,6 +284,17 @@ class CallScanner:
         self._expect_key = True
         self._key = None
         self._value_kind = None
+
+
+def _unescape(raw: str) -> str:
+    """A JSON string's body as text; the raw body when the model wrote an invalid escape."""
+    if "\\" not in raw and '"' not in raw:
+        return raw
+    try:
+        value = json.loads(f'"{raw}"', strict=False)
+    except ValueError:
+        return raw
+    return value if isinstance(value, str) else raw
 
 
 class ToolStream:
@@ -302,9 +316,8 @@ class ToolStream:
         self._harmony: _HarmonyCall | None = None
         self._llama_head = ""  # llama3: text before we know whether the answer is calls
         self._llama_mode: str | None = None
-        if prefill:  # a call the prefill opens is sent; text it adds to the content is not
-            self.feed(prefill)
-            self._delta.content = ""
+        if prefill:  # a call the prefill opens is sent (its first fragment too); its content is not
+            self._delta = Delta(calls=self.feed(prefill).calls)
 
     # -- what scanners report -------------------------------------------------------------
 
@@ -365,8 +378,9 @@ class ToolStream:
             for event in events:
                 self._event(event)
         for call in self.calls:
-            if not call.arguments:
+            if not call.arguments:  # a call cut short: its arguments are an empty object, sent as one
                 call.arguments = "{}"
+                self._delta.calls.append((call, False, "{}"))
         return self._take()
 
     def _take(self) -> Delta:
@@ -444,7 +458,8 @@ class _HarmonyCall:
                 return
             header, _, text = self._head.partition(marker)
             scan = _Scan()
-            self._stream.call_name(scan, header.split("<|")[0].split()[0] if header.split() else "")
+            words = header.split("<|")[0].split()
+            self._stream.call_name(scan, words[0] if words else "")
             self._scan = scan
         self._stream.call_args(self._scan, text, final=False)
 

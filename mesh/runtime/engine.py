@@ -14,12 +14,14 @@ from typing import Any, Protocol, runtime_checkable
 from mesh.errors import ApiError
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_SCHEMA_CHARS = 256 * 1024  # a JSON schema travels with every step of its request (spec A27)
 _GRAMMAR_OPTIONS = {"whitespace_flexible": False}  # compact JSON: no run of whitespace to wander into
 
 
 def schema_grammar(schema_text: str) -> str:
     """The llguidance grammar of a JSON schema (its JSON text). Raises ApiError 400 (param
-    ``response_format``) naming the problem when the schema cannot be compiled."""
+    ``response_format``) naming the problem when the schema cannot be compiled. CPU work
+    (milliseconds, more for a large schema): call it off the event loop."""
     import llguidance
 
     try:
@@ -65,8 +67,9 @@ class SamplingParams:
             raise ApiError("temperature must be between 0 and 2", param="temperature")
         if not 0.0 < self.top_p <= 1.0:
             raise ApiError("top_p must be in (0, 1]", param="top_p")
-        if self.json_schema is not None:
-            schema_grammar(self.json_schema)  # spec A27: a schema that cannot be compiled is a 400 here
+        if self.json_schema is not None and len(self.json_schema) > MAX_SCHEMA_CHARS:
+            raise ApiError(f"The JSON schema is {len(self.json_schema)} characters; mesh takes at most "
+                           f"{MAX_SCHEMA_CHARS}.", param="response_format", code="invalid_value")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ApiError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
 

@@ -73,7 +73,12 @@ class Grammars:
         lnp.fill_next_token_bitmask(matcher, mask, 0)
         if matcher.is_error():
             raise RequestFailed(f"constrained decoding failed: {matcher.get_error()}")
-        allowed = np.unpackbits(mask[0].view(np.uint8), bitorder="little")[: len(logits)].astype(bool)
+        # the logits may be longer than the tokenizer (Qwen pads its head past its vocabulary):
+        # ids the tokenizer does not have are never allowed
+        bits = np.unpackbits(mask[0].view(np.uint8), bitorder="little")
+        allowed = np.zeros(len(logits), dtype=bool)
+        n = min(len(logits), self._lltok.vocab_size)
+        allowed[:n] = bits[:n].astype(bool)
         if not allowed.any():
             raise RequestFailed("constrained decoding: the schema allows no next token")
         return np.where(allowed, logits, np.float32(-np.inf)).astype(np.float32, copy=False)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh.errors import FrameError
-from mesh.runtime.engine import MAX_TOP_LOGPROBS, Sampled
+from mesh.runtime.engine import MAX_SCHEMA_CHARS, MAX_TOP_LOGPROBS, Sampled
 from mesh.runtime.prefix import MAX_KEYS
 from mesh.wire import Message, WireTensor
 
@@ -206,9 +206,6 @@ class Token:
             token = _sampled(token, body["lp"])
         return cls(req=_req(body), step=_int(body, "step"), token=token, timing=_timing(body.get("t")),
                    cached=_int(body, "cached") if "cached" in body else 0)
-
-
-MAX_SCHEMA_CHARS = 256 * 1024
 
 
 def _grammar(value: Any) -> list[Any]:
