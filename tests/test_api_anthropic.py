@@ -145,6 +145,10 @@ async def test_forced_tool_choice() -> None:
         kinds = [event.type async for event in stream]
         final = await stream.get_final_message()
     assert kinds[1] == "content_block_start" and final.content[0].input == {"city": "Rome"}
+    one = await client_for(engine_saying(CALL)).messages.create(
+        model=MODEL, max_tokens=200, tools=[WEATHER], messages=[{"role": "user", "content": "Weather?"}],
+        tool_choice={"type": "auto", "disable_parallel_tool_use": True})
+    assert [b.input["city"] for b in one.content if b.type == "tool_use"] == ["Paris"]
 
 
 @pytest.mark.spec("A25")

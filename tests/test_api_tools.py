@@ -116,6 +116,19 @@ async def test_streamed_parallel_calls_accumulate_in_the_sdk() -> None:
 
 
 @pytest.mark.spec("A21")
+async def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
+    client = openai_for(engine_saying(TWO_CALLS))
+    reply = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], tools=[WEATHER, TIME], parallel_tool_calls=False)
+    assert [c.function.name for c in reply.choices[0].message.tool_calls] == ["get_weather"]
+    raw = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], tools=[WEATHER, TIME], parallel_tool_calls=False,
+        stream=True)
+    fragments = [f async for chunk in raw for c in chunk.choices for f in (c.delta.tool_calls or [])]
+    assert {f.index for f in fragments} == {0}
+
+
+@pytest.mark.spec("A21")
 async def test_a_tool_round_trip_renders_calls_and_results() -> None:
     engine = engine_saying("It is sunny in Paris.")
     client = openai_for(engine)
@@ -205,6 +218,8 @@ SAMPLES = {
                [("f", {"a": 1, "s": "x}"}), ("g", {})]),
     "mistral": ('[TOOL_CALLS][{"name": "a", "arguments": {"q": [1, 2]}}, {"name": "b", "arguments": "{\\"z\\": 2}"}]',
                 "", [("a", {"q": [1, 2]}), ("b", {"z": 2})]),
+    "mistral-v11": ('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "x": "[TOOL"}[TOOL_CALLS]get_time[ARGS]{}', "",
+                    [("get_weather", {"city": "Paris", "x": "[TOOL"}), ("get_time", {})]),
     "hermes-scalar": ('<tool_call>\n{"name": "s", "arguments": true }\n</tool_call><tool_call>{"name": "t"', "",
                       [("s", True), ("t", {})]),
     "harmony": ('<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>commentary '

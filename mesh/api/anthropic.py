@@ -279,7 +279,8 @@ async def _messages(request: Request, engine: Engine, status: ClusterStatus, too
                                   keep_special=fmt is not None)
     except MeshError as e:
         raise engine_failure(e) from None
-    parser = ToolStream(fmt, prefill, id_prefix="toolu_") if fmt is not None else None
+    one = 1 if req.tool_choice is not None and req.tool_choice.disable_parallel_tool_use else None
+    parser = ToolStream(fmt, prefill, id_prefix="toolu_", max_calls=one) if fmt is not None else None
     model = engine.model_id
 
     def stop_reason() -> tuple[str, str | None]:

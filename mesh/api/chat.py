@@ -129,7 +129,8 @@ async def chat_completions(request: Request, engine: Engine, status: ClusterStat
         raise engine_failure(e) from None
     log.info("%s: %d prompt tokens, n %d, max_tokens %d, stream %s, tools %s", completion_id, len(prompt_ids),
              n, params.max_tokens, bool(req.stream), fmt.name if fmt else None)
-    parsers = [ToolStream(fmt, prefill) if fmt is not None else None for _ in range(n)]
+    one = 1 if req.parallel_tool_calls is False else None  # spec A21: only the first call is kept
+    parsers = [ToolStream(fmt, prefill, max_calls=one) if fmt is not None else None for _ in range(n)]
     spelling = Spelling(engine.tokenizer) if req.logprobs else None
     shape = _Shape(completion_id, created, engine.model_id, req.include_usage, spelling)
 

@@ -45,7 +45,6 @@ HARMLESS_FIELDS = frozenset(
         "metadata",
         "store",
         "service_tier",
-        "parallel_tool_calls",
         "safety_identifier",
         "prompt_cache_key",
         "prompt_cache_retention",
@@ -277,6 +276,7 @@ class ChatCompletionRequest(BaseModel):
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[ToolSpec] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
     stream_options: StreamOptions | None = None
     # vLLM's extension: keep generating past end-of-sequence (benchmarks need exact lengths).
     ignore_eos: StrictBool | None = None

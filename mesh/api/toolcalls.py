@@ -171,6 +171,7 @@ class _Scan:
     args_is_string: bool = False
     call: ToolCall | None = None
     sent: int = 0
+    skip: bool = False  # a call past ``max_calls``: parsed, never sent
 
 
 class CallScanner:
@@ -278,6 +279,9 @@ class CallScanner:
         elif self._value_kind in ("args", "other") and self._value_depth == depth:
             self._value_kind = None  # a string value ended (feed() flushes an arguments string)
 
+    def close(self) -> None:
+        """The region ended (nothing to do: a call ends with its object)."""
+
     def _open_call(self, depth: int) -> None:
         self._scan = _Scan()
         self._call_depth = depth
@@ -303,17 +307,20 @@ class ToolStream:
     ``fmt``: the model's format; ``prefill``: text already placed after the generation prompt
     (``ToolFormat.prefill``), parsed as if generated but never sent as content. ``feed(text)``
     and ``finish()`` return a ``Delta``; ``calls`` holds the calls parsed so far;
-    ``id_prefix`` starts every call id (``call_`` for OpenAI, ``toolu_`` for Anthropic).
+    ``id_prefix`` starts every call id (``call_`` for OpenAI, ``toolu_`` for Anthropic);
+    ``max_calls``: calls past this many are dropped (``parallel_tool_calls: false`` is 1).
     """
 
-    def __init__(self, fmt: ToolFormat, prefill: str = "", *, id_prefix: str = "call_") -> None:
+    def __init__(self, fmt: ToolFormat, prefill: str = "", *, id_prefix: str = "call_",
+                 max_calls: int | None = None) -> None:
         self.fmt = fmt
+        self._max_calls = max_calls
         self.calls: list[ToolCall] = []
         self._id_prefix = id_prefix
         self._delta = Delta()
         self._parser = ResponseParser(fmt.template, prefix="") if fmt.template is not None else None
-        self._scanner: CallScanner | None = None
-        self._harmony: _HarmonyCall | None = None
+        self._scanner: CallScanner | None = None  # llama3's whole answer
+        self._body: CallScanner | _HarmonyCall | _MistralCalls | None = None  # the open call region's
         self._llama_head = ""  # llama3: text before we know whether the answer is calls
         self._llama_mode: str | None = None
         if prefill:  # a call the prefill opens is sent (its first fragment too); its content is not
@@ -346,9 +353,12 @@ class ToolStream:
             scan.call.arguments = "{}"
 
     def _flush(self, scan: _Scan) -> None:
-        if scan.name is None or scan.args_is_string:
+        if scan.name is None or scan.args_is_string or scan.skip:
             return  # the header goes first, and a string's JSON is sent once unwrapped
         start = scan.call is None
+        if start and self._max_calls is not None and len(self.calls) >= self._max_calls:
+            scan.skip = True
+            return
         if start:
             scan.call = ToolCall(len(self.calls), new_call_id(self._id_prefix), scan.name)
             self.calls.append(scan.call)
@@ -396,23 +406,22 @@ class ToolStream:
                 if kind == "region_close":
                     self._whole_calls(event.get("value"))
             elif kind == "region_open":
-                self._scanner = CallScanner(self) if self.fmt.name != "harmony" else None
-                self._harmony = _HarmonyCall(self) if self.fmt.name == "harmony" else None
-            elif kind == "region_chunk":
-                if self._scanner is not None:
-                    self._scanner.feed(event.get("text") or "")
-                elif self._harmony is not None:
-                    self._harmony.feed(event.get("text") or "")
+                self._body = (_HarmonyCall(self) if self.fmt.name == "harmony" else
+                              _MistralCalls(self) if self.fmt.name == "mistral" else CallScanner(self))
+            elif kind == "region_chunk" and self._body is not None:
+                self._body.feed(event.get("text") or "")
             elif kind == "region_close":
-                if self._harmony is not None:
-                    self._harmony.close()
-                self._scanner = self._harmony = None
+                if self._body is not None:
+                    self._body.close()
+                self._body = None
 
     def _whole_calls(self, value: Any) -> None:
         for item in value if isinstance(value, list) else [value]:
             fn = item.get("function", item) if isinstance(item, dict) else None
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
                 continue
+            if self._max_calls is not None and len(self.calls) >= self._max_calls:
+                return
             args = fn.get("arguments", {})
             text = args if isinstance(args, str) else json.dumps(args)
             call = ToolCall(len(self.calls), new_call_id(self._id_prefix), fn["name"], text)
@@ -440,6 +449,66 @@ class ToolStream:
             self._scanner.feed(text)
         else:
             self._delta.content += text
+
+
+class _MistralCalls:
+    """Mistral's call region after ``[TOOL_CALLS]``: a JSON list of calls (v3 tokenizers), or
+    ``NAME[ARGS]{...}`` calls each opened by ``[TOOL_CALLS]`` (v11 and later)."""
+
+    ARGS, NEXT = "[ARGS]", "[TOOL_CALLS]"
+
+    def __init__(self, stream: ToolStream) -> None:
+        self._stream = stream
+        self._json: CallScanner | None = None
+        self._head = ""  # v11: the name, until [ARGS]
+        self._tail = ""  # v11: argument text held while it may be the start of [TOOL_CALLS]
+        self._scan: _Scan | None = None
+        self._v11: bool | None = None
+
+    def feed(self, text: str) -> None:
+        if self._v11 is None:
+            self._head += text
+            first = self._head.lstrip()[:1]
+            if not first:
+                return
+            self._v11 = first not in "[{"
+            text, self._head = self._head, ""
+            if not self._v11:
+                self._json = CallScanner(self._stream)
+        if self._json is not None:
+            self._json.feed(text)
+            return
+        self._v11_feed(text)
+
+    def _v11_feed(self, text: str) -> None:
+        while text:
+            if self._scan is None:  # reading a name
+                self._head += text
+                name, found, text = self._head.partition(self.ARGS)
+                if not found:
+                    return
+                self._head = ""
+                self._scan = _Scan()
+                self._stream.call_name(self._scan, name.replace(self.NEXT, "").strip())
+                continue
+            buffer = self._tail + text
+            at = buffer.find(self.NEXT)
+            if at >= 0:  # this call's arguments end, the next call begins
+                self._stream.call_args(self._scan, buffer[:at].rstrip(), final=True)
+                self._stream.call_end(self._scan)
+                self._scan, self._tail, text = None, "", buffer[at + len(self.NEXT):]
+                continue
+            keep = next((k for k in range(min(len(buffer), len(self.NEXT) - 1), 0, -1)
+                         if self.NEXT.startswith(buffer[-k:])), 0)
+            self._stream.call_args(self._scan, buffer[:len(buffer) - keep], final=False)
+            self._tail = buffer[len(buffer) - keep:]
+            return
+
+    def close(self) -> None:
+        if self._scan is not None:
+            self._stream.call_args(self._scan, self._tail.rstrip(), final=True)
+            self._stream.call_end(self._scan)
+            self._scan = None
 
 
 class _HarmonyCall:
