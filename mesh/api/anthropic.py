@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from typing import Annotated, Any, Literal
 
 from fastapi import Request
@@ -254,8 +253,7 @@ async def _prompt(req: MessagesRequest, engine: Engine, tools: ToolSupport) -> t
     return ids, fmt, prefill
 
 
-async def messages(request: Request, engine: Engine, status: ClusterStatus, tools: ToolSupport,
-                   clock: Callable[[], float] = time.time) -> Response:
+async def messages(request: Request, engine: Engine, status: ClusterStatus, tools: ToolSupport) -> Response:
     try:
         return await _messages(request, engine, status, tools)
     except ApiError as e:

@@ -181,7 +181,7 @@ def create_app(
 
     @app.post("/v1/messages")
     async def anthropic_messages(request: Request) -> Response:
-        return await messages(request, engine, status, tools, clock)
+        return await messages(request, engine, status, tools)
 
     @app.post("/v1/messages/count_tokens")
     async def anthropic_count_tokens(request: Request) -> Response:

@@ -21,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from starlette.responses import Response
 
 from mesh.api.generation import (
-    MAX_CHOICES,
     Choices,
     admit,
     check_prompt_chars,
@@ -35,6 +34,7 @@ from mesh.api.generation import (
 from mesh.api.logprobs import Spelling
 from mesh.api.openai_schema import (
     HARMLESS_FIELDS,
+    MAX_CHOICES,
     NEUTRAL_VALUES,
     SEED_MAX,
     SEED_MIN,

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse, Response
 
 from mesh.api.asgi import ClientDisconnected, EventStream, server_error, unless_disconnected
+from mesh.api.openai_schema import validation_error_to_api_error
 from mesh.api.textstream import TextStream
 from mesh.errors import ApiError, MeshError, RequestFailed
 from mesh.runtime.engine import ClusterStatus, Engine, Sampled, SamplingParams
@@ -29,7 +30,6 @@ from mesh.runtime.engine import ClusterStatus, Engine, Sampled, SamplingParams
 log = logging.getLogger("mesh.api.app")
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
-MAX_CHOICES = 16  # choices per request (n, or n times the prompts of /v1/completions)
 MAX_CHARS_PER_TOKEN = 64  # a token is never longer than this many characters in practice
 SEED_MASK = 2**64
 
@@ -80,8 +80,6 @@ M = TypeVar("M", bound=BaseModel)
 
 async def parse_body(request: Request, model: type[M]) -> M:
     """The body as ``model``; ApiError 400 naming the first bad field (413 when too big)."""
-    from mesh.api.openai_schema import validation_error_to_api_error
-
     body = await read_json_object(request)
     try:
         return model.model_validate(body)

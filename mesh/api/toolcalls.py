@@ -141,9 +141,6 @@ class Delta:
     content: str = ""
     calls: list[tuple[ToolCall, bool, str]] = field(default_factory=list)  # (call, start, argument text)
 
-    def __bool__(self) -> bool:
-        return bool(self.content or self.calls)
-
     def openai_tool_calls(self) -> list[dict[str, Any]]:
         """The ``delta.tool_calls`` list of a chat-completion chunk (OpenAI's format: an
         integer ``index`` on every fragment, ``id``, ``type`` and ``function.name`` on the first)."""
