@@ -15,6 +15,7 @@ from mesh.placement.costmodel import PlacementPlan, StagePlan
 from mesh.placement.pipeline import ModelSize, Plan, Stage, place_by_roles
 from mesh.placement.planner import runtime_plan
 from mesh.runtime.engine import SamplingParams
+from mesh.runtime.request_core import Timeouts
 from mesh.testing.minicluster import PROMPT, MiniCluster, reference_tokens, run_request
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
@@ -73,11 +74,13 @@ def test_a_solver_plan_with_roles_maps_to_the_runtime_plan() -> None:
 
 def _run(n: int, prefill: int, params: SamplingParams, *, coordinator: str = "m0", drop: set[str] | None = None,
          loss: float = 0.0, duplicate: float = 0.0, seed: int = 0, replica: int = 0,
-         kill: str | None = None) -> tuple[list[int], MiniCluster, dict[str, int]]:
+         kill: str | None = None, send_s: float = 1.0) -> tuple[list[int], MiniCluster, dict[str, int]]:
     """Generate on an n-member cluster whose first ``prefill`` members prefill; returns the
-    tokens, the cluster and the positions each member's stage computed (before any kill)."""
+    tokens, the cluster and the positions each member's stage computed (before any kill).
+    ``send_s`` also bounds the wait for the KV hand-over before the decode side recomputes."""
     async def go() -> tuple[list[int], MiniCluster, dict[str, int]]:
-        cluster = MiniCluster(n, seed=seed, prefill_members=prefill, kv_replica_bytes=replica)
+        timeouts = Timeouts(prefill_s=5.0, decode_s=2.0, send_s=send_s, recovery_s=5.0, retry_s=0.1)
+        cluster = MiniCluster(n, seed=seed, prefill_members=prefill, kv_replica_bytes=replica, timeouts=timeouts)
         cluster.faults.drop_types = drop or set()
         cluster.faults.loss, cluster.faults.duplicate = loss, duplicate
         computed: dict[str, int] = {}
@@ -104,7 +107,9 @@ def _run(n: int, prefill: int, params: SamplingParams, *, coordinator: str = "m0
 @pytest.mark.parametrize("n,prefill", [(2, 1), (4, 2), (3, 2)])
 def test_prefill_on_one_side_and_decode_on_the_other_gives_the_plain_runs_tokens(params: SamplingParams, n: int,
                                                                                  prefill: int) -> None:
-    got, cluster, computed = _run(n, prefill, params)
+    # nothing is lost here, so a long hand-over wait costs nothing; the default 1 s ran out on a
+    # loaded 2-core CI machine once, and the decode side recomputed (right tokens, wrong count)
+    got, cluster, computed = _run(n, prefill, params, send_s=30.0)
     assert got == reference_tokens(params)
     assert cluster.plan is not None and len(cluster.plan.prefill_stages) == prefill
     for s in cluster.plan.prefill_stages:
