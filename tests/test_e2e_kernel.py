@@ -25,23 +25,21 @@ def _cluster(node) -> dict:
 def test_three_nodes_converge_after_a_kill_and_restart(tmp_path: Path) -> None:
     with LocalCluster(3, tmp_path) as cluster:
         cluster.wait_ready()
-        first = cluster.wait_converged()
-        infos = [_cluster(n) for n in cluster.nodes]
-        assert {i["kernel"]["state_hash"] for i in infos} == {first}
-        assert all(len(i["members"]) == 3 and i["kernel"]["events_applied"] > 0 for i in infos)
+        # the answers that agreed: a node may record an event (a link figure, its status) at any time,
+        # so answers read after the wait may already differ again (seen once in CI)
+        first, infos = cluster.wait_converged()
+        assert len(infos) == 3 and all(len(i["members"]) == 3 and i["kernel"]["events_applied"] > 0 for i in infos)
         assert infos[0]["kernel"]["version_vector"] == infos[2]["kernel"]["version_vector"]
         victim = cluster.nodes[2]
         events_before = _cluster(victim)["kernel"]["events_applied"]
         cluster.kill(2)  # SIGKILL
         cluster.wait_ready(members=2)  # survivors remove it and re-place the model
-        survivors = cluster.wait_converged()
+        survivors, _ = cluster.wait_converged()
         assert survivors != first
         cluster.restart(2)
         cluster.wait_ready(members=3)
-        final = cluster.wait_converged()
-        infos = [_cluster(n) for n in cluster.nodes]
-        assert {i["kernel"]["state_hash"] for i in infos} == {final}
-        assert all(len(i["members"]) == 3 for i in infos)
+        final, infos = cluster.wait_converged()
+        assert final != survivors and len(infos) == 3 and all(len(i["members"]) == 3 for i in infos)
         log = victim.log_text()
         assert "kernel: restored" in log  # it came back from its own log, then caught up
         assert _cluster(victim)["kernel"]["events_applied"] >= events_before

@@ -130,7 +130,11 @@ def test_two_subnets_a_thunderbolt_cable_beside_a_slow_lan(tmp_path: Path) -> No
             assert cable is not None and lan is not None, rates
             assert lan < 100e6 / 8 * 1.3 and cable > 2 * lan, (cable, lan)
             logs = "".join((tmp_path / f"{h}.log").read_text() for h in ("a", "b", "c"))
-            assert "discovery: peer" in logs and "adding the preferred path" in logs
+            # a and b may first meet over the LAN (then the cable is added: "adding the preferred
+            # path") or over the cable itself (multicast runs on both subnets): the rates above
+            # are what shows the cable carries their link
+            assert "discovery: peer" in logs
+            upgrades = logs.count("adding the preferred path")
             text = _chat(lab, "c", "Say hello.", max_tokens=8)
             assert text
             # the cable pulled: a and b stay linked over the LAN (the spare), nobody leaves
@@ -144,10 +148,10 @@ def test_two_subnets_a_thunderbolt_cable_beside_a_slow_lan(tmp_path: Path) -> No
             deadline = time.monotonic() + 40
             while time.monotonic() < deadline:
                 logs = "".join((tmp_path / f"{h}.log").read_text() for h in ("a", "b"))
-                if logs.count("adding the preferred path") >= 2:
+                if logs.count("adding the preferred path") > upgrades:
                     break
                 time.sleep(1.0)
-            assert logs.count("adding the preferred path") >= 2, "the cable was not used again"
+            assert logs.count("adding the preferred path") > upgrades, "the cable was not used again"
 
 
 @pytest.mark.full

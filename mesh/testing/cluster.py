@@ -159,28 +159,33 @@ class LocalCluster:
             raise MeshError(f"node {index} is still running")
         node.process = _spawn(node.args, node.env, node.log_path, "ab")
 
-    def state_hashes(self) -> dict[int, str | None]:
-        """Each live node's kernel state hash from /v1/cluster (None when it does not answer)."""
-        out: dict[int, str | None] = {}
+    def cluster_infos(self) -> dict[int, dict[str, Any] | None]:
+        """Each live node's /v1/cluster answer (None when it does not answer)."""
+        out: dict[int, dict[str, Any] | None] = {}
         for node in self.nodes:
             if node.process.poll() is not None:
                 continue
             try:
                 _, info = http_json(node.api_url + "/v1/cluster", timeout_s=2.0)
-                out[node.index] = info["kernel"]["state_hash"]
-            except (OSError, KeyError, TypeError):
+                out[node.index] = info if isinstance(info, dict) and "kernel" in info else None
+            except OSError:
                 out[node.index] = None
         return out
 
-    def wait_converged(self, timeout_s: float = 60.0) -> str:
-        """Wait until every live node reports the same state hash; returns it."""
+    def wait_converged(self, timeout_s: float = 60.0) -> tuple[str, list[dict[str, Any]]]:
+        """Wait until every live node reports the same kernel state hash; returns it and the
+        /v1/cluster answers that agreed on it (read in one pass, so a later event cannot make
+        them disagree).
+
+        Raises MeshError when that does not happen within ``timeout_s`` seconds."""
         deadline = time.monotonic() + timeout_s
         hashes: dict[int, str | None] = {}
         while time.monotonic() < deadline:
-            hashes = self.state_hashes()
+            infos = self.cluster_infos()
+            hashes = {i: info["kernel"].get("state_hash") if info else None for i, info in infos.items()}
             values = set(hashes.values())
             if len(values) == 1 and None not in values:
-                return values.pop()  # type: ignore[return-value]
+                return values.pop(), [info for info in infos.values() if info]  # type: ignore[return-value]
             time.sleep(0.2)
         raise MeshError(f"nodes did not converge within {timeout_s} s: {hashes}")
 
