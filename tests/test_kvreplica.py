@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from mesh.errors import BackendError
 from mesh.runtime.engine import SamplingParams
 from mesh.runtime.kvreplica import ReplicaStore, RequestReplica, pack_kv, unpack_kv
+from mesh.runtime.request_core import Timeouts
 from mesh.testing.minicluster import MiniCluster, reference_tokens, run_request
 from mesh.wire import DTYPES, WireTensor
 
@@ -135,9 +136,13 @@ def test_the_store_keeps_its_budget_drops_stale_attempts_and_frees_on_close() ->
 
 
 def _kill_after_5(params: SamplingParams, victim: str, *, budget: int = 1 << 20, drop: set[str] | None = None,
-                  loss: float = 0.0, duplicate: float = 0.0, seed: int = 0) -> tuple[list[int], MiniCluster]:
+                  loss: float = 0.0, duplicate: float = 0.0, seed: int = 0,
+                  send_s: float = 1.0) -> tuple[list[int], MiniCluster]:
+    """Generate on 3 members and kill ``victim`` after the 5th token; ``send_s`` also bounds
+    the wait for the stages' ``kv.loaded`` answers before the new attempt re-prefills."""
     async def go() -> tuple[list[int], MiniCluster]:
-        cluster = MiniCluster(3, seed=seed, kv_replica_bytes=budget)
+        timeouts = Timeouts(prefill_s=5.0, decode_s=2.0, send_s=send_s, recovery_s=5.0, retry_s=0.1)
+        cluster = MiniCluster(3, seed=seed, kv_replica_bytes=budget, timeouts=timeouts)
         cluster.faults.drop_types = drop or set()
         cluster.faults.loss, cluster.faults.duplicate = loss, duplicate
         coordinator = "m2" if victim == "m0" else "m0"
@@ -162,7 +167,9 @@ def _computed_after_the_loss(cluster: MiniCluster) -> list[int]:
 @pytest.mark.parametrize("victim", ["m1", "m2", "m0"], ids=["middle", "last", "first"])
 def test_a_failover_resumes_from_the_replica_with_the_fault_free_tokens(params: SamplingParams, victim: str) -> None:
     expected = reference_tokens(params)
-    got, cluster = _kill_after_5(params, victim)
+    # nothing but the victim is lost: a long wait for the KV loads costs nothing, and a 1 s one
+    # can run out on a loaded machine (the right tokens, from a re-prefill the counts below reject)
+    got, cluster = _kill_after_5(params, victim, send_s=30.0)
     assert got == expected
     # prompt 8 + 5 tokens: the replica covers 12 positions (11 when the last step's block was
     # still on its way at the kill), so the resumed attempt runs 1 (2) positions, then decodes
