@@ -21,6 +21,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from mesh import model_cache
 from mesh.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -256,7 +257,8 @@ class Model:
     """A model's config, tokenizer and tensors, loaded lazily.
 
     ``config`` is a transformers ``PretrainedConfig``; ``tokenizer`` a transformers tokenizer
-    carrying the model's own chat template.
+    carrying the model's own chat template. A GGUF file's pair is parsed once per file and
+    kept on disk (``mesh.model_cache``).
     """
 
     def __init__(self, ref: ModelRef) -> None:
@@ -274,7 +276,10 @@ class Model:
 
         try:
             if self.ref.gguf_file:
-                config = AutoConfig.from_pretrained(str(self.ref.path), gguf_file=self.ref.gguf_file)
+                config = model_cache.cached(
+                    model_cache.entry(self.ref.path / self.ref.gguf_file, "config"),
+                    lambda: AutoConfig.from_pretrained(str(self.ref.path), gguf_file=self.ref.gguf_file),
+                    lambda folder: self._named(AutoConfig.from_pretrained(str(folder)), "_name_or_path"))
             else:
                 config = AutoConfig.from_pretrained(str(self.ref.path))
         except (OSError, ValueError, KeyError) as exc:
@@ -287,10 +292,18 @@ class Model:
 
         try:
             if self.ref.gguf_file:
-                return AutoTokenizer.from_pretrained(str(self.ref.path), gguf_file=self.ref.gguf_file)
+                return model_cache.cached(
+                    model_cache.entry(self.ref.path / self.ref.gguf_file, "tokenizer"),
+                    lambda: AutoTokenizer.from_pretrained(str(self.ref.path), gguf_file=self.ref.gguf_file),
+                    lambda folder: self._named(AutoTokenizer.from_pretrained(str(folder)), "name_or_path"))
             return AutoTokenizer.from_pretrained(str(self.ref.path))
         except (OSError, ValueError, KeyError) as exc:
             raise ModelError(f"cannot load the tokenizer of {self.ref.path}: {exc}") from exc
+
+    def _named(self, loaded: Any, attribute: str) -> Any:
+        """A cached config or tokenizer, named after the model's folder as a parsed one is."""
+        setattr(loaded, attribute, str(self.ref.path))
+        return loaded
 
     @property
     def num_layers(self) -> int:

@@ -13,8 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("mesh", "transports", "backends")
-GROUND = {"mesh", "mesh.errors", "mesh.wire", "mesh.security", "mesh.netif", "mesh.models", "mesh.registry",
-          "mesh.identity", "mesh.loading"}
+GROUND = {"mesh", "mesh.errors", "mesh.wire", "mesh.security", "mesh.netif", "mesh.models", "mesh.model_cache",
+          "mesh.registry", "mesh.identity", "mesh.loading"}
 TOP = {"mesh.cli", "mesh.__main__"}
 LAYERS = ("kernel", "placement", "runtime", "api", "node", "gym", "tools", "testing")
 
