@@ -295,7 +295,8 @@ class Model:
                 return model_cache.cached(
                     model_cache.entry(self.ref.path / self.ref.gguf_file, "tokenizer"),
                     lambda: AutoTokenizer.from_pretrained(str(self.ref.path), gguf_file=self.ref.gguf_file),
-                    lambda folder: self._named(AutoTokenizer.from_pretrained(str(folder)), "name_or_path"))
+                    lambda folder: self._named(AutoTokenizer.from_pretrained(str(folder), config=self.config),
+                                               "name_or_path"))
             return AutoTokenizer.from_pretrained(str(self.ref.path))
         except (OSError, ValueError, KeyError) as exc:
             raise ModelError(f"cannot load the tokenizer of {self.ref.path}: {exc}") from exc

@@ -14,7 +14,7 @@ import pytest
 from openai import OpenAI
 
 from mesh.security import format_cluster_key
-from mesh.testing.cluster import LocalCluster, free_port, http_json
+from mesh.testing.cluster import LocalCluster, free_port, http_json, node_env
 from tests.conftest import PROMPTS
 
 pytestmark = pytest.mark.slow
@@ -90,7 +90,7 @@ def test_a_node_without_the_key_never_becomes_a_member(tmp_path: Path) -> None:
                 args = [sys.executable, "-m", "mesh", "node", "--host", "127.0.0.1", "--port", str(free_port()), "--api-port",
                         str(free_port()), "--data-dir", str(tmp_path / name), "--memory-bytes", str(4 << 30),
                         "--peer", f"127.0.0.1:{first.port}", "--discovery", "off", *flags]
-                env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+                env = node_env()
                 with open(log_path, "wb") as log_file:
                     intruders.append((name, log_path, subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT,
                                                                        env=env, start_new_session=True)))

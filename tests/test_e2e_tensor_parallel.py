@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from mesh.testing.cluster import LocalCluster, http_json
+from mesh.testing.cluster import LocalCluster, http_json, node_env
 from mesh.testing.tiny import tiny_model
 
 pytestmark = pytest.mark.slow
@@ -227,7 +227,7 @@ def test_the_group_link_pulled_mid_request_and_plugged_back(folder: Path, tmp_pa
 
     if (why := netlab.available()) is not None:
         pytest.skip(f"no network lab here: {why}")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env = node_env()
     env |= {"MESH_CLUSTER_KEY": format_cluster_key(os.urandom(32)), "OMP_WAIT_POLICY": "PASSIVE",
             "OMP_NUM_THREADS": "1"}
     processes = []

@@ -83,8 +83,15 @@ def test_an_entry_belongs_to_one_file_and_one_library_version(tmp_path: Path, mo
     file.write_bytes(b"GGUF" + bytes(61))
     os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     assert model_cache.entry(file, "config") not in (first, second)  # another size
+    third = model_cache.entry(file, "config")
+    (tmp_path / "tokenizer.json").write_text("{}")  # transformers would take it over the GGUF's vocabulary
+    fourth = model_cache.entry(file, "config")
+    assert fourth not in (first, second, third)
+    (tmp_path / "additional_chat_templates").mkdir()
+    (tmp_path / "additional_chat_templates" / "tool_use.jinja").write_text("x")
+    assert model_cache.entry(file, "config") not in (first, second, third, fourth)
     monkeypatch.setattr(transformers, "__version__", "0.0.1")
-    assert model_cache.entry(file, "config") not in (first, second)
+    assert model_cache.entry(file, "config") not in (first, second, third, fourth)
     assert model_cache.entry(tmp_path / "missing.gguf", "config") is None
 
 
@@ -106,6 +113,17 @@ def test_where_the_cache_lives_and_that_a_cache_that_cannot_be_written_costs_onl
             Value.saved += 1
             Path(folder, "value.json").write_text("1")
 
+    real_is_file = Path.is_file
+
+    def unreadable(path: Path) -> bool:
+        if "locked" in path.parts:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_is_file(path)
+    monkeypatch.setattr(Path, "is_file", unreadable)  # a cache folder of another user (root reads every folder)
+    assert model_cache.cached(tmp_path / "locked" / "config", lambda: "parsed", lambda f: pytest.fail("unreadable")) \
+        == "parsed"
+    monkeypatch.setattr(Path, "is_file", real_is_file)
+
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     unwritable = blocker / "entry" / "config"  # under a file: mkdir fails
@@ -120,6 +138,14 @@ def test_where_the_cache_lives_and_that_a_cache_that_cannot_be_written_costs_onl
     (folder / model_cache.DONE).unlink()  # cut short: not an entry
     assert model_cache.cached(folder, lambda: value, lambda f: pytest.fail("incomplete")) is value
     assert Value.saved == 2 and (folder / model_cache.DONE).is_file()
+    stale = folder.parent / ".config.dead.tmp"  # left by a writer that was killed, long ago
+    stale.mkdir()
+    os.utime(stale, (0, 0))
+    fresh = folder.parent / ".config.busy.tmp"  # another writer at work
+    fresh.mkdir()
+    (folder / model_cache.DONE).unlink()
+    model_cache.cached(folder, lambda: value, lambda f: pytest.fail("incomplete"))
+    assert sorted(p.name for p in folder.parent.iterdir()) == [".config.busy.tmp", "config"]
 
 
 @pytest.mark.spec("B21")

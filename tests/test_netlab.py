@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from mesh.testing import netlab
+from mesh.testing.cluster import node_env
 
 REASON = netlab.available()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no network lab here: {REASON}")
@@ -44,7 +45,7 @@ def _nodes(lab: netlab.NetLab, workdir: Path, hosts: list[str], extra: list[str]
     another host; all stopped (SIGTERM, then SIGKILL) after."""
     from mesh.security import format_cluster_key
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env = node_env()
     env |= {"MESH_CLUSTER_KEY": format_cluster_key(os.urandom(32)), "OMP_WAIT_POLICY": "PASSIVE"}
     processes = []
 

@@ -72,6 +72,13 @@ def _spawn(args: list[str], env: dict[str, str], log_path: Path, mode: str) -> s
         return subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
+def node_env() -> dict[str, str]:
+    """This process's environment for a node it starts: without the ``MESH_<FLAG>`` settings (a
+    user's own would change the nodes under test), with ``MESH_CACHE_DIR`` (the test session's
+    model cache, spec B21)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MESH_") or k == "MESH_CACHE_DIR"}
+
+
 class LocalCluster:
     """``n`` nodes on 127.0.0.1; node i > 0 is started with ``--peer`` to node 0.
 
@@ -141,7 +148,7 @@ class LocalCluster:
                 *self.node_args[i]]
         if first_port is not None:
             args += ["--peer", f"127.0.0.1:{first_port}"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+        env = node_env()
         env["MESH_CLUSTER_KEY"] = self.cluster_key  # not on the command line, where `ps` shows it
         if self.n > 1 and "GOMP_SPINCOUNT" not in env:  # n nodes share this host's cores (spec N18)
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
