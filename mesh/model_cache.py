@@ -20,6 +20,7 @@ Where: ``$MESH_CACHE_DIR`` (``off`` disables it), else ``$XDG_CACHE_HOME/mesh``,
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import logging
 import os
 import shutil
@@ -78,20 +79,23 @@ def entry(file: Path, what: str) -> Path | None:
         stat = real.stat()
     except (OSError, RuntimeError):
         return None
-    import gguf
-    import tokenizers
-    import transformers
-
-    versions = [m.__version__ if hasattr(m, "__version__") else "?" for m in (transformers, tokenizers, gguf)]
+    versions = [_version(name) for name in ("transformers", "tokenizers", "gguf")]
     beside = [f"{name}={_signature(file.parent / name)}" for name in SIBLINGS]
     key = "|".join([str(FORMAT), str(real), str(stat.st_size), str(stat.st_mtime_ns), *versions, *beside])
     digest = hashlib.sha256(key.encode()).hexdigest()[:32]
     return root / "gguf-metadata" / f"{real.stem[:48]}-{digest}" / what
 
 
-def _complete(folder: Path | None) -> bool:
+def _version(distribution: str) -> str:
     try:
-        return folder is not None and (folder / DONE).is_file()
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "-"
+
+
+def _complete(folder: Path) -> bool:
+    try:
+        return (folder / DONE).is_file()
     except OSError:  # a cache folder this user may not read
         return False
 

@@ -4,6 +4,7 @@ prefill stages to the decode stages (specs/node.md N13)."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -15,8 +16,7 @@ from mesh.placement.costmodel import PlacementPlan, StagePlan
 from mesh.placement.pipeline import ModelSize, Plan, Stage, place_by_roles
 from mesh.placement.planner import runtime_plan
 from mesh.runtime.engine import SamplingParams
-from mesh.runtime.request_core import Timeouts
-from mesh.testing.minicluster import PROMPT, MiniCluster, reference_tokens, run_request
+from mesh.testing.minicluster import PROMPT, TIMEOUTS, MiniCluster, reference_tokens, run_request
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 SEEDED = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=5)
@@ -79,8 +79,7 @@ def _run(n: int, prefill: int, params: SamplingParams, *, coordinator: str = "m0
     tokens, the cluster and the positions each member's stage computed (before any kill).
     ``send_s`` also bounds the wait for the KV hand-over before the decode side recomputes."""
     async def go() -> tuple[list[int], MiniCluster, dict[str, int]]:
-        timeouts = Timeouts(prefill_s=5.0, decode_s=2.0, send_s=send_s, recovery_s=5.0, retry_s=0.1)
-        cluster = MiniCluster(n, seed=seed, prefill_members=prefill, kv_replica_bytes=replica, timeouts=timeouts)
+        cluster = MiniCluster(n, seed=seed, prefill_members=prefill, kv_replica_bytes=replica, timeouts=replace(TIMEOUTS, send_s=send_s))
         cluster.faults.drop_types = drop or set()
         cluster.faults.loss, cluster.faults.duplicate = loss, duplicate
         computed: dict[str, int] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,8 +13,7 @@ from hypothesis import strategies as st
 from mesh.errors import BackendError
 from mesh.runtime.engine import SamplingParams
 from mesh.runtime.kvreplica import ReplicaStore, RequestReplica, pack_kv, unpack_kv
-from mesh.runtime.request_core import Timeouts
-from mesh.testing.minicluster import MiniCluster, reference_tokens, run_request
+from mesh.testing.minicluster import TIMEOUTS, MiniCluster, reference_tokens, run_request
 from mesh.wire import DTYPES, WireTensor
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
@@ -141,8 +141,7 @@ def _kill_after_5(params: SamplingParams, victim: str, *, budget: int = 1 << 20,
     """Generate on 3 members and kill ``victim`` after the 5th token; ``send_s`` also bounds
     the wait for the stages' ``kv.loaded`` answers before the new attempt re-prefills."""
     async def go() -> tuple[list[int], MiniCluster]:
-        timeouts = Timeouts(prefill_s=5.0, decode_s=2.0, send_s=send_s, recovery_s=5.0, retry_s=0.1)
-        cluster = MiniCluster(3, seed=seed, kv_replica_bytes=budget, timeouts=timeouts)
+        cluster = MiniCluster(3, seed=seed, kv_replica_bytes=budget, timeouts=replace(TIMEOUTS, send_s=send_s))
         cluster.faults.drop_types = drop or set()
         cluster.faults.loss, cluster.faults.duplicate = loss, duplicate
         coordinator = "m2" if victim == "m0" else "m0"

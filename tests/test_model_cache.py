@@ -65,8 +65,6 @@ def test_a_cached_config_and_tokenizer_are_the_parsed_ones_and_a_damaged_entry_i
 
 @pytest.mark.spec("B21")
 def test_an_entry_belongs_to_one_file_and_one_library_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import transformers
-
     monkeypatch.setenv("MESH_CACHE_DIR", str(tmp_path / "cache"))
     file = tmp_path / "m.gguf"
     file.write_bytes(b"GGUF" + bytes(60))
@@ -90,7 +88,7 @@ def test_an_entry_belongs_to_one_file_and_one_library_version(tmp_path: Path, mo
     (tmp_path / "additional_chat_templates").mkdir()
     (tmp_path / "additional_chat_templates" / "tool_use.jinja").write_text("x")
     assert model_cache.entry(file, "config") not in (first, second, third, fourth)
-    monkeypatch.setattr(transformers, "__version__", "0.0.1")
+    monkeypatch.setattr(model_cache, "_version", lambda name: "0.0.1" if name == "gguf" else "5")
     assert model_cache.entry(file, "config") not in (first, second, third, fourth)
     assert model_cache.entry(tmp_path / "missing.gguf", "config") is None
 

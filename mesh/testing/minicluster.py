@@ -29,6 +29,9 @@ from mesh.runtime.plane import PlanBoard, RequestPlane
 from mesh.runtime.request_core import PlanState, Timeouts
 from mesh.wire import Message, WireTensor
 
+# short waits, so a lost message costs a test little (``dataclasses.replace`` to change one)
+TIMEOUTS = Timeouts(prefill_s=5.0, decode_s=2.0, send_s=1.0, recovery_s=5.0, retry_s=0.1)
+
 VOCAB = 50
 EOS = 0
 
@@ -153,7 +156,7 @@ class MiniCluster:
     def __init__(self, n: int, *, num_layers: int = 6, seed: int = 0, timeouts: Timeouts | None = None,
                  load_s: float = 0.05, step_delay_s: float = 0.0, kv_replica_bytes: int = 0,
                  prefill_members: int = 0) -> None:
-        self.timeouts = timeouts or Timeouts(prefill_s=5.0, decode_s=2.0, send_s=1.0, recovery_s=5.0, retry_s=0.1)
+        self.timeouts = timeouts or TIMEOUTS
         self.num_layers = num_layers
         self.rng = random.Random(seed)
         self.faults = NetworkFaults()
