@@ -171,6 +171,7 @@ class _Attempt:
     retry_s: float = 0.0
     forward: SendForward | None = None
     waiting: set[str] = field(default_factory=set)  # kv.loaded still awaited
+    early: dict[str, tuple[Any, bool, str]] = field(default_factory=dict)  # kv.loaded before the hand-over began
     wait_end: int = 0
     wait_started: float = 0.0
 
@@ -293,6 +294,10 @@ class RequestCore:
             a.phase, a.waiting, a.wait_end = "handover", {s[0] for s in a.route}, len(a.tokens)
             a.wait_started = now
             a.deadline = now + max(self.timeouts.send_s, 2 * took)
+            # a decode stage fed by an earlier prefill stage may answer before the last prefill
+            # stage's token arrives here (its answer was kept, not dropped)
+            for member, (end, ok, message) in list(a.early.items()):
+                self.kv_loaded(a.req, member, end, ok, message, now)
             return
         a.pos += len(a.tokens)
         a.tokens = [int(token)]
@@ -341,6 +346,10 @@ class RequestCore:
     def kv_loaded(self, req: str, member: str, end: Any, ok: bool, message: str, now: float, *,
                   gone: bool = False) -> None:
         a = self.attempt
+        if (not self.done and a is not None and req == a.req and a.phase == "step" and a.prefill_route
+                and a.pos == 0 and not a.recompute):
+            a.early[member] = (end, ok, message)  # the prefill's token is still on its way
+            return
         if self.done or a is None or req != a.req or a.phase not in ("resume", "handover") or end != a.wait_end:
             return
         if not ok and gone and a.phase == "resume":  # the stage itself failed: another plan, the replica kept

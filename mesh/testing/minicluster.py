@@ -123,6 +123,7 @@ class NetworkFaults:
     delay_s: float = 0.0
     jitter_s: float = 0.0
     drop_types: set[str] = field(default_factory=set)  # every message of these types is lost
+    type_delay_s: dict[str, float] = field(default_factory=dict)  # more delay for messages of these types
 
 
 class MiniNode:
@@ -234,6 +235,7 @@ class MiniCluster:
         copies = 2 if src != dst and self.rng.random() < f.duplicate else 1
         for _ in range(copies):
             delay = f.delay_s + self.rng.random() * f.jitter_s if src != dst else 0.0
+            delay += f.type_delay_s.get(msg.type, 0.0)
             self._spawn(self._arrive(src, dst, msg, delay))
 
     async def _arrive(self, src: str, dst: str, msg: Message, delay_s: float) -> None:
